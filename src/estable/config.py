@@ -1,0 +1,284 @@
+"""Model configurations: one dataclass per network, plus named presets.
+
+Each config is validated in ``__post_init__`` with a ``ValueError`` whose message says what to change.
+Configs are plain data: ``to_dict()`` / ``from_dict()`` round-trip through JSON, which is how Estable's own
+checkpoint files carry them (see ``estable.checkpoints``).
+
+Glossary (diffusers' names in brackets, where they differ):
+  block_channels      output channels of each resolution level      [block_out_channels]
+  attention_levels    which down levels carry transformer blocks;    [down_block_types]
+                      up levels mirror them in reverse order
+  num_heads           attention heads per level (int or per level)   [attention_head_dim, when
+                                                                      num_attention_heads is unset]
+  head_channels       channels per head; the alternative to num_heads (SD 2.x: 64)
+  context_dim         width of the text context for cross-attention  [cross_attention_dim]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
+
+
+def _tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+class _Config:
+    """Shared helpers for the config dataclasses (JSON round trip, replace)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            if isinstance(v, _Config):
+                v = v.to_dict()
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
+        kwargs: dict[str, Any] = {}
+        for name, value in data.items():
+            sub = _NESTED.get((cls.__name__, name))
+            if sub is not None and isinstance(value, dict):
+                value = sub.from_dict(value)
+            kwargs[name] = _tuple(value)
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def replace(self: T, **changes: Any) -> T:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+@dataclass(frozen=True)
+class UNetConfig(_Config):
+    """The conditional U-Net ε_θ(z_t, t, c) of latent diffusion (Rombach et al. 2022, sec. 3.3)."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    block_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    attention_levels: tuple[bool, ...] = (True, True, True, False)
+    transformer_layers: int = 1
+    num_heads: int | tuple[int, ...] | None = 8
+    head_channels: int | None = None
+    context_dim: int = 768
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    norm_groups: int = 32
+    norm_eps: float = 1e-5
+    # Sinusoidal timestep embedding: order [cos, sin] and frequency shift (diffusers' flip_sin_to_cos,
+    # freq_shift); SD uses True and 0.
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    sample_size: int = 64  # latent side the model was trained at (informational)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "block_channels", _tuple(self.block_channels))
+        object.__setattr__(self, "attention_levels", _tuple(self.attention_levels))
+        object.__setattr__(self, "num_heads", _tuple(self.num_heads))
+        n = len(self.block_channels)
+        if n < 1:
+            raise ValueError("UNetConfig.block_channels needs at least one level")
+        if len(self.attention_levels) != n:
+            raise ValueError(
+                f"UNetConfig.attention_levels has {len(self.attention_levels)} entries but there are "
+                f"{n} levels (block_channels={self.block_channels}); give one True/False per level"
+            )
+        for c in self.block_channels:
+            if c % self.norm_groups:
+                raise ValueError(
+                    f"UNetConfig.block_channels entry {c} is not divisible by norm_groups={self.norm_groups}"
+                )
+        if (self.num_heads is None) == (self.head_channels is None):
+            raise ValueError("UNetConfig: set exactly one of num_heads and head_channels")
+        if isinstance(self.num_heads, tuple) and len(self.num_heads) != n:
+            raise ValueError(f"UNetConfig.num_heads has {len(self.num_heads)} entries for {n} levels")
+        for level, c in enumerate(self.block_channels):
+            if self.attention_levels[level] or level == n - 1:  # the mid block uses the last level's heads
+                heads = self.heads_at(level)
+                if c % heads:
+                    raise ValueError(f"UNetConfig: level {level} has {c} channels, not divisible by {heads} heads")
+        if self.layers_per_block < 1 or self.transformer_layers < 1:
+            raise ValueError("UNetConfig.layers_per_block and transformer_layers must be at least 1")
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.block_channels[0]
+
+    def heads_at(self, level: int) -> int:
+        """Number of attention heads at a resolution level (the mid block uses the last level)."""
+        if self.head_channels is not None:
+            return self.block_channels[level] // self.head_channels
+        if isinstance(self.num_heads, tuple):
+            return self.num_heads[level]
+        assert self.num_heads is not None
+        return self.num_heads
+
+
+@dataclass(frozen=True)
+class VAEConfig(_Config):
+    """The KL-regularised autoencoder (Rombach et al. 2022, sec. 3.1 and appendix G), f = 8 for 4 levels."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_groups: int = 32
+    norm_eps: float = 1e-6
+    mid_attention: bool = True
+    # Latents are multiplied by this before diffusion so that they have roughly unit variance.
+    scaling_factor: float = 0.18215
+    sample_size: int = 512  # image side the model was trained at (informational)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "block_channels", _tuple(self.block_channels))
+        if not self.block_channels:
+            raise ValueError("VAEConfig.block_channels needs at least one level")
+        for c in self.block_channels:
+            if c % self.norm_groups:
+                raise ValueError(
+                    f"VAEConfig.block_channels entry {c} is not divisible by norm_groups={self.norm_groups}"
+                )
+        if self.layers_per_block < 1:
+            raise ValueError("VAEConfig.layers_per_block must be at least 1")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_channels) - 1)
+
+
+@dataclass(frozen=True)
+class TextConfig(_Config):
+    """The CLIP text transformer (Radford et al. 2021): causal, pre-LN, final LayerNorm."""
+
+    vocab_size: int = 49408
+    max_positions: int = 77
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_width: int = 3072
+    activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int | None = None  # width of the text projection, None when the file has none
+    eos_token_id: int = 49407  # the pooled output is read at the first EOS token
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"TextConfig.width={self.width} is not divisible by heads={self.heads}")
+        if self.activation not in ("quick_gelu", "gelu"):
+            raise ValueError(f"TextConfig.activation must be 'quick_gelu' or 'gelu', not {self.activation!r}")
+        if self.layers < 1:
+            raise ValueError("TextConfig.layers must be at least 1")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig(_Config):
+    """The training noise schedule the denoiser was trained with (Ho et al. 2020, sec. 2)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    steps_offset: int = 1
+    timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"
+
+    def __post_init__(self) -> None:
+        if self.beta_schedule not in ("scaled_linear", "linear", "squaredcos_cap_v2"):
+            raise ValueError(f"unsupported beta_schedule {self.beta_schedule!r}")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(
+                f"unsupported prediction_type {self.prediction_type!r}; use 'epsilon' or 'v_prediction'"
+            )
+        if self.timestep_spacing not in ("leading", "trailing", "linspace"):
+            raise ValueError(f"unsupported timestep_spacing {self.timestep_spacing!r}")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig(_Config):
+    max_length: int = 77
+    pad_token_id: int = 49407  # SD 1.x pads with EOS; SD 2.x pads with 0 ("!")
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Config):
+    """A whole text-to-image model: the three networks, the tokenizer settings and the schedule."""
+
+    family: str = "sd1"  # "sd1", "sd2" or "estable"
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # Which text-encoder hidden state conditions the U-Net: 1 = the last layer, 2 = the penultimate
+    # (SD 2.x, A1111's "clip skip 2"), always followed by the final LayerNorm.
+    clip_skip: int = 1
+
+    def __post_init__(self) -> None:
+        if self.unet.context_dim != self.text.width:
+            raise ValueError(
+                f"ModelConfig: the U-Net's context_dim ({self.unet.context_dim}) must equal the text "
+                f"encoder's width ({self.text.width})"
+            )
+        if not 1 <= self.clip_skip <= self.text.layers:
+            raise ValueError(f"ModelConfig.clip_skip must be in 1..{self.text.layers}, not {self.clip_skip}")
+
+
+_NESTED: dict[tuple[str, str], type[_Config]] = {
+    ("ModelConfig", "unet"): UNetConfig,
+    ("ModelConfig", "vae"): VAEConfig,
+    ("ModelConfig", "text"): TextConfig,
+    ("ModelConfig", "tokenizer"): TokenizerConfig,
+    ("ModelConfig", "schedule"): ScheduleConfig,
+}
+
+
+_SD2_TEXT = TextConfig(width=1024, layers=24, heads=16, mlp_width=4096, activation="gelu", projection_dim=1024)
+_SD2_UNET = UNetConfig(
+    num_heads=None, head_channels=64, context_dim=1024, use_linear_projection=True, upcast_attention=True
+)
+
+PRESETS: dict[str, ModelConfig] = {
+    "sd15": ModelConfig(family="sd1"),
+    "sd21-base": ModelConfig(
+        family="sd2",
+        unet=_SD2_UNET,
+        text=_SD2_TEXT,
+        tokenizer=TokenizerConfig(pad_token_id=0),
+        clip_skip=2,
+    ),
+    "sd21-768-v": ModelConfig(
+        family="sd2",
+        unet=_SD2_UNET.replace(sample_size=96),
+        vae=VAEConfig(sample_size=768),
+        text=_SD2_TEXT,
+        tokenizer=TokenizerConfig(pad_token_id=0),
+        schedule=ScheduleConfig(prediction_type="v_prediction"),
+        clip_skip=2,
+    ),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """Return the named preset (``sd15``, ``sd21-base``, ``sd21-768-v``)."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}") from None
