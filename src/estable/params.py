@@ -1,0 +1,86 @@
+"""GenerationParams: every parameter of one generation request.
+
+The CLI, the HTTP server and the PNG metadata all speak this one dataclass, so an image's record is enough to
+reproduce it. It imports no torch, so the CLI can parse and validate before loading anything heavy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import EstableError
+
+MAX_SIDE = 2048  # pixels; larger requests are refused rather than exhausting memory
+MAX_BATCH = 16
+
+
+@dataclass
+class GenerationParams:
+    prompt: str = ""
+    negative_prompt: str = ""
+    sampler: str = "dpmpp_2m_karras"
+    steps: int = 25
+    cfg_scale: float = 7.0
+    seed: int = -1  # -1: a random seed, resolved (and recorded) before generation
+    width: int | None = None  # None: the model's native size
+    height: int | None = None
+    batch_size: int = 1  # images denoised together
+    batch_count: int = 1  # batches run one after another; image k of the run uses seed + k
+    clip_skip: int | None = None  # None: the model's default (1 for SD 1.x, 2 for SD 2.x)
+    strength: float = 0.75  # img2img / inpaint: how much of the schedule is re-run
+    eta: float = 0.0  # DDIM stochasticity
+    weighting: bool = True  # A1111 (word:1.2) syntax; off = the prompt is taken literally
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise EstableError with a message a user can act on."""
+        if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
+            raise EstableError("prompt and negative prompt must be text")
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if not isinstance(v, int) or v <= 0:
+                raise EstableError(f"{name} must be a positive whole number of pixels, not {v!r}")
+            if v % 8:
+                raise EstableError(
+                    f"{name} {v} is not a multiple of 8 (the autoencoder downsamples by 8): try {max(8, v // 8 * 8)}"
+                )
+            if v > MAX_SIDE:
+                raise EstableError(f"{name} {v} is larger than the maximum {MAX_SIDE}")
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= 1000:
+            raise EstableError(f"steps must be between 1 and 1000, not {self.steps!r}")
+        if not 0.0 <= float(self.cfg_scale) <= 100.0:
+            raise EstableError(f"cfg scale must be between 0 and 100, not {self.cfg_scale!r}")
+        if not 1 <= self.batch_size <= MAX_BATCH or not 1 <= self.batch_count <= 1000:
+            raise EstableError(f"batch size must be 1..{MAX_BATCH} and batch count 1..1000")
+        if not 0.0 < float(self.strength) <= 1.0:
+            raise EstableError(f"strength must be in (0, 1], not {self.strength!r}")
+        if not 0.0 <= float(self.eta) <= 1.0:
+            raise EstableError(f"eta must be in [0, 1], not {self.eta!r}")
+        if self.clip_skip is not None and not 1 <= self.clip_skip <= 12:
+            raise EstableError(f"clip skip must be between 1 and 12, not {self.clip_skip!r}")
+        if not isinstance(self.seed, int) or not -1 <= self.seed < 2**63:
+            raise EstableError(f"seed must be -1 (random) or a non-negative integer, not {self.seed!r}")
+
+    def resolved(self) -> GenerationParams:
+        """A copy with a concrete seed (a random one replaces -1)."""
+        if self.seed != -1:
+            return dataclasses.replace(self)
+        return dataclasses.replace(self, seed=random.SystemRandom().randrange(2**32))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationParams:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise EstableError(f"unknown generation parameter(s): {', '.join(unknown)}")
+        return cls(**data)
