@@ -196,7 +196,9 @@ class ScheduleConfig(_Config):
     beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     steps_offset: int = 1
-    timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"
+    # None: each sampler's own default, as diffusers does for a scheduler config that names no spacing
+    # (SD 1.x and 2.x name none: DDIM/PNDM/DDPM then use "leading", Euler/Heun/DPM-Solver/UniPC "linspace").
+    timestep_spacing: Literal["leading", "trailing", "linspace"] | None = None
 
     def __post_init__(self) -> None:
         if self.beta_schedule not in ("scaled_linear", "linear", "squaredcos_cap_v2"):
@@ -205,7 +207,7 @@ class ScheduleConfig(_Config):
             raise ValueError(
                 f"unsupported prediction_type {self.prediction_type!r}; use 'epsilon' or 'v_prediction'"
             )
-        if self.timestep_spacing not in ("leading", "trailing", "linspace"):
+        if self.timestep_spacing not in (None, "leading", "trailing", "linspace"):
             raise ValueError(f"unsupported timestep_spacing {self.timestep_spacing!r}")
 
 
