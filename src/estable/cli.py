@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from . import __version__
 from .errors import EstableError
@@ -13,8 +15,93 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="estable", description="Stable Diffusion, end to end.")
     parser.add_argument("--version", action="version", version=f"estable {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    del sub  # commands are added below as they land
+    _add_convert(sub)
+    _add_info(sub)
     return parser
+
+
+# ---------------------------------------------------------------- convert / info
+
+
+def _os_error(exc: OSError, fallback: object) -> EstableError:
+    """An OSError from a bad path as a one-line EstableError that names the path."""
+    where = exc.filename if exc.filename is not None else fallback
+    return EstableError(f"{where}: {exc.strerror or exc}")
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert a model between SD single-file (ldm), diffusers and Estable formats",
+        description="Convert a model: SRC is an SD .safetensors file (or, with --allow-pickle, a .ckpt), a "
+        "diffusers folder or an Estable file; DST is written atomically in the --to format.",
+    )
+    p.add_argument("src", metavar="SRC", help="checkpoint file or diffusers folder to read")
+    p.add_argument("dst", metavar="DST", help="file (ldm, estable: *.safetensors) or folder (diffusers) to write")
+    p.add_argument("--to", required=True, choices=("ldm", "diffusers", "estable"), help="output format")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="convert the weights (default: keep)")
+    p.add_argument("--ema", action="store_true", help="take the EMA weights of an LDM file's U-Net")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow .ckpt/.pt/.pth/.bin pickles (tensors only are loaded; trust the source)")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
+                   help="override the prediction type (LDM files do not record it)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.set_defaults(func=_cmd_convert)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .checkpoints.store import LOAD_STAGES, SAVE_STAGES, load_model, save_model
+
+    dst = Path(args.dst)
+    if dst.exists() and not args.overwrite:
+        raise EstableError(f"{dst} already exists; pass --overwrite to replace it")
+    bar = tqdm(total=LOAD_STAGES + SAVE_STAGES, unit="stage", file=sys.stderr, leave=False, disable=None,
+               bar_format="{desc:<32} {bar} {n_fmt}/{total_fmt} [{elapsed}]")
+    started = False
+
+    def stage(label: str) -> None:
+        nonlocal started
+        if started:
+            bar.update(1)
+        started = True
+        bar.set_description_str(label)
+
+    try:
+        model = load_model(args.src, allow_pickle=args.allow_pickle, ema=args.ema,
+                           prediction_type=args.prediction_type, progress=stage)
+        out = save_model(model, dst, to=args.to, dtype=args.dtype, overwrite=args.overwrite, progress=stage)
+        bar.update(1)
+    except OSError as exc:
+        raise _os_error(exc, args.src) from exc
+    finally:
+        bar.close()
+    print(f"wrote {out} ({args.to})")
+    return 0
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="describe a checkpoint file or diffusers folder (reads headers only)",
+                       description="Describe a checkpoint: format, family, components, dtypes, prediction "
+                       "type, resolution, size and hashes. Networks are not built.")
+    p.add_argument("path", metavar="FILE_OR_FOLDER")
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+    p.add_argument("--no-hash", action="store_true", help="skip the SHA-256 (slow on multi-GB files)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load a pickle checkpoint's tensors (safely) to describe them")
+    p.set_defaults(func=_cmd_info)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .checkpoints.info import describe, format_info
+
+    try:
+        info = describe(args.path, hashes=not args.no_hash, allow_pickle=args.allow_pickle)
+    except OSError as exc:
+        raise _os_error(exc, args.path) from exc
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

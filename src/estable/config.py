@@ -105,6 +105,12 @@ class UNetConfig(_Config):
                 )
         if (self.num_heads is None) == (self.head_channels is None):
             raise ValueError("UNetConfig: set exactly one of num_heads and head_channels")
+        if self.head_channels is not None and (
+            self.head_channels < 1 or any(c % self.head_channels for c in self.block_channels)
+        ):
+            raise ValueError(
+                f"UNetConfig: every block_channels entry must be a multiple of head_channels={self.head_channels}"
+            )
         if isinstance(self.num_heads, tuple) and len(self.num_heads) != n:
             raise ValueError(f"UNetConfig.num_heads has {len(self.num_heads)} entries for {n} levels")
         for level, c in enumerate(self.block_channels):
