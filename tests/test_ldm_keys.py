@@ -371,6 +371,22 @@ def test_renamed_key_is_reported(case):
     assert "1 unexpected key(s): " + old + "_renamed" in msg
 
 
+def test_renamed_attention_key_does_not_change_the_inferred_structure(case):
+    # Inferring the config from a file with one renamed transformer weight must still see the attention
+    # level, so that the error names that key instead of every key of the block.
+    cfg, _, sd = case
+    old = next(k for k in sd if k.startswith("model.diffusion_model.input_blocks.") and ".1.proj_in.weight" in k)
+    bad = dict(sd)
+    bad[old.replace("proj_in", "proj_inn")] = bad.pop(old)
+    inferred = ldm.infer_config(bad, family=cfg.family if cfg.family != "estable" else "sd1")
+    assert inferred.unet.attention_levels == cfg.unet.attention_levels
+    with pytest.raises(CheckpointError) as e:
+        ldm.ldm_to_components(bad, inferred)
+    msg = str(e.value)
+    assert "1 missing key(s): " + old in msg
+    assert "1 unexpected key(s): " + old.replace("proj_in", "proj_inn") in msg
+
+
 def test_missing_keys_are_reported_with_a_count(case):
     cfg, _, sd = case
     gone = sorted(k for k in sd if k.startswith("first_stage_model.decoder."))

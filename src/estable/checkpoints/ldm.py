@@ -642,7 +642,9 @@ def _infer_unet(sd: Mapping[str, Any], family: str, prediction_type: str) -> UNe
     channels = tuple(_shape(_get(u, f"input_blocks.{b}.0.out_layers.3.weight", UNET_PREFIX))[0] for b in first)
     attention = []
     for level, b in enumerate(first):
-        present = [f"input_blocks.{b + j}.1.proj_in.weight" in u for j in range(per_level)]
+        # input_blocks.N.1 exists only for a spatial transformer; judge by any key under it, so that one renamed
+        # or missing weight is reported as such rather than changing the inferred structure
+        present = [any(k.startswith(f"input_blocks.{b + j}.1.") for k in u) for j in range(per_level)]
         if any(present) and not all(present):
             raise UnsupportedModelError(
                 f"U-Net level {level} has attention in some blocks but not others; attention_levels must be "
