@@ -15,9 +15,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="estable", description="Stable Diffusion, end to end.")
     parser.add_argument("--version", action="version", version=f"estable {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from .cli_eval import add_eval_commands
+    from .cli_generate import add_generate_commands
+
+    add_generate_commands(sub)
     _add_convert(sub)
     _add_info(sub)
     _add_data(sub)
+    add_eval_commands(sub)
     return parser
 
 

@@ -1,0 +1,659 @@
+"""Generation: txt2img, img2img and inpainting on top of the models and the samplers.
+
+One request is a :class:`~estable.params.GenerationParams`; :func:`load_pipeline` reads a model and
+:class:`Pipeline` runs requests on it. The pixels are those of diffusers' ``StableDiffusionPipeline``,
+``StableDiffusionImg2ImgPipeline`` and ``StableDiffusionInpaintPipeline`` for the same model, seed, sampler
+and settings (tests/test_pipeline.py holds the two side by side), because every step below follows the
+reference's order of operations:
+
+1. **Prompts.** Positive and negative prompts are cut into 77-token windows (A1111 weighting syntax, long
+   prompts: :mod:`estable.prompts`), padded to the same number of windows, encoded window by window at the
+   requested CLIP layer, re-weighted and concatenated. A plain prompt of ≤ 75 tokens is exactly the single
+   window diffusers' tokenizer call produces.
+2. **Noise.** Image k of a run uses seed + k. Each image owns a CPU ``torch.Generator`` seeded with its seed;
+   its initial noise is a float32 draw of shape (1, 4, H/8, W/8) from it, and the same generator then feeds
+   every later random draw of that image (VAE posterior samples, ancestral / SDE / LCM noise), in diffusers'
+   order. diffusers does exactly this when given a list of CPU generators, so an image does not depend on
+   the device, on the batch it was made in, or on its position in the batch.
+3. **Guidance.** Classifier-free guidance (Ho & Salimans 2022, eq. 6) runs only when cfg_scale > 1: the
+   unconditional and conditional passes share one U-Net call, batch order [uncond, cond], and the raw outputs
+   (ε or v) are combined, out = out_u + g·(out_c − out_u), before conversion to x0 (:func:`vp_denoiser`).
+4. **Sampling** in the VE variable x̃ = x0 + σ ε of :mod:`estable.sampling.samplers`; latents stay in float32
+   whatever the weights' dtype, the U-Net sees them cast to its dtype.
+5. **img2img** (SDEdit, Meng et al. 2022): the schedule of ``steps`` steps is entered at index
+   t_start = steps − min(int(steps·strength), steps), with x̃ = z0 + σ_start·ε, where z0 is a sample of the
+   VAE posterior of the input image times the scaling factor.
+6. **Inpainting.** A 9-channel inpainting U-Net sees [x_t, mask, z(masked image)] (Rombach et al. 2022,
+   sec. 4.5); an ordinary 4-channel U-Net gets "latent blending": before every network call after the first,
+   the region to keep is replaced by the original latents noised to the current level with the run's
+   noise, and after the last step by the clean original latents (what diffusers' inpaint pipeline does
+   after each scheduler step; see :func:`_blended_denoiser`).
+7. **Decoding** in the VAE's dtype; a NaN/inf or an all-black image from non-zero latents under fp16/bf16 is
+   retried in float32 with a warning (never a silent black image).
+
+Each image comes back with its seed, its A1111 infotext and an Estable JSON record that holds every
+parameter needed to make it again (:meth:`Pipeline.record`, :func:`params_from_record`).
+
+Where Estable departs from diffusers on purpose:
+* Every random number is drawn on the CPU in float32 (diffusers draws the VAE posterior's noise in the VAE's
+  dtype): a seed gives the same image in fp32, fp16 and bf16 and on every device, up to rounding.
+* Inpainting with batch_size > 1: diffusers encodes the single input image once with the first generator and
+  repeats it; here every image's posterior sample comes from its own generator, so that image k is the image
+  made alone with seed + k. Identical at batch size 1.
+* PLMS (PNDM) img2img: diffusers slices PNDM's timestep list, whose second entry is repeated for the start-up
+  step, at t_start, so the run starts one level too noisy and evaluates the network at a level the sample is
+  not at. Estable enters the PLMS schedule at t_start. Identical at strength 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from . import __version__
+from .errors import EstableError
+from .images import mask_to_tensor, to_pil, to_tensor
+from .params import GenerationParams
+from .prompts import apply_weights, build_chunks, match_chunk_counts
+from .provenance.infotext import format_infotext, write_png
+from .sampling.samplers import SamplerSpec, SigmaPlan, get_sampler, make_sigmas, vp_denoiser
+
+if TYPE_CHECKING:
+    from .checkpoints.store import LoadedModel
+
+__all__ = [
+    "RECORD_FORMAT",
+    "GenerationResult",
+    "Pipeline",
+    "ProgressCallback",
+    "load_pipeline",
+    "params_from_record",
+    "resolve_sampler",
+    "save_result",
+]
+
+#: ``callback(step, total, latents, denoised)``: step counts from 0 over the whole run (all batches).
+ProgressCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+Mode = Literal["txt2img", "img2img", "inpaint"]
+
+RECORD_FORMAT = "estable.generation/1"
+DEFAULT_MODEL = "default"
+_KARRAS_SUFFIX = " Karras"
+
+
+# ------------------------------------------------------------------------------------------------- loading
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EstableError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise EstableError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+
+
+def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype).lower() == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    from .checkpoints.store import parse_dtype
+
+    resolved = parse_dtype(str(dtype))
+    assert resolved is not None  # parse_dtype maps every accepted string to a dtype
+    return resolved
+
+
+def load_pipeline(
+    source: str | Path,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    **load_kwargs: Any,
+) -> Pipeline:
+    """Load a model (SD single file, diffusers folder or Estable file) and return a :class:`Pipeline`.
+
+    ``device``: "auto" (CUDA when available, else CPU), "cpu", "cuda" or a torch.device. ``dtype``: "auto"
+    (fp16 on CUDA, fp32 on CPU), "fp32", "fp16", "bf16" or a torch.dtype. ``load_kwargs`` go to
+    :func:`estable.checkpoints.load_model` (allow_pickle, ema, prediction_type, progress).
+    """
+    if str(source) == DEFAULT_MODEL:
+        raise EstableError(
+            "the built-in default model is not available yet; pass --model with a checkpoint file or diffusers folder"
+        )
+    from .checkpoints.store import load_model
+
+    dev = _resolve_device(device)
+    dt = _resolve_dtype(dtype, dev)
+    model = load_model(source, dtype=dt, device=dev, **load_kwargs)
+    return Pipeline(model, device=dev, dtype=dt)
+
+
+# ------------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class GenerationResult:
+    """The images of one request, with each image's seed, infotext and Estable record (same order).
+
+    Iterating, indexing and ``len`` go over the images, so a result can be used as a list of PIL images.
+    """
+
+    images: list[Image.Image]
+    seeds: list[int]
+    infotexts: list[str]
+    records: list[dict[str, Any]]
+    params: GenerationParams  # the request with its seed resolved (the seed of image 0)
+    warnings: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __iter__(self) -> Iterator[Image.Image]:
+        return iter(self.images)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        return self.images[index]
+
+
+def resolve_sampler(name: str) -> SamplerSpec:
+    """:func:`get_sampler` with its ValueError turned into a one-line EstableError for users."""
+    try:
+        return get_sampler(name)
+    except ValueError as exc:
+        raise EstableError(str(exc)) from None
+
+
+def params_from_record(record: dict[str, Any]) -> GenerationParams:
+    """The GenerationParams stored in an Estable record (the ``estable`` PNG chunk), validated."""
+    if not isinstance(record, dict) or not isinstance(record.get("params"), dict):
+        raise EstableError("the Estable metadata record has no 'params' object; was the image made by Estable?")
+    try:
+        return GenerationParams.from_dict(record["params"])
+    except TypeError as exc:
+        raise EstableError(f"the Estable metadata record has invalid parameters: {exc}") from None
+
+
+def save_result(result: GenerationResult, out: str | Path, *, start: int | None = None) -> list[Path]:
+    """Write every image of ``result`` as a PNG with its infotext and record; return the paths.
+
+    ``out`` is a ``.png`` file name (one image: that file; several: ``name-0.png``, ``name-1.png``, …) or a
+    folder (created if needed), where files are numbered ``00000-<seed>.png`` after the highest number there.
+    """
+    out = Path(out)
+    paths: list[Path] = []
+    if out.suffix.lower() == ".png":
+        if len(result) == 1:
+            paths = [out]
+        else:
+            paths = [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(len(result))]
+        if not out.parent.is_dir() and str(out.parent):
+            raise EstableError(f"cannot write {out}: folder {out.parent} does not exist")
+    else:
+        if out.exists() and not out.is_dir():
+            raise EstableError(f"--out {out} is an existing file that is not a .png; give a folder or a .png name")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EstableError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
+        n = next_index(out) if start is None else start
+        paths = [out / f"{n + k:05d}-{seed}.png" for k, seed in enumerate(result.seeds)]
+    for path, image, text, record in zip(paths, result.images, result.infotexts, result.records):
+        write_png(path, image, parameters=text, record=record)
+    return paths
+
+
+def next_index(folder: Path) -> int:
+    """1 + the highest ``NNNNN-`` number of the PNG files in ``folder`` (0 for a folder without any)."""
+    best = -1
+    for p in folder.glob("*.png"):
+        head = p.name.split("-", 1)[0]
+        if head.isdigit():
+            best = max(best, int(head))
+    return best + 1
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+
+
+def _round_down(v: int, f: int) -> int:
+    return max(f, v // f * f)
+
+
+class Pipeline:
+    """A loaded model ready to generate. Not thread-safe: one request at a time per instance."""
+
+    def __init__(self, model: LoadedModel, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+        self.model = model
+        self.config = model.config
+        self.device = torch.device(device)
+        self.unet = model.unet.eval()
+        self.vae = model.vae.eval()
+        self.text_encoder = model.text_encoder.eval()
+        self.dtype = dtype or next(self.unet.parameters()).dtype
+        self._sha256: str | None = None
+
+    # -- model facts ---------------------------------------------------------------------------------------
+    @property
+    def factor(self) -> int:
+        """Pixels per latent cell (8 for SD's autoencoder)."""
+        return self.config.vae.downsample_factor
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        """(width, height) the U-Net was trained at: sample_size latents × the autoencoder's factor."""
+        side = self.config.unet.sample_size * self.factor
+        return side, side
+
+    @property
+    def model_name(self) -> str:
+        src = Path(self.model.source)
+        return src.name if src.is_dir() else src.stem
+
+    @property
+    def model_sha256(self) -> str | None:
+        """SHA-256 of the checkpoint file (of the U-Net weights file for a diffusers folder), computed once."""
+        if self._sha256 is None:
+            from .checkpoints.io import sha256_file
+
+            src = Path(self.model.source)
+            target: Path | None = src
+            if src.is_dir():
+                files = sorted((src / "unet").glob("diffusion_pytorch_model*.safetensors")) or sorted(
+                    (src / "unet").glob("*.bin")
+                )
+                target = files[0] if len(files) == 1 else None
+            if target is None or not target.is_file():
+                return None
+            self._sha256 = sha256_file(target)
+        return self._sha256
+
+    @property
+    def model_hash(self) -> str | None:
+        """A1111's "Model hash": the first 10 hex digits of :attr:`model_sha256`."""
+        sha = self.model_sha256
+        return sha[:10] if sha else None
+
+    # -- prompts -------------------------------------------------------------------------------------------
+    def encode_prompts(
+        self, prompt: str, negative_prompt: str, *, clip_skip: int, weighting: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond) contexts, each (1, N·77, D) in the U-Net's dtype, with the same N."""
+        tok = self.model.require_tokenizer()
+        bos, eos, pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+        comma = tok.encode(",")
+        kw: dict[str, Any] = {"bos": bos, "eos": eos, "pad": pad, "weighting": weighting,
+                              "comma_id": comma[0] if len(comma) == 1 else None}
+        pos = build_chunks(prompt, tok.encode, **kw)
+        neg = build_chunks(negative_prompt, tok.encode, **kw)
+        (pos_ids, pos_w), (neg_ids, neg_w) = match_chunk_counts(pos, neg, bos=bos, eos=eos, pad=pad)
+        layers = self.config.text.layers
+        if not 1 <= clip_skip <= layers:
+            raise EstableError(f"clip skip {clip_skip} is out of range: this text encoder has {layers} layers")
+        out = []
+        with torch.inference_mode():
+            for ids, w in ((pos_ids, pos_w), (neg_ids, neg_w)):
+                ctx = self.text_encoder.encode(ids.to(self.device), clip_skip)  # (N, 77, D)
+                out.append(apply_weights(ctx, w).to(self.dtype))  # (1, N·77, D)
+        return out[0], out[1]
+
+    # -- public API ----------------------------------------------------------------------------------------
+    def txt2img(self, params: GenerationParams, *, callback: ProgressCallback | None = None) -> GenerationResult:
+        """Generate ``batch_size × batch_count`` images from text."""
+        return self._run("txt2img", params, None, None, callback)
+
+    def img2img(
+        self, image: Image.Image, params: GenerationParams, *, callback: ProgressCallback | None = None
+    ) -> GenerationResult:
+        """Re-draw ``image`` guided by the prompt; ``params.strength`` in (0, 1] is how much of the schedule
+        is re-run. Without a size in ``params`` the image's own size (rounded down to a multiple of 8) is used;
+        the image is resized to the generation size when they differ."""
+        return self._run("img2img", params, image, None, callback)
+
+    def inpaint(
+        self,
+        image: Image.Image,
+        mask: Image.Image,
+        params: GenerationParams,
+        *,
+        callback: ProgressCallback | None = None,
+    ) -> GenerationResult:
+        """Repaint the white (≥ 50 %) part of ``mask`` in ``image``; the mask must have the image's size."""
+        if mask.size != image.size:
+            raise EstableError(
+                f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; "
+                "they must have the same size"
+            )
+        return self._run("inpaint", params, image, mask, callback)
+
+    # -- metadata ------------------------------------------------------------------------------------------
+    def infotext(self, params: GenerationParams, seed: int, mode: Mode, width: int, height: int) -> str:
+        """The A1111 ``parameters`` text of one image."""
+        spec = resolve_sampler(params.sampler)
+        label, schedule = spec.label, None
+        if label.endswith(_KARRAS_SUFFIX):
+            label, schedule = label[: -len(_KARRAS_SUFFIX)], "Karras"
+        clip_skip = params.clip_skip or self.config.clip_skip
+        fields: dict[str, Any] = {
+            "Steps": params.steps,
+            "Sampler": label,
+            "Schedule type": schedule,
+            "CFG scale": _num(params.cfg_scale),
+            "Seed": seed,
+            "Size": f"{width}x{height}",
+            "Model hash": self.model_hash,
+            "Model": self.model_name,
+            "Denoising strength": _num(params.strength) if mode != "txt2img" else None,
+            "Clip skip": clip_skip if clip_skip != 1 else None,
+            "Eta": _num(params.eta) if spec.name == "ddim" and params.eta else None,
+            "Version": f"estable {__version__}",
+        }
+        return format_infotext(params.prompt, params.negative_prompt, fields)
+
+    def record(self, params: GenerationParams, seed: int, mode: Mode, width: int, height: int,
+               run: dict[str, Any]) -> dict[str, Any]:
+        """The Estable JSON record of one image: the parameters that make this very image again (its own seed,
+        one image, the resolved size and clip skip), the model's identity and the run it came from."""
+        spec = resolve_sampler(params.sampler)
+        own = dataclasses.replace(
+            params, seed=seed, batch_size=1, batch_count=1, width=width, height=height,
+            clip_skip=params.clip_skip or self.config.clip_skip, sampler=spec.name,
+        )
+        return {
+            "format": RECORD_FORMAT,
+            "estable_version": __version__,
+            "mode": mode,
+            "params": own.to_dict(),
+            "sampler": {"name": spec.name, "label": spec.label},
+            "model": {
+                "name": self.model_name,
+                "source": str(Path(self.model.source).resolve()),
+                "format": self.model.format,
+                "sha256": self.model_sha256,
+                "hash": self.model_hash,
+                "prediction_type": self.config.schedule.prediction_type,
+            },
+            "run": run,
+        }
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def _size(self, params: GenerationParams, image: Image.Image | None) -> tuple[int, int]:
+        f = self.factor
+        if image is not None:
+            default = (_round_down(image.width, f), _round_down(image.height, f))
+        else:
+            default = self.native_size
+        width = params.width or default[0]
+        height = params.height or default[1]
+        if width % f or height % f:
+            raise EstableError(f"width and height must be multiples of {f} for this model, got {width}x{height}")
+        return width, height
+
+    def _run(
+        self,
+        mode: Mode,
+        params: GenerationParams,
+        image: Image.Image | None,
+        mask: Image.Image | None,
+        callback: ProgressCallback | None,
+    ) -> GenerationResult:
+        params.validate()
+        params = params.resolved()
+        spec = resolve_sampler(params.sampler)
+        width, height = self._size(params, image)
+        clip_skip = params.clip_skip or self.config.clip_skip
+        in_ch = self.config.unet.in_channels
+        if mode != "inpaint" and in_ch != 4:
+            raise EstableError(
+                f"this U-Net has {in_ch} input channels (an inpainting model); use it with the inpaint command"
+            )
+        if mode == "inpaint" and in_ch not in (4, 9):
+            raise EstableError(f"inpainting needs a U-Net with 4 or 9 input channels, this one has {in_ch}")
+
+        try:
+            plan = make_sigmas(spec, self.config.schedule, params.steps)
+        except ValueError as exc:
+            raise EstableError(str(exc)) from None
+        if mode != "txt2img":
+            # SDEdit entry point, as diffusers' get_timesteps: the last init_timestep steps of the schedule.
+            init_timestep = min(int(params.steps * params.strength), params.steps)
+            t_start = max(params.steps - init_timestep, 0)
+            if t_start >= params.steps:
+                raise EstableError(
+                    f"strength {params.strength} with {params.steps} steps leaves no step to run; "
+                    "raise the strength or the steps"
+                )
+            plan = _slice_plan(plan, t_start)
+
+        cond, uncond = self.encode_prompts(params.prompt, params.negative_prompt, clip_skip=clip_skip,
+                                           weighting=params.weighting)
+        pixels = masks = None
+        if image is not None:
+            pixels = to_tensor(_fit(image.convert("RGB"), width, height))  # (1, 3, H, W) in [-1, 1]
+        if mask is not None:
+            masks = mask_to_tensor(_fit(mask, width, height))  # (1, 1, H, W) in {0, 1}
+
+        images: list[Image.Image] = []
+        seeds: list[int] = []
+        notes: list[str] = []
+        total = params.batch_count * plan.steps
+        for b in range(params.batch_count):
+            batch_seeds = [params.seed + b * params.batch_size + k for k in range(params.batch_size)]
+            offset = b * plan.steps
+
+            def step_cb(i: int, n: int, x: torch.Tensor, d: torch.Tensor, offset: int = offset) -> None:
+                if callback is not None:
+                    callback(offset + i, total, x, d)
+
+            z = self._sample(mode, params, spec, plan, batch_seeds, cond, uncond, pixels, masks,
+                             width, height, step_cb)
+            decoded, note = self._decode(z)
+            if note:
+                notes.append(note)
+            images.extend(to_pil(decoded))
+            seeds.extend(batch_seeds)
+
+        run = {"seed": params.seed, "batch_size": params.batch_size, "batch_count": params.batch_count}
+        infotexts, records = [], []
+        for k, seed in enumerate(seeds):
+            infotexts.append(self.infotext(params, seed, mode, width, height))
+            records.append(self.record(params, seed, mode, width, height, {**run, "index": k}))
+        return GenerationResult(images, seeds, infotexts, records, params, notes)
+
+    def _sample(
+        self,
+        mode: Mode,
+        params: GenerationParams,
+        spec: SamplerSpec,
+        plan: SigmaPlan,
+        seeds: Sequence[int],
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        pixels: torch.Tensor | None,
+        masks: torch.Tensor | None,
+        width: int,
+        height: int,
+        callback: Callable[[int, int, torch.Tensor, torch.Tensor], None],
+    ) -> torch.Tensor:
+        """One batch: returns the latents to decode, (B, 4, h, w) float32 (scaled by scaling_factor)."""
+        dev, batch = self.device, len(seeds)
+        f, lc = self.factor, self.config.vae.latent_channels
+        shape = (1, lc, height // f, width // f)
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        cfg = float(params.cfg_scale) > 1.0
+        context = torch.cat([uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1)]) if cfg else \
+            cond.expand(batch, -1, -1)  # (2B or B, T, D)
+
+        with torch.inference_mode():
+            z0 = None
+            if pixels is not None and (mode == "img2img" or self.config.unet.in_channels == 4
+                                       or params.strength < 1.0):
+                # Posterior sample of the input image, one draw from each image's generator (diffusers'
+                # prepare_latents / _encode_vae_image). The 9-channel inpaint model at strength 1 skips it.
+                z0 = self._encode(pixels, gens)  # (B, 4, h, w) float32, scaled
+            noise = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens]).to(dev)
+            if z0 is not None and not (mode == "inpaint" and params.strength == 1.0):
+                x = z0 + float(plan.sigmas[0]) * noise  # x̃ = z0 + σ ε: every scheduler's add_noise in VE form
+            else:
+                x = plan.initial_latents(noise)  # (B, 4, h, w)
+
+            extra: torch.Tensor | None = None  # inpainting model's extra input channels
+            keep = None
+            if mode == "inpaint":
+                assert pixels is not None and masks is not None
+                mask_lat = F.interpolate(masks, size=shape[-2:]).to(dev)  # nearest, as diffusers: (1, 1, h, w)
+                masked = pixels * (masks < 0.5)  # (1, 3, H, W): the region to repaint set to 0 (grey)
+                masked_lat = self._encode(masked, gens) if self.config.unet.in_channels == 9 else None
+                if masked_lat is None:
+                    # diffusers encodes the masked image for 4-channel models too (and discards it): the same
+                    # draws keep the generators in step for the stochastic samplers.
+                    for g in gens:
+                        torch.randn(shape, generator=g, dtype=torch.float32)
+                    keep = 1.0 - mask_lat
+                else:
+                    m = mask_lat.expand(batch, -1, -1, -1).to(self.dtype)
+                    ml = masked_lat.to(self.dtype)
+                    extra = torch.cat([m, ml], dim=1)  # (B, 5, h, w): [mask, masked-image latents]
+                    if cfg:
+                        extra = torch.cat([extra, extra])
+
+            model = self._guided_model(context, float(params.cfg_scale) if cfg else None, extra)
+            denoise = vp_denoiser(model, self.config.schedule.prediction_type, plan.timestep)
+            if keep is not None:
+                assert z0 is not None
+                denoise = _blended_denoiser(denoise, z0, noise, mask_lat)
+            options: dict[str, Any] = dict(plan.options)
+            if spec.name == "ddim":
+                options["eta"] = float(params.eta)
+            x = spec.fn(denoise, x, plan.sigmas, generator=gens, callback=callback, **options)
+            z = plan.final_latents(x)  # VP latents at the last level
+            if keep is not None:
+                assert z0 is not None
+                z = keep * z0 + mask_lat * z  # paste the original back where the mask keeps it
+        return z
+
+    def _guided_model(
+        self, context: torch.Tensor, scale: float | None, extra: torch.Tensor | None
+    ) -> Callable[[torch.Tensor, float], torch.Tensor]:
+        """``model(x_t, t)``: one U-Net call on [uncond, cond] (or cond alone) and the CFG combination."""
+
+        def model(x_t: torch.Tensor, t: float) -> torch.Tensor:
+            inp = torch.cat([x_t, x_t]) if scale is not None else x_t  # (2B or B, 4, h, w)
+            inp = inp.to(self.dtype)
+            if extra is not None:
+                inp = torch.cat([inp, extra], dim=1)  # (·, 9, h, w): [latents, mask, masked-image latents]
+            out = self.unet(inp, t, context).float()
+            if scale is None:
+                return out
+            out_u, out_c = out.chunk(2)
+            return out_u + scale * (out_c - out_u)  # Ho & Salimans 2022, eq. 6, on ε or v
+
+        return model
+
+    def _encode(self, pixels: torch.Tensor, gens: Sequence[torch.Generator]) -> torch.Tensor:
+        """z = scaling_factor · (μ + σ·ε) per image, ε drawn from that image's generator. (B, 4, h, w) float32.
+
+        ε is drawn on the CPU in float32 whatever the VAE's dtype (diffusers draws it in the VAE's dtype: the same
+        numbers in float32, other numbers in fp16/bf16 on some torch versions), so a seed gives the same image on
+        every device and in every precision, up to rounding.
+        """
+        vae_dtype = next(self.vae.parameters()).dtype
+        posterior = self.vae.encode(pixels.to(self.device, vae_dtype))  # one image: (1, 4, h, w) moments
+        mean, std = posterior.mean.float(), posterior.std.float()
+        parts = [mean + std * torch.randn(mean.shape, generator=g, dtype=torch.float32).to(mean.device) for g in gens]
+        return torch.cat(parts) * self.config.vae.scaling_factor
+
+    def _decode(self, z: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+        """Images in [-1, 1] from scaled latents, with the fp32 retry of reduced-precision decodes."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        with torch.inference_mode():
+            latents = z / self.config.vae.scaling_factor
+            image = self.vae.decode(latents.to(vae_dtype)).float()
+            if vae_dtype in (torch.float16, torch.bfloat16) and _bad_decode(image, latents):
+                note = (f"the VAE decode in {str(vae_dtype).removeprefix('torch.')} gave NaN/inf or a black image; "
+                        "decoded again in float32")
+                warnings.warn(note, RuntimeWarning, stacklevel=3)
+                self.vae.float()
+                try:
+                    image = self.vae.decode(latents.float()).float()
+                finally:
+                    self.vae.to(vae_dtype)
+                return image, note
+        return image, None
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def _num(v: float) -> float | int:
+    """7.0 -> 7 as A1111 writes whole numbers; other values unchanged."""
+    v = float(v)
+    return int(v) if v.is_integer() else v
+
+
+def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
+    """``image`` at (width, height): unchanged when it already is, else resized with Lanczos (as diffusers'
+    image processor resizes)."""
+    if image.size == (width, height):
+        return image
+    return image.resize((width, height), Image.Resampling.LANCZOS)
+
+
+def _bad_decode(image: torch.Tensor, latents: torch.Tensor) -> bool:
+    if not bool(torch.isfinite(image).all()):
+        return True
+    black = bool((image / 2 + 0.5 < 0.5 / 255).all())
+    return black and bool(latents.abs().amax() > 0)
+
+
+def _slice_plan(plan: SigmaPlan, t_start: int) -> SigmaPlan:
+    """The plan entered at step ``t_start`` (diffusers: ``scheduler.timesteps[t_start:]`` + set_begin_index)."""
+    options = dict(plan.options)
+    if "timesteps" in options:
+        options["timesteps"] = options["timesteps"][t_start:]
+    return dataclasses.replace(plan, sigmas=plan.sigmas[t_start:], timesteps=plan.timesteps[t_start:],
+                               options=options)
+
+
+def _blended_denoiser(
+    denoise: Callable[[torch.Tensor, float], torch.Tensor],
+    z0: torch.Tensor,
+    noise: torch.Tensor,
+    mask: torch.Tensor,
+) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    """Latent blending for inpainting with an ordinary U-Net (the RePaint-free variant of Lugmayr et al. 2022
+    used by the LDM and diffusers inpaint scripts).
+
+    diffusers replaces, after every scheduler step, the region to keep (``mask`` = 0) by the original latents
+    z0 noised to the level the sample has just reached, with the run's initial noise ε: x̃ = z0 + σ ε in VE
+    form. Every sampler here updates x elementwise from x and the denoiser's outputs, so the repainted region
+    evolves exactly as in diffusers if the *network's input* is blended: before each call after the first
+    (the first sees the initial latents, as diffusers' first step does) the kept region of x is replaced.
+    The kept region of the sampler's own state differs, but it never reaches the repainted region other
+    than through the network, and the caller pastes z0 over it after the last step.
+    """
+    keep = 1.0 - mask  # (1, 1, h, w)
+    calls = 0
+
+    def blended(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            x = keep * (z0 + sigma * noise) + mask * x  # (B, 4, h, w)
+        return denoise(x, sigma)
+
+    return blended
+
