@@ -1,0 +1,348 @@
+"""The evaluation commands: ``estable eval compositional | fid | train-judge | judge-accuracy``.
+
+A thin shell over :mod:`estable.evaluation`. Model-dependent parts import :mod:`estable.pipeline` lazily, so
+judge and FID work on real renders needs no diffusion model. Wire into ``estable.cli.build_parser`` with
+``add_eval_commands(sub)``. To add a sub-command (e.g. ``clipscore``), write one ``_add_<name>(esub)`` function
+that registers its parser and ``func``, and append it to ``EVAL_COMMANDS``; ``model_generator`` turns the common
+model flags (``add_model_flags``) into a ``generate(prompts, seeds) -> images`` callable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import EstableError
+
+__all__ = ["EVAL_COMMANDS", "add_eval_commands", "add_model_flags", "model_generator"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+FID_REAL_SEED = 31  # world seed of the reference ("real") renders for FID
+FID_PROMPT_SEED = 32  # world seed whose captions the model is asked to draw for FID
+FID_FLOOR_SEED = 33  # a second independent real set: real-vs-real FID, the floor
+
+
+def add_eval_commands(sub: argparse._SubParsersAction) -> None:
+    """Register ``estable eval …`` on ``estable``'s sub-parsers."""
+    p = sub.add_parser("eval", help="evaluate a model (compositional accuracy, FID) and train or check the judge",
+                       description="Evaluation on the shapes world; the judge recognises objects in images.")
+    esub = p.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND")
+    p.set_defaults(func=lambda args: p.print_help() or 0)
+    for add in EVAL_COMMANDS:
+        add(esub)
+
+
+# --------------------------------------------------------------------------------------------- shared flags
+
+
+def add_model_flags(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """--model and the generation flags every model-driven evaluation takes."""
+    p.add_argument("--model", required=required, metavar="SRC",
+                   help="checkpoint file or diffusers folder ('shapes' = real renders: the ceiling)")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
+    p.add_argument("--sampler", default=None, help="sampler name (default: the generation default)")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's native size)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
+    p.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16 (default auto)")
+
+
+def _add_judge_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--judge", metavar="FILE", default=None,
+                   help="judge weights (default: the judge shipped with Estable)")
+
+
+def model_generator(args: argparse.Namespace) -> Callable[[list[str], list[int]], list[Any]]:
+    """A ``generate(prompts, seeds) -> images`` for ``args.model``: real renders for 'shapes', else a pipeline.
+
+    Runs of one prompt with consecutive seeds become one ``txt2img`` batch (image k of a batch uses seed + k).
+    """
+    if args.model == "shapes":
+        from .evaluation.compositional import render_generator
+
+        return render_generator(args.size or 256)
+    from .params import MAX_BATCH, GenerationParams
+    from .pipeline import load_pipeline
+
+    try:
+        pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    except OSError as exc:
+        raise EstableError(f"{exc.filename or args.model}: {exc.strerror or exc}") from exc
+    extra = {} if args.sampler is None else {"sampler": args.sampler}
+    base = GenerationParams(steps=args.steps, cfg_scale=args.cfg, width=args.size, height=args.size, **extra)
+
+    def generate(prompts: list[str], seeds: list[int]) -> list[Any]:
+        images: list[Any] = []
+        i = 0
+        while i < len(prompts):
+            j = i + 1
+            while j < len(prompts) and j - i < MAX_BATCH and prompts[j] == prompts[i] and seeds[j] == seeds[j - 1] + 1:
+                j += 1
+            params = GenerationParams(**{**base.to_dict(), "prompt": prompts[i], "seed": seeds[i], "batch_size": j - i})
+            result = pipe.txt2img(params)
+            if list(result.seeds) != list(seeds[i:j]):
+                raise EstableError(f"the pipeline used seeds {result.seeds}, expected {seeds[i:j]}")
+            images.extend(result.images)
+            i = j
+        return images
+
+    return generate
+
+
+def _write_json(path: str | None, data: dict[str, Any]) -> None:
+    if path:
+        from .checkpoints.io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+        print(f"wrote {path}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------ compositional
+
+
+def _add_compositional(esub: argparse._SubParsersAction) -> None:
+    p = esub.add_parser("compositional", help="GenEval-style compositional accuracy on held-out prompts",
+                        description="Generate images for held-out shapes-world prompts (colour x shape combinations "
+                        "never seen in training) and score them with the judge per category and prompt kind.")
+    add_model_flags(p)
+    _add_judge_flag(p)
+    p.add_argument("--prompts", type=int, default=500, metavar="N", help="number of prompts (default 500)")
+    p.add_argument("--images-per-prompt", type=int, default=4, metavar="K", help="images per prompt (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
+    p.add_argument("--out", metavar="FILE", help="write the full report (with per-image verdicts) as JSON")
+    p.set_defaults(func=_cmd_compositional)
+
+
+def _cmd_compositional(args: argparse.Namespace) -> int:
+    from .evaluation.compositional import evaluate, format_report, make_prompts
+    from .evaluation.judge import load_judge_or_default, resolve_device
+
+    if args.prompts < 1 or args.images_per_prompt < 1:
+        raise EstableError("--prompts and --images-per-prompt must be positive")
+    judge = load_judge_or_default(args.judge, resolve_device(args.device))
+    try:
+        prompts = make_prompts(args.prompts)
+    except ValueError as exc:
+        raise EstableError(str(exc)) from None
+    generate = model_generator(args)
+    report = evaluate(generate, judge, prompts, args.images_per_prompt, args.seed, progress=True)
+    report["model"] = args.model
+    report["generation"] = {"steps": args.steps, "cfg": args.cfg, "sampler": args.sampler, "size": args.size}
+    print(format_report(report))
+    _write_json(args.out, report)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ fid
+
+
+def _add_fid(esub: argparse._SubParsersAction) -> None:
+    p = esub.add_parser("fid", help="Fréchet distance between generated and real images (with the real-vs-real floor)",
+                        description="FID between two image sets. A set is a folder of images, 'shapes:N' (N fresh "
+                        "real renders) or, for --fake, 'model:SRC' (images generated for shapes-world captions).")
+    p.add_argument("--real", default="shapes:10000", metavar="DIR_OR_shapes:N",
+                   help="reference images (default shapes:10000)")
+    p.add_argument("--fake", required=True, metavar="DIR_OR_model:SRC", help="images to evaluate")
+    p.add_argument("--features", choices=("judge", "inception"), default="judge",
+                   help="feature network (default judge; inception needs --inception-weights)")
+    p.add_argument("--inception-weights", metavar="FILE", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+    _add_judge_flag(p)
+    p.add_argument("--count", type=int, default=None, metavar="N",
+                   help="images per set (default: N of shapes:N, else all in the folder)")
+    p.add_argument("--split", choices=("train", "heldout"), default="train",
+                   help="shapes-world split of the real renders and captions (default train: the model's own "
+                   "distribution, at seeds it never trained on)")
+    p.add_argument("--no-floor", action="store_true", help="skip the real-vs-real floor")
+    p.add_argument("--batch-size", type=int, default=64, help="feature batch size (default 64)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--cfg", type=float, default=7.0)
+    p.add_argument("--sampler", default=None)
+    p.add_argument("--size", type=int, default=None, help="render / generation size (default 256 / native)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--out", metavar="FILE", help="write the result as JSON")
+    p.set_defaults(func=_cmd_fid)
+
+
+def _folder_images(folder: Path, count: int | None) -> tuple[list[Path], int]:
+    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    if count is not None:
+        files = files[:count]
+    if len(files) < 2:
+        raise EstableError(f"{folder} holds {len(files)} image(s); FID needs at least 2 per set")
+    return files, len(files)
+
+
+def _iter_files(files: list[Path]) -> Iterator[Any]:
+    from PIL import Image
+
+    for f in files:
+        with Image.open(f) as im:
+            yield im.convert("RGB")
+
+
+def _iter_renders(split: str, seed: int, n: int, size: int) -> Iterator[Any]:
+    from .training.shapes import ShapesWorld, render
+
+    world = ShapesWorld(split, seed)
+    for i in range(n):
+        yield render(world.scene(i), size)
+
+
+def _count_of(spec: str, count: int | None) -> int:
+    try:
+        n = int(spec.split(":", 1)[1])
+    except ValueError:
+        raise EstableError(f"expected shapes:N with a number N, not {spec!r}") from None
+    n = n if count is None else min(n, count)
+    if n < 2:
+        raise EstableError("FID needs at least 2 images per set")
+    return n
+
+
+def _image_set(spec: str, args: argparse.Namespace, seed: int, n_default: int | None) -> tuple[Iterator[Any], int]:
+    """(image stream, count) for a --real / --fake spec."""
+    size = args.size or 256
+    if spec.startswith("shapes:"):
+        n = _count_of(spec, args.count)
+        return _iter_renders(args.split, seed, n, size), n
+    if spec.startswith("model:"):
+        from .training.shapes import ShapesWorld
+
+        n = args.count or n_default
+        if not n or n < 2:
+            raise EstableError("with --fake model:SRC pass --count N (or a shapes:N reference)")
+        model_args = argparse.Namespace(**{**vars(args), "model": spec.split(":", 1)[1]})
+        generate = model_generator(model_args)
+        world = ShapesWorld(args.split, FID_PROMPT_SEED)
+
+        def stream() -> Iterator[Any]:
+            for start in range(0, n, 8):
+                idx = range(start, min(start + 8, n))
+                yield from generate([world.scene(i).caption for i in idx], [FID_PROMPT_SEED * 100_000 + i for i in idx])
+
+        return stream(), n
+    folder = Path(spec)
+    if not folder.is_dir():
+        raise EstableError(f"{spec} is neither a folder nor shapes:N / model:SRC")
+    files, n = _folder_images(folder, args.count)
+    return _iter_files(files), n
+
+
+def _cmd_fid(args: argparse.Namespace) -> int:
+    from .evaluation.fid import extract_features, feature_stats, frechet_distance
+    from .evaluation.judge import resolve_device
+
+    device = resolve_device(args.device)
+    if args.features == "inception":
+        from .evaluation.inception import InceptionFeatures
+
+        extractor: Any = InceptionFeatures(args.inception_weights, device)
+    else:
+        from .evaluation.judge import JudgeFeatures, load_judge_or_default
+
+        extractor = JudgeFeatures(load_judge_or_default(args.judge, device))
+
+    def feats(stream: Iterator[Any], n: int, desc: str) -> Any:
+        return extract_features(stream, extractor, batch_size=args.batch_size, device=device, total=n,
+                                progress=True, desc=desc)
+
+    real, n_real = _image_set(args.real, args, FID_REAL_SEED, None)
+    f_real = feats(real, n_real, "real")
+    fake, n_fake = _image_set(args.fake, args, FID_FLOOR_SEED + 1, n_real)
+    f_fake = feats(fake, n_fake, "fake")
+    stats_real = feature_stats(f_real)
+    result: dict[str, Any] = {
+        "fid": frechet_distance(*feature_stats(f_fake), *stats_real),
+        "features": args.features,
+        "real": args.real,
+        "fake": args.fake,
+        "n_real": n_real,
+        "n_fake": n_fake,
+    }
+    if not args.no_floor:
+        if args.real.startswith("shapes:"):
+            floor_set = _iter_renders(args.split, FID_FLOOR_SEED, n_real, args.size or 256)
+            f_floor = feats(floor_set, n_real, "floor")
+            result["floor"] = frechet_distance(*feature_stats(f_floor), *stats_real)
+            result["floor_note"] = f"{n_real} independent real renders vs the reference"
+        else:
+            half = n_real // 2
+            result["floor"] = frechet_distance(*feature_stats(f_real[:half]), *feature_stats(f_real[half:]))
+            result["floor_note"] = f"two halves of the reference ({half} vs {n_real - half}), biased upward"
+    print(f"FID ({args.features} features, {n_fake} fake vs {n_real} real): {result['fid']:.4f}")
+    if "floor" in result:
+        print(f"floor, real vs real ({result['floor_note']}): {result['floor']:.4f}")
+    _write_json(args.out, result)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- judge commands
+
+
+def _add_train_judge(esub: argparse._SubParsersAction) -> None:
+    p = esub.add_parser("train-judge", help="train the attribute judge on fresh shapes-world renders",
+                        description="Train the judge (a small detector) on renders rendered on the fly, then report "
+                        "its accuracy on held-out renders and store it in the file's metadata.")
+    p.add_argument("--steps", type=int, default=8000, help="optimiser steps (default 8000)")
+    p.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
+    p.add_argument("--size", type=int, default=128, help="judge input side in pixels (default 128)")
+    p.add_argument("--minutes", type=float, default=None, help="stop after this long (the schedule follows)")
+    p.add_argument("--workers", type=int, default=None, help="render processes (default: CPU cores - 1 on CUDA)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--eval-count", type=int, default=2000, help="held-out renders to measure accuracy on")
+    p.add_argument("--out", default="judge.safetensors", metavar="FILE", help="output file")
+    p.set_defaults(func=_cmd_train_judge)
+
+
+def _cmd_train_judge(args: argparse.Namespace) -> int:
+    from .evaluation.judge import format_accuracy, judge_accuracy, save_judge, train_judge
+
+    try:
+        judge = train_judge(args.steps, args.batch, args.size, args.device, args.seed, workers=args.workers,
+                            time_limit_s=None if args.minutes is None else 60 * args.minutes)
+    except ValueError as exc:
+        raise EstableError(str(exc)) from None
+    report = judge_accuracy(judge, args.eval_count, progress=True) if args.eval_count > 0 else None
+    info = {"steps": judge.trained_steps, "batch": args.batch, "seed": args.seed, "accuracy": report}
+    path = save_judge(judge, args.out, info)
+    if report is not None:
+        print(format_accuracy(report))
+    print(f"wrote {path}")
+    return 0
+
+
+def _add_judge_accuracy(esub: argparse._SubParsersAction) -> None:
+    p = esub.add_parser("judge-accuracy", help="measure the judge on fresh held-out real renders",
+                        description="Accuracy per attribute (colour, shape, size, centre), count, relation, "
+                        "background and whole-scene exact match on renders the judge never saw.")
+    _add_judge_flag(p)
+    p.add_argument("--count", type=int, default=2000, help="renders (default 2000)")
+    p.add_argument("--seed", type=int, default=None, help="world seed (default: the evaluation seed)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_judge_accuracy)
+
+
+def _cmd_judge_accuracy(args: argparse.Namespace) -> int:
+    from .evaluation.judge import EVAL_SEED, format_accuracy, judge_accuracy, load_judge_or_default, resolve_device
+
+    if args.count < 1:
+        raise EstableError("--count must be positive")
+    judge = load_judge_or_default(args.judge, resolve_device(args.device))
+    report = judge_accuracy(judge, args.count, seed=EVAL_SEED if args.seed is None else args.seed, progress=True)
+    print(json.dumps(report, indent=2) if args.json else format_accuracy(report))
+    return 0
+
+
+EVAL_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_compositional,
+    _add_fid,
+    _add_train_judge,
+    _add_judge_accuracy,
+]
