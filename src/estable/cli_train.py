@@ -1,0 +1,89 @@
+"""``estable train {vae,unet}``: the training commands (a thin shell over ``estable.training``).
+
+    estable train unet --config tiny-unet --run-dir runs/try optim.lr=3e-4 max_steps=200
+    estable train unet --run-dir runs/try --resume max_steps=400       (config.json of the run is the base)
+    torchrun --nproc_per_node 4 -m estable.cli train unet --config my.json --run-dir runs/big
+
+``--config`` takes a JSON file (any subset of the fields) or a preset name; ``key=value`` overrides follow
+(dotted keys for nested fields, JSON values). ``--print-config`` shows the resolved config and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from .errors import EstableError
+
+KINDS = ("unet", "vae")
+_HELP = {"unet": "train the latent-diffusion U-Net (frozen VAE and text encoder)",
+         "vae": "train the KL autoencoder (L1 + KL + SSIM, optional PatchGAN)"}
+
+
+def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``train`` with one sub-command per implemented trainer."""
+    from .training.config import PRESETS
+
+    p = subparsers.add_parser("train", help="train a network (run folders, checkpoints, exact resume)",
+                              description="Train a network. Runs write config.json, log.jsonl, sample grids and "
+                              "atomic checkpoints into --run-dir; --resume continues exactly where it stopped.")
+    sub = p.add_subparsers(dest="trainer", metavar="TRAINER", required=True)
+    for kind in KINDS:
+        presets = ", ".join(n for n, c in PRESETS.items() if type(c).__name__.lower().startswith(kind))
+        q = sub.add_parser(kind, help=_HELP[kind], description=_HELP[kind])
+        q.add_argument("--config", metavar="FILE_OR_PRESET",
+                       help=f"JSON config file or preset ({presets}); with --resume, default: the run's config.json")
+        q.add_argument("--data", metavar="SRC", help="data source: 'shapes', an image folder or a tar-shard pattern")
+        q.add_argument("--run-dir", metavar="DIR", help="run folder (default: runs/<trainer>-<date>-<time>)")
+        q.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+        q.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+        q.add_argument("--no-progress", action="store_true", help="no progress bar")
+        q.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=3e-4")
+        q.set_defaults(func=_cmd_train, trainer_kind=kind)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .training import distributed
+    from .training.config import load_config
+    from .training.trainer import make_trainer
+
+    kind = args.trainer_kind
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+    elif args.resume:
+        raise EstableError("--resume needs --run-dir (the run folder to continue)")
+    else:
+        run_dir = Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base: str | dict | None = args.config
+    if base is None and args.resume:
+        config_file = run_dir / "config.json"
+        if not config_file.is_file():
+            raise EstableError(f"{run_dir} has no config.json; pass --config")
+        base = json.loads(config_file.read_text(encoding="utf-8"))
+    if base is None:
+        raise EstableError("--config is required (a JSON file or a preset name)")
+    for item in args.overrides:
+        if "=" not in item:
+            raise EstableError(f"unexpected argument {item!r}; overrides are KEY=VALUE (e.g. optim.lr=3e-4)")
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.source={json.dumps(args.data)}")
+    config = load_config(kind, base, overrides)
+    if args.print_config:
+        print(config.to_json())
+        return 0
+    trainer = make_trainer(kind, config, run_dir, resume=args.resume, progress=False if args.no_progress else None)
+    if trainer.dist.is_main:
+        start = f" (resuming at step {trainer.step})" if trainer.step else ""
+        print(f"training {kind} in {run_dir}{start}", flush=True)
+    try:
+        last = trainer.train()
+    finally:
+        trainer.close()
+        distributed.cleanup()
+    if trainer.dist.is_main:
+        loss = f", loss {last['loss']:.4f}" if "loss" in last else ""
+        print(f"done: step {trainer.step}{loss}; checkpoints in {trainer.run.checkpoints_dir}")
+    return 0

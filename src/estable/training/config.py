@@ -1,0 +1,490 @@
+"""Training configurations: one dataclass per trainer, named presets, JSON files and ``key=value`` overrides.
+
+A config is resolved in three layers: a base (a preset name defined below, or a JSON file holding any subset
+of the fields; missing fields keep their defaults), then ``key=value`` overrides from the command line, then
+validation. Dotted keys reach nested fields (``optim.lr=3e-4``, ``model.block_channels=[32,64]``); values are
+parsed as JSON when they parse (numbers, lists, ``true``/``false``/``null``), otherwise taken as strings. An
+unknown key is an error that lists the valid keys at that level.
+
+The resolved config is written into the run folder (``config.json``) and into every checkpoint; a run's
+``config.json`` is itself a valid ``--config`` file.
+
+Glossary:
+  batch_size    samples per process per micro-step; the global batch is batch_size × grad_accum × world size
+  objective     what the U-Net predicts: "eps" (ε, Ho et al. 2020) or "v" (Salimans & Ho 2022, sec. 4)
+  min_snr_gamma γ of min-SNR-γ loss weighting (Hang et al. 2023), None = uniform weights
+  offset_noise  strength of the per-channel constant added to ε (Guttenberg 2023, "diffusion with offset noise")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from estable.config import ScheduleConfig, TextConfig, UNetConfig, VAEConfig
+from estable.errors import EstableError
+
+T = TypeVar("T")
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine")
+OBJECTIVES = ("eps", "v")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generic dict <-> dataclass conversion (nested, with tuples, with clear errors)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    return value
+
+
+def _dataclass_type(hint: Any) -> type | None:
+    """The dataclass type of a field hint (``X`` or ``X | None``), or None."""
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return hint
+    for arg in typing.get_args(hint):
+        if isinstance(arg, type) and dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _is_tuple(hint: Any) -> bool:
+    return typing.get_origin(hint) is tuple or any(typing.get_origin(a) is tuple for a in typing.get_args(hint))
+
+
+def build_dataclass(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Instantiate ``cls`` from a (possibly partial) plain dict; nested dataclasses are built recursively."""
+    if not isinstance(data, dict):
+        raise ValueError(f"config {where or cls.__name__}: expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {', '.join(repr(_join(where, k)) for k in unknown)}; "
+            f"valid keys{' under ' + repr(where) if where else ''}: {', '.join(sorted(fields))}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        hint = hints[name]
+        sub = _dataclass_type(hint)
+        if sub is not None and isinstance(value, dict):
+            value = build_dataclass(sub, value, _join(where, name))
+        elif isinstance(value, list) and _is_tuple(hint):
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a wrong type deep inside a nested config
+        raise ValueError(f"config {where or cls.__name__}: {exc}") from None
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+class _Plain:
+    """to_dict / from_dict / to_json / replace for the training dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        return build_dataclass(cls, data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def replace(self: T, **changes: Any) -> T:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def _positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+
+
+def _positive_int(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sections shared by the trainers
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OptimConfig(_Plain):
+    """AdamW (Loshchilov & Hutter 2019) with linear warm-up and a constant or cosine schedule."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine (to min_lr_ratio·lr at max_steps)
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0  # None: no clipping (the norm is still logged)
+
+    def __post_init__(self) -> None:
+        _positive("optim.lr", self.lr)
+        _positive("optim.eps", self.eps)
+        _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        _positive_int("optim.warmup_steps", self.warmup_steps, allow_zero=True)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.schedule not in LR_SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {', '.join(LR_SCHEDULES)}, not {self.schedule!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if self.max_grad_norm is not None:
+            _positive("optim.max_grad_norm", self.max_grad_norm)
+
+
+@dataclass(frozen=True)
+class DataConfig(_Plain):
+    """Where the images come from.
+
+    source: "shapes" (the procedural shapes world, rendered on the fly), a folder with ``metadata.jsonl``, or
+    tar shards (a glob or brace pattern ending in ``.tar``).
+    """
+
+    source: str = "shapes"
+    size: int = 256
+    shapes_length: int = 100_000  # how many shapes-world indices make one epoch
+    shapes_seed: int = 0
+    center_crop: bool = True
+    random_flip: bool = False
+    caption_column: str = "text"
+    num_workers: int = 0
+    # Validation: the last val_size items of a folder are held out of training; the shapes world uses a
+    # separate seed; tar shards use their first val_size samples (not held out: documented limitation).
+    val_size: int = 8
+
+    def __post_init__(self) -> None:
+        _positive_int("data.size", self.size)
+        _positive_int("data.shapes_length", self.shapes_length)
+        _positive_int("data.num_workers", self.num_workers, allow_zero=True)
+        _positive_int("data.val_size", self.val_size, allow_zero=True)
+        if not isinstance(self.source, str) or not self.source:
+            raise ValueError("data.source must be 'shapes', a folder path or a tar-shard pattern")
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Plain):
+    """Fields every trainer has. ``batch_size`` is per process and per micro-step."""
+
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)
+    precision: str = "fp32"  # fp32 | bf16 (autocast, no scaling) | fp16 (autocast + GradScaler)
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_steps: int = 1000
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema_decay: float | None = 0.9999  # None: no EMA
+    ema_warmup: bool = True  # decay_t = min(decay, (1 + t) / (10 + t)), as the LDM code's LitEma
+    gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the trained network
+    log_every: int = 10
+    val_every: int = 100  # 0: never
+    sample_every: int = 500  # 0: never
+    save_every: int = 500  # 0: only at the end
+    keep_checkpoints: int = 3  # the newest K checkpoints are kept
+    tensorboard: bool = True  # also write TensorBoard events when torch.utils.tensorboard imports
+    init_from: str | None = None  # fine-tune: weights of the trained network from a checkpoint
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        _positive_int("batch_size", self.batch_size)
+        _positive_int("grad_accum", self.grad_accum)
+        _positive_int("max_steps", self.max_steps)
+        for name in ("log_every", "val_every", "sample_every", "save_every"):
+            _positive_int(name, getattr(self, name), allow_zero=name != "log_every")
+        _positive_int("keep_checkpoints", self.keep_checkpoints)
+        _positive_int("seed", self.seed, allow_zero=True)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) or null (no EMA), got {self.ema_decay!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# U-Net
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextSource(_Plain):
+    """The frozen text encoder and its tokenizer.
+
+    source: "random" (a text encoder built from ``config`` with seeded random weights: for tests and smoke
+    runs) or a checkpoint path the core loads (SD single file, diffusers folder, Estable file).
+    tokenizer: "clip" (CLIP's BPE vocabulary), "shapes" (a small word-level vocabulary of the shapes world's
+    grammar) or a folder with vocab.json + merges.txt. With a checkpoint source, "clip" means "the
+    checkpoint's own tokenizer". With source "random", ``config.vocab_size``/``eos_token_id`` are taken from
+    the tokenizer.
+    """
+
+    source: str = "random"
+    config: TextConfig = field(default_factory=TextConfig)
+    tokenizer: str = "clip"
+    max_length: int = 77
+    clip_skip: int = 1
+
+
+@dataclass(frozen=True)
+class VAESource(_Plain):
+    """The frozen VAE that makes latents: "random" (built from ``config``), an Estable VAE training run or
+    checkpoint folder, or any checkpoint the core loads (its VAE is used)."""
+
+    source: str = "random"
+    config: VAEConfig = field(default_factory=VAEConfig)
+
+
+@dataclass(frozen=True)
+class SampleConfig(_Plain):
+    """The periodic sample grid: fixed prompts through a sampler with the EMA weights (or the live ones)."""
+
+    prompts: tuple[str, ...] = (
+        "a red circle",
+        "a blue square above a yellow star",
+        "three green triangles",
+        "a white heart on a purple background",
+    )
+    sampler: str = "euler"
+    steps: int = 20
+    cfg_scale: float = 4.0
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        _positive_int("sample.steps", self.steps)
+        if not self.prompts:
+            raise ValueError("sample.prompts needs at least one prompt")
+
+
+@dataclass(frozen=True)
+class UNetTrainConfig(TrainConfig):
+    """Latent-diffusion U-Net training (Rombach et al. 2022, eq. 2)."""
+
+    model: UNetConfig = field(default_factory=UNetConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    objective: str = "eps"  # eps | v; sets schedule.prediction_type
+    min_snr_gamma: float | None = None  # e.g. 5.0
+    offset_noise: float = 0.0  # 0 = off; ~0.05–0.1 in practice
+    caption_dropout: float = 0.1  # fraction of captions replaced by "" (for classifier-free guidance)
+    latents: str = "online"  # online | cache (VAE posteriors precomputed once into the run folder)
+    text: TextSource = field(default_factory=TextSource)
+    vae: VAESource = field(default_factory=VAESource)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be 'eps' or 'v', not {self.objective!r}")
+        # The objective decides the prediction type recorded with the model and used when sampling.
+        prediction = "epsilon" if self.objective == "eps" else "v_prediction"
+        if self.schedule.prediction_type != prediction:
+            object.__setattr__(self, "schedule", self.schedule.replace(prediction_type=prediction))
+        if self.min_snr_gamma is not None:
+            _positive("min_snr_gamma", self.min_snr_gamma)
+        _positive("offset_noise", self.offset_noise, allow_zero=True)
+        if not 0 <= self.caption_dropout <= 1:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout!r}")
+        if self.latents not in ("online", "cache"):
+            raise ValueError(f"latents must be 'online' or 'cache', not {self.latents!r}")
+        if self.model.in_channels != self.vae.config.latent_channels and self.vae.source == "random":
+            raise ValueError(
+                f"model.in_channels ({self.model.in_channels}) must equal vae.config.latent_channels "
+                f"({self.vae.config.latent_channels})"
+            )
+        if self.text.source == "random" and self.model.context_dim != self.text.config.width:
+            raise ValueError(
+                f"model.context_dim ({self.model.context_dim}) must equal text.config.width ({self.text.config.width})"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# VAE
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiscriminatorConfig(_Plain):
+    """Optional PatchGAN discriminator (Isola et al. 2017) with the hinge loss, switched on at ``start``."""
+
+    enabled: bool = False
+    start: int = 50_001  # optimizer step from which the adversarial terms count (LDM's disc_start)
+    weight: float = 0.5  # weight of the generator's adversarial term
+    channels: int = 64
+    layers: int = 3
+    lr: float | None = None  # None: optim.lr
+
+    def __post_init__(self) -> None:
+        _positive_int("disc.start", self.start, allow_zero=True)
+        _positive("disc.weight", self.weight, allow_zero=True)
+        _positive_int("disc.channels", self.channels)
+        _positive_int("disc.layers", self.layers)
+
+
+@dataclass(frozen=True)
+class VAETrainConfig(TrainConfig):
+    """KL autoencoder training (Rombach et al. 2022, sec. 3.1): L1 + KL + (1 − SSIM) (+ hinge GAN)."""
+
+    model: VAEConfig = field(default_factory=VAEConfig)
+    l1_weight: float = 1.0
+    kl_weight: float = 1e-6
+    ssim_weight: float = 0.2
+    disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    sample_count: int = 4  # images in the reconstruction grid
+    ema_decay: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("l1_weight", "kl_weight", "ssim_weight"):
+            _positive(name, getattr(self, name), allow_zero=True)
+        _positive_int("sample_count", self.sample_count)
+        f = self.model.downsample_factor
+        if self.data.size % f:
+            raise ValueError(f"data.size ({self.data.size}) must be a multiple of the VAE's factor {f}")
+
+
+CONFIG_CLASSES: dict[str, type[TrainConfig]] = {"unet": UNetTrainConfig, "vae": VAETrainConfig}
+
+# ---------------------------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------------------------
+
+_TINY_VAE = VAEConfig(block_channels=(16, 32, 32), layers_per_block=1, norm_groups=8, latent_channels=4,
+                      scaling_factor=1.0, sample_size=32)
+_TINY_TEXT = TextConfig(vocab_size=49408, max_positions=32, width=32, layers=2, heads=2, mlp_width=64)
+
+PRESETS: dict[str, TrainConfig] = {
+    # A few-second CPU smoke run on the shapes world at 32×32 (latents 4×8×8).
+    "tiny-unet": UNetTrainConfig(
+        model=UNetConfig(block_channels=(32, 64), layers_per_block=1, attention_levels=(True, False),
+                         num_heads=2, context_dim=32, norm_groups=8, sample_size=8),
+        text=TextSource(config=_TINY_TEXT, tokenizer="shapes", max_length=32),
+        vae=VAESource(config=_TINY_VAE),
+        data=DataConfig(size=32, val_size=4),
+        sample=SampleConfig(steps=4, prompts=("a red circle", "two blue squares")),
+        batch_size=4, max_steps=100, ema_decay=0.999, optim=OptimConfig(lr=1e-3, warmup_steps=5),
+        log_every=5, val_every=25, sample_every=50, save_every=50,
+    ),
+    "tiny-vae": VAETrainConfig(
+        model=_TINY_VAE,
+        data=DataConfig(size=32, val_size=4),
+        batch_size=4, max_steps=100, optim=OptimConfig(lr=1e-3, warmup_steps=5),
+        log_every=5, val_every=25, sample_every=50, save_every=50,
+    ),
+}
+_PRESET_KIND = {"tiny-unet": "unet", "tiny-vae": "vae"}
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides (dotted keys) to a FULL config dict; returns a new dict.
+
+    Values are JSON when they parse (``3e-4``, ``[32,64]``, ``true``, ``null``), else strings. A key that is
+    not in the config is a ValueError naming the valid keys at that level.
+    """
+    out = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not key=value (e.g. optim.lr=3e-4)")
+        parts = key.split(".")
+        node: Any = out
+        for depth, part in enumerate(parts):
+            where = ".".join(parts[:depth])
+            if not isinstance(node, dict):
+                raise ValueError(f"config key {where!r} is a value, not a section; cannot set {key!r}")
+            if part not in node:
+                raise ValueError(
+                    f"unknown config key {key!r}; valid keys{' under ' + repr(where) if where else ''}: "
+                    f"{', '.join(sorted(node))}"
+                )
+            if depth == len(parts) - 1:
+                node[part] = parse_value(raw)
+            else:
+                node = node[part]
+    return out
+
+
+def parse_value(raw: str) -> Any:
+    """JSON if it parses (numbers, lists, objects, true/false/null), Python's None/True/False, else the string."""
+    text = raw.strip()
+    if text in ("None", "True", "False"):
+        return {"None": None, "True": True, "False": False}[text]
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def load_config(kind: str, base: str | Path | dict[str, Any] | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Resolve a training config: ``base`` (preset name, JSON file, dict or None = defaults) + overrides.
+
+    Raises EstableError for a missing file, bad JSON, an unknown key or an invalid value.
+    """
+    cls = CONFIG_CLASSES.get(kind)
+    if cls is None:
+        raise EstableError(f"unknown trainer {kind!r}; choose one of {', '.join(CONFIG_CLASSES)}")
+    try:
+        if base is None:
+            cfg = cls()
+        elif isinstance(base, dict):
+            cfg = cls.from_dict(base)
+        elif str(base) in PRESETS:
+            if _PRESET_KIND[str(base)] != kind:
+                raise EstableError(f"preset {base!r} is for the {_PRESET_KIND[str(base)]} trainer, not {kind}")
+            cfg = PRESETS[str(base)]
+        else:
+            path = Path(base)
+            if not path.is_file():
+                names = ", ".join(n for n, k in _PRESET_KIND.items() if k == kind)
+                raise EstableError(f"config {str(base)!r} is neither a file nor a preset (presets: {names})")
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise EstableError(f"{path}: not valid JSON ({exc})") from None
+            cfg = cls.from_dict(data)
+        if overrides:
+            cfg = cls.from_dict(apply_overrides(cfg.to_dict(), overrides))
+    except ValueError as exc:
+        raise EstableError(str(exc)) from None
+    return cfg
+
+
+__all__ = [
+    "CONFIG_CLASSES",
+    "PRESETS",
+    "DataConfig",
+    "DiscriminatorConfig",
+    "OptimConfig",
+    "SampleConfig",
+    "TextSource",
+    "TrainConfig",
+    "UNetTrainConfig",
+    "VAESource",
+    "VAETrainConfig",
+    "apply_overrides",
+    "build_dataclass",
+    "load_config",
+    "parse_value",
+]

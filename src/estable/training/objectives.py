@@ -1,0 +1,291 @@
+"""Training objectives: the latent-diffusion U-Net loss and the KL-autoencoder loss (with SSIM and a PatchGAN).
+
+Random numbers never come from inside these modules: the trainer draws them (``draw``) from one seeded CPU
+generator for the whole global batch and hands each process its slice. So a run is reproducible, resumable
+bit for bit, and 2 processes × batch b see exactly the noise 1 process × batch 2b sees.
+
+U-Net (Rombach et al. 2022, eq. 2; Ho et al. 2020, algorithm 1):
+
+    z0 = scaling · (μ + σ·ξ) with (μ, σ) = VAE posterior of x, ξ ~ N(0, I)       (or μ, σ from the cache)
+    t ~ U{0, …, T−1},  ε = n + offset · n_c,  n ~ N(0, I), n_c ~ N(0, I) per (sample, channel)
+    z_t = sqrt(ᾱ_t) z0 + sqrt(1 − ᾱ_t) ε                                           (Ho et al. eq. 4)
+    target = ε  or  v = sqrt(ᾱ_t) ε − sqrt(1 − ᾱ_t) z0                             (Salimans & Ho 2022, sec. 4)
+    loss = mean_b  w_b · mean_{c,h,w} (U(z_t, t, c) − target)²
+
+with min-SNR-γ weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy",
+eq. 6 and sec. 3.4): SNR = ᾱ/(1 − ᾱ), w = min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v; w = 1 without γ.
+Offset noise: Guttenberg 2023 ("Diffusion with offset noise"). Caption dropout replaces a caption's tokens by
+those of the empty prompt "" (what the sampler's unconditional branch sees), for classifier-free guidance
+(Ho & Salimans 2022, sec. 3.2).
+
+VAE (Rombach et al. 2022, sec. 3.1 and appendix G; Esser et al. 2021 for the adversarial part):
+
+    loss = l1_weight · mean|x − x̂| + kl_weight · KL(q(z|x) ‖ N(0, I)) / (3·H·W) + ssim_weight · (1 − SSIM(x̂, x))
+           [+ f(step) · (disc_weight · L_G + L_D)]
+
+All terms are per image element: the LDM code sums its reconstruction loss and its KL over each image and uses
+kl_weight = 1e-6; dividing both by the element count 3·H·W keeps that ratio, so kl_weight means the same here.
+The adversarial part (off by default) uses the hinge loss (Lim & Ye 2017): L_D = ½(mean relu(1 − D(x)) +
+mean relu(1 + D(x̂))), L_G = −mean D(x̂), with a fixed weight (no adaptive weight) and f = 0 before ``start``.
+Generator and discriminator are updated in the same optimizer step: L_G sees detached discriminator weights
+and L_D a detached reconstruction, so neither term moves the other network.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from estable.config import ScheduleConfig
+from estable.models.text import TextEncoder
+from estable.models.unet import UNet
+from estable.models.vae import AutoencoderKL
+from estable.sampling.schedules import alphas_cumprod
+
+# ---------------------------------------------------------------------------------------------------------
+# SSIM (Wang, Bovik, Sheikh & Simoncelli 2004, "Image quality assessment: from error visibility to
+# structural similarity", eq. 13 with the 11×11 Gaussian window of σ = 1.5 of sec. III-C, averaged as eq. 17)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5, *, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """Normalised 1-D Gaussian (size,); the 2-D window is its outer product (it is separable)."""
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return (g / g.sum()).to(dtype=dtype, device=device)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 2.0, window_size: int = 11, sigma: float = 1.5,
+         k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+    """Mean SSIM per image: (B, C, H, W) × 2 → (B,). ``data_range`` L = 2 for images in [-1, 1].
+
+    Local statistics are Gaussian-weighted over 'valid' windows (no padding, as the authors' MATLAB code):
+
+        SSIM = (2 μx μy + C1)(2 σxy + C2) / ((μx² + μy² + C1)(σx² + σy² + C2)),  C1 = (k1 L)², C2 = (k2 L)²
+    """
+    if x.shape != y.shape or x.ndim != 4:
+        raise ValueError(f"ssim needs two (B, C, H, W) tensors of one shape, got {tuple(x.shape)}, {tuple(y.shape)}")
+    if min(x.shape[-2:]) < window_size:
+        raise ValueError(f"ssim: images of {tuple(x.shape[-2:])} are smaller than the {window_size}px window")
+    c = x.shape[1]
+    g = gaussian_window(window_size, sigma, dtype=x.dtype, device=x.device)
+    kernel = torch.outer(g, g).expand(c, 1, window_size, window_size)  # (C, 1, k, k) depthwise
+
+    def blur(t: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) → (B, C, H-k+1, W-k+1)
+        return F.conv2d(t, kernel, groups=c)
+
+    mu_x, mu_y = blur(x), blur(y)
+    sxx = blur(x * x) - mu_x * mu_x
+    syy = blur(y * y) - mu_y * mu_y
+    sxy = blur(x * y) - mu_x * mu_y
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    smap = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x * mu_x + mu_y * mu_y + c1) * (sxx + syy + c2))
+    return smap.mean(dim=(1, 2, 3))  # (B,)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Diffusion targets and weights
+# ---------------------------------------------------------------------------------------------------------
+
+
+def noisy_latents_and_target(
+    z0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, objective: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z_t, target) for clean latents z0 (B, C, h, w), noise ε and ᾱ_t (B,) (float64 is fine: cast here)."""
+    a = alpha_bar.to(torch.float64).sqrt().to(z0.dtype).view(-1, 1, 1, 1)  # sqrt(ᾱ)      (B, 1, 1, 1)
+    s = (1 - alpha_bar.to(torch.float64)).sqrt().to(z0.dtype).view(-1, 1, 1, 1)  # sqrt(1 − ᾱ)
+    z_t = a * z0 + s * noise  # Ho et al. 2020, eq. 4
+    if objective == "eps":
+        return z_t, noise
+    if objective == "v":
+        return z_t, a * noise - s * z0  # Salimans & Ho 2022, sec. 4
+    raise ValueError(f"objective must be 'eps' or 'v', not {objective!r}")
+
+
+def min_snr_weights(alpha_bar: torch.Tensor, gamma: float | None, objective: str) -> torch.Tensor:
+    """Per-sample loss weights (B,) of min-SNR-γ (Hang et al. 2023); ones when ``gamma`` is None.
+
+    SNR = ᾱ/(1 − ᾱ). Relative to an x0-loss, the ε-loss carries a factor SNR and the v-loss a factor SNR + 1, so
+    the weights that turn both into min(SNR, γ)·‖x0 error‖² are min(SNR, γ)/SNR (ε) and min(SNR, γ)/(SNR + 1) (v).
+    """
+    ab = alpha_bar.to(torch.float64)
+    if gamma is None:
+        return torch.ones_like(ab, dtype=torch.float32)
+    snr = ab / (1 - ab)
+    clipped = torch.clamp(snr, max=float(gamma))
+    w = clipped / snr if objective == "eps" else clipped / (snr + 1)
+    return w.to(torch.float32)
+
+
+class UNetObjective(nn.Module):
+    """Wraps the trained U-Net with the frozen VAE and text encoder; ``forward(batch, draws) -> (loss, metrics)``.
+
+    batch: ``input_ids`` (B, L) and either ``pixel_values`` (B, 3, H, W) in [-1, 1] or cached posterior
+    ``latent_mean``/``latent_std`` (B, C, h, w). draws: from :meth:`draw`, sliced to this process's rows.
+    """
+
+    def __init__(self, unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder, empty_ids: torch.Tensor, *,
+                 schedule: ScheduleConfig, objective: str = "eps", min_snr_gamma: float | None = None,
+                 offset_noise: float = 0.0, caption_dropout: float = 0.0, clip_skip: int = 1,
+                 latent_size: int) -> None:
+        super().__init__()
+        self.unet = unet
+        self.vae = vae.requires_grad_(False).eval()
+        self.text_encoder = text_encoder.requires_grad_(False).eval()
+        self.register_buffer("empty_ids", empty_ids.reshape(1, -1).long(), persistent=False)  # (1, L)
+        self.alphas_cumprod = alphas_cumprod(schedule)  # (T,) float64, CPU: indexed with CPU draws
+        self.objective, self.min_snr_gamma = objective, min_snr_gamma
+        self.offset_noise, self.caption_dropout, self.clip_skip = offset_noise, caption_dropout, clip_skip
+        self.latent_shape = (vae.config.latent_channels, latent_size, latent_size)
+        self.scaling = vae.config.scaling_factor
+
+    def train(self, mode: bool = True) -> UNetObjective:
+        super().train(mode)
+        self.vae.eval()  # frozen parts stay in eval mode
+        self.text_encoder.eval()
+        return self
+
+    def draw(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """All random numbers of one micro-step for ``n`` samples (always in this order), on the CPU."""
+        c, h, w = self.latent_shape
+        d = {
+            "t": torch.randint(0, len(self.alphas_cumprod), (n,), generator=generator),
+            "posterior": torch.randn((n, c, h, w), generator=generator),
+            "noise": torch.randn((n, c, h, w), generator=generator),
+        }
+        if self.offset_noise > 0:
+            d["offset"] = torch.randn((n, c, 1, 1), generator=generator)
+        if self.caption_dropout > 0:
+            d["drop"] = torch.rand((n,), generator=generator)
+        return d
+
+    @torch.no_grad()
+    def clean_latents(self, batch: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+        """z0 = scaling · (μ + σ·ξ), from the cache or by encoding the pixels. (B, C, h, w) float32."""
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"], batch["latent_std"]
+        else:
+            posterior = self.vae.encode(batch["pixel_values"])
+            mean, std = posterior.mean, posterior.std
+        return (mean.float() + std.float() * xi) * self.scaling
+
+    @torch.no_grad()
+    def context(self, input_ids: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+        if drop is not None:
+            dropped = (drop < self.caption_dropout).view(-1, 1)  # (B, 1)
+            input_ids = torch.where(dropped, self.empty_ids.expand_as(input_ids), input_ids)
+        return self.text_encoder.encode(input_ids, clip_skip=self.clip_skip)  # (B, L, d)
+
+    def noise(self, draws: dict[str, torch.Tensor]) -> torch.Tensor:
+        eps = draws["noise"]
+        if self.offset_noise > 0:
+            eps = eps + self.offset_noise * draws["offset"]  # per-(sample, channel) constant shift
+        return eps
+
+    def forward(self, batch: dict[str, torch.Tensor], draws: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        z0 = self.clean_latents(batch, draws["posterior"])  # (B, C, h, w)
+        ctx = self.context(batch["input_ids"], draws.get("drop"))  # (B, L, d)
+        t = draws["t"]  # (B,) int64
+        ab = self.alphas_cumprod[t.cpu()].to(z0.device)  # (B,) float64
+        z_t, target = noisy_latents_and_target(z0, self.noise(draws), ab, self.objective)
+        pred = self.unet(z_t, t, ctx).float()  # (B, C, h, w)
+        per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
+        weights = min_snr_weights(ab, self.min_snr_gamma, self.objective).to(per_sample.device)
+        loss = (weights * per_sample).mean()
+        return loss, {"mse": per_sample.detach().mean()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# VAE
+# ---------------------------------------------------------------------------------------------------------
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (Isola et al. 2017, sec. 3.2.2): 4×4 convolutions, stride 2 then 1, one logit per patch.
+
+    GroupNorm(1, C) stands in for the original BatchNorm so that the network behaves the same with any batch
+    size and under DDP (no running statistics to synchronise).
+    """
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3) -> None:
+        super().__init__()
+        mods: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        ch = channels
+        for i in range(1, layers + 1):
+            out = channels * min(2**i, 8)
+            stride = 2 if i < layers else 1
+            mods += [nn.Conv2d(ch, out, 4, stride, 1, bias=False), nn.GroupNorm(1, out), nn.LeakyReLU(0.2)]
+            ch = out
+        mods.append(nn.Conv2d(ch, 1, 4, 1, 1))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, 1, h', w') logits
+
+
+class VAEObjective(nn.Module):
+    """Wraps the trained autoencoder (and optional discriminator); ``forward(batch, draws, step)``."""
+
+    def __init__(self, vae: AutoencoderKL, *, l1_weight: float = 1.0, kl_weight: float = 1e-6,
+                 ssim_weight: float = 0.2, discriminator: PatchDiscriminator | None = None,
+                 disc_start: int = 0, disc_weight: float = 0.5) -> None:
+        super().__init__()
+        self.vae = vae
+        self.discriminator = discriminator
+        self.l1_weight, self.kl_weight, self.ssim_weight = l1_weight, kl_weight, ssim_weight
+        self.disc_start, self.disc_weight = disc_start, disc_weight
+
+    def draw(self, n: int, generator: torch.Generator, image_size: int) -> dict[str, torch.Tensor]:
+        c = self.vae.config.latent_channels
+        h = image_size // self.vae.config.downsample_factor
+        return {"posterior": torch.randn((n, c, h, h), generator=generator)}
+
+    def reconstruction_terms(self, x: torch.Tensor, x_hat: torch.Tensor, kl_sum: torch.Tensor) -> dict[str, Any]:
+        """The L1, KL (per element) and SSIM terms and their weighted sum."""
+        l1 = (x_hat.float() - x.float()).abs().mean()
+        kl = kl_sum.float().mean() / (x[0].numel())  # KL summed over each latent, per image element
+        s = ssim(x_hat.float(), x.float()).mean()
+        total = self.l1_weight * l1 + self.kl_weight * kl + self.ssim_weight * (1 - s)
+        return {"loss": total, "l1": l1, "kl": kl, "ssim": s}
+
+    def forward(self, batch: dict[str, torch.Tensor], draws: dict[str, torch.Tensor],
+                step: int = 0) -> tuple[torch.Tensor, dict]:
+        x = batch["pixel_values"]  # (B, 3, H, W)
+        posterior = self.vae.encode(x)
+        z = posterior.mean + posterior.std * draws["posterior"].to(posterior.mean.dtype)  # reparametrised sample
+        x_hat = self.vae.decode(z)
+        terms = self.reconstruction_terms(x, x_hat, posterior.kl())
+        loss = terms.pop("loss")
+        metrics = {k: v.detach() for k, v in terms.items()}
+        if self.discriminator is not None:
+            on = 1.0 if step >= self.disc_start else 0.0
+            frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
+            g_adv = -functional_call(self.discriminator, frozen, (x_hat,)).float().mean()  # L_G, D fixed
+            real = self.discriminator(x).float()
+            fake = self.discriminator(x_hat.detach()).float()
+            d_loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())  # hinge L_D
+            loss = loss + on * (self.disc_weight * g_adv + d_loss)
+            metrics.update(g_adv=g_adv.detach(), d_loss=d_loss.detach())
+        return loss, metrics
+
+
+def empty_prompt_ids(tokenizer: Any) -> torch.Tensor:
+    """Token ids of "" (bos, eos, padding): what the U-Net sees for a dropped caption. (1, L)"""
+    return tokenizer([""])
+
+
+__all__ = [
+    "PatchDiscriminator",
+    "UNetObjective",
+    "VAEObjective",
+    "empty_prompt_ids",
+    "gaussian_window",
+    "min_snr_weights",
+    "noisy_latents_and_target",
+    "ssim",
+]

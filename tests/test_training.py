@@ -1,0 +1,387 @@
+"""Trainers on tiny CPU configs: configs and overrides, objectives against hand formulas, SSIM against a direct
+numpy implementation, EMA math, data order, and short U-Net / VAE runs that write a complete run folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from estable.cli_train import add_train_commands
+from estable.errors import EstableError
+from estable.sampling.schedules import alphas_cumprod
+from estable.training.config import UNetTrainConfig, apply_overrides, load_config
+from estable.training.ema import EMA
+from estable.training.objectives import min_snr_weights, noisy_latents_and_target, ssim
+from estable.training.runs import load_checkpoint
+from estable.training.shapes import ShapesWorld, caption_for
+from estable.training.trainer import (
+    ResumableBatchSampler,
+    UNetTrainer,
+    VAETrainer,
+    collate,
+    lr_factor,
+    shapes_tokenizer,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks run fastest on one thread (and the shared 2-core CI machine is never oversubscribed)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+QUIET = ["log_every=1", "val_every=0", "sample_every=0", "save_every=0", "tensorboard=false"]
+
+
+def tiny_unet(tmp_path, *over: str, name: str = "run") -> UNetTrainer:
+    cfg = load_config("unet", "tiny-unet", [*QUIET, *over])
+    return UNetTrainer(cfg, tmp_path / name, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+
+def test_overrides_parse_nested_and_lists():
+    cfg = load_config("unet", "tiny-unet", ["optim.lr=3e-4", "model.block_channels=[32, 64]",
+                                            "model.attention_levels=[false,true]", "min_snr_gamma=5",
+                                            "sample.prompts=[\"a red star\"]", "data.source=/some/folder",
+                                            "optim.max_grad_norm=null"])
+    assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.model.block_channels == (32, 64) and cfg.model.attention_levels == (False, True)
+    assert cfg.min_snr_gamma == 5 and cfg.sample.prompts == ("a red star",)
+    assert cfg.data.source == "/some/folder" and cfg.optim.max_grad_norm is None
+    # objective decides the prediction type; the resolved config round-trips through JSON
+    v = load_config("unet", "tiny-unet", ["objective=v"])
+    assert v.schedule.prediction_type == "v_prediction"
+    assert UNetTrainConfig.from_dict(json.loads(v.to_json())) == v
+
+
+@pytest.mark.parametrize("override, words", [
+    ("optim.lrr=1", ["optim.lrr", "valid keys under 'optim'", "lr"]),
+    ("nope=1", ["'nope'", "valid keys", "batch_size"]),
+    ("optim.lr.x=1", ["optim.lr", "not a section"]),
+    ("optim.lr", ["key=value"]),
+    ("batch_size=0", ["batch_size", "positive integer"]),
+    ("precision=fp8", ["precision", "fp32"]),
+])
+def test_bad_overrides_are_clear_errors(override, words):
+    with pytest.raises(EstableError) as err:
+        load_config("unet", "tiny-unet", [override])
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_config_file_partial_and_presets(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"optim": {"lr": 0.01}, "model": {"block_channels": [16, 32], "norm_groups": 8}}))
+    cfg = load_config("vae", str(f), ["kl_weight=1e-5"])
+    assert cfg.optim.lr == 0.01 and cfg.optim.betas == (0.9, 0.999)  # the rest keeps its defaults
+    assert cfg.model.block_channels == (16, 32) and cfg.kl_weight == 1e-5
+    (tmp_path / "bad.json").write_text(json.dumps({"optim": {"learning_rate": 1}}))
+    with pytest.raises(EstableError, match="optim.learning_rate"):
+        load_config("vae", str(tmp_path / "bad.json"))
+    with pytest.raises(EstableError, match="for the unet trainer"):
+        load_config("vae", "tiny-unet")
+    with pytest.raises(EstableError, match="neither a file nor a preset"):
+        load_config("vae", "tiny-vea")
+    assert apply_overrides({"a": {"b": 1}}, ["a.b=[1, 2]"]) == {"a": {"b": [1, 2]}}
+
+
+# ------------------------------------------------------------------------------------------------ objectives
+
+
+def test_eps_and_v_targets_match_hand_formula():
+    g = torch.Generator().manual_seed(0)
+    z0, eps = torch.randn(5, 4, 3, 3, generator=g), torch.randn(5, 4, 3, 3, generator=g)
+    table = alphas_cumprod(UNetTrainConfig().schedule)
+    t = torch.tensor([0, 10, 500, 998, 999])
+    ab = table[t].numpy()
+    for objective in ("eps", "v"):
+        z_t, target = noisy_latents_and_target(z0, eps, table[t], objective)
+        a, s = np.sqrt(ab)[:, None, None, None], np.sqrt(1 - ab)[:, None, None, None]
+        z64, e64 = z0.double().numpy(), eps.double().numpy()
+        np.testing.assert_allclose(z_t.numpy(), a * z64 + s * e64, rtol=0, atol=1e-6)
+        want = e64 if objective == "eps" else a * e64 - s * z64
+        np.testing.assert_allclose(target.numpy(), want, rtol=0, atol=1e-6)
+    # v relates back to ε and x0 as Salimans & Ho state: x0 = sqrt(ᾱ) z_t − sqrt(1 − ᾱ) v
+    z_t, v = noisy_latents_and_target(z0, eps, table[t], "v")
+    a, s = table[t].sqrt().float().view(-1, 1, 1, 1), (1 - table[t]).sqrt().float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(a * z_t - s * v, z0, rtol=0, atol=1e-5)
+
+
+def test_min_snr_weights_formula():
+    ab = alphas_cumprod(UNetTrainConfig().schedule)[torch.tensor([0, 100, 400, 700, 999])]
+    snr = (ab / (1 - ab)).numpy()
+    gamma = 5.0
+    np.testing.assert_allclose(min_snr_weights(ab, gamma, "eps").numpy(), np.minimum(snr, gamma) / snr, rtol=1e-6)
+    np.testing.assert_allclose(min_snr_weights(ab, gamma, "v").numpy(), np.minimum(snr, gamma) / (snr + 1),
+                               rtol=1e-6)
+    assert torch.equal(min_snr_weights(ab, None, "eps"), torch.ones(5))
+    w = min_snr_weights(ab, gamma, "eps")
+    assert w[0] < 1e-2 and w[-1] == 1.0  # clean steps (huge SNR) down-weighted, noisy ones untouched
+
+
+def test_offset_noise_shifts_channel_means(tmp_path):
+    tr = tiny_unet(tmp_path, "offset_noise=0.5")
+    d = tr.objective.draw(4000, torch.Generator().manual_seed(1))
+    eps = tr.objective.noise(d)
+    torch.testing.assert_close(eps - d["noise"], 0.5 * d["offset"].expand_as(eps), rtol=0, atol=1e-6)
+    h, w = eps.shape[-2:]
+    means = eps.mean(dim=(2, 3))  # (n, C): per-sample, per-channel means
+    plain = d["noise"].mean(dim=(2, 3))
+    # Var of a channel mean: 1/(h·w) without offset; 0.25 + 1/(h·w) with it.
+    assert abs(plain.var().item() - 1 / (h * w)) < 0.01
+    assert abs(means.var().item() - (0.25 + 1 / (h * w))) < 0.03
+
+
+def test_caption_dropout_rate(tmp_path):
+    tr = tiny_unet(tmp_path, "caption_dropout=0.1")
+    obj = tr.objective
+    n = 3000
+    ids = tr.tokenizer(["a red circle"]).expand(n, -1)
+    d = obj.draw(n, torch.Generator().manual_seed(2))
+    ctx = obj.context(ids, d["drop"])
+    empty = obj.context(obj.empty_ids, None)
+    dropped = (ctx - empty).abs().amax(dim=(1, 2)) == 0
+    assert torch.equal(dropped, d["drop"] < 0.1)  # exactly the drawn rows get the empty prompt's context
+    rate = dropped.float().mean().item()
+    assert abs(rate - 0.1) < 3 * math.sqrt(0.1 * 0.9 / n)  # within 3 standard errors
+    assert torch.equal(obj.empty_ids, tr.tokenizer([""]))
+
+
+def test_unet_overfits_a_fixed_batch(tmp_path):
+    """A single fixed batch with fixed draws: the loss must fall below half its start in 30 AdamW steps."""
+    tr = tiny_unet(tmp_path)
+    obj = tr.objective
+    batch = tr.prepare(collate(tr.val_items[:4]))
+    draws = obj.draw(4, torch.Generator().manual_seed(3))
+    opt = torch.optim.AdamW(obj.unet.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(30):
+        loss, _ = obj(batch, draws)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+# ------------------------------------------------------------------------------------------------ SSIM
+
+
+def _ssim_numpy(x: np.ndarray, y: np.ndarray, L: float = 2.0) -> float:
+    """Direct SSIM of one channel: every valid 11×11 window, Gaussian weights σ = 1.5 (Wang et al. 2004)."""
+    k = np.arange(11) - 5.0
+    g = np.exp(-(k**2) / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = (0.01 * L) ** 2, (0.03 * L) ** 2
+    vals = []
+    for i in range(x.shape[0] - 10):
+        for j in range(x.shape[1] - 10):
+            a, b = x[i:i + 11, j:j + 11], y[i:i + 11, j:j + 11]
+            mx, my = (w * a).sum(), (w * b).sum()
+            vx, vy = (w * (a - mx) ** 2).sum(), (w * (b - my) ** 2).sum()
+            cxy = (w * (a - mx) * (b - my)).sum()
+            vals.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    return float(np.mean(vals))
+
+
+def test_ssim_identity_and_numpy_reference():
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 3, 14, 13, generator=g, dtype=torch.float64) * 2 - 1
+    y = (x + 0.3 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(-1, 1)
+    torch.testing.assert_close(ssim(x, x), torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-12)
+    got = ssim(x, y)
+    for b in range(2):
+        want = np.mean([_ssim_numpy(x[b, c].numpy(), y[b, c].numpy()) for c in range(3)])
+        assert abs(got[b].item() - want) < 1e-10, (got[b].item(), want)
+    assert got.max() < 0.9  # noisy copies are clearly less similar
+    with pytest.raises(ValueError, match="smaller than"):
+        ssim(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8))
+
+
+# ------------------------------------------------------------------------------------------------ EMA, LR, data
+
+
+def test_ema_one_update_by_hand():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    ema = EMA(net, 0.999, warmup=True)
+    before = {k: v.clone() for k, v in ema.shadow.items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+    ema.update(net, step=1)
+    d = min(0.999, 2 / 11)  # warm-up decay at step 1
+    assert ema.decay_at(1) == d and ema.decay_at(10**6) == 0.999
+    for name, p in net.named_parameters():
+        want = before[name] * d + p.detach() * (1 - d)
+        torch.testing.assert_close(ema.shadow[name], want, rtol=0, atol=1e-7)
+    plain = EMA(net, 0.9, warmup=False)
+    snap = {k: v.clone() for k, v in plain.shadow.items()}
+    with torch.no_grad():
+        net.weight.mul_(3)
+    plain.update(net, step=5)
+    torch.testing.assert_close(plain.shadow["weight"], 0.9 * snap["weight"] + 0.1 * net.weight.detach(),
+                               rtol=0, atol=1e-7)
+    live = net.weight.detach().clone()
+    with plain.swapped(net):
+        assert torch.equal(net.weight, plain.shadow["weight"])
+    assert torch.equal(net.weight, live)
+
+
+def test_lr_schedule():
+    from estable.training.config import OptimConfig
+
+    o = OptimConfig(lr=1.0, warmup_steps=4, schedule="cosine", min_lr_ratio=0.1)
+    assert [lr_factor(o, s, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(o, 4, 14) == 1.0
+    assert abs(lr_factor(o, 9, 14) - (0.1 + 0.9 * 0.5)) < 1e-12
+    assert abs(lr_factor(o, 14, 14) - 0.1) < 1e-12
+    assert lr_factor(OptimConfig(), 123, 200) == 1.0
+
+
+def test_sampler_shards_and_resumes():
+    one = ResumableBatchSampler(10, 4, seed=3)
+    r0 = ResumableBatchSampler(10, 2, rank=0, world_size=2, seed=3)
+    r1 = ResumableBatchSampler(10, 2, rank=1, world_size=2, seed=3)
+    a, b0, b1 = iter(one), iter(r0), iter(r1)
+    for _ in range(7):  # crosses epochs
+        assert next(a) == next(b0) + next(b1)
+    first = [next(iter(ResumableBatchSampler(10, 4, seed=3, start=s))) for s in (0, 4, 8)]
+    again = iter(ResumableBatchSampler(10, 4, seed=3))
+    assert first == [next(again) for _ in range(3)]
+    epoch0 = one.global_indices(0, 10)
+    assert sorted(epoch0) == list(range(10)) and one.global_indices(10, 10) != epoch0
+
+
+def test_shapes_tokenizer_spells_words_whole():
+    tok = shapes_tokenizer(32)
+    world = ShapesWorld("heldout", 7)
+    for i in range(200):
+        words = caption_for(world.scene(i)).split()
+        assert [tok.decoder[t] for t in tok.encode(" ".join(words))] == [w + "</w>" for w in words]
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def test_unet_trainer_run_folder(tmp_path):
+    """Through the CLI: a short run writes config.json, log lines, a sample grid and clean checkpoints."""
+    parser = argparse.ArgumentParser()
+    add_train_commands(parser.add_subparsers())
+    run = tmp_path / "unet"
+    args = parser.parse_args(["train", "unet", "--config", "tiny-unet", "--run-dir", str(run), "--no-progress",
+                              "max_steps=6", "log_every=2", "val_every=3", "sample_every=6", "save_every=3",
+                              "keep_checkpoints=1", "min_snr_gamma=5", "offset_noise=0.05", "tensorboard=false"])
+    assert args.func(args) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert load_config("unet", str(run / "config.json")).to_dict() == cfg
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    train = [r for r in log if r["type"] == "train"]
+    assert [r["step"] for r in train] == [2, 4, 6]
+    for r in train:
+        assert math.isfinite(r["loss"]) and r["steps_per_s"] > 0 and r["images_per_s"] == 4 * r["steps_per_s"]
+        assert math.isfinite(r["grad_norm"]) and r["lr"] > 0
+    assert [r["step"] for r in log if r["type"] == "val"] == [3, 6]
+    assert (run / "samples" / "step_0000006.png").is_file()
+    from PIL import Image
+
+    with Image.open(run / "samples" / "step_0000006.png") as im:
+        assert im.size[0] > 2 * 32 and im.mode == "RGB"
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["latest", "step_0000006"]  # keep_checkpoints=1 pruned step 3
+    ck = load_checkpoint(run / "checkpoints" / "step_0000006")
+    assert set(ck.tensors) == {"model", "ema"} and ck.step == 6
+    assert not any(k.startswith(("module.", "_orig_mod.")) or "._orig_mod." in k for k in ck.tensors["model"])
+    assert json.loads(ck.metadata["model"]["config"]) == cfg["model"]
+    assert json.loads(ck.metadata["model"]["train_config"]) == cfg
+    assert ck.state["data"]["position"] == 24 and ck.state["kind"] == "unet"
+    # A second run into the same folder without --resume is refused; --resume (config from the run) continues.
+    with pytest.raises(EstableError, match="--resume"):
+        args.func(args)
+    more = parser.parse_args(["train", "unet", "--run-dir", str(run), "--resume", "--no-progress", "max_steps=8"])
+    assert more.func(more) == 0
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["type"] == "train"] == [2, 4, 6, 8]
+    assert json.loads((run / "config.json").read_text())["max_steps"] == 8
+
+
+def test_print_config(capsys):
+    parser = argparse.ArgumentParser()
+    add_train_commands(parser.add_subparsers())
+    args = parser.parse_args(["train", "vae", "--config", "tiny-vae", "--data", "/x/shards-{000..003}.tar",
+                              "--print-config", "kl_weight=1e-5"])
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["data"]["source"] == "/x/shards-{000..003}.tar" and out["kl_weight"] == 1e-5
+
+
+def test_latent_cache_folder_and_mixed_precision(tmp_path):
+    """latents=cache over an image folder gives the same z0 as encoding on the fly; bf16 autocast with gradient
+    checkpointing and the v objective trains with finite losses."""
+    from estable.training.shapes import write_folder
+
+    write_folder(tmp_path / "data", 10, size=32, progress=False)
+    tr = tiny_unet(tmp_path, "latents=cache", f"data.source={tmp_path / 'data'}", "data.val_size=2",
+                   "precision=bf16", "gradient_checkpointing=true", "objective=v", "max_steps=2")
+    assert len(tr.train_data) == 8 and (tmp_path / "run" / "latents_cache.safetensors").is_file()
+    folder = tr.train_data  # CachedLatents over the first 8 images (the last 2 are held out for validation)
+    from estable.training.data import ImageCaptionFolder
+
+    pixels = ImageCaptionFolder(tmp_path / "data", 32)
+    xi = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for i in (0, 7):
+        item = folder[i]
+        cached = tr.objective.clean_latents({"latent_mean": item["latent_mean"][None],
+                                             "latent_std": item["latent_std"][None]}, xi)
+        online = tr.objective.clean_latents({"pixel_values": pixels[i]["pixel_values"][None]}, xi)
+        torch.testing.assert_close(cached, online, rtol=1e-5, atol=1e-5)  # batched vs single encode
+        assert item["text"] == pixels[i]["text"]
+    last = tr.train()
+    assert math.isfinite(last["loss"]) and tr.network.gradient_checkpointing
+
+
+def test_vae_objective_falls_and_trainer_runs(tmp_path):
+    cfg = load_config("vae", "tiny-vae", [*QUIET, "max_steps=3", "save_every=3", "disc.enabled=true",
+                                          "disc.start=2", "disc.channels=8", "disc.layers=2", "sample_every=3"])
+    tr = VAETrainer(cfg, tmp_path / "vae", progress=False)
+    # Overfit a fixed batch with fixed draws (a separate copy of the objective's optimiser state).
+    obj = tr.objective
+    batch = tr.prepare(collate(tr.val_items[:4]))
+    draws = obj.draw(4, torch.Generator().manual_seed(5), 32)
+    opt = torch.optim.AdamW(obj.vae.parameters(), lr=2e-3)
+    start = {k: v.detach().clone() for k, v in obj.vae.state_dict().items()}
+    losses, metrics = [], None
+    for _ in range(25):
+        loss, metrics = obj(batch, draws, step=0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.6 * losses[0], losses
+    assert set(metrics) == {"l1", "kl", "ssim", "g_adv", "d_loss"}
+    l1, kl, s = (float(metrics[k]) for k in ("l1", "kl", "ssim"))
+    assert l1 > 0 and kl >= 0 and -1 <= s <= 1
+    obj.vae.load_state_dict(start)
+    # Before disc.start the adversarial terms add nothing; after it they do.
+    off, _ = obj(batch, draws, step=0)
+    on, _ = obj(batch, draws, step=2)
+    assert off.item() != on.item()
+    tr.train()
+    run = tmp_path / "vae"
+    ck = load_checkpoint(run / "checkpoints" / "step_0000003")
+    assert set(ck.tensors) == {"model", "discriminator"}  # ema_decay defaults to None for the VAE
+    assert (run / "samples" / "step_0000003.png").is_file()
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in log if r["type"] == "train")
+    assert {"l1", "kl", "ssim", "d_loss", "g_adv"} <= set(log[-2])
