@@ -1,4 +1,4 @@
-"""Full-size networks: the presets' U-Net and VAE against diffusers.
+"""Full-size networks: the presets' U-Net and VAE against diffusers, the SD 1.5 text encoder against transformers.
 
 The key/shape checks build both models on the meta device (no memory, seconds). The heavy test builds the SD 1.5
 U-Net and VAE with random weights and compares one forward pass with diffusers; to keep peak memory near one
@@ -16,6 +16,7 @@ import torch
 from estable.config import PRESETS, preset
 from estable.models.unet import UNet
 from estable.models.vae import AutoencoderKL
+from test_text import build_pair, make_ids, reference_text_model
 from test_unet import diffusers_unet_kwargs, randomize_, rel_err
 from test_vae import diffusers_vae_kwargs
 
@@ -102,3 +103,20 @@ def test_sd15_vae_matches_diffusers() -> None:
     assert rel_err(post.logvar, logvar_ref) <= TOL
     assert dec.shape == (1, 3, 128, 128)
     assert rel_err(dec, dec_ref) <= TOL
+
+
+@pytest.mark.heavy
+def test_sd15_text_encoder_matches_transformers() -> None:
+    cfg = preset("sd15").text
+    ours, ref = build_pair(cfg, seed=3)
+    assert n_params(ours) == n_params(ref) == 123_060_480
+    ids = make_ids(cfg, (5, 60), cfg.max_positions, pad=cfg.eos_token_id)  # SD 1.x pads with EOS
+    with torch.no_grad():
+        r = ref(ids, output_hidden_states=True)
+        penultimate = reference_text_model(ref).final_layer_norm(r.hidden_states[-2])
+        o1, o2 = ours(ids, clip_skip=1), ours(ids, clip_skip=2)
+    assert rel_err(o1.context, r.last_hidden_state) <= TOL
+    assert rel_err(o2.context, penultimate) <= TOL
+    assert rel_err(o1.pooled, r.pooler_output) <= TOL
+    del ours, ref
+    gc.collect()
