@@ -23,3 +23,14 @@ def test_bad_config_messages_name_the_option():
         preset("sdxl")
     with pytest.raises(ValueError, match="context_dim"):
         ModelConfig(unet=UNetConfig(context_dim=1024))
+
+
+def test_head_channels_must_divide_only_the_levels_with_attention():
+    # levels without attention may have any width; an attention level that cannot be split is refused
+    cfg = UNetConfig(block_channels=(48, 96, 192), attention_levels=(False, True, True), norm_groups=16,
+                     num_heads=None, head_channels=32)
+    assert [cfg.heads_at(i) for i in (1, 2)] == [3, 6]
+    with pytest.raises(ValueError, match="do not split into heads of 64"):
+        UNetConfig(block_channels=(32, 64), attention_levels=(True, False), num_heads=None, head_channels=64)
+    with pytest.raises(ValueError, match="head_channels must be at least 1"):
+        UNetConfig(num_heads=None, head_channels=0)

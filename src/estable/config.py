@@ -105,19 +105,17 @@ class UNetConfig(_Config):
                 )
         if (self.num_heads is None) == (self.head_channels is None):
             raise ValueError("UNetConfig: set exactly one of num_heads and head_channels")
-        if self.head_channels is not None and (
-            self.head_channels < 1 or any(c % self.head_channels for c in self.block_channels)
-        ):
-            raise ValueError(
-                f"UNetConfig: every block_channels entry must be a multiple of head_channels={self.head_channels}"
-            )
+        if self.head_channels is not None and self.head_channels < 1:
+            raise ValueError(f"UNetConfig.head_channels must be at least 1, not {self.head_channels}")
         if isinstance(self.num_heads, tuple) and len(self.num_heads) != n:
             raise ValueError(f"UNetConfig.num_heads has {len(self.num_heads)} entries for {n} levels")
         for level, c in enumerate(self.block_channels):
             if self.attention_levels[level] or level == n - 1:  # the mid block uses the last level's heads
                 heads = self.heads_at(level)
-                if c % heads:
-                    raise ValueError(f"UNetConfig: level {level} has {c} channels, not divisible by {heads} heads")
+                per_head = self.head_channels
+                if heads < 1 or c % heads or (per_head is not None and c % per_head):
+                    what = f"heads of {per_head} channels" if per_head is not None else f"{heads} heads"
+                    raise ValueError(f"UNetConfig: level {level} has {c} channels, which do not split into {what}")
         if self.layers_per_block < 1 or self.transformer_layers < 1:
             raise ValueError("UNetConfig.layers_per_block and transformer_layers must be at least 1")
 
