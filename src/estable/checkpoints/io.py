@@ -304,10 +304,11 @@ def load_tensors(
 # ---------------------------------------------------------------- writing
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """fsync a file or a folder (making a rename inside it durable, POSIX); a no-op where folders cannot be
+    opened (Windows)."""
     with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
@@ -339,7 +340,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(folder)
+    fsync_path(folder)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

@@ -20,7 +20,6 @@ intact checkpoint, plus a stray ``.tmp-*`` folder that the next save removes) or
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from estable.checkpoints.io import atomic_write_text, read_safetensors, write_safetensors
+from estable.checkpoints.io import atomic_write_text, fsync_path, read_safetensors, write_safetensors
 from estable.errors import CheckpointError, EstableError
 from estable.training.ema import strip_wrappers
 
@@ -54,16 +53,6 @@ def step_name(step: int) -> str:
 def clean_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Keys without ``_orig_mod.``/``module.`` wrapper parts; values detached on the CPU."""
     return {strip_wrappers(k): v.detach().cpu() for k, v in sd.items()}
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or (POSIX) a folder; folders that cannot be opened are skipped."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _test_pause(step: int) -> float:
@@ -156,7 +145,7 @@ def save_checkpoint(
             os.fsync(f.fileno())
         if pause:
             time.sleep(pause)
-        _fsync_path(tmp)
+        fsync_path(tmp)
         if final.exists():  # the same step saved again (e.g. after a resume): swap the old one out first
             old = root / f".tmp-old-{step_name(step)}-{os.getpid()}"
             os.replace(final, old)
@@ -164,7 +153,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_path(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
