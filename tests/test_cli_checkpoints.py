@@ -13,7 +13,8 @@ from estable.checkpoints import io, load_model
 from estable.cli import main
 
 pytest.importorskip("diffusers")
-from test_store import WEIGHT_FILES, clip_vocab_path, make_diffusers_folder  # noqa: E402
+from clip_oracle import clip_vocab_gz  # noqa: E402
+from test_store import WEIGHT_FILES, make_diffusers_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _vocab_env(monkeypatch):
-    vocab = clip_vocab_path()
+    vocab = clip_vocab_gz()
     if vocab is not None:
         monkeypatch.setenv("ESTABLE_CLIP_VOCAB", str(vocab))
 

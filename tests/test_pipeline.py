@@ -11,9 +11,7 @@ The sensitivity checks show that a changed seed or sampler moves pixels far more
 from __future__ import annotations
 
 import copy
-import gzip
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -23,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+from clip_oracle import write_clip_vocab
 from estable import GenerationParams, load_pipeline
 from estable.errors import EstableError
 from estable.pipeline import Pipeline, params_from_record, save_result
@@ -65,34 +64,9 @@ MEASURED: dict[str, int] = {}  # case -> max pixel difference, printed at the en
 # ------------------------------------------------------------------------------------------------ fixtures
 
 
-def _vocab_gz() -> Path:
-    env = os.environ.get("ESTABLE_CLIP_VOCAB")
-    p = Path(env) if env else REPO / ".cache" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
-    if not p.is_absolute():
-        p = REPO / p
-    if not p.is_file():
-        pytest.skip(f"CLIP vocabulary not found at {p}: run `make dev` (fetches it) or set ESTABLE_CLIP_VOCAB")
-    return p
-
-
-def _byte_symbols() -> list[str]:
-    """GPT-2's 256 byte symbols in vocabulary order (printable bytes first, the rest mapped to 256+)."""
-    keep = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
-    moved = [b for b in range(256) if b not in keep]
-    table = {b: chr(b) for b in keep} | {b: chr(256 + k) for k, b in enumerate(moved)}
-    return [table[b] for b in keep + moved]
-
-
 def _clip_tokenizer(folder: Path):
     """transformers' CLIPTokenizer on vocab.json / merges.txt built from CLIP's published BPE file."""
-    with gzip.open(_vocab_gz(), "rt", encoding="utf-8") as f:
-        merges = [tuple(line.split()) for line in f.read().split("\n")[1 : 48894 + 1]]
-    symbols = _byte_symbols()
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    write_clip_vocab(folder)
     return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
 
 

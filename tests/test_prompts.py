@@ -7,15 +7,13 @@ from the real CLIP BPE vocabulary (skipped when the vocabulary file is not on di
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from clip_oracle import write_clip_vocab
 from estable.prompts import (
     BREAK,
     apply_weights,
@@ -255,32 +253,11 @@ def test_match_chunk_counts_pads_with_empty_prompt_windows():
 # ----------------------------------------------------------------------------------- real CLIP tokenizer
 
 
-def _bytes_to_unicode() -> list[str]:
-    # GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to code points from 256.
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = [], 0
-    order = keep + [b for b in range(256) if b not in keep]
-    for b in order:
-        chars.append(chr(b) if b in keep else chr(256 + extra))
-        extra += b not in keep
-    return chars
-
-
 @pytest.fixture(scope="module")
 def clip_tokenizers(tmp_path_factory):
     """transformers' CLIPTokenizer (oracle) for SD1 (pad = EOS) and SD2 (pad = '!' = 0)."""
-    vocab_gz = Path(os.environ.get("ESTABLE_CLIP_VOCAB", ROOT / ".cache/clip/bpe_simple_vocab_16e6.txt.gz"))
-    if not vocab_gz.is_file():
-        pytest.skip("CLIP BPE vocabulary not found (make dev downloads it)")
     transformers = pytest.importorskip("transformers")
-    with gzip.open(vocab_gz, "rt", encoding="utf-8") as f:
-        merges = f.read().split("\n")[1 : 48894 + 1]
-    alphabet = _bytes_to_unicode()
-    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m.split()) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    folder = tmp_path_factory.mktemp("clip_tok")
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    folder = write_clip_vocab(tmp_path_factory.mktemp("clip_tok"))
     sd1 = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
                                      pad_token="<|endoftext|>")
     sd2 = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!")

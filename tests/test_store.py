@@ -7,9 +7,7 @@ through its own and the LDM format bit for bit, and write LDM files and folders 
 
 from __future__ import annotations
 
-import gzip
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from clip_oracle import clip_vocab_gz, write_clip_vocab
 from estable.checkpoints import describe, io, load_model, save_model
 from estable.checkpoints.store import LDM_CONFIG_KEY, LoadedModel
 from estable.errors import CheckpointError, EstableError
@@ -35,44 +34,14 @@ WEIGHT_FILES = {
 # ------------------------------------------------------------------ fixtures: diffusers' own folders
 
 
-def clip_vocab_path() -> Path | None:
-    env = os.environ.get("ESTABLE_CLIP_VOCAB")
-    for p in ([Path(env)] if env else []) + [Path(__file__).parents[1] / ".cache/clip/bpe_simple_vocab_16e6.txt.gz"]:
-        if p.is_file():
-            return p
-    return None
-
-
-def _byte_symbols() -> list[str]:
-    """GPT-2's byte -> printable character table (Radford et al. 2019), in vocabulary order: the printable
-    bytes as themselves, then the other bytes, in byte order, as chr(256), chr(257), ..."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
-
-
-def write_clip_vocab(gz: Path, folder: Path) -> None:
-    """vocab.json / merges.txt of CLIP: 256 byte symbols, the same with </w>, 48,894 merges, 2 specials."""
-    with gzip.open(gz, "rt", encoding="utf-8") as f:
-        lines = f.read().split("\n")[1 : 48894 + 1]
-    merges = [tuple(line.split()) for line in lines]
-    symbols = _byte_symbols()
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    assert len(vocab) == 49408
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
-
-
 def make_diffusers_folder(root: Path, family: str) -> Path:
     """A tiny random SD 1.x- or SD 2.x-shaped pipeline, saved by diffusers itself."""
-    vocab = clip_vocab_path()
+    vocab = clip_vocab_gz()
     if vocab is None:
         pytest.skip("CLIP vocabulary not found: set ESTABLE_CLIP_VOCAB or run `make dev`")
     src = root / "vocab"
     if not (src / "vocab.json").is_file():
-        write_clip_vocab(vocab, src)
+        write_clip_vocab(src, vocab)
     sd2 = family == "sd2"
     tok = transformers.CLIPTokenizer(str(src / "vocab.json"), str(src / "merges.txt"),
                                      pad_token="!" if sd2 else "<|endoftext|>")
@@ -121,7 +90,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(autouse=True)
 def _vocab_env(monkeypatch):
     """LDM and Estable files carry no vocabulary: point find_clip_vocab() at the test copy."""
-    vocab = clip_vocab_path()
+    vocab = clip_vocab_gz()
     if vocab is not None:
         monkeypatch.setenv("ESTABLE_CLIP_VOCAB", str(vocab))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import sys
 import time
 import unicodedata
@@ -18,6 +17,7 @@ from estable.errors import EstableError
 from estable.tokenizer import CLIPTokenizer, find_clip_vocab, normalize, pre_tokenize
 
 sys.path.insert(0, str(Path(__file__).parent))
+from clip_oracle import require_clip_vocab, write_clip_vocab
 from prompts_corpus import make_prompts  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -28,53 +28,25 @@ BOS, EOS = 49406, 49407
 PROMPTS = make_prompts(1200, seed=0)
 
 
-def _vocab_path() -> Path:
-    env = os.environ.get("ESTABLE_CLIP_VOCAB")
-    p = Path(env) if env else REPO / ".cache" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
-    if not p.is_absolute():
-        p = REPO / p
-    if not p.is_file():
-        pytest.skip(f"CLIP vocabulary not found at {p}: run `make dev` (fetches it) or set ESTABLE_CLIP_VOCAB")
-    return p
-
-
 def _read_gz(path: Path) -> str:
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return f.read()
 
 
-def _gpt2_byte_symbols() -> list[str]:
-    """The 256 byte symbols in GPT-2 order, written out independently of the library."""
-    keep = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
-    moved = [b for b in range(256) if b not in keep]
-    table = {b: chr(b) for b in keep} | {b: chr(256 + k) for k, b in enumerate(moved)}
-    return [table[b] for b in keep + moved]
-
-
 @pytest.fixture(scope="module")
 def clip_files(tmp_path_factory) -> Path:
     """vocab.json + merges.txt built from the .gz per the published recipe (the oracle's input)."""
-    lines = _read_gz(_vocab_path()).split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : 48894 + 1]]
-    symbols = _gpt2_byte_symbols()
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    assert len(vocab) == 49408
-    folder = tmp_path_factory.mktemp("clip_files")
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
-                                       encoding="utf-8")
-    return folder
+    return write_clip_vocab(tmp_path_factory.mktemp("clip_files"), require_clip_vocab())
 
 
 @pytest.fixture(scope="module")
 def ours_sd1() -> CLIPTokenizer:
-    return CLIPTokenizer.from_bpe_file(_vocab_path())
+    return CLIPTokenizer.from_bpe_file(require_clip_vocab())
 
 
 @pytest.fixture(scope="module")
 def ours_sd2() -> CLIPTokenizer:
-    return CLIPTokenizer.from_bpe_file(_vocab_path(), pad_token_id=0)
+    return CLIPTokenizer.from_bpe_file(require_clip_vocab(), pad_token_id=0)
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +235,7 @@ def test_call_truncates_pads_and_keeps_eos_last(ours_sd1, ours_sd2):
 
 
 def test_speed_thousand_prompts():
-    tok = CLIPTokenizer.from_bpe_file(_vocab_path())  # fresh: an empty word cache
+    tok = CLIPTokenizer.from_bpe_file(require_clip_vocab())  # fresh: an empty word cache
     prompts = PROMPTS[:1000]
     t0 = time.perf_counter()
     tok(prompts)
@@ -298,7 +270,7 @@ def test_missing_vocabulary_error_says_where_to_get_it(monkeypatch, tmp_path):
 
 
 def test_find_clip_vocab_search_order(monkeypatch, tmp_path):
-    real = _vocab_path()
+    real = require_clip_vocab()
     _no_vocab_anywhere(monkeypatch, tmp_path)
     # 1. an installed open_clip package, found by its import spec, never imported
     pkg = tmp_path / "site" / "open_clip"
@@ -320,6 +292,6 @@ def test_find_clip_vocab_search_order(monkeypatch, tmp_path):
 
 def test_plain_text_vocabulary_file(tmp_path, ours_sd1):
     plain = tmp_path / "bpe_simple_vocab_16e6.txt"
-    plain.write_text(_read_gz(_vocab_path()), encoding="utf-8")
+    plain.write_text(_read_gz(require_clip_vocab()), encoding="utf-8")
     tok = CLIPTokenizer.from_bpe_file(plain)
     assert tok.encoder == ours_sd1.encoder and tok.merges == ours_sd1.merges
