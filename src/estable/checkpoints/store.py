@@ -225,12 +225,12 @@ def _tokenizer_kwargs(tok_cfg: TokenizerConfig) -> dict[str, Any]:
     return {"max_length": tok_cfg.max_length, "pad_token_id": tok_cfg.pad_token_id}
 
 
-def _tokenizer_from_folder(folder: Path) -> CLIPTokenizer:
+def _tokenizer_from_folder(folder: Path, max_length: int | None = None) -> CLIPTokenizer:
     """A diffusers ``tokenizer/`` folder (``vocab.json`` + ``merges.txt``, or transformers 5's ``tokenizer.json``)."""
     from ..tokenizer import CLIPTokenizer
 
     try:
-        return CLIPTokenizer.from_folder(folder)
+        return CLIPTokenizer.from_folder(folder, max_length=max_length)
     except EstableError as exc:
         msg = str(exc)
         raise CheckpointError(msg if str(folder) in msg else f"{folder}: {msg}") from exc
@@ -259,7 +259,7 @@ def _is_standard(tok: CLIPTokenizer, std: CLIPTokenizer) -> bool:
     )
 
 
-def _tokenizer_metadata(tok: CLIPTokenizer | None) -> str:
+def tokenizer_metadata(tok: CLIPTokenizer | None) -> str:
     """``"clip"`` for the standard vocabulary (or none), else the tokenizer's files as one JSON object.
 
     The pad token and length are part of the ModelConfig (``config.tokenizer``), so "clip" loses nothing.
@@ -278,7 +278,11 @@ def _tokenizer_metadata(tok: CLIPTokenizer | None) -> str:
 _TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def _tokenizer_from_metadata(value: str, tok_cfg: TokenizerConfig, where: str) -> tuple[Any, str | None]:
+def tokenizer_from_metadata(
+    value: str, tok_cfg: TokenizerConfig, where: str, *, max_length: int | None = None
+) -> tuple[Any, str | None]:
+    """Inverse of :func:`tokenizer_metadata`: (tokenizer, None), or (None, why) when the standard vocabulary
+    is not installed. ``max_length`` overrides the embedded tokenizer's padding length."""
     if value == "clip":
         return _standard_tokenizer(tok_cfg)
     try:
@@ -291,7 +295,7 @@ def _tokenizer_from_metadata(value: str, tok_cfg: TokenizerConfig, where: str) -
     with tempfile.TemporaryDirectory(prefix="estable-tok-") as tmp:
         for name, text in texts.items():
             (Path(tmp) / name).write_text(text, encoding="utf-8")
-        return _tokenizer_from_folder(Path(tmp)), None
+        return _tokenizer_from_folder(Path(tmp), max_length=max_length), None
 
 
 # ---------------------------------------------------------------- format detection
@@ -459,7 +463,7 @@ def _read_estable(path: Path) -> tuple[ModelConfig, Components, Any, str | None]
             f"{path}: {len(stray)} key(s) belong to no component (expected prefixes unet., vae., "
             f"text_encoder.): {_list(stray)}"
         )
-    tok, err = _tokenizer_from_metadata(meta.get("tokenizer", "clip"), config.tokenizer, str(path))
+    tok, err = tokenizer_from_metadata(meta.get("tokenizer", "clip"), config.tokenizer, str(path))
     return config, {name: (sd, str(path)) for name, sd in comps.items()}, tok, err
 
 
@@ -597,7 +601,7 @@ def save_model(
             "format": "estable",
             "format_version": ESTABLE_FORMAT_VERSION,
             "config": config.to_json(),
-            "tokenizer": _tokenizer_metadata(model.tokenizer),
+            "tokenizer": tokenizer_metadata(model.tokenizer),
         }
         stage(f"writing {dst.name}")
         write_safetensors(dst, tensors, meta)

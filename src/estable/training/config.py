@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ from estable.errors import EstableError
 T = TypeVar("T")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+STRATEGIES = ("ddp", "fsdp")
+LORA_TARGETS = ("unet", "unet+text")
 LR_SCHEDULES = ("constant", "cosine")
 OBJECTIVES = ("eps", "v")
 
@@ -207,9 +210,14 @@ class TrainConfig(_Plain):
     keep_checkpoints: int = 3  # the newest K checkpoints are kept
     tensorboard: bool = True  # also write TensorBoard events when torch.utils.tensorboard imports
     init_from: str | None = None  # fine-tune: weights of the trained network from a checkpoint
+    # How several processes share the work: "ddp" (every rank holds the whole model) or "fsdp" (parameters,
+    # gradients and optimizer state sharded over the ranks; needs a torch with FSDP, see training/distributed.py).
+    strategy: str = "ddp"
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
         _positive_int("batch_size", self.batch_size)
         _positive_int("grad_accum", self.grad_accum)
         _positive_int("max_steps", self.max_steps)
@@ -363,7 +371,156 @@ class VAETrainConfig(TrainConfig):
             raise ValueError(f"data.size ({self.data.size}) must be a multiple of the VAE's factor {f}")
 
 
-CONFIG_CLASSES: dict[str, type[TrainConfig]] = {"unet": UNetTrainConfig, "vae": VAETrainConfig}
+# ---------------------------------------------------------------------------------------------------------
+# CLIP pair
+# ---------------------------------------------------------------------------------------------------------
+# The model section mirrors estable.models.clip.CLIPPairConfig / ImageEncoderConfig field for field instead of
+# importing them: that module imports torch, and this one is imported by the CLI at start-up. The trainer turns
+# it into a CLIPPairConfig (``CLIPTrainer.pair_config``), where the full validation runs.
+
+
+@dataclass(frozen=True)
+class ImageTowerConfig(_Plain):
+    """The convolutional image tower (estable.models.clip.ImageEncoderConfig; the image size is data.size)."""
+
+    stage_channels: tuple[int, ...] = (32, 64, 128, 256)
+    blocks_per_stage: int = 2
+    stem_stride: int = 2  # 1, 2 or 4
+    norm_groups: int = 8
+
+
+def _clip_text() -> TextConfig:
+    # vocab_size / eos_token_id are placeholders: the tokenizer sets them (CLIPPairConfig.with_vocabulary).
+    return TextConfig(vocab_size=1024, max_positions=77, width=256, layers=4, heads=4, mlp_width=1024,
+                      projection_dim=256, eos_token_id=1023)
+
+
+@dataclass(frozen=True)
+class CLIPModelConfig(_Plain):
+    """Text tower (CLIP text transformer), image tower and the joint embedding width.
+
+    ``text.projection_dim`` always follows ``embed_dim``; ``text.vocab_size``/``eos_token_id`` follow the
+    tokenizer (they are rewritten when the run starts and the resolved values are what config.json records).
+    """
+
+    text: TextConfig = field(default_factory=_clip_text)
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    embed_dim: int = 256
+    init_logit_scale: float = math.log(1 / 0.07)  # CLIP's τ = 0.07 (Radford et al. 2021, sec. 2.5)
+    max_logit_scale: float = math.log(100.0)
+
+    def __post_init__(self) -> None:
+        _positive_int("model.embed_dim", self.embed_dim)
+        if self.text.projection_dim != self.embed_dim:
+            object.__setattr__(self, "text", self.text.replace(projection_dim=self.embed_dim))
+
+
+@dataclass(frozen=True)
+class CLIPTrainConfig(TrainConfig):
+    """Contrastive text–image pair (Radford et al. 2021), the source of a text encoder for the U-Net.
+
+    tokenizer: "learn" (a byte-level BPE vocabulary of at most ``vocab_size`` entries learned from
+    ``tokenizer_sample`` captions of the data), "clip" (CLIP's own 49,408-entry vocabulary) or a folder with
+    vocab.json + merges.txt.
+    """
+
+    model: CLIPModelConfig = field(default_factory=CLIPModelConfig)
+    tokenizer: str = "learn"
+    vocab_size: int = 4096  # cap for "learn" (small caption sets give fewer: the size comes from the result)
+    tokenizer_sample: int = 20_000  # captions the vocabulary is learned from
+    max_length: int = 77  # tokenizer sequence length (bos + tokens + eos/padding)
+    duplicates: str = "soft"  # soft: paraphrases/duplicates in a batch are positives of each other; none: CLIP's
+    ema_decay: float | None = None
+    sample_every: int = 0  # the "sample" of a CLIP run is a retrieval-matrix picture of the validation batch
+    data: DataConfig = field(default_factory=lambda: DataConfig(val_size=32))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive_int("vocab_size", self.vocab_size)
+        _positive_int("tokenizer_sample", self.tokenizer_sample)
+        if not isinstance(self.max_length, int) or self.max_length < 2:
+            raise ValueError(f"max_length must be an integer ≥ 2 (bos + eos), got {self.max_length!r}")
+        if self.model.text.max_positions < self.max_length:
+            raise ValueError(f"model.text.max_positions ({self.model.text.max_positions}) must be at least "
+                             f"max_length ({self.max_length})")
+        if self.duplicates not in ("soft", "none"):
+            raise ValueError(f"duplicates must be 'soft' or 'none', not {self.duplicates!r}")
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise ValueError("tokenizer must be 'learn', 'clip' or a tokenizer folder")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoRAConfig(_Plain):
+    """Low-rank adapters (Hu et al. 2021): W x + (alpha / rank) · B A x on the target layers, base frozen.
+
+    targets: "unet" or "unet+text". unet_modules / text_modules: module-path patterns (estable.nn.lora.matches);
+    empty = kohya's default sets (attention and feed-forward linears; the text encoder's attention and MLP).
+    """
+
+    rank: int = 4
+    alpha: float | None = None  # None: alpha = rank (scaling 1), as kohya
+    dropout: float = 0.0
+    targets: str = "unet"
+    unet_modules: tuple[str, ...] = ()
+    text_modules: tuple[str, ...] = ()
+    text_lr: float | None = None  # learning rate of the text-encoder adapters; None: optim.lr
+    save_precision: str = "fp32"  # dtype of lora.safetensors: fp32 | fp16 | bf16
+
+    def __post_init__(self) -> None:
+        _positive_int("lora.rank", self.rank)
+        if self.alpha is not None:
+            _positive("lora.alpha", self.alpha, allow_zero=True)
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.targets not in LORA_TARGETS:
+            raise ValueError(f"lora.targets must be one of {', '.join(LORA_TARGETS)}, not {self.targets!r}")
+        if self.text_lr is not None:
+            _positive("lora.text_lr", self.text_lr)
+        if self.save_precision not in PRECISIONS:
+            raise ValueError(f"lora.save_precision must be one of {', '.join(PRECISIONS)}, not "
+                             f"{self.save_precision!r}")
+
+
+@dataclass(frozen=True)
+class LoRATrainConfig(TrainConfig):
+    """LoRA fine-tuning of a whole model's U-Net (and optionally its text encoder) with the U-Net's diffusion
+    loss; ε or v follows the base model's prediction type.
+
+    base: any checkpoint ``estable.checkpoints.store.load_model`` reads (SD file, diffusers folder, Estable
+    file). clip_skip None: the base model's.
+    """
+
+    base: str = ""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    min_snr_gamma: float | None = None
+    offset_noise: float = 0.0
+    caption_dropout: float = 0.0
+    clip_skip: int | None = None
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    ema_decay: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.base, str):
+            raise ValueError("base must be a checkpoint path (SD file, diffusers folder or Estable file)")
+        if self.min_snr_gamma is not None:
+            _positive("min_snr_gamma", self.min_snr_gamma)
+        _positive("offset_noise", self.offset_noise, allow_zero=True)
+        if not 0 <= self.caption_dropout <= 1:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout!r}")
+        if self.clip_skip is not None:
+            _positive_int("clip_skip", self.clip_skip)
+        if self.init_from:
+            raise ValueError("init_from is not used by the LoRA trainer; the frozen weights come from base")
+
+
+CONFIG_CLASSES: dict[str, type[TrainConfig]] = {"unet": UNetTrainConfig, "vae": VAETrainConfig,
+                                                "clip": CLIPTrainConfig, "lora": LoRATrainConfig}
 
 # ---------------------------------------------------------------------------------------------------------
 # Presets
@@ -391,8 +548,29 @@ PRESETS: dict[str, TrainConfig] = {
         batch_size=4, max_steps=100, optim=OptimConfig(lr=1e-3, warmup_steps=5),
         log_every=5, val_every=25, sample_every=50, save_every=50,
     ),
+    # A CLIP pair whose text tower (width 32) is a drop-in text encoder for tiny-unet (context_dim 32).
+    "tiny-clip": CLIPTrainConfig(
+        model=CLIPModelConfig(
+            text=TextConfig(vocab_size=1024, max_positions=32, width=32, layers=2, heads=2, mlp_width=64,
+                            projection_dim=32, eos_token_id=1023),
+            image=ImageTowerConfig(stage_channels=(16, 32), blocks_per_stage=1, stem_stride=2, norm_groups=8),
+            embed_dim=32,
+        ),
+        max_length=32, tokenizer_sample=2000, vocab_size=1024,
+        data=DataConfig(size=32, val_size=16),
+        batch_size=16, max_steps=100, optim=OptimConfig(lr=1e-3, warmup_steps=5, weight_decay=0.1),
+        log_every=5, val_every=25, sample_every=0, save_every=50,
+    ),
+    # Rank-4 adapters on the U-Net of a small model (set base=PATH).
+    "tiny-lora": LoRATrainConfig(
+        lora=LoRAConfig(rank=4, alpha=4.0),
+        data=DataConfig(size=32, val_size=4),
+        sample=SampleConfig(steps=4, prompts=("a red circle", "two blue squares")),
+        batch_size=4, max_steps=100, optim=OptimConfig(lr=1e-3, warmup_steps=5, weight_decay=0.0),
+        log_every=5, val_every=25, sample_every=50, save_every=50,
+    ),
 }
-_PRESET_KIND = {"tiny-unet": "unet", "tiny-vae": "vae"}
+_PRESET_KIND = {"tiny-unet": "unet", "tiny-vae": "vae", "tiny-clip": "clip", "tiny-lora": "lora"}
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -474,8 +652,13 @@ def load_config(kind: str, base: str | Path | dict[str, Any] | None = None,
 __all__ = [
     "CONFIG_CLASSES",
     "PRESETS",
+    "CLIPModelConfig",
+    "CLIPTrainConfig",
     "DataConfig",
     "DiscriminatorConfig",
+    "ImageTowerConfig",
+    "LoRAConfig",
+    "LoRATrainConfig",
     "OptimConfig",
     "SampleConfig",
     "TextSource",

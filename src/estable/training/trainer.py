@@ -65,7 +65,7 @@ from estable.training.runs import (
 from estable.training.shapes import ShapesWorld, caption_for
 
 # Offsets that give each seeded stream of a run its own seed (model init, frozen random networks, draws, …).
-_SEED_INIT, _SEED_TEXT, _SEED_VAE, _SEED_DRAWS, _SEED_VAL, _SEED_VAL_DATA = 0, 1, 2, 3, 4, 5
+_SEED_INIT, _SEED_TEXT, _SEED_VAE, _SEED_DRAWS, _SEED_VAL, _SEED_VAL_DATA, _SEED_GLOBAL = 0, 1, 2, 3, 4, 5, 6
 
 
 def _seeded(seed: int, stream: int) -> int:
@@ -258,7 +258,9 @@ def build_tokenizer(src: TextSource) -> CLIPTokenizer:
 
 
 def build_text_encoder(src: TextSource, seed: int) -> tuple[TextEncoder, CLIPTokenizer]:
-    """The frozen text encoder and its tokenizer: random (seeded) from ``src.config``, or from a checkpoint."""
+    """The frozen text encoder and its tokenizer: random (seeded) from ``src.config``, the text tower exported by
+    a CLIP run (``text_encoder.safetensors`` or the run folder; its own tokenizer unless ``src.tokenizer`` is a
+    folder), or the text encoder of any checkpoint the core loads."""
     if src.source == "random":
         tok = build_tokenizer(src)
         cfg = src.config.replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id,
@@ -266,6 +268,12 @@ def build_text_encoder(src: TextSource, seed: int) -> tuple[TextEncoder, CLIPTok
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seeded(seed, _SEED_TEXT))
             return TextEncoder(cfg), tok
+    from estable.training.clip_trainer import find_text_encoder_export, load_text_encoder
+
+    export = find_text_encoder_export(src.source)
+    if export is not None:  # the text tower of an Estable CLIP run (file or run folder)
+        encoder, own = load_text_encoder(export, max_length=src.max_length)
+        return encoder, own if src.tokenizer in ("clip", "shapes") else build_tokenizer(src)
     from estable.checkpoints.store import load_model
 
     model = load_model(src.source)
@@ -309,6 +317,15 @@ def build_vae(src: VAESource, seed: int) -> AutoencoderKL:
     return vae
 
 
+def seed_global_rngs(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (the CPU one, and CUDA's through torch.manual_seed)."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed % 2**63)
+
+
 def resolve_device(spec: str, info: D.DistInfo) -> torch.device:
     if spec == "auto":
         return torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
@@ -329,7 +346,8 @@ class Trainer:
 
     Subclass hooks: ``build()`` sets ``network`` (the trained nn.Module: EMA, checkpoints), ``objective``
     (nn.Module whose forward returns (loss, metrics); DDP wraps it), ``extra_networks`` (saved beside the model),
-    ``train_data`` and ``val_items``; plus ``prepare``, ``draw``, ``call``, ``sample_image``, ``metadata``.
+    ``train_data`` and ``val_items``; plus ``prepare``, ``draw``, ``call``, ``sample_image``, ``metadata``,
+    ``param_groups`` and ``after_optimizer_step``.
     """
 
     kind = "base"
@@ -337,6 +355,9 @@ class Trainer:
     def __init__(self, config: TrainConfig, run_dir: str | Path, *, resume: bool = False,
                  progress: bool | None = None) -> None:
         self.dist = D.init_distributed()
+        if config.strategy != "ddp":
+            raise EstableError(f"strategy={config.strategy} is not implemented by Estable's trainers yet; "
+                               "use strategy=ddp")
         self.device = resolve_device(config.device, self.dist)
         self.config = self.resolve_config(config)
         cfg = self.config
@@ -366,6 +387,9 @@ class Trainer:
         self.step = 0
         self.position = 0  # global samples consumed (all ranks)
         self.last_log: dict[str, Any] = {}
+        # The global RNGs (dropout such as LoRA's, random flips, a caption picked from a list) start from the seed,
+        # one stream per rank, so that a run is a function of its config; a resume restores them instead.
+        seed_global_rngs(_seeded(cfg.seed, _SEED_GLOBAL) + self.dist.rank)
         if resume and found is not None:
             self.load_state(load_checkpoint(found))
             self.run.truncate_log(self.step)
@@ -399,6 +423,9 @@ class Trainer:
 
     def compile_network(self) -> None:
         raise EstableError(f"compile is not available for the {self.kind} trainer")
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimizer step, before the EMA update (e.g. to clamp a parameter)."""
 
     # -- pieces ------------------------------------------------------------------------------------------------
     def make_optimizer(self) -> torch.optim.Optimizer:
@@ -573,6 +600,7 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
+                self.after_optimizer_step()
                 self.step += 1
                 window_steps += 1
                 if self.ema is not None:
@@ -647,7 +675,8 @@ class UNetTrainer(Trainer):
         f = self.vae.config.downsample_factor
         if cfg.data.size % f:
             raise EstableError(f"data.size {cfg.data.size} is not a multiple of the VAE's factor {f}")
-        self.network = unet
+        self.network = self.unet = unet
+        self.clip_skip, self.schedule = cfg.text.clip_skip, cfg.schedule
         self.objective = UNetObjective(
             unet, self.vae, self.text_encoder, empty_prompt_ids(self.tokenizer), schedule=cfg.schedule,
             objective=cfg.objective, min_snr_gamma=cfg.min_snr_gamma, offset_noise=cfg.offset_noise,
@@ -710,21 +739,21 @@ class UNetTrainer(Trainer):
         """The fixed prompts through the configured sampler with classifier-free guidance, decoded by the VAE."""
         from estable.sampling.samplers import get_sampler, make_sigmas, vp_denoiser
 
-        cfg, s = self.config, self.config.sample
+        s = self.config.sample
         prompts = list(s.prompts)
         n = len(prompts)
         dev = self.device
         ids = self.tokenizer(prompts).to(dev)
         empty = self.tokenizer([""] * n).to(dev)
         with self.autocast():
-            cond = self.text_encoder.encode(ids, clip_skip=cfg.text.clip_skip)  # (n, L, d)
-            uncond = self.text_encoder.encode(empty, clip_skip=cfg.text.clip_skip)
+            cond = self.text_encoder.encode(ids, clip_skip=self.clip_skip)  # (n, L, d)
+            uncond = self.text_encoder.encode(empty, clip_skip=self.clip_skip)
         spec = get_sampler(s.sampler)
-        plan = make_sigmas(spec, cfg.schedule, s.steps)
+        plan = make_sigmas(spec, self.schedule, s.steps)
         gen = torch.Generator().manual_seed(s.seed)
         c, h, w = self.objective.latent_shape
         x = plan.initial_latents(torch.randn((n, c, h, w), generator=gen)).to(dev)
-        unet, scale = self.network, s.cfg_scale
+        unet, scale = self.unet, s.cfg_scale  # the uncompiled U-Net (LoRA: with its adapters)
 
         def model(x_t: torch.Tensor, t: float) -> torch.Tensor:
             with self.autocast():
@@ -732,7 +761,7 @@ class UNetTrainer(Trainer):
             u, c_ = out.chunk(2)
             return u + scale * (c_ - u)  # classifier-free guidance (Ho & Salimans 2022, eq. 6)
 
-        denoise = vp_denoiser(model, cfg.schedule.prediction_type, plan.timestep)
+        denoise = vp_denoiser(model, self.schedule.prediction_type, plan.timestep)
         x = spec.fn(denoise, x, plan.sigmas, generator=gen, **plan.options)
         images = self.vae.decode_latents(plan.final_latents(x).float())  # (n, 3, H, W)
         return make_grid(to_pil(images), columns=min(n, 4))
@@ -809,19 +838,35 @@ class VAETrainer(Trainer):
 
 
 TRAINERS: dict[str, type[Trainer]] = {"unet": UNetTrainer, "vae": VAETrainer}
+TRAINER_KINDS = ("unet", "vae", "clip", "lora")
+
+
+def trainer_class(kind: str) -> type[Trainer]:
+    """The Trainer subclass for ``kind``; the CLIP and LoRA trainers live in their own modules (they import this
+    one) and are imported on first use."""
+    if kind == "clip":
+        from estable.training.clip_trainer import CLIPTrainer
+
+        return CLIPTrainer
+    if kind == "lora":
+        from estable.training.lora_trainer import LoRATrainer
+
+        return LoRATrainer
+    if kind not in TRAINERS:
+        raise EstableError(f"unknown trainer {kind!r}; choose one of {', '.join(TRAINER_KINDS)}")
+    return TRAINERS[kind]
 
 
 def make_trainer(kind: str, config: TrainConfig, run_dir: str | Path, **kwargs: Any) -> Trainer:
-    """The trainer for ``kind`` ("unet" or "vae")."""
-    if kind not in TRAINERS:
-        raise EstableError(f"unknown trainer {kind!r}; choose one of {', '.join(TRAINERS)}")
-    return TRAINERS[kind](config, run_dir, **kwargs)
+    """The trainer for ``kind`` ("unet", "vae", "clip" or "lora")."""
+    return trainer_class(kind)(config, run_dir, **kwargs)
 
 
 __all__ = [
     "CachedLatents",
     "ResumableBatchSampler",
     "TRAINERS",
+    "TRAINER_KINDS",
     "Trainer",
     "UNetTrainer",
     "VAETrainer",
@@ -834,4 +879,5 @@ __all__ = [
     "lr_factor",
     "make_trainer",
     "shapes_tokenizer",
+    "trainer_class",
 ]
