@@ -48,6 +48,15 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
         q.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=3e-4")
         q.set_defaults(func=_cmd_train, trainer_kind=kind)
+    e = sub.add_parser("export", help="write a U-Net run, with the VAE and text encoder it trained against, as one "
+                       "model file", description="Assemble the model of a U-Net training run (EMA weights when kept; "
+                       "the frozen VAE and text encoder and the tokenizer its config names) into an Estable file "
+                       "that every command loads with --model.")
+    e.add_argument("run", metavar="UNET_RUN", help="a U-Net training run folder")
+    e.add_argument("out", metavar="OUT", help="the .safetensors file to write")
+    e.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="weights dtype (default fp16)")
+    e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    e.set_defaults(func=_cmd_export)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -94,4 +103,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"done: step {trainer.step}{loss}; checkpoints in {trainer.run.checkpoints_dir}")
         for name in _EXPORTS.get(kind, ()):
             print(f"wrote {trainer.run.root / name}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .training.assemble import assemble_model
+
+    print(f"wrote {assemble_model(args.run, args.out, dtype=args.dtype, overwrite=args.overwrite)}")
     return 0

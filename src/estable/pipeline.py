@@ -291,12 +291,13 @@ class Pipeline:
     def encode_prompts(
         self, prompt: str, negative_prompt: str, *, clip_skip: int, weighting: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cond, uncond) contexts, each (1, N·77, D) in the U-Net's dtype, with the same N."""
+        """(cond, uncond) contexts, each (1, N·L, D) in the U-Net's dtype, with the same N; L is the tokenizer's
+        window (77 for CLIP: BOS + 75 tokens + EOS)."""
         tok = self.model.require_tokenizer()
         bos, eos, pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
         comma = tok.encode(",")
         kw: dict[str, Any] = {"bos": bos, "eos": eos, "pad": pad, "weighting": weighting,
-                              "comma_id": comma[0] if len(comma) == 1 else None}
+                              "comma_id": comma[0] if len(comma) == 1 else None, "max_chunk": tok.max_length - 2}
         pos = build_chunks(prompt, tok.encode, **kw)
         neg = build_chunks(negative_prompt, tok.encode, **kw)
         (pos_ids, pos_w), (neg_ids, neg_w) = match_chunk_counts(pos, neg, bos=bos, eos=eos, pad=pad)
@@ -306,8 +307,8 @@ class Pipeline:
         out = []
         with torch.inference_mode():
             for ids, w in ((pos_ids, pos_w), (neg_ids, neg_w)):
-                ctx = self.text_encoder.encode(ids.to(self.device), clip_skip)  # (N, 77, D)
-                out.append(apply_weights(ctx, w).to(self.dtype))  # (1, N·77, D)
+                ctx = self.text_encoder.encode(ids.to(self.device), clip_skip)  # (N, L, D)
+                out.append(apply_weights(ctx, w).to(self.dtype))  # (1, N·L, D)
         return out[0], out[1]
 
     # -- public API ----------------------------------------------------------------------------------------
