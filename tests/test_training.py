@@ -13,6 +13,7 @@ import torch
 
 from estable.cli_train import add_train_commands
 from estable.errors import EstableError
+from estable.models.vae import AutoencoderKL
 from estable.sampling.schedules import alphas_cumprod
 from estable.training.config import UNetTrainConfig, apply_overrides, load_config
 from estable.training.ema import EMA
@@ -24,6 +25,7 @@ from estable.training.trainer import (
     UNetTrainer,
     VAETrainer,
     collate,
+    load_network,
     lr_factor,
     shapes_tokenizer,
 )
@@ -385,3 +387,19 @@ def test_vae_objective_falls_and_trainer_runs(tmp_path):
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in log if r["type"] == "train")
     assert {"l1", "kl", "ssim", "d_loss", "g_adv"} <= set(log[-2])
+
+
+def test_vae_checkpoint_records_the_measured_latent_scaling(tmp_path):
+    # The saved config's scaling_factor is 1/std of posterior samples of the validation images (the preset says
+    # 1.0); the U-Net trainer then scales latents to unit variance with it.
+    cfg = load_config("vae", "tiny-vae", [*QUIET, "max_steps=2", "save_every=2"])
+    tr = VAETrainer(cfg, tmp_path / "vae", progress=False)
+    tr.train()
+    vae_cfg, weights = load_network("vae", tmp_path / "vae")
+    assert cfg.model.scaling_factor == 1.0 and vae_cfg.scaling_factor != 1.0
+    vae = AutoencoderKL(vae_cfg)
+    vae.load_state_dict(weights)
+    x = torch.stack([it["pixel_values"] for it in tr.val_items])
+    with torch.no_grad():
+        z = vae.encode_latents(x, generator=torch.Generator().manual_seed(1))  # samples × scaling_factor
+    assert abs(float(z.std()) - 1.0) < 0.05
