@@ -193,3 +193,21 @@ def test_checkpoint_primitives(tmp_path):
     assert latest_checkpoint(root) == root / "step_0000003"
     with pytest.raises(EstableError, match="training checkpoint"):
         load_checkpoint(tmp_path)
+
+
+def test_max_minutes_stops_with_a_checkpoint_and_resume_finishes(tmp_path):
+    from estable.training.config import load_config
+    from estable.training.runs import latest_checkpoint
+    from estable.training.trainer import UNetTrainer
+
+    over = ["log_every=1", "val_every=0", "sample_every=0", "save_every=0", "tensorboard=false", "device=cpu",
+            "max_steps=4"]
+    run = tmp_path / "run"
+    first = UNetTrainer(load_config("unet", "tiny-unet", [*over, "max_minutes=0"]), run, progress=False)
+    first.train()  # out of time at the first check: stops after step 1 and saves it
+    first.close()
+    assert first.step == 1 and latest_checkpoint(run / "checkpoints").name == "step_0000001"
+    second = UNetTrainer(load_config("unet", "tiny-unet", over), run, resume=True, progress=False)
+    second.train()
+    second.close()
+    assert second.step == 4 and latest_checkpoint(run / "checkpoints").name == "step_0000004"

@@ -579,6 +579,7 @@ class Trainer:
         data = self.batches()
         sums: dict[str, torch.Tensor] = {}
         count, window_steps, t0 = 0, 0, time.perf_counter()
+        deadline = None if cfg.max_minutes is None else time.monotonic() + 60.0 * cfg.max_minutes
         self.objective.train()
         try:
             while self.step < stop:
@@ -606,6 +607,11 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.update(self.network, self.step)
                 bar.update(1)
+                if deadline is not None and self.step % cfg.log_every == 0:
+                    # every rank must stop at the same step: stop when any rank is out of time
+                    late = torch.tensor(float(time.monotonic() > deadline), device=self.device)
+                    if float(D.all_reduce_mean(late)) > 0:
+                        stop = self.step
                 if self.step % cfg.log_every == 0 or self.step == stop:
                     elapsed = max(time.perf_counter() - t0, 1e-9)
                     means = {k: float(D.all_reduce_mean(v / count)) for k, v in sums.items()}
