@@ -1,4 +1,5 @@
-"""The evaluation commands: ``estable eval compositional | fid | train-judge | judge-accuracy``.
+"""The evaluation commands: ``estable eval compositional | fid | clipscore | vae | guidance-sweep | train-judge |
+judge-accuracy``.
 
 A thin shell over :mod:`estable.evaluation`. Model-dependent parts import :mod:`estable.pipeline` lazily, so
 judge and FID work on real renders needs no diffusion model. Wire into ``estable.cli.build_parser`` with
@@ -18,8 +19,9 @@ from typing import Any
 
 from .errors import EstableError
 
-__all__ = ["EVAL_COMMANDS", "add_eval_commands", "add_model_flags", "model_generator"]
+__all__ = ["EVAL_COMMANDS", "add_eval_commands", "add_model_flags", "load_model_pipeline", "model_generator"]
 
+DEFAULT_MODEL = "default"  # the built-in model (estable.pipeline.DEFAULT_MODEL; not imported: keeps torch lazy)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FID_REAL_SEED = 31  # world seed of the reference ("real") renders for FID
 FID_PROMPT_SEED = 32  # world seed whose captions the model is asked to draw for FID
@@ -39,12 +41,15 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------------------------- shared flags
 
 
-def add_model_flags(p: argparse.ArgumentParser, *, required: bool = True) -> None:
-    """--model and the generation flags every model-driven evaluation takes."""
-    p.add_argument("--model", required=required, metavar="SRC",
-                   help="checkpoint file or diffusers folder ('shapes' = real renders: the ceiling)")
+def add_model_flags(p: argparse.ArgumentParser, *, required: bool = False, cfg: bool = True) -> None:
+    """--model and the generation flags every model-driven evaluation takes (``cfg=False`` leaves out --cfg, for
+    commands that take their own). Without --model the built-in default model is used, as ``estable generate``."""
+    p.add_argument("--model", required=required, default=DEFAULT_MODEL, metavar="SRC",
+                   help="checkpoint file or diffusers folder ('shapes' = real renders: the ceiling; "
+                   "default: the built-in model)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
-    p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
+    if cfg:
+        p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
     p.add_argument("--sampler", default=None, help="sampler name (default: the generation default)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's native size)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
@@ -56,8 +61,19 @@ def _add_judge_flag(p: argparse.ArgumentParser) -> None:
                    help="judge weights (default: the judge shipped with Estable)")
 
 
-def model_generator(args: argparse.Namespace) -> Callable[[list[str], list[int]], list[Any]]:
-    """A ``generate(prompts, seeds) -> images`` for ``args.model``: real renders for 'shapes', else a pipeline.
+def load_model_pipeline(args: argparse.Namespace) -> Any:
+    """The pipeline of ``args.model`` on ``args.device`` / ``args.dtype`` (file errors as one-line EstableErrors)."""
+    from .pipeline import load_pipeline
+
+    try:
+        return load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    except OSError as exc:
+        raise EstableError(f"{exc.filename or args.model}: {exc.strerror or exc}") from exc
+
+
+def model_generator(args: argparse.Namespace, pipe: Any = None) -> Callable[[list[str], list[int]], list[Any]]:
+    """A ``generate(prompts, seeds) -> images`` for ``args.model``: real renders for 'shapes', else a pipeline
+    (``pipe`` when given, so that one loaded model serves several settings, else loaded from ``args.model``).
 
     Runs of one prompt with consecutive seeds become one ``txt2img`` batch (image k of a batch uses seed + k).
     """
@@ -66,12 +82,9 @@ def model_generator(args: argparse.Namespace) -> Callable[[list[str], list[int]]
 
         return render_generator(args.size or 256)
     from .params import MAX_BATCH, GenerationParams
-    from .pipeline import load_pipeline
 
-    try:
-        pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
-    except OSError as exc:
-        raise EstableError(f"{exc.filename or args.model}: {exc.strerror or exc}") from exc
+    if pipe is None:
+        pipe = load_model_pipeline(args)
     extra = {} if args.sampler is None else {"sampler": args.sampler}
     base = GenerationParams(steps=args.steps, cfg_scale=args.cfg, width=args.size, height=args.size, **extra)
 
@@ -340,9 +353,187 @@ def _cmd_judge_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- clipscore
+
+
+def _add_clipscore(esub: argparse._SubParsersAction) -> None:
+    p = esub.add_parser("clipscore", help="CLIP score of generated images, next to real renders and shuffled pairs",
+                        description="Mean CLIP score (100 * max(cos, 0)) of images generated for held-out prompts, "
+                        "with the same score of real renders of those prompts (the reference) and of mismatched "
+                        "prompt/image pairs (the floor), under a CLIP trained with `estable train clip`.")
+    p.add_argument("--clip", required=True, metavar="FILE_OR_CLIP_RUN",
+                   help="clip.safetensors, or the folder of a CLIP run holding it")
+    add_model_flags(p)
+    p.add_argument("--prompts", type=int, default=100, metavar="N", help="held-out prompts (default 100)")
+    p.add_argument("--images-per-prompt", type=int, default=4, metavar="K", help="images per prompt (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
+    p.add_argument("--out", metavar="FILE", help="write the report (with per-image scores) as JSON")
+    p.set_defaults(func=_cmd_clipscore)
+
+
+def _prompt_set(n: int) -> Any:
+    from .evaluation.compositional import make_prompts
+
+    try:
+        return make_prompts(n)
+    except ValueError as exc:
+        raise EstableError(str(exc)) from None
+
+
+def _cmd_clipscore(args: argparse.Namespace) -> int:
+    from .evaluation.clipscore import evaluate_clipscore, format_clipscore, load_clip
+    from .evaluation.judge import resolve_device
+
+    if args.prompts < 2 or args.images_per_prompt < 1:
+        raise EstableError("--prompts must be at least 2 (the floor pairs images with other prompts) and "
+                           "--images-per-prompt positive")
+    device = resolve_device(args.device)
+    pair, tok = load_clip(args.clip, device)
+    prompts = _prompt_set(args.prompts)
+    generate = model_generator(args)
+    report = evaluate_clipscore(generate, pair, tok, prompts, args.images_per_prompt, args.seed,
+                                render_size=args.size or 256, device=device, progress=True)
+    report["model"] = args.model
+    report["clip"] = str(args.clip)
+    report["generation"] = {"steps": args.steps, "cfg": args.cfg, "sampler": args.sampler, "size": args.size}
+    print(format_clipscore(report))
+    _write_json(args.out, report)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- vae
+
+
+def _add_vae(esub: argparse._SubParsersAction) -> None:
+    p = esub.add_parser("vae", help="VAE reconstruction PSNR / SSIM on held-out renders (and photographs)",
+                        description="Encode (posterior mean) and decode images with the model's VAE and report PSNR "
+                        "(dB, on 8-bit images) and SSIM per image and on average: held-out shapes-world renders, "
+                        "and with --photos scikit-image's bundled photographs (needs scikit-image).")
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="SRC",
+                   help="checkpoint file or diffusers folder (default: the built-in model)")
+    p.add_argument("--count", type=int, default=64, metavar="N", help="held-out renders (default 64; 0: none)")
+    p.add_argument("--size", type=int, default=None, metavar="S",
+                   help="image side, a multiple of the VAE's factor (default: the model's native size)")
+    p.add_argument("--photos", action="store_true", help="also scikit-image's photographs (astronaut, coffee, …)")
+    p.add_argument("--seed", type=int, default=None, help="world seed of the renders (default: the evaluation's)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per VAE call (default 8)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
+    p.add_argument("--dtype", default="fp32", help="fp32, fp16, bf16 (default fp32)")
+    p.add_argument("--out", metavar="FILE", help="write the report as JSON")
+    p.set_defaults(func=_cmd_vae)
+
+
+def _cmd_vae(args: argparse.Namespace) -> int:
+    from .evaluation import recon
+
+    if args.count < 0 or args.batch_size < 1:
+        raise EstableError("--count must be ≥ 0 and --batch-size positive")
+    if args.count == 0 and not args.photos:
+        raise EstableError("nothing to reconstruct: give --count N > 0 or --photos")
+    if args.photos:
+        recon.require_skimage_data()  # fail on a missing scikit-image before loading the model
+    pipe = load_model_pipeline(args)
+    factor = pipe.factor
+    size = args.size or pipe.native_size[0]
+    if size % factor or size < max(factor, 11):
+        raise EstableError(f"--size {size} must be a multiple of {factor} (the VAE's factor) and at least 11 px "
+                           "(the SSIM window)")
+    report: dict[str, Any] = {"model": args.model, "size": size, "dtype": str(args.dtype)}
+    kw = {"device": pipe.device, "batch_size": args.batch_size, "progress": True}
+    if args.count:
+        seed = recon.RENDER_SEED if args.seed is None else args.seed
+        report["renders"] = recon.evaluate_reconstruction(pipe.vae, recon.heldout_renders(args.count, size, seed), **kw)
+        report["renders"]["seed"] = seed
+        print(recon.format_reconstruction("held-out shapes renders", report["renders"]))
+    if args.photos:
+        report["photos"] = recon.evaluate_reconstruction(pipe.vae, recon.skimage_photos(size), **kw)
+        print(recon.format_reconstruction("scikit-image photographs", report["photos"]))
+    _write_json(args.out, report)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- guidance sweep
+
+
+def _add_guidance_sweep(esub: argparse._SubParsersAction) -> None:
+    p = esub.add_parser("guidance-sweep", help="compositional accuracy and FID for several CFG scales",
+                        description="For each CFG scale: whole-prompt compositional accuracy (per prompt kind) and "
+                        "judge-feature FID against real renders (with the real-vs-real floor). Writes sweep.json, "
+                        "sweep.md and sweep.png to --out and recommends the default CFG.")
+    add_model_flags(p, cfg=False)
+    _add_judge_flag(p)
+    p.add_argument("--cfg", default="1,3,5,7.5,10", metavar="LIST",
+                   help="comma-separated guidance scales (default 1,3,5,7.5,10)")
+    p.add_argument("--prompts", type=int, default=200, metavar="N", help="held-out prompts per CFG (default 200)")
+    p.add_argument("--images-per-prompt", type=int, default=2, metavar="K", help="images per prompt (default 2)")
+    p.add_argument("--fid-count", type=int, default=1000, metavar="N",
+                   help="images per set for FID (default 1000; 0 skips FID)")
+    p.add_argument("--fid-split", choices=("train", "heldout"), default="heldout",
+                   help="shapes-world split of the FID captions and real renders (default heldout)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
+    p.add_argument("--batch-size", type=int, default=64, help="feature batch size (default 64)")
+    p.add_argument("--out", default="sweep", metavar="DIR", help="output folder (default ./sweep)")
+    p.set_defaults(func=_cmd_guidance_sweep)
+
+
+def _cmd_guidance_sweep(args: argparse.Namespace) -> int:
+    from .evaluation.judge import JudgeFeatures, load_judge_or_default, resolve_device
+    from .evaluation.sweep import parse_cfgs, run_sweep, sweep_markdown, sweep_plot
+    from .training.shapes import ShapesWorld
+
+    try:
+        cfgs = parse_cfgs(args.cfg)
+    except ValueError as exc:
+        raise EstableError(str(exc)) from None
+    if args.prompts < 1 or args.images_per_prompt < 1 or args.fid_count < 0 or args.fid_count == 1:
+        raise EstableError("--prompts and --images-per-prompt must be positive and --fid-count 0 or at least 2")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise EstableError(f"--out {out} is a file; give a folder")
+    device = resolve_device(args.device)
+    judge = load_judge_or_default(args.judge, device)
+    prompts = _prompt_set(args.prompts)
+    pipe = None if args.model == "shapes" else load_model_pipeline(args)
+
+    def make_generator(cfg: float) -> Callable[[list[str], list[int]], list[Any]]:
+        return model_generator(argparse.Namespace(**{**vars(args), "cfg": cfg}), pipe)
+
+    size = args.size or 256
+    world = ShapesWorld(args.fid_split, FID_PROMPT_SEED)
+    n = args.fid_count
+    result = run_sweep(
+        make_generator, judge, JudgeFeatures(judge), cfgs, prompts,
+        images_per_prompt=args.images_per_prompt, seed=args.seed,
+        real_images=lambda k: _iter_renders(args.fid_split, FID_REAL_SEED, k, size),
+        floor_images=lambda k: _iter_renders(args.fid_split, FID_FLOOR_SEED, k, size),
+        fid_captions=[world.scene(i).caption for i in range(n)],
+        fid_seeds=[FID_PROMPT_SEED * 100_000 + i for i in range(n)],
+        device=device, batch_size=args.batch_size, progress=True,
+    )
+    result.update(model=args.model, fid_split=args.fid_split,
+                  generation={"steps": args.steps, "sampler": args.sampler, "size": args.size})
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EstableError(f"cannot create {out}: {exc.strerror or exc}") from None
+    from .checkpoints.io import atomic_write_text
+
+    md = sweep_markdown(result, title=f"Guidance sweep: {args.model}")
+    _write_json(str(out / "sweep.json"), result)
+    atomic_write_text(out / "sweep.md", md)
+    sweep_plot(result, out / "sweep.png")
+    print(md)
+    print(f"wrote {out / 'sweep.md'} and {out / 'sweep.png'}", file=sys.stderr)
+    print(f"recommended default CFG: {result['recommended_cfg']:g}")
+    return 0
+
+
 EVAL_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_compositional,
     _add_fid,
+    _add_clipscore,
+    _add_vae,
+    _add_guidance_sweep,
     _add_train_judge,
     _add_judge_accuracy,
 ]

@@ -70,10 +70,12 @@ if TYPE_CHECKING:
     from .checkpoints.store import LoadedModel
 
 __all__ = [
+    "DEFAULT_MODEL_PATH",
     "RECORD_FORMAT",
     "GenerationResult",
     "Pipeline",
     "ProgressCallback",
+    "default_model_path",
     "load_pipeline",
     "params_from_record",
     "resolve_sampler",
@@ -86,6 +88,10 @@ Mode = Literal["txt2img", "img2img", "inpaint"]
 
 RECORD_FORMAT = "estable.generation/1"
 DEFAULT_MODEL = "default"
+#: The built-in model (``--model default`` or no --model): an Estable file made by ``estable train export`` from the
+#: recipe in recipes/default/, shipped inside the package with its model card beside it.
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "assets" / "default_model.safetensors"
+DEFAULT_MODEL_CARD = DEFAULT_MODEL_PATH.with_name("MODEL_CARD.md")
 _KARRAS_SUFFIX = " Karras"
 
 
@@ -131,15 +137,25 @@ def load_pipeline(
     :func:`estable.checkpoints.load_model` (allow_pickle, ema, prediction_type, progress).
     """
     if str(source) == DEFAULT_MODEL:
-        raise EstableError(
-            "the built-in default model is not available yet; pass --model with a checkpoint file or diffusers folder"
-        )
+        source = default_model_path()
     from .checkpoints.store import load_model
 
     dev = _resolve_device(device)
     dt = _resolve_dtype(dtype, dev)
     model = load_model(source, dtype=dt, device=dev, **load_kwargs)
     return Pipeline(model, device=dev, dtype=dt)
+
+
+def default_model_path() -> Path:
+    """The built-in model's file, or an EstableError saying how to get one when this install has none."""
+    # Read the module attribute at call time, so that a test (or a packager) can point it elsewhere.
+    path = Path(DEFAULT_MODEL_PATH)
+    if not path.is_file():
+        raise EstableError(
+            "the built-in default model is not available yet (it is trained from the recipe in recipes/default/ "
+            f"and exported to {path.name}); pass --model with a checkpoint file or diffusers folder"
+        )
+    return path
 
 
 # ------------------------------------------------------------------------------------------------- results

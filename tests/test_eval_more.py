@@ -1,0 +1,276 @@
+"""`estable eval clipscore | vae | guidance-sweep`, the PIL plot helper and the built-in model lookup."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import estable.pipeline
+from estable.checkpoints.store import LoadedModel, save_model
+from estable.config import ModelConfig, TextConfig, TokenizerConfig
+from estable.errors import EstableError
+from estable.models.clip import CLIPPair, CLIPPairConfig, ImageEncoderConfig
+from estable.models.unet import UNet
+from estable.params import GenerationParams
+from estable.training.config import load_config
+from estable.training.trainer import build_text_encoder, build_vae
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_cli(*argv: str) -> int:
+    from estable.cli_eval import add_eval_commands
+
+    parser = argparse.ArgumentParser()
+    add_eval_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", *argv])
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """An Estable model file with seeded random tiny networks (VAE factor 4, native size 32 px)."""
+    cfg = load_config("unet", "tiny-unet", [])
+    vae = build_vae(cfg.vae, 0)
+    text, tok = build_text_encoder(cfg.text, 0)
+    torch.manual_seed(0)
+    unet = UNet(cfg.model)
+    config = ModelConfig(
+        family="estable", unet=cfg.model, vae=vae.config, text=text.config,
+        tokenizer=TokenizerConfig(max_length=tok.max_length, pad_token_id=tok.pad_token_id,
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
+        schedule=cfg.schedule,
+    )
+    model = LoadedModel(config=config, unet=unet.eval(), vae=vae.eval(), text_encoder=text.eval(), tokenizer=tok,
+                        source=Path("tiny"), format="estable")
+    return save_model(model, tmp_path_factory.mktemp("model") / "tiny.safetensors", to="estable", dtype="fp32")
+
+
+# ------------------------------------------------------------------------------------------------ clipscore
+
+
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory) -> Path:
+    """A tiny CLIP pair trained for 80 steps on fresh renders of the 6 held-out prompts the test scores."""
+    from estable.evaluation.compositional import make_prompts, render_generator
+    from estable.training.bpe import learn_tokenizer
+    from estable.training.clip_objective import CLIPObjective
+    from estable.training.clip_trainer import save_clip_pair
+    from estable.training.data import to_tensor
+
+    captions = [p.caption for p in make_prompts(6)]
+    real = render_generator(64)
+    train_caps = [c for c in captions for _ in range(8)]
+    train_px = torch.stack([to_tensor(im) for im in real(train_caps, list(range(5000, 5000 + len(train_caps))))])
+    tok = learn_tokenizer(train_caps, 600, max_length=32)
+    text = TextConfig(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id, max_positions=32, width=64, layers=2,
+                      heads=2, mlp_width=128, projection_dim=64)
+    image = ImageEncoderConfig(stage_channels=(16, 32, 64), blocks_per_stage=1, stem_stride=2, image_size=64)
+    torch.manual_seed(0)
+    pair = CLIPPair(CLIPPairConfig(text=text, image=image, embed_dim=64))
+    objective = CLIPObjective(tok)
+    opt = torch.optim.AdamW(pair.parameters(), lr=2e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(80):
+        idx = torch.randint(len(train_caps), (16,), generator=g).tolist()
+        loss, _ = objective(pair, {"pixel_values": train_px[idx], "text": [train_caps[i] for i in idx]})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        pair.clamp_logit_scale_()
+    folder = tmp_path_factory.mktemp("clip_run")
+    return save_clip_pair(folder / "clip.safetensors", pair.eval(), tok)
+
+
+def test_clipscore_real_renders_beat_the_shuffled_floor(clip_file, tmp_path, capsys):
+    out = tmp_path / "clip.json"
+    # The CLIP run folder is accepted as well as the file.
+    assert run_cli("clipscore", "--clip", str(clip_file.parent), "--model", "shapes", "--prompts", "6",
+                   "--images-per-prompt", "2", "--size", "64", "--device", "cpu", "--out", str(out)) == 0
+    report = json.loads(out.read_text())
+    for key in ("generated", "reference", "floor", "generated_shuffled"):
+        assert set(report[key]) == {"mean", "std"}
+    assert report["images"] == 12 and report["prompts"] == 6 and len(report["per_image"]) == 12
+    assert set(report["by_kind"]) <= {"single", "count", "pair", "colour_binding"}
+    print(f"reference {report['reference']['mean']:.2f}, floor {report['floor']['mean']:.2f}")
+    assert report["reference"]["mean"] > report["floor"]["mean"] + 1.0
+    # --model shapes draws the same real renders as the reference (same seeds): identical scores.
+    assert report["generated"]["mean"] == pytest.approx(report["reference"]["mean"], abs=1e-6)
+    assert report["relative"] == pytest.approx(1.0, abs=1e-6)
+    # The per-image rows hold the score formula's range, and the mean is their mean.
+    refs = [r["reference"] for r in report["per_image"]]
+    assert all(0.0 <= v <= 100.0 for v in refs)
+    assert np.mean(refs) == pytest.approx(report["reference"]["mean"], rel=1e-5)
+    assert "real renders" in capsys.readouterr().out
+
+
+def test_clipscore_missing_clip_file_is_a_clear_error(tmp_path):
+    with pytest.raises(EstableError, match="no CLIP model"):
+        run_cli("clipscore", "--clip", str(tmp_path / "nope.safetensors"), "--model", "shapes", "--prompts", "2",
+                "--device", "cpu")
+    with pytest.raises(EstableError, match="no CLIP model"):
+        run_cli("clipscore", "--clip", str(tmp_path), "--model", "shapes", "--prompts", "2", "--device", "cpu")
+
+
+# ------------------------------------------------------------------------------------------------------ vae
+
+
+def _np_ssim(x: np.ndarray, y: np.ndarray, L: float = 255.0) -> float:
+    """SSIM (Wang et al. 2004) written independently: separable 11-tap Gaussian (σ 1.5), 'valid' windows,
+    mean over the map and the channels. x, y: (H, W, C) float64."""
+    k = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
+    k /= k.sum()
+
+    def blur(a: np.ndarray) -> np.ndarray:
+        rows = np.lib.stride_tricks.sliding_window_view(a, 11, axis=0) @ k  # (H-10, W, C)
+        return np.lib.stride_tricks.sliding_window_view(rows, 11, axis=1) @ k  # (H-10, W-10, C)
+
+    c1, c2 = (0.01 * L) ** 2, (0.03 * L) ** 2
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    smap = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return float(smap.mean())
+
+
+def test_vae_psnr_ssim_match_a_direct_numpy_computation(tiny_model, tmp_path, capsys):
+    from estable.checkpoints.store import load_model
+    from estable.evaluation.recon import RENDER_SEED
+    from estable.training.shapes import ShapesWorld
+
+    out = tmp_path / "vae.json"
+    # Batch size 1: the hand computation below runs the VAE on one image, and batched convolutions may round a
+    # pixel differently (measured: 1.4e-5 dB with batches of 3).
+    assert run_cli("vae", "--model", str(tiny_model), "--count", "3", "--size", "32", "--batch-size", "1",
+                   "--device", "cpu", "--out", str(out)) == 0
+    report = json.loads(out.read_text())
+    rows = report["renders"]["per_image"]
+    assert len(rows) == 3 and report["size"] == 32
+    assert report["renders"]["psnr_mean"] == pytest.approx(np.mean([r["psnr"] for r in rows]))
+    assert report["renders"]["ssim_mean"] == pytest.approx(np.mean([r["ssim"] for r in rows]))
+
+    # Image 1 again, by hand: posterior mean → decode → 8-bit, then PSNR and SSIM in numpy.
+    vae = load_model(tiny_model, dtype="fp32").vae.eval()
+    original = np.asarray(ShapesWorld("heldout", RENDER_SEED).sample(1, 32)[0], dtype=np.float64)  # (32, 32, 3)
+    with torch.no_grad():
+        x = torch.from_numpy(original).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        decoded = vae.decode(vae.encode(x).mean)[0].permute(1, 2, 0).numpy()  # (32, 32, 3)
+    recon = np.round(np.clip(decoded / 2 + 0.5, 0, 1) * 255).astype(np.float64)
+    want_psnr = 10 * np.log10(255.0**2 / np.mean((original - recon) ** 2))
+    assert rows[1]["psnr"] == pytest.approx(want_psnr, abs=1e-6)
+    assert rows[1]["ssim"] == pytest.approx(_np_ssim(original, recon), abs=1e-5)
+    assert "PSNR" in capsys.readouterr().out
+
+
+def test_vae_photos_need_scikit_image(tiny_model, monkeypatch):
+    monkeypatch.setitem(sys.modules, "skimage", None)  # `import skimage` now raises ImportError
+    with pytest.raises(EstableError, match="pip install scikit-image"):
+        run_cli("vae", "--model", str(tiny_model), "--count", "1", "--photos", "--device", "cpu")
+
+
+def test_vae_photos_with_a_stand_in_scikit_image(tiny_model, tmp_path, monkeypatch):
+    from estable.evaluation.recon import PHOTOS
+
+    rng = np.random.default_rng(0)
+    data = types.ModuleType("skimage.data")
+    for name in PHOTOS:  # landscape colour photographs of odd sizes (one float, as some loaders give)
+        arr = rng.integers(0, 256, (45, 70, 3), dtype=np.uint8)
+        setattr(data, name, (lambda a=arr: a) if name != "rocket" else (lambda a=arr: a / 255.0))
+    package = types.ModuleType("skimage")
+    package.data = data  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "skimage", package)
+    monkeypatch.setitem(sys.modules, "skimage.data", data)
+    out = tmp_path / "vae.json"
+    assert run_cli("vae", "--model", str(tiny_model), "--count", "0", "--photos", "--size", "24", "--device", "cpu",
+                   "--out", str(out)) == 0
+    photos = json.loads(out.read_text())["photos"]
+    assert [r["name"] for r in photos["per_image"]] == list(PHOTOS)
+    assert photos["size"] == 24 and all(np.isfinite(r["psnr"]) for r in photos["per_image"])
+    with pytest.raises(EstableError, match="multiple of 4"):
+        run_cli("vae", "--model", str(tiny_model), "--count", "1", "--size", "30", "--device", "cpu")
+
+
+# ------------------------------------------------------------------------------------------- guidance sweep
+
+
+def test_guidance_sweep_with_real_renders(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert run_cli("guidance-sweep", "--model", "shapes", "--cfg", "1,3,7.5", "--prompts", "4",
+                   "--images-per-prompt", "1", "--fid-count", "6", "--size", "64", "--device", "cpu",
+                   "--batch-size", "8", "--out", str(out)) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    rows = result["rows"]
+    assert [r["cfg"] for r in rows] == [1.0, 3.0, 7.5]
+    # Real renders ignore the guidance scale: every CFG sees the same images, so every number agrees.
+    for r in rows[1:]:
+        assert r["whole_prompt"] == rows[0]["whole_prompt"] and r["by_kind"] == rows[0]["by_kind"]
+        assert r["fid"] == pytest.approx(rows[0]["fid"], rel=1e-9)
+    assert rows[0]["images"] == 4 and result["fid"]["floor"] > 0
+    print(f"whole-prompt accuracy {rows[0]['whole_prompt']}, FID {rows[0]['fid']:.3f}, "
+          f"floor {result['fid']['floor']:.3f}")
+    assert result["recommended_cfg"] == 1.0  # all tied: the lowest CFG
+    md = (out / "sweep.md").read_text()
+    assert md.count("\n| ") == 4 and "Recommended default CFG: **1**" in md
+    with Image.open(out / "sweep.png") as im:
+        assert im.size == (960, 360) and im.mode == "RGB"
+        assert len(im.getcolors(1 << 16) or []) > 3  # something was drawn
+    assert "recommended default CFG: 1" in capsys.readouterr().out
+
+
+def test_recommendation_and_cfg_parsing():
+    from estable.evaluation.sweep import parse_cfgs, recommend
+
+    rows = [{"cfg": 1.0, "whole_prompt": 0.2, "fid": 5.0}, {"cfg": 5.0, "whole_prompt": 0.6, "fid": 9.0},
+            {"cfg": 7.5, "whole_prompt": 0.6, "fid": 7.0}, {"cfg": 10.0, "whole_prompt": 0.5, "fid": 4.0}]
+    assert recommend(rows) == 7.5  # best accuracy, tie broken by the lower FID
+    assert parse_cfgs("7.5, 1,3,3") == [1.0, 3.0, 7.5]
+    for bad in ("", "a,b", "1,-2", "nan"):
+        with pytest.raises(ValueError):
+            parse_cfgs(bad)
+
+
+def test_plot_helper_ticks_and_size():
+    from estable.evaluation.plot import Panel, Series, line_plot, nice_ticks
+
+    assert nice_ticks(1, 10) == [0.0, 2.5, 5.0, 7.5, 10.0]
+    assert nice_ticks(0, 100) == [0.0, 25.0, 50.0, 75.0, 100.0]
+    ticks = nice_ticks(3.7, 3.7)  # flat data still gets a range
+    assert ticks[0] < 3.7 < ticks[-1]
+    image = line_plot([Panel("t", "x", "y", [Series("s", [1, 2, 3], [1.0, None, 2.0])])], panel_size=(300, 200))
+    assert image.size == (300, 200)
+    with pytest.raises(ValueError):
+        line_plot([])
+
+
+# ------------------------------------------------------------------------------------------ default model
+
+
+def test_default_model_loads_from_the_assets_path(tiny_model, monkeypatch):
+    monkeypatch.setattr(estable.pipeline, "DEFAULT_MODEL_PATH", tiny_model)
+    pipe = estable.pipeline.load_pipeline("default", device="cpu", dtype="fp32")
+    result = pipe.txt2img(GenerationParams(prompt="a red circle", negative_prompt="", steps=2, seed=1,
+                                           sampler="euler"))
+    assert result.images[0].size == (32, 32)
+    assert np.asarray(result.images[0]).std() > 0
+
+
+def test_default_model_absent_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(estable.pipeline, "DEFAULT_MODEL_PATH", tmp_path / "default_model.safetensors")
+    with pytest.raises(EstableError, match="default model is not available.*recipes/default"):
+        estable.pipeline.load_pipeline("default", device="cpu")
+    # --model is optional in the eval commands and means the built-in model.
+    with pytest.raises(EstableError, match="default model is not available"):
+        run_cli("vae", "--count", "1", "--device", "cpu")
