@@ -214,13 +214,21 @@ class TrainConfig(_Plain):
     tensorboard: bool = True  # also write TensorBoard events when torch.utils.tensorboard imports
     init_from: str | None = None  # fine-tune: weights of the trained network from a checkpoint
     # How several processes share the work: "ddp" (every rank holds the whole model) or "fsdp" (parameters,
-    # gradients and optimizer state sharded over the ranks; needs a torch with FSDP, see training/distributed.py).
+    # gradients, optimizer state and EMA sharded over the ranks with FSDP2, torch >= 2.6; U-Net trainer only,
+    # fp32 or bf16, no compile; see training/distributed.py).
     strategy: str = "ddp"
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
+        if self.strategy == "fsdp" and self.precision == "fp16":
+            # GradScaler's inf/NaN check would see only this rank's gradient shards, so ranks could disagree on
+            # skipping a step; bf16 needs no scaler.
+            raise ValueError("strategy=fsdp does not support precision=fp16; use precision=bf16 (or fp32)")
+        if self.strategy == "fsdp" and self.compile:
+            raise ValueError("compile=true is not supported with strategy=fsdp yet; use compile=false or "
+                             "strategy=ddp")
         _positive_int("batch_size", self.batch_size)
         _positive_int("grad_accum", self.grad_accum)
         _positive_int("max_steps", self.max_steps)

@@ -3,7 +3,7 @@
 One optimizer step (``Trainer.train``):
 
     lr ← schedule(step)                                   linear warm-up, then constant or cosine
-    repeat grad_accum times:                              (DDP: gradients all-reduced on the last one only)
+    repeat grad_accum times:                              (gradients synchronised on the last one only)
         batch ← this rank's slice of the next global micro-batch (seeded order, resumable position)
         draws ← every random number of the global micro-batch from ONE seeded CPU generator; keep this rank's rows
         loss  ← objective(batch, draws) under autocast; backward(loss · scale / grad_accum)
@@ -14,6 +14,13 @@ Exact resume: the checkpoint holds the weights, EMA, optimizer, GradScaler, the 
 states and the data position, so N steps in one go and N/2 + resume + N/2 give identical weights on the CPU.
 The draws come from one generator for the whole global batch, so K processes × batch b and 1 process ×
 batch K·b see the same data and the same noise (gradients then agree up to float summation order).
+
+strategy=fsdp (U-Net trainer; see training/distributed.py): the U-Net is sharded with FSDP2 (each down block, the
+mid block and each up block is a unit, the U-Net the root); the frozen VAE and text encoder stay whole on every
+rank. AdamW steps on the shards. The EMA shadows are DTensors sharded like the parameters (fp32, so 4 bytes ×
+params / world per rank). Checkpoints gather everything to full tensors on rank 0, so the files have the
+single-process layout and load anywhere (DDP, one process, or FSDP with another world size); resume cuts them back
+into shards. Validation and sample grids run on every rank (each sharded forward needs all ranks); rank 0 writes.
 """
 
 from __future__ import annotations
@@ -63,6 +70,15 @@ from estable.training.runs import (
     save_checkpoint,
 )
 from estable.training.shapes import ShapesWorld, caption_for
+
+# Trainer kinds that implement strategy=fsdp, and why the others refuse it.
+FSDP_KINDS = ("unet",)
+_NO_FSDP_REASON = {
+    "lora": "a LoRA run trains small adapters on a frozen base, so sharding them saves next to nothing",
+    "clip": "the CLIP pair's logit-scale clamp and exports work on whole weights",
+    "vae": "the VAE runs through encode/decode rather than forward, which FSDP does not hook, and its "
+           "discriminator is a second trained network",
+}
 
 # Offsets that give each seeded stream of a run its own seed (model init, frozen random networks, draws, …).
 _SEED_INIT, _SEED_TEXT, _SEED_VAE, _SEED_DRAWS, _SEED_VAL, _SEED_VAL_DATA, _SEED_GLOBAL = 0, 1, 2, 3, 4, 5, 6
@@ -355,9 +371,15 @@ class Trainer:
     def __init__(self, config: TrainConfig, run_dir: str | Path, *, resume: bool = False,
                  progress: bool | None = None) -> None:
         self.dist = D.init_distributed()
-        if config.strategy != "ddp":
-            raise EstableError(f"strategy={config.strategy} is not implemented by Estable's trainers yet; "
-                               "use strategy=ddp")
+        if config.strategy == "fsdp" and self.kind not in FSDP_KINDS:
+            why = _NO_FSDP_REASON.get(self.kind, "it has no FSDP support")
+            raise EstableError(f"strategy=fsdp is not available for the {self.kind} trainer ({why}); use "
+                               "strategy=ddp")
+        if config.strategy == "fsdp" and not D.fsdp_available():
+            raise EstableError(f"strategy=fsdp needs torch >= 2.6 with torch.distributed (this is {torch.__version__});"
+                               " use strategy=ddp")
+        # FSDP shards only when there are several ranks; a single process trains as usual.
+        self.sharded = config.strategy == "fsdp" and self.dist.enabled
         self.device = resolve_device(config.device, self.dist)
         self.config = self.resolve_config(config)
         cfg = self.config
@@ -376,11 +398,18 @@ class Trainer:
             if not hasattr(self.network, "gradient_checkpointing"):
                 raise EstableError(f"gradient_checkpointing is not available for the {self.kind} network")
             self.network.gradient_checkpointing = True
+        if self.sharded:
+            # Shard before the EMA and the optimizer are made, so that both hold shards (DTensors).
+            D.shard_fsdp(self.network, self.fsdp_blocks(), self.device)
         self.ema = EMA(self.network, cfg.ema_decay, warmup=cfg.ema_warmup) if cfg.ema_decay is not None else None
         if cfg.compile:
             self.compile_network()
-        self.model = D.wrap_ddp(self.objective, self.device)
+        self.model = self.objective if self.sharded else D.wrap_ddp(self.objective, self.device)
         self.params = [p for p in self.objective.parameters() if p.requires_grad]
+        if self.sharded and (self.extra_networks or not all(D.is_sharded(p) for p in self.params)):
+            # Their gradients would never be synchronised between ranks (no DDP here).
+            raise EstableError(f"strategy=fsdp: the {self.kind} trainer has trainable parameters outside the "
+                               "sharded network; use strategy=ddp")
         self.optimizer = self.make_optimizer()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.generator = torch.Generator().manual_seed(_seeded(cfg.seed, _SEED_DRAWS))
@@ -426,6 +455,10 @@ class Trainer:
 
     def after_optimizer_step(self) -> None:
         """Called after every optimizer step, before the EMA update (e.g. to clamp a parameter)."""
+
+    def fsdp_blocks(self) -> list[nn.Module]:
+        """Submodules of ``network`` that FSDP shards as separate units (strategy=fsdp)."""
+        raise EstableError(f"strategy=fsdp is not available for the {self.kind} trainer; use strategy=ddp")
 
     # -- pieces ------------------------------------------------------------------------------------------------
     def make_optimizer(self) -> torch.optim.Optimizer:
@@ -499,8 +532,11 @@ class Trainer:
         st = ckpt.state
         if st.get("kind") != self.kind:
             raise CheckpointError(f"{ckpt.path} is a {st.get('kind')!r} checkpoint, not {self.kind}")
+        model_sd = ckpt.tensors["model"]
+        if self.sharded:  # full tensors from the file → this rank's shards
+            model_sd = D.shard_like(model_sd, self.network.state_dict())
         try:
-            self.network.load_state_dict(ckpt.tensors["model"], strict=True)
+            self.network.load_state_dict(model_sd, strict=True)
             for name, module in self.extra_networks.items():
                 module.load_state_dict(ckpt.tensors[name], strict=True)
         except (RuntimeError, KeyError) as exc:
@@ -510,8 +546,10 @@ class Trainer:
         if self.ema is not None:
             if "ema" not in ckpt.tensors:
                 raise CheckpointError(f"{ckpt.path} has no EMA weights but this run uses ema_decay")
-            self.ema.load_state_dict(ckpt.tensors["ema"])
-        self.optimizer.load_state_dict(st["optimizer"])
+            ema_sd = D.shard_like(ckpt.tensors["ema"], self.ema.shadow) if self.sharded else ckpt.tensors["ema"]
+            self.ema.load_state_dict(ema_sd)
+        optim_sd = D.shard_optimizer_state(self.optimizer, st["optimizer"]) if self.sharded else st["optimizer"]
+        self.optimizer.load_state_dict(optim_sd)
         self.scaler.load_state_dict(st["scaler"])
         self.generator.set_state(st["generator"])
         restore_rng_state(st["rng"])
@@ -521,22 +559,29 @@ class Trainer:
     def save(self) -> Path | None:
         D.barrier()
         path = None
-        if self.dist.is_main:
+        # Under FSDP every rank takes part in gathering the shards into full tensors (collectives).
+        if self.dist.is_main or self.sharded:
             tensors = {"model": self.network.state_dict()}
             if self.ema is not None:
                 tensors["ema"] = self.ema.state_dict()
             tensors.update({k: m.state_dict() for k, m in self.extra_networks.items()})
-            meta = {"kind": self.kind, "train_config": self.config.to_json(), **self.metadata()}
-            path = save_checkpoint(self.run.checkpoints_dir, self.step, tensors, self.state_dict(), meta,
-                                   keep=self.config.keep_checkpoints)
+            state = self.state_dict()
+            if self.sharded:  # full CPU tensors on rank 0 (None elsewhere), one all-gather per DTensor
+                tensors = D.gather_full(tensors, keep=self.dist.is_main)
+                state["optimizer"] = D.gather_full(state["optimizer"], keep=self.dist.is_main)
+            if self.dist.is_main:
+                meta = {"kind": self.kind, "train_config": self.config.to_json(), **self.metadata()}
+                path = save_checkpoint(self.run.checkpoints_dir, self.step, tensors, state, meta,
+                                       keep=self.config.keep_checkpoints)
         D.barrier()
         return path
 
     # -- periodic work -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> dict[str, Any] | None:
-        """Loss on the fixed held-out batch with fixed draws (rank 0)."""
-        if not self.dist.is_main or not self.val_items:
+        """Loss on the fixed held-out batch with fixed draws (rank 0; under FSDP every rank computes it, since the
+        sharded forward needs all ranks, and rank 0 logs it)."""
+        if not (self.dist.is_main or self.sharded) or not self.val_items:
             return None
         batch = self.prepare(collate(self.val_items))
         gen = torch.Generator().manual_seed(_seeded(self.config.seed, _SEED_VAL))
@@ -552,14 +597,14 @@ class Trainer:
 
     @torch.no_grad()
     def sample(self) -> Path | None:
-        if not self.dist.is_main:
+        if not (self.dist.is_main or self.sharded):  # FSDP: every rank runs the sampler, rank 0 writes
             return None
         self.objective.eval()
         ctx = self.ema.swapped(self.network) if self.ema is not None else contextlib.nullcontext()
         with ctx:
             image = self.sample_image()
         self.objective.train()
-        if image is None:
+        if image is None or not self.dist.is_main:
             return None
         path = self.run.save_image(image, self.step)
         self.run.log({"type": "sample", "step": self.step, "path": str(path.relative_to(self.run.root))})
@@ -590,14 +635,17 @@ class Trainer:
                     batch = next(data)
                     self.position += b * world
                     draws = self._slice(self.draw(b * world, self.generator))
-                    with D.no_sync(self.model, micro < accum - 1), self.autocast():
-                        loss, metrics = self.call(self.model, batch, draws)
-                    self.scaler.scale(loss / accum).backward()
+                    # backward inside the block: FSDP decides on gradient communication during backward
+                    with D.no_sync(self.model, micro < accum - 1):
+                        with self.autocast():
+                            loss, metrics = self.call(self.model, batch, draws)
+                        self.scaler.scale(loss / accum).backward()
                     for k, v in {"loss": loss.detach(), **metrics}.items():
                         sums[k] = sums.get(k, 0) + v.detach().float()
                     count += 1
                 self.scaler.unscale_(self.optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+                # FSDP: the norm over all shards (clip_grad_norm_ reduces DTensor norms); full_value makes it plain
+                grad_norm = D.full_value(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -728,6 +776,12 @@ class UNetTrainer(Trainer):
 
     def compile_network(self) -> None:
         self.objective.unet = torch.compile(self.network)  # the original module stays self.network
+
+    def fsdp_blocks(self) -> list[nn.Module]:
+        """FSDP units: each down block, the mid block and each up block (the U-Net itself is the root unit and
+        keeps conv_in, the time embedding and the output head)."""
+        u = self.network
+        return [*u.down_blocks, u.mid_block, *u.up_blocks]
 
     def prepare(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
