@@ -56,3 +56,15 @@ def test_assembled_model_holds_the_runs_networks_and_generates(run, tmp_path):
 def test_assemble_refuses_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(EstableError, match="not a training run"):
         assemble_model(tmp_path, tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize("where, message", [("unet", "U-Net produced NaN"), ("vae", "VAE decoder produced NaN")])
+def test_corrupt_weights_are_an_error_not_a_black_image(run, tmp_path, where, message):
+    pipe = load_pipeline(assemble_model(run, tmp_path / "model.safetensors", dtype="fp32"), device="cpu",
+                         dtype="fp32")
+    net = pipe.unet if where == "unet" else pipe.vae.decoder
+    with torch.no_grad():
+        net.conv_out.bias[0] = float("nan")
+    params = GenerationParams(prompt="a red circle", steps=2, seed=1, width=32, height=32, sampler="euler")
+    with pytest.raises(EstableError, match=message):
+        pipe.txt2img(params)

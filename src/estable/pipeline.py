@@ -594,8 +594,18 @@ class Pipeline:
         return torch.cat(parts) * self.config.vae.scaling_factor
 
     def _decode(self, z: torch.Tensor) -> tuple[torch.Tensor, str | None]:
-        """Images in [-1, 1] from scaled latents, with the fp32 retry of reduced-precision decodes."""
+        """Images in [-1, 1] from scaled latents, with the fp32 retry of reduced-precision decodes.
+
+        Non-finite values that survive (a corrupt model, not a precision problem) are an error: they would
+        otherwise become a black PNG."""
+        if not bool(torch.isfinite(z).all()):
+            hint = "" if self.dtype == torch.float32 else ", or run in fp32 (--dtype fp32)"
+            raise EstableError(
+                "the U-Net produced NaN or infinite latents; the model's weights may be corrupt "
+                f"(check {self.model.source} with `estable info`){hint}"
+            )
         vae_dtype = next(self.vae.parameters()).dtype
+        note = None
         with torch.inference_mode():
             latents = z / self.config.vae.scaling_factor
             image = self.vae.decode(latents.to(vae_dtype)).float()
@@ -608,8 +618,12 @@ class Pipeline:
                     image = self.vae.decode(latents.float()).float()
                 finally:
                     self.vae.to(vae_dtype)
-                return image, note
-        return image, None
+        if not bool(torch.isfinite(image).all()):
+            raise EstableError(
+                "the VAE decoder produced NaN or infinite values from finite latents; the model's weights "
+                f"may be corrupt (check {self.model.source} with `estable info`)"
+            )
+        return image, note
 
 
 # ------------------------------------------------------------------------------------------------- helpers
