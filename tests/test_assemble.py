@@ -15,13 +15,7 @@ from estable.training.config import load_config
 from estable.training.runs import latest_checkpoint
 from estable.training.trainer import UNetTrainer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

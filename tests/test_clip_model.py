@@ -254,15 +254,6 @@ def render_set(per_combo: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     return torch.stack(pixels), captions  # (N, 3, 64, 64), "a red circle", …
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny convolutions gain nothing from a second thread, and OpenMP threads spin badly on a shared machine
-    # (measured: 6 s with one thread, 35 s with two while other jobs ran).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_tiny_pair_learns_shapes_world(one_thread) -> None:
     # Measured (torch 2.13, CPU, one thread; model seeds 0–5): held-out in-batch accuracy 0.20–0.59 (0.594 for

@@ -14,20 +14,15 @@ initialisation; only rank 0 writes the run folder.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
-import torch
 
 from estable.training.config import load_config
 from estable.training.runs import load_checkpoint
 from estable.training.trainer import UNetTrainer
+from torchrun import run_workers
 
-REPO = Path(__file__).resolve().parents[1]
 B = 2
 STEPS = 3
 OVER = ["log_every=1", "val_every=0", "sample_every=0", f"save_every={STEPS}", "tensorboard=false",
@@ -55,26 +50,12 @@ WORKER = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_two_processes_match_one_process_with_double_batch(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
     ddp_run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), str(ddp_run), json.dumps([*OVER, f"batch_size={B}", "device=cpu"])]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_workers(tmp_path, WORKER, str(ddp_run), json.dumps([*OVER, f"batch_size={B}", "device=cpu"]))
     assert (tmp_path / "ok-rank0").is_file() and (tmp_path / "ok-rank1").is_file()  # both ranks finished cleanly
 
     single = load_config("unet", "tiny-unet", [*OVER, f"batch_size={2 * B}"])

@@ -23,13 +23,7 @@ from estable.params import GenerationParams
 from estable.training.config import load_config
 from estable.training.trainer import build_text_encoder, build_vae
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(*argv: str) -> int:

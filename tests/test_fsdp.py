@@ -16,9 +16,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -29,8 +26,8 @@ from estable.errors import EstableError
 from estable.training.config import load_config
 from estable.training.runs import load_checkpoint
 from estable.training.trainer import UNetTrainer, VAETrainer
+from torchrun import run_workers
 
-REPO = Path(__file__).resolve().parents[1]
 B = 2
 STEPS = 4
 OVER = ["log_every=1", "val_every=2", f"sample_every={STEPS}", "save_every=2", "tensorboard=false",
@@ -83,12 +80,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -96,17 +88,8 @@ def _worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def test_fsdp_matches_single_process_and_resumes_exactly(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
     runs = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(runs), json.dumps([*OVER, f"batch_size={B}", "device=cpu", "strategy=fsdp"])]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_workers(tmp_path, WORKER, str(runs), json.dumps([*OVER, f"batch_size={B}", "device=cpu", "strategy=fsdp"]))
     assert (tmp_path / "ok-rank0").is_file()
     assert json.loads((tmp_path / "ok-rank1").read_text()) == [], "rank 1 wrote into a run folder"
 

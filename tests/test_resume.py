@@ -32,12 +32,7 @@ OVER = ["log_every=1", "val_every=2", "sample_every=0", "save_every=2", "tensorb
         "min_snr_gamma=5", "caption_dropout=0.3", "grad_accum=2", "batch_size=2", "optim.schedule=cosine"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _assert_same_state(a: Path, b: Path) -> None:

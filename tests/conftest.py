@@ -1,0 +1,15 @@
+"""Shared fixtures."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks run fastest on one thread, and OpenMP threads spin badly on the shared 2-core machine
+    (measured for the CLIP test: 6 s with one thread, 35 s with two while other jobs ran). Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``; tests may also request it by name."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
