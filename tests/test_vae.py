@@ -9,6 +9,7 @@ import torch
 
 from estable.config import VAEConfig
 from estable.models.vae import AutoencoderKL, DiagonalGaussian
+from test_unet import randomize_, rel_err
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -31,19 +32,6 @@ def diffusers_vae_kwargs(cfg: VAEConfig) -> dict[str, Any]:
         scaling_factor=cfg.scaling_factor,
         mid_block_add_attention=cfg.mid_attention,
     )
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Perturb the 1-D parameters (norm scales, biases), which default to 1 and 0 and would hide swaps."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 CONFIGS: dict[str, VAEConfig] = {
