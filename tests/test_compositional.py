@@ -236,24 +236,23 @@ def test_scene_objects_helper_is_consistent() -> None:
     assert render(scene, 16).size == (16, 16)
 
 
-def test_model_generator_batches_runs_of_one_prompt(monkeypatch) -> None:
-    # The pipeline adapter, with a stand-in pipeline: one txt2img call per run of a prompt with consecutive seeds.
+def test_model_generator_passes_prompts_seeds_and_settings(monkeypatch) -> None:
+    # The pipeline adapter, with a stand-in pipeline: the prompts and seeds go through unchanged, with the
+    # command's steps and guidance.
     import estable.pipeline
     from estable.cli_eval import model_generator
 
     calls = []
 
     class FakePipeline:
-        def txt2img(self, params):  # noqa: ANN001, ANN202
-            calls.append((params.prompt, params.seed, params.batch_size, params.steps, params.cfg_scale))
-            seeds = [params.seed + k for k in range(params.batch_size)]
-            images = [Image.new("RGB", (8, 8)) for _ in seeds]
-            return type("Result", (), {"images": images, "seeds": seeds})()
+        def txt2img_each(self, prompts, seeds, params):  # noqa: ANN001, ANN202
+            calls.append((list(prompts), list(seeds), params.steps, params.cfg_scale))
+            return [Image.new("RGB", (8, 8)) for _ in seeds]
 
     monkeypatch.setattr(estable.pipeline, "load_pipeline", lambda *a, **k: FakePipeline())
     args = argparse.Namespace(model="x.safetensors", steps=7, cfg=3.0, sampler=None, size=None, device="cpu",
                               dtype="auto")
     generate = model_generator(args)
-    images = generate(["a", "a", "a", "b", "b", "a"], [10, 11, 12, 13, 14, 20])
-    assert len(images) == 6
-    assert calls == [("a", 10, 3, 7, 3.0), ("b", 13, 2, 7, 3.0), ("a", 20, 1, 7, 3.0)]
+    images = generate(["a", "a", "b", "a"], [10, 11, 13, 20])
+    assert len(images) == 4
+    assert calls == [(["a", "a", "b", "a"], [10, 11, 13, 20], 7, 3.0)]

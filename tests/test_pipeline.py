@@ -11,6 +11,7 @@ The sensitivity checks show that a changed seed or sampler moves pixels far more
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 import warnings
@@ -367,6 +368,24 @@ def test_progress_callback_and_long_prompt(ours):
     long_prompt = ", ".join(f"word{i}" for i in range(60))  # > 75 tokens: two windows, negative padded to two
     res = pipe.txt2img(_params("euler", steps=2, prompt=long_prompt + ", (red:1.3)"))
     assert res.images[0].size == (SIZE, SIZE)
+
+
+def test_txt2img_each_matches_one_prompt_at_a_time(ours):
+    """Mixed prompts (one of two 75-token windows) in shared batches give each prompt's own txt2img image."""
+    pipe = ours["epsilon"]
+    long_prompt = ", ".join(f"word{i}" for i in range(60))
+    prompts = ["a red circle", "a blue square", long_prompt, "a red circle", "green"]
+    seeds = [5, 9, 2, 6, 11]
+    base = _params("dpmpp_2m_karras", steps=3)
+    got = pipe.txt2img_each(prompts, seeds, base, batch=3)
+    assert len(got) == 5
+    for prompt, seed, image in zip(prompts, seeds, got):
+        alone = pipe.txt2img(dataclasses.replace(base, prompt=prompt, seed=seed)).images[0]
+        assert _max_diff(_pixels([alone]), _pixels([image])) <= 1, prompt
+    # the images differ from one another: each got its own prompt and noise
+    assert _max_diff(_pixels(got[:1]), _pixels(got[3:4])) > 10
+    with pytest.raises(EstableError, match="one seed per prompt"):
+        pipe.txt2img_each(prompts, seeds[:2], base)
 
 
 def test_fp16_decode_falls_back_to_fp32(ours, monkeypatch):

@@ -155,3 +155,14 @@ def test_unet_only_with_ema_and_fp16_file(base, tmp_path):
     for k, v in downs.items():
         assert torch.equal(v, tr.ema.shadow[k].to(torch.float16)), k
     assert any(not torch.equal(tr.ema.shadow[k], live[k]) for k in live)
+
+
+def test_fp16_base_file_trains_in_fp32(base, tmp_path):
+    """An fp16 base file (as `estable train export --dtype fp16` writes the default model) trains on the CPU: the
+    frozen base is loaded in fp32."""
+    half = save_model(load_model(base), tmp_path / "half.safetensors", to="estable", dtype="fp16")
+    cfg = load_config("lora", "tiny-lora", [*QUIET, f"base={half}", "max_steps=2", "save_every=2"])
+    tr = LoRATrainer(cfg, tmp_path / "r", progress=False)
+    assert all(p.dtype == torch.float32 for p in tr.unet.parameters())
+    tr.train()
+    assert (tmp_path / "r" / "lora.safetensors").is_file()

@@ -3,7 +3,14 @@
 #
 #   recipes/default/train_gpu.sh stage1 OUT   # VAE and CLIP side by side on one GPU; their exports into OUT
 #   recipes/default/train_gpu.sh stage2 OUT   # U-Net on those exports; the assembled fp16 model into OUT
-#   recipes/default/train_gpu.sh eval   OUT   # compositional accuracy (judge) and speed of the assembled model
+#   recipes/default/train_gpu.sh eval   OUT   # guidance sweep, then compositional accuracy, FID and CLIP score
+#                                             # at the recommended CFG, and GPU generation speed
+#   recipes/default/train_gpu.sh bench1 OUT   # 40 s of the U-Net run on one GPU (the scaling baseline)
+#   recipes/default/train_gpu.sh lora   OUT   # a LoRA on the assembled model (the LoRA trainer on a GPU)
+#   recipes/default/train_gpu.sh all    OUT   # all of it in order on a 2-GPU machine
+#
+# GPUs: stage 1 puts the VAE on GPU_VAE and CLIP on GPU_CLIP (default 0 and 0: one GPU); stage 2 runs the
+# U-Net on NPROC GPUs (default 1) with torchrun and DistributedDataParallel, batch_size images per GPU.
 #
 # Runs live in runs/default-{vae,clip,unet}; each stage stops by its time budget (max_minutes) with a
 # checkpoint, and calling it again resumes (RESUME=1). Stage 2 needs stage 1's exports in runs/ (carried back
@@ -18,32 +25,80 @@ here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out" runs
 export PYTHONUNBUFFERED=1
 estable() { python3 -m estable.cli "$@"; }
+stamp() { echo "$(date -u +%H:%M:%S) $*" | tee -a "$out/progress.txt"; }
+last_png() { local f; for f in "$1"/*.png; do :; done; if [ -e "$f" ]; then cp "$f" "$2"; fi; }
 resume() { [ -n "${RESUME:-}" ] && [ -d "runs/default-$1" ] && echo --resume || true; }
 
 case "$stage" in
 stage1)
-  estable train vae --config "$here/vae.json" --run-dir runs/default-vae $(resume vae) --no-progress \
-      max_minutes="${VAE_MINUTES:-7}" ${EXTRA:-} >"$out/vae.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=${GPU_VAE:-0} estable train vae --config "$here/vae.json" --run-dir runs/default-vae \
+      $(resume vae) --no-progress max_minutes="${VAE_MINUTES:-7}" ${EXTRA:-} >"$out/vae.log" 2>&1 &
   vae=$!
-  estable train clip --config "$here/clip.json" --run-dir runs/default-clip $(resume clip) --no-progress \
-      max_minutes="${CLIP_MINUTES:-5}" ${EXTRA:-} >"$out/clip.log" 2>&1
+  CUDA_VISIBLE_DEVICES=${GPU_CLIP:-0} estable train clip --config "$here/clip.json" --run-dir runs/default-clip \
+      $(resume clip) --no-progress max_minutes="${CLIP_MINUTES:-5}" ${EXTRA:-} >"$out/clip.log" 2>&1
   wait "$vae"
   cp runs/default-vae/log.jsonl "$out/vae_log.jsonl"; cp runs/default-clip/log.jsonl "$out/clip_log.jsonl"
   last=$(cat runs/default-vae/checkpoints/latest)
   cp "runs/default-vae/checkpoints/$last/model.safetensors" "$out/vae_model.safetensors"
   cp runs/default-clip/text_encoder.safetensors "$out/text_encoder.safetensors"
+  last_png runs/default-vae/samples "$out/vae_samples.png"
   tail -n 2 "$out/vae.log" "$out/clip.log"
   ;;
+bench1)
+  CUDA_VISIBLE_DEVICES=${GPU:-0} estable train unet --config "$here/unet.json" --run-dir runs/bench-unet-1gpu \
+      --no-progress max_minutes=0.67 log_every=10 val_every=0 sample_every=0 save_every=0 ${EXTRA:-} \
+      >"$out/bench1.log" 2>&1
+  cp runs/bench-unet-1gpu/log.jsonl "$out/bench1_log.jsonl"
+  ;;
 stage2)
-  estable train unet --config "$here/unet.json" --run-dir runs/default-unet $(resume unet) --no-progress \
+  launch=(python3 -m estable.cli)
+  [ "${NPROC:-1}" -gt 1 ] && launch=(python3 -m torch.distributed.run --standalone --nproc_per_node "$NPROC"
+                                     -m estable.cli)
+  "${launch[@]}" train unet --config "$here/unet.json" --run-dir runs/default-unet $(resume unet) --no-progress \
       max_minutes="${UNET_MINUTES:-8.5}" ${EXTRA:-} 2>&1 | tee "$out/unet.log" | tail -n 3
   cp runs/default-unet/log.jsonl "$out/unet_log.jsonl"
-  ls runs/default-unet/samples/*.png >/dev/null 2>&1 && cp "$(ls runs/default-unet/samples/*.png | tail -n 1)" "$out/"
+  last_png runs/default-unet/samples "$out/unet_samples.png"
   estable train export runs/default-unet runs/model.safetensors --dtype fp16 --overwrite
   split -b 15M runs/model.safetensors "$out/model.part-"
   ;;
+lora)
+  CUDA_VISIBLE_DEVICES=${GPU:-0} estable train lora --config "$here/lora.json" --run-dir runs/default-lora \
+      $(resume lora) --no-progress max_minutes="${LORA_MINUTES:-1.5}" ${EXTRA:-} >"$out/lora.log" 2>&1
+  cp runs/default-lora/log.jsonl "$out/lora_log.jsonl"
+  last_png runs/default-lora/samples "$out/lora_samples.png"
+  ;;
 eval)
-  estable eval compositional --model runs/model.safetensors --out "$out/compositional.json" 2>&1 | tail -n 20
+  m=runs/model.safetensors
+  e() { CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m estable.cli eval "$@"; }
+  e guidance-sweep --model $m --out "$out/sweep" ${SWEEP:-} 2>&1 | grep -v '%|' | tail -n 12
+  cfg=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['recommended_cfg'])" "$out/sweep/sweep.json")
+  stamp "sweep done, cfg $cfg"
+  e compositional --model $m --cfg "$cfg" --out "$out/compositional.json" ${COMPOSITIONAL:-} 2>&1 | grep -v '%|' | tail -n 20
+  stamp "compositional done"
+  e fid --cfg "$cfg" --fake model:$m --real "shapes:${FID_COUNT:-10000}" --split heldout --batch-size 256 \
+      --out "$out/fid.json" 2>&1 | grep -v '%|' | tail -n 3
+  stamp "fid done"
+  e clipscore --model $m --cfg "$cfg" --clip runs/default-clip --out "$out/clipscore.json" ${CLIPSCORE:-} 2>&1 \
+      | grep -v '%|' | tail -n 8
+  stamp "clipscore done"
+  ;;
+speed)
+  CUDA_VISIBLE_DEVICES=${GPU:-0} python3 benchmarks/generate_speed.py --model runs/model.safetensors \
+      --device "${DEVICE:-cuda}" --batch 1 --batch 16 ${SPEED:-} | tee "$out/speed.txt"
+  ;;
+all)
+  # The whole recipe on a 2-GPU machine: VAE and CLIP on one GPU each; the 1-GPU U-Net baseline; the U-Net on
+  # both GPUs; then the evaluation on GPU 0 while GPU 1 trains a LoRA and measures generation speed.
+  me=$0
+  stamp "stage1"; GPU_VAE=0 GPU_CLIP=1 "$me" stage1 "$out"
+  stamp "bench1"; GPU=0 "$me" bench1 "$out"
+  stamp "stage2"; NPROC=${NPROC:-2} "$me" stage2 "$out"
+  stamp "eval + lora + speed"
+  (GPU=1 "$me" lora "$out"; GPU=1 "$me" speed "$out") >"$out/side.log" 2>&1 &
+  side=$!
+  GPU=0 "$me" eval "$out" >"$out/eval.log" 2>&1 || stamp "eval failed"
+  wait "$side" || stamp "lora/speed failed"
+  stamp "done"
   ;;
 *)
   echo "unknown stage $stage" >&2; exit 2 ;;

@@ -75,13 +75,13 @@ def model_generator(args: argparse.Namespace, pipe: Any = None) -> Callable[[lis
     """A ``generate(prompts, seeds) -> images`` for ``args.model``: real renders for 'shapes', else a pipeline
     (``pipe`` when given, so that one loaded model serves several settings, else loaded from ``args.model``).
 
-    Runs of one prompt with consecutive seeds become one ``txt2img`` batch (image k of a batch uses seed + k).
+    Up to 32 images, whatever their prompts, share one sampler run (``Pipeline.txt2img_each``).
     """
     if args.model == "shapes":
         from .evaluation.compositional import render_generator
 
         return render_generator(args.size or 256)
-    from .params import MAX_BATCH, GenerationParams
+    from .params import GenerationParams
 
     if pipe is None:
         pipe = load_model_pipeline(args)
@@ -89,19 +89,7 @@ def model_generator(args: argparse.Namespace, pipe: Any = None) -> Callable[[lis
     base = GenerationParams(steps=args.steps, cfg_scale=args.cfg, width=args.size, height=args.size, **extra)
 
     def generate(prompts: list[str], seeds: list[int]) -> list[Any]:
-        images: list[Any] = []
-        i = 0
-        while i < len(prompts):
-            j = i + 1
-            while j < len(prompts) and j - i < MAX_BATCH and prompts[j] == prompts[i] and seeds[j] == seeds[j - 1] + 1:
-                j += 1
-            params = GenerationParams(**{**base.to_dict(), "prompt": prompts[i], "seed": seeds[i], "batch_size": j - i})
-            result = pipe.txt2img(params)
-            if list(result.seeds) != list(seeds[i:j]):
-                raise EstableError(f"the pipeline used seeds {result.seeds}, expected {seeds[i:j]}")
-            images.extend(result.images)
-            i = j
-        return images
+        return pipe.txt2img_each(prompts, seeds, base)
 
     return generate
 
@@ -234,8 +222,8 @@ def _image_set(spec: str, args: argparse.Namespace, seed: int, n_default: int | 
         world = ShapesWorld(args.split, FID_PROMPT_SEED)
 
         def stream() -> Iterator[Any]:
-            for start in range(0, n, 8):
-                idx = range(start, min(start + 8, n))
+            for start in range(0, n, 32):
+                idx = range(start, min(start + 32, n))
                 yield from generate([world.scene(i).caption for i in idx], [FID_PROMPT_SEED * 100_000 + i for i in idx])
 
         return stream(), n

@@ -332,6 +332,47 @@ class Pipeline:
         """Generate ``batch_size × batch_count`` images from text."""
         return self._run("txt2img", params, None, None, callback)
 
+    def txt2img_each(
+        self, prompts: Sequence[str], seeds: Sequence[int], params: GenerationParams, *, batch: int = 32
+    ) -> list[Image.Image]:
+        """One image per (prompt, seed) pair, ``batch`` images per sampler run whatever their prompts; the other
+        settings come from ``params`` (its prompt, seed and batch fields are ignored). Image i is the image
+        ``txt2img`` gives for ``prompts[i]`` with seed ``seeds[i]``, up to batched-arithmetic rounding. For
+        evaluation, where every image has its own prompt: no infotexts or records."""
+        if len(prompts) != len(seeds):
+            raise EstableError(f"{len(prompts)} prompts but {len(seeds)} seeds: one seed per prompt")
+        if batch < 1:
+            raise EstableError(f"batch must be positive, got {batch}")
+        params = dataclasses.replace(params, prompt=prompts[0] if prompts else "", batch_size=1, batch_count=1)
+        params.validate()
+        params = params.resolved()
+        spec = resolve_sampler(params.sampler)
+        width, height = self._size(params, None)
+        if self.config.unet.in_channels != 4:
+            raise EstableError(f"this U-Net has {self.config.unet.in_channels} input channels (an inpainting model)")
+        try:
+            plan = make_sigmas(spec, self.config.schedule, params.steps)
+        except ValueError as exc:
+            raise EstableError(str(exc)) from None
+        clip_skip = params.clip_skip or self.config.clip_skip
+        contexts = [self.encode_prompts(p, params.negative_prompt, clip_skip=clip_skip, weighting=params.weighting)
+                    for p in prompts]
+        images: list[Image.Image] = []
+        start = 0
+        while start < len(prompts):
+            # Consecutive prompts whose contexts have the same length (the same number of 75-token chunks).
+            end = start + 1
+            while end < len(prompts) and end - start < batch and \
+                    contexts[end][0].shape == contexts[start][0].shape:
+                end += 1
+            cond = torch.cat([c for c, _ in contexts[start:end]])  # (B, T, D)
+            uncond = torch.cat([u for _, u in contexts[start:end]])
+            z = self._sample("txt2img", params, spec, plan, seeds[start:end], cond, uncond, None, None,
+                             width, height, lambda *_: None)
+            images.extend(to_pil(self._decode(z)[0]))
+            start = end
+        return images
+
     def img2img(
         self, image: Image.Image, params: GenerationParams, *, callback: ProgressCallback | None = None
     ) -> GenerationResult:
@@ -511,6 +552,7 @@ class Pipeline:
         shape = (1, lc, height // f, width // f)
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         cfg = float(params.cfg_scale) > 1.0
+        # cond / uncond: (1, T, D) for one prompt or (B, T, D) for one prompt per image
         context = torch.cat([uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1)]) if cfg else \
             cond.expand(batch, -1, -1)  # (2B or B, T, D)
 

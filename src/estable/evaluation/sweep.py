@@ -45,7 +45,7 @@ def parse_cfgs(text: str) -> list[float]:
 
 
 def _stream(generate: Generator, captions: Sequence[str], seeds: Sequence[int],
-            chunk: int = 8) -> Iterator[Image.Image]:
+            chunk: int = 32) -> Iterator[Image.Image]:
     for start in range(0, len(captions), chunk):
         yield from generate(list(captions[start : start + chunk]), list(seeds[start : start + chunk]))
 

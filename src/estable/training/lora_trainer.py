@@ -114,7 +114,7 @@ class LoRATrainer(UNetTrainer):
         cfg, lc = self.config, self.config.lora
         if not Path(cfg.base).exists():
             raise EstableError(f"base model {cfg.base!r} does not exist")
-        base = load_model(cfg.base)
+        base = load_model(cfg.base, dtype="fp32")  # frozen base in fp32 (an fp16 file too); autocast computes
         self.base_config = base.config
         unet, vae, text = base.unet, base.vae, base.text_encoder
         self.tokenizer = base.require_tokenizer()
