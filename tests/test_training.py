@@ -204,6 +204,18 @@ def test_ssim_identity_and_numpy_reference():
         ssim(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8))
 
 
+def test_ssim_is_float32_under_bf16_autocast():
+    """Flat images with small differences (a shapes-world background): in bf16 the variances cancel to garbage."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.full((2, 3, 32, 32), 0.37) + 0.01 * torch.randn(2, 3, 32, 32, generator=g)
+    y = x + 0.02 * torch.randn(x.shape, generator=g)
+    want = ssim(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ssim(x, y)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------ EMA, LR, data
 
 

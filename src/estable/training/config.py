@@ -371,6 +371,10 @@ class VAETrainConfig(TrainConfig):
     disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     sample_count: int = 4  # images in the reconstruction grid
     ema_decay: float | None = None
+    # A fresh VAE's posterior starts at σ ≈ 1, so its decoder first sees mostly noise. init_logvar (e.g. -6)
+    # sets the log σ² half of quant_conv's bias, starting from a nearly deterministic autoencoder; the KL term
+    # then widens σ as it needs. None: the layer's default initialisation. Ignored with init_from.
+    init_logvar: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -77,7 +77,10 @@ def ssim(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 2.0, window_si
     kernel = torch.outer(g, g).expand(c, 1, window_size, window_size)  # (C, 1, k, k) depthwise
 
     def blur(t: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) → (B, C, H-k+1, W-k+1)
-        return F.conv2d(t, kernel, groups=c)
+        # Never under bf16/fp16 autocast: σ² = E[x²] − μ² cancels catastrophically in 8 mantissa bits, which
+        # sends SSIM's denominator to zero and its gradients to thousands (a bf16 VAE run diverged so).
+        with torch.autocast(t.device.type, enabled=False):
+            return F.conv2d(t, kernel, groups=c)
 
     mu_x, mu_y = blur(x), blur(y)
     sxx = blur(x * x) - mu_x * mu_x

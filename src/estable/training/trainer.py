@@ -851,6 +851,9 @@ class VAETrainer(Trainer):
         if cfg.init_from:
             vae.load_state_dict(self._init_weights, strict=True)
             del self._init_weights
+        elif cfg.init_logvar is not None:
+            with torch.no_grad():
+                vae.quant_conv.bias[cfg.model.latent_channels:].fill_(cfg.init_logvar)  # moments = [μ, log σ²]
         disc = None
         if cfg.disc.enabled:
             disc = PatchDiscriminator(cfg.model.in_channels, cfg.disc.channels, cfg.disc.layers)
