@@ -7,6 +7,7 @@ import dataclasses
 from collections import Counter
 
 import pytest
+import torch
 from PIL import Image
 
 from estable.evaluation.compositional import (
@@ -245,8 +246,10 @@ def test_model_generator_passes_prompts_seeds_and_settings(monkeypatch) -> None:
     calls = []
 
     class FakePipeline:
-        def txt2img_each(self, prompts, seeds, params):  # noqa: ANN001, ANN202
-            calls.append((list(prompts), list(seeds), params.steps, params.cfg_scale))
+        device = torch.device("cpu")
+
+        def txt2img_each(self, prompts, seeds, params, *, batch):  # noqa: ANN001, ANN202
+            calls.append((list(prompts), list(seeds), params.steps, params.cfg_scale, batch))
             return [Image.new("RGB", (8, 8)) for _ in seeds]
 
     monkeypatch.setattr(estable.pipeline, "load_pipeline", lambda *a, **k: FakePipeline())
@@ -255,4 +258,4 @@ def test_model_generator_passes_prompts_seeds_and_settings(monkeypatch) -> None:
     generate = model_generator(args)
     images = generate(["a", "a", "b", "a"], [10, 11, 13, 20])
     assert len(images) == 4
-    assert calls == [(["a", "a", "b", "a"], [10, 11, 13, 20], 7, 3.0)]
+    assert calls == [(["a", "a", "b", "a"], [10, 11, 13, 20], 7, 3.0, 8)]  # CPU: 8 images per sampler run

@@ -44,7 +44,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         description="Convert a model: SRC is an SD .safetensors file (or, with --allow-pickle, a .ckpt), a "
         "diffusers folder or an Estable file; DST is written atomically in the --to format.",
     )
-    p.add_argument("src", metavar="SRC", help="checkpoint file or diffusers folder to read")
+    p.add_argument("src", metavar="SRC",
+                   help='checkpoint file or diffusers folder to read ("default": the built-in model)')
     p.add_argument("dst", metavar="DST", help="file (ldm, estable: *.safetensors) or folder (diffusers) to write")
     p.add_argument("--to", required=True, choices=("ldm", "diffusers", "estable"), help="output format")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="convert the weights (default: keep)")
@@ -55,6 +56,15 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                    help="override the prediction type (LDM files do not record it)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=_cmd_convert)
+
+
+def _source(src: str) -> str:
+    """``src``, or the built-in model's file for "default" (when no file or folder of that name exists)."""
+    if src == "default" and not Path(src).exists():
+        from .pipeline import default_model_path
+
+        return str(default_model_path())
+    return src
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -77,7 +87,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         bar.set_description_str(label)
 
     try:
-        model = load_model(args.src, allow_pickle=args.allow_pickle, ema=args.ema,
+        model = load_model(_source(args.src), allow_pickle=args.allow_pickle, ema=args.ema,
                            prediction_type=args.prediction_type, progress=stage)
         out = save_model(model, dst, to=args.to, dtype=args.dtype, overwrite=args.overwrite, progress=stage)
         bar.update(1)
@@ -93,7 +103,7 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="describe a checkpoint file or diffusers folder (reads headers only)",
                        description="Describe a checkpoint: format, family, components, dtypes, prediction "
                        "type, resolution, size and hashes. Networks are not built.")
-    p.add_argument("path", metavar="FILE_OR_FOLDER")
+    p.add_argument("path", metavar="FILE_OR_FOLDER", help='a checkpoint, or "default" for the built-in model')
     p.add_argument("--json", action="store_true", help="print the description as JSON")
     p.add_argument("--no-hash", action="store_true", help="skip the SHA-256 (slow on multi-GB files)")
     p.add_argument("--allow-pickle", action="store_true",
@@ -105,7 +115,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .checkpoints.info import describe, format_info
 
     try:
-        info = describe(args.path, hashes=not args.no_hash, allow_pickle=args.allow_pickle)
+        info = describe(_source(args.path), hashes=not args.no_hash, allow_pickle=args.allow_pickle)
     except OSError as exc:
         raise _os_error(exc, args.path) from exc
     print(json.dumps(info, indent=2) if args.json else format_info(info))

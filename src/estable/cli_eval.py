@@ -75,7 +75,8 @@ def model_generator(args: argparse.Namespace, pipe: Any = None) -> Callable[[lis
     """A ``generate(prompts, seeds) -> images`` for ``args.model``: real renders for 'shapes', else a pipeline
     (``pipe`` when given, so that one loaded model serves several settings, else loaded from ``args.model``).
 
-    Up to 32 images, whatever their prompts, share one sampler run (``Pipeline.txt2img_each``).
+    Up to 32 images on a GPU (8 on the CPU), whatever their prompts, share one sampler run
+    (``Pipeline.txt2img_each``).
     """
     if args.model == "shapes":
         from .evaluation.compositional import render_generator
@@ -88,8 +89,11 @@ def model_generator(args: argparse.Namespace, pipe: Any = None) -> Callable[[lis
     extra = {} if args.sampler is None else {"sampler": args.sampler}
     base = GenerationParams(steps=args.steps, cfg_scale=args.cfg, width=args.size, height=args.size, **extra)
 
+    # Large batches pay on a GPU; on the CPU, 256² decodes of 32 images at once ran 2-3× slower per image than 8.
+    batch = 32 if pipe.device.type == "cuda" else 8
+
     def generate(prompts: list[str], seeds: list[int]) -> list[Any]:
-        return pipe.txt2img_each(prompts, seeds, base)
+        return pipe.txt2img_each(prompts, seeds, base, batch=batch)
 
     return generate
 

@@ -12,6 +12,7 @@ Wire it into ``estable.cli.build_parser`` with ``add_generate_commands(sub)``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -110,7 +111,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    f"(default {d.sampler}; an unknown name lists them all)")
     p.add_argument("--steps", type=int, metavar="N", help=f"sampling steps (default {d.steps})")
     p.add_argument("--cfg", type=float, metavar="F",
-                   help=f"classifier-free guidance scale; ≤ 1 turns guidance off (default {d.cfg_scale:g})")
+                   help=f"classifier-free guidance scale; ≤ 1 turns guidance off (default: the model's "
+                   f"recommended scale if its file records one, else {d.cfg_scale:g})")
     p.add_argument("--seed", type=int, metavar="N",
                    help="seed of the first image; image k of the run uses seed + k (default -1: random)")
     p.add_argument("--size", metavar="WxH",
@@ -214,6 +216,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     pipe = load_pipeline(_model_source(args, record), device=args.device or "auto", dtype=args.dtype or "auto",
                          allow_pickle=bool(args.allow_pickle))
+    if args.cfg is None and record is None and pipe.config.default_cfg is not None:
+        params = dataclasses.replace(params, cfg_scale=float(pipe.config.default_cfg))
     with _progress() as callback:
         if args.mode == "txt2img":
             result = pipe.txt2img(params, callback=callback)

@@ -236,8 +236,13 @@ class ModelConfig(_Config):
     # Which text-encoder hidden state conditions the U-Net: 1 = the last layer, 2 = the penultimate
     # (SD 2.x, A1111's "clip skip 2"), always followed by the final LayerNorm.
     clip_skip: int = 1
+    # The guidance scale this model was measured best at (Estable's default model: its guidance sweep); the
+    # generate command uses it when no --cfg is given. None: GenerationParams' default (7).
+    default_cfg: float | None = None
 
     def __post_init__(self) -> None:
+        if self.default_cfg is not None and not 0.0 <= float(self.default_cfg) <= 100.0:
+            raise ValueError(f"ModelConfig.default_cfg must be between 0 and 100, not {self.default_cfg!r}")
         if self.unet.context_dim != self.text.width:
             raise ValueError(
                 f"ModelConfig: the U-Net's context_dim ({self.unet.context_dim}) must equal the text "
