@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 CLIP_VOCAB := .cache/clip/bpe_simple_vocab_16e6.txt.gz
 
-.PHONY: install dev test lint clean
+.PHONY: install dev demo test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ $(CLIP_VOCAB):
 install: $(VENV)/.installed
 
 dev: $(VENV)/.dev $(CLIP_VOCAB)
+
+# The built-in model on a prompt, offline: writes outputs/demo.png and prints its path.
+DEMO_PROMPT ?= a red circle above a blue square
+demo: install
+	mkdir -p outputs
+	$(VENV)/bin/estable generate "$(DEMO_PROMPT)" --seed 1 --device cpu --out outputs/demo.png >/dev/null
+	@echo "wrote $(CURDIR)/outputs/demo.png  (prompt: $(DEMO_PROMPT))"
 
 lint: dev
 	$(VENV)/bin/ruff check src tests
