@@ -360,7 +360,7 @@ class Pipeline:
         images: list[Image.Image] = []
         start = 0
         while start < len(prompts):
-            # Consecutive prompts whose contexts have the same length (the same number of 75-token chunks).
+            # Consecutive prompts whose contexts have the same length (the same number of token windows).
             end = start + 1
             while end < len(prompts) and end - start < batch and \
                     contexts[end][0].shape == contexts[start][0].shape:

@@ -91,6 +91,7 @@ def _config_summary(config: ModelConfig) -> dict[str, Any]:
         "resolution": side,
         "latent_size": config.unet.sample_size,
         "clip_skip": config.clip_skip,
+        "default_cfg": config.default_cfg,
     }
 
 
@@ -323,6 +324,8 @@ def format_info(info: dict[str, Any]) -> str:
         row("resolution", f"{side}x{side} (latents {latent}x{latent}){hint}")
     if info.get("clip_skip") and info["clip_skip"] != 1:
         row("clip skip", str(info["clip_skip"]))
+    if info.get("default_cfg") is not None:
+        row("guidance", f"CFG {info['default_cfg']:g} by default (recorded in the file)")
     if info.get("tokenizer"):
         row("tokenizer", str(info["tokenizer"]))
     if "file_size" in info:
