@@ -49,7 +49,8 @@ def test_default_model_is_shipped_small_and_documented(pipe):
     assert pipe.native_size == (256, 256) and pipe.config.vae.latent_channels == 4 and pipe.factor == 8
     assert pipe.config.default_cfg is not None
     info = describe(DEFAULT_MODEL_PATH, hashes=False)
-    assert info["default_cfg"] == pipe.config.default_cfg and f"CFG {info['default_cfg']:g} by default" in format_info(info)
+    assert info["default_cfg"] == pipe.config.default_cfg
+    assert f"CFG {info['default_cfg']:g} by default" in format_info(info)
     total = sum(p.numel() for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters())
     assert 10e6 < total < 15e6
 
