@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import estable.cli as cli
+import estable.pipeline
 from estable.cli_generate import parse_size
 from estable.errors import EstableError
 
@@ -133,11 +134,12 @@ def test_img2img_and_inpaint(run, model, tmp_path, folders):  # noqa: F811
         (["inpaint", "x", "--image", "{img}", "--mask", "{small}"], "must have the same size"),
         (["generate", "x", "--from-png", "{tmp}/missing.png"], "no such file"),
         (["generate", "x", "--model", "{tmp}/missing.safetensors"], "no such file or folder"),
-        (["generate", "x"], "default model is not available"),
+        (["generate", "x"], "default model is not available"),  # an install without the built-in model
         (["png-info", "{img}"], "carries no generation parameters"),
     ],
 )
-def test_bad_input_is_one_line_exit_2(run, tmp_path, argv, needle):
+def test_bad_input_is_one_line_exit_2(run, tmp_path, monkeypatch, argv, needle):
+    monkeypatch.setattr(estable.pipeline, "DEFAULT_MODEL_PATH", tmp_path / "absent.safetensors")
     img = tmp_path / "img.png"
     Image.new("RGB", (64, 64)).save(img)
     Image.new("L", (32, 64)).save(tmp_path / "small.png")
