@@ -344,17 +344,7 @@ class Pipeline:
         if batch < 1:
             raise EstableError(f"batch must be positive, got {batch}")
         params = dataclasses.replace(params, prompt=prompts[0] if prompts else "", batch_size=1, batch_count=1)
-        params.validate()
-        params = params.resolved()
-        spec = resolve_sampler(params.sampler)
-        width, height = self._size(params, None)
-        if self.config.unet.in_channels != 4:
-            raise EstableError(f"this U-Net has {self.config.unet.in_channels} input channels (an inpainting model)")
-        try:
-            plan = make_sigmas(spec, self.config.schedule, params.steps)
-        except ValueError as exc:
-            raise EstableError(str(exc)) from None
-        clip_skip = params.clip_skip or self.config.clip_skip
+        params, spec, plan, width, height, clip_skip = self._setup("txt2img", params, None)
         contexts = [self.encode_prompts(p, params.negative_prompt, clip_skip=clip_skip, weighting=params.weighting)
                     for p in prompts]
         images: list[Image.Image] = []
@@ -460,6 +450,27 @@ class Pipeline:
             raise EstableError(f"width and height must be multiples of {f} for this model, got {width}x{height}")
         return width, height
 
+    def _setup(
+        self, mode: Mode, params: GenerationParams, image: Image.Image | None
+    ) -> tuple[GenerationParams, SamplerSpec, SigmaPlan, int, int, int]:
+        """Checked and resolved settings: (params, sampler, sigma plan, width, height, clip skip)."""
+        params.validate()
+        params = params.resolved()
+        spec = resolve_sampler(params.sampler)
+        width, height = self._size(params, image)
+        in_ch = self.config.unet.in_channels
+        if mode != "inpaint" and in_ch != 4:
+            raise EstableError(
+                f"this U-Net has {in_ch} input channels (an inpainting model); use it with the inpaint command"
+            )
+        if mode == "inpaint" and in_ch not in (4, 9):
+            raise EstableError(f"inpainting needs a U-Net with 4 or 9 input channels, this one has {in_ch}")
+        try:
+            plan = make_sigmas(spec, self.config.schedule, params.steps)
+        except ValueError as exc:
+            raise EstableError(str(exc)) from None
+        return params, spec, plan, width, height, params.clip_skip or self.config.clip_skip
+
     def _run(
         self,
         mode: Mode,
@@ -468,23 +479,7 @@ class Pipeline:
         mask: Image.Image | None,
         callback: ProgressCallback | None,
     ) -> GenerationResult:
-        params.validate()
-        params = params.resolved()
-        spec = resolve_sampler(params.sampler)
-        width, height = self._size(params, image)
-        clip_skip = params.clip_skip or self.config.clip_skip
-        in_ch = self.config.unet.in_channels
-        if mode != "inpaint" and in_ch != 4:
-            raise EstableError(
-                f"this U-Net has {in_ch} input channels (an inpainting model); use it with the inpaint command"
-            )
-        if mode == "inpaint" and in_ch not in (4, 9):
-            raise EstableError(f"inpainting needs a U-Net with 4 or 9 input channels, this one has {in_ch}")
-
-        try:
-            plan = make_sigmas(spec, self.config.schedule, params.steps)
-        except ValueError as exc:
-            raise EstableError(str(exc)) from None
+        params, spec, plan, width, height, clip_skip = self._setup(mode, params, image)
         if mode != "txt2img":
             # SDEdit entry point, as diffusers' get_timesteps: the last init_timestep steps of the schedule.
             init_timestep = min(int(params.steps * params.strength), params.steps)
