@@ -2,7 +2,8 @@
 
 Reports the median of N generations inside one process (model loaded once, one warm-up run first; per image,
 with ``--batch`` images per call) and the median of N whole `estable generate` commands (start-up, model loading
-and PNG writing included).
+and PNG writing included). On a GPU both ways of running the U-Net are measured side by side: eager and replayed
+CUDA graphs (the default).
 
     PYTHONPATH=src python benchmarks/generate_speed.py --model MODEL [--device cpu] [--threads 2] [--repeats 5]
     PYTHONPATH=src python benchmarks/generate_speed.py --model MODEL --device cuda --batch 1 --batch 16
@@ -48,21 +49,23 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    pipe = load_pipeline(args.model, device=args.device, dtype=dtype)
     per_batch: dict[str, dict[str, object]] = {}
-    for batch in args.batch or [1]:
-        params = GenerationParams(prompt=PROMPT, sampler="dpmpp_2m_karras", steps=args.steps, cfg_scale=args.cfg,
-                                  seed=1, width=args.size, height=args.size, batch_size=batch)
-        pipe.txt2img(params)  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            sync()
-            t0 = time.perf_counter()
-            pipe.txt2img(params)
-            sync()
-            times.append(time.perf_counter() - t0)
-        per_batch[str(batch)] = {"call_s_median": statistics.median(times), "call_s_all": times,
-                                 "per_image_s_median": statistics.median(times) / batch}
+    modes = {"eager": False, "cuda_graphs": True} if args.device.startswith("cuda") else {"eager": False}
+    for mode, graphs in modes.items():
+        pipe = load_pipeline(args.model, device=args.device, dtype=dtype, cuda_graphs=graphs)
+        for batch in args.batch or [1]:
+            params = GenerationParams(prompt=PROMPT, sampler="dpmpp_2m_karras", steps=args.steps,
+                                      cfg_scale=args.cfg, seed=1, width=args.size, height=args.size, batch_size=batch)
+            pipe.txt2img(params)  # warm-up (and, with graphs, the recording)
+            times = []
+            for _ in range(args.repeats):
+                sync()
+                t0 = time.perf_counter()
+                pipe.txt2img(params)
+                sync()
+                times.append(time.perf_counter() - t0)
+            per_batch[f"{mode} batch {batch}"] = {"call_s_median": statistics.median(times), "call_s_all": times,
+                                                  "per_image_s_median": statistics.median(times) / batch}
 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     whole = []

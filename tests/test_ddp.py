@@ -79,3 +79,36 @@ def test_two_processes_match_one_process_with_double_batch(tmp_path):
     for r, s in zip(log, single_log):
         assert abs(r["loss"] - s["loss"]) < 1e-5
         assert r["images_per_s"] == pytest.approx(2 * B * r["steps_per_s"])
+
+
+CACHE_WORKER = textwrap.dedent("""
+    import json, os, sys, torch
+    torch.set_num_threads(1)
+    from estable.training import distributed as D
+    from estable.training.config import load_config
+    from estable.training.trainer import UNetTrainer
+    cfg = load_config("unet", "tiny-unet", json.loads(sys.argv[2]))
+    trainer = UNetTrainer(cfg, sys.argv[1], progress=False)
+    data = trainer.train_data  # every rank holds the whole cache: both shares
+    torch.save({"mean": data.mean, "captions": data.captions},
+               os.path.join(os.path.dirname(sys.argv[1]), "cache-rank" + os.environ["RANK"] + ".pt"))
+    trainer.close()
+    D.cleanup()
+""")
+
+
+def test_latent_cache_is_shared_between_ranks(tmp_path):
+    """latents=cache under torchrun: each rank encodes half of the training set into its own share, and every
+    rank ends up with the whole cache, equal to the one a single process builds."""
+    import torch
+
+    over = ["latents=cache", "data.shapes_length=10", "tensorboard=false"]
+    run_workers(tmp_path, CACHE_WORKER, str(tmp_path / "ddp"), json.dumps([*over, "device=cpu"]))
+    shares = sorted(p.name for p in (tmp_path / "ddp").glob("latents_cache.*"))
+    assert shares == ["latents_cache.0-of-2.safetensors", "latents_cache.1-of-2.safetensors"]
+    ranks = [torch.load(tmp_path / f"cache-rank{r}.pt") for r in (0, 1)]
+    single = UNetTrainer(load_config("unet", "tiny-unet", over), tmp_path / "single", progress=False).train_data
+    assert len(single) == 10 and single.mean.dtype == torch.float16
+    for got in ranks:
+        assert got["captions"] == single.captions
+        torch.testing.assert_close(got["mean"], single.mean, rtol=1e-3, atol=1e-3)

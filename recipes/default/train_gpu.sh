@@ -9,6 +9,14 @@
 #   recipes/default/train_gpu.sh lora   OUT   # a LoRA on the assembled model (the LoRA trainer on a GPU)
 #   recipes/default/train_gpu.sh all    OUT   # all of it in order on a 2-GPU machine
 #
+# The shipped model went one step further: stage 2's model (runs/model-a.safetensors) trained on with
+# unet_continue.json (cached latents, 256 images per GPU):
+#   recipes/default/train_gpu.sh continue  OUT  # the U-Net from runs/model-a.safetensors on NPROC GPUs; model into OUT
+#   recipes/default/train_gpu.sh clip      OUT  # a CLIP pair alone (the CLIP-score judge)
+#   recipes/default/train_gpu.sh clipscore OUT  # CLIP score of runs/model.safetensors under runs/default-clip
+#   recipes/default/train_gpu.sh more      OUT  # continue on 2 GPUs; then eval on GPU 0 while GPU 1 trains the
+#                                               # judge CLIP, scores, trains a LoRA and measures speed
+#
 # GPUs: stage 1 puts the VAE on GPU_VAE and CLIP on GPU_CLIP (default 0 and 0: one GPU); stage 2 runs the
 # U-Net on NPROC GPUs (default 1) with torchrun and DistributedDataParallel, batch_size images per GPU.
 #
@@ -50,16 +58,29 @@ bench1)
       >"$out/bench1.log" 2>&1
   cp runs/bench-unet-1gpu/log.jsonl "$out/bench1_log.jsonl"
   ;;
-stage2)
+stage2|continue)
+  if [ "$stage" = stage2 ]; then config=unet.json; run=unet; else config=unet_continue.json; run=unet-more; fi
   launch=(python3 -m estable.cli)
   [ "${NPROC:-1}" -gt 1 ] && launch=(python3 -m torch.distributed.run --standalone --nproc_per_node "$NPROC"
                                      -m estable.cli)
-  "${launch[@]}" train unet --config "$here/unet.json" --run-dir runs/default-unet $(resume unet) --no-progress \
-      max_minutes="${UNET_MINUTES:-8.5}" ${EXTRA:-} 2>&1 | tee "$out/unet.log" | tail -n 3
-  cp runs/default-unet/log.jsonl "$out/unet_log.jsonl"
-  last_png runs/default-unet/samples "$out/unet_samples.png"
-  estable train export runs/default-unet runs/model.safetensors --dtype fp16 --overwrite
+  "${launch[@]}" train unet --config "$here/$config" --run-dir "runs/default-$run" $(resume "$run") --no-progress \
+      max_minutes="${UNET_MINUTES:-8.5}" ${EXTRA:-} 2>&1 | tee "$out/$run.log" | tail -n 3
+  cp "runs/default-$run/log.jsonl" "$out/${run}_log.jsonl"
+  last_png "runs/default-$run/samples" "$out/${run}_samples.png"
+  estable train export "runs/default-$run" runs/model.safetensors --dtype fp16 --overwrite
   split -b 15M runs/model.safetensors "$out/model.part-"
+  ;;
+clip)
+  CUDA_VISIBLE_DEVICES=${GPU:-0} estable train clip --config "$here/clip.json" --run-dir runs/default-clip \
+      $(resume clip) --no-progress max_minutes="${CLIP_MINUTES:-5}" ${EXTRA:-} >"$out/clip.log" 2>&1
+  cp runs/default-clip/log.jsonl "$out/clip_log.jsonl"
+  tail -n 2 "$out/clip.log"
+  ;;
+clipscore)
+  cfg=${CFG:-$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['recommended_cfg'])" "$out/sweep/sweep.json")}
+  CUDA_VISIBLE_DEVICES=${GPU:-0} python3 -m estable.cli eval clipscore --model runs/model.safetensors --cfg "$cfg" \
+      --clip runs/default-clip --out "$out/clipscore.json" ${CLIPSCORE:-} 2>&1 | grep -v '%|' | tail -n 8
+  stamp "clipscore done"
   ;;
 lora)
   CUDA_VISIBLE_DEVICES=${GPU:-0} estable train lora --config "$here/lora.json" --run-dir runs/default-lora \
@@ -78,9 +99,7 @@ eval)
   e fid --cfg "$cfg" --fake model:$m --real "shapes:${FID_COUNT:-10000}" --split heldout --batch-size 256 \
       --out "$out/fid.json" 2>&1 | grep -v '%|' | tail -n 3
   stamp "fid done"
-  e clipscore --model $m --cfg "$cfg" --clip runs/default-clip --out "$out/clipscore.json" ${CLIPSCORE:-} 2>&1 \
-      | grep -v '%|' | tail -n 8
-  stamp "clipscore done"
+  [ -n "${SKIP_CLIPSCORE:-}" ] || CFG=$cfg "$0" clipscore "$out"
   ;;
 speed)
   CUDA_VISIBLE_DEVICES=${GPU:-0} python3 benchmarks/generate_speed.py --model runs/model.safetensors \
@@ -99,6 +118,19 @@ all)
   GPU=0 "$me" eval "$out" >"$out/eval.log" 2>&1 || stamp "eval failed"
   wait "$side" || stamp "lora/speed failed"
   stamp "done"
+  ;;
+more)
+  me=$0
+  stamp "continue"; NPROC=${NPROC:-2} "$me" continue "$out"
+  stamp "eval + clip + clipscore + lora + speed"
+  (GPU=1 "$me" clip "$out"
+   for _ in $(seq 180); do [ -f "$out/sweep/sweep.json" ] && break; sleep 5; done  # clipscore: the sweep's CFG
+   [ -f "$out/sweep/sweep.json" ] || export CFG=5
+   GPU=1 "$me" clipscore "$out"; GPU=1 "$me" lora "$out"; GPU=1 "$me" speed "$out") >"$out/side.log" 2>&1 &
+  side=$!
+  GPU=0 SKIP_CLIPSCORE=1 "$me" eval "$out" >"$out/eval.log" 2>&1 || stamp "eval failed"
+  wait "$side" || stamp "side jobs failed"
+  stamp "ALL-FINISHED"
   ;;
 *)
   echo "unknown stage $stage" >&2; exit 2 ;;

@@ -132,6 +132,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to run (default auto: cuda if present)")
     p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"),
                    help="weights' precision (default auto: fp16 on cuda, fp32 on cpu)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on a GPU, run the U-Net eagerly instead of replaying CUDA graphs (debugging, profiling)")
     p.add_argument("--allow-pickle", action="store_true", default=None,
                    help="allow .ckpt/.pt pickle checkpoints (tensors only are loaded; trust the source)")
     p.add_argument("--from-png", metavar="FILE",
@@ -215,7 +217,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     _check_out(out)
 
     pipe = load_pipeline(_model_source(args, record), device=args.device or "auto", dtype=args.dtype or "auto",
-                         allow_pickle=bool(args.allow_pickle))
+                         cuda_graphs=args.cuda_graphs, allow_pickle=bool(args.allow_pickle))
     if args.cfg is None and record is None and pipe.config.default_cfg is not None:
         params = dataclasses.replace(params, cfg_scale=float(pipe.config.default_cfg))
     with _progress() as callback:

@@ -61,6 +61,7 @@ from PIL import Image
 from . import __version__
 from .errors import EstableError
 from .images import mask_to_tensor, to_pil, to_tensor
+from .nn.cuda_graph import GraphedForward
 from .params import GenerationParams
 from .prompts import apply_weights, build_chunks, match_chunk_counts
 from .provenance.infotext import format_infotext, write_png
@@ -128,12 +129,15 @@ def load_pipeline(
     source: str | Path,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
+    *,
+    cuda_graphs: bool = True,
     **load_kwargs: Any,
 ) -> Pipeline:
     """Load a model (SD single file, diffusers folder or Estable file) and return a :class:`Pipeline`.
 
     ``device``: "auto" (CUDA when available, else CPU), "cpu", "cuda" or a torch.device. ``dtype``: "auto"
-    (fp16 on CUDA, fp32 on CPU), "fp32", "fp16", "bf16" or a torch.dtype. ``load_kwargs`` go to
+    (fp16 on CUDA, fp32 on CPU), "fp32", "fp16", "bf16" or a torch.dtype. ``cuda_graphs``: on a GPU, replay the
+    U-Net as CUDA graphs (:mod:`estable.nn.cuda_graph`). ``load_kwargs`` go to
     :func:`estable.checkpoints.load_model` (allow_pickle, ema, prediction_type, progress).
     """
     if str(source) == DEFAULT_MODEL:
@@ -143,7 +147,7 @@ def load_pipeline(
     dev = _resolve_device(device)
     dt = _resolve_dtype(dtype, dev)
     model = load_model(source, dtype=dt, device=dev, **load_kwargs)
-    return Pipeline(model, device=dev, dtype=dt)
+    return Pipeline(model, device=dev, dtype=dt, cuda_graphs=cuda_graphs)
 
 
 def default_model_path() -> Path:
@@ -252,7 +256,8 @@ def _round_down(v: int, f: int) -> int:
 class Pipeline:
     """A loaded model ready to generate. Not thread-safe: one request at a time per instance."""
 
-    def __init__(self, model: LoadedModel, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+    def __init__(self, model: LoadedModel, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                 cuda_graphs: bool = True):
         self.model = model
         self.config = model.config
         self.device = torch.device(device)
@@ -261,6 +266,10 @@ class Pipeline:
         self.text_encoder = model.text_encoder.eval()
         self.dtype = dtype or next(self.unet.parameters()).dtype
         self._sha256: str | None = None
+        # The U-Net's forward pass as used by the samplers: replayed CUDA graphs on a GPU when asked for. Changing
+        # self.unet other than in place (new modules, attributes) needs self.unet_forward.reset().
+        self.unet_forward: Callable[..., torch.Tensor] = (
+            GraphedForward(self.unet) if cuda_graphs and self.device.type == "cuda" else self.unet)
 
     # -- model facts ---------------------------------------------------------------------------------------
     @property
@@ -609,7 +618,7 @@ class Pipeline:
             inp = inp.to(self.dtype)
             if extra is not None:
                 inp = torch.cat([inp, extra], dim=1)  # (·, 9, h, w): [latents, mask, masked-image latents]
-            out = self.unet(inp, t, context).float()
+            out = self.unet_forward(inp, t, context).float()
             if scale is None:
                 return out
             out_u, out_c = out.chunk(2)

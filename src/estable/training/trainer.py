@@ -292,7 +292,7 @@ def build_text_encoder(src: TextSource, seed: int) -> tuple[TextEncoder, CLIPTok
         return encoder, own if src.tokenizer in ("clip", "shapes") else build_tokenizer(src)
     from estable.checkpoints.store import load_model
 
-    model = load_model(src.source)
+    model = load_model(src.source, dtype="fp32")  # frozen in fp32 (an fp16 file too); autocast computes in bf16/fp16
     tok = model.require_tokenizer() if src.tokenizer in ("clip", "shapes") else build_tokenizer(src)
     return model.text_encoder, tok
 
@@ -740,39 +740,55 @@ class UNetTrainer(Trainer):
             self.train_data = self.latent_cache(self.train_data)
 
     def latent_cache(self, dataset: Any) -> CachedLatents:
-        """Encode the whole training set once (rank 0) into ``latents_cache.safetensors`` in the run folder."""
-        from estable.checkpoints.io import read_safetensors, write_safetensors
+        """Encode the whole training set once into the run folder and train on the stored posteriors.
+
+        Each rank encodes a contiguous share (``latents_cache.R-of-W.safetensors``; DataLoader workers render or
+        read the images) under the run's autocast, stored as float16 (posterior μ and σ, and the captions); every
+        rank then reads all shares. A share whose fingerprint (data, VAE, range) matches is reused on resume."""
+        from estable.checkpoints.io import read_safetensors, read_safetensors_header, write_safetensors
 
         if isinstance(dataset, torch.utils.data.IterableDataset):
             raise EstableError("latents=cache needs an indexable data source (shapes or an image folder), "
                                "not tar shards")
-        cfg = self.config
-        path = self.run.root / "latents_cache.safetensors"
-        fingerprint = json.dumps({"data": cfg.data.to_dict(), "vae": cfg.vae.to_dict(), "n": len(dataset)},
-                                 sort_keys=True)
+        cfg, info = self.config, self.dist
+        n, world = len(dataset), info.world_size
+        base = {"data": cfg.data.to_dict(), "vae": cfg.vae.to_dict(), "n": n}
+        shares = [(r * n // world, (r + 1) * n // world) for r in range(world)]
+        paths = [self.run.root / f"latents_cache.{r}-of-{world}.safetensors" for r in range(world)]
+        prints = [json.dumps({**base, "range": list(rng)}, sort_keys=True) for rng in shares]
 
-        def valid() -> bool:
-            if not path.is_file():
-                return False
-            from estable.checkpoints.io import read_safetensors_header
-
-            return read_safetensors_header(path)[1].get("fingerprint") == fingerprint
-
-        if self.dist.is_main and not valid():
+        lo, hi = shares[info.rank]
+        mine = paths[info.rank]
+        if not (mine.is_file() and read_safetensors_header(mine)[1].get("fingerprint") == prints[info.rank]):
             vae = self.vae.to(self.device)
+            loader = torch.utils.data.DataLoader(
+                _Subset(dataset, range(lo, hi)), batch_size=64, collate_fn=collate, num_workers=cfg.data.num_workers,
+                pin_memory=self.device.type == "cuda")
             means, stds, captions = [], [], []
-            for start in tqdm(range(0, len(dataset), 64), desc="caching latents", disable=not sys.stderr.isatty()):
-                items = [dataset[i] for i in range(start, min(len(dataset), start + 64))]
-                with torch.no_grad():
-                    post = vae.encode(torch.stack([it["pixel_values"] for it in items]).to(self.device))
-                means.append(post.mean.float().cpu())
-                stds.append(post.std.float().cpu())
-                captions += [it["text"] for it in items]
-            write_safetensors(path, {"mean": torch.cat(means), "std": torch.cat(stds)},
-                              {"fingerprint": fingerprint, "captions": json.dumps(captions)})
+            show = self.progress if self.progress is not None else sys.stderr.isatty()
+            for batch in tqdm(loader, desc=f"caching latents {lo}-{hi}", disable=not (show and info.is_main)):
+                with torch.no_grad(), self.autocast():
+                    post = vae.encode(batch["pixel_values"].to(self.device, non_blocking=True))
+                mean, std = post.mean.float(), post.std.float()
+                if not (bool(torch.isfinite(mean).all()) and float(mean.abs().max()) < 6e4):
+                    raise EstableError("the VAE gave non-finite or out-of-range latents while caching; check "
+                                       f"vae.source ({cfg.vae.source})")
+                means.append(mean.half().cpu())
+                stds.append(std.half().cpu())
+                captions += batch["text"]
+            blob = torch.frombuffer(bytearray(json.dumps(captions).encode("utf-8")), dtype=torch.uint8)
+            write_safetensors(mine, {"mean": torch.cat(means), "std": torch.cat(stds), "captions": blob},
+                              {"fingerprint": prints[info.rank]})
         D.barrier()
-        tensors, meta = read_safetensors(path)
-        return CachedLatents(tensors["mean"], tensors["std"], json.loads(meta["captions"]))
+        means, stds, captions = [], [], []
+        for path, fingerprint in zip(paths, prints):
+            tensors, meta = read_safetensors(path)
+            if meta.get("fingerprint") != fingerprint:
+                raise EstableError(f"{path} does not belong to this run's data and VAE; delete it and start again")
+            means.append(tensors["mean"])
+            stds.append(tensors["std"])
+            captions += json.loads(bytes(tensors["captions"].numpy()).decode("utf-8"))
+        return CachedLatents(torch.cat(means), torch.cat(stds), captions)
 
     def compile_network(self) -> None:
         self.objective.unet = torch.compile(self.network)  # the original module stays self.network
