@@ -13,6 +13,7 @@
 # unet_continue.json (cached latents, 256 images per GPU):
 #   recipes/default/train_gpu.sh continue  OUT  # the U-Net from runs/model-a.safetensors on NPROC GPUs; model into OUT
 #   recipes/default/train_gpu.sh clip      OUT  # a CLIP pair alone (the CLIP-score judge)
+#   recipes/default/train_gpu.sh lora-style OUT # a style LoRA (pixel art) on runs/model.safetensors
 #   recipes/default/train_gpu.sh clipscore OUT  # CLIP score of runs/model.safetensors under runs/default-clip
 #   recipes/default/train_gpu.sh more      OUT  # continue on 2 GPUs; then eval on GPU 0 while GPU 1 trains the
 #                                               # judge CLIP, scores, trains a LoRA and measures speed
@@ -69,6 +70,21 @@ stage2|continue)
   last_png "runs/default-$run/samples" "$out/${run}_samples.png"
   estable train export "runs/default-$run" runs/model.safetensors --dtype fp16 --overwrite
   split -b 15M runs/model.safetensors "$out/model.part-"
+  ;;
+lora-style)
+  # A style LoRA: the shapes world redrawn as pixel art (8-pixel blocks), which the base model never saw.
+  data=runs/pixel-art
+  if [ ! -f "$data/metadata.jsonl" ]; then
+    estable data shapes "$data" --count "${STYLE_COUNT:-3000}" --size 256 >/dev/null
+    python3 "$here/pixelate.py" "$data" 8
+  fi
+  CUDA_VISIBLE_DEVICES=${GPU:-0} estable train lora --config "$here/lora.json" --data "$data" \
+      --run-dir runs/style-lora $(resume style-lora) --no-progress max_minutes="${LORA_MINUTES:-1.5}" \
+      sample_every=200 ${EXTRA:-} >"$out/style_lora.log" 2>&1
+  cp runs/style-lora/log.jsonl "$out/style_lora_log.jsonl"
+  cp runs/style-lora/samples/*.png "$out/" 2>/dev/null || true
+  cp runs/style-lora/lora.safetensors "$out/style_lora.safetensors"
+  stamp "lora-style done"
   ;;
 clip)
   CUDA_VISIBLE_DEVICES=${GPU:-0} estable train clip --config "$here/clip.json" --run-dir runs/default-clip \
