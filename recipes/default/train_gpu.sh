@@ -72,15 +72,17 @@ stage2|continue)
   split -b 15M runs/model.safetensors "$out/model.part-"
   ;;
 lora-style)
-  # A style LoRA: the shapes world redrawn as pixel art (8-pixel blocks), which the base model never saw.
+  # A style LoRA: the shapes world redrawn as pixel art (8-pixel blocks), which the base model never saw. Its
+  # adapters include the ResNet convolutions (kohya's LoCon layers): pixel blocks are a texture at the 32×32
+  # latent level, where the U-Net has no attention layers for the default (attention-only) targets.
   data=runs/pixel-art
   if [ ! -f "$data/metadata.jsonl" ]; then
     estable data shapes "$data" --count "${STYLE_COUNT:-3000}" --size 256 >/dev/null
     python3 "$here/pixelate.py" "$data" 8
   fi
-  CUDA_VISIBLE_DEVICES=${GPU:-0} estable train lora --config "$here/lora.json" --data "$data" \
-      --run-dir runs/style-lora $(resume style-lora) --no-progress max_minutes="${LORA_MINUTES:-1.5}" \
-      sample_every=200 ${EXTRA:-} >"$out/style_lora.log" 2>&1
+  CUDA_VISIBLE_DEVICES=${GPU:-0} estable train lora --config "$here/lora_style.json" --data "$data" \
+      --run-dir runs/style-lora $(resume style-lora) --no-progress max_minutes="${LORA_MINUTES:-2}" \
+      ${EXTRA:-} >"$out/style_lora.log" 2>&1
   cp runs/style-lora/log.jsonl "$out/style_lora_log.jsonl"
   cp runs/style-lora/samples/*.png "$out/" 2>/dev/null || true
   cp runs/style-lora/lora.safetensors "$out/style_lora.safetensors"
