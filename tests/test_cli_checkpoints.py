@@ -199,3 +199,17 @@ def test_convert_errors(capsys, folders, tmp_path):
     assert exit_info.value.code == 2
     assert "Traceback" not in capsys.readouterr().err
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind by the failures
+
+
+def test_convert_records_a_default_cfg(capsys, folders, tmp_path):
+    dst = tmp_path / "m.safetensors"
+    code, _, err = run(capsys, "convert", folders["sd1"], dst, "--to", "estable", "--default-cfg", "6.5")
+    assert code == 0, err
+    code, out, _ = run(capsys, "info", dst, "--json", "--no-hash")
+    assert code == 0 and json.loads(out)["default_cfg"] == 6.5
+    code, _, err = run(capsys, "convert", folders["sd1"], tmp_path / "x.safetensors", "--to", "ldm",
+                       "--default-cfg", "5")
+    assert_one_line_error(code, err, "--default-cfg", "--to estable")
+    code, _, err = run(capsys, "convert", dst, tmp_path / "y.safetensors", "--to", "estable", "--default-cfg", "-1")
+    assert_one_line_error(code, err, "--default-cfg", "between 0 and 100")
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()

@@ -9,8 +9,8 @@ from estable.config import UNetConfig
 from estable.models.unet import UNet
 from estable.nn.cuda_graph import GraphedForward
 
-CFG = UNetConfig(block_channels=(16, 32), layers_per_block=1, attention_levels=(False, True), num_heads=None, head_channels=8,
-                 context_dim=24, norm_groups=4, sample_size=8)
+CFG = UNetConfig(block_channels=(16, 32), layers_per_block=1, attention_levels=(False, True), num_heads=None,
+                 head_channels=8, context_dim=24, norm_groups=4, sample_size=8)
 
 
 def _inputs(batch: int, device: str, dtype: torch.dtype = torch.float32, seed: int = 0):
@@ -41,7 +41,8 @@ def test_replays_match_eager_on_a_gpu():
             x, ctx = _inputs(batch, "cuda", torch.float16, seed)
             t_dev = t.cuda() if isinstance(t, torch.Tensor) else t
             torch.testing.assert_close(graphed(x, t_dev, ctx), unet(x, t_dev, ctx), rtol=0, atol=0)
-        assert graphed.failed is None and len(graphed._graphs) == 2  # three shapes were recorded; the oldest was dropped
+        # three shapes were recorded; the oldest was dropped
+        assert graphed.failed is None and len(graphed._graphs) == 2
         x, ctx = _inputs(3, "cuda", torch.float16)
         graphed(x, 1.0, ctx)
         assert len(graphed._graphs) == 2 and (3, 4, 8, 8) in [k[0] for k in graphed._graphs]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -54,6 +55,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                    help="allow .ckpt/.pt/.pth/.bin pickles (tensors only are loaded; trust the source)")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
                    help="override the prediction type (LDM files do not record it)")
+    p.add_argument("--default-cfg", type=float, metavar="F",
+                   help="record the guidance scale `estable generate` uses when --cfg is not given (--to estable)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=_cmd_convert)
 
@@ -75,6 +78,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
     if dst.exists() and not args.overwrite:
         raise EstableError(f"{dst} already exists; pass --overwrite to replace it")
+    if args.default_cfg is not None and args.to != "estable":
+        raise EstableError(f"--default-cfg is recorded in Estable files only; {args.to} has no place for it "
+                           "(use --to estable)")
+    if args.default_cfg is not None and not 0.0 <= args.default_cfg <= 100.0:
+        raise EstableError(f"--default-cfg must be between 0 and 100, not {args.default_cfg:g}")
     bar = tqdm(total=LOAD_STAGES + SAVE_STAGES, unit="stage", file=sys.stderr, leave=False, disable=None,
                bar_format="{desc:<32} {bar} {n_fmt}/{total_fmt} [{elapsed}]")
     started = False
@@ -89,6 +97,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     try:
         model = load_model(_source(args.src), allow_pickle=args.allow_pickle, ema=args.ema,
                            prediction_type=args.prediction_type, progress=stage)
+        if args.default_cfg is not None:
+            model.config = dataclasses.replace(model.config, default_cfg=args.default_cfg)
         out = save_model(model, dst, to=args.to, dtype=args.dtype, overwrite=args.overwrite, progress=stage)
         bar.update(1)
     except OSError as exc:

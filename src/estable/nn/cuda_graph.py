@@ -7,18 +7,17 @@ call, which is what brings the default model under its per-image time on a GPU.
 ``GraphedForward(module)`` is called like ``module(sample, timestep, context)``. The first call with a given
 (sample shape, context shape, dtypes, device) records a graph on static input buffers; later calls copy their
 inputs into those buffers, replay, and return a copy of the static output. Anything it cannot record (CPU
-tensors, autograd on) runs eagerly, and so does everything after a recording fails (with one warning). The graphs read the module's parameters where they are: in-place weight
-changes (merging a LoRA, ``load_state_dict``) are seen, but swapping modules or changing Python attributes is
-not — call :meth:`reset` after such changes.
+tensors, autograd on) runs eagerly, and so does everything after a recording fails (with one warning). The graphs
+read the module's parameters where they are: in-place weight changes (merging a LoRA, ``load_state_dict``) are
+seen, but swapping modules or changing Python attributes is not — call :meth:`reset` after such changes.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
-
-import warnings
 
 import torch
 from torch import nn
