@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,3 +216,16 @@ def test_convert_records_a_default_cfg(capsys, folders, tmp_path):
     code, _, err = run(capsys, "convert", dst, tmp_path / "y.safetensors", "--to", "estable", "--default-cfg", "-1")
     assert_one_line_error(code, err, "--default-cfg", "between 0 and 100")
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """`estable info … | head -n 1`: the reader closes the pipe; the command stops with status 1 and no traceback."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    code = "from estable.cli import main; import sys; sys.exit(main(['info', 'default', '--no-hash']))"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # nobody reads: the first write (at the latest, the flush) meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -173,13 +175,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, where a closed pipe can still be handled below, not at interpreter exit
+        return code
     except EstableError as exc:
         print(f"estable: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("estable: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`estable info … | head`): stop without a traceback, and
+        with contextlib.suppress(OSError, ValueError):  # without another when Python flushes stdout on exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
