@@ -259,3 +259,22 @@ def test_model_generator_passes_prompts_seeds_and_settings(monkeypatch) -> None:
     images = generate(["a", "a", "b", "a"], [10, 11, 13, 20])
     assert len(images) == 4
     assert calls == [(["a", "a", "b", "a"], [10, 11, 13, 20], 7, 3.0, 8)]  # CPU: 8 images per sampler run
+
+
+def test_kinds_and_paraphrased_prompts() -> None:
+    from estable.cli_eval import parse_kinds
+    from estable.errors import EstableError
+    from estable.evaluation.compositional import PARAPHRASES, make_prompts
+
+    assert parse_kinds("pair, single") == {"pair": 1.0, "single": 1.0}
+    assert parse_kinds(None) is None
+    with pytest.raises(EstableError, match="--kinds"):
+        parse_kinds("pairs")
+    plain = make_prompts(40, mix=parse_kinds("pair"))
+    said = make_prompts(40, mix=parse_kinds("pair"), paraphrased=True)
+    assert {p.kind for p in plain} == {"pair"}
+    assert [p.spec for p in said] == [p.spec for p in plain]  # the same scenes are asked for and scored
+    for p, q in zip(plain, said):
+        phrase = next(k for k in PARAPHRASES if k in p.caption)
+        assert q.caption == p.caption.replace(phrase, PARAPHRASES[phrase])
+        assert not any(k in q.caption for k in PARAPHRASES)

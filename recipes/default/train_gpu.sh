@@ -150,6 +150,65 @@ more)
   wait "$side" || stamp "side jobs failed"
   stamp "ALL-FINISHED"
   ;;
+ablate)
+  # Issue 11: from the shipped model, on pair prompts only, three arms side by side on one GPU: the text tower
+  # frozen (more training alone) or trained jointly at two learning rates; each scored every EVERY steps.
+  # Meanwhile the long run's latent cache is built (stage relations). Then the arm with the best pair accuracy
+  # picks the long run's text setting, and the long run starts detached (poll with stage wait).
+  cfg=$here/unet_relations.json
+  estable train unet --config "$cfg" --run-dir runs/abl-cache --no-progress max_steps=1 >"$out/abl-cache.log" 2>&1
+  (estable train unet --config "$here/unet_relations_long.json" --run-dir runs/long-cache --no-progress \
+      max_steps=1 data.num_workers=8 >"$out/long-cache.log" 2>&1 &)
+  a=(python3 "$here/relations_ablation.py" --config "$cfg" --every "${EVERY:-300}" --minutes "${ABL_MINUTES:-4.5}")
+  arms=("frozen:" "text5e-5:text.train=true text.lr=5e-5" "text2e-4:text.train=true text.lr=2e-4")
+  for arm in "${arms[@]}"; do
+    name=${arm%%:*}; mkdir -p "runs/abl-$name"
+    ln -sf "$PWD/runs/abl-cache/latents_cache.0-of-1.safetensors" "runs/abl-$name/"
+    start=; [ "$name" = frozen ] && start=--eval-start
+    # shellcheck disable=SC2086
+    "${a[@]}" --run-dir "runs/abl-$name" --out "$out/abl-$name.jsonl" $start data.num_workers=3 ${arm#*:} \
+        >"$out/abl-$name.log" 2>&1 &
+  done
+  wait
+  stamp "ablation done"
+  best=$(python3 - "$out" <<'PY'
+import json, pathlib, sys
+best, arg = -1.0, ""
+for f in sorted(pathlib.Path(sys.argv[1]).glob("abl-*.jsonl")):
+    rows = [json.loads(x) for x in f.read_text().splitlines()]
+    last = rows[-1]["by_kind"]["pair"]["whole_prompt"]
+    if last > best:
+        best, arg = last, {"abl-frozen.jsonl": "", "abl-text5e-5.jsonl": "text.train=true text.lr=5e-5",
+                           "abl-text2e-4.jsonl": "text.train=true text.lr=2e-4"}[f.name]
+print(arg)
+PY
+)
+  stamp "long run with: ${best:-frozen text}"
+  echo "$best" >"$out/long-choice.txt"
+  for _ in $(seq 120); do [ -f runs/long-cache/checkpoints/latest ] && break; sleep 2; done
+  mkdir -p runs/long; ln -sf "$PWD/runs/long-cache/latents_cache.0-of-1.safetensors" runs/long/
+  # shellcheck disable=SC2086
+  setsid nohup python3 -m estable.cli train unet --config "$here/unet_relations_long.json" --run-dir runs/long \
+      --no-progress max_minutes="${LONG_MINUTES:-8.5}" $best >runs/long.log 2>&1 < /dev/null &
+  stamp "long run started"
+  ;;
+wait)
+  # Wait for the detached long run, export it, score it (compositional 500 × 4, paraphrases, FID 10k).
+  while pgrep -f "run-dir runs/long" >/dev/null; do sleep 5; done
+  cp runs/long.log "$out/long.log"; cp runs/long/log.jsonl "$out/long_log.jsonl"
+  estable train export runs/long runs/model.safetensors --dtype fp16 --overwrite
+  split -b 15M runs/model.safetensors "$out/model.part-"
+  m=runs/model.safetensors
+  e() { python3 -m estable.cli eval "$@"; }
+  e compositional --model $m --cfg "${CFG:-5}" --out "$out/compositional.json" 2>&1 | grep -v '%|' | tail -n 12
+  stamp "compositional done"
+  e compositional --model $m --cfg "${CFG:-5}" --kinds pair --paraphrase --prompts 200 \
+      --out "$out/paraphrase.json" 2>&1 | grep -v '%|' | tail -n 12
+  stamp "paraphrase done"
+  e fid --cfg "${CFG:-5}" --fake model:$m --real "shapes:${FID_COUNT:-10000}" --split heldout --batch-size 256 \
+      --out "$out/fid.json" 2>&1 | grep -v '%|' | tail -n 3
+  stamp "fid done"
+  ;;
 *)
   echo "unknown stage $stage" >&2; exit 2 ;;
 esac

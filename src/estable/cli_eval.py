@@ -118,8 +118,26 @@ def _add_compositional(esub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", type=int, default=500, metavar="N", help="number of prompts (default 500)")
     p.add_argument("--images-per-prompt", type=int, default=4, metavar="K", help="images per prompt (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
+    p.add_argument("--kinds", metavar="KIND[,KIND...]",
+                   help="only these prompt kinds, in equal shares (single, count, pair, colour_binding; default: "
+                   "the shapes world's own mix)")
+    p.add_argument("--paraphrase", action="store_true",
+                   help="say the relations in words no training caption uses (on top of, beneath, ...)")
     p.add_argument("--out", metavar="FILE", help="write the full report (with per-image verdicts) as JSON")
     p.set_defaults(func=_cmd_compositional)
+
+
+def parse_kinds(text: str | None) -> dict[str, float] | None:
+    """``"pair,single"`` → {"pair": 1.0, "single": 1.0}; None → None (the default mix)."""
+    if text is None:
+        return None
+    from .training.shapes import PROMPT_KINDS
+
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in PROMPT_KINDS]
+    if bad or not kinds:
+        raise EstableError(f"--kinds takes some of {', '.join(PROMPT_KINDS)}, not {text!r}")
+    return dict.fromkeys(kinds, 1.0)
 
 
 def _cmd_compositional(args: argparse.Namespace) -> int:
@@ -130,7 +148,7 @@ def _cmd_compositional(args: argparse.Namespace) -> int:
         raise EstableError("--prompts and --images-per-prompt must be positive")
     judge = load_judge_or_default(args.judge, resolve_device(args.device))
     try:
-        prompts = make_prompts(args.prompts)
+        prompts = make_prompts(args.prompts, mix=parse_kinds(args.kinds), paraphrased=args.paraphrase)
     except ValueError as exc:
         raise EstableError(str(exc)) from None
     generate = model_generator(args)

@@ -22,6 +22,10 @@ Scores are fractions of images, reported overall and per prompt kind. The target
 
 Prompt mix (``DEFAULT_MIX``): 30 % single, 20 % count, 30 % pair, 20 % colour_binding — the shapes world's own
 kind weights, realised exactly (largest-remainder rounding), then shuffled deterministically.
+
+Paraphrases (``make_prompts(..., paraphrase=True)``): the relation phrases are replaced by synonyms the caption
+grammar never uses ("on top of", "beneath", "on the left of", "on the right of"), so the score shows whether a
+model generalises beyond the phrasing it was trained on; the scoring is unchanged.
 """
 
 from __future__ import annotations
@@ -81,12 +85,26 @@ def _quotas(n: int, mix: dict[str, float]) -> dict[str, int]:
     return q
 
 
-def make_prompts(n: int = 500, seed: int = PROMPT_SEED, mix: dict[str, float] | None = None) -> list[EvalPrompt]:
+# Relation phrases of the caption grammar → synonyms no training caption contains (the paraphrase test).
+PARAPHRASES = {" above ": " on top of ", " below ": " beneath ", " to the left of ": " on the left of ",
+               " to the right of ": " on the right of "}
+
+
+def paraphrase(caption: str) -> str:
+    """``caption`` with its relation phrase replaced by a held-out synonym (unchanged when it has none)."""
+    for phrase, synonym in PARAPHRASES.items():
+        if phrase in caption:
+            return caption.replace(phrase, synonym, 1)
+    return caption
+
+
+def make_prompts(n: int = 500, seed: int = PROMPT_SEED, mix: dict[str, float] | None = None, *,
+                 paraphrased: bool = False) -> list[EvalPrompt]:
     """``n`` distinct held-out prompts with the given kind mix (deterministic in ``seed``).
 
     Specs are those of ``ShapesWorld("heldout", seed)`` scenes — each names a reserved colour×shape combination —
     one kind at a time until every kind's quota is filled; duplicates are skipped. The canonical caption
-    (``caption_for(spec)``) is the prompt text.
+    (``caption_for(spec)``) is the prompt text, or its :func:`paraphrase` with ``paraphrased``.
     """
     mix = dict(DEFAULT_MIX if mix is None else mix)
     if n < 1:
@@ -120,7 +138,8 @@ def make_prompts(n: int = 500, seed: int = PROMPT_SEED, mix: dict[str, float] | 
                 del iters[k]
             else:
                 ordered.append(spec)
-    return [EvalPrompt(spec, caption_for(spec), i) for i, spec in enumerate(ordered)]
+    say = paraphrase if paraphrased else (lambda c: c)
+    return [EvalPrompt(spec, say(caption_for(spec)), i) for i, spec in enumerate(ordered)]
 
 
 # ---------------------------------------------------------------------------------------------------------

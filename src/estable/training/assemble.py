@@ -33,6 +33,8 @@ def assemble_model(unet_run: str | Path, out: str | Path, *, dtype: str | None =
     unet.load_state_dict(weights, strict=True)
     vae = build_vae(cfg.vae, cfg.seed)  # the same frozen networks the run trained against
     text, tok = build_text_encoder(cfg.text, cfg.seed)
+    if cfg.text.train:  # trained jointly: the run's own text encoder (its EMA when kept), not the starting one
+        text.load_state_dict(_trained_text_encoder(run), strict=True)
     config = ModelConfig(
         family="estable",
         unet=unet_cfg,
@@ -46,3 +48,17 @@ def assemble_model(unet_run: str | Path, out: str | Path, *, dtype: str | None =
     model = LoadedModel(config=config, unet=unet.eval(), vae=vae.eval(), text_encoder=text.eval(), tokenizer=tok,
                         source=run, format="estable")
     return save_model(model, out, to="estable", dtype=dtype, overwrite=overwrite)
+
+
+def _trained_text_encoder(run: Path) -> dict:
+    """The text-encoder weights in a U-Net run's latest checkpoint (text.train=true): EMA weights when kept."""
+    from estable.checkpoints.io import read_safetensors
+    from estable.training.runs import latest_checkpoint
+
+    found = latest_checkpoint(run / "checkpoints")
+    if found is None:
+        raise EstableError(f"{run} has no checkpoints")
+    for name in ("text_encoder_ema.safetensors", "text_encoder.safetensors"):
+        if (found / name).is_file():
+            return read_safetensors(found / name)[0]
+    raise EstableError(f"{found} holds no text encoder, but the run trained one (text.train=true)")

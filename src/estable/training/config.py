@@ -171,6 +171,9 @@ class DataConfig(_Plain):
     size: int = 256
     shapes_length: int = 100_000  # how many shapes-world indices make one epoch
     shapes_seed: int = 0
+    # Mix of the shapes world's prompt kinds (single, count, pair, colour_binding → weight); None: the world's
+    # default mix (shapes.KIND_WEIGHTS).
+    shapes_kinds: dict[str, float] | None = None
     center_crop: bool = True
     random_flip: bool = False
     caption_column: str = "text"
@@ -186,6 +189,15 @@ class DataConfig(_Plain):
         _positive_int("data.val_size", self.val_size, allow_zero=True)
         if not isinstance(self.source, str) or not self.source:
             raise ValueError("data.source must be 'shapes', a folder path or a tar-shard pattern")
+        if self.shapes_kinds is not None:
+            from estable.training.shapes import PROMPT_KINDS
+
+            kinds = self.shapes_kinds
+            if (not isinstance(kinds, dict) or not kinds or set(kinds) - set(PROMPT_KINDS)
+                    or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0
+                               for w in kinds.values()) or sum(kinds.values()) <= 0):
+                raise ValueError(f"data.shapes_kinds must map some of {', '.join(PROMPT_KINDS)} to non-negative "
+                                 f"weights, got {kinds!r}")
 
 
 @dataclass(frozen=True)
@@ -264,6 +276,15 @@ class TextSource(_Plain):
     tokenizer: str = "clip"
     max_length: int = 77
     clip_skip: int = 1
+    # Train the text encoder jointly with the U-Net (U-Net trainer only) at learning rate ``lr`` (None: optim.lr),
+    # following the same warm-up and schedule. Its weights, and an EMA of them when the run keeps one, are saved
+    # in every checkpoint and exported with the model.
+    train: bool = False
+    lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr is not None:
+            _positive("text.lr", self.lr)
 
 
 @dataclass(frozen=True)

@@ -135,11 +135,12 @@ class UNetObjective(nn.Module):
     def __init__(self, unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder, empty_ids: torch.Tensor, *,
                  schedule: ScheduleConfig, objective: str = "eps", min_snr_gamma: float | None = None,
                  offset_noise: float = 0.0, caption_dropout: float = 0.0, clip_skip: int = 1,
-                 latent_size: int) -> None:
+                 latent_size: int, train_text: bool = False) -> None:
         super().__init__()
         self.unet = unet
         self.vae = vae.requires_grad_(False).eval()
-        self.text_encoder = text_encoder.requires_grad_(False).eval()
+        self.train_text = train_text  # the text encoder learns jointly with the U-Net, or stays frozen
+        self.text_encoder = text_encoder.requires_grad_(train_text).train(train_text)
         self.register_buffer("empty_ids", empty_ids.reshape(1, -1).long(), persistent=False)  # (1, L)
         self.alphas_cumprod = alphas_cumprod(schedule)  # (T,) float64, CPU: indexed with CPU draws
         self.objective, self.min_snr_gamma = objective, min_snr_gamma
@@ -150,7 +151,7 @@ class UNetObjective(nn.Module):
     def train(self, mode: bool = True) -> UNetObjective:
         super().train(mode)
         self.vae.eval()  # frozen parts stay in eval mode
-        self.text_encoder.eval()
+        self.text_encoder.train(mode and self.train_text)
         return self
 
     def draw(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -177,12 +178,12 @@ class UNetObjective(nn.Module):
             mean, std = posterior.mean, posterior.std
         return (mean.float() + std.float() * xi) * self.scaling
 
-    @torch.no_grad()
     def context(self, input_ids: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
         if drop is not None:
             dropped = (drop < self.caption_dropout).view(-1, 1)  # (B, 1)
             input_ids = torch.where(dropped, self.empty_ids.expand_as(input_ids), input_ids)
-        return self.text_encoder.encode(input_ids, clip_skip=self.clip_skip)  # (B, L, d)
+        with torch.set_grad_enabled(self.train_text and torch.is_grad_enabled()):
+            return self.text_encoder.encode(input_ids, clip_skip=self.clip_skip)  # (B, L, d)
 
     def noise(self, draws: dict[str, torch.Tensor]) -> torch.Tensor:
         eps = draws["noise"]

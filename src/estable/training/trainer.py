@@ -188,7 +188,8 @@ def build_datasets(cfg: TrainConfig, rank: int, world_size: int) -> tuple[Any, l
     data = cfg.data
     src = data.source
     if src == "shapes":
-        train = ShapesDataset(ShapesWorld("train", data.shapes_seed, size=data.size), data.size, data.shapes_length)
+        world = ShapesWorld("train", data.shapes_seed, size=data.size, kind_weights=data.shapes_kinds)
+        train = ShapesDataset(world, data.size, data.shapes_length)
         val_world = ShapesWorld("train", _seeded(data.shapes_seed, _SEED_VAL_DATA) % (2**31), size=data.size)
         val = [ShapesDataset(val_world, data.size, max(1, data.val_size))[i] for i in range(data.val_size)]
         return train, val
@@ -402,6 +403,9 @@ class Trainer:
             # Shard before the EMA and the optimizer are made, so that both hold shards (DTensors).
             D.shard_fsdp(self.network, self.fsdp_blocks(), self.device)
         self.ema = EMA(self.network, cfg.ema_decay, warmup=cfg.ema_warmup) if cfg.ema_decay is not None else None
+        # extra networks that are trained too get an EMA of their own (saved as NAME_ema)
+        self.extra_emas = {name: EMA(self.extra_networks[name], cfg.ema_decay, warmup=cfg.ema_warmup)
+                           for name in self.averaged_extras()} if cfg.ema_decay is not None else {}
         if cfg.compile:
             self.compile_network()
         self.model = self.objective if self.sharded else D.wrap_ddp(self.objective, self.device)
@@ -452,6 +456,10 @@ class Trainer:
 
     def compile_network(self) -> None:
         raise EstableError(f"compile is not available for the {self.kind} trainer")
+
+    def averaged_extras(self) -> list[str]:
+        """Names of ``extra_networks`` that are trained and kept with an EMA like ``network``."""
+        return []
 
     def after_optimizer_step(self) -> None:
         """Called after every optimizer step, before the EMA update (e.g. to clamp a parameter)."""
@@ -548,6 +556,10 @@ class Trainer:
                 raise CheckpointError(f"{ckpt.path} has no EMA weights but this run uses ema_decay")
             ema_sd = D.shard_like(ckpt.tensors["ema"], self.ema.shadow) if self.sharded else ckpt.tensors["ema"]
             self.ema.load_state_dict(ema_sd)
+        for name, ema in self.extra_emas.items():
+            if f"{name}_ema" not in ckpt.tensors:
+                raise CheckpointError(f"{ckpt.path} has no EMA weights of the {name}")
+            ema.load_state_dict(ckpt.tensors[f"{name}_ema"])
         optim_sd = D.shard_optimizer_state(self.optimizer, st["optimizer"]) if self.sharded else st["optimizer"]
         self.optimizer.load_state_dict(optim_sd)
         self.scaler.load_state_dict(st["scaler"])
@@ -565,6 +577,7 @@ class Trainer:
             if self.ema is not None:
                 tensors["ema"] = self.ema.state_dict()
             tensors.update({k: m.state_dict() for k, m in self.extra_networks.items()})
+            tensors.update({f"{k}_ema": e.state_dict() for k, e in self.extra_emas.items()})
             state = self.state_dict()
             if self.sharded:  # full CPU tensors on rank 0 (None elsewhere), one all-gather per DTensor
                 tensors = D.gather_full(tensors, keep=self.dist.is_main)
@@ -600,8 +613,11 @@ class Trainer:
         if not (self.dist.is_main or self.sharded):  # FSDP: every rank runs the sampler, rank 0 writes
             return None
         self.objective.eval()
-        ctx = self.ema.swapped(self.network) if self.ema is not None else contextlib.nullcontext()
-        with ctx:
+        with contextlib.ExitStack() as stack:
+            if self.ema is not None:
+                stack.enter_context(self.ema.swapped(self.network))
+            for name, ema in self.extra_emas.items():
+                stack.enter_context(ema.swapped(self.extra_networks[name]))
             image = self.sample_image()
         self.objective.train()
         if image is None or not self.dist.is_main:
@@ -654,6 +670,8 @@ class Trainer:
                 window_steps += 1
                 if self.ema is not None:
                     self.ema.update(self.network, self.step)
+                for name, ema in self.extra_emas.items():
+                    ema.update(self.extra_networks[name], self.step)
                 bar.update(1)
                 if deadline is not None and self.step % cfg.log_every == 0:
                     # every rank must stop at the same step: stop when any rank is out of time
@@ -734,7 +752,10 @@ class UNetTrainer(Trainer):
         self.objective = UNetObjective(
             unet, self.vae, self.text_encoder, empty_prompt_ids(self.tokenizer), schedule=cfg.schedule,
             objective=cfg.objective, min_snr_gamma=cfg.min_snr_gamma, offset_noise=cfg.offset_noise,
-            caption_dropout=cfg.caption_dropout, clip_skip=cfg.text.clip_skip, latent_size=cfg.data.size // f)
+            caption_dropout=cfg.caption_dropout, clip_skip=cfg.text.clip_skip, latent_size=cfg.data.size // f,
+            train_text=cfg.text.train)
+        if cfg.text.train:  # saved in every checkpoint beside the U-Net (assemble_model exports it)
+            self.extra_networks["text_encoder"] = self.text_encoder
         self.train_data, self.val_items = build_datasets(cfg, self.dist.rank, self.dist.world_size)
         if cfg.latents == "cache":
             self.train_data = self.latent_cache(self.train_data)
@@ -789,6 +810,20 @@ class UNetTrainer(Trainer):
             stds.append(tensors["std"])
             captions += json.loads(bytes(tensors["captions"].numpy()).decode("utf-8"))
         return CachedLatents(torch.cat(means), torch.cat(stds), captions)
+
+    def averaged_extras(self) -> list[str]:
+        return ["text_encoder"] if self.config.text.train else []
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        if not self.config.text.train:
+            return super().param_groups()
+        text = [p for p in self.text_encoder.parameters() if p.requires_grad]
+        ids = {id(p) for p in text}
+        groups: list[dict[str, Any]] = [{"params": [p for p in self.params if id(p) not in ids]},
+                                        {"params": text}]
+        if self.config.text.lr is not None:
+            groups[1]["base_lr"] = self.config.text.lr
+        return groups
 
     def compile_network(self) -> None:
         self.objective.unet = torch.compile(self.network)  # the original module stays self.network
