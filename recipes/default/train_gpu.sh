@@ -156,17 +156,17 @@ ablate)
   # Meanwhile the long run's latent cache is built (stage relations). Then the arm with the best pair accuracy
   # picks the long run's text setting, and the long run starts detached (poll with stage wait).
   cfg=$here/unet_relations.json
-  estable train unet --config "$cfg" --run-dir runs/abl-cache --no-progress max_steps=1 >"$out/abl-cache.log" 2>&1
+  estable train unet --config "$cfg" --run-dir runs/abl-cache --no-progress max_steps=1 ${EXTRA:-} >"$out/abl-cache.log" 2>&1
   (estable train unet --config "$here/unet_relations_long.json" --run-dir runs/long-cache --no-progress \
-      max_steps=1 data.num_workers=8 >"$out/long-cache.log" 2>&1 &)
-  a=(python3 "$here/relations_ablation.py" --config "$cfg" --every "${EVERY:-300}" --minutes "${ABL_MINUTES:-4.5}")
+      max_steps=1 data.num_workers=8 ${EXTRA:-} >"$out/long-cache.log" 2>&1 &)
+  a=(python3 "$here/relations_ablation.py" --config "$cfg" --every "${EVERY:-300}" --minutes "${ABL_MINUTES:-4.5}" ${ABL_EVAL:-})
   arms=("frozen:" "text5e-5:text.train=true text.lr=5e-5" "text2e-4:text.train=true text.lr=2e-4")
   for arm in "${arms[@]}"; do
     name=${arm%%:*}; mkdir -p "runs/abl-$name"
     ln -sf "$PWD/runs/abl-cache/latents_cache.0-of-1.safetensors" "runs/abl-$name/"
     start=; [ "$name" = frozen ] && start=--eval-start
     # shellcheck disable=SC2086
-    "${a[@]}" --run-dir "runs/abl-$name" --out "$out/abl-$name.jsonl" $start data.num_workers=3 ${arm#*:} \
+    "${a[@]}" --run-dir "runs/abl-$name" --out "$out/abl-$name.jsonl" $start data.num_workers=3 ${arm#*:} ${EXTRA:-} \
         >"$out/abl-$name.log" 2>&1 &
   done
   wait
@@ -189,7 +189,7 @@ PY
   mkdir -p runs/long; ln -sf "$PWD/runs/long-cache/latents_cache.0-of-1.safetensors" runs/long/
   # shellcheck disable=SC2086
   setsid nohup python3 -m estable.cli train unet --config "$here/unet_relations_long.json" --run-dir runs/long \
-      --no-progress max_minutes="${LONG_MINUTES:-8.5}" $best >runs/long.log 2>&1 < /dev/null &
+      --no-progress max_minutes="${LONG_MINUTES:-8.5}" $best ${EXTRA:-} >runs/long.log 2>&1 < /dev/null &
   stamp "long run started"
   ;;
 wait)
@@ -200,13 +200,13 @@ wait)
   split -b 15M runs/model.safetensors "$out/model.part-"
   m=runs/model.safetensors
   e() { python3 -m estable.cli eval "$@"; }
-  e compositional --model $m --cfg "${CFG:-5}" --out "$out/compositional.json" 2>&1 | grep -v '%|' | tail -n 12
+  e compositional --model $m --cfg "${CFG:-5}" --out "$out/compositional.json" ${COMP:-} 2>&1 | grep -v '%|' | tail -n 12
   stamp "compositional done"
   e compositional --model $m --cfg "${CFG:-5}" --kinds pair --paraphrase --prompts 200 \
-      --out "$out/paraphrase.json" 2>&1 | grep -v '%|' | tail -n 12
+      --out "$out/paraphrase.json" ${COMP:-} 2>&1 | grep -v '%|' | tail -n 12
   stamp "paraphrase done"
   e fid --cfg "${CFG:-5}" --fake model:$m --real "shapes:${FID_COUNT:-10000}" --split heldout --batch-size 256 \
-      --out "$out/fid.json" 2>&1 | grep -v '%|' | tail -n 3
+      --out "$out/fid.json" ${FID:-} 2>&1 | grep -v '%|' | tail -n 3
   stamp "fid done"
   ;;
 *)
