@@ -284,6 +284,18 @@ def test_inpaint_with_a_brush_drawn_mask(server, browser, tmp_path):
 
 
 @needs_browser
+def test_polling_when_the_event_stream_is_unavailable(server, browser):
+    _open(browser, server.url)
+    browser.execute_script("window.TextDecoderStream = undefined")  # the stream reader cannot start
+    job_id = _generate(browser, "a yellow star", seed=5)
+    polls = browser.execute_script(
+        f"return performance.getEntriesByType('resource').filter(e => e.name.endsWith('/v1/jobs/{job_id}')).length")
+    assert polls >= 1
+    card = browser.find_element("id", f"job-{job_id}")
+    assert card.find_element("css selector", ".job-prompt").text == "a yellow star"
+
+
+@needs_browser
 def test_api_key_is_asked_once_and_sent(tmp_path, browser):
     s = Server(tmp_path / "data", "--api-key", API_KEY)
     try:
