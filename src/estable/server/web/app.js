@@ -499,6 +499,7 @@
       p.width && p.height ? `${p.width}×${p.height}` : null,
       p.batch_size > 1 ? `batch ${p.batch_size}` : null,
       job.mode !== 'txt2img' && p.strength != null ? `strength ${p.strength}` : null,
+      job.model || null,
       job.created ? new Date(job.created).toLocaleString() : null,
     ];
     return parts.filter(Boolean).join(' · ');
