@@ -1,104 +1,63 @@
-"""The web page end to end, in a real headless Chromium driven by selenium, against a real `estable serve`
-(uvicorn on loopback, the built-in model, a temporary data folder): type a prompt, generate, see the image in
-the history, reload and see it again; inpaint with a brush-drawn mask; the API-key prompt; nothing loaded from
-anywhere but the server.
+"""The web page end to end, in a real headless Chromium driven by selenium, against a real uvicorn on loopback
+(a free port, a temporary data folder, a tiny random model): type a prompt, generate, watch the preview, see the
+image in the history, reload and see it again; inpaint with a brush-drawn mask; progress by polling when the event
+stream is unavailable; the API-key prompt; nothing loaded from anywhere but the server.
 
 Debian's /usr/bin/chromium and /usr/bin/chromedriver (packages chromium, chromium-driver; `make test` installs
-them) are required; without them the tests are skipped.
+them) are required; without them the browser tests are skipped. docs/screenshot_server_page.py drives the same
+page through `estable serve` with the built-in model for the README's screenshot.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from server_util import TINY, LiveServer, SlowWorker, make_tiny_model, settings
+
 CHROMIUM = os.environ.get("ESTABLE_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("ESTABLE_CHROMEDRIVER", "/usr/bin/chromedriver")
 WEB = Path(__file__).resolve().parents[1] / "src" / "estable" / "server" / "web"
 PROMPT = "a red circle above a blue square"
-STEPS = 6  # the built-in model at 256²: well under a second per image on one CPU thread
+STEPS = 6
 API_KEY = "page-test-key-0123"
 
 needs_browser = pytest.mark.skipif(
     not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
     reason=f"needs Chromium and chromedriver ({CHROMIUM}, {CHROMEDRIVER}: apt-get install chromium chromium-driver)",
 )
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-# ------------------------------------------------------------------------------------------------ the server
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, data_dir: Path, *extra: str):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115  (the server's output; closed in stop())
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "estable.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--data-dir", str(data_dir), "--model", "default", "--device", "cpu", *extra]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")[-4000:]
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"estable serve exited with {self.proc.returncode}:\n{self.output()}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(self.url + "health/ready", timeout=2) as r:
-                if r.status == 200:
-                    return
-            time.sleep(0.25)
-        pytest.fail(f"estable serve was not ready within {timeout} s:\n{self.output()}")
-
-    def get(self, path: str, key: str | None = None) -> bytes:
-        req = urllib.request.Request(self.url + path.lstrip("/"))
-        if key:
-            req.add_header("Authorization", f"Bearer {key}")
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.read()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+class PageWorker(SlowWorker):
+    delay = 0.12  # seconds per step: a generation lasts long enough for the page to show its previews
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("serve-data"))
-    try:
-        s.wait_ready()
-        yield s
-    finally:
-        s.stop()
+def model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model):
+    s = LiveServer(settings(tmp_path_factory.mktemp("serve-data"), model, preview_interval=0.01),
+                   worker_class=PageWorker)
+    yield s
+    s.stop()
+
+
+def _get(server: LiveServer, path: str, key: str | None = None) -> bytes:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    r = server.client.get("/" + path.lstrip("/"), headers=headers)
+    r.raise_for_status()
+    return r.content
 
 
 # ------------------------------------------------------------------------------------------------ the browser
@@ -156,13 +115,16 @@ return [...document.querySelectorAll('#gallery > li.job')]
 """
 
 
-def _generate(driver, prompt: str, seed: int) -> str:
-    """Fill the form, click Generate, wait for the job's image in the history; returns the job id."""
+def _generate(driver, prompt: str, seed: int, during=None) -> str:
+    """Fill the form, click Generate, (call ``during(driver)``), wait for the job's image in the history;
+    returns the job id."""
     before = set(driver.execute_script(LOADED_JOBS))
     _set(driver, "prompt", prompt)
     _set(driver, "steps", str(STEPS))
     _set(driver, "seed", str(seed))
     driver.find_element("id", "generate").click()
+    if during is not None:
+        during(driver)
     new = _wait(driver, lambda d: set(d.execute_script(LOADED_JOBS)) - before, what="the new image in the history")
     (job_id,) = new
     _wait(driver, lambda d: d.find_element("id", "generate").is_enabled(), what="the Generate button")
@@ -195,29 +157,36 @@ def test_served_files_name_no_other_host():
 
 @needs_browser
 def test_generate_shows_in_history_and_survives_reload(server, browser):
-    _open(browser, server.url)
+    _open(browser, server.url + "/")
     # The form came from the server: samplers listed, the model's size as the default.
     assert len(browser.find_elements("css selector", "#sampler option")) >= 5
-    assert browser.find_element("id", "width").get_attribute("value") == "256"
+    assert browser.find_element("id", "width").get_attribute("value") == str(TINY)
 
-    job_id = _generate(browser, PROMPT, seed=7)
+    def sees_progress(d):
+        _wait(d, lambda d: d.find_element("id", "progress-wrap").is_displayed(), what="the progress bar")
+        _wait(d, lambda d: d.execute_script(
+            "const p = document.getElementById('preview'); return !p.hidden && p.complete && p.naturalWidth > 0"),
+            what="a preview of the running job")
+        assert browser.find_element("id", "progress-text").text.startswith("Step ")
+
+    job_id = _generate(browser, PROMPT, seed=7, during=sees_progress)
     card = browser.find_element("id", f"job-{job_id}")
     assert card.find_element("css selector", ".job-prompt").text == PROMPT
     assert "seed 7" in card.find_element("css selector", ".job-meta").text
     # The result is shown big, with its infotext; the download link carries a PNG.
     assert browser.find_element("id", "infotext").text.startswith(PROMPT)
     href = card.find_element("css selector", "a.download").get_attribute("href")
-    png = server.get(urllib.request.urlparse(href).path)
-    assert Image.open(io.BytesIO(png)).size == (256, 256)
-    job = json.loads(server.get(f"v1/jobs/{job_id}"))
+    png = _get(server, href[len(server.url):])
+    assert Image.open(io.BytesIO(png)).size == (TINY, TINY)
+    job = json.loads(_get(server, f"v1/jobs/{job_id}"))
     assert job["state"] == "done" and job["params"]["seed"] == 7 and job["params"]["steps"] == STEPS
     # The page followed the job through its server-sent events (polling is only the fallback).
     assert browser.execute_script(
         f"return performance.getEntriesByType('resource').some(e => e.name.endsWith('/v1/jobs/{job_id}/events'))")
-    assert _same_origin_only(browser, server.url.rstrip("/")) == []
+    assert _same_origin_only(browser, server.url) == []
 
     browser.refresh()
-    _open(browser, server.url)
+    _open(browser, server.url + "/")
     _wait(browser, lambda d: job_id in d.execute_script(LOADED_JOBS), what="the image after a reload")
     card = browser.find_element("id", f"job-{job_id}")
     assert card.find_element("css selector", ".job-prompt").text == PROMPT
@@ -234,14 +203,14 @@ def test_generate_shows_in_history_and_survives_reload(server, browser):
     browser.find_element("id", "seed-dice").click()
     assert int(browser.find_element("id", "seed").get_attribute("value")) >= 0
 
-    assert _same_origin_only(browser, server.url.rstrip("/")) == []
+    assert _same_origin_only(browser, server.url) == []
 
 
 @needs_browser
 def test_inpaint_with_a_brush_drawn_mask(server, browser, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
 
-    _open(browser, server.url)
+    _open(browser, server.url + "/")
     # A flat grey input image; the mask is painted over its left half.
     src = tmp_path / "grey.png"
     Image.new("RGB", (256, 256), (128, 128, 128)).save(src)
@@ -266,9 +235,9 @@ def test_inpaint_with_a_brush_drawn_mask(server, browser, tmp_path):
         window.fetch = (url, opts) => { if (opts && opts.method === 'POST') window.sentBodies.push(opts.body);
                                         return orig(url, opts); };""")
     job_id = _generate(browser, "a green triangle", seed=3)
-    job = json.loads(server.get(f"v1/jobs/{job_id}"))
+    job = json.loads(_get(server, f"v1/jobs/{job_id}"))
     assert job["state"] == "done" and job["mode"] == "inpaint"
-    assert Image.open(io.BytesIO(server.get(job["images"][0]["url"]))).size == (256, 256)
+    assert Image.open(io.BytesIO(_get(server, job["images"][0]["url"]))).size == (TINY, TINY)
 
     (sent,) = [json.loads(b) for b in browser.execute_script("return window.sentBodies")]
     assert sent["mode"] == "inpaint" and sent["prompt"] == "a green triangle" and 0 < sent["strength"] <= 1
@@ -285,7 +254,7 @@ def test_inpaint_with_a_brush_drawn_mask(server, browser, tmp_path):
 
 @needs_browser
 def test_polling_when_the_event_stream_is_unavailable(server, browser):
-    _open(browser, server.url)
+    _open(browser, server.url + "/")
     browser.execute_script("window.TextDecoderStream = undefined")  # the stream reader cannot start
     job_id = _generate(browser, "a yellow star", seed=5)
     polls = browser.execute_script(
@@ -296,14 +265,11 @@ def test_polling_when_the_event_stream_is_unavailable(server, browser):
 
 
 @needs_browser
-def test_api_key_is_asked_once_and_sent(tmp_path, browser):
-    s = Server(tmp_path / "data", "--api-key", API_KEY)
+def test_api_key_is_asked_once_and_sent(tmp_path, model, browser):
+    s = LiveServer(settings(tmp_path / "data", model, api_key=API_KEY, warmup=False))
     try:
-        s.wait_ready()
-        with pytest.raises(urllib.error.HTTPError) as e:
-            s.get("v1/config")
-        assert e.value.code == 401
-        browser.get(s.url)
+        assert s.client.get("/v1/config").status_code == 401
+        browser.get(s.url + "/")
         dialog = _wait(browser, lambda d: d.find_element("id", "key-dialog").is_displayed()
                        and d.find_element("id", "key-dialog"), what="the API-key dialog")
         _set(browser, "api-key", "wrong-key-000000")
@@ -323,4 +289,3 @@ def test_api_key_is_asked_once_and_sent(tmp_path, browser):
     finally:
         browser.execute_script("sessionStorage.clear()")
         s.stop()
-
