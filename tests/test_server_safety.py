@@ -15,7 +15,7 @@ from PIL import Image
 from estable.cli import main
 from estable.errors import EstableError
 from estable.server.settings import Limits, ServerSettings, is_loopback
-from server_util import TINY, LiveServer, make_tiny_model, png_b64, settings
+from server_util import TINY, LiveServer, make_tiny_model, png_b64, settings, wait_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KEY = "s3cret-key-for-tests"
@@ -132,6 +132,7 @@ def test_access_log_lines_never_hold_the_key(locked, access_lines):
     locked.client.get("/v1/jobs", headers={"Authorization": f"Bearer {KEY}"})
     locked.client.get("/v1/jobs", headers={"Authorization": "Bearer wrong-key"})
     locked.client.post("/sdapi/v1/png-info", json={"image": ""}, auth=("ann", "pw-of-ann"))
+    wait_for(lambda: len(access_lines) >= before + 3)  # a line is written just after its response is sent
     lines = [json.loads(x) for x in access_lines[before:]]
     assert [(x["route"], x["status"], x["outcome"]) for x in lines] == [
         ("/v1/jobs", 200, "ok"), ("/v1/jobs", 401, "unauthorized"), ("/sdapi/v1/png-info", 404, "rejected")]

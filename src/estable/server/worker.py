@@ -82,6 +82,8 @@ class Job:
     stop: str | None = None  # requested: "cancel" | "interrupt" | "skip" | "shutdown"
     version: int = 0  # bumped on every visible change (SSE sends on change)
     done: threading.Event = field(default_factory=threading.Event, repr=False)
+    _watchers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    _watch_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         if not self.steps:
@@ -89,6 +91,21 @@ class Job:
             if self.mode != "txt2img":
                 per_batch = max(1, min(int(self.params.steps * self.params.strength), self.params.steps))
             self.steps = per_batch * self.params.batch_count
+
+    def on_done(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` (from the worker's thread) when the job reaches a final state; at once if it has."""
+        with self._watch_lock:
+            if not self.done.is_set():
+                self._watchers.append(fn)
+                return
+        fn()
+
+    def _set_done(self) -> None:
+        with self._watch_lock:
+            self.done.set()
+            watchers, self._watchers = self._watchers, []
+        for fn in watchers:
+            fn()
 
     @property
     def final(self) -> bool:
@@ -435,4 +452,4 @@ class Worker:
             with self._cond:
                 self.jobs.pop(job.id, None)
                 self._cond.notify_all()
-            job.done.set()
+            job._set_done()
