@@ -190,6 +190,10 @@ class Worker:
                 raise Draining()
             if len(self._queue) >= self.settings.queue_size:
                 raise QueueFull(self.retry_after())
+            default_cfg = getattr(getattr(self.pipe, "config", None), "default_cfg", None)
+            if not job.cfg_given and job.model is None and default_cfg is not None:
+                # shown while queued; applied again by the model that runs the job (see _run_batches)
+                job.params = dataclasses.replace(job.params, cfg_scale=float(default_cfg))
             self.store.add_job(job.id, mode=job.mode, origin=job.origin, model=job.model,
                                params=self._params_view(job), steps=job.steps, created=job.created)
             self.jobs[job.id] = job
