@@ -211,6 +211,7 @@ def test_images_bombs_urls_and_garbage(open_server):
     ("/v1/jobs", {"steps": 0}, "steps"),
     ("/v1/jobs", {"mode": "img2img"}, "init_image"),
     ("/v1/jobs", {"mode": "upscale"}, "mode"),
+    ("/v1/jobs", {"sampler": "no such sampler"}, "sampler"),
 ])
 def test_bounds_are_422_naming_the_field(open_server, route, body, field):
     r = open_server.client.post(route, json={"prompt": "x", **body})

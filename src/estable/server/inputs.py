@@ -126,7 +126,7 @@ def build_params(values: dict[str, Any], limits: Limits, names: dict[str, str] |
         try:
             v["sampler"] = get_sampler(str(v["sampler"])).name
         except ValueError as exc:
-            raise BadRequest(str(exc)) from None
+            raise FieldError(name("sampler"), str(exc)) from None
     try:
         return GenerationParams(**v)
     except EstableError as exc:
