@@ -285,6 +285,7 @@ async def progress(request: Request, skip_current_image: bool = False) -> dict[s
     elapsed = time.time() - (job.started or time.time())
     eta = elapsed / prog - elapsed if prog > 0 else 0.0
     per_batch = max(1, job.steps // max(1, job.params.batch_count))
+    batch_no = (max(job.step, 1) - 1) // per_batch
     image = None
     if not skip_current_image and job.preview:
         image = base64.b64encode(job.preview).decode()
@@ -293,8 +294,7 @@ async def progress(request: Request, skip_current_image: bool = False) -> dict[s
         "state": {"skipped": job.stop == "skip", "interrupted": job.stop == "interrupt",
                   "stopping_generation": False, "job": f"task({job.id})", "job_count": 1 + queued,
                   "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)),
-                  "job_no": min(job.step, job.steps - 1) // per_batch if job.steps else 0,
-                  "sampling_step": job.step - (min(job.step, job.steps - 1) // per_batch) * per_batch,
+                  "job_no": batch_no, "sampling_step": job.step - batch_no * per_batch,
                   "sampling_steps": per_batch},
         "current_image": image, "textinfo": None, "current_task": f"task({job.id})",
     }
@@ -347,3 +347,38 @@ async def set_options(request: Request, body: dict[str, Any]) -> None:
     for key, value in body.items():
         if key != "sd_model_checkpoint" and isinstance(key, str) and len(state.options) < 1000:
             state.options[key] = value
+
+
+# Discovery routes A1111 clients call on connecting (webuiapi, plug-ins): Estable has none of these extras, and says
+# so with A1111's empty answers rather than a 404 that would stop the client.
+_EMPTY_LISTS = ("sd-vae", "loras", "hypernetworks", "face-restorers", "prompt-styles", "realesrgan-models")
+
+
+def _empty_list() -> list[Any]:
+    return []
+
+
+for _route in _EMPTY_LISTS:
+    router.add_api_route(f"/{_route}", _empty_list, methods=["GET"], summary="None in Estable (an empty list)")
+
+
+@router.get("/upscalers", summary="Upscalers (only A1111's 'None')")
+async def upscalers() -> list[dict[str, Any]]:
+    return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
+
+
+@router.get("/embeddings", summary="Textual-inversion embeddings (none)")
+async def embeddings() -> dict[str, Any]:
+    return {"loaded": {}, "skipped": {}}
+
+
+@router.get("/scripts", summary="Scripts (none)")
+async def scripts() -> dict[str, Any]:
+    return {"txt2img": [], "img2img": []}
+
+
+@router.get("/cmd-flags", summary="Command-line flags A1111 clients look at")
+async def cmd_flags(request: Request) -> dict[str, Any]:
+    s = get_state(request).settings
+    return {"api": True, "listen": s.host not in ("127.0.0.1", "localhost", "::1"), "port": s.port,
+            "api_auth": None, "nowebui": False, "ckpt_dir": str(s.models_dir) if s.models_dir else None}

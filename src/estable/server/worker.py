@@ -17,6 +17,7 @@ import collections
 import dataclasses
 import gc
 import io
+import json
 import logging
 import threading
 import time
@@ -305,14 +306,17 @@ class Worker:
             from ..pipeline import load_pipeline
 
             self._loader = load_pipeline
-        old, self.pipe = self.pipe, None
-        del old
+        previous = self.entry
+        self.pipe = None  # free the old model's memory before the new one is read
         self._free_memory()
         s = self.settings
         try:
             self.pipe = self._loader(str(entry.path), device=s.device, dtype=s.dtype, cuda_graphs=s.cuda_graphs)
         except Exception:
             self.entry = None
+            if previous is not None and previous.path != entry.path:
+                log.error('{"event": "switch_failed", "model": %s}', json.dumps(entry.name))
+                self._load(previous)  # keep serving with the model we had
             raise
         self.entry = entry
         sha = getattr(self.pipe, "model_sha256", None)
