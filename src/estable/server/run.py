@@ -79,15 +79,19 @@ def run_server(settings: ServerSettings) -> int:
     server = DrainingServer(config, app, settings.grace)
     worker = app.state.estable.worker
 
-    def watch_load() -> None:
+    def watch() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server.started:
+            print(f"estable: serving on http://{_url_host(settings.host)}:{settings.port}/ (model {settings.model}, "
+                  f"jobs in {settings.data_dir}){'' if settings.auth_required else '; no API key'}",
+                  file=sys.stderr, flush=True)
         while not worker.ready.is_set() and worker.load_error is None and not server.should_exit:
             time.sleep(0.1)
         if worker.load_error is not None:
             server.should_exit = True
 
-    threading.Thread(target=watch_load, name="estable-load-watch", daemon=True).start()
-    print(f"estable: serving on http://{_url_host(settings.host)}:{settings.port}/ (model {settings.model}, "
-          f"jobs in {settings.data_dir}){'' if settings.auth_required else '; no API key'}", file=sys.stderr)
+    threading.Thread(target=watch, name="estable-watch", daemon=True).start()
     try:
         server.run()
     except SystemExit:  # uvicorn exits when it cannot bind

@@ -267,10 +267,10 @@ class Worker:
             if self.settings.warmup:
                 self._warm_up()
             self.ready.set()
-            log.info('{"event": "ready", "model": "%s"}', self.entry.name if self.entry else None)
+            log.info(json.dumps({"event": "ready", "model": self.entry.name if self.entry else None}))
         except Exception as exc:  # a broken model: report it, fail jobs with the reason
             self.load_error = f"cannot load the model {self.catalog.initial.name}: {exc}"
-            log.error('{"event": "load_failed", "error": %r}', str(exc))
+            log.error(json.dumps({"event": "load_failed", "error": str(exc)}))
         while True:
             with self._cond:
                 while not self._stopping and not self._control and not (self._queue and self.ready.is_set()):
@@ -315,7 +315,7 @@ class Worker:
         except Exception:
             self.entry = None
             if previous is not None and previous.path != entry.path:
-                log.error('{"event": "switch_failed", "model": %s}', json.dumps(entry.name))
+                log.error(json.dumps({"event": "switch_failed", "model": entry.name}))
                 self._load(previous)  # keep serving with the model we had
             raise
         self.entry = entry
@@ -366,7 +366,7 @@ class Worker:
         except EstableError as exc:
             self._finish(job, "failed", str(exc))
         except Exception as exc:  # a bug: the job fails, the worker lives on
-            log.exception("job %s failed", job.id)
+            log.exception(json.dumps({"event": "job_error", "job": job.id}))
             self._finish(job, "failed", f"internal error: {type(exc).__name__}: {exc}")
         else:
             if job.state == "running":
