@@ -30,10 +30,19 @@ log = logging.getLogger("estable.server")
 class _JSONLines(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         msg = record.getMessage()
-        if msg.startswith("{"):
+        if msg.startswith("{") and not record.exc_info:
             return msg
-        return json.dumps({"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created)),
-                           "level": record.levelname.lower(), "message": msg})
+        try:
+            body = json.loads(msg)
+        except ValueError:
+            body = {"message": msg}
+        if not isinstance(body, dict):
+            body = {"message": msg}
+        out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created)),
+               "level": record.levelname.lower(), **body}
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(out)
 
 
 def setup_logging() -> None:
