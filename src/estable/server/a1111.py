@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
+from ..pipeline import a1111_sampler_label
 from ..provenance.infotext import PARAMETERS_KEY, parse_infotext, to_a1111_fields
 from ..sampling.samplers import get_sampler, list_samplers
 from .catalog import ModelNameError
@@ -154,10 +155,7 @@ def _job(state: ServerState, req: _Request, mode: str, image: Image.Image | None
 def _info(job: Job) -> dict[str, Any]:
     """A1111's ``info`` object (the response carries it JSON-encoded, as a string)."""
     p = job.params
-    spec = get_sampler(p.sampler)
-    label, schedule = spec.label, "Automatic"
-    if label.endswith(_KARRAS):
-        label, schedule = label[: -len(_KARRAS)], "Karras"
+    label, schedule = a1111_sampler_label(get_sampler(p.sampler))
     n = len(job.images)
     seeds = [im["seed"] for im in job.images]
     return {
@@ -169,7 +167,7 @@ def _info(job: Job) -> dict[str, Any]:
         "sd_model_name": job.model_name, "sd_model_hash": job.model_hash, "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": p.strength if job.mode != "txt2img" else 0,
-        "extra_generation_params": {"Schedule type": schedule} if schedule != "Automatic" else {},
+        "extra_generation_params": {"Schedule type": schedule} if schedule else {},
         "index_of_first_image": 0, "infotexts": [im["infotext"] for im in job.images], "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)),
         "clip_skip": p.clip_skip, "is_using_inpainting_conditioning": False, "version": f"estable {__version__}",

@@ -191,10 +191,9 @@ class Worker:
                 raise Draining()
             if len(self._queue) >= self.settings.queue_size:
                 raise QueueFull(self.retry_after())
-            default_cfg = getattr(getattr(self.pipe, "config", None), "default_cfg", None)
-            if not job.cfg_given and job.model is None and default_cfg is not None:
+            if not job.cfg_given and job.model is None and self.pipe is not None:
                 # shown while queued; applied again by the model that runs the job (see _run_batches)
-                job.params = dataclasses.replace(job.params, cfg_scale=float(default_cfg))
+                job.params = self.pipe.with_default_cfg(job.params)
             self.store.add_job(job.id, mode=job.mode, origin=job.origin, model=job.model,
                                params=self._params_view(job), steps=job.steps, created=job.created)
             self.jobs[job.id] = job
@@ -385,9 +384,8 @@ class Worker:
 
     def _run_batches(self, job: Job) -> None:
         p = job.params
-        if not job.cfg_given and getattr(self.pipe.config, "default_cfg", None) is not None:
-            p = dataclasses.replace(p, cfg_scale=float(self.pipe.config.default_cfg))
-            job.params = p
+        if not job.cfg_given:
+            p = job.params = self.pipe.with_default_cfg(p)
         job.model_name = self.pipe.model_name
         job.model_hash = self.pipe.model_hash
         deadline = time.monotonic() + self.settings.job_timeout
