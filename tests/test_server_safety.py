@@ -232,3 +232,44 @@ def test_model_names_cannot_escape(open_server):
         r = open_server.client.post("/v1/jobs", json={"prompt": "x", "model": name})
         assert r.status_code == 400, name
         assert "models folder" in r.json()["detail"] or "unknown model" in r.json()["detail"]
+
+
+def test_public_prefixes_do_not_open_other_routes(locked):
+    """Paths that start like a public route but lead elsewhere (dot segments, encoded slashes) are not let through."""
+    import http.client
+
+    for raw in ("/web/../v1/jobs", "/health/../v1/jobs", "/web/%2e%2e/v1/jobs", "/web%2F..%2Fv1%2Fjobs",
+                "/health/live/../../v1/config"):
+        conn = http.client.HTTPConnection("127.0.0.1", locked.port, timeout=10)
+        conn.request("GET", raw)
+        resp = conn.getresponse()
+        body = resp.read().decode(errors="replace")
+        conn.close()
+        assert resp.status in (401, 404), (raw, resp.status, body[:200])
+        assert '"jobs"' not in body and '"limits"' not in body, raw
+
+
+def test_serve_flags_become_settings(tmp_path):
+    from estable.cli import build_parser
+    from estable.cli_serve import settings_from_args
+
+    key = tmp_path / "key"
+    key.write_text("  a-long-enough-key  \nignored\n")
+    args = build_parser().parse_args(["serve", "--host", "0.0.0.0", "--api-key-file", str(key), "--api-auth",
+                                      "u:p:w", "--cors-origin", "https://a.example", "--max-body-mb", "1",
+                                      "--max-size", "512", "--max-steps", "30", "--queue", "3", "--timeout", "9"])
+    s = settings_from_args(args)
+    s.check()
+    assert s.api_key == "a-long-enough-key" and s.api_auth == ("u", "p:w") and s.cors_origins == ("https://a.example",)
+    assert s.limits.max_body_bytes == 2**20 and s.limits.max_width == s.limits.max_height == 512
+    assert s.limits.max_steps == 30 and s.queue_size == 3 and s.job_timeout == 9
+    defaults = settings_from_args(build_parser().parse_args(["serve"]))
+    assert (defaults.host, defaults.port, defaults.model, defaults.api_key) == ("127.0.0.1", 7860, "default", None)
+    assert defaults.limits.max_body_bytes == 32 * 2**20
+    key.write_text("\n")
+    with pytest.raises(EstableError, match="empty"):
+        settings_from_args(build_parser().parse_args(["serve", "--api-key-file", str(key)]))
+    with pytest.raises(EstableError, match="cannot read"):
+        settings_from_args(build_parser().parse_args(["serve", "--api-key-file", str(tmp_path / "nope")]))
+    with pytest.raises(EstableError, match="cors-origin"):
+        settings_from_args(build_parser().parse_args(["serve", "--cors-origin", "example.org"])).check()
