@@ -155,7 +155,8 @@ def test_sigterm_drains_and_exits_0_with_the_builtin_model(tmp_path):
                 return False
 
         wait_for(ready, timeout=90, every=0.2)
-        job = c.post("/v1/jobs", json={"prompt": "a red circle", "steps": 20, "seed": 5}).json()
+        job = c.post("/v1/jobs", json={"prompt": "a red circle", "steps": 20, "seed": 5, "width": 128,
+                                                "height": 128}).json()
         wait_for(lambda: c.get(f"/v1/jobs/{job['id']}").json()["step"] >= 1)
         proc.send_signal(signal.SIGTERM)
         wait_for(lambda: c.get("/health/ready").status_code == 503)
