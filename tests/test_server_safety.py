@@ -129,17 +129,23 @@ def test_cors(locked, open_server):
 
 def test_access_log_lines_never_hold_the_key(locked, access_lines):
     before = len(access_lines)
-    locked.client.get("/v1/jobs", headers={"Authorization": f"Bearer {KEY}"})
-    locked.client.get("/v1/jobs", headers={"Authorization": "Bearer wrong-key"})
-    locked.client.post("/sdapi/v1/png-info", json={"image": ""}, auth=("ann", "pw-of-ann"))
-    wait_for(lambda: len(access_lines) >= before + 3)  # a line is written just after its response is sent
-    lines = [json.loads(x) for x in access_lines[before:]]
-    assert [(x["route"], x["status"], x["outcome"]) for x in lines] == [
-        ("/v1/jobs", 200, "ok"), ("/v1/jobs", 401, "unauthorized"), ("/sdapi/v1/png-info", 404, "rejected")]
-    for x in lines:
+    locked.client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    locked.client.get("/v1/models", headers={"Authorization": "Bearer wrong-key"})
+    locked.client.post("/sdapi/v1/options", json={"an_option": 1}, auth=("ann", "pw-of-ann"))
+    mine = ("/v1/models", "/sdapi/v1/options")  # routes no other test of this module calls
+
+    def lines():
+        return [x for x in map(json.loads, access_lines[before:]) if x["route"] in mine]
+
+    wait_for(lambda: len(lines()) >= 3)  # a line is written just after its response is sent
+    got = lines()
+    assert [(x["method"], x["route"], x["status"], x["outcome"]) for x in got] == [
+        ("GET", "/v1/models", 200, "ok"), ("GET", "/v1/models", 401, "unauthorized"),
+        ("POST", "/sdapi/v1/options", 200, "ok")]
+    for x in got:
         assert set(x) >= {"ts", "method", "route", "client", "status", "outcome", "duration_ms", "params_hash"}
         assert x["client"] == "127.0.0.1" and x["duration_ms"] >= 0
-    assert lines[0]["params_hash"] is None and len(lines[2]["params_hash"]) == 16
+    assert got[0]["params_hash"] is None and len(got[2]["params_hash"]) == 16
     text = "\n".join(access_lines)
     assert KEY not in text and "pw-of-ann" not in text and "wrong-key" not in text
 
@@ -217,6 +223,17 @@ def test_bounds_are_422_naming_the_field(open_server, route, body, field):
     r = open_server.client.post(route, json={"prompt": "x", **body})
     assert r.status_code == 422, (body, r.text)
     assert isinstance(r.json()["detail"], str) and field in r.json()["detail"], r.json()
+
+
+def test_input_image_size_is_bounded_when_it_sets_the_size(open_server):
+    wide = png_b64(Image.new("RGB", (160, 16)))  # 2,560 pixels (under the cap) but wider than 128
+    r = open_server.client.post("/sdapi/v1/img2img", json={"init_images": [wide], "steps": 2})
+    assert r.status_code == 422 and r.json()["detail"].startswith("init_images:")
+    r = open_server.client.post("/v1/jobs", json={"mode": "img2img", "init_image": wide})
+    assert r.status_code == 422 and r.json()["detail"].startswith("init_image:")
+    r = open_server.client.post("/sdapi/v1/img2img", json={"init_images": [wide], "steps": 2, "width": TINY,
+                                                           "height": TINY})
+    assert r.status_code == 200  # resized to the size asked for
 
 
 def test_strength_bound(open_server):

@@ -30,7 +30,7 @@ from ..pipeline import a1111_sampler_label
 from ..provenance.infotext import PARAMETERS_KEY, parse_infotext, to_a1111_fields
 from ..sampling.samplers import get_sampler, list_samplers
 from .catalog import ModelNameError
-from .inputs import BadRequest, build_params, decode_image, fit_mask
+from .inputs import BadRequest, build_params, check_image_side, decode_image, fit_mask
 from .state import ServerState, get_state
 from .worker import Job
 
@@ -210,6 +210,8 @@ async def img2img(request: Request, req: Img2ImgRequest) -> Any:
     mask = None
     if req.mask:
         mask = fit_mask(decode_image(req.mask, "mask", limits, mode="L"), image, bool(req.inpainting_mask_invert))
+    if req.width is None or req.height is None:
+        check_image_side(image, "init_images", limits)
     job = _job(state, req, "inpaint" if mask is not None else "img2img", image, mask)
     echo = req.model_dump()
     if not req.include_init_images:

@@ -295,6 +295,13 @@ class Worker:
                 continue
             try:
                 self._run(job)
+            except Exception:  # e.g. the store could not be written: the worker must live on
+                log.exception(json.dumps({"event": "worker_error", "job": job.id}))
+                if not job.done.is_set():
+                    job.state, job.error = "failed", "internal error while finishing the job"
+                    with self._cond:
+                        self.jobs.pop(job.id, None)
+                    job._set_done()
             finally:
                 with self._cond:
                     self.current = None
