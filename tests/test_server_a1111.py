@@ -267,3 +267,5 @@ def test_discovery_routes_a1111_clients_call(server):
     assert server.client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
     assert server.client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
     assert server.client.get("/sdapi/v1/cmd-flags").json()["api"] is True
+    mem = server.client.get("/sdapi/v1/memory").json()
+    assert mem["ram"]["total"] > mem["ram"]["free"] > 0 and "cuda" in mem

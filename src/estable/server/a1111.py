@@ -382,3 +382,25 @@ async def cmd_flags(request: Request) -> dict[str, Any]:
     s = get_state(request).settings
     return {"api": True, "listen": s.host not in ("127.0.0.1", "localhost", "::1"), "port": s.port,
             "api_auth": None, "nowebui": False, "ckpt_dir": str(s.models_dir) if s.models_dir else None}
+
+
+@router.get("/memory", summary="RAM and CUDA memory, in bytes")
+async def memory() -> dict[str, Any]:
+    import os
+
+    import torch
+
+    out: dict[str, Any] = {}
+    try:
+        page, total, free = (os.sysconf(k) for k in ("SC_PAGE_SIZE", "SC_PHYS_PAGES", "SC_AVPHYS_PAGES"))
+        out["ram"] = {"free": free * page, "used": (total - free) * page, "total": total * page}
+    except (ValueError, OSError, AttributeError):
+        out["ram"] = {"error": "unavailable"}
+    if torch.cuda.is_available():
+        free_b, total_b = torch.cuda.mem_get_info()
+        out["cuda"] = {"system": {"free": free_b, "used": total_b - free_b, "total": total_b},
+                       "active": {"current": torch.cuda.memory_allocated()},
+                       "reserved": {"current": torch.cuda.memory_reserved()}}
+    else:
+        out["cuda"] = {"error": "CUDA is not available"}
+    return out
