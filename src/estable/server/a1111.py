@@ -344,8 +344,10 @@ async def set_options(request: Request, body: dict[str, Any]) -> None:
             await asyncio.to_thread(state.worker.switch_model, str(name))
         except ModelNameError as exc:
             raise HTTPException(400, str(exc)) from None
-    for key, value in body.items():
-        if key != "sd_model_checkpoint" and isinstance(key, str) and len(state.options) < 1000:
+    for key, value in body.items():  # kept (and shown by GET) but not acted on; bounded in number and size
+        if key == "sd_model_checkpoint" or len(key) > 200 or len(json.dumps(value)) > 10_000:
+            continue
+        if key in state.options or len(state.options) < 1000:
             state.options[key] = value
 
 
