@@ -25,6 +25,7 @@ from .settings import ServerSettings
 __all__ = ["run_server", "setup_logging"]
 
 log = logging.getLogger("estable.server")
+MAX_CONNECTIONS = 256  # open connections and tasks at once; more are answered 503 by uvicorn
 
 
 class _JSONLines(logging.Formatter):
@@ -84,7 +85,8 @@ def run_server(settings: ServerSettings) -> int:
     setup_logging()
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=int(settings.grace) + 10)
+                            lifespan="on", timeout_graceful_shutdown=int(settings.grace) + 10,
+                            limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5)
     server = DrainingServer(config, app, settings.grace)
     worker = app.state.estable.worker
 
