@@ -256,8 +256,12 @@ class Worker:
                 raise Draining()
             self._control.append((task, done))
             self._cond.notify_all()
-        if not done.wait(timeout):
-            raise EstableError(f"loading {name} takes longer than {timeout:g} s")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done.wait(0.25):
+            if self._stopping:
+                raise Draining()
+            if deadline is not None and time.monotonic() > deadline:
+                raise EstableError(f"loading {name} takes longer than {timeout:g} s")
         if errors:
             raise errors[0]
 
