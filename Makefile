@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,server]"
 	touch $@
 
 # The real CLIP BPE vocabulary, used by the tokenizer parity tests. It ships inside open-clip-torch's

@@ -10,18 +10,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-import torch
-from PIL import Image
+import pytest
 
-from estable.checkpoints.store import LoadedModel, save_model
-from estable.config import ModelConfig, TokenizerConfig
-from estable.models.unet import UNet
-from estable.server.app import create_app
-from estable.server.settings import Limits, ServerSettings
-from estable.server.worker import Worker
-from estable.training.config import PRESETS
-from estable.training.trainer import build_text_encoder, build_vae
+pytest.importorskip("fastapi", reason="the server tests need the server extra: pip install -e '.[server]'")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from estable.checkpoints.store import LoadedModel, save_model  # noqa: E402
+from estable.config import ModelConfig, TokenizerConfig  # noqa: E402
+from estable.models.unet import UNet  # noqa: E402
+from estable.server.app import create_app  # noqa: E402
+from estable.server.settings import Limits, ServerSettings  # noqa: E402
+from estable.server.worker import Worker  # noqa: E402
+from estable.training.config import PRESETS  # noqa: E402
+from estable.training.trainer import build_text_encoder, build_vae  # noqa: E402
 
 TINY = 32  # the tiny model's native size in pixels (latents 8×8, VAE factor 4)
 

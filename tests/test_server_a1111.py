@@ -244,3 +244,28 @@ def test_skip_drops_one_batch(server):
     assert r.status_code == 200, r.text
     info = json.loads(r.json()["info"])
     assert info["all_seeds"] == [8] and len(r.json()["images"]) == 1  # batch 0 (seed 7) skipped, batch 1 ran
+
+
+def test_failed_switch_keeps_serving_the_model_it_had(server, models):
+    (models / "broken.safetensors").write_bytes(b"not a checkpoint")
+    try:
+        server.client.post("/sdapi/v1/refresh-checkpoints")
+        before = server.client.get("/sdapi/v1/options").json()["sd_model_checkpoint"]
+        r = server.client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "broken"})
+        assert r.status_code == 400 and "broken" in r.json()["detail"]
+        assert server.client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == before
+        assert txt2img(server).status_code == 200
+    finally:
+        (models / "broken.safetensors").unlink()
+        server.client.post("/sdapi/v1/refresh-checkpoints")
+
+
+def test_discovery_routes_a1111_clients_call(server):
+    for route in ("sd-vae", "loras", "hypernetworks", "face-restorers", "prompt-styles", "realesrgan-models"):
+        assert server.client.get(f"/sdapi/v1/{route}").json() == [], route
+    assert server.client.get("/sdapi/v1/upscalers").json()[0]["name"] == "None"
+    assert server.client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
+    assert server.client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+    assert server.client.get("/sdapi/v1/cmd-flags").json()["api"] is True
+    mem = server.client.get("/sdapi/v1/memory").json()
+    assert mem["ram"]["total"] > mem["ram"]["free"] > 0 and "cuda" in mem

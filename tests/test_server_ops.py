@@ -69,6 +69,11 @@ def test_restart_keeps_finished_jobs_and_interrupts_unfinished(model, tmp_path):
 
 class OOMOnce(Worker):
     failed = False
+    frees = 0
+
+    def _free_memory(self):
+        OOMOnce.frees += 1
+        super()._free_memory()
 
     def generate(self, job, params, callback):
         if not OOMOnce.failed:
@@ -80,8 +85,10 @@ class OOMOnce(Worker):
 def test_out_of_memory_fails_one_job_and_the_next_succeeds(model, tmp_path):
     s = LiveServer(settings(tmp_path, model, warmup=False), worker_class=OOMOnce)
     try:
+        frees = OOMOnce.frees
         r = s.client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1})
         assert r.status_code == 500 and "out of GPU memory" in r.json()["detail"]
+        assert OOMOnce.frees == frees + 1  # memory freed after the failure
         job = s.client.get("/v1/jobs").json()["jobs"][0]
         assert job["state"] == "failed" and "lower the size" in job["error"]
         r = s.client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1})
@@ -155,7 +162,8 @@ def test_sigterm_drains_and_exits_0_with_the_builtin_model(tmp_path):
                 return False
 
         wait_for(ready, timeout=90, every=0.2)
-        job = c.post("/v1/jobs", json={"prompt": "a red circle", "steps": 12, "seed": 5}).json()
+        job = c.post("/v1/jobs", json={"prompt": "a red circle", "steps": 20, "seed": 5, "width": 128,
+                                                "height": 128}).json()
         wait_for(lambda: c.get(f"/v1/jobs/{job['id']}").json()["step"] >= 1)
         proc.send_signal(signal.SIGTERM)
         wait_for(lambda: c.get("/health/ready").status_code == 503)

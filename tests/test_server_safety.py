@@ -15,7 +15,7 @@ from PIL import Image
 from estable.cli import main
 from estable.errors import EstableError
 from estable.server.settings import Limits, ServerSettings, is_loopback
-from server_util import TINY, LiveServer, make_tiny_model, png_b64, settings
+from server_util import TINY, LiveServer, make_tiny_model, png_b64, settings, wait_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KEY = "s3cret-key-for-tests"
@@ -129,16 +129,23 @@ def test_cors(locked, open_server):
 
 def test_access_log_lines_never_hold_the_key(locked, access_lines):
     before = len(access_lines)
-    locked.client.get("/v1/jobs", headers={"Authorization": f"Bearer {KEY}"})
-    locked.client.get("/v1/jobs", headers={"Authorization": "Bearer wrong-key"})
-    locked.client.post("/sdapi/v1/png-info", json={"image": ""}, auth=("ann", "pw-of-ann"))
-    lines = [json.loads(x) for x in access_lines[before:]]
-    assert [(x["route"], x["status"], x["outcome"]) for x in lines] == [
-        ("/v1/jobs", 200, "ok"), ("/v1/jobs", 401, "unauthorized"), ("/sdapi/v1/png-info", 404, "rejected")]
-    for x in lines:
+    locked.client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    locked.client.get("/v1/models", headers={"Authorization": "Bearer wrong-key"})
+    locked.client.post("/sdapi/v1/options", json={"an_option": 1}, auth=("ann", "pw-of-ann"))
+    mine = ("/v1/models", "/sdapi/v1/options")  # routes no other test of this module calls
+
+    def lines():
+        return [x for x in map(json.loads, access_lines[before:]) if x["route"] in mine]
+
+    wait_for(lambda: len(lines()) >= 3)  # a line is written just after its response is sent
+    got = lines()
+    assert [(x["method"], x["route"], x["status"], x["outcome"]) for x in got] == [
+        ("GET", "/v1/models", 200, "ok"), ("GET", "/v1/models", 401, "unauthorized"),
+        ("POST", "/sdapi/v1/options", 200, "ok")]
+    for x in got:
         assert set(x) >= {"ts", "method", "route", "client", "status", "outcome", "duration_ms", "params_hash"}
         assert x["client"] == "127.0.0.1" and x["duration_ms"] >= 0
-    assert lines[0]["params_hash"] is None and len(lines[2]["params_hash"]) == 16
+    assert got[0]["params_hash"] is None and len(got[2]["params_hash"]) == 16
     text = "\n".join(access_lines)
     assert KEY not in text and "pw-of-ann" not in text and "wrong-key" not in text
 
@@ -210,11 +217,23 @@ def test_images_bombs_urls_and_garbage(open_server):
     ("/v1/jobs", {"steps": 0}, "steps"),
     ("/v1/jobs", {"mode": "img2img"}, "init_image"),
     ("/v1/jobs", {"mode": "upscale"}, "mode"),
+    ("/v1/jobs", {"sampler": "no such sampler"}, "sampler"),
 ])
 def test_bounds_are_422_naming_the_field(open_server, route, body, field):
     r = open_server.client.post(route, json={"prompt": "x", **body})
     assert r.status_code == 422, (body, r.text)
     assert isinstance(r.json()["detail"], str) and field in r.json()["detail"], r.json()
+
+
+def test_input_image_size_is_bounded_when_it_sets_the_size(open_server):
+    wide = png_b64(Image.new("RGB", (160, 16)))  # 2,560 pixels (under the cap) but wider than 128
+    r = open_server.client.post("/sdapi/v1/img2img", json={"init_images": [wide], "steps": 2})
+    assert r.status_code == 422 and r.json()["detail"].startswith("init_images:")
+    r = open_server.client.post("/v1/jobs", json={"mode": "img2img", "init_image": wide})
+    assert r.status_code == 422 and r.json()["detail"].startswith("init_image:")
+    r = open_server.client.post("/sdapi/v1/img2img", json={"init_images": [wide], "steps": 2, "width": TINY,
+                                                           "height": TINY})
+    assert r.status_code == 200  # resized to the size asked for
 
 
 def test_strength_bound(open_server):
@@ -230,3 +249,44 @@ def test_model_names_cannot_escape(open_server):
         r = open_server.client.post("/v1/jobs", json={"prompt": "x", "model": name})
         assert r.status_code == 400, name
         assert "models folder" in r.json()["detail"] or "unknown model" in r.json()["detail"]
+
+
+def test_public_prefixes_do_not_open_other_routes(locked):
+    """Paths that start like a public route but lead elsewhere (dot segments, encoded slashes) are not let through."""
+    import http.client
+
+    for raw in ("/web/../v1/jobs", "/health/../v1/jobs", "/web/%2e%2e/v1/jobs", "/web%2F..%2Fv1%2Fjobs",
+                "/health/live/../../v1/config"):
+        conn = http.client.HTTPConnection("127.0.0.1", locked.port, timeout=10)
+        conn.request("GET", raw)
+        resp = conn.getresponse()
+        body = resp.read().decode(errors="replace")
+        conn.close()
+        assert resp.status in (401, 404), (raw, resp.status, body[:200])
+        assert '"jobs"' not in body and '"limits"' not in body, raw
+
+
+def test_serve_flags_become_settings(tmp_path):
+    from estable.cli import build_parser
+    from estable.cli_serve import settings_from_args
+
+    key = tmp_path / "key"
+    key.write_text("  a-long-enough-key  \nignored\n")
+    args = build_parser().parse_args(["serve", "--host", "0.0.0.0", "--api-key-file", str(key), "--api-auth",
+                                      "u:p:w", "--cors-origin", "https://a.example", "--max-body-mb", "1",
+                                      "--max-size", "512", "--max-steps", "30", "--queue", "3", "--timeout", "9"])
+    s = settings_from_args(args)
+    s.check()
+    assert s.api_key == "a-long-enough-key" and s.api_auth == ("u", "p:w") and s.cors_origins == ("https://a.example",)
+    assert s.limits.max_body_bytes == 2**20 and s.limits.max_width == s.limits.max_height == 512
+    assert s.limits.max_steps == 30 and s.queue_size == 3 and s.job_timeout == 9
+    defaults = settings_from_args(build_parser().parse_args(["serve"]))
+    assert (defaults.host, defaults.port, defaults.model, defaults.api_key) == ("127.0.0.1", 7860, "default", None)
+    assert defaults.limits.max_body_bytes == 32 * 2**20
+    key.write_text("\n")
+    with pytest.raises(EstableError, match="empty"):
+        settings_from_args(build_parser().parse_args(["serve", "--api-key-file", str(key)]))
+    with pytest.raises(EstableError, match="cannot read"):
+        settings_from_args(build_parser().parse_args(["serve", "--api-key-file", str(tmp_path / "nope")]))
+    with pytest.raises(EstableError, match="cors-origin"):
+        settings_from_args(build_parser().parse_args(["serve", "--cors-origin", "example.org"])).check()

@@ -26,10 +26,11 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
+from ..pipeline import a1111_sampler_label
 from ..provenance.infotext import PARAMETERS_KEY, parse_infotext, to_a1111_fields
 from ..sampling.samplers import get_sampler, list_samplers
 from .catalog import ModelNameError
-from .inputs import BadRequest, build_params, decode_image, fit_mask
+from .inputs import BadRequest, build_params, check_image_side, decode_image, fit_mask
 from .state import ServerState, get_state
 from .worker import Job
 
@@ -154,10 +155,7 @@ def _job(state: ServerState, req: _Request, mode: str, image: Image.Image | None
 def _info(job: Job) -> dict[str, Any]:
     """A1111's ``info`` object (the response carries it JSON-encoded, as a string)."""
     p = job.params
-    spec = get_sampler(p.sampler)
-    label, schedule = spec.label, "Automatic"
-    if label.endswith(_KARRAS):
-        label, schedule = label[: -len(_KARRAS)], "Karras"
+    label, schedule = a1111_sampler_label(get_sampler(p.sampler))
     n = len(job.images)
     seeds = [im["seed"] for im in job.images]
     return {
@@ -169,7 +167,7 @@ def _info(job: Job) -> dict[str, Any]:
         "sd_model_name": job.model_name, "sd_model_hash": job.model_hash, "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": p.strength if job.mode != "txt2img" else 0,
-        "extra_generation_params": {"Schedule type": schedule} if schedule != "Automatic" else {},
+        "extra_generation_params": {"Schedule type": schedule} if schedule else {},
         "index_of_first_image": 0, "infotexts": [im["infotext"] for im in job.images], "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)),
         "clip_skip": p.clip_skip, "is_using_inpainting_conditioning": False, "version": f"estable {__version__}",
@@ -212,6 +210,8 @@ async def img2img(request: Request, req: Img2ImgRequest) -> Any:
     mask = None
     if req.mask:
         mask = fit_mask(decode_image(req.mask, "mask", limits, mode="L"), image, bool(req.inpainting_mask_invert))
+    if req.width is None or req.height is None:
+        check_image_side(image, "init_images", limits)
     job = _job(state, req, "inpaint" if mask is not None else "img2img", image, mask)
     echo = req.model_dump()
     if not req.include_init_images:
@@ -285,6 +285,7 @@ async def progress(request: Request, skip_current_image: bool = False) -> dict[s
     elapsed = time.time() - (job.started or time.time())
     eta = elapsed / prog - elapsed if prog > 0 else 0.0
     per_batch = max(1, job.steps // max(1, job.params.batch_count))
+    batch_no = (max(job.step, 1) - 1) // per_batch
     image = None
     if not skip_current_image and job.preview:
         image = base64.b64encode(job.preview).decode()
@@ -293,8 +294,7 @@ async def progress(request: Request, skip_current_image: bool = False) -> dict[s
         "state": {"skipped": job.stop == "skip", "interrupted": job.stop == "interrupt",
                   "stopping_generation": False, "job": f"task({job.id})", "job_count": 1 + queued,
                   "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)),
-                  "job_no": min(job.step, job.steps - 1) // per_batch if job.steps else 0,
-                  "sampling_step": job.step - (min(job.step, job.steps - 1) // per_batch) * per_batch,
+                  "job_no": batch_no, "sampling_step": job.step - batch_no * per_batch,
                   "sampling_steps": per_batch},
         "current_image": image, "textinfo": None, "current_task": f"task({job.id})",
     }
@@ -344,6 +344,65 @@ async def set_options(request: Request, body: dict[str, Any]) -> None:
             await asyncio.to_thread(state.worker.switch_model, str(name))
         except ModelNameError as exc:
             raise HTTPException(400, str(exc)) from None
-    for key, value in body.items():
-        if key != "sd_model_checkpoint" and isinstance(key, str) and len(state.options) < 1000:
+    for key, value in body.items():  # kept (and shown by GET) but not acted on; bounded in number and size
+        if key == "sd_model_checkpoint" or len(key) > 200 or len(json.dumps(value)) > 10_000:
+            continue
+        if key in state.options or len(state.options) < 1000:
             state.options[key] = value
+
+
+# Discovery routes A1111 clients call on connecting (webuiapi, plug-ins): Estable has none of these extras, and says
+# so with A1111's empty answers rather than a 404 that would stop the client.
+_EMPTY_LISTS = ("sd-vae", "loras", "hypernetworks", "face-restorers", "prompt-styles", "realesrgan-models")
+
+
+def _empty_list() -> list[Any]:
+    return []
+
+
+for _route in _EMPTY_LISTS:
+    router.add_api_route(f"/{_route}", _empty_list, methods=["GET"], summary="None in Estable (an empty list)")
+
+
+@router.get("/upscalers", summary="Upscalers (only A1111's 'None')")
+async def upscalers() -> list[dict[str, Any]]:
+    return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
+
+
+@router.get("/embeddings", summary="Textual-inversion embeddings (none)")
+async def embeddings() -> dict[str, Any]:
+    return {"loaded": {}, "skipped": {}}
+
+
+@router.get("/scripts", summary="Scripts (none)")
+async def scripts() -> dict[str, Any]:
+    return {"txt2img": [], "img2img": []}
+
+
+@router.get("/cmd-flags", summary="Command-line flags A1111 clients look at")
+async def cmd_flags(request: Request) -> dict[str, Any]:
+    s = get_state(request).settings
+    return {"api": True, "listen": s.host not in ("127.0.0.1", "localhost", "::1"), "port": s.port,
+            "api_auth": None, "nowebui": False, "ckpt_dir": str(s.models_dir) if s.models_dir else None}
+
+
+@router.get("/memory", summary="RAM and CUDA memory, in bytes")
+async def memory() -> dict[str, Any]:
+    import os
+
+    import torch
+
+    out: dict[str, Any] = {}
+    try:
+        page, total, free = (os.sysconf(k) for k in ("SC_PAGE_SIZE", "SC_PHYS_PAGES", "SC_AVPHYS_PAGES"))
+        out["ram"] = {"free": free * page, "used": (total - free) * page, "total": total * page}
+    except (ValueError, OSError, AttributeError):
+        out["ram"] = {"error": "unavailable"}
+    if torch.cuda.is_available():
+        free_b, total_b = torch.cuda.mem_get_info()
+        out["cuda"] = {"system": {"free": free_b, "used": total_b - free_b, "total": total_b},
+                       "active": {"current": torch.cuda.memory_allocated()},
+                       "reserved": {"current": torch.cuda.memory_reserved()}}
+    else:
+        out["cuda"] = {"error": "CUDA is not available"}
+    return out

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from ..params import GenerationParams
 from ..sampling.samplers import list_samplers
 from .catalog import ModelNameError
-from .inputs import FieldError, build_params, decode_image, fit_mask
+from .inputs import FieldError, build_params, check_image_side, decode_image, fit_mask
 from .state import get_state, job_view, stored_job_view
 from .worker import Job
 
@@ -58,6 +58,8 @@ def make_job(request: Request, req: JobRequest) -> Job:
         if not req.init_image:
             raise FieldError("init_image", f"{req.mode} needs an init_image (base64 PNG or JPEG)")
         image = decode_image(req.init_image, "init_image", limits)
+        if req.width is None or req.height is None:
+            check_image_side(image, "init_image", limits)
     if req.mode == "inpaint":
         if not req.mask:
             raise FieldError("mask", "inpaint needs a mask (base64 PNG; white = repaint)")

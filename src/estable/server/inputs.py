@@ -21,7 +21,7 @@ from ..errors import EstableError
 from ..params import GenerationParams
 from .settings import Limits
 
-__all__ = ["BadRequest", "FieldError", "build_params", "decode_image", "fit_mask"]
+__all__ = ["BadRequest", "FieldError", "build_params", "check_image_side", "decode_image", "fit_mask"]
 
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
 _URL = re.compile(r"^\s*[a-z][a-z0-9+.-]*://", re.IGNORECASE)
@@ -72,6 +72,13 @@ def decode_image(data: Any, field: str, limits: Limits, mode: str = "RGB") -> Im
         raise BadRequest(f"{field} declares more pixels than any accepted image (a decompression bomb?)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise BadRequest(f"{field} is not a readable PNG, JPEG or WebP image ({exc})") from None
+
+
+def check_image_side(image: Image.Image, field: str, limits: Limits) -> None:
+    """An input image whose size becomes the generation size (no width/height asked for) must fit the limits."""
+    if image.width > limits.max_width or image.height > limits.max_height:
+        raise FieldError(field, f"is {image.width}x{image.height}; without width and height the image's size is "
+                         f"used, and the largest allowed is {limits.max_width}x{limits.max_height}")
 
 
 def fit_mask(mask: Image.Image, image: Image.Image, invert: bool = False) -> Image.Image:
@@ -126,7 +133,7 @@ def build_params(values: dict[str, Any], limits: Limits, names: dict[str, str] |
         try:
             v["sampler"] = get_sampler(str(v["sampler"])).name
         except ValueError as exc:
-            raise BadRequest(str(exc)) from None
+            raise FieldError(name("sampler"), str(exc)) from None
     try:
         return GenerationParams(**v)
     except EstableError as exc:

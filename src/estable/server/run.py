@@ -25,15 +25,25 @@ from .settings import ServerSettings
 __all__ = ["run_server", "setup_logging"]
 
 log = logging.getLogger("estable.server")
+MAX_CONNECTIONS = 256  # open connections and tasks at once; more are answered 503 by uvicorn
 
 
 class _JSONLines(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         msg = record.getMessage()
-        if msg.startswith("{"):
+        if msg.startswith("{") and not record.exc_info:
             return msg
-        return json.dumps({"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created)),
-                           "level": record.levelname.lower(), "message": msg})
+        try:
+            body = json.loads(msg)
+        except ValueError:
+            body = {"message": msg}
+        if not isinstance(body, dict):
+            body = {"message": msg}
+        out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created)),
+               "level": record.levelname.lower(), **body}
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(out)
 
 
 def setup_logging() -> None:
@@ -75,19 +85,24 @@ def run_server(settings: ServerSettings) -> int:
     setup_logging()
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=int(settings.grace) + 10)
+                            lifespan="on", timeout_graceful_shutdown=int(settings.grace) + 10,
+                            limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5)
     server = DrainingServer(config, app, settings.grace)
     worker = app.state.estable.worker
 
-    def watch_load() -> None:
+    def watch() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server.started:
+            print(f"estable: serving on http://{_url_host(settings.host)}:{settings.port}/ (model {settings.model}, "
+                  f"jobs in {settings.data_dir}){'' if settings.auth_required else '; no API key'}",
+                  file=sys.stderr, flush=True)
         while not worker.ready.is_set() and worker.load_error is None and not server.should_exit:
             time.sleep(0.1)
         if worker.load_error is not None:
             server.should_exit = True
 
-    threading.Thread(target=watch_load, name="estable-load-watch", daemon=True).start()
-    print(f"estable: serving on http://{_url_host(settings.host)}:{settings.port}/ (model {settings.model}, "
-          f"jobs in {settings.data_dir}){'' if settings.auth_required else '; no API key'}", file=sys.stderr)
+    threading.Thread(target=watch, name="estable-watch", daemon=True).start()
     try:
         server.run()
     except SystemExit:  # uvicorn exits when it cannot bind

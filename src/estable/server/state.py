@@ -48,11 +48,17 @@ class ServerState:
 
     async def wait(self, request: Request, job: Job) -> bool:
         """Wait for ``job`` to finish; if the client disconnects first, cancel it and return False."""
-        checked = time.monotonic()
-        while not job.done.is_set():
-            await asyncio.sleep(0.02)
-            if time.monotonic() - checked > 0.25:
-                checked = time.monotonic()
+        loop = asyncio.get_running_loop()
+        finished = loop.create_future()
+
+        def wake() -> None:  # called from the worker's thread
+            loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
+
+        job.on_done(wake)
+        while not finished.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(finished), 0.25)
+            except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     self.worker.cancel(job.id)
                     return False

@@ -147,10 +147,14 @@ class JobStore:
         """Write one image (PNG with its infotext and record) and its row; returns its public description."""
         image_id = new_id()
         name = f"{image_id}.png"
-        write_png(self.images_dir / name, image, parameters=infotext, record=record)
-        with self._lock:
-            self._db.execute("INSERT INTO images (id, job_id, idx, seed, infotext, file) VALUES (?, ?, ?, ?, ?, ?)",
-                             (image_id, job_id, index, seed, infotext, name))
+        path = write_png(self.images_dir / name, image, parameters=infotext, record=record)
+        try:
+            with self._lock:
+                self._db.execute("INSERT INTO images (id, job_id, idx, seed, infotext, file) "
+                                 "VALUES (?, ?, ?, ?, ?, ?)", (image_id, job_id, index, seed, infotext, name))
+        except BaseException:
+            path.unlink(missing_ok=True)  # no file without its row
+            raise
         return {"id": image_id, "url": f"/v1/images/{image_id}.png", "seed": seed, "infotext": infotext}
 
     def image_path(self, image_id: str) -> Path | None:

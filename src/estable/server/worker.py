@@ -17,6 +17,7 @@ import collections
 import dataclasses
 import gc
 import io
+import json
 import logging
 import threading
 import time
@@ -40,6 +41,7 @@ log = logging.getLogger("estable.server")
 OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
 WARMUP_PROMPT = "warm-up"
+RUNS_KEPT = 10_000
 
 
 class QueueFull(Exception):
@@ -82,6 +84,8 @@ class Job:
     stop: str | None = None  # requested: "cancel" | "interrupt" | "skip" | "shutdown"
     version: int = 0  # bumped on every visible change (SSE sends on change)
     done: threading.Event = field(default_factory=threading.Event, repr=False)
+    _watchers: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    _watch_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         if not self.steps:
@@ -89,6 +93,21 @@ class Job:
             if self.mode != "txt2img":
                 per_batch = max(1, min(int(self.params.steps * self.params.strength), self.params.steps))
             self.steps = per_batch * self.params.batch_count
+
+    def on_done(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` (from the worker's thread) when the job reaches a final state; at once if it has."""
+        with self._watch_lock:
+            if not self.done.is_set():
+                self._watchers.append(fn)
+                return
+        fn()
+
+    def _set_done(self) -> None:
+        with self._watch_lock:
+            self.done.set()
+            watchers, self._watchers = self._watchers, []
+        for fn in watchers:
+            fn()
 
     @property
     def final(self) -> bool:
@@ -127,7 +146,8 @@ class Worker:
         self.draining = False
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.runs: collections.Counter[str] = collections.Counter()  # job id -> times run (checked by tests)
+        # job id -> times run, for the most recent RUNS_KEPT jobs (the load test checks that none ran twice)
+        self.runs: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.durations: collections.deque[float] = collections.deque(maxlen=20)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -173,6 +193,9 @@ class Worker:
                 raise Draining()
             if len(self._queue) >= self.settings.queue_size:
                 raise QueueFull(self.retry_after())
+            if not job.cfg_given and job.model is None and self.pipe is not None:
+                # shown while queued; applied again by the model that runs the job (see _run_batches)
+                job.params = self.pipe.with_default_cfg(job.params)
             self.store.add_job(job.id, mode=job.mode, origin=job.origin, model=job.model,
                                params=self._params_view(job), steps=job.steps, created=job.created)
             self.jobs[job.id] = job
@@ -233,8 +256,12 @@ class Worker:
                 raise Draining()
             self._control.append((task, done))
             self._cond.notify_all()
-        if not done.wait(timeout):
-            raise EstableError(f"loading {name} takes longer than {timeout:g} s")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done.wait(0.25):
+            if self._stopping:
+                raise Draining()
+            if deadline is not None and time.monotonic() > deadline:
+                raise EstableError(f"loading {name} takes longer than {timeout:g} s")
         if errors:
             raise errors[0]
 
@@ -245,10 +272,10 @@ class Worker:
             if self.settings.warmup:
                 self._warm_up()
             self.ready.set()
-            log.info('{"event": "ready", "model": "%s"}', self.entry.name if self.entry else None)
+            log.info(json.dumps({"event": "ready", "model": self.entry.name if self.entry else None}))
         except Exception as exc:  # a broken model: report it, fail jobs with the reason
             self.load_error = f"cannot load the model {self.catalog.initial.name}: {exc}"
-            log.error('{"event": "load_failed", "error": %r}', str(exc))
+            log.error(json.dumps({"event": "load_failed", "error": str(exc)}))
         while True:
             with self._cond:
                 while not self._stopping and not self._control and not (self._queue and self.ready.is_set()):
@@ -274,6 +301,13 @@ class Worker:
                 continue
             try:
                 self._run(job)
+            except Exception:  # e.g. the store could not be written: the worker must live on
+                log.exception(json.dumps({"event": "worker_error", "job": job.id}))
+                if not job.done.is_set():
+                    job.state, job.error = "failed", "internal error while finishing the job"
+                    with self._cond:
+                        self.jobs.pop(job.id, None)
+                    job._set_done()
             finally:
                 with self._cond:
                     self.current = None
@@ -284,14 +318,17 @@ class Worker:
             from ..pipeline import load_pipeline
 
             self._loader = load_pipeline
-        old, self.pipe = self.pipe, None
-        del old
+        previous = self.entry
+        self.pipe = None  # free the old model's memory before the new one is read
         self._free_memory()
         s = self.settings
         try:
             self.pipe = self._loader(str(entry.path), device=s.device, dtype=s.dtype, cuda_graphs=s.cuda_graphs)
         except Exception:
             self.entry = None
+            if previous is not None and previous.path != entry.path:
+                log.error(json.dumps({"event": "switch_failed", "model": entry.name}))
+                self._load(previous)  # keep serving with the model we had
             raise
         self.entry = entry
         sha = getattr(self.pipe, "model_sha256", None)
@@ -319,7 +356,9 @@ class Worker:
         return self.pipe.inpaint(job.image, job.mask, params, callback=callback)
 
     def _run(self, job: Job) -> None:
-        self.runs[job.id] += 1
+        self.runs[job.id] = self.runs.get(job.id, 0) + 1
+        while len(self.runs) > RUNS_KEPT:
+            self.runs.popitem(last=False)
         t0 = time.monotonic()
         self.store.update_job(job.id, state="running")
         try:
@@ -334,6 +373,9 @@ class Worker:
             self._stopped(job, stop.reason)
         except OOM_ERRORS:
             p = job.params
+            reset = getattr(getattr(self.pipe, "unet_forward", None), "reset", None)
+            if reset is not None:
+                reset()  # recorded CUDA graphs hold memory pools of their own
             self._free_memory()
             self._finish(job, "failed", f"out of GPU memory generating {p.batch_size} image(s) at "
                                         f"{p.width or 'native'}x{p.height or 'native'} size; lower the size or the "
@@ -341,7 +383,7 @@ class Worker:
         except EstableError as exc:
             self._finish(job, "failed", str(exc))
         except Exception as exc:  # a bug: the job fails, the worker lives on
-            log.exception("job %s failed", job.id)
+            log.exception(json.dumps({"event": "job_error", "job": job.id}))
             self._finish(job, "failed", f"internal error: {type(exc).__name__}: {exc}")
         else:
             if job.state == "running":
@@ -360,9 +402,8 @@ class Worker:
 
     def _run_batches(self, job: Job) -> None:
         p = job.params
-        if not job.cfg_given and getattr(self.pipe.config, "default_cfg", None) is not None:
-            p = dataclasses.replace(p, cfg_scale=float(self.pipe.config.default_cfg))
-            job.params = p
+        if not job.cfg_given:
+            p = job.params = self.pipe.with_default_cfg(p)
         job.model_name = self.pipe.model_name
         job.model_hash = self.pipe.model_hash
         deadline = time.monotonic() + self.settings.job_timeout
@@ -435,4 +476,4 @@ class Worker:
             with self._cond:
                 self.jobs.pop(job.id, None)
                 self._cond.notify_all()
-            job.done.set()
+            job._set_done()
