@@ -63,7 +63,7 @@ def main() -> None:
                 opts.add_argument(a)
             driver = webdriver.Chrome(
                 service=Service(os.environ.get("ESTABLE_CHROMEDRIVER", "/usr/bin/chromedriver")), options=opts)
-            wait = WebDriverWait(driver, 120, poll_frequency=0.1)
+            wait = WebDriverWait(driver, 600, poll_frequency=0.2)
             try:
                 driver.get(url)
                 wait.until(lambda d: d.execute_script("return document.body.dataset.ready === 'true'"))
@@ -73,8 +73,11 @@ def main() -> None:
                         el.clear()
                         el.send_keys(value)
                     driver.find_element("id", "generate").click()
-                    wait.until(lambda d, k=k: d.find_element("id", "generate").is_enabled() and d.execute_script(
-                        "return document.querySelectorAll('#gallery li.job[data-state=done]').length") == k)
+                    try:
+                        wait.until(lambda d, k=k: d.find_element("id", "generate").is_enabled() and d.execute_script(
+                            "return document.querySelectorAll('#gallery li.job[data-state=done]').length") == k)
+                    except Exception:
+                        sys.exit(f"no image for {prompt!r}; the page says: {driver.find_element('id', 'status').text}")
                 wait.until(lambda d: d.execute_script(
                     "return [...document.images].every(i => i.hidden || (i.complete && i.naturalWidth > 0))"))
                 driver.execute_script("document.activeElement.blur()")
