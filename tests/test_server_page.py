@@ -265,6 +265,20 @@ def test_polling_when_the_event_stream_is_unavailable(server, browser):
 
 
 @needs_browser
+def test_a_rejection_by_the_server_is_shown_on_its_field(server, browser):
+    _open(browser, server.url + "/")
+    too_long = "x" * (server.settings.limits.max_prompt_length + 1)  # the page checks the prompt, not this one
+    browser.execute_script("document.getElementById('negative-prompt').value = arguments[0]", too_long)
+    _set(browser, "prompt", "a blue circle")
+    browser.find_element("id", "generate").click()
+    _wait(browser, lambda d: "error" in d.find_element("id", "status").get_attribute("class"), what="the error")
+    assert browser.find_element("id", "status").text.startswith("negative_prompt:")
+    assert browser.find_element("id", "negative-prompt").get_attribute("aria-invalid") == "true"
+    assert browser.find_element("id", "generate").is_enabled()
+    browser.execute_script("document.getElementById('negative-prompt').value = ''")
+
+
+@needs_browser
 def test_api_key_is_asked_once_and_sent(tmp_path, model, browser):
     s = LiveServer(settings(tmp_path / "data", model, api_key=API_KEY, warmup=False))
     try:

@@ -469,6 +469,9 @@
         status(last.state === 'cancelled' ? 'Cancelled' : `Stopped (${last.state})`);
       }
     } catch (err) {
+      // The server names the field first in a 422 ("steps: ..."): mark that input.
+      const field = err.status === 422 && /^(\w+):/.exec(err.message);
+      if (field && FIELDS[field[1]]) $(FIELDS[field[1]]).setAttribute('aria-invalid', 'true');
       status(err.message, 'error');
     } finally {
       state.running = null;
