@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from server_util import TINY, LiveServer, SlowWorker, make_tiny_model, settings
+from server_util import TINY, LiveServer, SlowWorker, make_tiny_model, settings, wait_for
 
 CHROMIUM = os.environ.get("ESTABLE_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("ESTABLE_CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -262,6 +262,26 @@ def test_polling_when_the_event_stream_is_unavailable(server, browser):
     assert polls >= 1
     card = browser.find_element("id", f"job-{job_id}")
     assert card.find_element("css selector", ".job-prompt").text == "a yellow star"
+
+
+@needs_browser
+def test_history_pages(server, browser):
+    ids = [server.client.post("/v1/jobs", json={"prompt": f"job {k}", "steps": 1, "seed": k}).json()["id"]
+           for k in range(13)]
+    wait_for(lambda: all(server.client.get(f"/v1/jobs/{i}").json()["state"] == "done" for i in ids), timeout=60)
+    total = server.client.get("/v1/jobs?limit=1").json()["total"]
+    _open(browser, server.url + "/")
+    cards = lambda d: d.find_elements("css selector", "#gallery > li.job")  # noqa: E731
+    assert len(cards(browser)) == 12  # one page
+    assert browser.find_element("id", "gallery-count").text == f"{total} jobs"
+    assert cards(browser)[0].get_attribute("id") == f"job-{ids[-1]}"  # newest first
+    more = browser.find_element("id", "gallery-more")
+    while more.is_displayed():
+        n = len(cards(browser))
+        more.click()
+        _wait(browser, lambda d, n=n: len(cards(d)) > n, what="the older jobs")
+    shown = [c.get_attribute("id") for c in cards(browser)]
+    assert len(shown) == total and len(set(shown)) == total
 
 
 @needs_browser
