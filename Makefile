@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 CLIP_VOCAB := .cache/clip/bpe_simple_vocab_16e6.txt.gz
 
-.PHONY: install dev demo test lint clean
+.PHONY: install dev demo test lint clean browser
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,server]"
 	touch $@
 
 # The real CLIP BPE vocabulary, used by the tokenizer parity tests. It ships inside open-clip-torch's
@@ -41,7 +41,15 @@ demo: install
 lint: dev
 	$(VENV)/bin/ruff check src tests
 
-test: dev
+# The web page's test (tests/test_server_page.py) drives Debian's Chromium through chromedriver; as root on a
+# Debian-like machine they are installed when missing, elsewhere that test is skipped.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	else echo "chromium/chromedriver missing (apt-get install chromium chromium-driver): the page test is skipped"; fi
+
+test: dev browser
 	$(VENV)/bin/ruff check src tests
 	ESTABLE_CLIP_VOCAB=$(CLIP_VOCAB) $(PY) -m pytest -q -ra $(PYTEST_ARGS)
 

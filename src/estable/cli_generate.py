@@ -12,7 +12,6 @@ Wire it into ``estable.cli.build_parser`` with ``add_generate_commands(sub)``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import re
 import sys
@@ -218,8 +217,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     pipe = load_pipeline(_model_source(args, record), device=args.device or "auto", dtype=args.dtype or "auto",
                          cuda_graphs=args.cuda_graphs, allow_pickle=bool(args.allow_pickle))
-    if args.cfg is None and record is None and pipe.config.default_cfg is not None:
-        params = dataclasses.replace(params, cfg_scale=float(pipe.config.default_cfg))
+    if args.cfg is None and record is None:
+        params = pipe.with_default_cfg(params)
     with _progress() as callback:
         if args.mode == "txt2img":
             result = pipe.txt2img(params, callback=callback)

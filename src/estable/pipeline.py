@@ -246,6 +246,14 @@ def next_index(folder: Path) -> int:
     return best + 1
 
 
+def a1111_sampler_label(spec: SamplerSpec) -> tuple[str, str | None]:
+    """A1111's (sampler, schedule type) for a sampler: ("DPM++ 2M", "Karras") for "DPM++ 2M Karras", as A1111 ≥ 1.9
+    names them in infotexts and API answers; (label, None) when the schedule is the sampler's own."""
+    if spec.label.endswith(_KARRAS_SUFFIX):
+        return spec.label[: -len(_KARRAS_SUFFIX)], "Karras"
+    return spec.label, None
+
+
 # ------------------------------------------------------------------------------------------------ pipeline
 
 
@@ -311,6 +319,13 @@ class Pipeline:
         """A1111's "Model hash": the first 10 hex digits of :attr:`model_sha256`."""
         sha = self.model_sha256
         return sha[:10] if sha else None
+
+    def with_default_cfg(self, params: GenerationParams) -> GenerationParams:
+        """``params`` with the guidance scale this model recommends (its file's ``default_cfg``), if it has one; for
+        requests that did not choose a scale (the CLI without --cfg, the server without cfg_scale)."""
+        if self.config.default_cfg is None:
+            return params
+        return dataclasses.replace(params, cfg_scale=float(self.config.default_cfg))
 
     # -- prompts -------------------------------------------------------------------------------------------
     def encode_prompts(
@@ -400,9 +415,7 @@ class Pipeline:
     def infotext(self, params: GenerationParams, seed: int, mode: Mode, width: int, height: int) -> str:
         """The A1111 ``parameters`` text of one image."""
         spec = resolve_sampler(params.sampler)
-        label, schedule = spec.label, None
-        if label.endswith(_KARRAS_SUFFIX):
-            label, schedule = label[: -len(_KARRAS_SUFFIX)], "Karras"
+        label, schedule = a1111_sampler_label(spec)
         clip_skip = params.clip_skip or self.config.clip_skip
         fields: dict[str, Any] = {
             "Steps": params.steps,

@@ -1,0 +1,114 @@
+"""``estable serve``: the HTTP server (A1111's API, Estable's jobs API, the web page). A thin shell over
+:mod:`estable.server`; FastAPI and uvicorn come with the ``server`` extra.
+
+Wire it into ``estable.cli.build_parser`` with ``add_serve_command(sub)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .errors import EstableError
+
+__all__ = ["add_serve_command"]
+
+
+def add_serve_command(sub: argparse._SubParsersAction) -> None:
+    from .server.settings import Limits, default_data_dir
+
+    lim = Limits()
+    p = sub.add_parser(
+        "serve",
+        help="serve models over HTTP: A1111's API, Estable's jobs API and a web page",
+        description="Serve a model over HTTP: A1111's API under /sdapi/v1 (clients written for A1111 work "
+        "unchanged), Estable's jobs API under /v1, a web page at /, /docs, /metrics and /health/*. With no flags: "
+        "the built-in model on http://127.0.0.1:7860/. Binding any other address than loopback needs an API key. "
+        "SIGTERM drains: new jobs get 503, admitted ones finish (up to --grace seconds), exit status 0.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860, as A1111)")
+    p.add_argument("--model", default="default", metavar="SRC",
+                   help="model to load first: a checkpoint path, a name in --models-dir, or 'default' (the "
+                   "built-in model; the default)")
+    p.add_argument("--models-dir", type=Path, metavar="DIR",
+                   help="folder of models (.safetensors files, diffusers folders) that clients may switch to by "
+                   "name (A1111's sd_model_checkpoint); nothing outside it can be named")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every route except "
+                     "/health/* and the page (prefer --api-key-file: a command line is visible to other users)")
+    key.add_argument("--api-key-file", type=Path, metavar="F", help="read the API key from the first line of F")
+    p.add_argument("--api-auth", metavar="USER:PASS",
+                   help="also accept HTTP basic auth with these credentials (as A1111's --api-auth)")
+    p.add_argument("--data-dir", type=Path, metavar="DIR",
+                   help=f"where the job store (jobs.sqlite3) and images are kept (default {default_data_dir()})")
+    p.add_argument("--queue", type=int, default=16, metavar="N",
+                   help="jobs that may wait; more get 503 with Retry-After (default 16)")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="seconds a job may run (default 600)")
+    p.add_argument("--grace", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, seconds admitted jobs may still run before they are interrupted (default 30)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN (e.g. https://example.org) to call the API; repeatable "
+                   "(default: none, CORS closed)")
+    p.add_argument("--max-body-mb", type=float, default=lim.max_body_bytes / 2**20, metavar="MB",
+                   help="largest request body accepted, in MiB (default 32; larger → 413)")
+    p.add_argument("--max-size", type=int, default=lim.max_width, metavar="PX",
+                   help=f"largest width and height a request may ask for (default {lim.max_width})")
+    p.add_argument("--max-steps", type=int, default=lim.max_steps, metavar="N",
+                   help=f"most sampling steps a request may ask for (default {lim.max_steps})")
+    p.add_argument("--max-batch", type=int, default=lim.max_batch_size, metavar="N",
+                   help=f"largest batch size a request may ask for (default {lim.max_batch_size})")
+    p.add_argument("--preview-interval", type=float, default=1.0, metavar="S",
+                   help="seconds between progress previews of a running job (default 1; 0 = none)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to run (default auto: cuda if present)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                   help="weights' precision (default auto: fp16 on cuda, fp32 on cpu)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on a GPU, run the U-Net eagerly instead of replaying CUDA graphs")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    if args.api_key_file is not None:
+        try:
+            lines = args.api_key_file.read_text().splitlines()
+        except OSError as exc:
+            raise EstableError(f"cannot read --api-key-file {args.api_key_file}: {exc.strerror or exc}") from None
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise EstableError(f"--api-key-file {args.api_key_file} is empty")
+        return key
+    return args.api_key
+
+
+def settings_from_args(args: argparse.Namespace):
+    from .server.settings import Limits, ServerSettings, default_data_dir
+
+    auth = None
+    if args.api_auth is not None:
+        user, sep, password = args.api_auth.partition(":")
+        if not sep or not user or not password:
+            raise EstableError("--api-auth must be USER:PASS")
+        auth = (user, password)
+    if args.max_body_mb <= 0 or args.max_size < 8 or args.max_steps < 1 or args.max_batch < 1:
+        raise EstableError("--max-body-mb, --max-size, --max-steps and --max-batch must be positive")
+    limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
+                    max_batch_size=args.max_batch, max_body_bytes=int(args.max_body_mb * 2**20),
+                    max_image_pixels=max(args.max_size, 2048) ** 2)
+    return ServerSettings(
+        host=args.host, port=args.port, model=args.model, models_dir=args.models_dir, api_key=_api_key(args),
+        api_auth=auth, data_dir=args.data_dir or default_data_dir(), queue_size=args.queue,
+        job_timeout=args.timeout, grace=args.grace, cors_origins=tuple(args.cors_origin), device=args.device,
+        dtype=args.dtype, cuda_graphs=args.cuda_graphs, preview_interval=args.preview_interval, limits=limits)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    settings.check()  # before importing the server's dependencies: a refused bind needs none of them
+    try:
+        from .server.run import run_server
+    except ImportError as exc:
+        raise EstableError(f"estable serve needs the server extra ({exc.name} is missing): "
+                           "pip install 'estable[server]'") from None
+    return run_server(settings)

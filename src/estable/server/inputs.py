@@ -1,0 +1,152 @@
+"""What a request may carry, checked before a job is made: images (base64, header checked before decoding), bounds
+on size, steps, batch and prompt length, and the sampler. Both APIs (A1111's and Estable's) build their
+:class:`~estable.params.GenerationParams` here, so they accept and refuse exactly the same things.
+
+Errors carry the HTTP status they map to: :class:`FieldError` (422, the message names the field) and
+:class:`BadRequest` (400: an image that is not one, a URL, an unknown sampler or model).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import EstableError
+from ..params import GenerationParams
+from .settings import Limits
+
+__all__ = ["BadRequest", "FieldError", "build_params", "check_image_side", "decode_image", "fit_mask"]
+
+_DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
+_URL = re.compile(r"^\s*[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+class BadRequest(EstableError):
+    status = 400
+
+
+class FieldError(EstableError):
+    status = 422
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def decode_image(data: Any, field: str, limits: Limits, mode: str = "RGB") -> Image.Image:
+    """A base64 PNG/JPEG/WebP (optionally a ``data:`` URL) as a PIL image in ``mode``.
+
+    The pixel count is read from the image's header and checked against ``limits.max_image_pixels`` before a
+    single pixel is decoded, so a small file that would expand to gigabytes (a decompression bomb) is refused
+    cheaply. A URL is refused: the server never fetches anything a request points to.
+    """
+    if not isinstance(data, str) or not data.strip():
+        raise FieldError(field, "must be a base64-encoded image")
+    if _URL.match(data) and not _DATA_URL.match(data):
+        raise BadRequest(f"{field}: URLs are never fetched; send the image itself, base64-encoded")
+    text = _DATA_URL.sub("", data.strip(), count=1)
+    try:
+        raw = base64.b64decode(text, validate=False)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{field} is not valid base64") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(raw))  # reads the header only
+            if im.format not in IMAGE_FORMATS:
+                raise BadRequest(f"{field} is a {im.format} image; send PNG, JPEG or WebP")
+            w, h = im.size
+            if w * h > limits.max_image_pixels:
+                raise BadRequest(f"{field} is {w}x{h} = {w * h} pixels; at most {limits.max_image_pixels} are "
+                                 "accepted")
+            im.load()
+            return im.convert(mode)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadRequest(f"{field} declares more pixels than any accepted image (a decompression bomb?)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise BadRequest(f"{field} is not a readable PNG, JPEG or WebP image ({exc})") from None
+
+
+def check_image_side(image: Image.Image, field: str, limits: Limits) -> None:
+    """An input image whose size becomes the generation size (no width/height asked for) must fit the limits."""
+    if image.width > limits.max_width or image.height > limits.max_height:
+        raise FieldError(field, f"is {image.width}x{image.height}; without width and height the image's size is "
+                         f"used, and the largest allowed is {limits.max_width}x{limits.max_height}")
+
+
+def fit_mask(mask: Image.Image, image: Image.Image, invert: bool = False) -> Image.Image:
+    """The mask at the image's size (nearest neighbour, as A1111 resizes masks), inverted if asked."""
+    if mask.size != image.size:
+        mask = mask.resize(image.size, Image.Resampling.NEAREST)
+    if invert:
+        mask = mask.point(lambda v: 255 - v)
+    return mask
+
+
+def _int(field: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise FieldError(field, f"must be a whole number, not {value!r}")
+    return value
+
+
+def build_params(values: dict[str, Any], limits: Limits, names: dict[str, str] | None = None) -> GenerationParams:
+    """GenerationParams from ``values`` (GenerationParams field → value; absent or None = the default), checked
+    against ``limits``. ``names`` maps a GenerationParams field to the request's name for it (A1111's ``n_iter``
+    for batch_count), so every message names the field the client sent. The sampler is checked too."""
+    names = names or {}
+
+    def name(key: str) -> str:
+        return names.get(key, key)
+
+    v = {k: val for k, val in values.items() if val is not None}
+    for key in ("prompt", "negative_prompt"):
+        if key in v:
+            if not isinstance(v[key], str):
+                raise FieldError(name(key), "must be text")
+            if len(v[key]) > limits.max_prompt_length:
+                raise FieldError(name(key), f"is {len(v[key])} characters long; at most {limits.max_prompt_length}")
+    bounds = {"width": (8, limits.max_width), "height": (8, limits.max_height), "steps": (1, limits.max_steps),
+              "batch_size": (1, limits.max_batch_size), "batch_count": (1, limits.max_batch_count)}
+    for key, (lo, hi) in bounds.items():
+        if key in v:
+            v[key] = _int(name(key), v[key])
+            if not lo <= v[key] <= hi:
+                raise FieldError(name(key), f"must be between {lo} and {hi}, not {v[key]}")
+    for key in ("seed", "clip_skip"):
+        if key in v:
+            v[key] = _int(name(key), v[key])
+    for key in ("cfg_scale", "strength", "eta"):
+        if key in v and (isinstance(v[key], bool) or not isinstance(v[key], (int, float))):
+            raise FieldError(name(key), f"must be a number, not {v[key]!r}")
+    if "sampler" in v:
+        from ..sampling.samplers import get_sampler
+
+        try:
+            v["sampler"] = get_sampler(str(v["sampler"])).name
+        except ValueError as exc:
+            raise FieldError(name("sampler"), str(exc)) from None
+    try:
+        return GenerationParams(**v)
+    except EstableError as exc:
+        raise FieldError(_guess_field(str(exc), v, name), str(exc)) from None
+    except TypeError as exc:
+        raise FieldError("body", str(exc)) from None
+
+
+def _guess_field(message: str, values: dict[str, Any], name: Any) -> str:
+    """The request field a GenerationParams message is about (its messages start with the field's words)."""
+    low = message.lower()
+    for key in ("negative_prompt", "prompt", "width", "height", "steps", "cfg_scale", "batch_size", "strength",
+                "eta", "clip_skip", "seed"):
+        if low.startswith(key.replace("_", " ")) or low.startswith(key):
+            return name(key)
+    return "body"

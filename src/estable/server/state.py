@@ -1,0 +1,113 @@
+"""What every route reaches through ``request.app.state.estable``: settings, catalog, store, worker, metrics.
+
+Also the helpers both APIs share: submitting a job (queue full / draining → 503 with Retry-After), waiting for a
+job while watching for the client to go away, and the job object of the contract (live from the worker, or from
+the store once finished).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from fastapi import HTTPException, Request
+
+from .catalog import ModelCatalog
+from .settings import ServerSettings
+from .store import JobStore
+from .worker import Draining, Job, QueueFull, Worker
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
+__all__ = ["ServerState", "get_state", "iso", "job_view", "stored_job_view"]
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    catalog: ModelCatalog
+    store: JobStore
+    worker: Worker
+    metrics: Metrics | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # A1111 options set by clients (kept, not acted on)
+    started: float = field(default_factory=time.time)
+
+    def submit(self, job: Job) -> Job:
+        try:
+            return self.worker.submit(job)
+        except QueueFull as exc:
+            raise HTTPException(503, "the queue is full; try again later",
+                                headers={"Retry-After": str(exc.retry_after)}) from None
+        except Draining:
+            raise HTTPException(503, "the server is shutting down", headers={"Retry-After": "30"}) from None
+
+    async def wait(self, request: Request, job: Job) -> bool:
+        """Wait for ``job`` to finish; if the client disconnects first, cancel it and return False."""
+        loop = asyncio.get_running_loop()
+        finished = loop.create_future()
+
+        def wake() -> None:  # called from the worker's thread
+            loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
+
+        job.on_done(wake)
+        while not finished.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(finished), 0.25)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    self.worker.cancel(job.id)
+                    return False
+        return True
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.estable
+
+
+def iso(t: float | None) -> str | None:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat() if t is not None else None
+
+
+def job_view(job: Job, *, preview: bool = True) -> dict[str, Any]:
+    """The contract's job object for a job the worker holds (queued or running) or has just finished."""
+    return {
+        "id": job.id,
+        "state": job.state,
+        "mode": job.mode,
+        "model": job.model_name or job.model,
+        "params": job.params.to_dict(),
+        "progress": job.progress,
+        "step": job.step,
+        "steps": job.steps,
+        "preview": base64.b64encode(job.preview).decode() if preview and job.preview else None,
+        "images": list(job.images),
+        "error": job.error,
+        "created": iso(job.created),
+        "finished": iso(job.finished),
+    }
+
+
+def stored_job_view(row: dict[str, Any]) -> dict[str, Any]:
+    """The contract's job object from a job store row."""
+    steps = row["steps"] or 0
+    progress = 1.0 if row["state"] == "done" else (min(1.0, row["step"] / steps) if steps else 0.0)
+    return {
+        "id": row["id"],
+        "state": row["state"],
+        "mode": row["mode"],
+        "model": row["model"],
+        "params": row["params"],
+        "progress": progress,
+        "step": row["step"],
+        "steps": steps,
+        "preview": None,
+        "images": row["images"],
+        "error": row["error"],
+        "created": iso(row["created"]),
+        "finished": iso(row["finished"]),
+    }

@@ -1,0 +1,292 @@
+"""Safe on a network, over real HTTP: the loopback-only default, bearer and basic auth (and the public routes), CORS
+closed unless asked, the body cap, decompression bombs, URLs, bounds (422 naming the field), model names that
+escape the models folder, and a JSON log line per request that never holds the key."""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from estable.cli import main
+from estable.errors import EstableError
+from estable.server.settings import Limits, ServerSettings, is_loopback
+from server_util import TINY, LiveServer, make_tiny_model, png_b64, settings, wait_for
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+KEY = "s3cret-key-for-tests"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("m") / "tiny.safetensors")
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def access_lines():
+    handler = _Lines()
+    logger = logging.getLogger("estable.server.access")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler.lines
+    logger.removeHandler(handler)
+
+
+LIMITS = Limits(max_width=128, max_height=128, max_steps=20, max_batch_size=2, max_batch_count=3,
+                max_prompt_length=100, max_body_bytes=200_000, max_image_pixels=128 * 128)
+
+
+@pytest.fixture(scope="module")
+def locked(model, tmp_path_factory, access_lines):
+    s = LiveServer(settings(tmp_path_factory.mktemp("d"), model, api_key=KEY, api_auth=("ann", "pw-of-ann"),
+                            cors_origins=("http://good.example",), limits=LIMITS, warmup=False))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def open_server(model, tmp_path_factory):
+    s = LiveServer(settings(tmp_path_factory.mktemp("d"), model, limits=LIMITS, warmup=False))
+    yield s
+    s.stop()
+
+
+# ------------------------------------------------------------------------------------------------- binding
+
+
+def test_non_loopback_bind_needs_a_key(capsys, tmp_path):
+    assert main(["serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("estable: error: refusing to listen on 0.0.0.0 without an API key") and "\n" not in err
+    assert main(["serve", "--host", "::", "--api-key", "short", "--data-dir", str(tmp_path)]) == 2
+    assert "at least 8" in capsys.readouterr().err
+    assert main(["serve", "--api-auth", "nocolon", "--data-dir", str(tmp_path)]) == 2
+    assert "USER:PASS" in capsys.readouterr().err
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.org")
+    ServerSettings(host="0.0.0.0", api_key=KEY).check()  # with a key it is allowed
+    with pytest.raises(EstableError):
+        ServerSettings(host="10.0.0.1").check()
+
+
+# ---------------------------------------------------------------------------------------------------- auth
+
+
+def test_auth_on(locked):
+    c = locked.client
+    protected = [("GET", "/sdapi/v1/samplers"), ("GET", "/sdapi/v1/options"), ("GET", "/v1/jobs"),
+                 ("GET", "/v1/config"), ("GET", "/metrics"), ("GET", "/docs"), ("GET", "/openapi.json"),
+                 ("POST", "/sdapi/v1/interrupt"), ("GET", "/sdapi/v1/progress")]
+    for method, path in protected:
+        r = c.request(method, path)
+        assert r.status_code == 401, (path, r.status_code)
+        assert "Bearer" in r.headers["www-authenticate"]
+        assert c.request(method, path, headers={"Authorization": f"Bearer {KEY}x"}).status_code == 401
+        assert c.request(method, path, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200, path
+        assert c.request(method, path, auth=("ann", "pw-of-ann")).status_code == 200, path
+        assert c.request(method, path, auth=("ann", "wrong")).status_code == 401
+        assert c.request(method, path, auth=("bob", "pw-of-ann")).status_code == 401
+    for path in ("/health/live", "/health/ready", "/", "/web/index.html"):
+        assert c.get(path).status_code == 200, path
+    assert c.get("/v1/config", headers={"Authorization": f"Bearer {KEY}"}).json()["auth"] is True
+    r = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1}, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200 and len(r.json()["images"]) == 1
+
+
+def test_auth_off(open_server):
+    assert open_server.client.get("/v1/config").json()["auth"] is False
+    assert open_server.client.get("/sdapi/v1/samplers").status_code == 200
+
+
+def test_cors(locked, open_server):
+    pre = {"Origin": "http://good.example", "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization,content-type"}
+    r = locked.client.options("/sdapi/v1/txt2img", headers=pre)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://good.example"
+    r = locked.client.options("/sdapi/v1/txt2img", headers={**pre, "Origin": "http://evil.example"})
+    assert r.headers.get("access-control-allow-origin") != "http://evil.example"
+    r = locked.client.get("/health/live", headers={"Origin": "http://good.example"})
+    assert r.headers["access-control-allow-origin"] == "http://good.example"
+    # closed by default
+    r = open_server.client.options("/sdapi/v1/txt2img", headers=pre)
+    assert "access-control-allow-origin" not in r.headers
+    r = open_server.client.get("/v1/config", headers={"Origin": "http://good.example"})
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_access_log_lines_never_hold_the_key(locked, access_lines):
+    before = len(access_lines)
+    locked.client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    locked.client.get("/v1/models", headers={"Authorization": "Bearer wrong-key"})
+    locked.client.post("/sdapi/v1/options", json={"an_option": 1}, auth=("ann", "pw-of-ann"))
+    mine = ("/v1/models", "/sdapi/v1/options")  # routes no other test of this module calls
+
+    def lines():
+        return [x for x in map(json.loads, access_lines[before:]) if x["route"] in mine]
+
+    wait_for(lambda: len(lines()) >= 3)  # a line is written just after its response is sent
+    got = lines()
+    assert [(x["method"], x["route"], x["status"], x["outcome"]) for x in got] == [
+        ("GET", "/v1/models", 200, "ok"), ("GET", "/v1/models", 401, "unauthorized"),
+        ("POST", "/sdapi/v1/options", 200, "ok")]
+    for x in got:
+        assert set(x) >= {"ts", "method", "route", "client", "status", "outcome", "duration_ms", "params_hash"}
+        assert x["client"] == "127.0.0.1" and x["duration_ms"] >= 0
+    assert got[0]["params_hash"] is None and len(got[2]["params_hash"]) == 16
+    text = "\n".join(access_lines)
+    assert KEY not in text and "pw-of-ann" not in text and "wrong-key" not in text
+
+
+# ------------------------------------------------------------------------------------------------ requests
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims width × height pixels, followed by a tiny (truncated) image stream."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + \
+        chunk(b"IEND", b"")
+
+
+def test_body_cap(open_server):
+    big = {"prompt": "x", "pad": "a" * 300_000}
+    r = open_server.client.post("/sdapi/v1/txt2img", json=big)
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+
+    def chunks():  # no Content-Length: the cap is enforced while the body streams in
+        yield b'{"prompt": "x", "pad": "'
+        for _ in range(30):
+            yield b"a" * 10_000
+        yield b'"}'
+
+    r = open_server.client.post("/sdapi/v1/txt2img", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+    assert open_server.client.get("/health/live").status_code == 200  # the server carries on
+
+
+def test_images_bombs_urls_and_garbage(open_server):
+    import base64
+
+    c = open_server.client
+    bomb = base64.b64encode(_bomb_png(40_000, 40_000)).decode()
+    for field, body in (("init_images", {"init_images": [bomb]}),
+                        ("mask", {"init_images": [png_b64(Image.new("RGB", (TINY, TINY)))], "mask": bomb})):
+        r = c.post("/sdapi/v1/img2img", json={"prompt": "x", "steps": 2, **body})
+        assert r.status_code == 400 and field in r.json()["detail"] and "pixels" in r.json()["detail"], r.text
+    too_big = png_b64(Image.new("RGB", (200, 200)))  # 40,000 pixels > 128²
+    assert c.post("/sdapi/v1/img2img", json={"init_images": [too_big]}).status_code == 400
+    r = c.post("/sdapi/v1/img2img", json={"init_images": ["https://example.org/cat.png"]})
+    assert r.status_code == 400 and "never fetched" in r.json()["detail"]
+    r = c.post("/v1/jobs", json={"mode": "img2img", "init_image": "file:///etc/passwd"})
+    assert r.status_code == 400 and "never fetched" in r.json()["detail"]
+    r = c.post("/sdapi/v1/img2img", json={"init_images": [base64.b64encode(b"not an image").decode()]})
+    assert r.status_code == 400 and "init_images" in r.json()["detail"]
+    r = c.post("/sdapi/v1/png-info", json={"image": bomb})
+    assert r.status_code == 400
+
+
+@pytest.mark.parametrize("route, body, field", [
+    ("/sdapi/v1/txt2img", {"width": 1024}, "width"),
+    ("/sdapi/v1/txt2img", {"height": 4}, "height"),
+    ("/sdapi/v1/txt2img", {"width": 36}, "width"),  # not a multiple of 8
+    ("/sdapi/v1/txt2img", {"steps": 500}, "steps"),
+    ("/sdapi/v1/txt2img", {"steps": "many"}, "steps"),
+    ("/sdapi/v1/txt2img", {"batch_size": 9}, "batch_size"),
+    ("/sdapi/v1/txt2img", {"n_iter": 50}, "n_iter"),
+    ("/sdapi/v1/txt2img", {"prompt": "p" * 101}, "prompt"),
+    ("/sdapi/v1/txt2img", {"negative_prompt": "n" * 101}, "negative_prompt"),
+    ("/sdapi/v1/txt2img", {"cfg_scale": 1000}, "cfg"),
+    ("/sdapi/v1/txt2img", {"seed": -5}, "seed"),
+    ("/v1/jobs", {"width": 4096}, "width"),
+    ("/v1/jobs", {"batch_size": 3}, "batch_size"),
+    ("/v1/jobs", {"steps": 0}, "steps"),
+    ("/v1/jobs", {"mode": "img2img"}, "init_image"),
+    ("/v1/jobs", {"mode": "upscale"}, "mode"),
+    ("/v1/jobs", {"sampler": "no such sampler"}, "sampler"),
+])
+def test_bounds_are_422_naming_the_field(open_server, route, body, field):
+    r = open_server.client.post(route, json={"prompt": "x", **body})
+    assert r.status_code == 422, (body, r.text)
+    assert isinstance(r.json()["detail"], str) and field in r.json()["detail"], r.json()
+
+
+def test_input_image_size_is_bounded_when_it_sets_the_size(open_server):
+    wide = png_b64(Image.new("RGB", (160, 16)))  # 2,560 pixels (under the cap) but wider than 128
+    r = open_server.client.post("/sdapi/v1/img2img", json={"init_images": [wide], "steps": 2})
+    assert r.status_code == 422 and r.json()["detail"].startswith("init_images:")
+    r = open_server.client.post("/v1/jobs", json={"mode": "img2img", "init_image": wide})
+    assert r.status_code == 422 and r.json()["detail"].startswith("init_image:")
+    r = open_server.client.post("/sdapi/v1/img2img", json={"init_images": [wide], "steps": 2, "width": TINY,
+                                                           "height": TINY})
+    assert r.status_code == 200  # resized to the size asked for
+
+
+def test_strength_bound(open_server):
+    img = png_b64(Image.new("RGB", (TINY, TINY)))
+    r = open_server.client.post("/v1/jobs", json={"mode": "img2img", "init_image": img, "strength": 2.0})
+    assert r.status_code == 422 and "strength" in r.json()["detail"]
+    r = open_server.client.post("/sdapi/v1/img2img", json={"init_images": [img], "denoising_strength": 0})
+    assert r.status_code == 422 and "strength" in r.json()["detail"]
+
+
+def test_model_names_cannot_escape(open_server):
+    for name in ("../tiny.safetensors", "/etc/passwd", "..", "sub/dir", "nope"):
+        r = open_server.client.post("/v1/jobs", json={"prompt": "x", "model": name})
+        assert r.status_code == 400, name
+        assert "models folder" in r.json()["detail"] or "unknown model" in r.json()["detail"]
+
+
+def test_public_prefixes_do_not_open_other_routes(locked):
+    """Paths that start like a public route but lead elsewhere (dot segments, encoded slashes) are not let through."""
+    import http.client
+
+    for raw in ("/web/../v1/jobs", "/health/../v1/jobs", "/web/%2e%2e/v1/jobs", "/web%2F..%2Fv1%2Fjobs",
+                "/health/live/../../v1/config"):
+        conn = http.client.HTTPConnection("127.0.0.1", locked.port, timeout=10)
+        conn.request("GET", raw)
+        resp = conn.getresponse()
+        body = resp.read().decode(errors="replace")
+        conn.close()
+        assert resp.status in (401, 404), (raw, resp.status, body[:200])
+        assert '"jobs"' not in body and '"limits"' not in body, raw
+
+
+def test_serve_flags_become_settings(tmp_path):
+    from estable.cli import build_parser
+    from estable.cli_serve import settings_from_args
+
+    key = tmp_path / "key"
+    key.write_text("  a-long-enough-key  \nignored\n")
+    args = build_parser().parse_args(["serve", "--host", "0.0.0.0", "--api-key-file", str(key), "--api-auth",
+                                      "u:p:w", "--cors-origin", "https://a.example", "--max-body-mb", "1",
+                                      "--max-size", "512", "--max-steps", "30", "--queue", "3", "--timeout", "9"])
+    s = settings_from_args(args)
+    s.check()
+    assert s.api_key == "a-long-enough-key" and s.api_auth == ("u", "p:w") and s.cors_origins == ("https://a.example",)
+    assert s.limits.max_body_bytes == 2**20 and s.limits.max_width == s.limits.max_height == 512
+    assert s.limits.max_steps == 30 and s.queue_size == 3 and s.job_timeout == 9
+    defaults = settings_from_args(build_parser().parse_args(["serve"]))
+    assert (defaults.host, defaults.port, defaults.model, defaults.api_key) == ("127.0.0.1", 7860, "default", None)
+    assert defaults.limits.max_body_bytes == 32 * 2**20
+    key.write_text("\n")
+    with pytest.raises(EstableError, match="empty"):
+        settings_from_args(build_parser().parse_args(["serve", "--api-key-file", str(key)]))
+    with pytest.raises(EstableError, match="cannot read"):
+        settings_from_args(build_parser().parse_args(["serve", "--api-key-file", str(tmp_path / "nope")]))
+    with pytest.raises(EstableError, match="cors-origin"):
+        settings_from_args(build_parser().parse_args(["serve", "--cors-origin", "example.org"])).check()
