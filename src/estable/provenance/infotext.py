@@ -221,7 +221,8 @@ def read_png_metadata(path: str | os.PathLike) -> tuple[str | None, dict[str, An
                 raise EstableError(f"{path} is not a PNG image (it is {im.format}); generation metadata "
                                    "is only stored in PNG files")
             text = dict(im.text)  # type: ignore[attr-defined]  # tEXt, zTXt and iTXt chunks
-    except (UnidentifiedImageError, SyntaxError, OSError, ValueError) as e:  # ValueError: oversized text chunk
+    except (UnidentifiedImageError, SyntaxError, OSError, ValueError,  # ValueError: oversized text chunk
+            Image.DecompressionBombError) as e:  # a header claiming billions of pixels
         raise EstableError(f"{path} is not a readable PNG image: {e}") from e
 
     parameters = text.get(PARAMETERS_KEY)
