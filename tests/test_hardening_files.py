@@ -206,3 +206,22 @@ def test_eval_checks_out_and_fake_before_computing(run, tmp_path, monkeypatch):
     _one_line_error(status, err, "not readable images, e.g. b.png")
     status, _, err = run("eval", "vae", "--out", existing, "--count", 1)
     _one_line_error(status, err, "already exists")
+
+
+def test_library_save_result_follows_the_same_rules(tmp_path):
+    """Pipeline users (the server) get the same guarantees through save_result."""
+    from estable.errors import EstableError
+    from estable.pipeline import GenerationResult, save_result
+
+    images = [Image.new("RGB", (8, 8), (k * 40, 0, 0)) for k in range(2)]
+    records = [{"params": {"seed": s}} for s in (5, 6)]
+    result = GenerationResult(images, [5, 6], ["a\nSteps: 1, Sampler: Euler, Seed: 5"] * 2, records, None)
+    (tmp_path / "x-1.png").write_text("keep")
+    with pytest.raises(EstableError, match="x-1.png already exists"):
+        save_result(result, tmp_path / "x.png")
+    assert (tmp_path / "x-1.png").read_text() == "keep" and not (tmp_path / "x-0.png").exists()
+    assert [p.name for p in save_result(result, tmp_path / "x.png", overwrite=True)] == ["x-0.png", "x-1.png"]
+    with pytest.raises(EstableError, match="input image"):
+        save_result(result, tmp_path / "x.png", overwrite=True, inputs=[tmp_path / "x-0.png"])
+    assert [p.name for p in save_result(result, tmp_path / "f")] == ["00000-5.png", "00001-6.png"]
+    assert [p.name for p in save_result(result, tmp_path / "f", start=7)] == ["00007-5.png", "00008-6.png"]

@@ -101,7 +101,8 @@ class OutputPlan:
     """
 
     def __init__(self, out: str | os.PathLike, count: int, *, overwrite: bool = False,
-                 inputs: Sequence[str | os.PathLike | None] = ()) -> None:
+                 inputs: Sequence[str | os.PathLike | None] = (), start: int | None = None) -> None:
+        self.start = start  # a folder's first number (default: after the highest one there)
         self.out = Path(out)
         self.count = int(count)
         self.overwrite = overwrite
@@ -139,7 +140,7 @@ class OutputPlan:
                 self.out.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise EstableError(f"cannot create the output folder {self.out}: {exc.strerror or exc}") from None
-            n = next_index(self.out)
+            n = next_index(self.out) if self.start is None else self.start + k0
             paths = [self.out / f"{n + k:05d}-{seed}.png" for k, seed in enumerate(seeds)]
         for path, image, text, record in zip(paths, images, infotexts, records):
             if path.exists() and not self.overwrite:  # appeared since the check (another run writing there)

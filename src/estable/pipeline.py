@@ -62,10 +62,10 @@ from . import __version__
 from .errors import EstableError
 from .images import as_mask, as_rgb, check_mask_has_area, mask_to_tensor, resize_note, to_pil, to_tensor
 from .nn.cuda_graph import GraphedForward
-from .outputs import next_index
+from .outputs import OutputPlan, next_index  # noqa: F401  (next_index: re-exported)
 from .params import GenerationParams
 from .prompts import apply_weights, build_chunks, match_chunk_counts
-from .provenance.infotext import format_infotext, write_png
+from .provenance.infotext import format_infotext
 from .sampling.samplers import SamplerSpec, SigmaPlan, get_sampler, make_sigmas, vp_denoiser
 
 if TYPE_CHECKING:
@@ -210,33 +210,16 @@ def params_from_record(record: dict[str, Any]) -> GenerationParams:
         raise EstableError(f"the Estable metadata record has invalid parameters: {exc}") from None
 
 
-def save_result(result: GenerationResult, out: str | Path, *, start: int | None = None) -> list[Path]:
+def save_result(result: GenerationResult, out: str | Path, *, start: int | None = None,
+                overwrite: bool = False, inputs: Sequence[str | Path | None] = ()) -> list[Path]:
     """Write every image of ``result`` as a PNG with its infotext and record; return the paths.
 
     ``out`` is a ``.png`` file name (one image: that file; several: ``name-0.png``, ``name-1.png``, …) or a
-    folder (created if needed), where files are numbered ``00000-<seed>.png`` after the highest number there.
+    folder (created if needed), where files are numbered ``00000-<seed>.png`` after the highest number there
+    (from ``start`` when given). An existing file is not replaced unless ``overwrite``, and none of ``inputs`` ever
+    is (:class:`estable.outputs.OutputPlan`, which also writes a long run batch by batch).
     """
-    out = Path(out)
-    paths: list[Path] = []
-    if out.suffix.lower() == ".png":
-        if len(result) == 1:
-            paths = [out]
-        else:
-            paths = [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(len(result))]
-        if not out.parent.is_dir() and str(out.parent):
-            raise EstableError(f"cannot write {out}: folder {out.parent} does not exist")
-    else:
-        if out.exists() and not out.is_dir():
-            raise EstableError(f"--out {out} is an existing file that is not a .png; give a folder or a .png name")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise EstableError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
-        n = next_index(out) if start is None else start
-        paths = [out / f"{n + k:05d}-{seed}.png" for k, seed in enumerate(result.seeds)]
-    for path, image, text, record in zip(paths, result.images, result.infotexts, result.records):
-        write_png(path, image, parameters=text, record=record)
-    return paths
+    return OutputPlan(out, len(result), overwrite=overwrite, inputs=inputs, start=start).save(result)
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
