@@ -172,11 +172,17 @@ def test_data_shapes_interrupted_leaves_complete_files_in_step_with_metadata(run
     out = tmp_path / "ds"
     status, _, err = run("data", "shapes", out, "--count", 6, "--size", 32)
     assert status == 130, err
+    assert "holds 3 complete images" in err
     pngs = sorted(out.glob("*.png"))
     assert [p.name for p in pngs] == [f"{i:08d}.png" for i in range(3)]
     assert all(p.stat().st_size > 0 for p in pngs)
     assert [r["file_name"] for r in _rows(out)] == [p.name for p in pngs]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    status, _, err = run("data", "shapes", out, "--count", 3, "--size", 32, "--append")  # finish the job
+    assert status == 0, err
+    assert [r["file_name"] for r in _rows(out)] == [f"{i:08d}.png" for i in range(6)]
+    assert json.loads((out / "shapes_world.json").read_text())["count"] == 6
 
 
 # ------------------------------------------------------------------------------------------------- eval

@@ -166,6 +166,12 @@ def _cmd_data_shapes(args: argparse.Namespace) -> int:
     existing = "overwrite" if args.overwrite else "append" if args.append else "refuse"
     try:
         meta = write_folder(args.out, args.count, args.size, args.split, args.seed, progress=True, existing=existing)
+    except KeyboardInterrupt:
+        lines = Path(args.out) / "metadata.jsonl"
+        kept = sum(1 for _ in lines.open(encoding="utf-8")) if lines.is_file() else 0
+        print(f"estable: interrupted; {args.out} holds {kept} complete images, each with its metadata line "
+              "(--append continues)", file=sys.stderr)
+        raise
     except ValueError as exc:
         raise EstableError(str(exc)) from exc
     except OSError as exc:

@@ -895,7 +895,7 @@ def write_folder(
                                  f"{', '.join(mismatch)} (or none); use the same settings or another folder")
             old_lines = meta.read_text(encoding="utf-8").splitlines(keepends=True) if meta.exists() else []
             taken = [int(f.stem) for f in old_images if f.stem.isdigit()]
-            first = max(max(taken, default=-1) + 1, int(old.get("start", 0)) + int(old.get("count", 0)))
+            first = max(taken, default=int(old.get("start", 0)) - 1) + 1
             if start is not None and start < first:
                 raise ValueError(f"cannot append at index {start}: {out} already uses indices up to {first - 1}")
             first = first if start is None else start
