@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -92,12 +93,16 @@ def test_tampered_record_fields_are_one_line_errors(run, made, tmp_path, no_mode
     _one_line_error(status, err, needle)
 
 
-def test_decompression_bomb_header_is_a_one_line_error(run, tmp_path, no_model):
-    bomb = bomb_png(tmp_path / "bomb.png")
+@pytest.mark.parametrize("side", [100_000, 10_000])  # Pillow: an error past 179 Mpx, a warning from 89 Mpx
+def test_decompression_bomb_header_is_a_one_line_error(run, tmp_path, no_model, side):
+    bomb = bomb_png(tmp_path / "bomb.png", side)
     for argv in (["png-info", bomb], ["generate", "--from-png", bomb, "--out", tmp_path / "o.png"],
                  ["img2img", "x", "--image", bomb, "--out", tmp_path / "o.png"]):
-        status, _, err = run(*argv)
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.simplefilter("always")
+            status, _, err = run(*argv)
         _one_line_error(status, err, "bomb.png")
+        assert not [w for w in shown if issubclass(w.category, Image.DecompressionBombWarning)]  # printed 2 lines
 
 
 @pytest.mark.parametrize(("argv", "needle"), [

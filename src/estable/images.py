@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import IO
 
@@ -40,12 +41,16 @@ def decode_image(source: str | os.PathLike | bytes | IO[bytes], *, mode: str = "
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
     try:
-        with Image.open(source) as im:  # reads the header only: the size is checked before any pixel is decoded
-            if max(im.size) > MAX_SIDE:
-                raise EstableError(f"image {name} is {im.width}x{im.height}; the largest side allowed is {MAX_SIDE}")
-            im = ImageOps.exif_transpose(im)  # a copy, upright
-            return as_mask(im) if mode == "mask" else to_8bit(im).convert(mode)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        with warnings.catch_warnings():  # Pillow only warns between 89 and 179 Mpx: an error, on one line
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as im:  # the header only: the size is checked before any pixel is decoded
+                if max(im.size) > MAX_SIDE:
+                    raise EstableError(f"image {name} is {im.width}x{im.height}; the largest side allowed is "
+                                       f"{MAX_SIDE}")
+                im = ImageOps.exif_transpose(im)  # a copy, upright
+                return as_mask(im) if mode == "mask" else to_8bit(im).convert(mode)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
         raise EstableError(f"cannot read image {name}: {exc}") from None
 
 
