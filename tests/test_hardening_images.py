@@ -172,3 +172,13 @@ def test_progress_bar_shows_before_the_first_step_and_warns_when_long(monkeypatc
     prog.__exit__(None, None, None)
     shown = term.getvalue()
     assert shown.count("will take about") == 1 and "x 50 steps" in shown and "GPU" in shown
+
+
+def test_training_preprocess_scales_sixteen_bit_images():
+    """The training loader's preprocessing (image folders, tar shards) reads 16-bit PNGs by value range too."""
+    from estable.training.data import preprocess
+
+    x = preprocess(Image.fromarray(_ramp16(32, 32)), 32)  # (3, 32, 32) in [-1, 1]
+    row = x[0, 0].numpy()
+    assert abs(row[0] + 1.0) < 0.02 and abs(row[-1] - 1.0) < 0.02
+    assert np.abs(np.diff(row)).max() < 0.2 and float((x > 0.99).float().mean()) < 0.1  # a ramp, not white
