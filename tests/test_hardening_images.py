@@ -182,3 +182,12 @@ def test_training_preprocess_scales_sixteen_bit_images():
     row = x[0, 0].numpy()
     assert abs(row[0] + 1.0) < 0.02 and abs(row[-1] - 1.0) < 0.02
     assert np.abs(np.diff(row)).max() < 0.2 and float((x > 0.99).float().mean()) < 0.1  # a ramp, not white
+
+
+def test_cli_says_once_how_the_input_was_resized(run, tmp_path):
+    Image.new("RGB", (70, 66), (100, 20, 20)).save(tmp_path / "odd.png")
+    status, out, err = run("img2img", "x", "--image", tmp_path / "odd.png", "--strength", 1, "--batch-count", 2,
+                           *FAST, "--out", tmp_path / "o.png")
+    assert status == 0, err
+    assert len(out.split()) == 2 and Image.open(tmp_path / "o-1.png").size == (64, 64)
+    assert err.count("resized") == 1 and "70x66" in err and "to 64x64" in err

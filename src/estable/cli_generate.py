@@ -230,7 +230,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.cfg is None and record is None and pipe.config.default_cfg is not None:
         params = dataclasses.replace(params, cfg_scale=float(pipe.config.default_cfg))
 
+    shown: set[str] = set()
+
+    def warn(notes: list[str]) -> None:  # each note once, as soon as a batch carries it
+        for note in notes:
+            if note not in shown:
+                shown.add(note)
+                print(f"estable: warning: {note}", file=sys.stderr)
+
     def save(batch: Any) -> None:  # each batch is written as soon as it is decoded
+        warn(batch.warnings)
         for path in plan.save(batch):
             print(path, flush=True)
 
@@ -246,8 +255,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"estable: interrupted after {len(plan.written)} of {plan.count} images; those were saved",
               file=sys.stderr)
         raise
-    for note in result.warnings:
-        print(f"estable: warning: {note}", file=sys.stderr)
+    warn(result.warnings)
     return 0
 
 
