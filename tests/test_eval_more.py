@@ -112,6 +112,51 @@ def test_clipscore_real_renders_beat_the_shuffled_floor(clip_file, tmp_path, cap
     assert "real renders" in capsys.readouterr().out
 
 
+def test_clipscore_floor_pairs_each_image_with_another_prompt(clip_file):
+    """The floor and generated_shuffled rows, recomputed by hand: image i of prompt p scored (cosine of the pair's
+    own embeddings, x 100, floored at 0) against the caption of prompt p+1 mod n. The generator is not the
+    reference (half its images are blank), so no row equals another by construction, and ``relative`` is checked
+    against its formula."""
+    from estable.evaluation.clipscore import evaluate_clipscore, load_clip
+    from estable.evaluation.compositional import image_seed, make_prompts, render_generator
+    from estable.training.data import preprocess
+
+    pair, tok = load_clip(clip_file)
+    prompts = make_prompts(6)
+    real = render_generator(64)
+
+    def half_blank(texts, seeds):
+        return [im if i % 2 == 0 else Image.new("RGB", im.size, (128, 128, 128))
+                for i, im in enumerate(real(texts, seeds))]
+
+    k_per = 2
+    report = evaluate_clipscore(half_blank, pair, tok, prompts, k_per, seed=3, render_size=64)
+
+    def by_hand(image, caption) -> float:
+        with torch.no_grad():
+            e_i = pair.encode_image(preprocess(image, pair.config.image.image_size)[None])
+            e_t = pair.encode_text(tok([caption]))
+        return 100.0 * max(float(torch.nn.functional.cosine_similarity(e_i, e_t)), 0.0)
+
+    n = len(prompts)
+    for row_i, row in enumerate(report["per_image"]):
+        p, k = prompts[row_i // k_per], row_i % k_per
+        own, other = p.caption, prompts[(p.index + 1) % n].caption
+        assert own != other
+        seed = image_seed(p.index, k, 3, k_per)
+        ref = real([own], [seed])[0]
+        fake = half_blank([own, own], [seed, seed])[row_i % 2]
+        assert row["reference"] == pytest.approx(by_hand(ref, own), abs=1e-3)
+        assert row["floor"] == pytest.approx(by_hand(ref, other), abs=1e-3)
+        assert row["generated"] == pytest.approx(by_hand(fake, own), abs=1e-3)
+        assert row["generated_shuffled"] == pytest.approx(by_hand(fake, other), abs=1e-3)
+    mean = {key: report[key]["mean"] for key in ("generated", "reference", "floor")}
+    assert mean["floor"] < mean["reference"]
+    span = mean["reference"] - mean["floor"]
+    assert report["relative"] == pytest.approx((mean["generated"] - mean["floor"]) / span)
+    assert 0.0 < report["relative"] < 1.0
+
+
 def test_clipscore_missing_clip_file_is_a_clear_error(tmp_path):
     with pytest.raises(EstableError, match="no CLIP model"):
         run_cli("clipscore", "--clip", str(tmp_path / "nope.safetensors"), "--model", "shapes", "--prompts", "2",
@@ -222,6 +267,40 @@ def test_guidance_sweep_with_real_renders(tmp_path, capsys):
         assert im.size == (960, 360) and im.mode == "RGB"
         assert len(im.getcolors(1 << 16) or []) > 3  # something was drawn
     assert "recommended default CFG: 1" in capsys.readouterr().out
+
+
+def test_guidance_sweep_uses_each_scale(tmp_path, monkeypatch):
+    """A generator whose output depends on the scale: of every 4 images, round(4·g/10) are true renders of the
+    prompt and the rest blank canvases, so accuracy and FID must change from row to row. A sweep that used one
+    scale for every row (in run_sweep or in the command's make_generator) gives identical rows and fails."""
+    import estable.cli_eval as cli_eval
+    from estable.evaluation.compositional import render_generator
+
+    seen: list[float] = []
+
+    def scaled_generator(args, pipe=None):
+        g = float(args.cfg)
+        seen.append(g)
+        real = render_generator(args.size or 64)
+
+        def generate(prompts, seeds):
+            images = real(prompts, seeds)
+            good = round(4 * g / 10)
+            return [im if i % 4 < good else Image.new("RGB", im.size, (128, 128, 128)) for i, im in enumerate(images)]
+
+        return generate
+
+    monkeypatch.setattr(cli_eval, "model_generator", scaled_generator)
+    out = tmp_path / "sweep"
+    assert run_cli("guidance-sweep", "--model", "shapes", "--cfg", "1,3,7.5", "--prompts", "8",
+                   "--images-per-prompt", "1", "--fid-count", "8", "--size", "64", "--device", "cpu",
+                   "--batch-size", "8", "--out", str(out)) == 0
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert seen == [1.0, 3.0, 7.5]
+    acc = [r["whole_prompt"] for r in rows]
+    assert acc[0] == 0.0 and acc[0] < acc[1] < acc[2], acc  # 0, 1/4, 3/4 of the images are right
+    assert len({round(r["fid"], 6) for r in rows}) == 3 and rows[2]["fid"] < rows[0]["fid"]
+    assert json.loads((out / "sweep.json").read_text())["recommended_cfg"] == 7.5
 
 
 def test_recommendation_and_cfg_parsing():

@@ -210,6 +210,67 @@ def test_inception_fid_pooling_quirks() -> None:
     torch.testing.assert_close(y[..., 0, 0], y[..., 3, 3])
 
 
+def _torch_fidelity_inception():
+    """torch-fidelity's FID Inception module (its own pure-torch port of the TensorFlow 2015-12-05 graph, "adapted
+    from pytorch-fid"), imported without running the package's __init__, which imports torchvision (not importable
+    beside this torch build). Install it with ``pip install --no-deps torch-fidelity==0.4.0``."""
+    import importlib.util
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("torch_fidelity")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("torch-fidelity is not installed (pip install --no-deps torch-fidelity==0.4.0)")
+    if "torch_fidelity" not in sys.modules:
+        package = types.ModuleType("torch_fidelity")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["torch_fidelity"] = package
+    return importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
+
+
+def test_inception_matches_an_independent_fid_inception_on_random_weights(tmp_path) -> None:
+    """The same random weights (BatchNorm statistics too) in our FIDInceptionV3 and in torch-fidelity's FID
+    Inception: the state dicts load into each other strictly (same layers, names and shapes), and the pool3
+    features of the same 299x299 images agree. torch-fidelity takes uint8 pixels u and scales (u - 128) / 128; ours
+    takes x in [0, 1] and scales 2x - 1, so x = u / 256 is the same input."""
+    from estable.evaluation.inception import FIDInceptionV3
+
+    fidelity = _torch_fidelity_inception()
+    torch.manual_seed(0)
+    ours = FIDInceptionV3()
+    # Random weights that keep the signal: with PyTorch's default initialisation the activations fade over the 40+
+    # layers and the features no longer depend on the image (seen: 4e-9 apart for two random images), which would
+    # hide a wrong input scaling. He-normal convolutions, random BatchNorm affines, and BatchNorm statistics taken
+    # from one batch of random images.
+    with torch.no_grad():
+        for m in ours.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.2)
+                m.momentum = 1.0
+        ours.train()(torch.rand(4, 3, 299, 299, generator=torch.Generator().manual_seed(2)))
+    ours.eval()
+    path = tmp_path / "random_inception.pth"
+    torch.save(ours.state_dict(), path)
+    theirs = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                  feature_extractor_weights_path=str(path))
+    g = torch.Generator().manual_seed(1)
+    u = torch.randint(0, 256, (2, 3, 299, 299), generator=g, dtype=torch.uint8)
+    with torch.no_grad():
+        (expected,) = theirs(u)
+        got = ours(u.float() / 256.0)
+    assert expected.shape == got.shape == (2, 2048)
+    assert float((expected[0] - expected[1]).abs().mean()) > 0.05 * float(expected.abs().mean())  # image-dependent
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    # The resize to 299 (pytorch-fid: bilinear, align_corners=False; torch-fidelity resizes as TensorFlow 1 did, so
+    # it is not the oracle here): halving 598 -> 299 that way samples at 2i + 0.5, the mean of each 2x2 block.
+    big = torch.rand(1, 3, 598, 598, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(big), ours(torch.nn.functional.avg_pool2d(big, 2)), rtol=1e-4, atol=1e-5)
+
+
 def test_inception_needs_a_weight_file(tmp_path) -> None:
     from estable.errors import CheckpointError, EstableError
     from estable.evaluation.inception import load_fid_inception

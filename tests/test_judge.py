@@ -189,3 +189,16 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError):
         JudgeConfig(threshold=1.5)
     assert JudgeConfig.from_json(TINY.to_json()) == TINY
+
+
+def test_shipped_judge_accuracy_on_fixed_renders() -> None:
+    """Regression test of the shipped judge (estable/assets/judge.safetensors): on 64 fixed renders (the evaluation
+    seed, both splits) it must stay near its recorded 99.7 % whole-scene accuracy. It measured 100 % on every
+    attribute here when written; random weights score 0 (seen: object_colour 0.0)."""
+    torch.manual_seed(0)
+    report = judge_accuracy(load_default_judge(), 64, seed=judge_mod.EVAL_SEED, batch_size=32)
+    assert report["scenes"] == 64 and report["objects"] > 100
+    for key in ("object_colour", "object_shape", "object_size", "object_position", "count", "background_colour",
+                "background_kind"):
+        assert report[key] >= 0.97, (key, report[key])
+    assert report["relation"] >= 0.95 and report["scene_exact"] >= 0.93, report

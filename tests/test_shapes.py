@@ -317,3 +317,7 @@ def test_rendering_speed_is_reported(capsys):
             f"\nshapes world: {n / (t1 - t0):.0f} scenes/s (layout), {n / (t2 - t1):.0f} renders/s at 256², "
             f"{n / (t2 - t0):.0f} samples/s end to end (one core)"
         )
+    # Measured 267 renders/s at 256² on one core of the 2-core dev machine; the training loader renders on the fly,
+    # so a 10x slowdown (e.g. a supersampling factor gone wrong) must fail here even on a busy machine.
+    assert n / (t2 - t1) > 25, f"rendering at 256² fell to {n / (t2 - t1):.1f}/s (measured 267/s)"
+    assert n / (t1 - t0) > 100, f"scene layout fell to {n / (t1 - t0):.1f}/s (measured 1648/s)"

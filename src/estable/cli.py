@@ -154,14 +154,26 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--split", choices=("train", "heldout"), default="train",
                    help="train, or held-out attribute combinations never seen in training (default train)")
     s.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
+    s.add_argument("--overwrite", action="store_true", help="replace the images and metadata already in OUT")
+    s.add_argument("--append", action="store_true",
+                   help="add COUNT new images (the next scenes of the same world) after those already in OUT")
     s.set_defaults(func=_cmd_data_shapes)
 
 
 def _cmd_data_shapes(args: argparse.Namespace) -> int:
     from .training.shapes import write_folder
 
+    if args.overwrite and args.append:
+        raise EstableError("--overwrite and --append exclude each other")
+    existing = "overwrite" if args.overwrite else "append" if args.append else "refuse"
     try:
-        meta = write_folder(args.out, args.count, args.size, args.split, args.seed, progress=True)
+        meta = write_folder(args.out, args.count, args.size, args.split, args.seed, progress=True, existing=existing)
+    except KeyboardInterrupt:
+        lines = Path(args.out) / "metadata.jsonl"
+        kept = sum(1 for _ in lines.open(encoding="utf-8")) if lines.is_file() else 0
+        print(f"estable: interrupted; {args.out} holds {kept} complete images, each with its metadata line "
+              "(--append continues)", file=sys.stderr)
+        raise
     except ValueError as exc:
         raise EstableError(str(exc)) from exc
     except OSError as exc:

@@ -19,7 +19,8 @@ from typing import Any
 
 from .errors import EstableError
 
-__all__ = ["EVAL_COMMANDS", "add_eval_commands", "add_model_flags", "load_model_pipeline", "model_generator"]
+__all__ = ["EVAL_COMMANDS", "add_eval_commands", "add_model_flags", "check_args", "load_model_pipeline",
+           "model_generator"]
 
 DEFAULT_MODEL = "default"  # the built-in model (estable.pipeline.DEFAULT_MODEL; not imported: keeps torch lazy)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -98,6 +99,24 @@ def model_generator(args: argparse.Namespace, pipe: Any = None) -> Callable[[lis
     return generate
 
 
+def _add_overwrite_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Checks made before any work: ``args.size`` within what renders and generation allow, and ``args.out`` (a file
+    written at the end) not an existing file unless --overwrite, not a folder, in a folder that accepts files."""
+    from .params import MAX_SIDE
+
+    size = getattr(args, "size", None)
+    if size is not None and not 8 <= size <= MAX_SIDE:
+        raise EstableError(f"--size {size} is out of range: 8 to {MAX_SIDE} pixels")
+    if getattr(args, "out", None):
+        from .outputs import check_new_file
+
+        check_new_file(args.out, overwrite=bool(getattr(args, "overwrite", False)))
+
+
 def _write_json(path: str | None, data: dict[str, Any]) -> None:
     if path:
         from .checkpoints.io import atomic_write_text
@@ -124,6 +143,7 @@ def _add_compositional(esub: argparse._SubParsersAction) -> None:
     p.add_argument("--paraphrase", action="store_true",
                    help="say the relations in words no training caption uses (on top of, beneath, ...)")
     p.add_argument("--out", metavar="FILE", help="write the full report (with per-image verdicts) as JSON")
+    _add_overwrite_flag(p)
     p.set_defaults(func=_cmd_compositional)
 
 
@@ -143,6 +163,8 @@ def parse_kinds(text: str | None) -> dict[str, float] | None:
 def _cmd_compositional(args: argparse.Namespace) -> int:
     from .evaluation.compositional import evaluate, format_report, make_prompts
     from .evaluation.judge import load_judge_or_default, resolve_device
+
+    check_args(args)
 
     if args.prompts < 1 or args.images_per_prompt < 1:
         raise EstableError("--prompts and --images-per-prompt must be positive")
@@ -188,24 +210,36 @@ def _add_fid(esub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--out", metavar="FILE", help="write the result as JSON")
+    _add_overwrite_flag(p)
     p.set_defaults(func=_cmd_fid)
 
 
 def _folder_images(folder: Path, count: int | None) -> tuple[list[Path], int]:
+    from PIL import Image, UnidentifiedImageError
+
     files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
     if count is not None:
         files = files[:count]
     if len(files) < 2:
         raise EstableError(f"{folder} holds {len(files)} image(s); FID needs at least 2 per set")
+    bad = []
+    for f in files:  # headers only: a file that is not an image is found before any feature is computed
+        try:
+            with Image.open(f):
+                pass
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            bad.append(f)
+    if bad:
+        raise EstableError(f"{len(bad)} file(s) in {folder} are not readable images, e.g. {bad[0].name}; "
+                           "remove them or point at another folder")
     return files, len(files)
 
 
 def _iter_files(files: list[Path]) -> Iterator[Any]:
-    from PIL import Image
+    from .images import load_image
 
     for f in files:
-        with Image.open(f) as im:
-            yield im.convert("RGB")
+        yield load_image(f)
 
 
 def _iter_renders(split: str, seed: int, n: int, size: int) -> Iterator[Any]:
@@ -260,6 +294,8 @@ def _cmd_fid(args: argparse.Namespace) -> int:
     from .evaluation.fid import extract_features, feature_stats, frechet_distance
     from .evaluation.judge import resolve_device
 
+    check_args(args)
+
     device = resolve_device(args.device)
     if args.features == "inception":
         from .evaluation.inception import InceptionFeatures
@@ -274,9 +310,10 @@ def _cmd_fid(args: argparse.Namespace) -> int:
         return extract_features(stream, extractor, batch_size=args.batch_size, device=device, total=n,
                                 progress=True, desc=desc)
 
+    # Both sets are resolved (folders listed and their files checked, a model loaded) before any feature is made.
     real, n_real = _image_set(args.real, args, FID_REAL_SEED, None)
-    f_real = feats(real, n_real, "real")
     fake, n_fake = _image_set(args.fake, args, FID_FLOOR_SEED + 1, n_real)
+    f_real = feats(real, n_real, "real")
     f_fake = feats(fake, n_fake, "fake")
     stats_real = feature_stats(f_real)
     result: dict[str, Any] = {
@@ -320,11 +357,14 @@ def _add_train_judge(esub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--eval-count", type=int, default=2000, help="held-out renders to measure accuracy on")
     p.add_argument("--out", default="judge.safetensors", metavar="FILE", help="output file")
+    _add_overwrite_flag(p)
     p.set_defaults(func=_cmd_train_judge)
 
 
 def _cmd_train_judge(args: argparse.Namespace) -> int:
     from .evaluation.judge import format_accuracy, judge_accuracy, save_judge, train_judge
+
+    check_args(args)
 
     try:
         judge = train_judge(args.steps, args.batch, args.size, args.device, args.seed, workers=args.workers,
@@ -378,6 +418,7 @@ def _add_clipscore(esub: argparse._SubParsersAction) -> None:
     p.add_argument("--images-per-prompt", type=int, default=4, metavar="K", help="images per prompt (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
     p.add_argument("--out", metavar="FILE", help="write the report (with per-image scores) as JSON")
+    _add_overwrite_flag(p)
     p.set_defaults(func=_cmd_clipscore)
 
 
@@ -393,6 +434,8 @@ def _prompt_set(n: int) -> Any:
 def _cmd_clipscore(args: argparse.Namespace) -> int:
     from .evaluation.clipscore import evaluate_clipscore, format_clipscore, load_clip
     from .evaluation.judge import resolve_device
+
+    check_args(args)
 
     if args.prompts < 2 or args.images_per_prompt < 1:
         raise EstableError("--prompts must be at least 2 (the floor pairs images with other prompts) and "
@@ -430,11 +473,14 @@ def _add_vae(esub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
     p.add_argument("--dtype", default="fp32", help="fp32, fp16, bf16 (default fp32)")
     p.add_argument("--out", metavar="FILE", help="write the report as JSON")
+    _add_overwrite_flag(p)
     p.set_defaults(func=_cmd_vae)
 
 
 def _cmd_vae(args: argparse.Namespace) -> int:
     from .evaluation import recon
+
+    check_args(args)
 
     if args.count < 0 or args.batch_size < 1:
         raise EstableError("--count must be ≥ 0 and --batch-size positive")

@@ -15,7 +15,6 @@ import argparse
 import json
 import re
 import sys
-from pathlib import Path
 from typing import Any
 
 from .errors import EstableError
@@ -93,6 +92,9 @@ def add_generate_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("png-info", help="print the generation parameters stored in a PNG",
                        description="Print a PNG's A1111 'parameters' text and its Estable JSON record.")
     p.add_argument("file", metavar="FILE", help="a PNG written by Estable (or by the A1111 web UI)")
+    p.add_argument("--full", action="store_true",
+                   help="print every character (by default each field stops after 20,000; control characters "
+                   "are always shown escaped, e.g. \\x1b)")
     p.set_defaults(func=_cmd_png_info)
 
 
@@ -138,6 +140,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from-png", metavar="FILE",
                    help="take every parameter (and the model path) from a PNG's Estable record; flags given "
                    "explicitly override it")
+    p.add_argument("--allow-model-change", action="store_true",
+                   help="with --from-png: go on when the model file at the recorded path is not the one the image "
+                   "was made with (its SHA-256 differs); without it that is an error")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing files named by --out (an input image is never replaced)")
 
 
 def _strength(p: argparse.ArgumentParser, default_text: str = "0.75") -> None:
@@ -167,30 +174,23 @@ def _params(args: argparse.Namespace, record: dict[str, Any] | None) -> Generati
 
 def _model_source(args: argparse.Namespace, record: dict[str, Any] | None) -> str:
     from .pipeline import DEFAULT_MODEL
+    from .provenance.reuse import record_model_source
 
     if args.model is not None:
         return args.model
     if record is not None:
-        src = (record.get("model") or {}).get("source")
-        if src and Path(src).exists():
-            return str(src)
+        src = record_model_source(record)
         if src:
-            raise EstableError(f"the PNG was made with the model {src}, which is not there; pass --model")
+            return src
     return DEFAULT_MODEL
 
 
-def _check_out(out: Path) -> None:
-    if out.suffix.lower() == ".png":
-        if str(out.parent) and not out.parent.is_dir():
-            raise EstableError(f"cannot write {out}: folder {out.parent} does not exist")
-    elif out.exists() and not out.is_dir():
-        raise EstableError(f"--out {out} is an existing file that is not a .png; give a folder or a .png name")
-
-
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .images import load_image
-    from .pipeline import load_pipeline, resolve_sampler, save_result
+    from .images import check_mask_has_area, load_image
+    from .outputs import OutputPlan
+    from .pipeline import load_pipeline, resolve_sampler
     from .provenance.infotext import read_png_metadata
+    from .provenance.reuse import check_same_model
 
     record = None
     if args.from_png is not None:
@@ -208,49 +208,96 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.mode == "inpaint":
         if args.mask is None:
             raise EstableError("inpaint needs --mask PATH (white = repaint, black = keep)")
-        mask = load_image(args.mask, mode="L")
+        mask = load_image(args.mask, mode="mask")
         if mask.size != image.size:  # type: ignore[union-attr]
             raise EstableError(f"the mask {args.mask} is {mask.width}x{mask.height} but the image {args.image} is "
                                f"{image.width}x{image.height}; they must have the same size")  # type: ignore[union-attr]
-    out = Path(args.out or DEFAULT_OUT)
-    _check_out(out)
+        check_mask_has_area(mask)
+    # Every output name is checked (exists? writable? an input?) before the model is loaded.
+    plan = OutputPlan(args.out or DEFAULT_OUT, params.batch_size * params.batch_count,
+                      overwrite=bool(getattr(args, "overwrite", False)),
+                      inputs=[getattr(args, "image", None), getattr(args, "mask", None), args.from_png])
 
+    from_record = record is not None and args.model is None
     pipe = load_pipeline(_model_source(args, record), device=args.device or "auto", dtype=args.dtype or "auto",
                          cuda_graphs=args.cuda_graphs, allow_pickle=bool(args.allow_pickle))
+    if from_record:
+        note = check_same_model(record, pipe.model_sha256,  # type: ignore[arg-type]
+                                allow_change=bool(getattr(args, "allow_model_change", False)))
+        if note:
+            print(f"estable: warning: {note}", file=sys.stderr)
     if args.cfg is None and record is None:
         params = pipe.with_default_cfg(params)
-    with _progress() as callback:
-        if args.mode == "txt2img":
-            result = pipe.txt2img(params, callback=callback)
-        elif args.mode == "img2img":
-            result = pipe.img2img(image, params, callback=callback)  # type: ignore[arg-type]
-        else:
-            result = pipe.inpaint(image, mask, params, callback=callback)  # type: ignore[arg-type]
-    for note in result.warnings:
-        print(f"estable: warning: {note}", file=sys.stderr)
-    for path in save_result(result, out):
-        print(path)
+
+    shown: set[str] = set()
+
+    def warn(notes: list[str]) -> None:  # each note once, as soon as a batch carries it
+        for note in notes:
+            if note not in shown:
+                shown.add(note)
+                print(f"estable: warning: {note}", file=sys.stderr)
+
+    def save(batch: Any) -> None:  # each batch is written as soon as it is decoded
+        warn(batch.warnings)
+        for path in plan.save(batch):
+            print(path, flush=True)
+
+    try:
+        with _progress(pipe.device.type) as callback:
+            if args.mode == "txt2img":
+                result = pipe.txt2img(params, callback=callback, on_batch=save)
+            elif args.mode == "img2img":
+                result = pipe.img2img(image, params, callback=callback, on_batch=save)  # type: ignore[arg-type]
+            else:
+                result = pipe.inpaint(image, mask, params, callback=callback, on_batch=save)  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        print(f"estable: interrupted after {len(plan.written)} of {plan.count} images; those were saved",
+              file=sys.stderr)
+        raise
+    warn(result.warnings)
     return 0
 
 
 class _progress:
-    """A tqdm bar on stderr driven by the pipeline's step callback (hidden when stderr is not a terminal)."""
+    """A tqdm bar on stderr driven by the pipeline's step callback (hidden when stderr is not a terminal). The bar
+    is shown before the first step (which alone can take a minute on the CPU); after it, a run estimated to take
+    longer than ``LONG_S`` gets a warning with the estimate."""
+
+    LONG_S = 120.0
+
+    def __init__(self, device_type: str = "cpu") -> None:
+        self.device_type = device_type
 
     def __enter__(self):
-        self.bar = None
+        import time
+
+        from tqdm import tqdm
+
+        self.start = time.monotonic()
+        self.warned = False
+        self.bar = tqdm(total=None, unit="step", file=sys.stderr, disable=None, leave=False)
+        self.bar.refresh()
         return self.update
 
     def update(self, step: int, total: int, latents: Any, denoised: Any) -> None:
-        del latents, denoised
-        if self.bar is None:
-            from tqdm import tqdm
+        import time
 
-            self.bar = tqdm(total=total, unit="step", file=sys.stderr, disable=None, leave=False)
+        del latents, denoised
+        if self.bar.total != total:
+            self.bar.total = total
         self.bar.update(step + 1 - self.bar.n)
+        if not self.warned:
+            self.warned = True
+            per_step = (time.monotonic() - self.start) / (step + 1)
+            estimate = per_step * total
+            if estimate > self.LONG_S:
+                note = (f"estable: warning: this run will take about {estimate / 60:.0f} min on the "
+                        f"{self.device_type.upper()} ({per_step:.1f} s per step x {total} steps); a smaller --size "
+                        "or fewer --steps is faster" + (", and a GPU much faster" if self.device_type == "cpu" else ""))
+                self.bar.write(note, file=sys.stderr)
 
     def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
 
 
 def _cmd_png_info(args: argparse.Namespace) -> int:
@@ -259,10 +306,13 @@ def _cmd_png_info(args: argparse.Namespace) -> int:
     text, record = read_png_metadata(args.file)
     if text is None and record is None:
         raise EstableError(f"{args.file} carries no generation parameters")
+    from .terminal import printable
+
+    limit = None if getattr(args, "full", False) else 20_000
     if text is not None:
-        print(text)
+        print(printable(text, limit))
     if record is not None:
         if text is not None:
             print()
-        print(json.dumps(record, indent=2, ensure_ascii=False))
+        print(printable(json.dumps(record, indent=2, ensure_ascii=False), limit))
     return 0

@@ -17,6 +17,31 @@ MAX_SIDE = 2048  # pixels; larger requests are refused rather than exhausting me
 MAX_BATCH = 16
 
 
+_INT_FIELDS = ("steps", "seed", "batch_size", "batch_count")
+_NUMBER_FIELDS = ("cfg_scale", "strength", "eta")
+
+
+def _check_types(p: GenerationParams) -> None:
+    """Types first, so that a tampered record (``"cfg_scale": "abc"``, ``"steps": true``) is a clear error rather
+    than a crash, or a value silently read as 1 or as on."""
+    for name in _INT_FIELDS:
+        v = getattr(p, name)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise EstableError(f"{name} must be a whole number, not {v!r}")
+    for name in _NUMBER_FIELDS:
+        v = getattr(p, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            raise EstableError(f"{name.replace('_', ' ')} must be a number, not {v!r}")
+    for name in ("width", "height", "clip_skip"):
+        v = getattr(p, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise EstableError(f"{name.replace('_', ' ')} must be a whole number, not {v!r}")
+    if not isinstance(p.weighting, bool):
+        raise EstableError(f"weighting must be true or false, not {p.weighting!r}")
+    if not isinstance(p.sampler, str):
+        raise EstableError(f"sampler must be a name, not {p.sampler!r}")
+
+
 @dataclass
 class GenerationParams:
     prompt: str = ""
@@ -41,18 +66,19 @@ class GenerationParams:
         """Raise EstableError with a message a user can act on."""
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
             raise EstableError("prompt and negative prompt must be text")
+        _check_types(self)
         for name in ("width", "height"):
             v = getattr(self, name)
             if v is None:
                 continue
             if not isinstance(v, int) or v <= 0:
                 raise EstableError(f"{name} must be a positive whole number of pixels, not {v!r}")
+            if v > MAX_SIDE:
+                raise EstableError(f"{name} {v} is larger than the maximum {MAX_SIDE}")
             if v % 8:
                 raise EstableError(
                     f"{name} {v} is not a multiple of 8 (the autoencoder downsamples by 8): try {max(8, v // 8 * 8)}"
                 )
-            if v > MAX_SIDE:
-                raise EstableError(f"{name} {v} is larger than the maximum {MAX_SIDE}")
         if not isinstance(self.steps, int) or not 1 <= self.steps <= 1000:
             raise EstableError(f"steps must be between 1 and 1000, not {self.steps!r}")
         if not 0.0 <= float(self.cfg_scale) <= 100.0:
@@ -67,6 +93,12 @@ class GenerationParams:
             raise EstableError(f"clip skip must be between 1 and 12, not {self.clip_skip!r}")
         if not isinstance(self.seed, int) or not -1 <= self.seed < 2**63:
             raise EstableError(f"seed must be -1 (random) or a non-negative integer, not {self.seed!r}")
+        count = self.batch_size * self.batch_count
+        if self.seed != -1 and self.seed + count - 1 >= 2**63:
+            raise EstableError(
+                f"seed {self.seed} is too large for {count} images: image k uses seed + k and seeds stop at "
+                f"2^63 - 1; use a seed of at most {2**63 - count}"
+            )
 
     def resolved(self) -> GenerationParams:
         """A copy with a concrete seed (a random one replaces -1)."""

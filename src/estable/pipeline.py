@@ -60,11 +60,12 @@ from PIL import Image
 
 from . import __version__
 from .errors import EstableError
-from .images import mask_to_tensor, to_pil, to_tensor
+from .images import as_mask, as_rgb, check_mask_has_area, mask_to_tensor, resize_note, to_pil, to_tensor
 from .nn.cuda_graph import GraphedForward
+from .outputs import OutputPlan, next_index  # noqa: F401  (next_index: re-exported)
 from .params import GenerationParams
 from .prompts import apply_weights, build_chunks, match_chunk_counts
-from .provenance.infotext import format_infotext, write_png
+from .provenance.infotext import format_infotext
 from .sampling.samplers import SamplerSpec, SigmaPlan, get_sampler, make_sigmas, vp_denoiser
 
 if TYPE_CHECKING:
@@ -85,6 +86,8 @@ __all__ = [
 
 #: ``callback(step, total, latents, denoised)``: step counts from 0 over the whole run (all batches).
 ProgressCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+#: ``on_batch(result)``: the images of one batch, as soon as they are decoded (a GenerationResult of that batch).
+BatchCallback = Callable[["GenerationResult"], None]
 Mode = Literal["txt2img", "img2img", "inpaint"]
 
 RECORD_FORMAT = "estable.generation/1"
@@ -207,43 +210,16 @@ def params_from_record(record: dict[str, Any]) -> GenerationParams:
         raise EstableError(f"the Estable metadata record has invalid parameters: {exc}") from None
 
 
-def save_result(result: GenerationResult, out: str | Path, *, start: int | None = None) -> list[Path]:
+def save_result(result: GenerationResult, out: str | Path, *, start: int | None = None,
+                overwrite: bool = False, inputs: Sequence[str | Path | None] = ()) -> list[Path]:
     """Write every image of ``result`` as a PNG with its infotext and record; return the paths.
 
     ``out`` is a ``.png`` file name (one image: that file; several: ``name-0.png``, ``name-1.png``, …) or a
-    folder (created if needed), where files are numbered ``00000-<seed>.png`` after the highest number there.
+    folder (created if needed), where files are numbered ``00000-<seed>.png`` after the highest number there
+    (from ``start`` when given). An existing file is not replaced unless ``overwrite``, and none of ``inputs`` ever
+    is (:class:`estable.outputs.OutputPlan`, which also writes a long run batch by batch).
     """
-    out = Path(out)
-    paths: list[Path] = []
-    if out.suffix.lower() == ".png":
-        if len(result) == 1:
-            paths = [out]
-        else:
-            paths = [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(len(result))]
-        if not out.parent.is_dir() and str(out.parent):
-            raise EstableError(f"cannot write {out}: folder {out.parent} does not exist")
-    else:
-        if out.exists() and not out.is_dir():
-            raise EstableError(f"--out {out} is an existing file that is not a .png; give a folder or a .png name")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise EstableError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
-        n = next_index(out) if start is None else start
-        paths = [out / f"{n + k:05d}-{seed}.png" for k, seed in enumerate(result.seeds)]
-    for path, image, text, record in zip(paths, result.images, result.infotexts, result.records):
-        write_png(path, image, parameters=text, record=record)
-    return paths
-
-
-def next_index(folder: Path) -> int:
-    """1 + the highest ``NNNNN-`` number of the PNG files in ``folder`` (0 for a folder without any)."""
-    best = -1
-    for p in folder.glob("*.png"):
-        head = p.name.split("-", 1)[0]
-        if head.isdigit():
-            best = max(best, int(head))
-    return best + 1
+    return OutputPlan(out, len(result), overwrite=overwrite, inputs=inputs, start=start).save(result)
 
 
 def a1111_sampler_label(spec: SamplerSpec) -> tuple[str, str | None]:
@@ -352,9 +328,11 @@ class Pipeline:
         return out[0], out[1]
 
     # -- public API ----------------------------------------------------------------------------------------
-    def txt2img(self, params: GenerationParams, *, callback: ProgressCallback | None = None) -> GenerationResult:
-        """Generate ``batch_size × batch_count`` images from text."""
-        return self._run("txt2img", params, None, None, callback)
+    def txt2img(self, params: GenerationParams, *, callback: ProgressCallback | None = None,
+                on_batch: BatchCallback | None = None) -> GenerationResult:
+        """Generate ``batch_size × batch_count`` images from text. ``on_batch(result)`` is called with each batch's
+        images (a GenerationResult of that batch) as soon as they are decoded, e.g. to save them at once."""
+        return self._run("txt2img", params, None, None, callback, on_batch)
 
     def txt2img_each(
         self, prompts: Sequence[str], seeds: Sequence[int], params: GenerationParams, *, batch: int = 32
@@ -388,12 +366,13 @@ class Pipeline:
         return images
 
     def img2img(
-        self, image: Image.Image, params: GenerationParams, *, callback: ProgressCallback | None = None
+        self, image: Image.Image, params: GenerationParams, *, callback: ProgressCallback | None = None,
+        on_batch: BatchCallback | None = None,
     ) -> GenerationResult:
         """Re-draw ``image`` guided by the prompt; ``params.strength`` in (0, 1] is how much of the schedule
         is re-run. Without a size in ``params`` the image's own size (rounded down to a multiple of 8) is used;
         the image is resized to the generation size when they differ."""
-        return self._run("img2img", params, image, None, callback)
+        return self._run("img2img", params, image, None, callback, on_batch)
 
     def inpaint(
         self,
@@ -402,14 +381,17 @@ class Pipeline:
         params: GenerationParams,
         *,
         callback: ProgressCallback | None = None,
+        on_batch: BatchCallback | None = None,
     ) -> GenerationResult:
-        """Repaint the white (≥ 50 %) part of ``mask`` in ``image``; the mask must have the image's size."""
+        """Repaint the white (≥ 50 %) part of ``mask`` in ``image``; the mask must have the image's size. An
+        all-black mask (nothing to repaint) is an EstableError."""
         if mask.size != image.size:
             raise EstableError(
                 f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; "
                 "they must have the same size"
             )
-        return self._run("inpaint", params, image, mask, callback)
+        check_mask_has_area(mask)
+        return self._run("inpaint", params, image, mask, callback, on_batch)
 
     # -- metadata ------------------------------------------------------------------------------------------
     def infotext(self, params: GenerationParams, seed: int, mode: Mode, width: int, height: int) -> str:
@@ -500,6 +482,7 @@ class Pipeline:
         image: Image.Image | None,
         mask: Image.Image | None,
         callback: ProgressCallback | None,
+        on_batch: BatchCallback | None = None,
     ) -> GenerationResult:
         params, spec, plan, width, height, clip_skip = self._setup(mode, params, image)
         if mode != "txt2img":
@@ -516,14 +499,18 @@ class Pipeline:
         cond, uncond = self.encode_prompts(params.prompt, params.negative_prompt, clip_skip=clip_skip,
                                            weighting=params.weighting)
         pixels = masks = None
+        notes: list[str] = []
         if image is not None:
-            pixels = to_tensor(_fit(image.convert("RGB"), width, height))  # (1, 3, H, W) in [-1, 1]
+            pixels = to_tensor(_fit(as_rgb(image), width, height))  # (1, 3, H, W) in [-1, 1]
+            if image.size != (width, height):
+                notes.append(resize_note(image.size, (width, height), self.factor))
         if mask is not None:
-            masks = mask_to_tensor(_fit(mask, width, height))  # (1, 1, H, W) in {0, 1}
+            masks = mask_to_tensor(_fit(as_mask(mask), width, height))  # (1, 1, H, W) in {0, 1}
 
         images: list[Image.Image] = []
         seeds: list[int] = []
-        notes: list[str] = []
+        infotexts, records = [], []
+        run = {"seed": params.seed, "batch_size": params.batch_size, "batch_count": params.batch_count}
         total = params.batch_count * plan.steps
         for b in range(params.batch_count):
             batch_seeds = [params.seed + b * params.batch_size + k for k in range(params.batch_size)]
@@ -538,14 +525,18 @@ class Pipeline:
             decoded, note = self._decode(z)
             if note:
                 notes.append(note)
-            images.extend(to_pil(decoded))
+            batch_images = to_pil(decoded)
+            first = len(images)
+            batch_texts = [self.infotext(params, seed, mode, width, height) for seed in batch_seeds]
+            batch_records = [self.record(params, seed, mode, width, height, {**run, "index": first + k})
+                             for k, seed in enumerate(batch_seeds)]
+            images.extend(batch_images)
             seeds.extend(batch_seeds)
-
-        run = {"seed": params.seed, "batch_size": params.batch_size, "batch_count": params.batch_count}
-        infotexts, records = [], []
-        for k, seed in enumerate(seeds):
-            infotexts.append(self.infotext(params, seed, mode, width, height))
-            records.append(self.record(params, seed, mode, width, height, {**run, "index": k}))
+            infotexts.extend(batch_texts)
+            records.extend(batch_records)
+            if on_batch is not None:
+                on_batch(GenerationResult(batch_images, list(batch_seeds), batch_texts, batch_records, params,
+                                          list(notes)))
         return GenerationResult(images, seeds, infotexts, records, params, notes)
 
     def _sample(

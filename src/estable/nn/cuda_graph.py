@@ -32,12 +32,45 @@ class _Recorded:
     out: torch.Tensor
 
 
+class CudaGraphs:
+    """The CUDA side of :class:`GraphedForward`: which inputs can be recorded, and how a graph is recorded.
+
+    Kept apart so that the wrapper's bookkeeping (keys, static buffers, copies in and out, the LRU, the fallback)
+    can be tested on the CPU with a stand-in whose "graph" re-runs the recorded function on the static buffers
+    (tests/test_cuda_graph.py): a replay that did nothing, or inputs not copied in, then give wrong outputs."""
+
+    def can_record(self, sample: torch.Tensor, context: torch.Tensor) -> bool:
+        return sample.is_cuda and context.is_cuda
+
+    def pool(self) -> Any:
+        return torch.cuda.graph_pool_handle()
+
+    def synchronize(self, device: torch.device) -> None:
+        torch.cuda.synchronize(device)
+
+    def record(self, fn: Any, device: torch.device, pool: Any, warmup: int) -> tuple[Any, torch.Tensor]:
+        """(graph, static output) of ``fn()``, which reads only static buffers."""
+        # Warm-up on a side stream (cuDNN/cuBLAS choose their algorithms and workspaces outside the recording).
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
+        return graph, out
+
+
 class GraphedForward:
     """``module(sample, timestep, context)`` through recorded CUDA graphs (at most ``max_graphs``, least recently
-    used dropped first)."""
+    used dropped first). ``backend`` records the graphs (:class:`CudaGraphs`; tests pass a CPU stand-in)."""
 
-    def __init__(self, module: nn.Module, *, max_graphs: int = 8, warmup: int = 2) -> None:
+    def __init__(self, module: nn.Module, *, max_graphs: int = 8, warmup: int = 2,
+                 backend: CudaGraphs | None = None) -> None:
         self.module, self.max_graphs, self.warmup = module, max_graphs, warmup
+        self.backend = backend or CudaGraphs()
         self._graphs: OrderedDict[tuple, _Recorded] = OrderedDict()
         self._pool: Any = None
         self.failed: str | None = None  # why recording failed; eager from then on
@@ -49,7 +82,7 @@ class GraphedForward:
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
                  context: torch.Tensor) -> torch.Tensor:
-        if self.failed or not (sample.is_cuda and context.is_cuda) or torch.is_grad_enabled():
+        if self.failed or not self.backend.can_record(sample, context) or torch.is_grad_enabled():
             return self.module(sample, timestep, context)
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
         if t.numel() not in (1, sample.shape[0]):
@@ -62,7 +95,7 @@ class GraphedForward:
             except RuntimeError as exc:  # an operation that cannot be recorded (a host sync, a CPU tensor)
                 self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0]
                 self.reset()
-                torch.cuda.synchronize(sample.device)
+                self.backend.synchronize(sample.device)
                 warnings.warn(f"CUDA graphs turned off, the network runs eagerly: {self.failed}", RuntimeWarning,
                               stacklevel=2)
                 return self.module(sample, timestep, context)
@@ -81,22 +114,14 @@ class GraphedForward:
         while len(self._graphs) >= self.max_graphs:
             self._graphs.popitem(last=False)
         if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
+            self._pool = self.backend.pool()
         static_sample, static_ctx = sample.clone(), context.clone()
         static_t = t.to(sample.device)
-        # Warm-up on a side stream (cuDNN/cuBLAS choose their algorithms and workspaces outside the recording).
-        stream = torch.cuda.Stream(device=sample.device)
-        stream.wait_stream(torch.cuda.current_stream(sample.device))
-        with torch.cuda.stream(stream):
-            for _ in range(self.warmup):
-                self.module(static_sample, static_t, static_ctx)
-        torch.cuda.current_stream(sample.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = self.module(static_sample, static_t, static_ctx)
+        graph, out = self.backend.record(lambda: self.module(static_sample, static_t, static_ctx), sample.device,
+                                         self._pool, self.warmup)
         rec = _Recorded(graph, static_sample, static_t, static_ctx, out)
         self._graphs[key] = rec
         return rec
 
 
-__all__ = ["GraphedForward"]
+__all__ = ["CudaGraphs", "GraphedForward"]

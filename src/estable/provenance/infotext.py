@@ -21,6 +21,7 @@ import json
 import os
 import re
 import secrets
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -216,12 +217,15 @@ def read_png_metadata(path: str | os.PathLike) -> tuple[str | None, dict[str, An
     if not path.is_file():
         raise EstableError(f"no such file: {path}")
     try:
-        with Image.open(path) as im:
-            if im.format != "PNG":
-                raise EstableError(f"{path} is not a PNG image (it is {im.format}); generation metadata "
-                                   "is only stored in PNG files")
-            text = dict(im.text)  # type: ignore[attr-defined]  # tEXt, zTXt and iTXt chunks
-    except (UnidentifiedImageError, SyntaxError, OSError, ValueError) as e:  # ValueError: oversized text chunk
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.format != "PNG":
+                    raise EstableError(f"{path} is not a PNG image (it is {im.format}); generation metadata "
+                                       "is only stored in PNG files")
+                text = dict(im.text)  # type: ignore[attr-defined]  # tEXt, zTXt and iTXt chunks
+    except (UnidentifiedImageError, SyntaxError, OSError, ValueError,  # ValueError: oversized text chunk
+            Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # a header claiming ~1e8+ pixels
         raise EstableError(f"{path} is not a readable PNG image: {e}") from e
 
     parameters = text.get(PARAMETERS_KEY)

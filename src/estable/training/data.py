@@ -37,6 +37,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from estable.errors import EstableError
+from estable.images import as_rgb
 from estable.training.shapes import ShapesWorld
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def preprocess(image: Image.Image, size: int, *, center_crop: bool = True, flip:
     """Resize the shorter side to ``size`` (Lanczos), crop ``size``×``size``, optionally mirror; → (3, S, S)."""
     image = ImageOps.exif_transpose(image)
     if image.mode != "RGB":
-        image = image.convert("RGB")
+        image = as_rgb(image)  # 16-bit and float pixels scaled by their range, not clipped
     w, h = image.size
     scale = size / min(w, h)
     new = (max(size, round(w * scale)), max(size, round(h * scale)))

@@ -52,8 +52,10 @@ Ground truth and its guarantees
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -694,8 +696,8 @@ def _paint(img: np.ndarray, poly_px: np.ndarray, colour: np.ndarray, ss: int) ->
 
 def render(scene: Scene, size: int = 256, *, supersample: int = SUPERSAMPLE) -> Image.Image:
     """Render a scene to an RGB image of ``size``×``size`` (objects drawn in order, later ones on top)."""
-    if not isinstance(size, int) or size < 8:
-        raise ValueError(f"size must be an integer of at least 8 pixels, got {size!r}")
+    if not isinstance(size, int) or not 8 <= size <= MAX_RENDER_SIZE:
+        raise ValueError(f"size must be a whole number of pixels from 8 to {MAX_RENDER_SIZE}, got {size!r}")
     img = _background_pixels(scene.background, size)
     for o in scene.objects:
         _paint(img, o.polygon() * size, np.asarray(COLOURS[o.colour], dtype=np.float32), supersample)
@@ -834,6 +836,10 @@ class ShapesWorld:
         }
 
 
+MAX_RENDER_SIZE = 2048  # pixels per side: the generation limit (estable.params.MAX_SIDE); beyond, memory runs out
+MAX_FOLDER_COUNT = 100_000_000  # file names have 8 digits
+
+
 def write_folder(
     out_dir: str | Path,
     count: int,
@@ -842,31 +848,99 @@ def write_folder(
     seed: int = 0,
     progress: bool = True,
     *,
-    start: int = 0,
+    start: int | None = None,
     compress_level: int = 1,
+    existing: str = "refuse",
 ) -> Path:
     """Write ``count`` samples as ``00000000.png``… plus ``metadata.jsonl`` (image-folder layout).
 
     Each metadata line is ``{"file_name", "text", "attributes"}`` where attributes is ``Scene.to_dict()`` plus
     the split, seed and index. A ``shapes_world.json`` records the vocabulary and reserved combinations.
     Returns the path of ``metadata.jsonl``.
+
+    A folder that already holds images or a metadata.jsonl is refused (``existing="refuse"``), emptied of them
+    (``"overwrite"``), or extended (``"append"``: the next scene indices of the same world, new file names,
+    new metadata lines after the old). Every PNG is written under a temporary name and renamed into place, and
+    its metadata line is written (and flushed) only after that, so an interrupted run leaves complete images
+    that all have their line. The disk's free space is checked first against the first image's size.
     """
-    if not isinstance(count, int) or count < 0:
-        raise ValueError(f"count must be a non-negative integer, got {count!r}")
+    import shutil
+
+    if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= MAX_FOLDER_COUNT:
+        raise ValueError(f"count must be a whole number from 0 to {MAX_FOLDER_COUNT:,}, got {count!r}")
+    if not isinstance(size, int) or not 8 <= size <= MAX_RENDER_SIZE:
+        raise ValueError(f"size must be a whole number of pixels from 8 to {MAX_RENDER_SIZE}, got {size!r}")
+    if existing not in ("refuse", "overwrite", "append"):
+        raise ValueError(f"existing must be refuse, overwrite or append, not {existing!r}")
     world = ShapesWorld(split, seed, size=size)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    info = {"split": split, "seed": seed, "size": size, "start": start, "count": count, **world.vocabulary()}
-    (out / "shapes_world.json").write_text(json.dumps(info, indent=2) + "\n")
     meta = out / "metadata.jsonl"
+    info_file = out / "shapes_world.json"
+    old_images = sorted(out.glob("*.png")) if out.is_dir() else []
+    old_lines: list[str] = []
+    old: dict[str, Any] = {}
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder")
+    first = 0 if start is None else start
+    if old_images or meta.exists():
+        if existing == "refuse":
+            raise ValueError(f"{out} already holds {len(old_images)} image(s) and "
+                             f"{'a' if meta.exists() else 'no'} metadata.jsonl; pass --overwrite to replace them "
+                             "or --append to add new ones after them")
+        if existing == "append":
+            old = json.loads(info_file.read_text()) if info_file.is_file() else {}
+            mismatch = [k for k, v in (("split", split), ("seed", seed), ("size", size)) if old.get(k) != v]
+            if mismatch:
+                raise ValueError(f"cannot append to {out}: its shapes_world.json has another "
+                                 f"{', '.join(mismatch)} (or none); use the same settings or another folder")
+            old_lines = meta.read_text(encoding="utf-8").splitlines(keepends=True) if meta.exists() else []
+            taken = [int(f.stem) for f in old_images if f.stem.isdigit()]
+            first = max(taken, default=int(old.get("start", 0)) - 1) + 1
+            if start is not None and start < first:
+                raise ValueError(f"cannot append at index {start}: {out} already uses indices up to {first - 1}")
+            first = first if start is None else start
+    if first + count > MAX_FOLDER_COUNT:
+        raise ValueError(f"indices would pass {MAX_FOLDER_COUNT:,} (8-digit file names)")
+    out.mkdir(parents=True, exist_ok=True)
+    if count:
+        probe_image = world.sample(first)[0]
+        buf = io.BytesIO()
+        probe_image.save(buf, format="PNG", compress_level=compress_level)
+        need = int(len(buf.getvalue()) * 1.5 * count) + 2**20
+        free = shutil.disk_usage(out).free
+        if need > free:
+            raise ValueError(f"{count:,} images of {size}x{size} need about {need / 2**30:.1f} GiB (from the first "
+                             f"image's size), but {out} has {free / 2**30:.1f} GiB free")
+    if existing == "overwrite":  # only now that every check has passed
+        for f in old_images:
+            f.unlink()
+    base = int(old.get("start", first)) if old_lines else first  # the first index of the whole folder
+    info = {"split": split, "seed": seed, "size": size, "start": base, "count": len(old_lines) + count,
+            **world.vocabulary()}
+    _atomic_text(info_file, json.dumps(info, indent=2) + "\n")
     with open(meta, "w", encoding="utf-8") as f:
-        for index in tqdm(range(start, start + count), disable=not progress, desc=f"shapes {split}", unit="img"):
+        f.writelines(old_lines)
+        f.flush()
+        for index in tqdm(range(first, first + count), disable=not progress, desc=f"shapes {split}", unit="img"):
             image, caption, scene = world.sample(index)
             name = f"{index:08d}.png"
-            image.save(out / name, compress_level=compress_level)
+            tmp = out / f".{name}.tmp"
+            try:
+                image.save(tmp, format="PNG", compress_level=compress_level)
+                os.replace(tmp, out / name)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
             attributes = {**scene.to_dict(), "split": split, "seed": seed, "index": index}
             f.write(json.dumps({"file_name": name, "text": caption, "attributes": attributes}) + "\n")
+            f.flush()
     return meta
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 __all__ = [
@@ -893,4 +967,6 @@ __all__ = [
     "scene_from_prompt",
     "unit_polygon",
     "write_folder",
+    "MAX_FOLDER_COUNT",
+    "MAX_RENDER_SIZE",
 ]

@@ -384,6 +384,8 @@ class Trainer:
         self.device = resolve_device(config.device, self.dist)
         self.config = self.resolve_config(config)
         cfg = self.config
+        if resume and not Path(run_dir).is_dir():  # before Run() creates it: a typo must not start a fresh run
+            raise EstableError(f"cannot resume: the run folder {run_dir} does not exist")
         self.run = Run(run_dir, is_main=self.dist.is_main, tensorboard=cfg.tensorboard)
         found = self.run.latest_checkpoint()
         if found is not None and not resume:
