@@ -69,6 +69,7 @@ from .sampling.samplers import SamplerSpec, SigmaPlan, get_sampler, make_sigmas,
 
 if TYPE_CHECKING:
     from .checkpoints.store import LoadedModel
+    from .control.guidance import ControlUnit
 
 __all__ = [
     "DEFAULT_MODEL_PATH",
@@ -337,9 +338,11 @@ class Pipeline:
         return out[0], out[1]
 
     # -- public API ----------------------------------------------------------------------------------------
-    def txt2img(self, params: GenerationParams, *, callback: ProgressCallback | None = None) -> GenerationResult:
-        """Generate ``batch_size × batch_count`` images from text."""
-        return self._run("txt2img", params, None, None, callback)
+    def txt2img(self, params: GenerationParams, *, callback: ProgressCallback | None = None,
+                control: Sequence[ControlUnit] | None = None) -> GenerationResult:
+        """Generate ``batch_size × batch_count`` images from text; ``control``: ControlNet units
+        (:class:`estable.control.ControlUnit`), their residuals summed in order."""
+        return self._run("txt2img", params, None, None, callback, control)
 
     def txt2img_each(
         self, prompts: Sequence[str], seeds: Sequence[int], params: GenerationParams, *, batch: int = 32
@@ -373,12 +376,13 @@ class Pipeline:
         return images
 
     def img2img(
-        self, image: Image.Image, params: GenerationParams, *, callback: ProgressCallback | None = None
+        self, image: Image.Image, params: GenerationParams, *, callback: ProgressCallback | None = None,
+        control: Sequence[ControlUnit] | None = None,
     ) -> GenerationResult:
         """Re-draw ``image`` guided by the prompt; ``params.strength`` in (0, 1] is how much of the schedule
         is re-run. Without a size in ``params`` the image's own size (rounded down to a multiple of 8) is used;
         the image is resized to the generation size when they differ."""
-        return self._run("img2img", params, image, None, callback)
+        return self._run("img2img", params, image, None, callback, control)
 
     def inpaint(
         self,
@@ -387,6 +391,7 @@ class Pipeline:
         params: GenerationParams,
         *,
         callback: ProgressCallback | None = None,
+        control: Sequence[ControlUnit] | None = None,
     ) -> GenerationResult:
         """Repaint the white (≥ 50 %) part of ``mask`` in ``image``; the mask must have the image's size."""
         if mask.size != image.size:
@@ -394,7 +399,7 @@ class Pipeline:
                 f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; "
                 "they must have the same size"
             )
-        return self._run("inpaint", params, image, mask, callback)
+        return self._run("inpaint", params, image, mask, callback, control)
 
     # -- metadata ------------------------------------------------------------------------------------------
     def infotext(self, params: GenerationParams, seed: int, mode: Mode, width: int, height: int) -> str:
@@ -487,8 +492,14 @@ class Pipeline:
         image: Image.Image | None,
         mask: Image.Image | None,
         callback: ProgressCallback | None,
+        control: Sequence[ControlUnit] | None = None,
     ) -> GenerationResult:
         params, spec, plan, width, height, clip_skip = self._setup(mode, params, image)
+        control = list(control or [])
+        if control:
+            from .control.guidance import check_units
+
+            check_units(control, self.config.unet)
         if mode != "txt2img":
             # SDEdit entry point, as diffusers' get_timesteps: the last init_timestep steps of the schedule.
             init_timestep = min(int(params.steps * params.strength), params.steps)
@@ -521,7 +532,7 @@ class Pipeline:
                     callback(offset + i, total, x, d)
 
             z = self._sample(mode, params, spec, plan, batch_seeds, cond, uncond, pixels, masks,
-                             width, height, step_cb)
+                             width, height, step_cb, control)
             decoded, note = self._decode(z)
             if note:
                 notes.append(note)
@@ -533,6 +544,12 @@ class Pipeline:
         for k, seed in enumerate(seeds):
             infotexts.append(self.infotext(params, seed, mode, width, height))
             records.append(self.record(params, seed, mode, width, height, {**run, "index": k}))
+        if control:
+            from .control.guidance import control_infotext, control_record
+
+            infotexts = [control_infotext(text, control) for text in infotexts]
+            for record in records:
+                record["control"] = control_record(control)
         return GenerationResult(images, seeds, infotexts, records, params, notes)
 
     def _sample(
@@ -549,6 +566,7 @@ class Pipeline:
         width: int,
         height: int,
         callback: Callable[[int, int, torch.Tensor, torch.Tensor], None],
+        control: Sequence[ControlUnit] | None = None,
     ) -> torch.Tensor:
         """One batch: returns the latents to decode, (B, 4, h, w) float32 (scaled by scaling_factor)."""
         dev, batch = self.device, len(seeds)
@@ -593,14 +611,20 @@ class Pipeline:
                     if cfg:
                         extra = torch.cat([extra, extra])
 
-            model = self._guided_model(context, float(params.cfg_scale) if cfg else None, extra)
+            options: dict[str, Any] = dict(plan.options)
+            if spec.name == "ddim":
+                options["eta"] = float(params.eta)
+            run = None
+            if control:
+                from .control.guidance import ControlRun, count_evaluations
+
+                run = ControlRun(control, latent_size=shape[-2:], batch=batch, guided=cfg, device=dev, dtype=self.dtype,
+                                 evaluations=count_evaluations(spec.fn, plan.sigmas, options))
+            model = self._guided_model(context, float(params.cfg_scale) if cfg else None, extra, run)
             denoise = vp_denoiser(model, self.config.schedule.prediction_type, plan.timestep)
             if keep is not None:
                 assert z0 is not None
                 denoise = _blended_denoiser(denoise, z0, noise, mask_lat)
-            options: dict[str, Any] = dict(plan.options)
-            if spec.name == "ddim":
-                options["eta"] = float(params.eta)
             x = spec.fn(denoise, x, plan.sigmas, generator=gens, callback=callback, **options)
             z = plan.final_latents(x)  # VP latents at the last level
             if keep is not None:
@@ -609,16 +633,19 @@ class Pipeline:
         return z
 
     def _guided_model(
-        self, context: torch.Tensor, scale: float | None, extra: torch.Tensor | None
+        self, context: torch.Tensor, scale: float | None, extra: torch.Tensor | None,
+        control: Callable[[torch.Tensor, float, torch.Tensor], dict[str, Any]] | None = None,
     ) -> Callable[[torch.Tensor, float], torch.Tensor]:
         """``model(x_t, t)``: one U-Net call on [uncond, cond] (or cond alone) and the CFG combination."""
 
         def model(x_t: torch.Tensor, t: float) -> torch.Tensor:
             inp = torch.cat([x_t, x_t]) if scale is not None else x_t  # (2B or B, 4, h, w)
             inp = inp.to(self.dtype)
+            residuals = control(inp, t, context) if control is not None else {}  # ControlNets see the 4 channels
             if extra is not None:
                 inp = torch.cat([inp, extra], dim=1)  # (·, 9, h, w): [latents, mask, masked-image latents]
-            out = self.unet_forward(inp, t, context).float()
+            # with residuals the U-Net runs eagerly (the CUDA graphs are recorded for three inputs)
+            out = (self.unet(inp, t, context, **residuals) if residuals else self.unet_forward(inp, t, context)).float()
             if scale is None:
                 return out
             out_u, out_c = out.chunk(2)
