@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="estable", description="Stable Diffusion, end to end.")
     parser.add_argument("--version", action="version", version=f"estable {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from .cli_control import add_control_commands
     from .cli_eval import add_eval_commands
     from .cli_generate import add_generate_commands
     from .cli_train import add_train_commands
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     add_train_commands(sub)
     add_eval_commands(sub)
+    add_control_commands(sub)
     return parser
 
 

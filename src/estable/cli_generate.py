@@ -139,6 +139,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from-png", metavar="FILE",
                    help="take every parameter (and the model path) from a PNG's Estable record; flags given "
                    "explicitly override it")
+    from .cli_control import add_control_flags
+
+    add_control_flags(p)
 
 
 def _strength(p: argparse.ArgumentParser, default_text: str = "0.75") -> None:
@@ -215,18 +218,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                                f"{image.width}x{image.height}; they must have the same size")  # type: ignore[union-attr]
     out = Path(args.out or DEFAULT_OUT)
     _check_out(out)
+    from .cli_control import control_specs, control_units
+
+    specs = control_specs(args)  # checked before the model loads
 
     pipe = load_pipeline(_model_source(args, record), device=args.device or "auto", dtype=args.dtype or "auto",
                          cuda_graphs=args.cuda_graphs, allow_pickle=bool(args.allow_pickle))
     if args.cfg is None and record is None and pipe.config.default_cfg is not None:
         params = dataclasses.replace(params, cfg_scale=float(pipe.config.default_cfg))
+    control = control_units(specs, args, pipe) if specs else None
     with _progress() as callback:
         if args.mode == "txt2img":
-            result = pipe.txt2img(params, callback=callback)
+            result = pipe.txt2img(params, callback=callback, control=control)
         elif args.mode == "img2img":
-            result = pipe.img2img(image, params, callback=callback)  # type: ignore[arg-type]
+            result = pipe.img2img(image, params, callback=callback, control=control)  # type: ignore[arg-type]
         else:
-            result = pipe.inpaint(image, mask, params, callback=callback)  # type: ignore[arg-type]
+            result = pipe.inpaint(image, mask, params, callback=callback, control=control)  # type: ignore[arg-type]
     for note in result.warnings:
         print(f"estable: warning: {note}", file=sys.stderr)
     for path in save_result(result, out):
