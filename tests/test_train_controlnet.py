@@ -37,7 +37,8 @@ def test_config_and_errors(base, tmp_path):
     assert isinstance(cfg, ControlNetTrainConfig) and cfg.hint_channels == (8, 16, 32)
     assert ControlNetTrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
     for bad, words in (("control=depth", "control must be"), ("control_low=300", "control_low"),
-                       ("caption_dropout=2", "caption_dropout"), ("init_from=x", "init_from")):
+                       ("caption_dropout=2", "caption_dropout"), ("init_from=x", "init_from"),
+                       ("save_precision=int8", "save_precision")):
         with pytest.raises(EstableError, match=words):
             load_config("controlnet", "tiny-controlnet", [f"base={base}", bad])
     with pytest.raises(EstableError, match="base=PATH"):
@@ -54,7 +55,8 @@ def test_train_steps_export_and_generate(base, tmp_path):
     add_train_commands(parser.add_subparsers())
     args = parser.parse_args(["train", "controlnet", "--config", "tiny-controlnet", "--run-dir", str(run),
                               "--no-progress", f"base={base}", "max_steps=4", "log_every=2", "val_every=2",
-                              "sample_every=4", "save_every=4", "tensorboard=false", "optim.lr=1e-3"])
+                              "sample_every=4", "save_every=4", "tensorboard=false", "optim.lr=1e-3",
+                              "save_precision=fp16"])
     assert args.func(args) == 0
     assert sha256_file(base) == before
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
@@ -68,7 +70,7 @@ def test_train_steps_export_and_generate(base, tmp_path):
     # the exported file is the checkpoint's ControlNet, and the zero convolutions moved off zero
     loaded = load_controlnet(run / "controlnet.safetensors", base=load_model(base).config.unet)
     sd = loaded.model.state_dict()
-    assert all(torch.equal(sd[k], v) for k, v in ck.tensors["model"].items())
+    assert all(torch.equal(sd[k], v.half()) for k, v in ck.tensors["model"].items())  # save_precision=fp16
     assert sd["controlnet_mid_block.weight"].abs().max() > 0
     # and the pipeline accepts it
     from PIL import Image
@@ -82,6 +84,9 @@ def test_train_steps_export_and_generate(base, tmp_path):
     pipe = Pipeline(load_model(base))
     edges = canny(ShapesWorld(seed=0, size=32).sample(0)[0])
     params = GenerationParams(prompt="a red circle", steps=3, seed=1, width=32, height=32, sampler="euler")
+    with pytest.raises(EstableError, match="holds float16 weights"):  # fp16 file into an fp32 pipeline
+        pipe.txt2img(params, control=[ControlUnit(net=loaded.model, image=edges)])
+    loaded.model.float()
     out = pipe.txt2img(params, control=[ControlUnit(net=loaded.model, image=edges)])
     assert isinstance(out.images[0], Image.Image) and out.images[0].size == (32, 32)
 

@@ -499,7 +499,7 @@ class Pipeline:
         if control:
             from .control.guidance import check_units
 
-            check_units(control, self.config.unet)
+            check_units(control, self.config.unet, dtype=self.dtype, device=self.device)
         if mode != "txt2img":
             # SDEdit entry point, as diffusers' get_timesteps: the last init_timestep steps of the schedule.
             init_timestep = min(int(params.steps * params.strength), params.steps)

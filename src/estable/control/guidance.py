@@ -54,14 +54,22 @@ class ControlUnit:
                 f"control start/end must satisfy 0 ≤ start < end ≤ 1, got start={self.start}, end={self.end}")
 
 
-def check_units(units: Sequence[ControlUnit], unet: Any) -> None:
-    """EstableError for a unit whose settings are out of range or whose ControlNet does not fit ``unet`` (a
-    UNetConfig)."""
+def check_units(units: Sequence[ControlUnit], unet: Any, *, dtype: torch.dtype | None = None,
+                device: torch.device | None = None) -> None:
+    """EstableError for a unit whose settings are out of range, whose ControlNet does not fit ``unet`` (a
+    UNetConfig) or whose weights are not in the pipeline's dtype / on its device."""
     from ..checkpoints.controlnet_format import check_matches_unet
 
     for k, u in enumerate(units):
         u.validate()
-        check_matches_unet(u.net.config, unet, f"ControlNet {k} ({u.name or 'unnamed'})")
+        where = f"ControlNet {k} ({u.name or 'unnamed'})"
+        check_matches_unet(u.net.config, unet, where)
+        p = next(u.net.parameters())
+        if (dtype is not None and p.dtype != dtype) or (device is not None and p.device.type != device.type):
+            raise EstableError(
+                f"{where} holds {str(p.dtype).removeprefix('torch.')} weights on {p.device.type}, but the pipeline "
+                f"runs {str(dtype).removeprefix('torch.')} on {device}; load it with load_controlnet(..., "
+                "dtype=pipe.dtype, device=pipe.device)")
 
 
 def control_tensor(image: Image.Image, width: int, height: int, channels: int = 3) -> torch.Tensor:

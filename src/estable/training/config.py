@@ -559,11 +559,14 @@ class ControlNetTrainConfig(TrainConfig):
     clip_skip: int | None = None
     sample: SampleConfig = field(default_factory=SampleConfig)
     ema_decay: float | None = None
+    save_precision: str = "fp32"  # dtype of RUN/controlnet.safetensors: fp32 | fp16 | bf16
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.base, str):
             raise ValueError("base must be a checkpoint path (SD file, diffusers folder or Estable file)")
+        if self.save_precision not in PRECISIONS:
+            raise ValueError(f"save_precision must be one of {', '.join(PRECISIONS)}, not {self.save_precision!r}")
         if self.control not in CONTROL_KINDS:
             raise ValueError(f"control must be one of {', '.join(CONTROL_KINDS)}, not {self.control!r}")
         if not 0 <= self.control_low <= self.control_high:

@@ -36,6 +36,7 @@ from estable.training.runs import make_grid
 from estable.training.trainer import UNetTrainer, build_datasets
 
 CONTROLNET_FILE = "controlnet.safetensors"
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SD_HINT_CHANNELS = (16, 32, 96, 256)
 
 
@@ -233,7 +234,7 @@ class ControlNetTrainer(UNetTrainer):
         path = self.run.root / CONTROLNET_FILE
         swap = self.ema.swapped(self.network) if self.ema is not None else contextlib.nullcontext()
         with swap:
-            save_controlnet(self.network, path)
+            save_controlnet(self.network, path, dtype=_DTYPES[self.config.save_precision])
         return path
 
     def save(self) -> Path | None:
