@@ -69,6 +69,11 @@ def test_generate_with_control_matches_library(setup, folders, capsys):
     assert 'ControlNet 0: "Module: none, Model: cn_shapes [' in text and "Guidance End: 0.75" in text
     rec = json.loads(record)["control"][0]
     assert rec["scale"] == 0.8 and rec["end"] == 0.75 and rec["model"]["source"] == str(path.resolve())
+    # --from-png brings the ControlNet units back: the same image
+    again = root / "again.png"
+    status, _, err = _run(capsys, "generate", "--from-png", out, "--out", again)
+    assert status == 0, err
+    assert np.array_equal(np.asarray(Image.open(again).convert("RGB")), got)
 
 
 def test_two_controls_and_canny(setup, folders, capsys):

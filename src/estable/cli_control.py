@@ -27,6 +27,9 @@ class ControlSpec:
     image: Path
     scale: float
     controlnet: Path
+    start: float = 0.0
+    end: float = 1.0
+    guess_mode: bool = False
 
 
 def add_control_flags(p: argparse.ArgumentParser) -> None:
@@ -63,15 +66,16 @@ def parse_control(text: str) -> tuple[str, str, float]:
     return kind, path, scale
 
 
-def control_specs(args: argparse.Namespace) -> list[ControlSpec]:
-    """The checked --control/--controlnet pairs (empty when neither is given)."""
+def control_specs(args: argparse.Namespace, record: dict[str, Any] | None = None) -> list[ControlSpec]:
+    """The checked --control/--controlnet pairs; without them, the units of ``record`` (an image's Estable record,
+    for --from-png); empty when there are none."""
     controls = getattr(args, "control", None) or []
     nets = getattr(args, "controlnet", None) or []
     if not controls and not nets:
         for flag in ("control_start", "control_end", "guess_mode"):
             if getattr(args, flag, None) is not None:
                 raise EstableError(f"--{flag.replace('_', '-')} needs --control and --controlnet")
-        return []
+        return specs_from_record(record) if record is not None else []
     if len(controls) != len(nets):
         raise EstableError(f"{len(controls)} --control but {len(nets)} --controlnet: give one ControlNet per control "
                            "image, in the same order")
@@ -89,6 +93,27 @@ def control_specs(args: argparse.Namespace) -> list[ControlSpec]:
     end = 1.0 if args.control_end is None else args.control_end
     if not 0.0 <= start < end <= 1.0:
         raise EstableError(f"--control-start/--control-end must satisfy 0 ≤ start < end ≤ 1, got {start:g}, {end:g}")
+    return [ControlSpec(s.kind, s.image, s.scale, s.controlnet, start, end, bool(args.guess_mode)) for s in out]
+
+
+def specs_from_record(record: dict[str, Any]) -> list[ControlSpec]:
+    """The ControlNet units an Estable record lists (its ``control`` entry), their files checked."""
+    units = record.get("control") or []
+    out = []
+    for k, u in enumerate(units):
+        try:
+            spec = ControlSpec(str(u["type"]), Path(u["image"]), float(u["scale"]), Path(u["model"]["source"]),
+                               float(u["start"]), float(u["end"]), bool(u["guess_mode"]))
+        except (KeyError, TypeError, ValueError):
+            raise EstableError(f"the record's ControlNet unit {k} is incomplete; pass --control and --controlnet") \
+                from None
+        if spec.kind not in _TYPES:
+            raise EstableError(f"the record's ControlNet unit {k} has an unknown type {spec.kind!r}")
+        for what, path in (("control image", spec.image), ("ControlNet", spec.controlnet)):
+            if not path.exists():
+                raise EstableError(f"the image was made with the {what} {path}, which is not there; pass --control "
+                                   "and --controlnet")
+        out.append(spec)
     return out
 
 
@@ -113,8 +138,7 @@ def control_units(specs: list[ControlSpec], args: argparse.Namespace, pipe: Any)
             weights = weights / "diffusion_pytorch_model.safetensors"
         units.append(ControlUnit(
             net=loaded.model, image=make_control_image(spec.kind, load_image(spec.image)), scale=spec.scale,
-            start=0.0 if args.control_start is None else args.control_start,
-            end=1.0 if args.control_end is None else args.control_end, guess_mode=bool(args.guess_mode),
+            start=spec.start, end=spec.end, guess_mode=spec.guess_mode,
             kind=spec.kind, name=loaded.name, sha256=sha256_file(weights) if weights.is_file() else None,
             source=str(spec.controlnet.resolve()), image_source=str(spec.image.resolve()),
         ))

@@ -220,7 +220,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     _check_out(out)
     from .cli_control import control_specs, control_units
 
-    specs = control_specs(args)  # checked before the model loads
+    specs = control_specs(args, record)  # checked before the model loads; --from-png: the record's units
 
     pipe = load_pipeline(_model_source(args, record), device=args.device or "auto", dtype=args.dtype or "auto",
                          cuda_graphs=args.cuda_graphs, allow_pickle=bool(args.allow_pickle))
