@@ -219,3 +219,18 @@ def test_strict_loading_errors(tmp_path):
         cf.load_controlnet(tmp_path / "ok.safetensors", base=other)
     with pytest.raises(CheckpointError, match="no such"):
         cf.load_controlnet(tmp_path / "absent.safetensors")
+
+
+def test_diffusers_config_options():
+    cfg = CONFIGS["sd2ish_bgr"]
+    d = cf.controlnet_to_diffusers(cfg)
+    assert d["controlnet_conditioning_channel_order"] == "bgr" and "up_block_types" not in d
+    assert cf.controlnet_from_diffusers(d) == cfg
+    from estable.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="global_pool_conditions"):
+        cf.controlnet_from_diffusers({**d, "global_pool_conditions": True})
+    with pytest.raises(UnsupportedModelError, match="channel_order"):
+        cf.controlnet_from_diffusers({**d, "controlnet_conditioning_channel_order": "rgba"})
+    with pytest.raises(UnsupportedModelError, match="class_embed_type"):
+        cf.controlnet_from_diffusers({**d, "class_embed_type": "timestep"})

@@ -151,3 +151,18 @@ def test_metadata_and_errors(ours, nets, control_images):
     # a weight of 0 (or a window that no step falls in) is the uncontrolled image
     off = pipe.txt2img(_params("euler", steps=2), control=[dataclasses.replace(unit, scale=0.0)])
     assert _max_diff(_pixels(off), _pixels(pipe.txt2img(_params("euler", steps=2)))) == 0
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_inpaint_9_channel_controlnet_parity(ours, theirs, nets, control_images, init_image, mask_image, strength):
+    """An inpainting U-Net (9 input channels) with a ControlNet that reads the 4 latent channels only."""
+    controlnet, image, args = _diffusers_args(nets, control_images, [0], [1.0], [0.0], [0.9], False)
+    base = theirs["inpaint"]
+    pipe = _pipe(diffusers.StableDiffusionControlNetInpaintPipeline, base, controlnet)
+    ref = _reference_pixels(pipe, "ddim", "epsilon", image=init_image, mask_image=mask_image, control_image=image,
+                            strength=strength, height=SIZE, width=SIZE, **args)
+    units = _units(nets, control_images, [0], end=0.9)
+    got = _pixels(ours["inpaint"].inpaint(init_image, mask_image, _params("ddim", strength=strength), control=units))
+    _check(f"controlnet inpaint9 s={strength}", ref, got)
+    plain = _pixels(ours["inpaint"].inpaint(init_image, mask_image, _params("ddim", strength=strength)))
+    assert _max_diff(plain, got) > 10 * TOL
