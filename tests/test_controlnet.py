@@ -234,3 +234,23 @@ def test_diffusers_config_options():
         cf.controlnet_from_diffusers({**d, "controlnet_conditioning_channel_order": "rgba"})
     with pytest.raises(UnsupportedModelError, match="class_embed_type"):
         cf.controlnet_from_diffusers({**d, "class_embed_type": "timestep"})
+
+
+def test_info_describes_controlnets(tmp_path):
+    from safetensors.torch import save_file
+
+    from estable.checkpoints.info import describe, format_info
+
+    cfg = CONFIGS["sd2ish_bgr"]
+    ref, folder = _diffusers_folder(tmp_path, cfg)
+    save_file({k: v.contiguous() for k, v in cf.controlnet_to_ldm(ref.state_dict(), cfg).items()},
+              tmp_path / "single.safetensors")
+    own = cf.save_controlnet(cf.load_controlnet(folder).model, tmp_path / "own.safetensors", dtype=torch.float16)
+    n = sum(v.numel() for v in ref.state_dict().values())
+    for path, fmt in ((folder, "diffusers"), (tmp_path / "single.safetensors", "ldm"), (own, "estable")):
+        info = describe(path, hashes=False)
+        assert info["kind"] == "controlnet" and info["format"] == fmt and info["parameters"] == n, path
+        assert info["fits"]["block_channels"] == list(cfg.unet.block_channels) and info["hint"]["factor"] == 8
+        text = format_info(info)
+        assert "ControlNet" in text and "widths [16, 32, 32]" in text
+    assert describe(own, hashes=False)["dtypes"] == ["F16"]

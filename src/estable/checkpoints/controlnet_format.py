@@ -167,7 +167,8 @@ def infer_controlnet_config(sd: Mapping[str, Any], base: UNetConfig | None = Non
     Shapes give the widths, levels, layers, attention levels, transformer depth, context width and hint
     encoder; the attention head split is not in the weights. It is taken from ``base`` (the U-Net the
     ControlNet will steer, which it must match), else from the family the context width implies: 768 → SD 1.x
-    (8 heads), 1024 → SD 2.x (64 channels per head, attention upcast).
+    (8 heads), 1024 → SD 2.x (64 channels per head, attention upcast); likewise GroupNorm's group count (base's, else
+    32, or the largest power of two that divides every width).
     """
     u = _control_part(sd, where)
     p = CONTROL_PREFIX
@@ -203,6 +204,8 @@ def infer_controlnet_config(sd: Mapping[str, Any], base: UNetConfig | None = Non
         heads = {"num_heads": None, "head_channels": SD2_UNET_HEAD_CHANNELS, "upcast_attention": True}
     else:
         heads = {"num_heads": SD1_UNET_HEADS}
+    if base is None:  # GroupNorm's group count is not in the weights either: SD's 32, or what divides the widths
+        heads["norm_groups"] = next(g for g in (32, 16, 8, 4, 2, 1) if all(c % g == 0 for c in channels))
     try:
         unet = UNetConfig(in_channels=_shape(conv_in)[1], block_channels=channels, layers_per_block=per_level,
                           attention_levels=attention, transformer_layers=depth, context_dim=context,
@@ -368,3 +371,93 @@ def save_controlnet(net: Any, dst: str | os.PathLike[str], *, to: ControlFormat 
     else:
         raise EstableError(f"unknown ControlNet format {to!r}; use estable, ldm or diffusers")
     return dst
+
+
+# ---------------------------------------------------------------------------------------------- info
+
+
+def is_controlnet(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a ControlNet (file in any of the three layouts, or a diffusers ControlNetModel folder);
+    headers and config files only."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            cfg = path / "config.json"
+            return cfg.is_file() and json.loads(cfg.read_text(encoding="utf-8")).get("_class_name") == _CLASS
+        if path.is_file() and path.suffix.lower() == ".safetensors":
+            header, meta = read_safetensors_header(path)
+            return meta.get("format") == FORMAT_NAME or "controlnet_cond_embedding.conv_in.weight" in header or any(
+                k.startswith(f"{CONTROL_PREFIX}input_hint_block.") or k.startswith("input_hint_block.") for k in header)
+    except (OSError, ValueError, EstableError):
+        return False
+    return False
+
+
+def describe_controlnet(path: str | os.PathLike[str], *, hashes: bool = True) -> dict[str, Any]:
+    """``estable info`` for a ControlNet: layout, parameters, dtypes, the U-Net it fits, hint encoder, hashes."""
+    from collections import Counter
+
+    from .io import sha256_file
+
+    path = Path(path)
+    fmt = detect_controlnet_format(path)
+    weights = path / _WEIGHTS if path.is_dir() else path
+    header, _ = read_safetensors_header(weights)
+    out: dict[str, Any] = {"path": str(path), "kind": "controlnet", "format": fmt,
+                           "file_size": weights.stat().st_size}
+    dtypes = Counter(info.dtype for info in header.values())
+    out["dtypes"] = sorted(dtypes)
+    out["parameters"] = sum(info.numel for info in header.values())
+    try:
+        if fmt == "ldm":
+            shapes = {k: torch.empty(i.shape, device="meta") for k, i in header.items()}
+            cfg = infer_controlnet_config(shapes, where=str(path))
+        elif fmt == "diffusers":
+            folder = path if path.is_dir() else path.parent
+            cfg = controlnet_from_diffusers(json.loads((folder / "config.json").read_text(encoding="utf-8")))
+        else:
+            cfg = ControlNetConfig.from_dict(json.loads(read_safetensors_header(path)[1]["config"]))
+        u = cfg.unet
+        out["config"] = cfg.to_dict()
+        out["fits"] = {"block_channels": list(u.block_channels), "layers_per_block": u.layers_per_block,
+                       "context_dim": u.context_dim}
+        out["family"] = {768: "sd1", 1024: "sd2"}.get(u.context_dim, "estable")
+        out["hint"] = {"channels": list(cfg.hint_channels), "factor": cfg.hint_factor,
+                       "conditioning_channels": cfg.conditioning_channels, "bgr": cfg.bgr}
+    except (EstableError, ValueError, KeyError, TypeError) as exc:
+        out["note"] = str(exc)
+    if hashes:
+        digest = sha256_file(weights)
+        out["sha256"], out["short_hash"] = digest, digest[:10]
+    return out
+
+
+def format_controlnet_info(info: dict[str, Any]) -> str:
+    """The human-readable form of :func:`describe_controlnet`."""
+    from .io import human_bytes
+
+    names = {"ldm": "ControlNet single file (original layout)", "diffusers": "diffusers ControlNetModel",
+             "estable": "Estable ControlNet file"}
+    lines = [str(info["path"])]
+
+    def row(label: str, value: str) -> None:
+        lines.append(f"  {label + ':':<13}{value}")
+
+    row("format", names.get(info["format"], info["format"]))
+    row("parameters", f"{info['parameters'] / 1e6:.2f} M")
+    if info.get("fits"):
+        fam = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x"}.get(info.get("family", ""), "Estable")
+        f = info["fits"]
+        row("fits", f"{fam} U-Nets: widths {f['block_channels']}, {f['layers_per_block']} layers per level, "
+                    f"text width {f['context_dim']}")
+    if info.get("hint"):
+        h = info["hint"]
+        row("hint", f"{h['conditioning_channels']}-channel control image at {h['factor']}× the latent size, "
+                    f"encoder widths {h['channels']}" + (" (BGR)" if h["bgr"] else ""))
+    row("dtypes", ", ".join(info["dtypes"]))
+    row("size", human_bytes(int(info["file_size"])))
+    if info.get("sha256"):
+        row("sha256", info["sha256"])
+    if info.get("note"):
+        row("note", info["note"])
+    return "\n".join(lines)
