@@ -43,6 +43,16 @@ def test_canny_agrees_with_opencv(low, high):
     assert _f1(canny_mask(Image.fromarray(grey), low, high), cv2.Canny(grey, low, high) > 0) > 0.98
 
 
+def test_gaussian_matches_opencv():
+    from estable.control.preprocess import _gaussian
+
+    a = _noisy_picture().astype(np.float32)
+    for sigma in (0.8, 1.0, 2.0):
+        k = 2 * int(np.ceil(3 * sigma)) + 1  # the same radius, ⌈3σ⌉
+        ref = cv2.GaussianBlur(a, (k, k), sigma, borderType=cv2.BORDER_REFLECT_101)
+        assert np.abs(_gaussian(a, sigma) - ref).max() < 1e-3, sigma
+
+
 def test_canny_image_and_thresholds():
     img = Image.fromarray(_noisy_picture())
     out = np.asarray(canny(img))

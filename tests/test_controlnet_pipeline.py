@@ -166,3 +166,14 @@ def test_inpaint_9_channel_controlnet_parity(ours, theirs, nets, control_images,
     _check(f"controlnet inpaint9 s={strength}", ref, got)
     plain = _pixels(ours["inpaint"].inpaint(init_image, mask_image, _params("ddim", strength=strength)))
     assert _max_diff(plain, got) > 10 * TOL
+
+
+def test_batch_of_two_controlnet_parity(ours, theirs, nets, control_images):
+    """Two images in one batch (seeds SEED, SEED+1): the control image goes with each, as in diffusers."""
+    controlnet, image, args = _diffusers_args(nets, control_images, [0], [0.9], [0.0], [1.0], False)
+    pipe = _pipe(diffusers.StableDiffusionControlNetPipeline, theirs["epsilon"], controlnet)
+    ref = _reference_pixels(pipe, "euler_a", "epsilon", image=image, height=SIZE, width=SIZE,
+                            seeds=[tp.SEED, tp.SEED + 1], **args)
+    units = _units(nets, control_images, [0], scale=0.9)
+    got = _pixels(ours["epsilon"].txt2img(_params("euler_a", batch_size=2), control=units))
+    _check("controlnet txt2img euler_a batch=2", ref, got)

@@ -31,6 +31,10 @@ reference's order of operations:
 7. **Decoding** in the VAE's dtype; a NaN/inf or an all-black image from non-zero latents under fp16/bf16 is
    retried in float32 with a warning (never a silent black image).
 
+8. **ControlNet** (optional ``control`` units): before each U-Net call the ControlNets read the same latents and
+   text plus their control images, and their summed residuals are added to the U-Net's skips and mid block, as
+   diffusers' ControlNet pipelines do (:mod:`estable.control.guidance`).
+
 Each image comes back with its seed, its A1111 infotext and an Estable JSON record that holds every
 parameter needed to make it again (:meth:`Pipeline.record`, :func:`params_from_record`).
 

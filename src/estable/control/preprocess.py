@@ -41,12 +41,16 @@ def _gaussian(a: np.ndarray, sigma: float) -> np.ndarray:
     x = np.arange(-r, r + 1, dtype=np.float64)
     k = np.exp(-(x**2) / (2 * sigma**2))
     k = (k / k.sum()).astype(np.float32)
-    for axis in (0, 1):
-        pad = [(0, 0)] * a.ndim
-        pad[axis] = (r, r)
-        p = np.pad(a, pad, mode="reflect")
-        n = a.shape[axis]
-        a = sum(k[i] * np.take(p, np.arange(i, i + n), axis=axis) for i in range(2 * r + 1))
+    h, w = a.shape[:2]
+    rest = [(0, 0)] * (a.ndim - 2)
+    p = np.pad(a, [(r, r), (0, 0), *rest], mode="reflect")
+    a = k[0] * p[0:h]
+    for i in range(1, 2 * r + 1):
+        a += k[i] * p[i : i + h]  # rows
+    p = np.pad(a, [(0, 0), (r, r), *rest], mode="reflect")
+    a = k[0] * p[:, 0:w]
+    for i in range(1, 2 * r + 1):
+        a += k[i] * p[:, i : i + w]  # columns
     return a
 
 
