@@ -254,3 +254,24 @@ def test_info_describes_controlnets(tmp_path):
         text = format_info(info)
         assert "ControlNet" in text and "widths [16, 32, 32]" in text
     assert describe(own, hashes=False)["dtypes"] == ["F16"]
+
+
+def test_convert_command_between_layouts(tmp_path, capsys):
+    import estable.cli as cli
+
+    cfg = CONFIGS["sd2ish_bgr"]
+    ref, folder = _diffusers_folder(tmp_path, cfg)
+    expected = ref.state_dict()
+    single = tmp_path / "single.safetensors"
+    assert cli.main(["convert", str(folder), str(single), "--to", "ldm"]) == 0
+    assert "ControlNet" in capsys.readouterr().out
+    back = tmp_path / "back"
+    assert cli.main(["convert", str(single), str(back), "--to", "diffusers"]) == 0
+    again = diffusers.ControlNetModel.from_pretrained(back)
+    assert all(torch.equal(again.state_dict()[k], expected[k]) for k in expected)
+    assert cf.load_controlnet(back).model.config == cfg  # heads and groups kept through the single file's metadata
+    half = tmp_path / "half.safetensors"
+    assert cli.main(["convert", str(single), str(half), "--to", "estable", "--dtype", "fp16"]) == 0
+    assert cf.load_controlnet(half).model.conv_in.weight.dtype == torch.float16
+    assert cli.main(["convert", str(single), str(half), "--to", "estable"]) == 2  # exists, no --overwrite
+    assert "already exists" in capsys.readouterr().err

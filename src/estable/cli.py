@@ -47,7 +47,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         "convert",
         help="convert a model between SD single-file (ldm), diffusers and Estable formats",
         description="Convert a model: SRC is an SD .safetensors file (or, with --allow-pickle, a .ckpt), a "
-        "diffusers folder or an Estable file; DST is written atomically in the --to format.",
+        "diffusers folder or an Estable file; DST is written atomically in the --to format. A ControlNet converts "
+        "between its own layouts (ldm: control_model. keys, diffusers: a ControlNetModel folder, estable).",
     )
     p.add_argument("src", metavar="SRC",
                    help='checkpoint file or diffusers folder to read ("default": the built-in model)')
@@ -87,6 +88,13 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                            "(use --to estable)")
     if args.default_cfg is not None and not 0.0 <= args.default_cfg <= 100.0:
         raise EstableError(f"--default-cfg must be between 0 and 100, not {args.default_cfg:g}")
+    from .checkpoints.controlnet_format import convert_controlnet, is_controlnet
+
+    if is_controlnet(args.src):  # a ControlNet: between its own three layouts
+        out = convert_controlnet(args.src, dst, to=args.to, dtype=args.dtype, overwrite=args.overwrite,
+                                 allow_pickle=args.allow_pickle)
+        print(f"wrote {out} ({args.to} ControlNet)")
+        return 0
     bar = tqdm(total=LOAD_STAGES + SAVE_STAGES, unit="stage", file=sys.stderr, leave=False, disable=None,
                bar_format="{desc:<32} {bar} {n_fmt}/{total_fmt} [{elapsed}]")
     started = False

@@ -53,6 +53,7 @@ from .ldm import (
 CONTROL_PREFIX = "control_model."
 FORMAT_NAME = "estable.controlnet"
 FORMAT_VERSION = "1"
+LDM_CONFIG_KEY = "estable.controlnet_config"  # metadata of the single files Estable writes
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
 _CLASS = "ControlNetModel"
 # Prefixes of the base model that ControlNet 1.0's "full" files carry beside control_model.
@@ -316,8 +317,16 @@ def read_controlnet(path: str | os.PathLike[str], *, base: UNetConfig | None = N
         except (KeyError, ValueError, TypeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{path}: the ControlNet config in the metadata is invalid ({exc})") from None
         return cfg, dict(sd), fmt
-    cfg = infer_controlnet_config(sd, base, where=str(path))
+    cfg = _recorded_config(meta) or infer_controlnet_config(sd, base, where=str(path))
     return cfg, ldm_to_controlnet(sd, cfg, where=str(path)), fmt
+
+
+def _recorded_config(meta: Mapping[str, str]) -> ControlNetConfig | None:
+    """The config Estable writes into the metadata of the single files it makes."""
+    try:
+        return ControlNetConfig.from_dict(json.loads(meta[LDM_CONFIG_KEY]))
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 def load_controlnet(path: str | os.PathLike[str], *, base: UNetConfig | None = None, allow_pickle: bool = False,
@@ -351,6 +360,22 @@ def check_matches_unet(cfg: ControlNetConfig, base: UNetConfig, where: str) -> N
         raise CheckpointError(f"{where}: the ControlNet reads {c.in_channels}-channel latents; 4 are needed")
 
 
+def convert_controlnet(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to: str,
+                       dtype: str | None = None, overwrite: bool = False, allow_pickle: bool = False) -> Path:
+    """``estable convert`` for a ControlNet: read any layout, write ``to`` (ldm, diffusers or estable)."""
+    from .store import parse_dtype
+
+    dst = Path(dst)
+    if to not in ("ldm", "diffusers", "estable"):
+        raise EstableError(f"unknown output format {to!r}; use ldm, diffusers or estable")
+    if dst.exists() and not overwrite:
+        raise CheckpointError(f"{dst} already exists; pass --overwrite to replace it")
+    if to != "diffusers" and dst.suffix.lower() != ".safetensors":
+        raise EstableError(f"{dst}: an {to} ControlNet is a single .safetensors file; name it *.safetensors")
+    loaded = load_controlnet(src, allow_pickle=allow_pickle)
+    return save_controlnet(loaded.model, dst, to=to, dtype=parse_dtype(dtype))  # type: ignore[arg-type]
+
+
 def save_controlnet(net: Any, dst: str | os.PathLike[str], *, to: ControlFormat = "estable",
                     dtype: torch.dtype | None = None) -> Path:
     """Write a ControlNet as an Estable file, an original-layout single file or a diffusers folder."""
@@ -362,8 +387,8 @@ def save_controlnet(net: Any, dst: str | os.PathLike[str], *, to: ControlFormat 
     sd = _cast(clean_state_dict(net.state_dict()), dtype, "cpu")
     if to == "estable":
         write_safetensors(dst, sd, {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": cfg.to_json()})
-    elif to == "ldm":
-        write_safetensors(dst, controlnet_to_ldm(sd, cfg), {"format": "pt"})
+    elif to == "ldm":  # the config rides along in the metadata: heads and groups are not in the weights
+        write_safetensors(dst, controlnet_to_ldm(sd, cfg), {"format": "pt", LDM_CONFIG_KEY: cfg.to_json()})
     elif to == "diffusers":
         dst.mkdir(parents=True, exist_ok=True)
         atomic_write_text(dst / "config.json", json.dumps(controlnet_to_diffusers(cfg), indent=2, sort_keys=True))
@@ -411,7 +436,8 @@ def describe_controlnet(path: str | os.PathLike[str], *, hashes: bool = True) ->
     try:
         if fmt == "ldm":
             shapes = {k: torch.empty(i.shape, device="meta") for k, i in header.items()}
-            cfg = infer_controlnet_config(shapes, where=str(path))
+            cfg = _recorded_config(read_safetensors_header(weights)[1]) or infer_controlnet_config(shapes,
+                                                                                                 where=str(path))
         elif fmt == "diffusers":
             folder = path if path.is_dir() else path.parent
             cfg = controlnet_from_diffusers(json.loads((folder / "config.json").read_text(encoding="utf-8")))
