@@ -177,3 +177,11 @@ def test_batch_of_two_controlnet_parity(ours, theirs, nets, control_images):
     units = _units(nets, control_images, [0], scale=0.9)
     got = _pixels(ours["epsilon"].txt2img(_params("euler_a", batch_size=2), control=units))
     _check("controlnet txt2img euler_a batch=2", ref, got)
+
+
+def test_control_image_of_another_size_is_resized_as_diffusers_does(ours, theirs, nets, control_images):
+    big = control_images[0].resize((96, 80), Image.Resampling.NEAREST)
+    pipe = _pipe(diffusers.StableDiffusionControlNetPipeline, theirs["epsilon"], nets[0][0])
+    ref = _reference_pixels(pipe, "euler", "epsilon", image=big, height=SIZE, width=SIZE)
+    got = _pixels(ours["epsilon"].txt2img(_params("euler"), control=[ControlUnit(net=nets[0][1], image=big)]))
+    _check("controlnet txt2img resized control image", ref, got)
