@@ -153,3 +153,30 @@ def test_torchrun_two_processes_match_one_with_double_batch(base, tmp_path):
     b = load_checkpoint(tmp_path / "single/checkpoints/step_0000002").tensors["model"]
     assert max((v - b[k]).abs().max().item() for k, v in a.items()) < 1e-6
     assert max(v.abs().max().item() for k, v in b.items() if k.startswith("controlnet_down_blocks")) > 1e-4
+
+
+def test_other_control_types_and_streams(base, tmp_path):
+    """control=seg trains (flat palette maps), and a stream dataset gets its control images too."""
+    from estable.training.controlnet_trainer import WithControlStream, control_maker
+
+    cfg = load_config("controlnet", "tiny-controlnet", [*QUIET, f"base={base}", "max_steps=1", "control=seg"])
+    tr = ControlNetTrainer(cfg, tmp_path / "seg", progress=False)
+    tr.train()
+    control = tr.val_items[0]["control"]
+    assert len({tuple(v) for v in control.reshape(3, -1).T.tolist()}) <= 9  # palette colours only
+
+    class Stream(torch.utils.data.IterableDataset):
+        epochs: list[int] = []
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epochs.append(epoch)
+
+        def __iter__(self):
+            for item in tr.val_items[:2]:
+                yield {"pixel_values": item["pixel_values"], "text": item["text"]}
+
+    stream = WithControlStream(Stream(), control_maker(cfg))
+    stream.set_epoch(3)
+    items = list(stream)
+    assert Stream.epochs == [3] and len(items) == 2
+    assert torch.equal(items[0]["control"], tr.val_items[0]["control"])
