@@ -275,3 +275,5 @@ def test_convert_command_between_layouts(tmp_path, capsys):
     assert cf.load_controlnet(half).model.conv_in.weight.dtype == torch.float16
     assert cli.main(["convert", str(single), str(half), "--to", "estable"]) == 2  # exists, no --overwrite
     assert "already exists" in capsys.readouterr().err
+    assert cli.main(["convert", str(single), str(tmp_path / "x.safetensors"), "--to", "estable", "--ema"]) == 2
+    assert "not to a ControlNet" in capsys.readouterr().err

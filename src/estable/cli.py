@@ -91,6 +91,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoints.controlnet_format import convert_controlnet, is_controlnet
 
     if is_controlnet(args.src):  # a ControlNet: between its own three layouts
+        for flag, value in (("--ema", args.ema), ("--prediction-type", args.prediction_type),
+                            ("--default-cfg", args.default_cfg)):
+            if value:
+                raise EstableError(f"{flag} applies to whole models, not to a ControlNet")
         out = convert_controlnet(args.src, dst, to=args.to, dtype=args.dtype, overwrite=args.overwrite,
                                  allow_pickle=args.allow_pickle)
         print(f"wrote {out} ({args.to} ControlNet)")
