@@ -17,6 +17,9 @@
 #   recipes/default/train_gpu.sh clipscore OUT  # CLIP score of runs/model.safetensors under runs/default-clip
 #   recipes/default/train_gpu.sh more      OUT  # continue on 2 GPUs; then eval on GPU 0 while GPU 1 trains the
 #                                               # judge CLIP, scores, trains a LoRA and measures speed
+#   recipes/default/train_gpu.sh controlnet OUT # an edges→image ControlNet on runs/model.safetensors or the
+#                                               # shipped model (controlnet.json, NPROC GPUs, CN_MINUTES), then its
+#                                               # edge-F1 evaluation (benchmarks/controlnet_eval.py) on GPU 0
 #
 # GPUs: stage 1 puts the VAE on GPU_VAE and CLIP on GPU_CLIP (default 0 and 0: one GPU); stage 2 runs the
 # U-Net on NPROC GPUs (default 1) with torchrun and DistributedDataParallel, batch_size images per GPU.
@@ -87,6 +90,22 @@ lora-style)
   cp runs/style-lora/samples/*.png "$out/" 2>/dev/null || true
   cp runs/style-lora/lora.safetensors "$out/style_lora.safetensors"
   stamp "lora-style done"
+  ;;
+controlnet)
+  base=${CN_BASE:-src/estable/assets/default_model.safetensors}
+  launch=(python3 -m estable.cli)
+  [ "${NPROC:-1}" -gt 1 ] && launch=(python3 -m torch.distributed.run --standalone --nproc_per_node "$NPROC"
+                                     -m estable.cli)
+  "${launch[@]}" train controlnet --config "$here/controlnet.json" --run-dir runs/default-controlnet $(resume controlnet) \
+      --no-progress base="$base" max_minutes="${CN_MINUTES:-7}" ${EXTRA:-} 2>&1 | tee "$out/controlnet.log" | tail -n 3
+  cp runs/default-controlnet/log.jsonl "$out/controlnet_log.jsonl"
+  last_png runs/default-controlnet/samples "$out/controlnet_samples.png"
+  cp runs/default-controlnet/controlnet.safetensors "$out/controlnet.safetensors"
+  stamp "controlnet trained"
+  CUDA_VISIBLE_DEVICES=${GPU:-0} PYTHONPATH=src python3 benchmarks/controlnet_eval.py --model "$base" \
+      --controlnet runs/default-controlnet/controlnet.safetensors --count "${CN_EVAL_COUNT:-200}" --out "$out" ${CN_EVAL:-} \
+      2>&1 | tail -n 2
+  stamp "controlnet eval done"
   ;;
 clip)
   CUDA_VISIBLE_DEVICES=${GPU:-0} estable train clip --config "$here/clip.json" --run-dir runs/default-clip \

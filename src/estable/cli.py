@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="estable", description="Stable Diffusion, end to end.")
     parser.add_argument("--version", action="version", version=f"estable {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from .cli_control import add_control_commands
     from .cli_eval import add_eval_commands
     from .cli_generate import add_generate_commands
     from .cli_serve import add_serve_command
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_commands(sub)
     add_eval_commands(sub)
     add_serve_command(sub)
+    add_control_commands(sub)
     return parser
 
 
@@ -47,7 +49,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         "convert",
         help="convert a model between SD single-file (ldm), diffusers and Estable formats",
         description="Convert a model: SRC is an SD .safetensors file (or, with --allow-pickle, a .ckpt), a "
-        "diffusers folder or an Estable file; DST is written atomically in the --to format.",
+        "diffusers folder or an Estable file; DST is written atomically in the --to format. A ControlNet converts "
+        "between its own layouts (ldm: control_model. keys, diffusers: a ControlNetModel folder, estable).",
     )
     p.add_argument("src", metavar="SRC",
                    help='checkpoint file or diffusers folder to read ("default": the built-in model)')
@@ -87,6 +90,17 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                            "(use --to estable)")
     if args.default_cfg is not None and not 0.0 <= args.default_cfg <= 100.0:
         raise EstableError(f"--default-cfg must be between 0 and 100, not {args.default_cfg:g}")
+    from .checkpoints.controlnet_format import convert_controlnet, is_controlnet
+
+    if is_controlnet(args.src):  # a ControlNet: between its own three layouts
+        for flag, value in (("--ema", args.ema), ("--prediction-type", args.prediction_type),
+                            ("--default-cfg", args.default_cfg)):
+            if value:
+                raise EstableError(f"{flag} applies to whole models, not to a ControlNet")
+        out = convert_controlnet(args.src, dst, to=args.to, dtype=args.dtype, overwrite=args.overwrite,
+                                 allow_pickle=args.allow_pickle)
+        print(f"wrote {out} ({args.to} ControlNet)")
+        return 0
     bar = tqdm(total=LOAD_STAGES + SAVE_STAGES, unit="stage", file=sys.stderr, leave=False, disable=None,
                bar_format="{desc:<32} {bar} {n_fmt}/{total_fmt} [{elapsed}]")
     started = False

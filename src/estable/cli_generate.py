@@ -145,6 +145,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "was made with (its SHA-256 differs); without it that is an error")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing files named by --out (an input image is never replaced)")
+    from .cli_control import add_control_flags
+
+    add_control_flags(p)
 
 
 def _strength(p: argparse.ArgumentParser, default_text: str = "0.75") -> None:
@@ -217,6 +220,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     plan = OutputPlan(args.out or DEFAULT_OUT, params.batch_size * params.batch_count,
                       overwrite=bool(getattr(args, "overwrite", False)),
                       inputs=[getattr(args, "image", None), getattr(args, "mask", None), args.from_png])
+    from .cli_control import control_specs, control_units
+
+    specs = control_specs(args, record)  # checked before the model loads; --from-png: the record's units
 
     from_record = record is not None and args.model is None
     pipe = load_pipeline(_model_source(args, record), device=args.device or "auto", dtype=args.dtype or "auto",
@@ -229,6 +235,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.cfg is None and record is None:
         params = pipe.with_default_cfg(params)
 
+    control = control_units(specs, args, pipe) if specs else None
     shown: set[str] = set()
 
     def warn(notes: list[str]) -> None:  # each note once, as soon as a batch carries it
@@ -245,11 +252,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     try:
         with _progress(pipe.device.type) as callback:
             if args.mode == "txt2img":
-                result = pipe.txt2img(params, callback=callback, on_batch=save)
+                result = pipe.txt2img(params, callback=callback, on_batch=save, control=control)
             elif args.mode == "img2img":
-                result = pipe.img2img(image, params, callback=callback, on_batch=save)  # type: ignore[arg-type]
+                result = pipe.img2img(  # type: ignore[arg-type]
+                    image, params, callback=callback, on_batch=save, control=control)
             else:
-                result = pipe.inpaint(image, mask, params, callback=callback, on_batch=save)  # type: ignore[arg-type]
+                result = pipe.inpaint(  # type: ignore[arg-type]
+                    image, mask, params, callback=callback, on_batch=save, control=control)
     except KeyboardInterrupt:
         print(f"estable: interrupted after {len(plan.written)} of {plan.count} images; those were saved",
               file=sys.stderr)

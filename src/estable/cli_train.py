@@ -1,9 +1,11 @@
-"""``estable train {vae,unet,clip,lora}``: the training commands (a thin shell over ``estable.training``).
+"""``estable train {vae,unet,clip,lora,controlnet}``: the training commands (a thin shell over ``estable.training``).
 
     estable train unet --config tiny-unet --run-dir runs/try optim.lr=3e-4 max_steps=200
     estable train clip --config tiny-clip --run-dir runs/clip            (→ runs/clip/text_encoder.safetensors)
     estable train unet --config tiny-unet text.source=runs/clip          (the CLIP run's text tower, frozen)
     estable train lora --config tiny-lora base=model.safetensors lora.rank=8   (→ RUN/lora.safetensors)
+    estable train controlnet --config tiny-controlnet base=model.safetensors control=canny
+                                                                       (→ RUN/controlnet.safetensors)
     estable train unet --run-dir runs/try --resume max_steps=400       (config.json of the run is the base)
     torchrun --nproc_per_node 4 -m estable.cli train unet --config my.json --run-dir runs/big
 
@@ -20,12 +22,15 @@ from pathlib import Path
 
 from .errors import EstableError
 
-KINDS = ("unet", "vae", "clip", "lora")
+KINDS = ("unet", "vae", "clip", "lora", "controlnet")
 _HELP = {"unet": "train the latent-diffusion U-Net (frozen VAE and text encoder)",
          "vae": "train the KL autoencoder (L1 + KL + SSIM, optional PatchGAN)",
          "clip": "train a contrastive text-image pair; exports its text tower as a text encoder for the U-Net",
-         "lora": "train LoRA adapters on a frozen base model (any checkpoint); writes a kohya-named lora.safetensors"}
-_EXPORTS = {"clip": ("clip.safetensors", "text_encoder.safetensors", "tokenizer"), "lora": ("lora.safetensors",)}
+         "lora": "train LoRA adapters on a frozen base model (any checkpoint); writes a kohya-named lora.safetensors",
+         "controlnet": "train a ControlNet (edges, scribbles, lines or segmentation → image) on a frozen base model; "
+                       "writes controlnet.safetensors"}
+_EXPORTS = {"clip": ("clip.safetensors", "text_encoder.safetensors", "tokenizer"), "lora": ("lora.safetensors",),
+            "controlnet": ("controlnet.safetensors",)}
 
 
 def add_train_commands(subparsers: argparse._SubParsersAction) -> None:

@@ -252,12 +252,47 @@ class ModelConfig(_Config):
             raise ValueError(f"ModelConfig.clip_skip must be in 1..{self.text.layers}, not {self.clip_skip}")
 
 
+@dataclass(frozen=True)
+class ControlNetConfig(_Config):
+    """ControlNet (Zhang, Rao & Agrawala 2023, "Adding Conditional Control to Text-to-Image Diffusion Models"):
+    a trainable copy of a U-Net's encoder (``unet``: its down levels and mid block; the decoder fields are unused)
+    plus the hint encoder that maps the control image to the first level's width.
+
+    hint_channels          widths of the hint encoder's stages; each stage after the first halves the
+                           resolution, so the hint image is ``2^(len-1)`` × the latent size   [conditioning_
+                           embedding_out_channels]
+    conditioning_channels  channels of the control image (3: RGB)
+    bgr                    the network expects the control image's channels in BGR order
+                           [controlnet_conditioning_channel_order="bgr"]
+    """
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    conditioning_channels: int = 3
+    hint_channels: tuple[int, ...] = (16, 32, 96, 256)
+    bgr: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hint_channels", _tuple(self.hint_channels))
+        if not self.hint_channels or any(int(c) < 1 for c in self.hint_channels):
+            raise ValueError("ControlNetConfig.hint_channels needs at least one positive width")
+        if self.conditioning_channels < 1:
+            raise ValueError(
+                f"ControlNetConfig.conditioning_channels must be positive, not {self.conditioning_channels}"
+            )
+
+    @property
+    def hint_factor(self) -> int:
+        """Control-image pixels per latent cell: the hint encoder downsamples by 2 per stage after the first."""
+        return 2 ** (len(self.hint_channels) - 1)
+
+
 _NESTED: dict[tuple[str, str], type[_Config]] = {
     ("ModelConfig", "unet"): UNetConfig,
     ("ModelConfig", "vae"): VAEConfig,
     ("ModelConfig", "text"): TextConfig,
     ("ModelConfig", "tokenizer"): TokenizerConfig,
     ("ModelConfig", "schedule"): ScheduleConfig,
+    ("ControlNetConfig", "unet"): UNetConfig,
 }
 
 

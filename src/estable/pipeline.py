@@ -31,6 +31,10 @@ reference's order of operations:
 7. **Decoding** in the VAE's dtype; a NaN/inf or an all-black image from non-zero latents under fp16/bf16 is
    retried in float32 with a warning (never a silent black image).
 
+8. **ControlNet** (optional ``control`` units): before each U-Net call the ControlNets read the same latents and
+   text plus their control images, and their summed residuals are added to the U-Net's skips and mid block, as
+   diffusers' ControlNet pipelines do (:mod:`estable.control.guidance`).
+
 Each image comes back with its seed, its A1111 infotext and an Estable JSON record that holds every
 parameter needed to make it again (:meth:`Pipeline.record`, :func:`params_from_record`).
 
@@ -70,6 +74,7 @@ from .sampling.samplers import SamplerSpec, SigmaPlan, get_sampler, make_sigmas,
 
 if TYPE_CHECKING:
     from .checkpoints.store import LoadedModel
+    from .control.guidance import ControlUnit
 
 __all__ = [
     "DEFAULT_MODEL_PATH",
@@ -329,10 +334,12 @@ class Pipeline:
 
     # -- public API ----------------------------------------------------------------------------------------
     def txt2img(self, params: GenerationParams, *, callback: ProgressCallback | None = None,
-                on_batch: BatchCallback | None = None) -> GenerationResult:
+                on_batch: BatchCallback | None = None,
+                control: Sequence[ControlUnit] | None = None) -> GenerationResult:
         """Generate ``batch_size × batch_count`` images from text. ``on_batch(result)`` is called with each batch's
-        images (a GenerationResult of that batch) as soon as they are decoded, e.g. to save them at once."""
-        return self._run("txt2img", params, None, None, callback, on_batch)
+        images (a GenerationResult of that batch) as soon as they are decoded, e.g. to save them at once;
+        ``control``: ControlNet units (:class:`estable.control.ControlUnit`), their residuals summed in order."""
+        return self._run("txt2img", params, None, None, callback, on_batch=on_batch, control=control)
 
     def txt2img_each(
         self, prompts: Sequence[str], seeds: Sequence[int], params: GenerationParams, *, batch: int = 32
@@ -368,12 +375,12 @@ class Pipeline:
     def img2img(
         self, image: Image.Image, params: GenerationParams, *, callback: ProgressCallback | None = None,
         on_batch: BatchCallback | None = None,
+        control: Sequence[ControlUnit] | None = None,
     ) -> GenerationResult:
         """Re-draw ``image`` guided by the prompt; ``params.strength`` in (0, 1] is how much of the schedule
         is re-run. Without a size in ``params`` the image's own size (rounded down to a multiple of 8) is used;
         the image is resized to the generation size when they differ."""
-        return self._run("img2img", params, image, None, callback, on_batch)
-
+        return self._run("img2img", params, image, None, callback, on_batch=on_batch, control=control)
     def inpaint(
         self,
         image: Image.Image,
@@ -382,6 +389,7 @@ class Pipeline:
         *,
         callback: ProgressCallback | None = None,
         on_batch: BatchCallback | None = None,
+        control: Sequence[ControlUnit] | None = None,
     ) -> GenerationResult:
         """Repaint the white (≥ 50 %) part of ``mask`` in ``image``; the mask must have the image's size. An
         all-black mask (nothing to repaint) is an EstableError."""
@@ -391,8 +399,7 @@ class Pipeline:
                 "they must have the same size"
             )
         check_mask_has_area(mask)
-        return self._run("inpaint", params, image, mask, callback, on_batch)
-
+        return self._run("inpaint", params, image, mask, callback, on_batch=on_batch, control=control)
     # -- metadata ------------------------------------------------------------------------------------------
     def infotext(self, params: GenerationParams, seed: int, mode: Mode, width: int, height: int) -> str:
         """The A1111 ``parameters`` text of one image."""
@@ -483,8 +490,14 @@ class Pipeline:
         mask: Image.Image | None,
         callback: ProgressCallback | None,
         on_batch: BatchCallback | None = None,
+        control: Sequence[ControlUnit] | None = None,
     ) -> GenerationResult:
         params, spec, plan, width, height, clip_skip = self._setup(mode, params, image)
+        control = list(control or [])
+        if control:
+            from .control.guidance import check_units, control_infotext, control_record
+
+            check_units(control, self.config.unet, dtype=self.dtype, device=self.device)
         if mode != "txt2img":
             # SDEdit entry point, as diffusers' get_timesteps: the last init_timestep steps of the schedule.
             init_timestep = min(int(params.steps * params.strength), params.steps)
@@ -521,7 +534,7 @@ class Pipeline:
                     callback(offset + i, total, x, d)
 
             z = self._sample(mode, params, spec, plan, batch_seeds, cond, uncond, pixels, masks,
-                             width, height, step_cb)
+                             width, height, step_cb, control)
             decoded, note = self._decode(z)
             if note:
                 notes.append(note)
@@ -532,6 +545,10 @@ class Pipeline:
                              for k, seed in enumerate(batch_seeds)]
             images.extend(batch_images)
             seeds.extend(batch_seeds)
+            if control:
+                batch_texts = [control_infotext(text, control) for text in batch_texts]
+                for record in batch_records:
+                    record["control"] = control_record(control)
             infotexts.extend(batch_texts)
             records.extend(batch_records)
             if on_batch is not None:
@@ -553,6 +570,7 @@ class Pipeline:
         width: int,
         height: int,
         callback: Callable[[int, int, torch.Tensor, torch.Tensor], None],
+        control: Sequence[ControlUnit] | None = None,
     ) -> torch.Tensor:
         """One batch: returns the latents to decode, (B, 4, h, w) float32 (scaled by scaling_factor)."""
         dev, batch = self.device, len(seeds)
@@ -597,14 +615,20 @@ class Pipeline:
                     if cfg:
                         extra = torch.cat([extra, extra])
 
-            model = self._guided_model(context, float(params.cfg_scale) if cfg else None, extra)
+            options: dict[str, Any] = dict(plan.options)
+            if spec.name == "ddim":
+                options["eta"] = float(params.eta)
+            run = None
+            if control:
+                from .control.guidance import ControlRun, count_evaluations
+
+                run = ControlRun(control, latent_size=shape[-2:], batch=batch, guided=cfg, device=dev, dtype=self.dtype,
+                                 evaluations=count_evaluations(spec.fn, plan.sigmas, options))
+            model = self._guided_model(context, float(params.cfg_scale) if cfg else None, extra, run)
             denoise = vp_denoiser(model, self.config.schedule.prediction_type, plan.timestep)
             if keep is not None:
                 assert z0 is not None
                 denoise = _blended_denoiser(denoise, z0, noise, mask_lat)
-            options: dict[str, Any] = dict(plan.options)
-            if spec.name == "ddim":
-                options["eta"] = float(params.eta)
             x = spec.fn(denoise, x, plan.sigmas, generator=gens, callback=callback, **options)
             z = plan.final_latents(x)  # VP latents at the last level
             if keep is not None:
@@ -613,16 +637,19 @@ class Pipeline:
         return z
 
     def _guided_model(
-        self, context: torch.Tensor, scale: float | None, extra: torch.Tensor | None
+        self, context: torch.Tensor, scale: float | None, extra: torch.Tensor | None,
+        control: Callable[[torch.Tensor, float, torch.Tensor], dict[str, Any]] | None = None,
     ) -> Callable[[torch.Tensor, float], torch.Tensor]:
         """``model(x_t, t)``: one U-Net call on [uncond, cond] (or cond alone) and the CFG combination."""
 
         def model(x_t: torch.Tensor, t: float) -> torch.Tensor:
             inp = torch.cat([x_t, x_t]) if scale is not None else x_t  # (2B or B, 4, h, w)
             inp = inp.to(self.dtype)
+            residuals = control(inp, t, context) if control is not None else {}  # ControlNets see the 4 channels
             if extra is not None:
                 inp = torch.cat([inp, extra], dim=1)  # (·, 9, h, w): [latents, mask, masked-image latents]
-            out = self.unet_forward(inp, t, context).float()
+            # with residuals the U-Net runs eagerly (the CUDA graphs are recorded for three inputs)
+            out = (self.unet(inp, t, context, **residuals) if residuals else self.unet_forward(inp, t, context)).float()
             if scale is None:
                 return out
             out_u, out_c = out.chunk(2)

@@ -105,6 +105,10 @@ def describe(source: str | os.PathLike[str], *, hashes: bool = True, allow_pickl
     (each weights file's size and sha256) and ``short_hash`` of the U-Net weights file.
     """
     path = Path(source)
+    from .controlnet_format import describe_controlnet, is_controlnet
+
+    if is_controlnet(path):
+        return describe_controlnet(path, hashes=hashes)
     fmt = detect_format(path)
     if fmt == "diffusers":
         out = _describe_diffusers(path, hashes=hashes, allow_pickle=allow_pickle)
@@ -292,6 +296,10 @@ _FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "
 
 def format_info(info: dict[str, Any]) -> str:
     """A human-readable summary of :func:`describe`'s dict, one fact per line."""
+    if info.get("kind") == "controlnet":
+        from .controlnet_format import format_controlnet_info
+
+        return format_controlnet_info(info)
     lines = [str(info.get("path", ""))]
 
     def row(label: str, value: str) -> None:

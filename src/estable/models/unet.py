@@ -179,8 +179,16 @@ class UNet(nn.Module):
         return t.expand(batch)
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor | float | int, context: torch.Tensor
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        context: torch.Tensor,
+        down_residuals: list[torch.Tensor] | None = None,
+        mid_residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``down_residuals`` (one per skip, in push order) and ``mid_residual`` are added to the skips and to the
+        mid block's output: a ControlNet's outputs (:mod:`estable.models.controlnet`; diffusers'
+        ``down_block_additional_residuals`` / ``mid_block_additional_residual``)."""
         cfg = self.config
         if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
             raise ValueError(
@@ -205,7 +213,13 @@ class UNet(nn.Module):
         for block in self.down_blocks:
             x, produced = block(x, temb, context, run)
             skips.extend(produced)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"UNet: got {len(down_residuals)} down residuals for {len(skips)} skips")
+            skips = [s + r for s, r in zip(skips, down_residuals)]
         x = self.mid_block(x, temb, context, run)
+        if mid_residual is not None:
+            x = x + mid_residual
         for block in self.up_blocks:
             mine = skips[-len(block.resnets):]
             del skips[-len(block.resnets):]

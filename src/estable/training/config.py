@@ -558,8 +558,58 @@ class LoRATrainConfig(TrainConfig):
             raise ValueError("init_from is not used by the LoRA trainer; the frozen weights come from base")
 
 
+CONTROL_KINDS = ("canny", "scribble", "lines", "seg")
+
+
+@dataclass(frozen=True)
+class ControlNetTrainConfig(TrainConfig):
+    """ControlNet training (Zhang et al. 2023, sec. 3.3) on a frozen base model: a trainable copy of the base U-Net's
+    encoder with zero-initialised output convolutions; the control image of every training image is made by
+    ``control`` (estable.control.preprocess) with the Canny thresholds ``control_low``/``control_high`` and
+    smoothing ``control_sigma`` (canny and scribble). ``caption_dropout`` 0.5: the paper replaces half of the
+    prompts by the empty one, so that the ControlNet learns to read the control image itself. ``hint_channels``
+    None: SD's (16, 32, 96, 256), one stage per halving of the VAE (so the hint encoder downsamples as the VAE).
+    """
+
+    base: str = ""
+    control: str = "canny"
+    control_low: float = 100.0
+    control_high: float = 200.0
+    control_sigma: float = 0.0
+    hint_channels: tuple[int, ...] | None = None
+    min_snr_gamma: float | None = None
+    offset_noise: float = 0.0
+    caption_dropout: float = 0.5
+    clip_skip: int | None = None
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    ema_decay: float | None = None
+    save_precision: str = "fp32"  # dtype of RUN/controlnet.safetensors: fp32 | fp16 | bf16
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.base, str):
+            raise ValueError("base must be a checkpoint path (SD file, diffusers folder or Estable file)")
+        if self.save_precision not in PRECISIONS:
+            raise ValueError(f"save_precision must be one of {', '.join(PRECISIONS)}, not {self.save_precision!r}")
+        if self.control not in CONTROL_KINDS:
+            raise ValueError(f"control must be one of {', '.join(CONTROL_KINDS)}, not {self.control!r}")
+        if not 0 <= self.control_low <= self.control_high:
+            raise ValueError("control_low and control_high must satisfy 0 ≤ low ≤ high")
+        _positive("control_sigma", self.control_sigma, allow_zero=True)
+        if self.min_snr_gamma is not None:
+            _positive("min_snr_gamma", self.min_snr_gamma)
+        _positive("offset_noise", self.offset_noise, allow_zero=True)
+        if not 0 <= self.caption_dropout <= 1:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout!r}")
+        if self.clip_skip is not None:
+            _positive_int("clip_skip", self.clip_skip)
+        if self.init_from:
+            raise ValueError("init_from is not used by the ControlNet trainer; it starts from the base U-Net's encoder")
+
+
 CONFIG_CLASSES: dict[str, type[TrainConfig]] = {"unet": UNetTrainConfig, "vae": VAETrainConfig,
-                                                "clip": CLIPTrainConfig, "lora": LoRATrainConfig}
+                                                "clip": CLIPTrainConfig, "lora": LoRATrainConfig,
+                                                "controlnet": ControlNetTrainConfig}
 
 # ---------------------------------------------------------------------------------------------------------
 # Presets
@@ -608,8 +658,16 @@ PRESETS: dict[str, TrainConfig] = {
         batch_size=4, max_steps=100, optim=OptimConfig(lr=1e-3, warmup_steps=5, weight_decay=0.0),
         log_every=5, val_every=25, sample_every=50, save_every=50,
     ),
+    # A ControlNet on a small model (set base=PATH): Canny edges of the shapes world.
+    "tiny-controlnet": ControlNetTrainConfig(
+        data=DataConfig(size=32, val_size=4),
+        sample=SampleConfig(steps=4, prompts=("a red circle", "two blue squares")),
+        batch_size=4, max_steps=100, optim=OptimConfig(lr=1e-4, warmup_steps=5, weight_decay=0.0),
+        log_every=5, val_every=25, sample_every=50, save_every=50,
+    ),
 }
-_PRESET_KIND = {"tiny-unet": "unet", "tiny-vae": "vae", "tiny-clip": "clip", "tiny-lora": "lora"}
+_PRESET_KIND = {"tiny-unet": "unet", "tiny-vae": "vae", "tiny-clip": "clip", "tiny-lora": "lora",
+                "tiny-controlnet": "controlnet"}
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -693,6 +751,7 @@ __all__ = [
     "PRESETS",
     "CLIPModelConfig",
     "CLIPTrainConfig",
+    "ControlNetTrainConfig",
     "DataConfig",
     "DiscriminatorConfig",
     "ImageTowerConfig",

@@ -971,7 +971,7 @@ class VAETrainer(Trainer):
 
 
 TRAINERS: dict[str, type[Trainer]] = {"unet": UNetTrainer, "vae": VAETrainer}
-TRAINER_KINDS = ("unet", "vae", "clip", "lora")
+TRAINER_KINDS = ("unet", "vae", "clip", "lora", "controlnet")
 
 
 def trainer_class(kind: str) -> type[Trainer]:
@@ -985,6 +985,10 @@ def trainer_class(kind: str) -> type[Trainer]:
         from estable.training.lora_trainer import LoRATrainer
 
         return LoRATrainer
+    if kind == "controlnet":
+        from estable.training.controlnet_trainer import ControlNetTrainer
+
+        return ControlNetTrainer
     if kind not in TRAINERS:
         raise EstableError(f"unknown trainer {kind!r}; choose one of {', '.join(TRAINER_KINDS)}")
     return TRAINERS[kind]

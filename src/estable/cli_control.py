@@ -1,0 +1,191 @@
+"""ControlNet on the command line: ``estable control-image`` and the ``--control`` / ``--controlnet`` flags of
+``generate``, ``img2img`` and ``inpaint``.
+
+``--control TYPE:IMAGE[:WEIGHT]`` (repeatable) names a control image and how to make it from IMAGE (canny,
+scribble, lines, seg, or none for an image that already is a control map); ``--controlnet FILE`` (repeatable) names
+the ControlNet for each ``--control``, matched in order. Everything that can be checked before the model loads is
+checked first (types, files, counts, ranges).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import EstableError
+
+__all__ = ["ControlSpec", "add_control_commands", "add_control_flags", "control_specs", "control_units"]
+
+_TYPES = ("canny", "scribble", "lines", "seg", "none")
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    kind: str
+    image: Path
+    scale: float
+    controlnet: Path
+    start: float = 0.0
+    end: float = 1.0
+    guess_mode: bool = False
+
+
+def add_control_flags(p: argparse.ArgumentParser) -> None:
+    """The ControlNet flags of the generation commands."""
+    p.add_argument("--control", action="append", metavar="TYPE:IMAGE[:WEIGHT]",
+                   help=f"steer the image with a ControlNet: TYPE is how the control image is made from IMAGE "
+                   f"({', '.join(_TYPES)}; none = IMAGE already is one), WEIGHT its strength (default 1); "
+                   "repeatable, one --controlnet per --control")
+    p.add_argument("--controlnet", action="append", metavar="FILE",
+                   help="ControlNet file or folder (SD single file with control_model. keys, diffusers folder or "
+                   "Estable file) for each --control, in the same order")
+    p.add_argument("--control-start", type=float, metavar="F",
+                   help="fraction of the schedule where control starts (default 0)")
+    p.add_argument("--control-end", type=float, metavar="F", help="fraction where it ends (default 1)")
+    p.add_argument("--guess-mode", action="store_true", default=None,
+                   help="ControlNet guess mode: the control image carries the structure even without a prompt "
+                   "(try --cfg 3 to 5)")
+
+
+def parse_control(text: str) -> tuple[str, str, float]:
+    """``TYPE:IMAGE[:WEIGHT]`` → (type, image path, weight). EstableError for anything else."""
+    kind, sep, rest = text.partition(":")
+    if not sep or not rest or kind not in _TYPES:
+        raise EstableError(f"--control must be TYPE:IMAGE[:WEIGHT] with TYPE one of {', '.join(_TYPES)}, "
+                           f"not {text!r}")
+    path, scale = rest, 1.0
+    head, sep, tail = rest.rpartition(":")
+    if sep and head:
+        try:
+            scale = float(tail)
+            path = head
+        except ValueError:
+            pass  # a colon that belongs to the path
+    return kind, path, scale
+
+
+def control_specs(args: argparse.Namespace, record: dict[str, Any] | None = None) -> list[ControlSpec]:
+    """The checked --control/--controlnet pairs; without them, the units of ``record`` (an image's Estable record,
+    for --from-png); empty when there are none."""
+    controls = getattr(args, "control", None) or []
+    nets = getattr(args, "controlnet", None) or []
+    if not controls and not nets:
+        for flag in ("control_start", "control_end", "guess_mode"):
+            if getattr(args, flag, None) is not None:
+                raise EstableError(f"--{flag.replace('_', '-')} needs --control and --controlnet")
+        return specs_from_record(record) if record is not None else []
+    if len(controls) != len(nets):
+        raise EstableError(f"{len(controls)} --control but {len(nets)} --controlnet: give one ControlNet per control "
+                           "image, in the same order")
+    out = []
+    for text, net in zip(controls, nets):
+        kind, image, scale = parse_control(text)
+        if not Path(image).is_file():
+            raise EstableError(f"control image not found: {image}")
+        if not Path(net).exists():
+            raise EstableError(f"ControlNet not found: {net}")
+        if not 0.0 <= scale <= 10.0:
+            raise EstableError(f"control weight must be between 0 and 10, not {scale:g}")
+        out.append(ControlSpec(kind, Path(image), scale, Path(net)))
+    start = 0.0 if args.control_start is None else args.control_start
+    end = 1.0 if args.control_end is None else args.control_end
+    if not 0.0 <= start < end <= 1.0:
+        raise EstableError(f"--control-start/--control-end must satisfy 0 ≤ start < end ≤ 1, got {start:g}, {end:g}")
+    return [ControlSpec(s.kind, s.image, s.scale, s.controlnet, start, end, bool(args.guess_mode)) for s in out]
+
+
+def specs_from_record(record: dict[str, Any]) -> list[ControlSpec]:
+    """The ControlNet units an Estable record lists (its ``control`` entry), their files checked."""
+    units = record.get("control") or []
+    out = []
+    for k, u in enumerate(units):
+        try:
+            spec = ControlSpec(str(u["type"]), Path(u["image"]), float(u["scale"]), Path(u["model"]["source"]),
+                               float(u["start"]), float(u["end"]), bool(u["guess_mode"]))
+        except (KeyError, TypeError, ValueError):
+            raise EstableError(f"the record's ControlNet unit {k} is incomplete; pass --control and --controlnet") \
+                from None
+        if spec.kind not in _TYPES:
+            raise EstableError(f"the record's ControlNet unit {k} has an unknown type {spec.kind!r}")
+        for what, path in (("control image", spec.image), ("ControlNet", spec.controlnet)):
+            if not path.exists():
+                raise EstableError(f"the image was made with the {what} {path}, which is not there; pass --control "
+                                   "and --controlnet")
+        out.append(spec)
+    return out
+
+
+def control_units(specs: list[ControlSpec], args: argparse.Namespace, pipe: Any) -> list[Any]:
+    """Load each ControlNet for ``pipe``'s U-Net (its dtype and device) and make each control image."""
+    from .checkpoints.controlnet_format import load_controlnet
+    from .checkpoints.io import sha256_file
+    from .control import ControlUnit
+    from .control.preprocess import make_control_image
+    from .images import load_image
+
+    units = []
+    cache: dict[Path, Any] = {}
+    for spec in specs:
+        if spec.controlnet not in cache:
+            cache[spec.controlnet] = load_controlnet(spec.controlnet, base=pipe.config.unet,
+                                                     allow_pickle=bool(getattr(args, "allow_pickle", False)),
+                                                     dtype=pipe.dtype, device=pipe.device)
+        loaded = cache[spec.controlnet]
+        weights = spec.controlnet
+        if weights.is_dir():
+            weights = weights / "diffusion_pytorch_model.safetensors"
+        units.append(ControlUnit(
+            net=loaded.model, image=make_control_image(spec.kind, load_image(spec.image)), scale=spec.scale,
+            start=spec.start, end=spec.end, guess_mode=spec.guess_mode,
+            kind=spec.kind, name=loaded.name, sha256=sha256_file(weights) if weights.is_file() else None,
+            source=str(spec.controlnet.resolve()), image_source=str(spec.image.resolve()),
+        ))
+    return units
+
+
+# ------------------------------------------------------------------------------------------- control-image
+
+
+def add_control_commands(sub: argparse._SubParsersAction) -> None:
+    from .control.preprocess import CONTROL_TYPES
+
+    p = sub.add_parser(
+        "control-image", help="make a ControlNet control image (Canny edges, scribble, lines, segmentation)",
+        description="Make the control image that --control TYPE:IMAGE would use, to preview it. Types: "
+        + "; ".join(f"{k}: {v}" for k, v in CONTROL_TYPES.items()) + ".",
+    )
+    p.add_argument("type", metavar="TYPE", choices=list(CONTROL_TYPES), help=", ".join(CONTROL_TYPES))
+    p.add_argument("image", metavar="IMAGE", help="the input picture")
+    p.add_argument("out", metavar="OUT", help="the control image to write (.png)")
+    p.add_argument("--low", type=float, metavar="F", help="Canny low threshold, 0..2040 (canny 100, scribble 40)")
+    p.add_argument("--high", type=float, metavar="F", help="Canny high threshold (canny 200, scribble 80)")
+    p.add_argument("--sigma", type=float, metavar="F", help="Gaussian smoothing before Canny (canny 0, scribble 2)")
+    p.add_argument("--thickness", type=int, metavar="N", help="stroke width in pixels (scribble 3, lines 1)")
+    p.set_defaults(func=_cmd_control_image)
+
+
+def _cmd_control_image(args: argparse.Namespace) -> int:
+    from .control.preprocess import make_control_image
+    from .images import load_image
+
+    allowed = {"canny": ("low", "high", "sigma"), "scribble": ("low", "high", "sigma", "thickness"),
+               "lines": ("thickness",), "seg": (), "none": ()}[args.type]
+    options: dict[str, Any] = {}
+    for name in ("low", "high", "sigma", "thickness"):
+        value = getattr(args, name)
+        if value is not None:
+            if name not in allowed:
+                raise EstableError(f"--{name} does not apply to control type {args.type}")
+            options[name] = value
+    out = Path(args.out)
+    if str(out.parent) and not out.parent.is_dir():
+        raise EstableError(f"cannot write {out}: folder {out.parent} does not exist")
+    image = make_control_image(args.type, load_image(args.image), **options)
+    try:
+        image.save(out)
+    except (OSError, ValueError) as exc:
+        raise EstableError(f"cannot write {out}: {exc}") from None
+    print(out)
+    return 0
