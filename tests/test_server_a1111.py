@@ -126,7 +126,13 @@ def test_img2img_and_inpaint(server):
         assert r.status_code == 200, r.text
         return np.asarray(decode_png(r.json()["images"][0]).convert("RGB")).astype(int)
 
-    kept = inpaint(Image.new("L", (TINY, TINY), 0))
+    black = Image.new("L", (TINY, TINY), 0)
+    r = server.client.post("/sdapi/v1/img2img", json={"init_images": [png_b64(init)], "mask": png_b64(black),
+                                                      "prompt": "x", "steps": 4})
+    assert r.status_code == 422 and "nothing to repaint" in r.text  # as the CLI: an all-black mask is refused
+    speck = black.copy()
+    speck.putpixel((0, 0), 255)  # one white pixel: below the latent grid's resolution, so it keeps everything
+    kept = inpaint(speck)
     assert server.client.get("/v1/jobs", params={"limit": 1}).json()["jobs"][0]["mode"] == "inpaint"
     mask = Image.new("L", (TINY // 2, TINY // 2), 0)  # a smaller mask is resized to the image, as A1111 does
     mask.paste(255, (0, 0, TINY // 4, TINY // 2))  # repaint the left half

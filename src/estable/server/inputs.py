@@ -82,11 +82,18 @@ def check_image_side(image: Image.Image, field: str, limits: Limits) -> None:
 
 
 def fit_mask(mask: Image.Image, image: Image.Image, invert: bool = False) -> Image.Image:
-    """The mask at the image's size (nearest neighbour, as A1111 resizes masks), inverted if asked."""
+    """The mask at the image's size (nearest neighbour, as A1111 resizes masks), inverted if asked; a mask with
+    nothing to repaint is a FieldError (422), as the CLI refuses it."""
+    from ..images import check_mask_has_area
+
     if mask.size != image.size:
         mask = mask.resize(image.size, Image.Resampling.NEAREST)
     if invert:
         mask = mask.point(lambda v: 255 - v)
+    try:
+        check_mask_has_area(mask)
+    except EstableError as exc:
+        raise FieldError("mask", str(exc).removeprefix("the mask ")) from None
     return mask
 
 

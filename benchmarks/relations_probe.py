@@ -1,0 +1,110 @@
+"""Does the text tower carry the relation? Linear probes and swapped-caption similarity (issue 11).
+
+    PYTHONPATH=src python benchmarks/relations_probe.py default runs/model.safetensors [--out probe.json]
+
+For each model: the per-token context the U-Net cross-attends to (``text_encoder.encode(ids, clip_skip)``) of
+shapes-world pair captions. A logistic-regression probe (trained on 3,000 train-split captions, scored on 1,000
+held-out-split captions) reads the relation (4 classes, chance 25 %) from
+
+* the last position (padding after the caption, which attends to the whole caption under the causal mask),
+* the mean over the second object's tokens (after the relation word),
+
+and the cosine similarity of whole flattened contexts of caption pairs with the same or the opposite meaning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from estable import load_pipeline
+from estable.training.shapes import RELATION_PHRASES, RELATIONS, ShapesWorld, caption_for
+
+PAIRS = [  # (caption a, caption b, do they mean the same?)
+    ("a red circle above a blue square", "a red circle below a blue square", False),
+    ("a red circle above a blue square", "a blue square above a red circle", False),
+    ("a red circle above a blue square", "a blue square below a red circle", True),
+    ("a red circle to the left of a blue square", "a red circle to the right of a blue square", False),
+    ("a red circle to the left of a blue square", "a blue square to the right of a red circle", True),
+]
+
+
+def captions(split: str, n: int, seed: int) -> list[tuple[str, str, str]]:
+    """(caption, relation as read in the caption, text after the relation phrase) of n pair scenes."""
+    world = ShapesWorld(split, seed, kind_weights={"pair": 1.0})
+    out = []
+    for i in range(n):
+        spec = world.scene(i).spec
+        text = caption_for(spec)
+        phrase = f" {RELATION_PHRASES[spec.relation]} "
+        out.append((text, spec.relation, text.split(phrase, 1)[1]))
+    return out
+
+
+@torch.no_grad()
+def features(pipe, rows: list[tuple[str, str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    tok, enc = pipe.model.tokenizer, pipe.model.text_encoder
+    ids = tok([r[0] for r in rows])
+    ctx = enc.encode(ids, clip_skip=pipe.model.config.clip_skip).float()  # (B, L, d)
+    last = ctx[:, -1]
+    second = []
+    for i, (_, _, tail) in enumerate(rows):  # tokens of the second object: the caption's last real tokens
+        end = int((ids[i] == tok.eos_token_id).nonzero()[0])  # the first eos ends the caption
+        second.append(ctx[i, end - len(tok.encode(tail)):end].mean(0))
+    return last, torch.stack(second)
+
+
+def probe(x_tr: torch.Tensor, y_tr: torch.Tensor, x_te: torch.Tensor, y_te: torch.Tensor) -> float:
+    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
+    x_tr, x_te = (x_tr - mu) / sd, (x_te - mu) / sd
+    w = torch.zeros(x_tr.shape[1], 4, requires_grad=True)
+    b = torch.zeros(4, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x_tr @ w + b, y_tr) + 1e-3 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(((x_te @ w + b).argmax(1) == y_te).float().mean())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    train, test = captions("train", 3000, 5), captions("heldout", 1000, 6)
+    y_tr = torch.tensor([RELATIONS.index(r[1]) for r in train])
+    y_te = torch.tensor([RELATIONS.index(r[1]) for r in test])
+    report = {}
+    for src in args.models:
+        pipe = load_pipeline(src, device="cpu", dtype="fp32")
+        (l_tr, s_tr), (l_te, s_te) = features(pipe, train), features(pipe, test)
+        tok, enc = pipe.model.tokenizer, pipe.model.text_encoder
+        sims = []
+        with torch.no_grad():
+            for a, b, same in PAIRS:
+                ca, cb = enc.encode(tok([a, b]), clip_skip=pipe.model.config.clip_skip).flatten(1)
+                sims.append({"a": a, "b": b, "same_meaning": same,
+                             "cosine": float(torch.nn.functional.cosine_similarity(ca, cb, dim=0))})
+        report[src] = {"probe_last_position": probe(l_tr, y_tr, l_te, y_te),
+                       "probe_second_object": probe(s_tr, y_tr, s_te, y_te), "cosines": sims}
+        r = report[src]
+        print(f"{src}: relation probe, last position {100 * r['probe_last_position']:.1f} %, second object "
+              f"{100 * r['probe_second_object']:.1f} % (chance 25 %)")
+        for s in sims:
+            print(f"  {s['cosine']:.3f}  {'same    ' if s['same_meaning'] else 'opposite'}  {s['a']!r} vs {s['b']!r}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
