@@ -65,6 +65,13 @@ def add_generate_commands(sub: argparse._SubParsersAction) -> None:
         "(A1111 'parameters' text and an Estable record), so `--from-png` makes it again.",
     )
     _common(p)
+    p.add_argument("--prompts", metavar="FILE",
+                   help="bulk mode: one request per line of FILE (.txt: a prompt per line; .jsonl: a JSON string or "
+                   "object of generation parameters per line), written to the folder --out as LINE-IMAGE.png "
+                   "(000012-000.png); images already there are skipped, so an interrupted run resumes. --batch is "
+                   "then the number of images denoised together (up to 256), the other flags are defaults for the "
+                   "lines, --seed S gives line n the seed S + (n-1)*1000. Under `torchrun --nproc_per_node K` the "
+                   "lines are shared out over K processes (one GPU each)")
     p.set_defaults(func=_cmd_generate, mode="txt2img")
 
     p = sub.add_parser(
@@ -193,6 +200,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .pipeline import load_pipeline, resolve_sampler, save_result
     from .provenance.infotext import read_png_metadata
 
+    if getattr(args, "prompts", None) is not None:
+        from .cli_bulk import cmd_bulk
+
+        return cmd_bulk(args)
     record = None
     if args.from_png is not None:
         _, record = read_png_metadata(args.from_png)
