@@ -24,7 +24,7 @@ from tiny_model import tiny_model_file
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 UNET = UNetConfig(block_channels=(32, 64), layers_per_block=1, attention_levels=(True, True), num_heads=2,
-                  context_dim=24, norm_groups=8, sample_size=8)
+                  context_dim=32, norm_groups=8, sample_size=8)  # context as wide as level 0: cross ≠ self
 VAE = VAEConfig(block_channels=(16, 32), layers_per_block=1, norm_groups=8, latent_channels=4, sample_size=16)
 
 
@@ -63,15 +63,17 @@ def test_fused_projections_equal_unfused_and_keep_the_state_dict():
     self_attn = Attention(32, heads=4, head_dim=8).eval()
     cross = Attention(32, heads=4, head_dim=8, context_dim=24).eval()
     vae_attn = SpatialSelfAttention(32, groups=8).eval()  # with biases
+    square = Attention(32, heads=4, head_dim=8, context_dim=32).eval()  # context as wide as x: still cross
     x, ctx, img = torch.randn(2, 10, 32), torch.randn(2, 7, 24), torch.randn(2, 32, 4, 4)
+    ctx32 = torch.randn(2, 7, 32)
     with torch.no_grad():
-        before = [self_attn(x), cross(x, ctx), vae_attn(img)]
+        before = [self_attn(x), cross(x, ctx), vae_attn(img), square(x, ctx32)]
         keys = [dict(m.state_dict()) for m in (self_attn, cross, vae_attn)]
-        for m in (self_attn, cross, vae_attn):
+        for m in (self_attn, cross, vae_attn, square):
             assert m.fuse_projections()
         assert self_attn.fused_weight.shape == (96, 32) and cross.fused_weight.shape == (64, 24)
-        assert vae_attn.fused_bias.shape == (96,)
-        after = [self_attn(x), cross(x, ctx), vae_attn(img)]
+        assert vae_attn.fused_bias.shape == (96,) and square.fused_weight.shape == (64, 32)
+        after = [self_attn(x), cross(x, ctx), vae_attn(img), square(x, ctx32)]
     for a, b in zip(after, before):
         assert rel(a, b) < 1e-6
     for m, sd in zip((self_attn, cross, vae_attn), keys):

@@ -61,6 +61,7 @@ class Attention(nn.Module):
         kv_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
         self.upcast = upcast
+        self.cross = context_dim is not None  # whether k and v project a context (not x itself)
         self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)
         self.to_k = nn.Linear(kv_dim, inner, bias=qkv_bias)
         self.to_v = nn.Linear(kv_dim, inner, bias=qkv_bias)
@@ -72,9 +73,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         w = self.fused_weight
-        if w is not None and self._plain_projections():
-            inner = self.to_q.out_features
-            if w.shape[0] == 3 * inner:  # self-attention: one (B, N, 3·inner) projection
+        if w is not None and self._plain_projections() and (self.cross or context is None):
+            if not self.cross:  # self-attention: one (B, N, 3·inner) projection
                 q, k, v = F.linear(x, w, self.fused_bias).chunk(3, dim=-1)
             else:  # cross-attention: q from x, one (B, T, 2·inner) projection of the context for k and v
                 q = self.to_q(x)
@@ -103,7 +103,7 @@ class Attention(nn.Module):
         has_bias = q.bias is not None
         if (k.bias is not None) != has_bias or (v.bias is not None) != has_bias:
             return False
-        parts = [q, k, v] if q.in_features == k.in_features else [k, v]
+        parts = [k, v] if self.cross else [q, k, v]
         with torch.no_grad():
             weight = torch.cat([m.weight for m in parts])  # (n·inner, in)
             bias = torch.cat([m.bias for m in parts]) if has_bias else None
