@@ -67,7 +67,7 @@ class SpeedOptions:
     def __post_init__(self) -> None:
         if self.sdpa is not None and self.sdpa not in _SDPA:
             raise EstableError(f"unknown SDPA backend {self.sdpa!r}; use one of {', '.join(_SDPA)} (or None)")
-        if self.mode not in ("default", "max-autotune-no-cudagraphs", "max-autotune"):
+        if self.mode not in ("default", "max-autotune-no-cudagraphs"):
             raise EstableError(f"compile mode {self.mode!r} is not supported here; use 'default' or "
                                "'max-autotune-no-cudagraphs' (Estable records CUDA graphs itself)")
 
