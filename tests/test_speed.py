@@ -6,6 +6,7 @@ tests are marked heavy."""
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,22 @@ def test_pipeline_speed_max_same_pixels_on_the_cpu(tmp_path, monkeypatch):
     for a, b in zip(eager.images, fast.images):
         assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 1
     assert Path(tmp_path / "cache").is_dir() and any((tmp_path / "cache").iterdir())  # Inductor wrote its cache
+
+
+def test_compile_cache_folder_choice(tmp_path, monkeypatch):
+    """$ESTABLE_COMPILE_CACHE unless the user set TORCHINDUCTOR_CACHE_DIR (torch writes its own default into that
+    variable once it has looked, which must not count as the user's choice); an explicit cache_dir wins."""
+    from estable.speed import compile_cache_dir
+
+    monkeypatch.setenv("ESTABLE_COMPILE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    load_model_file = tiny_model_file(tmp_path)
+    from estable import load_pipeline
+
+    load_pipeline(load_model_file, device="cpu", dtype="fp32")  # torch may now have written its default
+    assert compile_cache_dir(SpeedOptions()) == tmp_path / "cache" and (tmp_path / "cache").is_dir()
+    assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) == tmp_path / "cache"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert compile_cache_dir(SpeedOptions()) == tmp_path / "mine"
+    assert compile_cache_dir(SpeedOptions(cache_dir=str(tmp_path / "given"))) == tmp_path / "given"
+    assert compile_cache_dir(SpeedOptions(cache_dir="")) is None

@@ -161,8 +161,9 @@ def compile_cache_dir(options: SpeedOptions) -> Path | None:
     """Where Inductor's caches go (None: torch's own default), created; sets TORCHINDUCTOR_CACHE_DIR if unset."""
     if options.cache_dir == "":
         return None
-    if "TORCHINDUCTOR_CACHE_DIR" in os.environ and options.cache_dir is None:
-        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    user = _user_inductor_dir()
+    if user is not None and options.cache_dir is None:
+        return Path(user)
     root = Path(options.cache_dir or os.environ.get("ESTABLE_COMPILE_CACHE")
                 or Path.home() / ".cache" / "estable" / "compile").expanduser()
     try:
@@ -173,6 +174,21 @@ def compile_cache_dir(options: SpeedOptions) -> Path | None:
         return None
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root)
     return root
+
+
+def _user_inductor_dir() -> str | None:
+    """TORCHINDUCTOR_CACHE_DIR when a user set it (torch writes its own default there once it has looked)."""
+    value = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if value is None:
+        return None
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        if os.path.abspath(value) == os.path.abspath(default_cache_dir()):
+            return None
+    except ImportError:  # another torch layout: take the variable as the user's
+        pass
+    return value
 
 
 class _MegaCache:
