@@ -41,6 +41,7 @@ class Settings:
     builtin_size: int | None = None  # None: the built-in model's native size
     builtin_repeats: int = 3
     smoke: bool = False
+    speed_dynamic: bool | None = None  # SpeedOptions.dynamic of the fastest mode (--dynamic: True)
     unet_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -321,12 +322,13 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def write_report(res: dict[str, Any], out: Path, name: str) -> None:
+def write_report(res: dict[str, Any], out: Path, name: str, *, quiet: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
     res = {**res, "targets": targets(res)}
     (out / f"{name}.json").write_text(json.dumps(res, indent=1, default=str))
     (out / f"{name}.md").write_text(markdown(res))
-    log(f"wrote {out / name}.json and .md")
+    if not quiet:
+        log(f"wrote {out / name}.json and .md")
 
 
 def environment(s: Settings) -> dict[str, Any]:

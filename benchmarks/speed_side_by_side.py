@@ -3,15 +3,16 @@
     PYTHONPATH=src python benchmarks/speed_side_by_side.py --part inference --out DIR
     PYTHONPATH=src python benchmarks/speed_side_by_side.py --part all --out DIR          # everything (~25 min)
     PYTHONPATH=src python benchmarks/speed_side_by_side.py --report DIR1 DIR2 ... --out DIR  # merge parts
-    PYTHONPATH=src python benchmarks/speed_side_by_side.py --smoke --part all --out DIR  # CPU, tiny, < 1 min
+    PYTHONPATH=src python benchmarks/speed_side_by_side.py --smoke --part all --out DIR  # CPU, tiny, minutes
 
 Parts (each fits one 10-minute device call on an H200; times are estimates):
 
-* ``inference`` (~5 min): seconds per image of the whole pipeline (text encoding, 25 steps of DPM++ 2M Karras
+* ``inference`` (~6 min): seconds per image of the whole pipeline (text encoding, 25 steps of DPM++ 2M Karras
   at CFG 7.5, VAE decode, PIL) at 512² batch 1 and 4 and 256² batch 1 for diffusers eager (SDPA), Estable eager,
-  Estable with CUDA graphs (its default), Estable's fastest mode (``speed="max"``) and the fastest mode with cuDNN
-  attention first; fp16 relative error of one U-Net call against fp32 for each path; the built-in model's
-  images/s at batch 64 (eager, CUDA graphs, fastest) with the images' difference against eager.
+  Estable with CUDA graphs (its default) and Estable's fastest mode (``speed="max"``; with ``--variants`` also
+  with cuDNN attention first); fp16 relative error of one U-Net call against fp32 for each path.
+* ``builtin`` (~2 min): the built-in model's images/s at batch 64 (eager, CUDA graphs, fastest) with the images'
+  difference against eager, and ``estable generate --prompts`` throughput (PNGs written).
 * ``diffusers-compiled`` (~6 min): diffusers with torch.compile(mode="reduce-overhead", fullgraph=True) of the
   U-Net and of vae.decode, channels_last and fused QKV (as /work/shared/bench and the issue's table), its compile
   times and fp16 error.
@@ -24,8 +25,9 @@ Parts (each fits one 10-minute device call on an H200; times are estimates):
   channels_last.
 
 Every part needs diffusers and transformers (the oracle; carry the diffusers wheel to the GPU machine). Progress
-lines carry timestamps; each part writes ``DIR/part-NAME.json`` and ``.md`` as soon as it ends, and
-``DIR/speed.json``/``speed.md`` with everything this process measured.
+lines carry timestamps; each part writes ``DIR/part-NAME.json`` and ``.md``, rewritten after every row (a part cut
+off by a time limit still reports what it measured), and ``DIR/speed.json``/``speed.md`` with everything this
+process measured.
 """
 
 from __future__ import annotations
@@ -59,7 +61,15 @@ from speed_common import (  # noqa: E402
     write_report,
 )
 
-PARTS = ("inference", "diffusers-compiled", "coldstart", "training", "training-compiled")
+_SAVE: list = []  # the running part's "write what we have" function: a part cut off by a time limit still reports
+
+
+def save_partial() -> None:
+    if _SAVE:
+        _SAVE[-1]()
+
+
+PARTS = ("inference", "builtin", "diffusers-compiled", "coldstart", "training", "training-compiled")
 
 
 def free() -> None:
@@ -110,6 +120,7 @@ def table_rows(name: str, make_call, s: Settings, res: dict[str, Any], shapes=No
             continue
         rows[f"{side}x{b}"] = r
         log(f"{name}: {side}² batch {b}: {r['median_s'] / b:.4f} s/image (first call {r['first_s']:.1f} s)")
+        save_partial()
 
 
 def unet_inputs(s: Settings, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -173,9 +184,10 @@ def part_inference(folder: Path, s: Settings, res: dict[str, Any], variants: boo
     del est
     free()
 
-    fastest = [("Estable fastest", SpeedOptions(compile=not s.smoke))]
+    fastest = [("Estable fastest", SpeedOptions(compile=not s.smoke, dynamic=s.speed_dynamic))]
     if variants:
-        fastest.append(("Estable fastest, cuDNN attention", SpeedOptions(compile=not s.smoke, sdpa="cudnn")))
+        fastest.append(("Estable fastest, cuDNN attention", SpeedOptions(compile=not s.smoke, sdpa="cudnn",
+                                                                            dynamic=s.speed_dynamic)))
     for name, opts in fastest:
         t0 = time.perf_counter()
         fast = load_pipeline(folder, device=s.device, dtype=s.dtype, speed=opts)
@@ -186,7 +198,6 @@ def part_inference(folder: Path, s: Settings, res: dict[str, Any], variants: boo
         log(f"{name}: fp16 error {errs[name]:.3e} (diffusers eager {errs['diffusers eager']:.3e})")
         del fast
         free()
-    part_builtin(s, res)
 
 
 def part_builtin(s: Settings, res: dict[str, Any]) -> None:
@@ -205,7 +216,7 @@ def part_builtin(s: Settings, res: dict[str, Any]) -> None:
     out = res.setdefault("builtin", {})
     images: dict[str, list] = {}
     for name, kw in (("eager", dict(cuda_graphs=False)), ("CUDA graphs", {}),
-                     ("fastest", dict(speed=SpeedOptions(compile=not s.smoke)))):
+                     ("fastest", dict(speed=SpeedOptions(compile=not s.smoke, dynamic=s.speed_dynamic)))):
         try:
             pipe = load_pipeline("default", device=s.device, dtype=s.dtype, **kw)
         except EstableError as exc:
@@ -225,6 +236,7 @@ def part_builtin(s: Settings, res: dict[str, Any]) -> None:
             b = np.stack([np.asarray(i, dtype=np.int16) for i in images[name]])
             row["diff_vs_eager"] = [int(np.abs(a - b).max()), float(np.abs(a - b).mean())]
         out[name] = row
+        save_partial()
         log(f"built-in model, {name}: {row['img_per_s']:.1f} images/s (first call {r['first_s']:.1f} s) "
             f"{row.get('diff_vs_eager', '')}")
         del pipe
@@ -288,7 +300,8 @@ def child_coldstart(args: argparse.Namespace) -> None:
     s = smoke_settings() if args.smoke else full_settings(1)
     side = s.shapes[0][0]
     pipe = load_pipeline(args.folder, device=s.device, dtype=s.dtype,
-                         speed=SpeedOptions(compile=not s.smoke, cache_dir=args.cache_dir))
+                         speed=SpeedOptions(compile=not s.smoke, cache_dir=args.cache_dir,
+                                            dynamic=True if args.dynamic else None))
     marks["load_s"] = time.time() - args.t0
     estable_call(pipe, s, side, 1)()
     s.sync()
@@ -313,7 +326,8 @@ def part_coldstart(folder: Path, s: Settings, res: dict[str, Any], args: argpars
         for name in ("none (empty cache)", "warm (the cache the first process left)"):
             log(f"cold start, disk cache {name} ...")
             cmd = [sys.executable, __file__, "--child", "coldstart", "--folder", str(folder), "--cache-dir", cache,
-                   "--t0", repr(time.time())] + (["--smoke"] if s.smoke else [])
+                   "--t0", repr(time.time())] + (["--smoke"] if s.smoke else []) + \
+                (["--dynamic"] if args.dynamic else [])
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
@@ -323,6 +337,7 @@ def part_coldstart(folder: Path, s: Settings, res: dict[str, Any], args: argpars
                 continue
             out[name] = json.loads(line[-1][len("RESULT "):])
             log(f"cold start, cache {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in out[name].items()))
+            save_partial()
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -383,6 +398,8 @@ def _train_system(name: str, build, call, s: Settings, batches, *, ckpt: bool = 
         compile_blocks(model)
     elif compile_scope == "whole":
         model.compile()
+    elif compile_scope == "whole-reduce-overhead":
+        model.compile(mode="reduce-overhead")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=s.cuda)
     side = s.unet_kwargs["sample_size"]
     ctx_dim = s.unet_kwargs["cross_attention_dim"]
@@ -402,6 +419,7 @@ def _train_system(name: str, build, call, s: Settings, batches, *, ckpt: bool = 
                             "first_s": r["first_s"]}
             log(f"train {name}, batch {b}: {b / r['median_s']:.1f} img/s, {peak:.1f} GiB (first step "
                 f"{r['first_s']:.1f} s)")
+            save_partial()
         except torch.OutOfMemoryError:
             rows[str(b)] = {"error": "out of memory"}
             log(f"train {name}, batch {b}: out of memory")
@@ -479,9 +497,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="tiny networks on the CPU: checks the script, measures nothing")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per row after the warm-up (default 5)")
     ap.add_argument("--work", type=Path, help="where the random-weight model folder is made (default: a temp dir)")
-    ap.add_argument("--no-variants", action="store_true", help="skip the fastest mode with cuDNN attention first")
-    ap.add_argument("--train-compile", choices=("blocks", "whole"), default="blocks",
-                    help="training-compiled: compile each block (default) or the whole U-Net")
+    ap.add_argument("--variants", action="store_true",
+                    help="inference: also the fastest mode with cuDNN attention first (compiles again: +3-5 min)")
+    ap.add_argument("--train-compile", choices=("blocks", "whole", "whole-reduce-overhead"), default="blocks",
+                    help="training-compiled: compile each block (default), the whole U-Net, or the whole U-Net with "
+                    "torch's own CUDA graphs (mode reduce-overhead)")
+    ap.add_argument("--dynamic", action="store_true",
+                    help="fastest mode with SpeedOptions(dynamic=True): compile for any batch size at once (fewer "
+                    "recompiles for a new batch size; kernels with symbolic sizes)")
     ap.add_argument("--report", type=Path, nargs="+", metavar="DIR", help="merge the part-*.json found in these "
                     "folders into --out/speed.json and speed.md, and exit")
     ap.add_argument("--child", choices=("coldstart",), help=argparse.SUPPRESS)
@@ -502,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     s = smoke_settings() if args.smoke else full_settings(args.repeats)
+    s.speed_dynamic = True if args.dynamic else None
     if not s.cuda and not args.smoke and not torch.cuda.is_available():
         ap.error("no CUDA GPU here: run with --smoke for the CPU check")
     parts = list(PARTS) if "all" in (args.part or []) else (args.part or ["inference"])
@@ -512,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="estable-speed-") as tmp:
         work = args.work or Path(tmp)
         folder = None
-        if any(p in parts for p in ("inference", "diffusers-compiled", "coldstart")):
+        if any(p in parts for p in ("inference", "diffusers-compiled", "coldstart")):  # builtin needs no folder
             log("making the random-weight model folder ...")
             folder = make_folder(work, s)
             log(f"model folder ready: {folder}")
@@ -520,9 +544,12 @@ def main(argv: list[str] | None = None) -> int:
             res: dict[str, Any] = environment(s)
             log(f"--- part {part} ---")
             t0 = time.perf_counter()
+            _SAVE.append(lambda res=res, part=part: write_report(res, args.out, f"part-{part}", quiet=True))
             try:
                 if part == "inference":
-                    part_inference(folder, s, res, variants=not args.no_variants)
+                    part_inference(folder, s, res, variants=args.variants)
+                elif part == "builtin":
+                    part_builtin(s, res)
                 elif part == "diffusers-compiled":
                     part_diffusers_compiled(folder, s, res)
                 elif part == "coldstart":
