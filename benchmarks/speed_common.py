@@ -41,7 +41,7 @@ class Settings:
     builtin_size: int | None = None  # None: the built-in model's native size
     builtin_repeats: int = 3
     smoke: bool = False
-    speed_dynamic: bool | None = None  # SpeedOptions.dynamic of the fastest mode (--dynamic: True)
+    speed_dynamic: bool = False  # SpeedOptions.dynamic of the fastest mode (--dynamic: True)
     unet_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -301,7 +301,7 @@ def child_coldstart(args: argparse.Namespace) -> None:
     side = s.shapes[0][0]
     pipe = load_pipeline(args.folder, device=s.device, dtype=s.dtype,
                          speed=SpeedOptions(compile=not s.smoke, cache_dir=args.cache_dir,
-                                            dynamic=True if args.dynamic else None))
+                                            dynamic=bool(args.dynamic)))
     marks["load_s"] = time.time() - args.t0
     estable_call(pipe, s, side, 1)()
     s.sync()
@@ -525,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     s = smoke_settings() if args.smoke else full_settings(args.repeats)
-    s.speed_dynamic = True if args.dynamic else None
+    s.speed_dynamic = bool(args.dynamic)
     if not s.cuda and not args.smoke and not torch.cuda.is_available():
         ap.error("no CUDA GPU here: run with --smoke for the CPU check")
     parts = list(PARTS) if "all" in (args.part or []) else (args.part or ["inference"])

@@ -22,8 +22,8 @@ What it does to a :class:`~estable.pipeline.Pipeline` (each step can be turned o
 * **Attention kernel**: ``sdpa="cudnn"`` (or "flash", "efficient", "math") puts that SDPA backend first;
   None keeps torch's own choice.
 
-The cost is start-up time: the first image at a new size (batch shape) compiles the blocks; later calls at that
-size replay. Everything stays within rounding of the eager path (fp32 on the CPU: tests/test_speed.py).
+The cost is start-up time: the first image at a new size (batch shape) compiles the blocks, one static graph per
+block shape (``dynamic=True`` compiles size-generic graphs instead); later calls at that size replay. Everything stays within rounding of the eager path (fp32 on the CPU: tests/test_speed.py).
 """
 
 from __future__ import annotations
@@ -59,7 +59,11 @@ class SpeedOptions:
     regional: bool = True  # compile each repeated block; False: the whole U-Net as one graph
     compile_vae: bool = True  # the VAE decoder's blocks too
     mode: str = "default"  # torch.compile mode; "max-autotune-no-cudagraphs" tunes kernels (slow to compile)
-    dynamic: bool | None = None  # torch.compile's dynamic: None = static first, dynamic once a size changes
+    # torch.compile's dynamic. False (default): one static graph per block shape; a new batch or image size compiles
+    # again (then cached on disk). None ("automatic dynamic") is wrong for regional compilation: blocks of one class
+    # share one code object, so their different shapes would turn every size symbolic (slower kernels, and Inductor
+    # failures seen in training: "cannot determine truth value of Relational"). True: symbolic from the start.
+    dynamic: bool | None = False
     cuda_graphs: bool = True  # replay the (compiled) U-Net as CUDA graphs on a GPU
     sdpa: str | None = None  # None: torch's choice; "cudnn", "flash", "efficient" or "math" first
     cache_dir: str | None = None  # None: $ESTABLE_COMPILE_CACHE or ~/.cache/estable/compile; "": leave torch's
@@ -123,7 +127,7 @@ def block_types() -> tuple[type[nn.Module], ...]:
     return (ResnetBlock, SpatialTransformer, SpatialSelfAttention)
 
 
-def compile_blocks(model: nn.Module, *, mode: str = "default", dynamic: bool | None = None) -> int:
+def compile_blocks(model: nn.Module, *, mode: str = "default", dynamic: bool | None = False) -> int:
     """``torch.compile`` every repeated block of ``model`` in place (``nn.Module.compile``: the state dict keeps
     its keys, no ``_orig_mod.``); returns how many blocks."""
     _raise_recompile_limit()
