@@ -188,7 +188,10 @@ def markdown(res: dict[str, Any]) -> str:
                 f"{res.get('repeats')} after a warm-up; first call in brackets where it compiles or records.", "",
                 "| system | " + " | ".join(f"{side}², batch {b}" for side, b in shapes) + " |",
                 "|---|" + "---|" * len(shapes)]
-        for name, rows in inf.items():
+        order = ["diffusers eager", "diffusers compiled", "Estable eager", "Estable CUDA graphs", "Estable fastest"]
+        names = sorted(inf, key=lambda n: (order.index(n) if n in order else len(order), n))
+        for name in names:
+            rows = inf[name]
             cells = []
             for side, b in shapes:
                 r = rows.get(f"{side}x{b}")
