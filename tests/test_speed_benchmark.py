@@ -30,7 +30,8 @@ def test_side_by_side_smoke_writes_every_table(tmp_path):
     assert set(res["coldstart"]) == {"none (empty cache)", "warm (the cache the first process left)"}
     assert {"diffusers", "Estable", "Estable, channels_last"} <= set(res["training"])
     assert res["checkpointing"]["Estable"]["largest"] == 2
-    assert set(res["builtin"]) == {"eager", "CUDA graphs", "fastest", "bulk generate --prompts (CUDA graphs, PNGs written)"}
+    assert set(res["builtin"]) == {"eager", "CUDA graphs", "fastest",
+                                   "bulk generate --prompts (CUDA graphs, PNGs written)"}
     md = (tmp_path / "speed.md").read_text()
     assert "| Estable fastest |" in md and "Largest batch with gradient checkpointing" in md
     # a partial run's parts merge into the same tables

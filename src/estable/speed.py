@@ -23,7 +23,8 @@ What it does to a :class:`~estable.pipeline.Pipeline` (each step can be turned o
   None keeps torch's own choice.
 
 The cost is start-up time: the first image at a new size (batch shape) compiles the blocks, one static graph per
-block shape (``dynamic=True`` compiles size-generic graphs instead); later calls at that size replay. Everything stays within rounding of the eager path (fp32 on the CPU: tests/test_speed.py).
+block shape (``dynamic=True`` compiles size-generic graphs instead); later calls at that size replay. Everything
+stays within rounding of the eager path (fp32 on the CPU: tests/test_speed.py).
 """
 
 from __future__ import annotations
