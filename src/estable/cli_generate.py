@@ -63,6 +63,13 @@ def add_generate_commands(sub: argparse._SubParsersAction) -> None:
         "(A1111 'parameters' text and an Estable record), so `--from-png` makes it again.",
     )
     _common(p)
+    p.add_argument("--prompts", metavar="FILE",
+                   help="bulk mode: one request per line of FILE (.txt: a prompt per line; .jsonl: a JSON string or "
+                   "object of generation parameters per line), written to the folder --out as LINE-IMAGE.png "
+                   "(000012-000.png); images already there are skipped, so an interrupted run resumes. --batch is "
+                   "then the number of images denoised together (up to 256), the other flags are defaults for the "
+                   "lines, --seed S gives line n the seed S + (n-1)*1000. Under `torchrun --nproc_per_node K` the "
+                   "lines are shared out over K processes (one GPU each)")
     p.set_defaults(func=_cmd_generate, mode="txt2img")
 
     p = sub.add_parser(
@@ -135,6 +142,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="weights' precision (default auto: fp16 on cuda, fp32 on cpu)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on a GPU, run the U-Net eagerly instead of replaying CUDA graphs (debugging, profiling)")
+    p.add_argument("--compile", action="store_true",
+                   help="the fastest mode on a GPU: torch.compile of the U-Net's and VAE decoder's blocks, fused "
+                   "attention projections, channels_last, CUDA graphs. Costs compile time at the first image of "
+                   "each size (cached on disk in ~/.cache/estable/compile, $ESTABLE_COMPILE_CACHE, for the next "
+                   "run); pays for many images or a long-running process")
     p.add_argument("--allow-pickle", action="store_true", default=None,
                    help="allow .ckpt/.pt pickle checkpoints (tensors only are loaded; trust the source)")
     p.add_argument("--from-png", metavar="FILE",
@@ -195,6 +207,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .provenance.infotext import read_png_metadata
     from .provenance.reuse import check_same_model
 
+    if getattr(args, "prompts", None) is not None:
+        from .cli_bulk import cmd_bulk
+
+        return cmd_bulk(args)
     record = None
     if args.from_png is not None:
         _, record = read_png_metadata(args.from_png)
@@ -226,7 +242,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from_record = record is not None and args.model is None
     pipe = load_pipeline(_model_source(args, record), device=args.device or "auto", dtype=args.dtype or "auto",
-                         cuda_graphs=args.cuda_graphs, allow_pickle=bool(args.allow_pickle))
+                         cuda_graphs=args.cuda_graphs, allow_pickle=bool(args.allow_pickle),
+                         speed="max" if args.compile else None)
     if from_record:
         note = check_same_model(record, pipe.model_sha256,  # type: ignore[arg-type]
                                 allow_change=bool(getattr(args, "allow_model_change", False)))

@@ -71,6 +71,7 @@ from .params import GenerationParams
 from .prompts import apply_weights, build_chunks, match_chunk_counts
 from .provenance.infotext import format_infotext
 from .sampling.samplers import SamplerSpec, SigmaPlan, get_sampler, make_sigmas, vp_denoiser
+from .speed import SpeedOptions, accelerate, resolve_speed
 
 if TYPE_CHECKING:
     from .checkpoints.store import LoadedModel
@@ -139,13 +140,16 @@ def load_pipeline(
     dtype: str | torch.dtype = "auto",
     *,
     cuda_graphs: bool = True,
+    speed: str | SpeedOptions | None = None,
     **load_kwargs: Any,
 ) -> Pipeline:
     """Load a model (SD single file, diffusers folder or Estable file) and return a :class:`Pipeline`.
 
     ``device``: "auto" (CUDA when available, else CPU), "cpu", "cuda" or a torch.device. ``dtype``: "auto"
     (fp16 on CUDA, fp32 on CPU), "fp32", "fp16", "bf16" or a torch.dtype. ``cuda_graphs``: on a GPU, replay the
-    U-Net as CUDA graphs (:mod:`estable.nn.cuda_graph`). ``load_kwargs`` go to
+    U-Net as CUDA graphs (:mod:`estable.nn.cuda_graph`). ``speed``: "max" (or a :class:`estable.speed.SpeedOptions`)
+    for the fastest mode (compiled blocks, fused projections, channels_last; it compiles at the first image of
+    each size), None/"default" for plain eager networks. ``load_kwargs`` go to
     :func:`estable.checkpoints.load_model` (allow_pickle, ema, prediction_type, progress).
     """
     if str(source) == DEFAULT_MODEL:
@@ -155,7 +159,7 @@ def load_pipeline(
     dev = _resolve_device(device)
     dt = _resolve_dtype(dtype, dev)
     model = load_model(source, dtype=dt, device=dev, **load_kwargs)
-    return Pipeline(model, device=dev, dtype=dt, cuda_graphs=cuda_graphs)
+    return Pipeline(model, device=dev, dtype=dt, cuda_graphs=cuda_graphs, speed=speed)
 
 
 def default_model_path() -> Path:
@@ -246,7 +250,7 @@ class Pipeline:
     """A loaded model ready to generate. Not thread-safe: one request at a time per instance."""
 
     def __init__(self, model: LoadedModel, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, speed: str | SpeedOptions | None = None):
         self.model = model
         self.config = model.config
         self.device = torch.device(device)
@@ -259,6 +263,10 @@ class Pipeline:
         # self.unet other than in place (new modules, attributes) needs self.unet_forward.reset().
         self.unet_forward: Callable[..., torch.Tensor] = (
             GraphedForward(self.unet) if cuda_graphs and self.device.type == "cuda" else self.unet)
+        self.speed = resolve_speed(speed)  # the fastest mode (estable.speed), None when off
+        if self.speed is not None:
+            self.unet_forward = accelerate(self.unet, self.vae, self.device, dataclasses.replace(
+                self.speed, cuda_graphs=self.speed.cuda_graphs and cuda_graphs))
 
     # -- model facts ---------------------------------------------------------------------------------------
     @property

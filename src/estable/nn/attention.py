@@ -61,16 +61,72 @@ class Attention(nn.Module):
         kv_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
         self.upcast = upcast
+        self.cross = context_dim is not None  # whether k and v project a context (not x itself)
         self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)
         self.to_k = nn.Linear(kv_dim, inner, bias=qkv_bias)
         self.to_v = nn.Linear(kv_dim, inner, bias=qkv_bias)
         # A list so that the key is ``to_out.0.*``, as in the reference files (their index 1 is a Dropout).
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
+        # Fused projections (see fuse_projections): not part of the state dict.
+        self.register_buffer("fused_weight", None, persistent=False)
+        self.register_buffer("fused_bias", None, persistent=False)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.fused_weight
+        if w is not None and self._plain_projections() and (self.cross or context is None):
+            if not self.cross:  # self-attention: one (B, N, 3·inner) projection
+                q, k, v = F.linear(x, w, self.fused_bias).chunk(3, dim=-1)
+            else:  # cross-attention: q from x, one (B, T, 2·inner) projection of the context for k and v
+                q = self.to_q(x)
+                k, v = F.linear(x if context is None else context, w, self.fused_bias).chunk(2, dim=-1)
+            return self.to_out[0](multihead_attention(q, k, v, self.heads, upcast=self.upcast))
         kv = x if context is None else context
         out = multihead_attention(self.to_q(x), self.to_k(kv), self.to_v(kv), self.heads, upcast=self.upcast)
         return self.to_out[0](out)  # (B, N, query_dim)
+
+    def _plain_projections(self) -> bool:
+        # A wrapped projection (a LoRA adapter with its side path) must run as itself: no fused shortcut then.
+        return type(self.to_q) is nn.Linear and type(self.to_k) is nn.Linear and type(self.to_v) is nn.Linear
+
+    def fuse_projections(self) -> bool:
+        """Concatenate the projections into one matrix: [W_q; W_k; W_v] for self-attention (same input width),
+        [W_k; W_v] for cross-attention, so that one matrix product replaces two or three.
+
+        The same numbers, laid out in one tensor: the projections' parameters become row slices (views) of the
+        fused weight, so the state dict is unchanged and in-place changes to them (``load_state_dict``, merging a
+        LoRA) are seen by the fused path. Moving or casting the module afterwards (``.to()``, ``.half()``) copies
+        the slices apart: call :meth:`unfuse_projections` first and fuse again after. Returns whether it fused.
+        """
+        if self.fused_weight is not None or not self._plain_projections():
+            return False
+        q, k, v = self.to_q, self.to_k, self.to_v
+        has_bias = q.bias is not None
+        if (k.bias is not None) != has_bias or (v.bias is not None) != has_bias:
+            return False
+        parts = [k, v] if self.cross else [q, k, v]
+        with torch.no_grad():
+            weight = torch.cat([m.weight for m in parts])  # (n·inner, in)
+            bias = torch.cat([m.bias for m in parts]) if has_bias else None
+            start = 0
+            for m in parts:
+                rows = m.out_features
+                m.weight.data = weight[start:start + rows]
+                if bias is not None:
+                    m.bias.data = bias[start:start + rows]
+                start += rows
+        self.fused_weight, self.fused_bias = weight, bias
+        return True
+
+    def unfuse_projections(self) -> None:
+        """Give every projection its own storage again and drop the fused matrix."""
+        if self.fused_weight is None:
+            return
+        with torch.no_grad():
+            for m in (self.to_q, self.to_k, self.to_v):
+                m.weight.data = m.weight.data.clone()
+                if m.bias is not None:
+                    m.bias.data = m.bias.data.clone()
+        self.fused_weight = self.fused_bias = None
 
 
 class GEGLU(nn.Module):
@@ -170,8 +226,16 @@ class SpatialTransformer(nn.Module):
         if self.linear_projection:
             x = self.proj_out(x).reshape(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W)
         else:
-            x = self.proj_out(x.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous())  # (B, C, H, W)
+            # Back to the input's memory layout: NCHW, or channels-last (then no copy at all).
+            x = self.proj_out(x.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=_layout(residual)))
         return x + residual
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a channels-last 4-D tensor (that is not also plain contiguous), else contiguous_format."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class SpatialSelfAttention(Attention):

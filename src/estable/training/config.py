@@ -144,6 +144,7 @@ class OptimConfig(_Plain):
     schedule: str = "constant"  # constant | cosine (to min_lr_ratio·lr at max_steps)
     min_lr_ratio: float = 0.0
     max_grad_norm: float | None = 1.0  # None: no clipping (the norm is still logged)
+    fused: bool = True  # on CUDA, AdamW's fused kernel (one launch for all parameters); ignored on the CPU
 
     def __post_init__(self) -> None:
         _positive("optim.lr", self.lr)
@@ -219,6 +220,10 @@ class TrainConfig(_Plain):
     ema_warmup: bool = True  # decay_t = min(decay, (1 + t) / (10 + t)), as the LDM code's LitEma
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the trained network
+    # "whole": the network in one graph; "blocks": each repeated block (ResNet, transformer) on its own, which
+    # compiles several times faster (one graph per block shape) and works with gradient checkpointing.
+    compile_scope: str = "whole"
+    channels_last: bool = False  # convolution weights (and so activations) in NHWC layout
     log_every: int = 10
     val_every: int = 100  # 0: never
     sample_every: int = 500  # 0: never
@@ -242,6 +247,8 @@ class TrainConfig(_Plain):
         if self.strategy == "fsdp" and self.compile:
             raise ValueError("compile=true is not supported with strategy=fsdp yet; use compile=false or "
                              "strategy=ddp")
+        if self.compile_scope not in ("whole", "blocks"):
+            raise ValueError(f"compile_scope must be 'whole' or 'blocks', not {self.compile_scope!r}")
         _positive_int("batch_size", self.batch_size)
         _positive_int("grad_accum", self.grad_accum)
         _positive_int("max_steps", self.max_steps)

@@ -397,6 +397,8 @@ class Trainer:
             torch.manual_seed(_seeded(cfg.seed, _SEED_INIT))
             self.build()
         self.objective.to(self.device)
+        if cfg.channels_last:
+            self.network.to(memory_format=torch.channels_last)
         if cfg.gradient_checkpointing:
             if not hasattr(self.network, "gradient_checkpointing"):
                 raise EstableError(f"gradient_checkpointing is not available for the {self.kind} network")
@@ -477,7 +479,7 @@ class Trainer:
         for g in groups:
             g.setdefault("base_lr", o.lr)
         kwargs: dict[str, Any] = {"lr": o.lr, "betas": tuple(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and o.fused:
             try:
                 return torch.optim.AdamW(groups, fused=True, **kwargs)
             except (RuntimeError, TypeError):  # fused kernels unsupported for these params / this build
@@ -828,7 +830,12 @@ class UNetTrainer(Trainer):
         return groups
 
     def compile_network(self) -> None:
-        self.objective.unet = torch.compile(self.network)  # the original module stays self.network
+        if self.config.compile_scope == "blocks":
+            from estable.speed import compile_blocks
+
+            compile_blocks(self.network)  # in place: same module, same state-dict keys
+        else:
+            self.objective.unet = torch.compile(self.network)  # the original module stays self.network
 
     def fsdp_blocks(self) -> list[nn.Module]:
         """FSDP units: each down block, the mid block and each up block (the U-Net itself is the root unit and

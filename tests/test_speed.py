@@ -1,0 +1,181 @@
+"""The fastest mode (estable.speed): fused attention projections, channels_last and regionally compiled blocks
+compute what the eager networks compute (fp32, CPU), the state dict never changes, and weight changes made in
+place after fusing are seen. Compiling on the CPU (Inductor + a C compiler) takes a minute on a cold cache: those
+tests are marked heavy."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from estable.config import UNetConfig, VAEConfig
+from estable.errors import EstableError
+from estable.models.unet import UNet
+from estable.models.vae import AutoencoderKL
+from estable.nn.attention import Attention, SpatialSelfAttention
+from estable.nn.lora import inject_lora
+from estable.speed import SpeedOptions, compile_blocks, fuse_projections, resolve_speed, unfuse_projections
+from tiny_model import tiny_model_file
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+UNET = UNetConfig(block_channels=(32, 64), layers_per_block=1, attention_levels=(True, True), num_heads=2,
+                  context_dim=32, norm_groups=8, sample_size=8)  # context as wide as level 0: cross ≠ self
+VAE = VAEConfig(block_channels=(16, 32), layers_per_block=1, norm_groups=8, latent_channels=4, sample_size=16)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _inputs(batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, 8, 8, generator=g), torch.tensor([500.0] * batch),
+            torch.randn(batch, 7, UNET.context_dim, generator=g))
+
+
+def _unet(seed: int = 0) -> UNet:
+    torch.manual_seed(seed)
+    unet = UNet(UNET).eval()
+    with torch.no_grad():  # non-trivial norms and biases everywhere
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return unet
+
+
+def test_resolve_speed():
+    assert resolve_speed(None) is None and resolve_speed("default") is None
+    assert resolve_speed("max") == SpeedOptions()
+    opts = SpeedOptions(compile=False)
+    assert resolve_speed(opts) is opts
+    with pytest.raises(EstableError, match="unknown speed"):
+        resolve_speed("fast")
+    with pytest.raises(EstableError, match="SDPA backend"):
+        SpeedOptions(sdpa="triton")
+
+
+def test_fused_projections_equal_unfused_and_keep_the_state_dict():
+    torch.manual_seed(1)
+    self_attn = Attention(32, heads=4, head_dim=8).eval()
+    cross = Attention(32, heads=4, head_dim=8, context_dim=24).eval()
+    vae_attn = SpatialSelfAttention(32, groups=8).eval()  # with biases
+    square = Attention(32, heads=4, head_dim=8, context_dim=32).eval()  # context as wide as x: still cross
+    x, ctx, img = torch.randn(2, 10, 32), torch.randn(2, 7, 24), torch.randn(2, 32, 4, 4)
+    ctx32 = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        before = [self_attn(x), cross(x, ctx), vae_attn(img), square(x, ctx32)]
+        keys = [dict(m.state_dict()) for m in (self_attn, cross, vae_attn)]
+        for m in (self_attn, cross, vae_attn, square):
+            assert m.fuse_projections()
+        assert self_attn.fused_weight.shape == (96, 32) and cross.fused_weight.shape == (64, 24)
+        assert vae_attn.fused_bias.shape == (96,) and square.fused_weight.shape == (64, 32)
+        after = [self_attn(x), cross(x, ctx), vae_attn(img), square(x, ctx32)]
+    for a, b in zip(after, before):
+        assert rel(a, b) < 1e-6
+    for m, sd in zip((self_attn, cross, vae_attn), keys):
+        now = m.state_dict()
+        assert now.keys() == sd.keys()  # the fused matrix is not saved
+        assert all(torch.equal(now[k], v) for k, v in sd.items())
+    # The projections are views of the fused matrix: a weight changed in place is seen by the fused path.
+    with torch.no_grad():
+        cross.to_v.weight.mul_(-2.0)
+        plain = Attention(32, heads=4, head_dim=8, context_dim=24).eval()
+        plain.load_state_dict(cross.state_dict())
+        assert rel(cross(x, ctx), plain(x, ctx)) < 1e-6
+        assert rel(cross(x, ctx), before[1]) > 0.1  # the change matters
+        cross.unfuse_projections()
+        assert cross.fused_weight is None and rel(cross(x, ctx), plain(x, ctx)) < 1e-6
+        cross.to_k.weight.zero_()  # its own storage again: the old fused matrix is gone, not stale
+        assert rel(cross(x, ctx), plain(x, ctx)) > 1e-3
+
+
+def test_fused_unet_with_channels_last_equals_eager_and_lora_still_applies():
+    unet = _unet()
+    sample, t, ctx = _inputs()
+    with torch.no_grad():
+        expected = unet(sample, t, ctx)
+        assert fuse_projections(unet) == 2 * 7  # attn1 + attn2 of 7 transformers (2 down, 1 mid, 4 up)
+        unet.to(memory_format=torch.channels_last)
+        got = unet(sample.contiguous(memory_format=torch.channels_last), t, ctx)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert rel(got, expected) < 1e-5
+
+    # A LoRA injected after fusing: the wrapped projections run as themselves (side path included).
+    lora = copy.deepcopy(unet)
+    unfuse_projections(lora)
+    inject_lora(lora, rank=2, alpha=2.0)
+    inject_lora(unet, rank=2, alpha=2.0)
+    unet.load_state_dict(lora.state_dict())
+    with torch.no_grad():
+        for m in (unet, lora):
+            for name, p in m.named_parameters():
+                if "lora_up" in name:
+                    p.copy_(0.3 * torch.ones_like(p))
+        a, b = unet(sample, t, ctx), lora(sample, t, ctx)
+    assert rel(a, b) < 1e-5 and rel(a, expected) > 1e-3
+
+
+def test_compile_blocks_marks_every_repeated_block():
+    unet, vae = _unet(), AutoencoderKL(VAE)
+    n = compile_blocks(unet)
+    # 2 down resnets + 2 mid + 4 up (2 levels × 2), transformers at both levels: 2 down + 1 mid + 4 up
+    assert n == 8 + 7
+    assert compile_blocks(vae.decoder) == 1 + 2 + 2 * 2  # mid attention, 2 mid resnets, 2 levels × 2 resnets
+    assert all(m._compiled_call_impl is not None for m in unet.down_blocks[0].resnets)
+    assert unet.conv_in._compiled_call_impl is None  # the glue between blocks stays eager
+    assert all("_orig_mod" not in k for k in unet.state_dict())
+
+
+@pytest.mark.heavy
+def test_compiled_blocks_equal_eager(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    unet = _unet(3)
+    ref = copy.deepcopy(unet)
+    sample, t, ctx = _inputs(2, 5)
+    compile_blocks(unet)
+    fuse_projections(unet)
+    with torch.no_grad():
+        got, expected = unet(sample, t, ctx), ref(sample, t, ctx)
+        assert rel(got, expected) < 1e-5
+        sample4, t4, ctx4 = _inputs(4, 6)  # a new batch size recompiles and still agrees
+        assert rel(unet(sample4, t4, ctx4), ref(sample4, t4, ctx4)) < 1e-5
+
+
+@pytest.mark.heavy
+def test_pipeline_speed_max_same_pixels_on_the_cpu(tmp_path, monkeypatch):
+    from estable import GenerationParams, load_pipeline
+
+    monkeypatch.setenv("ESTABLE_COMPILE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    model = tiny_model_file(tmp_path)
+    params = GenerationParams(prompt="a red circle", steps=3, seed=7, width=32, height=32, batch_size=2)
+    eager = load_pipeline(model, device="cpu", dtype="fp32").txt2img(params)
+    fast_pipe = load_pipeline(model, device="cpu", dtype="fp32", speed="max")
+    fast = fast_pipe.txt2img(params)
+    for a, b in zip(eager.images, fast.images):
+        assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 1
+    assert Path(tmp_path / "cache").is_dir() and any((tmp_path / "cache").iterdir())  # Inductor wrote its cache
+
+
+def test_compile_cache_folder_choice(tmp_path, monkeypatch):
+    """$ESTABLE_COMPILE_CACHE unless the user set TORCHINDUCTOR_CACHE_DIR (torch writes its own default into that
+    variable once it has looked, which must not count as the user's choice); an explicit cache_dir wins."""
+    from estable.speed import compile_cache_dir
+
+    monkeypatch.setenv("ESTABLE_COMPILE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    load_model_file = tiny_model_file(tmp_path)
+    from estable import load_pipeline
+
+    load_pipeline(load_model_file, device="cpu", dtype="fp32")  # torch may now have written its default
+    assert compile_cache_dir(SpeedOptions()) == tmp_path / "cache" and (tmp_path / "cache").is_dir()
+    assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) == tmp_path / "cache"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert compile_cache_dir(SpeedOptions()) == tmp_path / "mine"
+    assert compile_cache_dir(SpeedOptions(cache_dir=str(tmp_path / "given"))) == tmp_path / "given"
+    assert compile_cache_dir(SpeedOptions(cache_dir="")) is None

@@ -1,0 +1,51 @@
+"""Training-speed options of the trainers: channels_last, fused AdamW switch, compile of the whole network or of
+its blocks. Each must train the same numbers as the plain eager run (losses of the first steps, CPU, fp32)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from estable.errors import EstableError
+from estable.training.config import load_config
+from estable.training.trainer import UNetTrainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+QUIET = ["log_every=1", "val_every=0", "sample_every=0", "save_every=0", "tensorboard=false", "max_steps=3",
+         "device=cpu", "batch_size=2", "optim.warmup_steps=0", "optim.lr=1e-3"]
+
+
+def _losses(tmp_path, name: str, *over: str) -> list[float]:
+    cfg = load_config("unet", "tiny-unet", [*QUIET, *over])
+    trainer = UNetTrainer(cfg, tmp_path / name, progress=False)
+    trainer.train()
+    return [json.loads(line)["loss"] for line in (tmp_path / name / "log.jsonl").read_text().splitlines()
+            if json.loads(line).get("type") == "train"]
+
+
+def test_options_validate():
+    with pytest.raises(EstableError, match="compile_scope"):
+        load_config("unet", "tiny-unet", ["compile_scope=region"])
+    cfg = load_config("unet", "tiny-unet", ["channels_last=true", "optim.fused=false", "compile_scope=blocks"])
+    assert cfg.channels_last and not cfg.optim.fused and cfg.compile_scope == "blocks"
+
+
+def test_channels_last_trains_the_same_numbers(tmp_path):
+    eager = _losses(tmp_path, "eager")
+    cl = _losses(tmp_path, "cl", "channels_last=true")
+    assert len(eager) == 3 and len(set(eager)) == 3  # three distinct steps were logged
+    assert max(abs(a - b) for a, b in zip(eager, cl)) < 1e-5 * max(map(abs, eager))
+    t = UNetTrainer(load_config("unet", "tiny-unet", [*QUIET, "channels_last=true"]), tmp_path / "x", progress=False)
+    assert t.network.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("scope", ["whole", "blocks"])
+def test_compiled_step_gives_the_eager_losses(tmp_path, monkeypatch, scope):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    eager = _losses(tmp_path, "eager")
+    compiled = _losses(tmp_path, "compiled", "compile=true", f"compile_scope={scope}")
+    assert max(abs(a - b) for a, b in zip(eager, compiled)) < 1e-4 * max(map(abs, eager))
