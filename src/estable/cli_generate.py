@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -136,6 +137,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="on a GPU, run the U-Net eagerly instead of replaying CUDA graphs (debugging, profiling)")
     p.add_argument("--allow-pickle", action="store_true", default=None,
                    help="allow .ckpt/.pt pickle checkpoints (tensors only are loaded; trust the source)")
+    p.add_argument("--lora", metavar="FILE[:WEIGHT]", action="append",
+                   help="apply a LoRA .safetensors (kohya/A1111, diffusers/PEFT or Estable naming) with a multiplier "
+                   "(default 1); repeat for several")
+    p.add_argument("--lora-dir", metavar="DIR",
+                   help="folder (searched recursively) where the A1111 prompt tag <lora:NAME:WEIGHT> finds "
+                   "NAME.safetensors (tags in the negative prompt are not applied, as in A1111)")
     p.add_argument("--from-png", metavar="FILE",
                    help="take every parameter (and the model path) from a PNG's Estable record; flags given "
                    "explicitly override it")
@@ -215,9 +222,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                                f"{image.width}x{image.height}; they must have the same size")  # type: ignore[union-attr]
     out = Path(args.out or DEFAULT_OUT)
     _check_out(out)
+    loras, lora_dir = _loras(args, record, params)
 
     pipe = load_pipeline(_model_source(args, record), device=args.device or "auto", dtype=args.dtype or "auto",
                          cuda_graphs=args.cuda_graphs, allow_pickle=bool(args.allow_pickle))
+    pipe.loras, pipe.lora_dir = loras, lora_dir
     if args.cfg is None and record is None and pipe.config.default_cfg is not None:
         params = dataclasses.replace(params, cfg_scale=float(pipe.config.default_cfg))
     with _progress() as callback:
@@ -232,6 +241,32 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for path in save_result(result, out):
         print(path)
     return 0
+
+
+def _loras(args: argparse.Namespace, record: dict[str, Any] | None, params: GenerationParams) -> tuple[list, Any]:
+    """The --lora files and the --lora-dir (from the PNG's record when --from-png and the flags are left out),
+    checked before the model is loaded."""
+    from .extra_networks import LoRASpec, negative_prompt_tags, parse_lora_arg, resolve_prompt_loras
+
+    recorded = (record or {}).get("loras") or []
+    if args.lora is not None:
+        loras = [parse_lora_arg(a) for a in args.lora]
+    else:
+        loras = []
+        for r in recorded:
+            if r.get("source") == "flag":
+                if not Path(r["path"]).is_file():
+                    raise EstableError(f"the PNG was made with the LoRA {r['path']}, which is not there; pass --lora")
+                loras.append(LoRASpec(path=Path(r["path"]), te=float(r["te"]), unet=float(r["unet"])))
+    lora_dir = args.lora_dir
+    tagged = [Path(r["path"]).parent for r in recorded if r.get("source") == "prompt"]
+    if lora_dir is None and tagged:
+        lora_dir = os.path.commonpath([str(p) for p in tagged])
+    resolve_prompt_loras(params.prompt, lora_dir)  # every tag names a file: fail before loading the model
+    if negative_prompt_tags(params.negative_prompt):
+        print("estable: warning: <lora:…> tags in the negative prompt are not applied (as in A1111); they are "
+              "encoded as text", file=sys.stderr)
+    return loras, lora_dir
 
 
 class _progress:

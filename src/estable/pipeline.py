@@ -60,6 +60,7 @@ from PIL import Image
 
 from . import __version__
 from .errors import EstableError
+from .extra_networks import LoRASpec, LoRAStack, lora_hashes_text, resolve_prompt_loras
 from .images import mask_to_tensor, to_pil, to_tensor
 from .nn.cuda_graph import GraphedForward
 from .params import GenerationParams
@@ -270,6 +271,11 @@ class Pipeline:
         # self.unet other than in place (new modules, attributes) needs self.unet_forward.reset().
         self.unet_forward: Callable[..., torch.Tensor] = (
             GraphedForward(self.unet) if cuda_graphs and self.device.type == "cuda" else self.unet)
+        # LoRAs (estable.extra_networks): ``loras`` apply to every request; ``<lora:NAME:W>`` tags in a prompt are
+        # looked up in ``lora_dir``. Both are merged into the weights for a run and taken out when they change.
+        self.loras: list[LoRASpec] = []
+        self.lora_dir: Path | None = None
+        self.lora_stack = LoRAStack(self.unet, self.text_encoder)
 
     # -- model facts ---------------------------------------------------------------------------------------
     @property
@@ -313,6 +319,13 @@ class Pipeline:
         return sha[:10] if sha else None
 
     # -- prompts -------------------------------------------------------------------------------------------
+    def prepare_networks(self, prompt: str) -> str:
+        """Merge ``self.loras`` and the prompt's ``<lora:…>`` LoRAs into the model; return the text to encode."""
+        text, tagged = resolve_prompt_loras(prompt, self.lora_dir)
+        if self.lora_stack.activate([*self.loras, *tagged]) and isinstance(self.unet_forward, GraphedForward):
+            self.unet_forward.reset()
+        return text
+
     def encode_prompts(
         self, prompt: str, negative_prompt: str, *, clip_skip: int, weighting: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,6 +367,7 @@ class Pipeline:
             raise EstableError(f"batch must be positive, got {batch}")
         params = dataclasses.replace(params, prompt=prompts[0] if prompts else "", batch_size=1, batch_count=1)
         params, spec, plan, width, height, clip_skip = self._setup("txt2img", params, None)
+        self.prepare_networks("")  # self.loras only
         contexts = [self.encode_prompts(p, params.negative_prompt, clip_skip=clip_skip, weighting=params.weighting)
                     for p in prompts]
         images: list[Image.Image] = []
@@ -416,6 +430,7 @@ class Pipeline:
             "Denoising strength": _num(params.strength) if mode != "txt2img" else None,
             "Clip skip": clip_skip if clip_skip != 1 else None,
             "Eta": _num(params.eta) if spec.name == "ddim" and params.eta else None,
+            "Lora hashes": lora_hashes_text(self.lora_stack.active),
             "Version": f"estable {__version__}",
         }
         return format_infotext(params.prompt, params.negative_prompt, fields)
@@ -444,6 +459,7 @@ class Pipeline:
                 "prediction_type": self.config.schedule.prediction_type,
             },
             "run": run,
+            "loras": [s.to_record() for s in self.lora_stack.active],
         }
 
     # -- the loop ------------------------------------------------------------------------------------------
@@ -500,8 +516,8 @@ class Pipeline:
                 )
             plan = _slice_plan(plan, t_start)
 
-        cond, uncond = self.encode_prompts(params.prompt, params.negative_prompt, clip_skip=clip_skip,
-                                           weighting=params.weighting)
+        cond, uncond = self.encode_prompts(self.prepare_networks(params.prompt), params.negative_prompt,
+                                           clip_skip=clip_skip, weighting=params.weighting)
         pixels = masks = None
         if image is not None:
             pixels = to_tensor(_fit(image.convert("RGB"), width, height))  # (1, 3, H, W) in [-1, 1]
