@@ -112,9 +112,8 @@ def test_addnet_hash_and_infotext_value(tmp_path):
 # ------------------------------------------------------------------------------------------ tiny SD pipeline
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("lora_sd")
+def make_tiny_sd(root: Path) -> Path:
+    """A tiny random SD 1.x-shaped pipeline (Euler scheduler) saved by diffusers into ``root/sd``."""
     tok = _clip_tokenizer(root / "vocab")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -135,6 +134,11 @@ def folder(tmp_path_factory) -> Path:
                                       safety_checker=None, feature_extractor=None,
                                       requires_safety_checker=False).save_pretrained(root / "sd")
     return root / "sd"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return make_tiny_sd(tmp_path_factory.mktemp("lora_sd"))
 
 
 @pytest.fixture(scope="module")

@@ -143,6 +143,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-dir", metavar="DIR",
                    help="folder (searched recursively) where the A1111 prompt tag <lora:NAME:WEIGHT> finds "
                    "NAME.safetensors (tags in the negative prompt are not applied, as in A1111)")
+    p.add_argument("--embeddings-dir", metavar="DIR",
+                   help="folder of textual-inversion embeddings (A1111 .pt/.safetensors, diffusers learned_embeds.*), "
+                   "used by writing a file's name in the prompt or negative prompt (.pt needs --allow-pickle)")
     p.add_argument("--from-png", metavar="FILE",
                    help="take every parameter (and the model path) from a PNG's Estable record; flags given "
                    "explicitly override it")
@@ -223,10 +226,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     out = Path(args.out or DEFAULT_OUT)
     _check_out(out)
     loras, lora_dir = _loras(args, record, params)
+    embeddings = _embeddings(args, record)
 
     pipe = load_pipeline(_model_source(args, record), device=args.device or "auto", dtype=args.dtype or "auto",
                          cuda_graphs=args.cuda_graphs, allow_pickle=bool(args.allow_pickle))
-    pipe.loras, pipe.lora_dir = loras, lora_dir
+    pipe.loras, pipe.lora_dir, pipe.embeddings = loras, lora_dir, embeddings
     if args.cfg is None and record is None and pipe.config.default_cfg is not None:
         params = dataclasses.replace(params, cfg_scale=float(pipe.config.default_cfg))
     with _progress() as callback:
@@ -267,6 +271,17 @@ def _loras(args: argparse.Namespace, record: dict[str, Any] | None, params: Gene
         print("estable: warning: <lora:…> tags in the negative prompt are not applied (as in A1111); they are "
               "encoded as text", file=sys.stderr)
     return loras, lora_dir
+
+
+def _embeddings(args: argparse.Namespace, record: dict[str, Any] | None) -> Any:
+    """The textual-inversion library of --embeddings-dir (from the PNG's record when --from-png and it is left out)."""
+    from .embeddings import EmbeddingLibrary
+
+    folder = args.embeddings_dir
+    recorded = [Path(e["path"]).parent for e in (record or {}).get("embeddings") or [] if e.get("path")]
+    if folder is None and recorded:
+        folder = os.path.commonpath([str(p) for p in recorded])
+    return None if folder is None else EmbeddingLibrary(folder, allow_pickle=bool(args.allow_pickle))
 
 
 class _progress:

@@ -47,6 +47,7 @@ Where Estable departs from diffusers on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -59,6 +60,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import __version__
+from .embeddings import Embedding, EmbeddingLibrary, ti_hashes_text
 from .errors import EstableError
 from .extra_networks import LoRASpec, LoRAStack, lora_hashes_text, resolve_prompt_loras
 from .images import mask_to_tensor, to_pil, to_tensor
@@ -276,6 +278,10 @@ class Pipeline:
         self.loras: list[LoRASpec] = []
         self.lora_dir: Path | None = None
         self.lora_stack = LoRAStack(self.unet, self.text_encoder)
+        # Textual-inversion embeddings called by name in prompts (estable.embeddings), and those the last
+        # encode_prompts used.
+        self.embeddings: EmbeddingLibrary | None = None
+        self.used_embeddings: list[Embedding] = []
 
     # -- model facts ---------------------------------------------------------------------------------------
     @property
@@ -336,14 +342,19 @@ class Pipeline:
         comma = tok.encode(",")
         kw: dict[str, Any] = {"bos": bos, "eos": eos, "pad": pad, "weighting": weighting,
                               "comma_id": comma[0] if len(comma) == 1 else None, "max_chunk": tok.max_length - 2}
-        pos = build_chunks(prompt, tok.encode, **kw)
-        neg = build_chunks(negative_prompt, tok.encode, **kw)
+        session = None if self.embeddings is None else \
+            self.embeddings.session(tok.encode, self.config.text.vocab_size, self.config.text.width)
+        encode = tok.encode if session is None else session.encode
+        pos = build_chunks(prompt, encode, **kw)
+        neg = build_chunks(negative_prompt, encode, **kw)
+        self.used_embeddings = [] if session is None else session.used
         (pos_ids, pos_w), (neg_ids, neg_w) = match_chunk_counts(pos, neg, bos=bos, eos=eos, pad=pad)
         layers = self.config.text.layers
         if not 1 <= clip_skip <= layers:
             raise EstableError(f"clip skip {clip_skip} is out of range: this text encoder has {layers} layers")
         out = []
-        with torch.inference_mode():
+        with torch.inference_mode(), \
+                (contextlib.nullcontext() if session is None else session.installed(self.text_encoder)):
             for ids, w in ((pos_ids, pos_w), (neg_ids, neg_w)):
                 ctx = self.text_encoder.encode(ids.to(self.device), clip_skip)  # (N, L, D)
                 out.append(apply_weights(ctx, w).to(self.dtype))  # (1, N·L, D)
@@ -431,6 +442,7 @@ class Pipeline:
             "Clip skip": clip_skip if clip_skip != 1 else None,
             "Eta": _num(params.eta) if spec.name == "ddim" and params.eta else None,
             "Lora hashes": lora_hashes_text(self.lora_stack.active),
+            "TI hashes": ti_hashes_text(self.used_embeddings),
             "Version": f"estable {__version__}",
         }
         return format_infotext(params.prompt, params.negative_prompt, fields)
@@ -460,6 +472,8 @@ class Pipeline:
             },
             "run": run,
             "loras": [s.to_record() for s in self.lora_stack.active],
+            "embeddings": [{"name": e.name, "path": str(e.path) if e.path else None, "hash": e.short_hash}
+                           for e in self.used_embeddings],
         }
 
     # -- the loop ------------------------------------------------------------------------------------------
