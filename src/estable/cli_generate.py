@@ -137,6 +137,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="on a GPU, run the U-Net eagerly instead of replaying CUDA graphs (debugging, profiling)")
     p.add_argument("--allow-pickle", action="store_true", default=None,
                    help="allow .ckpt/.pt pickle checkpoints (tensors only are loaded; trust the source)")
+    p.add_argument("--vae", metavar="FILE",
+                   help="use a separate VAE file (A1111's fine-tuned VAEs: LDM or diffusers naming; a diffusers vae/ "
+                   "folder) instead of the model's own")
     p.add_argument("--lora", metavar="FILE[:WEIGHT]", action="append",
                    help="apply a LoRA .safetensors (kohya/A1111, diffusers/PEFT or Estable naming) with a multiplier "
                    "(default 1); repeat for several")
@@ -227,10 +230,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     _check_out(out)
     loras, lora_dir = _loras(args, record, params)
     embeddings = _embeddings(args, record)
+    vae = args.vae if args.vae is not None else ((record or {}).get("vae") or {}).get("path")
+    if vae is not None and not Path(vae).exists():
+        raise EstableError(f"the VAE {vae} is not there" + ("" if args.vae else " (recorded in the PNG); pass --vae"))
 
     pipe = load_pipeline(_model_source(args, record), device=args.device or "auto", dtype=args.dtype or "auto",
                          cuda_graphs=args.cuda_graphs, allow_pickle=bool(args.allow_pickle))
     pipe.loras, pipe.lora_dir, pipe.embeddings = loras, lora_dir, embeddings
+    if vae is not None:
+        pipe.swap_vae(vae, allow_pickle=bool(args.allow_pickle))
     if args.cfg is None and record is None and pipe.config.default_cfg is not None:
         params = dataclasses.replace(params, cfg_scale=float(pipe.config.default_cfg))
     with _progress() as callback:

@@ -282,6 +282,7 @@ class Pipeline:
         # encode_prompts used.
         self.embeddings: EmbeddingLibrary | None = None
         self.used_embeddings: list[Embedding] = []
+        self.vae_info: dict[str, Any] | None = None  # set by swap_vae: name, path, sha256, hash
 
     # -- model facts ---------------------------------------------------------------------------------------
     @property
@@ -323,6 +324,14 @@ class Pipeline:
         """A1111's "Model hash": the first 10 hex digits of :attr:`model_sha256`."""
         sha = self.model_sha256
         return sha[:10] if sha else None
+
+    def swap_vae(self, path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
+        """Load a separate VAE file (LDM or diffusers naming; estable.checkpoints.vae_file) into this pipeline's
+        autoencoder in place; a VAE that does not fit is a CheckpointError and leaves the autoencoder as it was."""
+        from .checkpoints.vae_file import load_vae_into
+
+        self.vae_info = load_vae_into(self.vae, path, allow_pickle=allow_pickle)
+        return self.vae_info
 
     # -- prompts -------------------------------------------------------------------------------------------
     def prepare_networks(self, prompt: str) -> str:
@@ -438,6 +447,8 @@ class Pipeline:
             "Size": f"{width}x{height}",
             "Model hash": self.model_hash,
             "Model": self.model_name,
+            "VAE hash": self.vae_info["hash"] if self.vae_info else None,
+            "VAE": self.vae_info["name"] if self.vae_info else None,
             "Denoising strength": _num(params.strength) if mode != "txt2img" else None,
             "Clip skip": clip_skip if clip_skip != 1 else None,
             "Eta": _num(params.eta) if spec.name == "ddim" and params.eta else None,
@@ -472,6 +483,7 @@ class Pipeline:
             },
             "run": run,
             "loras": [s.to_record() for s in self.lora_stack.active],
+            "vae": self.vae_info,
             "embeddings": [{"name": e.name, "path": str(e.path) if e.path else None, "hash": e.short_hash}
                            for e in self.used_embeddings],
         }
