@@ -934,7 +934,7 @@ class VAETrainer(Trainer):
 
 
 TRAINERS: dict[str, type[Trainer]] = {"unet": UNetTrainer, "vae": VAETrainer}
-TRAINER_KINDS = ("unet", "vae", "clip", "lora")
+TRAINER_KINDS = ("unet", "vae", "clip", "lora", "ti")
 
 
 def trainer_class(kind: str) -> type[Trainer]:
@@ -948,6 +948,10 @@ def trainer_class(kind: str) -> type[Trainer]:
         from estable.training.lora_trainer import LoRATrainer
 
         return LoRATrainer
+    if kind == "ti":
+        from estable.training.ti_trainer import TITrainer
+
+        return TITrainer
     if kind not in TRAINERS:
         raise EstableError(f"unknown trainer {kind!r}; choose one of {', '.join(TRAINER_KINDS)}")
     return TRAINERS[kind]
