@@ -289,3 +289,29 @@ def _open(path: Path):
     from PIL import Image
 
     return Image.open(path)
+
+
+def test_diffusers_saved_peft_file_equals_the_kohya_file(folder, ours, lora_files, tmp_path):
+    """The kohya LoRA loaded by diffusers and saved again with its save_lora_weights (PEFT naming, α in the
+    lora_adapter_metadata): Estable reads both files as the same LoRA, pixel for pixel."""
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
+                                                             requires_safety_checker=False)
+    kohya = lora_files["ink"]
+    pipe.load_lora_weights(str(kohya.parent), weight_name=kohya.name, adapter_name="ink")
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=get_peft_model_state_dict(pipe.unet, adapter_name="ink"),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder, adapter_name="ink"),
+        unet_lora_adapter_metadata=pipe.unet.peft_config["ink"].to_dict(),
+        text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config["ink"].to_dict(), safe_serialization=True)
+    peft_file = tmp_path / "pytorch_lora_weights.safetensors"
+    images = []
+    for path in (kohya, peft_file):
+        ours.loras = [LoRASpec(path, te=0.8, unet=0.8)]
+        try:
+            images.append(_pixels(ours.txt2img(_params(steps=3))))
+        finally:
+            ours.loras = []
+    assert np.abs(images[0] - images[1]).max() <= 1
+    assert np.abs(images[0] - _pixels(ours.txt2img(_params(steps=3)))).max() > 20

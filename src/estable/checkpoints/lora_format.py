@@ -330,6 +330,8 @@ def _resolve(
         lookup = _kohya_lookup(component, model)
     else:
         lookup = {p: p for p in _layer_paths(model)}
+        if component == "text_encoder":  # transformers 5 names CLIPTextModel's modules without "text_model."
+            lookup.update({p.removeprefix("text_model."): p for p in list(lookup) if p.startswith("text_model.")})
     unknown = sorted(n for n in weights if n not in lookup)
     if unknown:
         what = "U-Net" if component == "unet" else "text encoder"

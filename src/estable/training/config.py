@@ -550,6 +550,7 @@ class TITrainConfig(TrainConfig):
     num_vectors: int = 1
     init_word: str = "green"
     colour: tuple[int, int, int] = (0, 160, 160)
+    cache_latents: bool = True  # shapes data: encode the data.shapes_length images once, in memory
     min_snr_gamma: float | None = None
     offset_noise: float = 0.0
     clip_skip: int | None = None
@@ -628,7 +629,7 @@ PRESETS: dict[str, TrainConfig] = {
     ),
     # A new word for an unseen colour (teal) on the built-in model, CPU-sized.
     "tiny-ti": TITrainConfig(
-        data=DataConfig(size=256, val_size=4, shapes_length=10_000),
+        data=DataConfig(size=256, val_size=4, shapes_length=256),
         batch_size=4, max_steps=200, optim=OptimConfig(lr=5e-3, warmup_steps=10, weight_decay=0.0),
         log_every=10, val_every=50, sample_every=0, save_every=100,
     ),

@@ -15,7 +15,8 @@ What the generic Trainer sees as "the network" is :class:`TIEmbedding` (just v),
 ``--embeddings-dir``, A1111 and diffusers) is rewritten at every checkpoint.
 
 Data: with ``data.source="shapes"`` the run renders a colour the shapes world does not have (``colour``) on single
-objects and counts of every shape, captioned with ``token`` in place of a colour name.
+objects and counts of every shape, captioned with ``token`` in place of a colour name; with ``cache_latents`` the
+``data.shapes_length`` images are encoded by the VAE once, in memory, before training.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from estable.errors import EstableError
 from estable.training.config import TITrainConfig, TrainConfig
 from estable.training.data import to_tensor
 from estable.training.objectives import UNetObjective, empty_prompt_ids
-from estable.training.trainer import UNetTrainer, build_datasets
+from estable.training.trainer import CachedLatents, UNetTrainer, build_datasets
 
 __all__ = ["NewColourShapes", "TIEmbedding", "TIObjective", "TITrainer", "TokenizerWithEmbedding"]
 
@@ -195,8 +196,23 @@ class TITrainer(UNetTrainer):
             self.train_data = NewColourShapes(cfg.token, cfg.colour, d.size, d.shapes_length, d.shapes_seed)
             val = NewColourShapes(cfg.token, cfg.colour, d.size, max(1, d.val_size), d.shapes_seed + 1_000_003)
             self.val_items = [val[i] for i in range(d.val_size)]
+            if cfg.cache_latents:
+                self.train_data = self._cached(self.train_data)
         else:
             self.train_data, self.val_items = build_datasets(cfg, self.dist.rank, self.dist.world_size)
+
+    @torch.no_grad()
+    def _cached(self, data: NewColourShapes) -> CachedLatents:
+        """The VAE posteriors (mean, std) of every image, computed once: the frozen VAE then costs nothing per step."""
+        vae = self.vae.to(self.device)
+        means, stds, captions = [], [], []
+        for lo in range(0, len(data), 16):
+            items = [data[i] for i in range(lo, min(lo + 16, len(data)))]
+            post = vae.encode(torch.stack([it["pixel_values"] for it in items]).to(self.device))
+            means.append(post.mean.float().cpu())
+            stds.append(post.std.float().cpu())
+            captions += [it["text"] for it in items]
+        return CachedLatents(torch.cat(means), torch.cat(stds), captions)
 
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": [self.network.vectors]}]
