@@ -69,6 +69,7 @@ def main() -> None:
         n = len(SHAPES) * args.seeds
         results[label] = {"images": n, "no_object": missing, "mean_rgb_distance": float(np.mean(dists)),
                           "target_nearest_fraction": hits / n}
+        print(label, results[label], f"{time.time() - t0:.0f} s", flush=True)
     pipe.embeddings = None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
