@@ -5,7 +5,6 @@ PY := $(VENV)/bin/python
 # CI and development machines take the CPU build of torch that lies on their disk; the package itself
 # only asks for torch>=2.4.
 TORCH_PIN ?= torch==2.13.0
-CLIP_VOCAB := .cache/clip/bpe_simple_vocab_16e6.txt.gz
 
 .PHONY: install dev demo test lint clean browser
 
@@ -23,16 +22,9 @@ $(VENV)/.dev: $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps "torch-fidelity==0.4.0"
 	touch $@
 
-# The real CLIP BPE vocabulary, used by the tokenizer parity tests. It ships inside open-clip-torch's
-# wheel; we take the file out of the wheel without installing the package.
-$(CLIP_VOCAB):
-	mkdir -p .cache/clip
-	$(PY) -m pip download -q --no-deps open-clip-torch==3.3.0 -d .cache/clip
-	$(PY) -c "import zipfile,glob; z=zipfile.ZipFile(glob.glob('.cache/clip/open_clip_torch-*.whl')[0]); open('$(CLIP_VOCAB)','wb').write(z.read('open_clip/bpe_simple_vocab_16e6.txt.gz'))"
-
 install: $(VENV)/.installed
 
-dev: $(VENV)/.dev $(CLIP_VOCAB)
+dev: $(VENV)/.dev
 
 # The built-in model on a prompt, offline: writes outputs/demo.png and prints its path.
 DEMO_PROMPT ?= a red circle above a blue square
@@ -54,7 +46,7 @@ browser:
 
 test: dev browser
 	$(VENV)/bin/ruff check src tests
-	ESTABLE_CLIP_VOCAB=$(CLIP_VOCAB) $(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -18,10 +18,13 @@ REPO = Path(__file__).resolve().parents[1]
 N_MERGES = 48_894
 
 
+PACKAGED_VOCAB = REPO / "src" / "estable" / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+
+
 def clip_vocab_gz() -> Path | None:
-    """$ESTABLE_CLIP_VOCAB (relative to the repository if not absolute) or the Makefile's .cache copy."""
+    """$ESTABLE_CLIP_VOCAB (relative to the repository if not absolute), else the copy the package ships."""
     env = os.environ.get("ESTABLE_CLIP_VOCAB")
-    p = Path(env) if env else REPO / ".cache" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
+    p = Path(env) if env else PACKAGED_VOCAB
     p = p if p.is_absolute() else REPO / p
     return p if p.is_file() else None
 
@@ -29,7 +32,7 @@ def clip_vocab_gz() -> Path | None:
 def require_clip_vocab() -> Path:
     p = clip_vocab_gz()
     if p is None:
-        pytest.skip("CLIP vocabulary not found: run `make dev` (fetches it) or set ESTABLE_CLIP_VOCAB")
+        pytest.skip("CLIP vocabulary not found: src/estable/assets/ lacks it and ESTABLE_CLIP_VOCAB is not set")
     return p
 
 

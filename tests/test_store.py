@@ -38,7 +38,7 @@ def make_diffusers_folder(root: Path, family: str) -> Path:
     """A tiny random SD 1.x- or SD 2.x-shaped pipeline, saved by diffusers itself."""
     vocab = clip_vocab_gz()
     if vocab is None:
-        pytest.skip("CLIP vocabulary not found: set ESTABLE_CLIP_VOCAB or run `make dev`")
+        pytest.skip("CLIP vocabulary not found: set ESTABLE_CLIP_VOCAB")
     src = root / "vocab"
     if not (src / "vocab.json").is_file():
         write_clip_vocab(src, vocab)
@@ -473,6 +473,7 @@ def test_ldm_loads_without_vocabulary(folders, tmp_path, monkeypatch):
     path = save_model(load_model(folders["sd1"]), tmp_path / "m.safetensors", to="ldm")
     monkeypatch.setenv("ESTABLE_CLIP_VOCAB", str(tmp_path / "no-vocab.txt.gz"))
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr("estable.tokenizer.PACKAGED_CLIP_VOCAB", tmp_path / "stripped" / "vocab.txt.gz")
     model = load_model(path)
     assert model.tokenizer is None
     with pytest.raises(EstableError, match="bpe_simple_vocab_16e6.txt.gz not found"):

@@ -4,7 +4,10 @@ vocabulary, plus loading, saving, errors and speed."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import os
+import subprocess
 import sys
 import time
 import unicodedata
@@ -251,6 +254,7 @@ def test_speed_thousand_prompts():
 def _no_vocab_anywhere(monkeypatch, tmp_path):
     monkeypatch.setenv("ESTABLE_CLIP_VOCAB", str(tmp_path / "missing.txt.gz"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr("estable.tokenizer.PACKAGED_CLIP_VOCAB", tmp_path / "stripped" / "bpe_simple_vocab_16e6.txt.gz")
     monkeypatch.setattr(sys, "path", [p for p in sys.path if not (Path(p) / "open_clip").is_dir()])
 
 
@@ -285,9 +289,55 @@ def test_find_clip_vocab_search_order(monkeypatch, tmp_path):
     cache.mkdir(parents=True)
     (cache / "bpe_simple_vocab_16e6.txt.gz").write_bytes(real.read_bytes())
     assert find_clip_vocab() == cache / "bpe_simple_vocab_16e6.txt.gz"
-    # 3. the environment variable wins over both
+    # 3. the copy shipped in estable/assets/ wins over both
+    shipped = tmp_path / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+    shipped.parent.mkdir()
+    shipped.write_bytes(real.read_bytes())
+    monkeypatch.setattr("estable.tokenizer.PACKAGED_CLIP_VOCAB", shipped)
+    assert find_clip_vocab() == shipped
+    # 4. the environment variable wins over everything
     monkeypatch.setenv("ESTABLE_CLIP_VOCAB", str(real))
     assert find_clip_vocab() == real
+
+
+def test_vocabulary_ships_in_the_package():
+    """The packaged file is CLIP's (49,408 entries, the ids transformers' CLIPTokenizer gives), with its licence."""
+    from estable.tokenizer import PACKAGED_CLIP_VOCAB
+
+    assert PACKAGED_CLIP_VOCAB.is_file()
+    assert hashlib.sha256(PACKAGED_CLIP_VOCAB.read_bytes()).hexdigest() == (
+        "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a")
+    licence = (PACKAGED_CLIP_VOCAB.parent / "CLIP_VOCAB_LICENSE.txt").read_text()
+    assert "MIT License" in licence and "Copyright (c) 2021 OpenAI" in licence
+    tok = CLIPTokenizer.from_bpe_file(PACKAGED_CLIP_VOCAB)
+    assert tok.vocab_size == 49408
+    # pyproject's package-data must carry it into wheels
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert '"**/*.gz"' in pyproject and '"**/*.txt"' in pyproject
+
+
+def test_fresh_install_finds_the_packaged_vocabulary(tmp_path):
+    """A new user's machine: no $ESTABLE_CLIP_VOCAB, an empty HOME, no open_clip. A fresh interpreter finds the
+    vocabulary inside the package and tokenizes as transformers' CLIPTokenizer does."""
+    folder = write_clip_vocab(tmp_path / "ref", require_clip_vocab())
+    ref = HFTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    prompt = "a photo of an astronaut riding a horse on mars"
+    env = {k: v for k, v in os.environ.items() if k != "ESTABLE_CLIP_VOCAB"}
+    env.update(HOME=str(tmp_path / "home"), PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    code = (
+        "import importlib.util, json, sys\n"
+        "assert importlib.util.find_spec('open_clip') is None\n"
+        "from estable.tokenizer import CLIPTokenizer, find_clip_vocab\n"
+        "p = find_clip_vocab()\n"
+        f"print(json.dumps([str(p), CLIPTokenizer.from_bpe_file(p)({prompt!r})[0].tolist()]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    path, ids = json.loads(out.stdout)
+    assert Path(path) == Path(__file__).resolve().parents[1] / "src" / "estable" / "assets" / (
+        "bpe_simple_vocab_16e6.txt.gz")
+    assert ids == ref(prompt, padding="max_length", max_length=77)["input_ids"]
 
 
 def test_plain_text_vocabulary_file(tmp_path, ours_sd1):

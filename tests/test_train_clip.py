@@ -7,12 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from clip_oracle import require_clip_vocab
 from estable.cli_train import add_train_commands
 from estable.errors import CheckpointError, EstableError
 from estable.models.clip import DEFAULT_MAX_LOGIT_SCALE
@@ -81,11 +81,7 @@ def test_caption_sample_from_a_folder_excludes_validation(tmp_path):
 
 
 def test_real_clip_vocabulary(tmp_path, monkeypatch):
-    vocab = REPO / ".cache" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
-    if not vocab.is_file() and not os.environ.get("ESTABLE_CLIP_VOCAB"):
-        pytest.skip("CLIP vocabulary not found: run `make dev` or set ESTABLE_CLIP_VOCAB")
-    if vocab.is_file():
-        monkeypatch.setenv("ESTABLE_CLIP_VOCAB", str(vocab))
+    monkeypatch.setenv("ESTABLE_CLIP_VOCAB", str(require_clip_vocab()))
     tr = CLIPTrainer(load_config("clip", "tiny-clip", [*QUIET, "tokenizer=clip", "max_steps=1"]), tmp_path / "r",
                      progress=False)
     assert tr.pair_config.text.vocab_size == 49408 and tr.pair_config.text.eos_token_id == 49407

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 from .errors import EstableError
@@ -149,6 +151,18 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "run); pays for many images or a long-running process")
     p.add_argument("--allow-pickle", action="store_true", default=None,
                    help="allow .ckpt/.pt pickle checkpoints (tensors only are loaded; trust the source)")
+    p.add_argument("--vae", metavar="FILE",
+                   help="use a separate VAE file (A1111's fine-tuned VAEs: LDM or diffusers naming; a diffusers vae/ "
+                   "folder) instead of the model's own")
+    p.add_argument("--lora", metavar="FILE[:WEIGHT]", action="append",
+                   help="apply a LoRA .safetensors (kohya/A1111, diffusers/PEFT or Estable naming) with a multiplier "
+                   "(default 1); repeat for several")
+    p.add_argument("--lora-dir", metavar="DIR",
+                   help="folder (searched recursively) where the A1111 prompt tag <lora:NAME:WEIGHT> finds "
+                   "NAME.safetensors (tags in the negative prompt are not applied, as in A1111)")
+    p.add_argument("--embeddings-dir", metavar="DIR",
+                   help="folder of textual-inversion embeddings (A1111 .pt/.safetensors, diffusers learned_embeds.*), "
+                   "used by writing a file's name in the prompt or negative prompt (.pt needs --allow-pickle)")
     p.add_argument("--from-png", metavar="FILE",
                    help="take every parameter (and the model path) from a PNG's Estable record; flags given "
                    "explicitly override it")
@@ -236,6 +250,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     plan = OutputPlan(args.out or DEFAULT_OUT, params.batch_size * params.batch_count,
                       overwrite=bool(getattr(args, "overwrite", False)),
                       inputs=[getattr(args, "image", None), getattr(args, "mask", None), args.from_png])
+    loras, lora_dir = _loras(args, record, params)
+    embeddings = _embeddings(args, record)
+    vae = args.vae if args.vae is not None else ((record or {}).get("vae") or {}).get("path")
+    if vae is not None and not Path(vae).exists():
+        raise EstableError(f"the VAE {vae} is not there" + ("" if args.vae else " (recorded in the PNG); pass --vae"))
     from .cli_control import control_specs, control_units
 
     specs = control_specs(args, record)  # checked before the model loads; --from-png: the record's units
@@ -244,6 +263,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     pipe = load_pipeline(_model_source(args, record), device=args.device or "auto", dtype=args.dtype or "auto",
                          cuda_graphs=args.cuda_graphs, allow_pickle=bool(args.allow_pickle),
                          speed="max" if args.compile else None)
+    pipe.loras, pipe.lora_dir, pipe.embeddings = loras, lora_dir, embeddings
+    if vae is not None:
+        pipe.swap_vae(vae, allow_pickle=bool(args.allow_pickle))
     if from_record:
         note = check_same_model(record, pipe.model_sha256,  # type: ignore[arg-type]
                                 allow_change=bool(getattr(args, "allow_model_change", False)))
@@ -282,6 +304,43 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise
     warn(result.warnings)
     return 0
+
+
+def _loras(args: argparse.Namespace, record: dict[str, Any] | None, params: GenerationParams) -> tuple[list, Any]:
+    """The --lora files and the --lora-dir (from the PNG's record when --from-png and the flags are left out),
+    checked before the model is loaded."""
+    from .extra_networks import LoRASpec, negative_prompt_tags, parse_lora_arg, resolve_prompt_loras
+
+    recorded = (record or {}).get("loras") or []
+    if args.lora is not None:
+        loras = [parse_lora_arg(a) for a in args.lora]
+    else:
+        loras = []
+        for r in recorded:
+            if r.get("source") == "flag":
+                if not Path(r["path"]).is_file():
+                    raise EstableError(f"the PNG was made with the LoRA {r['path']}, which is not there; pass --lora")
+                loras.append(LoRASpec(path=Path(r["path"]), te=float(r["te"]), unet=float(r["unet"])))
+    lora_dir = args.lora_dir
+    tagged = [Path(r["path"]).parent for r in recorded if r.get("source") == "prompt"]
+    if lora_dir is None and tagged:
+        lora_dir = os.path.commonpath([str(p) for p in tagged])
+    resolve_prompt_loras(params.prompt, lora_dir)  # every tag names a file: fail before loading the model
+    if negative_prompt_tags(params.negative_prompt):
+        print("estable: warning: <lora:…> tags in the negative prompt are not applied (as in A1111); they are "
+              "encoded as text", file=sys.stderr)
+    return loras, lora_dir
+
+
+def _embeddings(args: argparse.Namespace, record: dict[str, Any] | None) -> Any:
+    """The textual-inversion library of --embeddings-dir (from the PNG's record when --from-png and it is left out)."""
+    from .embeddings import EmbeddingLibrary
+
+    folder = args.embeddings_dir
+    recorded = [Path(e["path"]).parent for e in (record or {}).get("embeddings") or [] if e.get("path")]
+    if folder is None and recorded:
+        folder = os.path.commonpath([str(p) for p in recorded])
+    return None if folder is None else EmbeddingLibrary(folder, allow_pickle=bool(args.allow_pickle))
 
 
 class _progress:

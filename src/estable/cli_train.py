@@ -6,6 +6,7 @@
     estable train lora --config tiny-lora base=model.safetensors lora.rank=8   (→ RUN/lora.safetensors)
     estable train controlnet --config tiny-controlnet base=model.safetensors control=canny
                                                                        (→ RUN/controlnet.safetensors)
+    estable train ti --config tiny-ti token=teal colour=[0,160,160]            (→ RUN/teal.safetensors)
     estable train unet --run-dir runs/try --resume max_steps=400       (config.json of the run is the base)
     torchrun --nproc_per_node 4 -m estable.cli train unet --config my.json --run-dir runs/big
 
@@ -22,13 +23,15 @@ from pathlib import Path
 
 from .errors import EstableError
 
-KINDS = ("unet", "vae", "clip", "lora", "controlnet")
+KINDS = ("unet", "vae", "clip", "lora", "controlnet", "ti")
 _HELP = {"unet": "train the latent-diffusion U-Net (frozen VAE and text encoder)",
          "vae": "train the KL autoencoder (L1 + KL + SSIM, optional PatchGAN)",
          "clip": "train a contrastive text-image pair; exports its text tower as a text encoder for the U-Net",
          "lora": "train LoRA adapters on a frozen base model (any checkpoint); writes a kohya-named lora.safetensors",
          "controlnet": "train a ControlNet (edges, scribbles, lines or segmentation → image) on a frozen base model; "
-                       "writes controlnet.safetensors"}
+                       "writes controlnet.safetensors",
+         "ti": "textual inversion: learn a new word's input vectors on a frozen model (shapes world: an unseen "
+               "colour); writes RUN/<token>.safetensors for --embeddings-dir"}
 _EXPORTS = {"clip": ("clip.safetensors", "text_encoder.safetensors", "tokenizer"), "lora": ("lora.safetensors",),
             "controlnet": ("controlnet.safetensors",)}
 
@@ -108,6 +111,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"done: step {trainer.step}{loss}; checkpoints in {trainer.run.checkpoints_dir}")
         for name in _EXPORTS.get(kind, ()):
             print(f"wrote {trainer.run.root / name}")
+        if kind == "ti":
+            print(f"wrote {trainer.embedding_path}")  # type: ignore[attr-defined]
     return 0
 
 

@@ -51,6 +51,7 @@ Where Estable departs from diffusers on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -63,7 +64,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import __version__
+from .embeddings import Embedding, EmbeddingLibrary, ti_hashes_text
 from .errors import EstableError
+from .extra_networks import LoRASpec, LoRAStack, lora_hashes_text, resolve_prompt_loras
 from .images import as_mask, as_rgb, check_mask_has_area, mask_to_tensor, resize_note, to_pil, to_tensor
 from .nn.cuda_graph import GraphedForward
 from .outputs import OutputPlan, next_index  # noqa: F401  (next_index: re-exported)
@@ -267,6 +270,16 @@ class Pipeline:
         if self.speed is not None:
             self.unet_forward = accelerate(self.unet, self.vae, self.device, dataclasses.replace(
                 self.speed, cuda_graphs=self.speed.cuda_graphs and cuda_graphs))
+        # LoRAs (estable.extra_networks): ``loras`` apply to every request; ``<lora:NAME:W>`` tags in a prompt are
+        # looked up in ``lora_dir``. Both are merged into the weights for a run and taken out when they change.
+        self.loras: list[LoRASpec] = []
+        self.lora_dir: Path | None = None
+        self.lora_stack = LoRAStack(self.unet, self.text_encoder)
+        # Textual-inversion embeddings called by name in prompts (estable.embeddings), and those the last
+        # encode_prompts used.
+        self.embeddings: EmbeddingLibrary | None = None
+        self.used_embeddings: list[Embedding] = []
+        self.vae_info: dict[str, Any] | None = None  # set by swap_vae: name, path, sha256, hash
 
     # -- model facts ---------------------------------------------------------------------------------------
     @property
@@ -316,7 +329,22 @@ class Pipeline:
             return params
         return dataclasses.replace(params, cfg_scale=float(self.config.default_cfg))
 
+    def swap_vae(self, path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
+        """Load a separate VAE file (LDM or diffusers naming; estable.checkpoints.vae_file) into this pipeline's
+        autoencoder in place; a VAE that does not fit is a CheckpointError and leaves the autoencoder as it was."""
+        from .checkpoints.vae_file import load_vae_into
+
+        self.vae_info = load_vae_into(self.vae, path, allow_pickle=allow_pickle)
+        return self.vae_info
+
     # -- prompts -------------------------------------------------------------------------------------------
+    def prepare_networks(self, prompt: str) -> str:
+        """Merge ``self.loras`` and the prompt's ``<lora:…>`` LoRAs into the model; return the text to encode."""
+        text, tagged = resolve_prompt_loras(prompt, self.lora_dir)
+        if self.lora_stack.activate([*self.loras, *tagged]) and isinstance(self.unet_forward, GraphedForward):
+            self.unet_forward.reset()
+        return text
+
     def encode_prompts(
         self, prompt: str, negative_prompt: str, *, clip_skip: int, weighting: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,14 +355,19 @@ class Pipeline:
         comma = tok.encode(",")
         kw: dict[str, Any] = {"bos": bos, "eos": eos, "pad": pad, "weighting": weighting,
                               "comma_id": comma[0] if len(comma) == 1 else None, "max_chunk": tok.max_length - 2}
-        pos = build_chunks(prompt, tok.encode, **kw)
-        neg = build_chunks(negative_prompt, tok.encode, **kw)
+        session = None if self.embeddings is None else \
+            self.embeddings.session(tok.encode, self.config.text.vocab_size, self.config.text.width)
+        encode = tok.encode if session is None else session.encode
+        pos = build_chunks(prompt, encode, **kw)
+        neg = build_chunks(negative_prompt, encode, **kw)
+        self.used_embeddings = [] if session is None else session.used
         (pos_ids, pos_w), (neg_ids, neg_w) = match_chunk_counts(pos, neg, bos=bos, eos=eos, pad=pad)
         layers = self.config.text.layers
         if not 1 <= clip_skip <= layers:
             raise EstableError(f"clip skip {clip_skip} is out of range: this text encoder has {layers} layers")
         out = []
-        with torch.inference_mode():
+        with torch.inference_mode(), \
+                (contextlib.nullcontext() if session is None else session.installed(self.text_encoder)):
             for ids, w in ((pos_ids, pos_w), (neg_ids, neg_w)):
                 ctx = self.text_encoder.encode(ids.to(self.device), clip_skip)  # (N, L, D)
                 out.append(apply_weights(ctx, w).to(self.dtype))  # (1, N·L, D)
@@ -362,6 +395,7 @@ class Pipeline:
             raise EstableError(f"batch must be positive, got {batch}")
         params = dataclasses.replace(params, prompt=prompts[0] if prompts else "", batch_size=1, batch_count=1)
         params, spec, plan, width, height, clip_skip = self._setup("txt2img", params, None)
+        self.prepare_networks("")  # self.loras only
         contexts = [self.encode_prompts(p, params.negative_prompt, clip_skip=clip_skip, weighting=params.weighting)
                     for p in prompts]
         images: list[Image.Image] = []
@@ -423,9 +457,13 @@ class Pipeline:
             "Size": f"{width}x{height}",
             "Model hash": self.model_hash,
             "Model": self.model_name,
+            "VAE hash": self.vae_info["hash"] if self.vae_info else None,
+            "VAE": self.vae_info["name"] if self.vae_info else None,
             "Denoising strength": _num(params.strength) if mode != "txt2img" else None,
             "Clip skip": clip_skip if clip_skip != 1 else None,
             "Eta": _num(params.eta) if spec.name == "ddim" and params.eta else None,
+            "Lora hashes": lora_hashes_text(self.lora_stack.active),
+            "TI hashes": ti_hashes_text(self.used_embeddings),
             "Version": f"estable {__version__}",
         }
         return format_infotext(params.prompt, params.negative_prompt, fields)
@@ -454,6 +492,10 @@ class Pipeline:
                 "prediction_type": self.config.schedule.prediction_type,
             },
             "run": run,
+            "loras": [s.to_record() for s in self.lora_stack.active],
+            "vae": self.vae_info,
+            "embeddings": [{"name": e.name, "path": str(e.path) if e.path else None, "hash": e.short_hash}
+                           for e in self.used_embeddings],
         }
 
     # -- the loop ------------------------------------------------------------------------------------------
@@ -517,8 +559,8 @@ class Pipeline:
                 )
             plan = _slice_plan(plan, t_start)
 
-        cond, uncond = self.encode_prompts(params.prompt, params.negative_prompt, clip_skip=clip_skip,
-                                           weighting=params.weighting)
+        cond, uncond = self.encode_prompts(self.prepare_networks(params.prompt), params.negative_prompt,
+                                           clip_skip=clip_skip, weighting=params.weighting)
         pixels = masks = None
         notes: list[str] = []
         if image is not None:

@@ -61,8 +61,11 @@ EOS_TOKEN = "<|endoftext|>"
 CLIP_VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 CLIP_NUM_MERGES = 48894  # 49408 entries = 256 bytes + 256 bytes</w> + 48894 merges + 2 special tokens
 WORD_SUFFIX = "</w>"
+#: CLIP's vocabulary as shipped inside the package (the same file open_clip and OpenAI's CLIP distribute).
+PACKAGED_CLIP_VOCAB = Path(__file__).resolve().parent / "assets" / CLIP_VOCAB_FILENAME
 
 VOCAB_HINT = (
+    "reinstall estable (its package ships the file in estable/assets/), or "
     "pip download --no-deps open-clip-torch==3.3.0 and take open_clip/bpe_simple_vocab_16e6.txt.gz out of the "
     "wheel, or point ESTABLE_CLIP_VOCAB at it, or use a diffusers folder's tokenizer/ (vocab.json + merges.txt)"
 )
@@ -197,8 +200,10 @@ def clip_encoder(merges: Sequence[tuple[str, str]]) -> dict[str, int]:
 def find_clip_vocab() -> Path:
     """Locate CLIP's ``bpe_simple_vocab_16e6.txt.gz``.
 
-    Looks, in order, at ``$ESTABLE_CLIP_VOCAB``, ``~/.cache/estable/``, and the data folder of an installed
-    ``open_clip`` package (found by its import spec; the package is not imported).
+    Looks, in order, at ``$ESTABLE_CLIP_VOCAB`` (an override), the copy shipped inside this package
+    (``estable/assets/``, MIT-licensed, see ``CLIP_VOCAB_LICENSE.txt`` beside it), ``~/.cache/estable/``, and the
+    data folder of an installed ``open_clip`` package (found by its import spec; the package is not imported).
+    The last two matter only for an install whose packaged copy was stripped out.
     """
     tried: list[str] = []
     env = os.environ.get("ESTABLE_CLIP_VOCAB")
@@ -207,6 +212,11 @@ def find_clip_vocab() -> Path:
         if p.is_file():
             return p
         tried.append(f"$ESTABLE_CLIP_VOCAB={env} (no such file)")
+    # Read the module attribute at call time, so that a test (or a packager) can point it elsewhere.
+    packaged = Path(PACKAGED_CLIP_VOCAB)
+    if packaged.is_file():
+        return packaged
+    tried.append(str(packaged))
     cache = Path.home() / ".cache" / "estable" / CLIP_VOCAB_FILENAME
     if cache.is_file():
         return cache

@@ -254,26 +254,36 @@ class _NoTensors(Exception):
     pass
 
 
-def read_pickle(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Load a ``.ckpt``/``.pt``/``.pth``/``.bin`` state dict; refused unless ``allow_pickle`` is True.
+def load_pickle_object(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> object:
+    """The object in a pickle file (``.ckpt``/``.pt``/``.pth``/``.bin``), through the safe loader; refused unless
+    ``allow_pickle`` is True.
 
-    With the opt-in the file goes through ``torch.load(weights_only=True)``, whose restricted unpickler
-    only rebuilds tensors and plain containers: a pickle that tries to call anything else is rejected
-    before it runs. A top-level ``"state_dict"`` entry (Lightning checkpoints, SD's .ckpt files) is
-    unwrapped; non-tensor entries (step counters and the like) are dropped.
+    With the opt-in the file goes through ``torch.load(weights_only=True)``, whose restricted unpickler only
+    rebuilds tensors and plain containers (dicts, lists, strings, numbers): a pickle that tries to call anything
+    else is rejected before it runs.
     """
     path = Path(path)
     _check_file(path)
     if not allow_pickle:
         raise CheckpointError(f"refusing to load {path.name}: {_PICKLE_RISK} ({path})")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"{path.name} could not be loaded safely: it is damaged or holds objects other than tensors "
             f"(code, classes), which the safe loader refuses to run ({first_line}) ({path})"
         ) from None
+
+
+def read_pickle(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Load a ``.ckpt``/``.pt``/``.pth``/``.bin`` state dict; refused unless ``allow_pickle`` is True.
+
+    The file is read by :func:`load_pickle_object`. A top-level ``"state_dict"`` entry (Lightning checkpoints,
+    SD's .ckpt files) is unwrapped; non-tensor entries (step counters and the like) are dropped.
+    """
+    path = Path(path)
+    obj = load_pickle_object(path, allow_pickle=allow_pickle)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):

@@ -330,6 +330,8 @@ def _resolve(
         lookup = _kohya_lookup(component, model)
     else:
         lookup = {p: p for p in _layer_paths(model)}
+        if component == "text_encoder":  # transformers 5 names CLIPTextModel's modules without "text_model."
+            lookup.update({p.removeprefix("text_model."): p for p in list(lookup) if p.startswith("text_model.")})
     unknown = sorted(n for n in weights if n not in lookup)
     if unknown:
         what = "U-Net" if component == "unet" else "text encoder"
@@ -501,37 +503,14 @@ def save_lora(
 # A1111 prompt tags
 # ----------------------------------------------------------------------------------------------------------
 
-# A1111 extra-network syntax: <lora:NAME>, <lora:NAME:MULTIPLIER>, further ':'-separated fields (the U-Net
-# multiplier, named args such as te=/unet=/dyn=) follow the first multiplier; only NAME and the first
-# multiplier are used here.
-_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>", re.IGNORECASE)
-
-
 def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """Remove ``<lora:name:weight>`` tags from ``prompt``; return the cleaned prompt and ``[(name, weight)]``.
+    """Remove ``<lora:name:weight>`` tags from ``prompt``; return the text to encode and ``[(name, weight)]``.
 
-    A missing weight is 1.0 (A1111's default). ``"a cat <lora:ink:0.6>, sketch"`` → ``("a cat, sketch",
-    [("ink", 0.6)])``. A weight that is not a number raises ValueError.
+    Kept for callers of the first version; :func:`estable.extra_networks.parse_prompt_networks` is the full
+    A1111 reading (separate text-encoder / U-Net multipliers). As in A1111 only the tags are cut out:
+    ``"a cat <lora:ink:0.6>, sketch"`` → ``("a cat , sketch", [("ink", 0.6)])``.
     """
-    tags: list[tuple[str, float]] = []
+    from ..extra_networks import parse_prompt_networks
 
-    def take(m: re.Match[str]) -> str:
-        name = m.group(1).strip()
-        raw = (m.group(2) or "").strip()
-        if not name:
-            raise ValueError(f"empty LoRA name in {m.group(0)!r}")
-        if raw and "=" in raw:
-            raw = raw.partition("=")[2]  # named first argument, e.g. te=0.5
-        try:
-            weight = float(raw) if raw else 1.0
-        except ValueError:
-            raise ValueError(f"LoRA weight in {m.group(0)!r} is not a number; write e.g. <lora:{name}:0.8>") from None
-        tags.append((name, weight))
-        return ""
-
-    clean = _LORA_TAG.sub(take, prompt)
-    clean = re.sub(r"[ \t]+", " ", clean)  # the gaps the tags leave
-    clean = re.sub(r" +([,.;])", r"\1", clean)  # "cat , sketch" → "cat, sketch"
-    clean = re.sub(r",(\s*,)+", ",", clean)  # ", ," → ","
-    clean = clean.strip().strip(",").strip()
-    return clean, tags
+    text, tags = parse_prompt_networks(prompt)
+    return text, [(t.name, t.te) for t in tags]

@@ -62,17 +62,32 @@ def quick_gelu(x: Tensor) -> Tensor:
 
 
 class TextEmbeddings(nn.Module):
-    """Token embedding plus a learned absolute position embedding."""
+    """Token embedding plus a learned absolute position embedding.
+
+    ``extra_tokens`` (None, or a (K, d) tensor that is not part of the state dict) gives token ids
+    ``vocab_size … vocab_size + K − 1`` their vectors: textual-inversion embeddings (:mod:`estable.embeddings`),
+    which may require grad while one is trained.
+    """
 
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
         self.token_embedding = nn.Embedding(config.vocab_size, config.width)
         self.position_embedding = nn.Embedding(config.max_positions, config.width)
+        self.extra_tokens: Tensor | None = None
 
     def forward(self, input_ids: Tensor) -> Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,) computed, not stored
+        extra = self.extra_tokens
+        n = self.token_embedding.num_embeddings
+        if extra is None:
+            tokens = self.token_embedding(input_ids)  # (B, T, d)
+        else:
+            is_extra = input_ids >= n  # (B, T)
+            tokens = self.token_embedding(input_ids.clamp(max=n - 1))
+            vectors = extra.to(tokens)[(input_ids - n).clamp(min=0, max=extra.shape[0] - 1)]  # (B, T, d)
+            tokens = torch.where(is_extra[..., None], vectors, tokens)
         # (B, T, d) + (T, d) broadcast over the batch
-        return self.token_embedding(input_ids) + self.position_embedding(positions)
+        return tokens + self.position_embedding(positions)
 
 
 class TextSelfAttention(nn.Module):

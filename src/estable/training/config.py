@@ -614,9 +614,51 @@ class ControlNetTrainConfig(TrainConfig):
             raise ValueError("init_from is not used by the ControlNet trainer; it starts from the base U-Net's encoder")
 
 
+@dataclass(frozen=True)
+class TITrainConfig(TrainConfig):
+    """Textual inversion (Gal et al. 2022): learn ``num_vectors`` input vectors for the word ``token`` on a frozen
+    model (base: any checkpoint, "default" = the built-in model) with the U-Net's diffusion loss.
+
+    Data: ``data.source="shapes"`` renders a concept the shapes world does not have, the colour ``colour`` (RGB),
+    on single objects and counts whose captions name it ``token`` ("a small teal star", "three teal hearts");
+    an image folder's captions must contain ``token`` themselves. ``init_word``: the vectors start as that word's
+    token embeddings (averaged; "" = the mean of the whole token table). clip_skip None: the base model's.
+    """
+
+    base: str = "default"
+    token: str = "teal"
+    num_vectors: int = 1
+    init_word: str = "green"
+    colour: tuple[int, int, int] = (0, 160, 160)
+    cache_latents: bool = True  # shapes data: encode the data.shapes_length images once, in memory
+    min_snr_gamma: float | None = None
+    offset_noise: float = 0.0
+    clip_skip: int | None = None
+    sample: SampleConfig = field(default_factory=lambda: SampleConfig(
+        prompts=("a teal circle", "two teal squares", "a large teal star", "a teal heart")))
+    ema_decay: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.base, str) or not self.base:
+            raise ValueError("base must be a checkpoint path (SD file, diffusers folder, Estable file) or 'default'")
+        if not isinstance(self.token, str) or not self.token.strip() or any(c in self.token for c in ":,<>"):
+            raise ValueError(f"token must be a word without ':' ',' '<' '>', got {self.token!r}")
+        _positive_int("num_vectors", self.num_vectors)
+        if len(self.colour) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in self.colour):
+            raise ValueError(f"colour must be three integers 0..255, got {self.colour!r}")
+        if self.min_snr_gamma is not None:
+            _positive("min_snr_gamma", self.min_snr_gamma)
+        _positive("offset_noise", self.offset_noise, allow_zero=True)
+        if self.clip_skip is not None:
+            _positive_int("clip_skip", self.clip_skip)
+        if self.init_from:
+            raise ValueError("init_from is not used by the textual-inversion trainer; the frozen model comes from base")
+
+
 CONFIG_CLASSES: dict[str, type[TrainConfig]] = {"unet": UNetTrainConfig, "vae": VAETrainConfig,
                                                 "clip": CLIPTrainConfig, "lora": LoRATrainConfig,
-                                                "controlnet": ControlNetTrainConfig}
+                                                "controlnet": ControlNetTrainConfig, "ti": TITrainConfig}
 
 # ---------------------------------------------------------------------------------------------------------
 # Presets
@@ -672,9 +714,15 @@ PRESETS: dict[str, TrainConfig] = {
         batch_size=4, max_steps=100, optim=OptimConfig(lr=1e-4, warmup_steps=5, weight_decay=0.0),
         log_every=5, val_every=25, sample_every=50, save_every=50,
     ),
+    # A new word for an unseen colour (teal) on the built-in model, CPU-sized.
+    "tiny-ti": TITrainConfig(
+        data=DataConfig(size=256, val_size=4, shapes_length=256),
+        batch_size=4, max_steps=200, optim=OptimConfig(lr=5e-3, warmup_steps=10, weight_decay=0.0),
+        log_every=10, val_every=50, sample_every=0, save_every=100,
+    ),
 }
 _PRESET_KIND = {"tiny-unet": "unet", "tiny-vae": "vae", "tiny-clip": "clip", "tiny-lora": "lora",
-                "tiny-controlnet": "controlnet"}
+                "tiny-controlnet": "controlnet", "tiny-ti": "ti"}
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -766,6 +814,7 @@ __all__ = [
     "LoRATrainConfig",
     "OptimConfig",
     "SampleConfig",
+    "TITrainConfig",
     "TextSource",
     "TrainConfig",
     "UNetTrainConfig",

@@ -978,7 +978,7 @@ class VAETrainer(Trainer):
 
 
 TRAINERS: dict[str, type[Trainer]] = {"unet": UNetTrainer, "vae": VAETrainer}
-TRAINER_KINDS = ("unet", "vae", "clip", "lora", "controlnet")
+TRAINER_KINDS = ("unet", "vae", "clip", "lora", "controlnet", "ti")
 
 
 def trainer_class(kind: str) -> type[Trainer]:
@@ -996,6 +996,10 @@ def trainer_class(kind: str) -> type[Trainer]:
         from estable.training.controlnet_trainer import ControlNetTrainer
 
         return ControlNetTrainer
+    if kind == "ti":
+        from estable.training.ti_trainer import TITrainer
+
+        return TITrainer
     if kind not in TRAINERS:
         raise EstableError(f"unknown trainer {kind!r}; choose one of {', '.join(TRAINER_KINDS)}")
     return TRAINERS[kind]
