@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from .cli_eval import add_eval_commands
     from .cli_generate import add_generate_commands
+    from .cli_provenance import add_provenance_commands
     from .cli_train import add_train_commands
 
     add_generate_commands(sub)
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     add_train_commands(sub)
     add_eval_commands(sub)
+    add_provenance_commands(sub)
     return parser
 
 

@@ -139,6 +139,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from-png", metavar="FILE",
                    help="take every parameter (and the model path) from a PNG's Estable record; flags given "
                    "explicitly override it")
+    from .cli_provenance import add_generation_flags
+
+    add_generation_flags(p)
 
 
 def _strength(p: argparse.ArgumentParser, default_text: str = "0.75") -> None:
@@ -189,6 +192,7 @@ def _check_out(out: Path) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from .cli_provenance import GenerationProvenance
     from .images import load_image
     from .pipeline import load_pipeline, resolve_sampler, save_result
     from .provenance.infotext import read_png_metadata
@@ -200,6 +204,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             raise EstableError(f"{args.from_png} has no Estable record (only images made by Estable can be reused)")
     params = _params(args, record)
     resolve_sampler(params.sampler)  # an unknown sampler fails before the model is loaded
+    provenance = GenerationProvenance.from_args(args, params.prompt, record)  # prompt filter, keys
 
     image = mask = None
     if args.mode in ("img2img", "inpaint"):
@@ -220,6 +225,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                          cuda_graphs=args.cuda_graphs, allow_pickle=bool(args.allow_pickle))
     if args.cfg is None and record is None and pipe.config.default_cfg is not None:
         params = dataclasses.replace(params, cfg_scale=float(pipe.config.default_cfg))
+    provenance.prepare(pipe, args.mode)
     with _progress() as callback:
         if args.mode == "txt2img":
             result = pipe.txt2img(params, callback=callback)
@@ -227,6 +233,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             result = pipe.img2img(image, params, callback=callback)  # type: ignore[arg-type]
         else:
             result = pipe.inpaint(image, mask, params, callback=callback)  # type: ignore[arg-type]
+    result = provenance.stamp(result, pipe)  # watermark, pixel hash, device, signature
     for note in result.warnings:
         print(f"estable: warning: {note}", file=sys.stderr)
     for path in save_result(result, out):
