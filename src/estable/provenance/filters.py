@@ -12,8 +12,8 @@ prompt and to the list alike:
 4. leetspeak folded: 0→o, 1→i, 3→e, 4→a, 5→s, 7→t, 8→b, 9→g, @→a, $→s, !→i, |→l, +→t, €→e; and "l" and "i"
    compared as one letter ("1" and "!" stand for either);
 5. words are split at spaces and punctuation, and compared also with punctuation inside a word removed
-   ("k.i.l.l", "ki-ll"); runs of one- and two-letter words are joined ("k i l l", "nu de"); letters stretched
-   three times or more match ("kiiill").
+   ("k.i.l.l", "ki-ll"); in runs of one- and two-letter words, every stretch of them is joined and looked up
+   ("k i l l", "nu de", and so "k i l l i n g" too); letters stretched three times or more match ("kiiill").
 
 What it does not do: understand meaning (a paraphrase or another language passes), or catch a term split
 into longer pieces ("nu dity"). It applies to the prompt, not the negative prompt (which legitimately names
