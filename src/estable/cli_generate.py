@@ -238,6 +238,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"estable: warning: {note}", file=sys.stderr)
     for path in save_result(result, out):
         print(path)
+    provenance.finish()  # images refused by the output check: an error, after the others are written
     return 0
 
 

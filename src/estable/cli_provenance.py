@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import EstableError
@@ -35,12 +35,21 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
                    "make one with `estable keys new`)")
     g.add_argument("--blocklist", metavar="FILE", action="append",
                    help="refuse prompts containing a term of FILE (one term per line; repeatable)")
+    g.add_argument("--output-check", metavar="FILE",
+                   help="refuse images whose CLIP embedding matches a concept prompt of FILE (one per line) with a "
+                   "score ≥ --output-threshold; refused images are not written (needs --output-clip)")
+    g.add_argument("--output-clip", metavar="CLIP",
+                   help="the CLIP pair for --output-check (an Estable clip.safetensors or `estable train clip` run)")
+    g.add_argument("--output-threshold", type=float, default=30.0, metavar="F",
+                   help="CLIP score (100·cos) at which --output-check refuses an image (default 30)")
 
 
 @dataclass
 class GenerationProvenance:
     settings: Any  # WatermarkSettings
     signing_key: Any = None
+    output_check: Any = None  # OutputCheck
+    refused: list[str] = field(default_factory=list)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, prompt: str, record: dict[str, Any] | None = None
@@ -60,7 +69,17 @@ class GenerationProvenance:
         key = args.watermark_key if args.watermark_key is not None else os.environ.get(WATERMARK_KEY_ENV) or None
         settings = WatermarkSettings(dwtdct=args.watermark, key=key, tree_ring=bool(tree_ring))
         key_path = args.sign_key or os.environ.get(SIGN_KEY_ENV) or None
-        return cls(settings, load_private_key(key_path) if key_path else None)
+        check = None
+        if getattr(args, "output_check", None):
+            from .provenance.output_check import OutputCheck
+
+            if not args.output_clip:
+                raise EstableError("--output-check needs --output-clip CLIP (a CLIP pair file; the built-in model "
+                                   "ships only its text tower)")
+            check = OutputCheck.load(args.output_clip, args.output_check, args.output_threshold)
+        elif getattr(args, "output_clip", None):
+            raise EstableError("--output-clip is used by --output-check FILE, which is missing")
+        return cls(settings, load_private_key(key_path) if key_path else None, check)
 
     def prepare(self, pipe: Any, mode: str) -> None:
         from .provenance.stamp import prepare
@@ -68,9 +87,27 @@ class GenerationProvenance:
         prepare(pipe, self.settings, mode)
 
     def stamp(self, result: Any, pipe: Any) -> Any:
+        """The output check (refused images leave the result), then the marks, records and signatures."""
+        import dataclasses
+
         from .provenance.stamp import stamp
 
+        if self.output_check is not None:
+            verdicts = self.output_check.check(result.images)
+            keep = [k for k, v in enumerate(verdicts) if v is None]
+            for k, v in enumerate(verdicts):
+                if v is not None:
+                    self.refused.append(f"image {k} (seed {result.seeds[k]}): concept {v[0]!r}, score {v[1]:.1f}")
+            result = dataclasses.replace(
+                result, images=[result.images[k] for k in keep], seeds=[result.seeds[k] for k in keep],
+                infotexts=[result.infotexts[k] for k in keep], records=[result.records[k] for k in keep])
         return stamp(result, pipe, self.settings, signing_key=self.signing_key)
+
+    def finish(self) -> None:
+        """After the allowed images are written: the output check's refusals as one error."""
+        if self.refused:
+            raise EstableError(f"the output check refused {len(self.refused)} image(s), not written: "
+                               + "; ".join(self.refused))
 
 
 # ------------------------------------------------------------------------------------------------- commands
