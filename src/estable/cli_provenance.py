@@ -141,6 +141,17 @@ def add_provenance_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON report per image")
     p.set_defaults(func=_cmd_verify)
 
+    d = sub.add_parser(
+        "detect", help="estimate whether images were generated, from their noise residue",
+        description="Print P(generated) for each IMAGE from the spectrum of its noise residue (a small CNN). "
+        "The shipped detector was trained on the built-in model's images against shapes-world renders only: "
+        "for other models, photographs or heavily recompressed images its answer is a guess "
+        "(benchmarks/RESULTS.md holds its measured accuracy).")
+    d.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
+    d.add_argument("--weights", metavar="FILE", help="detector weights (default: the shipped detector)")
+    d.add_argument("--json", action="store_true", help="one JSON object per image")
+    d.set_defaults(func=_cmd_detect)
+
     k = sub.add_parser("keys", help="manage signing keys", description="Manage Ed25519 signing keys.")
     ks = k.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     n = ks.add_parser("new", help="make a new Ed25519 key pair",
@@ -150,6 +161,20 @@ def add_provenance_commands(sub: argparse._SubParsersAction) -> None:
     n.add_argument("--out", metavar="DIR", default=".", help="folder to write the key pair into (default .)")
     n.add_argument("--overwrite", action="store_true", help="replace an existing key pair")
     n.set_defaults(func=_cmd_keys_new)
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from .images import load_image
+    from .provenance.detector import DEFAULT_WEIGHTS, load_detector
+
+    model = load_detector(args.weights or DEFAULT_WEIGHTS)
+    for path in args.images:
+        p = model.probability([load_image(path)])[0]
+        if args.json:
+            print(json.dumps({"path": path, "p_generated": p}))
+        else:
+            print(f"{path}: P(generated) = {p:.3f}")
+    return 0
 
 
 def _cmd_keys_new(args: argparse.Namespace) -> int:
