@@ -62,7 +62,8 @@ def radius_for(h: int, w: int) -> int:
 
 def settings_record() -> dict[str, Any]:
     """The Tree-Ring settings stored in a record (Estable's public ring key; no per-user ring keys)."""
-    return {"variant": "rings", "channel": CHANNEL, "radius": "10*min(h,w)/64", "key_seed": KEY_SEED}
+    return {"variant": "rings", "channel": CHANNEL, "radius": "max(2, round(10 * min(h, w) / 64)) latent cells",
+            "key_seed": KEY_SEED, "inversion": "DDIM, empty prompt, no guidance"}
 
 
 def key_and_mask(h: int, w: int, radius: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
