@@ -21,8 +21,10 @@ the two side by side):
 
 Changing LL by δ changes each of its four pixels' U by δ/2 (the inverse Haar transform of a change in LL
 alone); with Y and V held, that is ΔB = 2.032·ΔU and ΔG = −0.395·ΔU (OpenCV's inverse YUV), ΔR = 0. The
-embedding works on those deltas directly, rounds to 8 bits and runs a second pass over blocks that the
-rounding or clipping pushed off their target. (The package itself rebuilds the image with its horizontal and
+embedding works on those deltas directly, rounds to 8 bits and runs further passes (up to 8) over blocks that
+rounding or clipping pushed off their target: where a pixel of a 2×2 group saturates, the next pass moves the
+others further (saturated images of the built-in model lost the mark in 1.5 % of cases with 2 passes, none
+with 8). (The package itself rebuilds the image with its horizontal and
 vertical detail bands swapped, which alters the image beyond the mark; that is not copied.)
 
 What it survives (measured in benchmarks/RESULTS.md, and as the literature reports): brightness, mild noise
@@ -101,9 +103,10 @@ def decode_bits(image: Image.Image | np.ndarray, n_bits: int) -> np.ndarray:
     return (scores * 255 > 127).astype(np.uint8)
 
 
-def embed_bits(image: Image.Image, bits: np.ndarray | list[int], *, passes: int = 2) -> Image.Image:
+def embed_bits(image: Image.Image, bits: np.ndarray | list[int], *, passes: int = 8) -> Image.Image:
     """``image`` (RGB) with ``bits`` written into its U channel's Haar band; a new image of the same size.
 
+    ``passes``: embedding rounds; after the first, only blocks that rounding or clipping left unreadable move.
     Raises ValueError when the image has fewer 8×8 blocks than there are bits."""
     bits = np.asarray(bits, dtype=np.int64).ravel()
     if bits.size == 0 or not np.isin(bits, (0, 1)).all():
@@ -117,7 +120,7 @@ def embed_bits(image: Image.Image, bits: np.ndarray | list[int], *, passes: int 
         )
     target_bits = bits[np.arange(nby * nbx) % bits.size].reshape(nby, nbx)
     pos = None
-    for _ in range(max(1, passes)):
+    for round_ in range(max(1, passes)):
         blocks = _blocks(_ll(_u_channel(rgb)))
         if pos is None:
             pos = _positions(blocks)  # chosen on the original image, as the reference does, then kept
@@ -132,8 +135,10 @@ def embed_bits(image: Image.Image, bits: np.ndarray | list[int], *, passes: int 
         k = np.rint(mag / SCALE - 0.25 - 0.5 * target_bits)
         k = np.maximum(k, np.ceil(floor_ / SCALE - 0.25 - 0.5 * target_bits))
         target = (k + 0.25 + 0.5 * target_bits) * SCALE
-        if _ > 0:  # a later pass moves only blocks that rounding or clipping pushed off their half-step
+        if round_ > 0:  # a later pass moves only blocks that rounding or clipping pushed off their half-step
             ok = ((np.mod(mag, SCALE) > 0.5 * SCALE) == target_bits.astype(bool)) & (mag > floor_ - _MARGIN)
+            if ok.all():
+                break
             target = np.where(ok, mag, target)
         delta_ll = np.where(c >= 0, 1.0, -1.0) * (target - mag)  # (nby, nbx)
         # the change of LL element (by, bx, pos) → a change of U over its 2×2 pixels of δ/2 each
