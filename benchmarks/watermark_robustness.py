@@ -16,7 +16,9 @@ canvas); Gaussian blur radius 2 (the Tree-Ring paper's 4 at 512 px, scaled to 25
 
 Parts (``--parts``):
 * ``dwtdct``: bit accuracy of the 64-bit message on marked images, the share of marked images in which the
-  mark is found (≥ 28 of 32 mark bits) and the share of clean images in which it is wrongly found.
+  mark is found (≥ 28 of 32 mark bits) and the share of clean images in which it is wrongly found; beside it,
+  when invisible-watermark is installed, the bit accuracy of that package's own dwtDct marks (its encoder on the
+  clean images, its decoder) under the same attacks.
 * ``treering``: DDIM inversion (``--inversion-steps``, 50) of every marked and clean image under every attack;
   score −log10 p; ROC AUC and TPR at 1 % FPR (threshold: the clean scores' 99th percentile), and the share
   found at the detector's threshold p < 1e-3. 2 × count × 10 inversions: run it on a GPU at full size.
@@ -122,8 +124,32 @@ def generate_sets(pipe, args, prompts, out: Path, ring: bool = True) -> dict[str
     return sets
 
 
+def reference_codec():
+    """(encode, decode) of the invisible-watermark package's dwtDct on RGB arrays, or None when not installed: the
+    same attacks on the reference's own marks, to tell the scheme's limits from this implementation's."""
+    try:
+        import cv2
+        from imwatermark import WatermarkDecoder, WatermarkEncoder
+    except ImportError:
+        return None
+    enc = WatermarkEncoder()
+    enc.set_watermark("bytes", message_bytes())
+
+    def encode(im: Image.Image) -> Image.Image:
+        bgr = enc.encode(cv2.cvtColor(np.asarray(im), cv2.COLOR_RGB2BGR), "dwtDct")
+        return Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+
+    def decode(im: Image.Image) -> np.ndarray:
+        dec = WatermarkDecoder("bits", 64)
+        return np.asarray(dec.decode(cv2.cvtColor(np.asarray(im), cv2.COLOR_RGB2BGR), "dwtDct"), dtype=np.uint8)
+
+    return encode, decode
+
+
 def run_dwtdct(sets, count) -> dict[str, dict[str, float]]:
     want = np.unpackbits(np.frombuffer(message_bytes(), np.uint8))
+    ref = reference_codec()
+    ref_marked = [ref[0](im) for im in sets["clean"]] if ref else None
     rows = {}
     for name in ATTACKS:
         acc, found, false_pos = [], 0, 0
@@ -138,6 +164,10 @@ def run_dwtdct(sets, count) -> dict[str, dict[str, float]]:
             false_pos += detect_dwtdct(attack(name, im, rng)).found
         rows[name] = {"bit_accuracy": float(np.mean(acc)), "detected": found / count,
                       "false_positive": false_pos / count}
+        if ref:
+            rng = np.random.default_rng(1)
+            rows[name]["reference_bit_accuracy"] = float(np.mean(
+                [(ref[1](attack(name, im, rng)) == want).mean() for im in ref_marked]))
         print(f"  dwtdct {name}: {rows[name]}", file=sys.stderr, flush=True)
     return rows
 
@@ -189,11 +219,12 @@ def run_quality(args, sets, prompts_full, device) -> dict[str, dict[str, float]]
 def table(results: dict) -> str:
     lines = []
     if "dwtdct" in results:
-        lines += ["| attack | DWT bit accuracy | DWT mark found (marked) | DWT mark found (clean) |",
-                  "|---|---|---|---|"]
+        lines += ["| attack | DWT bit accuracy | DWT mark found (marked) | DWT mark found (clean) "
+                  "| invisible-watermark's own marks: bit accuracy |", "|---|---|---|---|---|"]
         for k, r in results["dwtdct"].items():
+            ref = r.get("reference_bit_accuracy")
             lines.append(f"| {k} | {r['bit_accuracy']:.3f} | {100 * r['detected']:.1f} % | "
-                         f"{100 * r['false_positive']:.1f} % |")
+                         f"{100 * r['false_positive']:.1f} % | {'–' if ref is None else f'{ref:.3f}'} |")
         lines.append("")
     if "treering" in results:
         lines += ["| attack | Tree-Ring AUC | TPR @ 1 % FPR | found at p < 1e-3 (marked / clean) |",
