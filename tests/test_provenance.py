@@ -189,6 +189,7 @@ def test_generate_verify_reproduce(tmp_path, keyfile, capsys):
     assert main(["verify", str(out), "--no-tree-ring"]) == 0
     text = capsys.readouterr().out
     assert "dwtDct watermark: FOUND, 32/32" in text and "signature valid" in text and "pixels match" in text
+    assert "noise-residue detector: P(generated) = " in text
 
     # bit-exact reproduction on the same device class
     assert main(["verify", "--reproduce", str(out)]) == 0

@@ -118,7 +118,8 @@ def add_provenance_commands(sub: argparse._SubParsersAction) -> None:
         "verify",
         help="look for Estable's watermarks in images and check their records",
         description="For each IMAGE: read the DWT watermark (bits recovered, p-value), test for the Tree-Ring key "
-        "by DDIM inversion with --model (p-value), and check the Estable record (pixel hash, signature). "
+        "by DDIM inversion with --model (p-value), show the noise-residue detector's P(generated) (informative "
+        "only), and check the Estable record (pixel hash, signature). "
         "Exit status 0 when every image carries an Estable watermark, 1 when one does not, 2 on an error. "
         "With --reproduce, re-make each image from its record instead and compare the pixels (exit 0 only "
         "when bit-exact, with an intact record and no invalid signature).",
@@ -237,6 +238,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                       f"with {t['model']}, {t['steps']} DDIM steps)")
             else:
                 print(f"  Tree-Ring: not tested ({t.get('note')})")
+        if "residue_detector" in report:
+            print(f"  noise-residue detector: P(generated) = {report['residue_detector']['p_generated']:.3f} "
+                  "(knows the built-in model's images and shapes renders only)")
         r = report["record"]
         if not r["present"]:
             print("  record: none")

@@ -71,6 +71,10 @@ def check_image(path: str | Path, *, key: str | None = None,
             found = found or ring.found
         except ValueError as exc:
             report["tree_ring"] = {"found": False, "note": str(exc)}
+    from .detector import DEFAULT_WEIGHTS, load_detector
+
+    if DEFAULT_WEIGHTS.is_file():  # informative only: it does not enter ``found``
+        report["residue_detector"] = {"p_generated": load_detector(DEFAULT_WEIGHTS).probability([image])[0]}
     report["record"] = check_record(image, record)
     report["found"] = found
     return report
