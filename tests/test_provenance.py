@@ -246,3 +246,23 @@ def test_verify_tree_ring_cli(tmp_path, capsys):
     assert main(["verify", "--reproduce", str(out)]) == 0  # the key is re-applied from the record
     assert "BIT-EXACT" in capsys.readouterr().out
     assert os.path.getsize(out) > 0
+
+
+def test_watermark_key_flag_env_and_from_png(tmp_path, capsys, monkeypatch):
+    a, b, c = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
+    base = ["--seed", "9", "--steps", "3", "--device", "cpu"]
+    assert main(["generate", PROMPT, *base, "--out", str(a), "--watermark-key", "alice", "--tree-ring"]) == 0
+    monkeypatch.setenv("ESTABLE_WATERMARK_KEY", "bob")
+    assert main(["generate", PROMPT, *base, "--out", str(b)]) == 0
+    capsys.readouterr()
+    assert main(["verify", "--no-tree-ring", "--key", "alice", str(a)]) == 0
+    assert "(matches --key)" in capsys.readouterr().out
+    assert main(["verify", "--no-tree-ring", "--key", "alice", str(b)]) == 0
+    assert "(not --key's tag)" in capsys.readouterr().out
+    rec = read_png_metadata(a)[1]["watermark"]
+    assert rec["dwtdct"]["keyed"] and "alice" not in json.dumps(rec)
+    # --from-png keeps the Tree-Ring key of the image it re-makes; with the same watermark key (the flag wins
+    # over the environment's) the pixels are the same
+    assert main(["generate", "--from-png", str(a), "--out", str(c), "--watermark-key", "alice"]) == 0
+    assert read_png_metadata(c)[1]["watermark"]["tree_ring"]["enabled"]
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(c)))
