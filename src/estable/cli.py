@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_control import add_control_commands
     from .cli_eval import add_eval_commands
     from .cli_generate import add_generate_commands
+    from .cli_provenance import add_provenance_commands
     from .cli_serve import add_serve_command
     from .cli_train import add_train_commands
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_commands(sub)
     add_serve_command(sub)
     add_control_commands(sub)
+    add_provenance_commands(sub)
     return parser
 
 

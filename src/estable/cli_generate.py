@@ -174,6 +174,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     from .cli_control import add_control_flags
 
     add_control_flags(p)
+    from .cli_provenance import add_generation_flags
+
+    add_generation_flags(p)
 
 
 def _strength(p: argparse.ArgumentParser, default_text: str = "0.75") -> None:
@@ -215,6 +218,7 @@ def _model_source(args: argparse.Namespace, record: dict[str, Any] | None) -> st
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from .cli_provenance import GenerationProvenance
     from .images import check_mask_has_area, load_image
     from .outputs import OutputPlan
     from .pipeline import load_pipeline, resolve_sampler
@@ -232,6 +236,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             raise EstableError(f"{args.from_png} has no Estable record (only images made by Estable can be reused)")
     params = _params(args, record)
     resolve_sampler(params.sampler)  # an unknown sampler fails before the model is loaded
+    provenance = GenerationProvenance.from_args(args, params.prompt, record)  # prompt filter, keys
 
     image = mask = None
     if args.mode in ("img2img", "inpaint"):
@@ -275,6 +280,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         params = pipe.with_default_cfg(params)
 
     control = control_units(specs, args, pipe) if specs else None
+    provenance.prepare(pipe, args.mode)
     shown: set[str] = set()
 
     def warn(notes: list[str]) -> None:  # each note once, as soon as a batch carries it
@@ -285,6 +291,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     def save(batch: Any) -> None:  # each batch is written as soon as it is decoded
         warn(batch.warnings)
+        batch = provenance.stamp(batch, pipe)  # output check, watermark, pixel hash, device, signature
         for path in plan.save(batch):
             print(path, flush=True)
 
@@ -303,6 +310,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
               file=sys.stderr)
         raise
     warn(result.warnings)
+    provenance.finish()  # images refused by the output check: an error, after the others are written
     return 0
 
 

@@ -280,6 +280,9 @@ class Pipeline:
         self.embeddings: EmbeddingLibrary | None = None
         self.used_embeddings: list[Embedding] = []
         self.vae_info: dict[str, Any] | None = None  # set by swap_vae: name, path, sha256, hash
+        # Provenance hook: txt2img's initial noise (B, C, h, w) float32 on the CPU passes through it, e.g. to write
+        # a Tree-Ring key (estable.provenance.treering.inject). It must not draw from the images' generators.
+        self.noise_hook: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     # -- model facts ---------------------------------------------------------------------------------------
     @property
@@ -639,7 +642,10 @@ class Pipeline:
                 # Posterior sample of the input image, one draw from each image's generator (diffusers'
                 # prepare_latents / _encode_vae_image). The 9-channel inpaint model at strength 1 skips it.
                 z0 = self._encode(pixels, gens)  # (B, 4, h, w) float32, scaled
-            noise = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens]).to(dev)
+            noise = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens])
+            if self.noise_hook is not None and mode == "txt2img":
+                noise = self.noise_hook(noise)
+            noise = noise.to(dev)
             if z0 is not None and not (mode == "inpaint" and params.strength == 1.0):
                 x = z0 + float(plan.sigmas[0]) * noise  # x̃ = z0 + σ ε: every scheduler's add_noise in VE form
             else:
