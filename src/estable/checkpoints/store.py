@@ -6,7 +6,10 @@ Formats:
   the original CompVis key names (``model.diffusion_model.…``, ``first_stage_model.…``, ``cond_stage_model.…``).
   The key maps live in :mod:`estable.checkpoints.ldm`.
 * ``diffusers``: a folder with ``model_index.json`` and ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
-  ``scheduler/``; the config translations live in :mod:`estable.checkpoints.diffusers_config`.
+  ``scheduler/``; the config translations live in :mod:`estable.checkpoints.diffusers_config`. The text encoder is
+  written as transformers' ``CLIPTextModel`` (what StableDiffusionPipeline instantiates); a text projection (the
+  text tower of a CLIP pair, as in Estable's own models) goes to ``text_encoder/text_projection.safetensors``,
+  which diffusers and transformers do not read and Estable reads back.
 * ``estable``: one safetensors file whose keys are prefixed ``unet.``, ``vae.``, ``text_encoder.`` and whose
   metadata carries ``{"format": "estable", "format_version": "1", "config": <ModelConfig JSON>,
   "tokenizer": "clip" | <JSON {"vocab": {...}, "merges": "..."}>}``.
@@ -524,17 +527,6 @@ def _read_diffusers(path: Path, *, allow_pickle: bool) -> tuple[ModelConfig, Com
                           where=str(path / "text_encoder" / "config.json"))
     sched_cfg = _converted(dc.schedule_from_diffusers, cfg("scheduler", _SCHEDULER_CONFIG),
                            where=str(path / "scheduler" / _SCHEDULER_CONFIG))
-    tok = _tokenizer_from_folder(path / "tokenizer")
-    family = "sd2" if text_cfg.activation == "gelu" else "sd1"
-    default_tok = TokenizerConfig(pad_token_id=0) if family == "sd2" else TokenizerConfig()
-    try:
-        config = ModelConfig(
-            family=family, unet=unet_cfg, vae=vae_cfg, text=text_cfg,
-            tokenizer=_tokenizer_config(tok, default_tok), schedule=sched_cfg, clip_skip=1,
-        )
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: the component configs do not fit together: {exc}") from exc
-
     comps: Components = {}
     for name in COMPONENTS:
         files = _weights_file(path / name, WEIGHT_STEMS[name], allow_pickle)
@@ -545,8 +537,37 @@ def _read_diffusers(path: Path, *, allow_pickle: bool) -> tuple[ModelConfig, Com
         sd = clean_state_dict(sd)
         if name == "text_encoder":
             sd = _transformers_text_keys(sd)
+            extra = path / name / dc.TEXT_PROJECTION_FILE
+            if _PROJECTION_KEY not in sd and extra.is_file():
+                sd[_PROJECTION_KEY] = _read_projection(extra)
+            if _PROJECTION_KEY in sd and text_cfg.projection_dim is None:
+                # a CLIPTextModel folder whose weights carry a text projection (Estable's exports)
+                text_cfg = text_cfg.replace(projection_dim=int(sd[_PROJECTION_KEY].shape[0]))
         comps[name] = (sd, str(files[0] if len(files) == 1 else path / name))
+
+    tok = _tokenizer_from_folder(path / "tokenizer")
+    family = "sd2" if text_cfg.activation == "gelu" else "sd1"
+    default_tok = TokenizerConfig(pad_token_id=0) if family == "sd2" else TokenizerConfig()
+    try:
+        config = ModelConfig(
+            family=family, unet=unet_cfg, vae=vae_cfg, text=text_cfg,
+            tokenizer=_tokenizer_config(tok, default_tok), schedule=sched_cfg, clip_skip=1,
+        )
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: the component configs do not fit together: {exc}") from exc
     return config, comps, tok, None
+
+
+_PROJECTION_KEY = "text_projection.weight"
+
+
+def _read_projection(path: Path) -> torch.Tensor:
+    """The text projection stored beside a CLIPTextModel's weights: one (projection_dim, width) matrix."""
+    tensors, _meta = read_safetensors(path)
+    t = tensors.get(_PROJECTION_KEY)
+    if set(tensors) != {_PROJECTION_KEY} or t is None or t.ndim != 2:
+        raise CheckpointError(f"{path}: expected one 2-D tensor named {_PROJECTION_KEY!r}, found {_list(tensors)}")
+    return t
 
 
 # transformers 5 saves CLIPTextModel without its ``text_model.`` prefix (and reads both forms); older files and
@@ -644,10 +665,16 @@ def _save_diffusers(model: LoadedModel, comps: dict[str, dict[str, torch.Tensor]
             "vae": (dc.vae_to_diffusers(config.vae), "diffusion_pytorch_model.safetensors"),
             "text_encoder": (dc.text_to_diffusers(config.text), "model.safetensors"),
         }
+        text = dict(comps["text_encoder"])
+        projection = text.pop(_PROJECTION_KEY, None)
+        comps = {**comps, "text_encoder": text}
         for name, (cfg_dict, weights) in writers.items():
             (tmp / name).mkdir()
             atomic_write_text(tmp / name / "config.json", json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n")
             write_safetensors(tmp / name / weights, comps[name], {"format": "pt"})
+        if projection is not None:  # CLIPTextModel has none: kept beside it for Estable (see diffusers_config)
+            write_safetensors(tmp / "text_encoder" / dc.TEXT_PROJECTION_FILE, {_PROJECTION_KEY: projection},
+                              {"format": "pt"})
         (tmp / "scheduler").mkdir()
         atomic_write_text(
             tmp / "scheduler" / _SCHEDULER_CONFIG,
