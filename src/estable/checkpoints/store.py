@@ -375,6 +375,16 @@ def load_model(
             shells[name] = _build(cls, cfg)
     except ValueError as exc:  # the config itself is invalid for our networks
         raise UnsupportedModelError(f"{path}: cannot build the model: {exc}") from exc
+    # int8 layers (an Estable file written with --quantize int8): the shells get int8 modules where the file has
+    # ``<layer>.weight_scale``, so that the int8 tensors load as they are (estable.nn.int8).
+    from ..nn.int8 import int8_layout, is_quantized
+
+    for name, (sd, where) in comps.items():
+        if is_quantized(sd):
+            try:
+                int8_layout(shells[name], sd.keys())
+            except ValueError as exc:
+                raise CheckpointError(f"{where}: {exc}") from None
     # Check all three before loading any, so that a bad file never yields a partial model.
     for name, (sd, where) in comps.items():
         check_state_dict(shells[name], sd, where=where, component=name.replace("_", " "))
@@ -616,6 +626,11 @@ def save_model(
     stage(f"converting to {to}")
     comps = {name: _cast(sd, torch_dtype, "cpu") for name, sd in model.state_dicts().items()}
     config = model.config
+    from ..nn.int8 import QUANTIZATION, is_quantized
+
+    quantized = any(is_quantized(sd) for sd in comps.values())
+    if quantized and to != "estable":
+        raise EstableError(f"an int8 model is written as an Estable file only (--to estable), not {to}")
     if to == "estable":
         tensors = {f"{name}.{k}": t for name, sd in comps.items() for k, t in sd.items()}
         meta = {
@@ -624,6 +639,8 @@ def save_model(
             "config": config.to_json(),
             "tokenizer": tokenizer_metadata(model.tokenizer),
         }
+        if quantized:
+            meta["quantization"] = QUANTIZATION
         stage(f"writing {dst.name}")
         write_safetensors(dst, tensors, meta)
     elif to == "ldm":
