@@ -195,7 +195,8 @@ def test_presets_round_trip(name):
     cfg = preset(name)
     assert dc.unet_from_diffusers(dc.unet_to_diffusers(cfg.unet)) == cfg.unet
     assert dc.vae_from_diffusers(dc.vae_to_diffusers(cfg.vae)) == cfg.vae
-    assert dc.text_from_diffusers(dc.text_to_diffusers(cfg.text)) == cfg.text
+    # a CLIPTextModel config: the projection, if any, travels with the weights (test_diffusers_export)
+    assert dc.text_from_diffusers(dc.text_to_diffusers(cfg.text)) == cfg.text.replace(projection_dim=None)
     assert dc.schedule_from_diffusers(dc.schedule_to_diffusers(cfg.schedule)) == cfg.schedule
     assert dc.schedule_from_diffusers(dc.schedule_to_diffusers(cfg.schedule, "DDIMScheduler")) == cfg.schedule
 
@@ -216,7 +217,8 @@ def test_tiny_vaes_round_trip(name):
 @pytest.mark.parametrize("name", list(TINY_TEXTS))
 def test_tiny_texts_round_trip(name):
     cfg = TINY_TEXTS[name]
-    assert dc.text_from_diffusers(json.loads(json.dumps(dc.text_to_diffusers(cfg)))) == cfg
+    back = dc.text_from_diffusers(json.loads(json.dumps(dc.text_to_diffusers(cfg))))
+    assert back == cfg.replace(projection_dim=None)  # the projection travels with the weights
 
 
 def test_schedules_round_trip():
@@ -451,7 +453,7 @@ def test_diffusers_builds_the_vae_we_describe(name):
 
 def _text_model(cfg: TextConfig):
     tc = transformers.CLIPTextConfig(**dc.text_to_diffusers(cfg))
-    cls = getattr(transformers, dc.text_class_name(cfg))
+    cls = transformers.CLIPTextModelWithProjection if cfg.projection_dim is not None else transformers.CLIPTextModel
     return cls(tc)
 
 
@@ -493,7 +495,9 @@ def test_model_index_lists_the_pipeline_parts():
     assert idx["requires_safety_checker"] is False
     assert idx["text_encoder"] == ["transformers", "CLIPTextModel"]
     assert idx["scheduler"] == ["diffusers", "PNDMScheduler"]
-    assert dc.model_index_for(preset("sd21-768-v"))["text_encoder"][1] == "CLIPTextModelWithProjection"
+    # the pipeline cross-attends to hidden states: CLIPTextModel even where the tower has a projection (issue 16)
+    assert dc.model_index_for(preset("sd21-768-v"))["text_encoder"][1] == "CLIPTextModel"
+    assert dc.text_to_diffusers(preset("sd21-768-v").text)["architectures"] == ["CLIPTextModel"]
 
 
 class _Collect(logging.Handler):

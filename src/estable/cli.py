@@ -66,6 +66,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                    help="override the prediction type (LDM files do not record it)")
     p.add_argument("--default-cfg", type=float, metavar="F",
                    help="record the guidance scale `estable generate` uses when --cfg is not given (--to estable)")
+    p.add_argument("--quantize", choices=("int8",),
+                   help="int8: store every Linear/Conv weight as int8 with one scale per output channel "
+                   "(about 0.26x the fp32 size; --to estable only)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=_cmd_convert)
 
@@ -90,6 +93,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.default_cfg is not None and args.to != "estable":
         raise EstableError(f"--default-cfg is recorded in Estable files only; {args.to} has no place for it "
                            "(use --to estable)")
+    if args.quantize and args.to != "estable":
+        raise EstableError(f"--quantize {args.quantize} writes an Estable file; use --to estable, not {args.to}")
     if args.default_cfg is not None and not 0.0 <= args.default_cfg <= 100.0:
         raise EstableError(f"--default-cfg must be between 0 and 100, not {args.default_cfg:g}")
     from .checkpoints.controlnet_format import convert_controlnet, is_controlnet
@@ -119,6 +124,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                            prediction_type=args.prediction_type, progress=stage)
         if args.default_cfg is not None:
             model.config = dataclasses.replace(model.config, default_cfg=args.default_cfg)
+        if args.quantize:
+            from .checkpoints.quantize import quantize_model_int8
+
+            quantize_model_int8(model)
         out = save_model(model, dst, to=args.to, dtype=args.dtype, overwrite=args.overwrite, progress=stage)
         bar.update(1)
     except OSError as exc:

@@ -40,6 +40,11 @@ _PARAM_FLAGS = {
     "weighting": "weighting",
     "strength": "strength",
     "eta": "eta",
+    "hires_scale": "hires_scale",
+    "hires_strength": "hires_strength",
+    "hires_upscaler": "hires_upscaler",
+    "hires_steps": "hires_steps",
+    "tile_vae": "tile_vae",
 }
 
 
@@ -72,6 +77,7 @@ def add_generate_commands(sub: argparse._SubParsersAction) -> None:
                    "then the number of images denoised together (up to 256), the other flags are defaults for the "
                    "lines, --seed S gives line n the seed S + (n-1)*1000. Under `torchrun --nproc_per_node K` the "
                    "lines are shared out over K processes (one GPU each)")
+    _hires(p)
     p.set_defaults(func=_cmd_generate, mode="txt2img")
 
     p = sub.add_parser(
@@ -177,6 +183,23 @@ def _common(p: argparse.ArgumentParser) -> None:
     from .cli_provenance import add_generation_flags
 
     add_generation_flags(p)
+    p.add_argument("--tile-vae", action="store_const", const=True, default=None,
+                   help="decode (and encode) in blended 512-pixel tiles: large images in bounded memory")
+
+
+
+def _hires(p: argparse.ArgumentParser) -> None:
+    d = GenerationParams()
+    p.add_argument("--hires-scale", type=float, metavar="F",
+                   help="two-pass hires fix (A1111 hr_scale): generate at --size, upscale by F (1..4) and re-run "
+                   f"the last --hires-strength of the schedule at the larger size (default {d.hires_scale:g}: off)")
+    p.add_argument("--hires-strength", type=float, metavar="F",
+                   help=f"hires fix: denoising strength of the second pass, in (0, 1] (default {d.hires_strength:g})")
+    p.add_argument("--hires-upscaler", choices=("latent", "pixel"),
+                   help="hires fix: upscale the latents (bilinear, A1111's 'Latent') or the decoded image "
+                   f"(Lanczos, then encoded again) (default {d.hires_upscaler})")
+    p.add_argument("--hires-steps", type=int, metavar="N",
+                   help="hires fix: steps of the second pass's schedule (default 0: --steps)")
 
 
 def _strength(p: argparse.ArgumentParser, default_text: str = "0.75") -> None:

@@ -15,6 +15,12 @@ from .errors import EstableError
 
 MAX_SIDE = 2048  # pixels; larger requests are refused rather than exhausting memory
 MAX_BATCH = 16
+HIRES_UPSCALERS = ("latent", "pixel")
+
+
+def hires_side(side: int, scale: float) -> int:
+    """The second pass's side for a first-pass side: int(side × scale) rounded down to a multiple of 8 (A1111)."""
+    return max(8, int(side * float(scale)) // 8 * 8)
 
 
 _INT_FIELDS = ("steps", "seed", "batch_size", "batch_count")
@@ -58,6 +64,13 @@ class GenerationParams:
     strength: float = 0.75  # img2img / inpaint: how much of the schedule is re-run
     eta: float = 0.0  # DDIM stochasticity
     weighting: bool = True  # A1111 (word:1.2) syntax; off = the prompt is taken literally
+    # Two-pass "hires fix" of txt2img (A1111's enable_hr): > 1 upscales the first pass by this factor (hr_scale)
+    # and re-runs the last hires_strength of a schedule on it (denoising_strength); estable.hires
+    hires_scale: float = 1.0
+    hires_strength: float = 0.7
+    hires_upscaler: str = "latent"  # "latent" (bilinear latents, A1111's "Latent") or "pixel" (Lanczos)
+    hires_steps: int = 0  # steps of the second pass's schedule (hr_second_pass_steps); 0 = steps
+    tile_vae: bool = False  # decode / encode in blended tiles (estable.tiled_vae): large images in less memory
 
     def __post_init__(self) -> None:
         self.validate()
@@ -91,6 +104,7 @@ class GenerationParams:
             raise EstableError(f"eta must be in [0, 1], not {self.eta!r}")
         if self.clip_skip is not None and not 1 <= self.clip_skip <= 12:
             raise EstableError(f"clip skip must be between 1 and 12, not {self.clip_skip!r}")
+        self._validate_hires()
         if not isinstance(self.seed, int) or not -1 <= self.seed < 2**63:
             raise EstableError(f"seed must be -1 (random) or a non-negative integer, not {self.seed!r}")
         count = self.batch_size * self.batch_count
@@ -99,6 +113,22 @@ class GenerationParams:
                 f"seed {self.seed} is too large for {count} images: image k uses seed + k and seeds stop at "
                 f"2^63 - 1; use a seed of at most {2**63 - count}"
             )
+
+    def _validate_hires(self) -> None:
+        if not 1.0 <= float(self.hires_scale) <= 4.0:
+            raise EstableError(f"hires scale must be between 1 (off) and 4, not {self.hires_scale!r}")
+        if not 0.0 < float(self.hires_strength) <= 1.0:
+            raise EstableError(f"hires strength must be in (0, 1], not {self.hires_strength!r}")
+        if self.hires_upscaler not in HIRES_UPSCALERS:
+            raise EstableError(f"hires upscaler must be one of {', '.join(HIRES_UPSCALERS)}, not "
+                               f"{self.hires_upscaler!r}")
+        if not isinstance(self.hires_steps, int) or not 0 <= self.hires_steps <= 1000:
+            raise EstableError(f"hires steps must be between 0 (= steps) and 1000, not {self.hires_steps!r}")
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if v is not None and self.hires_scale > 1 and hires_side(v, self.hires_scale) > MAX_SIDE:
+                raise EstableError(f"{name} {v} × hires scale {self.hires_scale:g} is larger than the maximum "
+                                   f"{MAX_SIDE}")
 
     def resolved(self) -> GenerationParams:
         """A copy with a concrete seed (a random one replaces -1)."""

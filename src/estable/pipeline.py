@@ -75,6 +75,7 @@ from .prompts import apply_weights, build_chunks, match_chunk_counts
 from .provenance.infotext import format_infotext
 from .sampling.samplers import SamplerSpec, SigmaPlan, get_sampler, make_sigmas, vp_denoiser
 from .speed import SpeedOptions, accelerate, resolve_speed
+from .tiled_vae import tiled_decode, tiled_encode
 
 if TYPE_CHECKING:
     from .checkpoints.store import LoadedModel
@@ -448,6 +449,7 @@ class Pipeline:
     # -- metadata ------------------------------------------------------------------------------------------
     def infotext(self, params: GenerationParams, seed: int, mode: Mode, width: int, height: int) -> str:
         """The A1111 ``parameters`` text of one image."""
+        from .hires import hires_infotext
         spec = resolve_sampler(params.sampler)
         label, schedule = a1111_sampler_label(spec)
         clip_skip = params.clip_skip or self.config.clip_skip
@@ -462,7 +464,9 @@ class Pipeline:
             "Model": self.model_name,
             "VAE hash": self.vae_info["hash"] if self.vae_info else None,
             "VAE": self.vae_info["name"] if self.vae_info else None,
-            "Denoising strength": _num(params.strength) if mode != "txt2img" else None,
+            "Denoising strength": _num(params.strength) if mode != "txt2img" else (
+                _num(params.hires_strength) if params.hires_scale > 1 else None),
+            **hires_infotext(params, mode),
             "Clip skip": clip_skip if clip_skip != 1 else None,
             "Eta": _num(params.eta) if spec.name == "ddim" and params.eta else None,
             "Lora hashes": lora_hashes_text(self.lora_stack.active),
@@ -577,10 +581,13 @@ class Pipeline:
         seeds: list[int] = []
         infotexts, records = [], []
         run = {"seed": params.seed, "batch_size": params.batch_size, "batch_count": params.batch_count}
-        total = params.batch_count * plan.steps
+        from .hires import hires_steps, run_hires
+
+        hires = hires_steps(params) if mode == "txt2img" else 0  # second-pass steps (0: no hires fix)
+        total = params.batch_count * (plan.steps + hires)
         for b in range(params.batch_count):
             batch_seeds = [params.seed + b * params.batch_size + k for k in range(params.batch_size)]
-            offset = b * plan.steps
+            offset = b * (plan.steps + hires)
 
             def step_cb(i: int, n: int, x: torch.Tensor, d: torch.Tensor, offset: int = offset) -> None:
                 if callback is not None:
@@ -588,7 +595,10 @@ class Pipeline:
 
             z = self._sample(mode, params, spec, plan, batch_seeds, cond, uncond, pixels, masks,
                              width, height, step_cb, control)
-            decoded, note = self._decode(z)
+            if hires:
+                z = run_hires(self, z, params, spec, batch_seeds, cond, uncond, width, height,
+                              lambda i, n, x, d, o=offset + plan.steps: callback and callback(o + i, total, x, d))
+            decoded, note = self._decode(z, tile=params.tile_vae)
             if note:
                 notes.append(note)
             batch_images = to_pil(decoded)
@@ -624,8 +634,10 @@ class Pipeline:
         height: int,
         callback: Callable[[int, int, torch.Tensor, torch.Tensor], None],
         control: Sequence[ControlUnit] | None = None,
+        init_latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One batch: returns the latents to decode, (B, 4, h, w) float32 (scaled by scaling_factor)."""
+        """One batch: returns the latents to decode, (B, 4, h, w) float32 (scaled by scaling_factor).
+        ``init_latents`` (img2img from latents, the hires fix's second pass): scaled z0 instead of encoding pixels."""
         dev, batch = self.device, len(seeds)
         f, lc = self.factor, self.config.vae.latent_channels
         shape = (1, lc, height // f, width // f)
@@ -636,12 +648,12 @@ class Pipeline:
             cond.expand(batch, -1, -1)  # (2B or B, T, D)
 
         with torch.inference_mode():
-            z0 = None
+            z0 = init_latents
             if pixels is not None and (mode == "img2img" or self.config.unet.in_channels == 4
                                        or params.strength < 1.0):
                 # Posterior sample of the input image, one draw from each image's generator (diffusers'
                 # prepare_latents / _encode_vae_image). The 9-channel inpaint model at strength 1 skips it.
-                z0 = self._encode(pixels, gens)  # (B, 4, h, w) float32, scaled
+                z0 = self._encode(pixels, gens, tile=params.tile_vae)  # (B, 4, h, w) float32, scaled
             noise = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens])
             if self.noise_hook is not None and mode == "txt2img":
                 noise = self.noise_hook(noise)
@@ -657,7 +669,8 @@ class Pipeline:
                 assert pixels is not None and masks is not None
                 mask_lat = F.interpolate(masks, size=shape[-2:]).to(dev)  # nearest, as diffusers: (1, 1, h, w)
                 masked = pixels * (masks < 0.5)  # (1, 3, H, W): the region to repaint set to 0 (grey)
-                masked_lat = self._encode(masked, gens) if self.config.unet.in_channels == 9 else None
+                masked_lat = self._encode(masked, gens, tile=params.tile_vae) \
+                    if self.config.unet.in_channels == 9 else None
                 if masked_lat is None:
                     # diffusers encodes the masked image for 4-channel models too (and discards it): the same
                     # draws keep the generators in step for the stochastic samplers.
@@ -713,7 +726,7 @@ class Pipeline:
 
         return model
 
-    def _encode(self, pixels: torch.Tensor, gens: Sequence[torch.Generator]) -> torch.Tensor:
+    def _encode(self, pixels: torch.Tensor, gens: Sequence[torch.Generator], *, tile: bool = False) -> torch.Tensor:
         """z = scaling_factor · (μ + σ·ε) per image, ε drawn from that image's generator. (B, 4, h, w) float32.
 
         ε is drawn on the CPU in float32 whatever the VAE's dtype (diffusers draws it in the VAE's dtype: the same
@@ -721,13 +734,15 @@ class Pipeline:
         every device and in every precision, up to rounding.
         """
         vae_dtype = next(self.vae.parameters()).dtype
-        posterior = self.vae.encode(pixels.to(self.device, vae_dtype))  # one image: (1, 4, h, w) moments
+        x = pixels.to(self.device, vae_dtype)
+        posterior = tiled_encode(self.vae, x) if tile else self.vae.encode(x)  # one image: (1, 4, h, w) moments
         mean, std = posterior.mean.float(), posterior.std.float()
         parts = [mean + std * torch.randn(mean.shape, generator=g, dtype=torch.float32).to(mean.device) for g in gens]
         return torch.cat(parts) * self.config.vae.scaling_factor
 
-    def _decode(self, z: torch.Tensor) -> tuple[torch.Tensor, str | None]:
-        """Images in [-1, 1] from scaled latents, with the fp32 retry of reduced-precision decodes.
+    def _decode(self, z: torch.Tensor, *, tile: bool = False) -> tuple[torch.Tensor, str | None]:
+        """Images in [-1, 1] from scaled latents, with the fp32 retry of reduced-precision decodes; ``tile``:
+        in blended tiles (:mod:`estable.tiled_vae`).
 
         Non-finite values that survive (a corrupt model, not a precision problem) are an error: they would
         otherwise become a black PNG."""
@@ -741,14 +756,15 @@ class Pipeline:
         note = None
         with torch.inference_mode():
             latents = z / self.config.vae.scaling_factor
-            image = self.vae.decode(latents.to(vae_dtype)).float()
+            decode = (lambda lat: tiled_decode(self.vae, lat)) if tile else self.vae.decode
+            image = decode(latents.to(vae_dtype)).float()
             if vae_dtype in (torch.float16, torch.bfloat16) and _bad_decode(image, latents):
                 note = (f"the VAE decode in {str(vae_dtype).removeprefix('torch.')} gave NaN/inf or a black image; "
                         "decoded again in float32")
                 warnings.warn(note, RuntimeWarning, stacklevel=3)
                 self.vae.float()
                 try:
-                    image = self.vae.decode(latents.float()).float()
+                    image = decode(latents.float()).float()
                 finally:
                     self.vae.to(vae_dtype)
         if not bool(torch.isfinite(image).all()):

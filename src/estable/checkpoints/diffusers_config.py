@@ -428,9 +428,10 @@ _LEGACY_EOS = 2
 def text_from_diffusers(cfg: Mapping[str, Any]) -> TextConfig:
     """TextConfig from a transformers CLIPTextConfig ``config.json`` dict (a diffusers ``text_encoder/``).
 
-    The projection exists only when ``architectures`` names CLIPTextModelWithProjection; a CLIPTextModel
-    config also carries ``projection_dim``, which then means nothing. Generic transformers options
-    (dropout, initializer ranges, token ids other than EOS, dtype, …) are ignored.
+    The projection exists when ``architectures`` names CLIPTextModelWithProjection (Estable's exports before
+    the fix of issue 16 did); a CLIPTextModel config also carries ``projection_dim``, which then means nothing
+    here: the loader adds a projection when the weights hold one (store.py, :data:`TEXT_PROJECTION_FILE`).
+    Generic transformers options (dropout, initializer ranges, token ids other than EOS, dtype, …) are ignored.
     """
     model_type = cfg.get("model_type", "clip_text_model")
     if model_type != "clip_text_model":
@@ -462,15 +463,27 @@ def text_from_diffusers(cfg: Mapping[str, Any]) -> TextConfig:
         raise UnsupportedModelError(f"{_TEXT} does not describe a valid CLIP text model: {e}") from None
 
 
-def text_class_name(cfg: TextConfig) -> str:
-    """The transformers class that holds this text encoder's weights."""
-    return "CLIPTextModel" if cfg.projection_dim is None else "CLIPTextModelWithProjection"
+# The class a StableDiffusionPipeline instantiates for its text_encoder/: the pipeline cross-attends to the hidden
+# states, which only CLIPTextModel returns first (CLIPTextModelWithProjection returns the pooled projection first,
+# and the pipeline then fails at the first prompt). A projection, where a model has one (Estable's own models: a
+# text tower trained as half of a CLIP pair), is not part of this class; store.py writes it beside the weights in
+# text_encoder/TEXT_PROJECTION_FILE, a file transformers and diffusers do not read.
+TEXT_ENCODER_CLASS = "CLIPTextModel"
+TEXT_PROJECTION_FILE = "text_projection.safetensors"
 
 
 def text_to_diffusers(cfg: TextConfig) -> dict[str, Any]:
-    """A transformers CLIPTextConfig dict for ``cfg``."""
+    """A transformers CLIPTextConfig dict for a ``CLIPTextModel`` with ``cfg``'s transformer.
+
+    ``projection_dim`` records the width of the projection kept in :data:`TEXT_PROJECTION_FILE` (CLIPTextModel
+    ignores it). ``dtype`` float32: transformers 5 loads a model in the dtype its config names, or else in the
+    dtype of the stored weights, while diffusers loads its models in float32 unless told otherwise; without it a
+    folder holding fp16 weights loads as a fp16 text encoder beside a fp32 U-Net and fails at the first prompt.
+    With it, ``from_pretrained(folder)`` gives a float32 pipeline and ``torch_dtype=`` still sets every part.
+    """
     return {
-        "architectures": [text_class_name(cfg)],
+        "architectures": [TEXT_ENCODER_CLASS],
+        "dtype": "float32",
         "model_type": "clip_text_model",
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.width,
@@ -592,7 +605,7 @@ def model_index_for(config: ModelConfig, scheduler_class: str = DEFAULT_SCHEDULE
         "requires_safety_checker": False,
         "safety_checker": [None, None],
         "scheduler": ["diffusers", scheduler_class],
-        "text_encoder": ["transformers", text_class_name(config.text)],
+        "text_encoder": ["transformers", TEXT_ENCODER_CLASS],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", _UNET],
         "vae": ["diffusers", _VAE],

@@ -43,6 +43,7 @@ _TORCH_TO_ST = {
     torch.bool: "BOOL",
 }
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
+_SCALE_SUFFIX = ".weight_scale"  # per-channel scales of int8 layers (estable.nn.int8)
 
 
 def _ldm_component(key: str) -> str:
@@ -60,8 +61,8 @@ def _summarise(infos: dict[str, TensorInfo], component_of: Any) -> dict[str, dic
         entry = out.setdefault(name, {"parameters": 0, "tensors": 0, "dtypes": Counter()})
         entry["tensors"] += 1
         entry["dtypes"][info.dtype] += 1
-        if info.dtype in _FLOAT_DTYPES:
-            entry["parameters"] += info.numel
+        if info.dtype in _FLOAT_DTYPES and not key.endswith(_SCALE_SUFFIX) or info.dtype == "I8":
+            entry["parameters"] += info.numel  # int8 tensors are quantised weights; their scales are not counted
     for entry in out.values():
         entry["dtypes"] = dict(sorted(entry["dtypes"].items()))
     order = [*COMPONENTS, "ema", "other"]
@@ -148,6 +149,9 @@ def _describe_file(path: Path, fmt: str, *, hashes: bool, allow_pickle: bool) ->
         out["components"] = _summarise(infos, lambda k: k.partition(".")[0])
         out["format_version"] = meta.get("format_version")
         out["tokenizer"] = "standard CLIP" if meta.get("tokenizer", "clip") == "clip" else "embedded"
+        if meta.get("quantization"):
+            out["quantization"] = meta["quantization"]
+            out["int8_layers"] = sum(1 for k in infos if k.endswith(_SCALE_SUFFIX))
         if config is not None:
             out.update(_config_summary(config), prediction_type_source="recorded in the file's metadata")
             out["config"] = config.to_dict()
@@ -321,6 +325,9 @@ def format_info(info: dict[str, Any]) -> str:
         row("other", f"{comps['other']['tensors']} tensors outside the known components")
     if info.get("dtypes"):
         row("dtypes", ", ".join(info["dtypes"]))
+    if info.get("quantization"):
+        row("quantized", f"int8 weights, one scale per output channel ({info.get('int8_layers', 0)} Linear/Conv "
+            f"layers; {info['quantization']})")
     pred = info.get("prediction_type")
     if pred:
         source = info.get("prediction_type_source")

@@ -6,7 +6,10 @@ Formats:
   the original CompVis key names (``model.diffusion_model.…``, ``first_stage_model.…``, ``cond_stage_model.…``).
   The key maps live in :mod:`estable.checkpoints.ldm`.
 * ``diffusers``: a folder with ``model_index.json`` and ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
-  ``scheduler/``; the config translations live in :mod:`estable.checkpoints.diffusers_config`.
+  ``scheduler/``; the config translations live in :mod:`estable.checkpoints.diffusers_config`. The text encoder is
+  written as transformers' ``CLIPTextModel`` (what StableDiffusionPipeline instantiates); a text projection (the
+  text tower of a CLIP pair, as in Estable's own models) goes to ``text_encoder/text_projection.safetensors``,
+  which diffusers and transformers do not read and Estable reads back.
 * ``estable``: one safetensors file whose keys are prefixed ``unet.``, ``vae.``, ``text_encoder.`` and whose
   metadata carries ``{"format": "estable", "format_version": "1", "config": <ModelConfig JSON>,
   "tokenizer": "clip" | <JSON {"vocab": {...}, "merges": "..."}>}``.
@@ -372,6 +375,16 @@ def load_model(
             shells[name] = _build(cls, cfg)
     except ValueError as exc:  # the config itself is invalid for our networks
         raise UnsupportedModelError(f"{path}: cannot build the model: {exc}") from exc
+    # int8 layers (an Estable file written with --quantize int8): the shells get int8 modules where the file has
+    # ``<layer>.weight_scale``, so that the int8 tensors load as they are (estable.nn.int8).
+    from ..nn.int8 import int8_layout, is_quantized
+
+    for name, (sd, where) in comps.items():
+        if is_quantized(sd):
+            try:
+                int8_layout(shells[name], sd.keys())
+            except ValueError as exc:
+                raise CheckpointError(f"{where}: {exc}") from None
     # Check all three before loading any, so that a bad file never yields a partial model.
     for name, (sd, where) in comps.items():
         check_state_dict(shells[name], sd, where=where, component=name.replace("_", " "))
@@ -524,17 +537,6 @@ def _read_diffusers(path: Path, *, allow_pickle: bool) -> tuple[ModelConfig, Com
                           where=str(path / "text_encoder" / "config.json"))
     sched_cfg = _converted(dc.schedule_from_diffusers, cfg("scheduler", _SCHEDULER_CONFIG),
                            where=str(path / "scheduler" / _SCHEDULER_CONFIG))
-    tok = _tokenizer_from_folder(path / "tokenizer")
-    family = "sd2" if text_cfg.activation == "gelu" else "sd1"
-    default_tok = TokenizerConfig(pad_token_id=0) if family == "sd2" else TokenizerConfig()
-    try:
-        config = ModelConfig(
-            family=family, unet=unet_cfg, vae=vae_cfg, text=text_cfg,
-            tokenizer=_tokenizer_config(tok, default_tok), schedule=sched_cfg, clip_skip=1,
-        )
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: the component configs do not fit together: {exc}") from exc
-
     comps: Components = {}
     for name in COMPONENTS:
         files = _weights_file(path / name, WEIGHT_STEMS[name], allow_pickle)
@@ -545,8 +547,37 @@ def _read_diffusers(path: Path, *, allow_pickle: bool) -> tuple[ModelConfig, Com
         sd = clean_state_dict(sd)
         if name == "text_encoder":
             sd = _transformers_text_keys(sd)
+            extra = path / name / dc.TEXT_PROJECTION_FILE
+            if _PROJECTION_KEY not in sd and extra.is_file():
+                sd[_PROJECTION_KEY] = _read_projection(extra)
+            if _PROJECTION_KEY in sd and text_cfg.projection_dim is None:
+                # a CLIPTextModel folder whose weights carry a text projection (Estable's exports)
+                text_cfg = text_cfg.replace(projection_dim=int(sd[_PROJECTION_KEY].shape[0]))
         comps[name] = (sd, str(files[0] if len(files) == 1 else path / name))
+
+    tok = _tokenizer_from_folder(path / "tokenizer")
+    family = "sd2" if text_cfg.activation == "gelu" else "sd1"
+    default_tok = TokenizerConfig(pad_token_id=0) if family == "sd2" else TokenizerConfig()
+    try:
+        config = ModelConfig(
+            family=family, unet=unet_cfg, vae=vae_cfg, text=text_cfg,
+            tokenizer=_tokenizer_config(tok, default_tok), schedule=sched_cfg, clip_skip=1,
+        )
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: the component configs do not fit together: {exc}") from exc
     return config, comps, tok, None
+
+
+_PROJECTION_KEY = "text_projection.weight"
+
+
+def _read_projection(path: Path) -> torch.Tensor:
+    """The text projection stored beside a CLIPTextModel's weights: one (projection_dim, width) matrix."""
+    tensors, _meta = read_safetensors(path)
+    t = tensors.get(_PROJECTION_KEY)
+    if set(tensors) != {_PROJECTION_KEY} or t is None or t.ndim != 2:
+        raise CheckpointError(f"{path}: expected one 2-D tensor named {_PROJECTION_KEY!r}, found {_list(tensors)}")
+    return t
 
 
 # transformers 5 saves CLIPTextModel without its ``text_model.`` prefix (and reads both forms); older files and
@@ -595,6 +626,11 @@ def save_model(
     stage(f"converting to {to}")
     comps = {name: _cast(sd, torch_dtype, "cpu") for name, sd in model.state_dicts().items()}
     config = model.config
+    from ..nn.int8 import QUANTIZATION, is_quantized
+
+    quantized = any(is_quantized(sd) for sd in comps.values())
+    if quantized and to != "estable":
+        raise EstableError(f"an int8 model is written as an Estable file only (--to estable), not {to}")
     if to == "estable":
         tensors = {f"{name}.{k}": t for name, sd in comps.items() for k, t in sd.items()}
         meta = {
@@ -603,6 +639,8 @@ def save_model(
             "config": config.to_json(),
             "tokenizer": tokenizer_metadata(model.tokenizer),
         }
+        if quantized:
+            meta["quantization"] = QUANTIZATION
         stage(f"writing {dst.name}")
         write_safetensors(dst, tensors, meta)
     elif to == "ldm":
@@ -644,10 +682,16 @@ def _save_diffusers(model: LoadedModel, comps: dict[str, dict[str, torch.Tensor]
             "vae": (dc.vae_to_diffusers(config.vae), "diffusion_pytorch_model.safetensors"),
             "text_encoder": (dc.text_to_diffusers(config.text), "model.safetensors"),
         }
+        text = dict(comps["text_encoder"])
+        projection = text.pop(_PROJECTION_KEY, None)
+        comps = {**comps, "text_encoder": text}
         for name, (cfg_dict, weights) in writers.items():
             (tmp / name).mkdir()
             atomic_write_text(tmp / name / "config.json", json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n")
             write_safetensors(tmp / name / weights, comps[name], {"format": "pt"})
+        if projection is not None:  # CLIPTextModel has none: kept beside it for Estable (see diffusers_config)
+            write_safetensors(tmp / "text_encoder" / dc.TEXT_PROJECTION_FILE, {_PROJECTION_KEY: projection},
+                              {"format": "pt"})
         (tmp / "scheduler").mkdir()
         atomic_write_text(
             tmp / "scheduler" / _SCHEDULER_CONFIG,
