@@ -55,7 +55,8 @@ def test_generate_with_control_matches_library(setup, folders, capsys):
     out = root / "out.png"
     status, _, err = _run(capsys, "generate", "a cat", "--model", folders["epsilon"], "--steps", 4, "--seed", 3,
                           "--sampler", "euler", "--device", "cpu", "--dtype", "fp32", "--out", out,
-                          "--control", f"none:{root / 'ctrl.png'}:0.8", "--controlnet", path, "--control-end", 0.75)
+                          "--control", f"none:{root / 'ctrl.png'}:0.8", "--controlnet", path, "--control-end", 0.75,
+                          "--no-watermark")  # the library call below does not watermark
     assert status == 0, err
     params = GenerationParams(prompt="a cat", steps=4, seed=3, sampler="euler", width=64, height=64)
     unit = ControlUnit(net=net, image=Image.open(root / "ctrl.png").convert("RGB"), scale=0.8, end=0.75)
@@ -71,7 +72,7 @@ def test_generate_with_control_matches_library(setup, folders, capsys):
     assert rec["scale"] == 0.8 and rec["end"] == 0.75 and rec["model"]["source"] == str(path.resolve())
     # --from-png brings the ControlNet units back: the same image
     again = root / "again.png"
-    status, _, err = _run(capsys, "generate", "--from-png", out, "--out", again)
+    status, _, err = _run(capsys, "generate", "--from-png", out, "--out", again, "--no-watermark")
     assert status == 0, err
     assert np.array_equal(np.asarray(Image.open(again).convert("RGB")), got)
 

@@ -112,9 +112,15 @@ def test_full_queue_timeout_and_disconnect(model, tmp_path):
         got = finished(s, first["id"])
         assert got["state"] == "failed" and "timeout of 0.5 s" in got["error"]
         assert finished(s, second["id"])["state"] == "done"
-        # a synchronous A1111 call whose client hangs up has its job cancelled
+    finally:
+        s.stop()
+    # a synchronous A1111 call whose client hangs up has its job cancelled (a job of ~3 s, no short timeout, so
+    # that a loaded machine still notices the hang-up long before the job would end)
+    s = LiveServer(settings(tmp_path / "b", model, warmup=False), worker_class=SlowWorker)
+    try:
+        c = s.client
         with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=s.url, timeout=0.3) as quick:
-            quick.post("/sdapi/v1/txt2img", json={"prompt": "gone", "steps": 8})
+            quick.post("/sdapi/v1/txt2img", json={"prompt": "gone", "steps": 60})
         job = wait_for(lambda: (j := c.get("/v1/jobs").json()["jobs"][0])["state"] != "running"
                        and j["state"] != "queued" and j)
         assert job["params"]["prompt"] == "gone" and job["state"] == "cancelled"

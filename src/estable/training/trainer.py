@@ -726,6 +726,7 @@ class UNetTrainer(Trainer):
 
     kind = "unet"
     config: UNetTrainConfig
+    train_text = False  # text.train: the text encoder learns too (subclasses with other configs leave it off)
 
     def resolve_config(self, config: TrainConfig) -> TrainConfig:
         assert isinstance(config, UNetTrainConfig)
@@ -758,7 +759,8 @@ class UNetTrainer(Trainer):
             objective=cfg.objective, min_snr_gamma=cfg.min_snr_gamma, offset_noise=cfg.offset_noise,
             caption_dropout=cfg.caption_dropout, clip_skip=cfg.text.clip_skip, latent_size=cfg.data.size // f,
             train_text=cfg.text.train)
-        if cfg.text.train:  # saved in every checkpoint beside the U-Net (assemble_model exports it)
+        self.train_text = cfg.text.train
+        if self.train_text:  # saved in every checkpoint beside the U-Net (assemble_model exports it)
             self.extra_networks["text_encoder"] = self.text_encoder
         self.train_data, self.val_items = build_datasets(cfg, self.dist.rank, self.dist.world_size)
         if cfg.latents == "cache":
@@ -816,10 +818,10 @@ class UNetTrainer(Trainer):
         return CachedLatents(torch.cat(means), torch.cat(stds), captions)
 
     def averaged_extras(self) -> list[str]:
-        return ["text_encoder"] if self.config.text.train else []
+        return ["text_encoder"] if self.train_text else []
 
     def param_groups(self) -> list[dict[str, Any]]:
-        if not self.config.text.train:
+        if not self.train_text:
             return super().param_groups()
         text = [p for p in self.text_encoder.parameters() if p.requires_grad]
         ids = {id(p) for p in text}
