@@ -130,7 +130,7 @@ def p_value(inverted: torch.Tensor) -> tuple[float, float]:
     """(p-value, η) of the test on one inverted latent (C, h, w): small p = close to Estable's ring key."""
     h, w = inverted.shape[-2:]
     key, mask = key_and_mask(h, w)
-    f = torch.fft.fftshift(torch.fft.fft2(inverted[CHANNEL].to(torch.float64)), dim=(-2, -1))
+    f = torch.fft.fftshift(torch.fft.fft2(inverted[CHANNEL].detach().to("cpu", torch.float64)), dim=(-2, -1))
     y = _components(f, mask)
     k = _components(key, mask)
     var = float((y**2).mean())  # σ² per real component, estimated from y (the paper's estimate)
