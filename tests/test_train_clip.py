@@ -17,13 +17,8 @@ from estable.cli_train import add_train_commands
 from estable.errors import CheckpointError, EstableError
 from estable.models.clip import DEFAULT_MAX_LOGIT_SCALE
 from estable.tokenizer import CLIPTokenizer
-from estable.training.clip_trainer import (
-    CLIPTrainer,
-    caption_sample,
-    find_text_encoder_export,
-    load_clip_pair,
-    load_text_encoder,
-)
+from estable.training.clip_exports import find_text_encoder_export, load_clip_pair, load_text_encoder
+from estable.training.clip_trainer import CLIPTrainer, caption_sample
 from estable.training.config import CLIPTrainConfig, load_config
 from estable.training.runs import load_checkpoint
 from estable.training.trainer import UNetTrainer, collate

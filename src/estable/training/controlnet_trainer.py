@@ -30,10 +30,11 @@ from estable.config import ControlNetConfig
 from estable.errors import EstableError
 from estable.images import to_pil
 from estable.models.controlnet import ControlNet
+from estable.training.builders import build_datasets
 from estable.training.config import ControlNetTrainConfig, TrainConfig
 from estable.training.objectives import UNetObjective, empty_prompt_ids, min_snr_weights, noisy_latents_and_target
 from estable.training.runs import make_grid
-from estable.training.trainer import UNetTrainer, build_datasets
+from estable.training.trainer import UNetTrainer
 
 CONTROLNET_FILE = "controlnet.safetensors"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

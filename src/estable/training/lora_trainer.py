@@ -30,9 +30,10 @@ from torch import nn
 from estable.checkpoints.lora_format import kohya_name, save_lora
 from estable.errors import EstableError
 from estable.nn.lora import TEXT_TARGETS, UNET_TARGETS, LoRALayer, inject_lora, lora_parameters
+from estable.training.builders import build_datasets
 from estable.training.config import LoRATrainConfig, TrainConfig
 from estable.training.objectives import UNetObjective, empty_prompt_ids
-from estable.training.trainer import UNetTrainer, build_datasets
+from estable.training.trainer import UNetTrainer
 
 LORA_FILE = "lora.safetensors"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

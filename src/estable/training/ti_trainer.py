@@ -32,10 +32,11 @@ from torch import nn
 
 from estable.embeddings import save_embedding
 from estable.errors import EstableError
+from estable.training.builders import CachedLatents, build_datasets
 from estable.training.config import TITrainConfig, TrainConfig
 from estable.training.data import to_tensor
 from estable.training.objectives import UNetObjective, empty_prompt_ids
-from estable.training.trainer import CachedLatents, UNetTrainer, build_datasets
+from estable.training.trainer import UNetTrainer
 
 __all__ = ["NewColourShapes", "TIEmbedding", "TIObjective", "TITrainer", "TokenizerWithEmbedding"]
 
