@@ -20,8 +20,8 @@ from estable.errors import EstableError
 from estable.models.clip import CLIPPair, CLIPPairConfig, ImageEncoderConfig
 from estable.models.unet import UNet
 from estable.params import GenerationParams
+from estable.training.builders import build_text_encoder, build_vae
 from estable.training.config import load_config
-from estable.training.trainer import build_text_encoder, build_vae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -70,7 +70,7 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .training import distributed
     from .training.config import load_config
-    from .training.trainer import make_trainer
+    from .training.registry import make_trainer
 
     kind = args.trainer_kind
     if args.run_dir:

@@ -34,7 +34,7 @@ from estable.training.builders import build_datasets
 from estable.training.config import ControlNetTrainConfig, TrainConfig
 from estable.training.objectives import UNetObjective, empty_prompt_ids, min_snr_weights, noisy_latents_and_target
 from estable.training.runs import make_grid
-from estable.training.trainer import UNetTrainer
+from estable.training.unet_trainer import UNetTrainer
 
 CONTROLNET_FILE = "controlnet.safetensors"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

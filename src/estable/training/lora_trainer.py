@@ -33,7 +33,7 @@ from estable.nn.lora import TEXT_TARGETS, UNET_TARGETS, LoRALayer, inject_lora, 
 from estable.training.builders import build_datasets
 from estable.training.config import LoRATrainConfig, TrainConfig
 from estable.training.objectives import UNetObjective, empty_prompt_ids
-from estable.training.trainer import UNetTrainer
+from estable.training.unet_trainer import UNetTrainer
 
 LORA_FILE = "lora.safetensors"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -36,7 +36,7 @@ from estable.training.builders import CachedLatents, build_datasets
 from estable.training.config import TITrainConfig, TrainConfig
 from estable.training.data import to_tensor
 from estable.training.objectives import UNetObjective, empty_prompt_ids
-from estable.training.trainer import UNetTrainer
+from estable.training.unet_trainer import UNetTrainer
 
 __all__ = ["NewColourShapes", "TIEmbedding", "TIObjective", "TITrainer", "TokenizerWithEmbedding"]
 

@@ -1,10 +1,17 @@
-"""The U-Net and VAE trainers on the loop of :mod:`estable.training.loop`, and the trainer registry."""
+"""``estable train unet``: the latent-diffusion U-Net on frozen VAE latents and frozen text-encoder contexts.
+
+Loss (Rombach et al. 2022, eq. 2): :class:`~estable.training.objectives.UNetObjective` (ε or v, min-SNR-γ, offset
+noise, caption dropout). The VAE and the text encoder come from :mod:`estable.training.builders` (random and seeded,
+a CLIP run's text tower, or any checkpoint); ``text.train`` trains the text encoder too (saved beside the U-Net);
+``latents=cache`` encodes the training set once into the run folder. The only trainer with strategy=fsdp (see
+:mod:`estable.training.loop`). The LoRA, ControlNet and textual-inversion trainers subclass it for its data,
+tokenizer, draws and sample grid.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,27 +22,20 @@ from tqdm import tqdm
 from estable.errors import EstableError
 from estable.images import to_pil
 from estable.models.unet import UNet
-from estable.models.vae import AutoencoderKL
 from estable.training import distributed as D
 from estable.training.builders import (
     CachedLatents,
     IndexedSubset,
     build_datasets,
     build_text_encoder,
-    build_tokenizer,
     build_vae,
     collate,
     load_network,
-    shapes_tokenizer,
 )
-from estable.training.config import TrainConfig, UNetTrainConfig, VAETrainConfig
-from estable.training.loop import ResumableBatchSampler, Trainer, lr_factor
-from estable.training.objectives import PatchDiscriminator, UNetObjective, VAEObjective, empty_prompt_ids
+from estable.training.config import TrainConfig, UNetTrainConfig
+from estable.training.loop import Trainer
+from estable.training.objectives import UNetObjective, empty_prompt_ids
 from estable.training.runs import make_grid
-
-# ---------------------------------------------------------------------------------------------------------
-# U-Net
-# ---------------------------------------------------------------------------------------------------------
 
 
 class UNetTrainer(Trainer):
@@ -206,145 +206,4 @@ class UNetTrainer(Trainer):
         return make_grid(to_pil(images), columns=min(n, 4))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# VAE
-# ---------------------------------------------------------------------------------------------------------
-
-
-class VAETrainer(Trainer):
-    """KL autoencoder: L1 + KL + SSIM, optional PatchGAN after a warm-up."""
-
-    kind = "vae"
-    config: VAETrainConfig
-
-    def resolve_config(self, config: TrainConfig) -> TrainConfig:
-        assert isinstance(config, VAETrainConfig)
-        if config.init_from:
-            model_cfg, self._init_weights = load_network("vae", config.init_from)
-            config = config.replace(model=model_cfg)
-        return config
-
-    def build(self) -> None:
-        cfg = self.config
-        vae = AutoencoderKL(cfg.model)
-        if cfg.init_from:
-            vae.load_state_dict(self._init_weights, strict=True)
-            del self._init_weights
-        elif cfg.init_logvar is not None:
-            with torch.no_grad():
-                vae.quant_conv.bias[cfg.model.latent_channels:].fill_(cfg.init_logvar)  # moments = [μ, log σ²]
-        disc = None
-        if cfg.disc.enabled:
-            disc = PatchDiscriminator(cfg.model.in_channels, cfg.disc.channels, cfg.disc.layers)
-            self.extra_networks["discriminator"] = disc
-        self.network = vae
-        self.objective = VAEObjective(vae, l1_weight=cfg.l1_weight, kl_weight=cfg.kl_weight,
-                                      ssim_weight=cfg.ssim_weight, discriminator=disc, disc_start=cfg.disc.start,
-                                      disc_weight=cfg.disc.weight)
-        self.train_data, self.val_items = build_datasets(cfg, self.dist.rank, self.dist.world_size)
-
-    def param_groups(self) -> list[dict[str, Any]]:
-        groups: list[dict[str, Any]] = [{"params": [p for p in self.network.parameters() if p.requires_grad]}]
-        disc = self.extra_networks.get("discriminator")
-        if disc is not None:
-            lr = self.config.disc.lr or self.config.optim.lr
-            groups.append({"params": list(disc.parameters()), "base_lr": lr, "weight_decay": 0.0})
-        return groups
-
-    def compile_network(self) -> None:
-        self.objective.vae = torch.compile(self.network)  # type: ignore[assignment]
-
-    def prepare(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {"pixel_values": batch["pixel_values"].to(self.device, non_blocking=True)}
-
-    def draw(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        return self.objective.draw(n, generator, self.config.data.size)
-
-    def call(self, model: nn.Module, batch: dict[str, torch.Tensor],
-             draws: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        return model(batch, draws, self.step)
-
-    def metadata(self) -> dict[str, str]:
-        """The VAE config, its ``scaling_factor`` measured on the validation images (when there are any)."""
-        cfg = self.config.model
-        factor = self.latent_scaling_factor()
-        return {"config": (cfg.replace(scaling_factor=factor) if factor is not None else cfg).to_json()}
-
-    @torch.no_grad()
-    def latent_scaling_factor(self) -> float | None:
-        """1 / std of posterior samples of the validation images, so that the diffusion model sees latents of
-        roughly unit variance (Rombach et al. 2022, sec. 4.3.2; SD's 0.18215 was found this way). The noise comes
-        from a local generator, so saving a checkpoint does not disturb the run's random state."""
-        items = self.val_items
-        if not items:
-            return None
-        gen = torch.Generator().manual_seed(0)
-        x = torch.stack([it["pixel_values"] for it in items]).to(self.device)
-        posterior = self.network.encode(x)
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(x.device)
-        return float(1.0 / z.float().std())
-
-    @torch.no_grad()
-    def sample_image(self) -> Image.Image | None:
-        """Originals (top row) over reconstructions from the posterior mean (bottom row)."""
-        items = self.val_items[: self.config.sample_count]
-        if not items:
-            return None
-        x = torch.stack([it["pixel_values"] for it in items]).to(self.device)
-        with self.autocast():
-            x_hat = self.network.decode(self.network.encode(x).mean).float()
-        return make_grid(to_pil(x) + to_pil(x_hat), columns=len(items))
-
-
-TRAINERS: dict[str, type[Trainer]] = {"unet": UNetTrainer, "vae": VAETrainer}
-TRAINER_KINDS = ("unet", "vae", "clip", "lora", "controlnet", "ti")
-
-
-def trainer_class(kind: str) -> type[Trainer]:
-    """The Trainer subclass for ``kind``; the CLIP and LoRA trainers live in their own modules (they import this
-    one) and are imported on first use."""
-    if kind == "clip":
-        from estable.training.clip_trainer import CLIPTrainer
-
-        return CLIPTrainer
-    if kind == "lora":
-        from estable.training.lora_trainer import LoRATrainer
-
-        return LoRATrainer
-    if kind == "controlnet":
-        from estable.training.controlnet_trainer import ControlNetTrainer
-
-        return ControlNetTrainer
-    if kind == "ti":
-        from estable.training.ti_trainer import TITrainer
-
-        return TITrainer
-    if kind not in TRAINERS:
-        raise EstableError(f"unknown trainer {kind!r}; choose one of {', '.join(TRAINER_KINDS)}")
-    return TRAINERS[kind]
-
-
-def make_trainer(kind: str, config: TrainConfig, run_dir: str | Path, **kwargs: Any) -> Trainer:
-    """The trainer for ``kind`` ("unet", "vae", "clip" or "lora")."""
-    return trainer_class(kind)(config, run_dir, **kwargs)
-
-
-__all__ = [
-    "CachedLatents",
-    "ResumableBatchSampler",
-    "TRAINERS",
-    "TRAINER_KINDS",
-    "Trainer",
-    "UNetTrainer",
-    "VAETrainer",
-    "build_datasets",
-    "build_text_encoder",
-    "build_tokenizer",
-    "build_vae",
-    "collate",
-    "load_network",
-    "lr_factor",
-    "make_trainer",
-    "shapes_tokenizer",
-    "trainer_class",
-]
+__all__ = ["UNetTrainer"]
