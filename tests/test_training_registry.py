@@ -110,3 +110,20 @@ def test_every_kind_resolves_to_its_trainer():
         assert issubclass(cls, Trainer) and cls.kind == kind
     with pytest.raises(EstableError, match="unknown trainer 'gan'"):
         make_trainer("gan", CONFIG_CLASSES["unet"](), "unused")
+
+
+@pytest.mark.parametrize("kind, trainer", [("clip", "CLIP"), ("lora", "LoRA"), ("controlnet", "ControlNet"),
+                                           ("ti", "textual-inversion")])
+def test_a_trainer_refuses_another_trainers_config(kind, trainer, tmp_path):
+    with pytest.raises(EstableError, match=f"^the {trainer} trainer needs a {CONFIG_CLASSES[kind].__name__}, "
+                                           "not UNetTrainConfig$"):
+        make_trainer(kind, CONFIG_CLASSES["unet"](), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind, trainer", [("lora", "LoRA"), ("controlnet", "ControlNet")])
+def test_a_trainer_on_a_frozen_base_needs_one(kind, trainer, tmp_path):
+    with pytest.raises(EstableError, match=f"^the {trainer} trainer needs a base model: base=PATH"):
+        make_trainer(kind, CONFIG_CLASSES[kind](), tmp_path / "run")
+    with pytest.raises(EstableError, match="^base model 'missing.safetensors' does not exist$"):
+        make_trainer(kind, CONFIG_CLASSES[kind](base="missing.safetensors"), tmp_path / "run2")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +24,9 @@ from estable.training.data import ImageCaptionFolder, ShapesDataset, TarShards
 from estable.training.runs import latest_checkpoint
 from estable.training.seeding import SEED_TEXT, SEED_VAE, SEED_VAL_DATA, seeded
 from estable.training.shapes import ShapesWorld, caption_for
+
+if TYPE_CHECKING:
+    from estable.checkpoints.store import LoadedModel
 
 # ---------------------------------------------------------------------------------------------------------
 # Datasets, batches
@@ -203,6 +206,23 @@ def load_network(kind: str, source: str | Path) -> tuple[UNetConfig | VAEConfig,
     return net.config, net.state_dict()
 
 
+def require_base(base: str, trainer: str) -> None:
+    """The check of a trainer on a frozen base model (LoRA, ControlNet) that ``base`` names one."""
+    if not base:
+        raise EstableError(f"the {trainer} trainer needs a base model: base=PATH (SD file, diffusers folder or "
+                           "Estable file)")
+
+
+def load_base(source: str | Path, name: str | None = None) -> LoadedModel:
+    """The frozen base model of a LoRA, ControlNet or TI run, in fp32 (an fp16 file too; autocast computes in
+    bf16/fp16). ``name``: the base as the config spells it, for the message (default: ``source``)."""
+    from estable.checkpoints.store import load_model
+
+    if not Path(source).exists():
+        raise EstableError(f"base model {name if name is not None else str(source)!r} does not exist")
+    return load_model(source, dtype="fp32")
+
+
 def build_vae(src: VAESource, seed: int) -> AutoencoderKL:
     if src.source == "random":
         with torch.random.fork_rng(devices=[]):
@@ -222,6 +242,8 @@ __all__ = [
     "build_tokenizer",
     "build_vae",
     "collate",
+    "load_base",
     "load_network",
+    "require_base",
     "shapes_tokenizer",
 ]

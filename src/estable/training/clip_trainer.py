@@ -42,7 +42,7 @@ from estable.training.builders import build_datasets, collate
 from estable.training.clip_exports import CLIP_FILE, TEXT_ENCODER_FILE, save_clip_pair, save_text_encoder
 from estable.training.clip_objective import CLIPObjective, shapes_caption_key
 from estable.training.config import CLIPTrainConfig, TrainConfig
-from estable.training.loop import Trainer
+from estable.training.loop import Trainer, expect_config
 from estable.training.runs import latest_checkpoint
 
 TOKENIZER_DIR = "tokenizer"
@@ -145,8 +145,7 @@ class CLIPTrainer(Trainer):
         super().__init__(config, run_dir, **kwargs)
 
     def resolve_config(self, config: TrainConfig) -> TrainConfig:
-        if not isinstance(config, CLIPTrainConfig):
-            raise EstableError(f"the CLIP trainer needs a CLIPTrainConfig, not {type(config).__name__}")
+        config = expect_config(config, CLIPTrainConfig, "CLIP")
         saved = self._run_dir / TOKENIZER_DIR
         if saved.is_dir() and latest_checkpoint(self._run_dir / "checkpoints") is not None:
             tok = CLIPTokenizer.from_folder(saved, max_length=config.max_length)  # a resumed run keeps its ids

@@ -35,7 +35,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -57,6 +57,8 @@ from estable.training.runs import (
     save_checkpoint,
 )
 from estable.training.seeding import SEED_DRAWS, SEED_GLOBAL, SEED_INIT, SEED_VAL, seed_global_rngs, seeded
+
+C = TypeVar("C", bound=TrainConfig)
 
 # Trainer kinds that implement strategy=fsdp, and why the others refuse it.
 FSDP_KINDS = ("unet",)
@@ -139,6 +141,13 @@ def resolve_device(spec: str, info: D.DistInfo) -> torch.device:
         return torch.device(f"cuda:{info.local_rank}")
     return torch.device(spec)
 
+
+
+def expect_config(config: TrainConfig, cls: type[C], trainer: str) -> C:
+    """``config`` when it is a ``cls`` (how a trainer's ``resolve_config`` starts), else a one-line error."""
+    if not isinstance(config, cls):
+        raise EstableError(f"the {trainer} trainer needs a {cls.__name__}, not {type(config).__name__}")
+    return config
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -508,6 +517,7 @@ __all__ = [
     "FSDP_KINDS",
     "ResumableBatchSampler",
     "Trainer",
+    "expect_config",
     "lr_factor",
     "resolve_device",
 ]
