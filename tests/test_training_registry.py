@@ -127,3 +127,8 @@ def test_a_trainer_on_a_frozen_base_needs_one(kind, trainer, tmp_path):
         make_trainer(kind, CONFIG_CLASSES[kind](), tmp_path / "run")
     with pytest.raises(EstableError, match="^base model 'missing.safetensors' does not exist$"):
         make_trainer(kind, CONFIG_CLASSES[kind](base="missing.safetensors"), tmp_path / "run2")
+
+
+def test_only_the_unet_trainer_shards_with_fsdp():
+    # A subclass of UNetTrainer inherits supports_fsdp=True; each one on a frozen base model must turn it off.
+    assert [kind for kind in TRAINER_KINDS if trainer_class(kind).supports_fsdp] == ["unet"]

@@ -137,6 +137,7 @@ class CLIPTrainer(Trainer):
     """Contrastive pre-training of a :class:`CLIPPair`; exports the pair and its text tower."""
 
     kind = "clip"
+    no_fsdp_reason = "the CLIP pair's logit-scale clamp and exports work on whole weights"
     config: CLIPTrainConfig
     network: CLIPPair
 

@@ -129,6 +129,7 @@ class ControlNetTrainer(UNetTrainer):
     """ControlNet training on a loaded base model; reuses the U-Net trainer's data, draws and tokenizer."""
 
     kind = "controlnet"
+    supports_fsdp = False
     config: ControlNetTrainConfig  # type: ignore[assignment]
     network: ControlNet
 

@@ -60,15 +60,6 @@ from estable.training.seeding import SEED_DRAWS, SEED_GLOBAL, SEED_INIT, SEED_VA
 
 C = TypeVar("C", bound=TrainConfig)
 
-# Trainer kinds that implement strategy=fsdp, and why the others refuse it.
-FSDP_KINDS = ("unet",)
-_NO_FSDP_REASON = {
-    "lora": "a LoRA run trains small adapters on a frozen base, so sharding them saves next to nothing",
-    "clip": "the CLIP pair's logit-scale clamp and exports work on whole weights",
-    "vae": "the VAE runs through encode/decode rather than forward, which FSDP does not hook, and its "
-           "discriminator is a second trained network",
-}
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Learning rate, data order, device
@@ -142,7 +133,6 @@ def resolve_device(spec: str, info: D.DistInfo) -> torch.device:
     return torch.device(spec)
 
 
-
 def expect_config(config: TrainConfig, cls: type[C], trainer: str) -> C:
     """``config`` when it is a ``cls`` (how a trainer's ``resolve_config`` starts), else a one-line error."""
     if not isinstance(config, cls):
@@ -165,14 +155,16 @@ class Trainer:
     """
 
     kind = "base"
+    # strategy=fsdp: whether the trainer shards its network (``fsdp_blocks``), else why not (said in the error)
+    supports_fsdp = False
+    no_fsdp_reason = "it has no FSDP support"
 
     def __init__(self, config: TrainConfig, run_dir: str | Path, *, resume: bool = False,
                  progress: bool | None = None) -> None:
         self.dist = D.init_distributed()
-        if config.strategy == "fsdp" and self.kind not in FSDP_KINDS:
-            why = _NO_FSDP_REASON.get(self.kind, "it has no FSDP support")
-            raise EstableError(f"strategy=fsdp is not available for the {self.kind} trainer ({why}); use "
-                               "strategy=ddp")
+        if config.strategy == "fsdp" and not self.supports_fsdp:
+            raise EstableError(f"strategy=fsdp is not available for the {self.kind} trainer ({self.no_fsdp_reason}); "
+                               "use strategy=ddp")
         if config.strategy == "fsdp" and not D.fsdp_available():
             raise EstableError(f"strategy=fsdp needs torch >= 2.6 with torch.distributed (this is {torch.__version__});"
                                " use strategy=ddp")
@@ -514,7 +506,6 @@ class Trainer:
 
 
 __all__ = [
-    "FSDP_KINDS",
     "ResumableBatchSampler",
     "Trainer",
     "expect_config",

@@ -99,6 +99,8 @@ class LoRATrainer(UNetTrainer):
     """LoRA fine-tuning of a loaded model; reuses the U-Net trainer's data, draws and sample grid."""
 
     kind = "lora"
+    supports_fsdp = False
+    no_fsdp_reason = "a LoRA run trains small adapters on a frozen base, so sharding them saves next to nothing"
     config: LoRATrainConfig  # type: ignore[assignment]
     network: LoRAAdapters
 

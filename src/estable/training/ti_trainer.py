@@ -152,6 +152,7 @@ class TITrainer(UNetTrainer):
     """Textual inversion on a loaded model; reuses the U-Net trainer's draws and sample grid."""
 
     kind = "ti"
+    supports_fsdp = False
     config: TITrainConfig  # type: ignore[assignment]
     network: TIEmbedding
 

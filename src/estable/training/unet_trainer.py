@@ -42,6 +42,7 @@ class UNetTrainer(Trainer):
     """Latent-diffusion U-Net on frozen VAE latents and frozen text-encoder contexts."""
 
     kind = "unet"
+    supports_fsdp = True  # (the subclasses on a frozen base model turn it off)
     config: UNetTrainConfig
     train_text = False  # text.train: the text encoder learns too (subclasses with other configs leave it off)
 

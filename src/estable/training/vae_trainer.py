@@ -24,6 +24,8 @@ class VAETrainer(Trainer):
     """KL autoencoder: L1 + KL + SSIM, optional PatchGAN after a warm-up."""
 
     kind = "vae"
+    no_fsdp_reason = ("the VAE runs through encode/decode rather than forward, which FSDP does not hook, and its "
+                      "discriminator is a second trained network")
     config: VAETrainConfig
 
     def resolve_config(self, config: TrainConfig) -> TrainConfig:
