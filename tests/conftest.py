@@ -13,3 +13,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def run(capsys):
+    """``run(*argv) -> (status, stdout, stderr)`` through the real ``estable.cli.main``."""
+    import estable.cli as cli
+
+    def call(*argv) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            status = cli.main([str(a) for a in argv])
+        except SystemExit as exc:  # argparse (--help, usage errors)
+            status = int(exc.code or 0)
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return call

@@ -26,8 +26,8 @@ from estable.models.unet import UNet  # noqa: E402
 from estable.server.app import create_app  # noqa: E402
 from estable.server.settings import Limits, ServerSettings  # noqa: E402
 from estable.server.worker import Worker  # noqa: E402
+from estable.training.builders import build_text_encoder, build_vae  # noqa: E402
 from estable.training.config import PRESETS  # noqa: E402
-from estable.training.trainer import build_text_encoder, build_vae  # noqa: E402
 
 TINY = 32  # the tiny model's native size in pixels (latents 8×8, VAE factor 4)
 

@@ -13,7 +13,7 @@ from estable.pipeline import load_pipeline
 from estable.training.assemble import assemble_model
 from estable.training.config import load_config
 from estable.training.runs import latest_checkpoint
-from estable.training.trainer import UNetTrainer
+from estable.training.unet_trainer import UNetTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

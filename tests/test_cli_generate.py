@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import estable.cli as cli
 import estable.pipeline
 from estable.cli_generate import parse_size
 from estable.errors import EstableError
@@ -24,22 +23,6 @@ pytest.importorskip("diffusers")
 COMMON_OPTIONS = ["--negative", "--model", "--sampler", "--steps", "--cfg", "--seed", "--size", "--batch",
                   "--batch-count", "--clip-skip", "--no-weighting", "--eta", "--out", "--device", "--dtype",
                   "--allow-pickle", "--from-png"]
-
-
-@pytest.fixture
-def run(capsys):
-    """``run(*argv) -> (status, stdout, stderr)`` through the real ``estable.cli.main``."""
-
-    def call(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            status = cli.main([str(a) for a in argv])
-        except SystemExit as exc:  # argparse (--help, usage errors)
-            status = int(exc.code or 0)
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    return call
 
 
 @pytest.fixture(scope="module")

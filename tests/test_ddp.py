@@ -20,7 +20,7 @@ import pytest
 
 from estable.training.config import load_config
 from estable.training.runs import load_checkpoint
-from estable.training.trainer import UNetTrainer
+from estable.training.unet_trainer import UNetTrainer
 from torchrun import run_workers
 
 B = 2
@@ -34,7 +34,7 @@ WORKER = textwrap.dedent("""
     torch.set_num_threads(1)
     from estable.training import distributed as D
     from estable.training.config import load_config
-    from estable.training.trainer import UNetTrainer
+    from estable.training.unet_trainer import UNetTrainer
     cfg = load_config("unet", "tiny-unet", json.loads(sys.argv[2]))
     trainer = UNetTrainer(cfg, sys.argv[1], progress=False)
     assert trainer.dist.world_size == 2 and trainer.dist.backend == "gloo", trainer.dist
@@ -86,7 +86,7 @@ CACHE_WORKER = textwrap.dedent("""
     torch.set_num_threads(1)
     from estable.training import distributed as D
     from estable.training.config import load_config
-    from estable.training.trainer import UNetTrainer
+    from estable.training.unet_trainer import UNetTrainer
     cfg = load_config("unet", "tiny-unet", json.loads(sys.argv[2]))
     trainer = UNetTrainer(cfg, sys.argv[1], progress=False)
     data = trainer.train_data  # every rank holds the whole cache: both shares

@@ -26,7 +26,7 @@ from estable.pipeline import default_model_path
 from estable.training.assemble import assemble_model
 from estable.training.clip_trainer import CLIPTrainer
 from estable.training.config import load_config
-from estable.training.trainer import UNetTrainer
+from estable.training.unet_trainer import UNetTrainer
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")

@@ -20,8 +20,8 @@ from estable.errors import EstableError
 from estable.models.clip import CLIPPair, CLIPPairConfig, ImageEncoderConfig
 from estable.models.unet import UNet
 from estable.params import GenerationParams
+from estable.training.builders import build_text_encoder, build_vae
 from estable.training.config import load_config
-from estable.training.trainer import build_text_encoder, build_vae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,8 +62,8 @@ def clip_file(tmp_path_factory) -> Path:
     """A tiny CLIP pair trained for 80 steps on fresh renders of the 6 held-out prompts the test scores."""
     from estable.evaluation.compositional import make_prompts, render_generator
     from estable.training.bpe import learn_tokenizer
+    from estable.training.clip_exports import save_clip_pair
     from estable.training.clip_objective import CLIPObjective
-    from estable.training.clip_trainer import save_clip_pair
     from estable.training.data import to_tensor
 
     captions = [p.caption for p in make_prompts(6)]

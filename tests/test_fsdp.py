@@ -25,7 +25,8 @@ import torch
 from estable.errors import EstableError
 from estable.training.config import load_config
 from estable.training.runs import load_checkpoint
-from estable.training.trainer import UNetTrainer, VAETrainer
+from estable.training.unet_trainer import UNetTrainer
+from estable.training.vae_trainer import VAETrainer
 from torchrun import run_workers
 
 B = 2
@@ -54,7 +55,7 @@ WORKER = textwrap.dedent("""
     from torch.distributed.tensor import DTensor
     from estable.training import distributed as D
     from estable.training.config import load_config
-    from estable.training.trainer import UNetTrainer
+    from estable.training.unet_trainer import UNetTrainer
     cfg = load_config("unet", "tiny-unet", json.loads(sys.argv[2]))
     full = UNetTrainer(cfg, os.path.join(root, "full"), progress=False)
     assert full.dist.world_size == 2 and full.dist.backend == "gloo" and full.sharded, full.dist

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from estable.training.config import load_config
-from estable.training.trainer import make_trainer
+from estable.training.registry import make_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,20 +17,6 @@ import estable.pipeline
 from estable.provenance.infotext import read_png_metadata, write_png
 
 
-@pytest.fixture
-def run(capsys):
-    def call(*argv) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            status = cli.main([str(a) for a in argv])
-        except SystemExit as exc:
-            status = int(exc.code or 0)
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    return call
-
-
 def bomb_png(path: Path, side: int = 100_000) -> Path:
     """A valid PNG whose header claims side x side pixels (10^10 by default) and holds a parameters chunk."""
 

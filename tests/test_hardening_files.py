@@ -12,27 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import estable.cli as cli
 import estable.pipeline
 from estable.pipeline import Pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = ["--steps", "2", "--size", "64", "--seed", "3", "--device", "cpu"]
-
-
-@pytest.fixture
-def run(capsys):
-    def call(*argv) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            status = cli.main([str(a) for a in argv])
-        except SystemExit as exc:
-            status = int(exc.code or 0)
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    return call
 
 
 @pytest.fixture

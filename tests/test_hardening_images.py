@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import estable.cli as cli
 import estable.cli_generate as cli_generate
 from estable.errors import EstableError
 from estable.images import load_image, mask_to_tensor
@@ -19,20 +18,6 @@ from estable.provenance.infotext import write_png
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = ["--steps", "2", "--seed", "3", "--device", "cpu"]
-
-
-@pytest.fixture
-def run(capsys):
-    def call(*argv) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            status = cli.main([str(a) for a in argv])
-        except SystemExit as exc:
-            status = int(exc.code or 0)
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    return call
 
 
 def _ramp16(h: int = 32, w: int = 48) -> np.ndarray:

@@ -38,7 +38,7 @@ def clip_file(tmp_path_factory):
     from estable.models.clip import CLIPPair, CLIPPairConfig, ImageEncoderConfig
     from estable.models.text import TextConfig
     from estable.training.bpe import learn_tokenizer
-    from estable.training.clip_trainer import save_clip_pair
+    from estable.training.clip_exports import save_clip_pair
 
     tok = learn_tokenizer(CONCEPTS * 4 + ["a yellow star above a purple heart"], 600, max_length=16)
     text = TextConfig(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id, max_positions=16, width=32, layers=1,

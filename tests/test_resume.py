@@ -24,7 +24,8 @@ from estable.training.clip_trainer import CLIPTrainer
 from estable.training.config import load_config
 from estable.training.lora_trainer import LoRATrainer
 from estable.training.runs import PAUSE_ENV, latest_checkpoint, load_checkpoint, save_checkpoint
-from estable.training.trainer import UNetTrainer, VAETrainer
+from estable.training.unet_trainer import UNetTrainer
+from estable.training.vae_trainer import VAETrainer
 
 REPO = Path(__file__).resolve().parents[1]
 # Everything that draws random numbers is on: caption dropout, offset noise, min-SNR, grad accumulation, EMA.
@@ -129,7 +130,7 @@ _KILLED_RUN = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
     from estable.training.config import load_config
-    from estable.training.trainer import UNetTrainer
+    from estable.training.unet_trainer import UNetTrainer
     cfg = load_config("unet", "tiny-unet", sys.argv[2:])
     UNetTrainer(cfg, sys.argv[1], progress=False).train()
 """)
@@ -193,7 +194,7 @@ def test_checkpoint_primitives(tmp_path):
 def test_max_minutes_stops_with_a_checkpoint_and_resume_finishes(tmp_path):
     from estable.training.config import load_config
     from estable.training.runs import latest_checkpoint
-    from estable.training.trainer import UNetTrainer
+    from estable.training.unet_trainer import UNetTrainer
 
     over = ["log_every=1", "val_every=0", "sample_every=0", "save_every=0", "tensorboard=false", "device=cpu",
             "max_steps=4"]

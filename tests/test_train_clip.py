@@ -17,16 +17,12 @@ from estable.cli_train import add_train_commands
 from estable.errors import CheckpointError, EstableError
 from estable.models.clip import DEFAULT_MAX_LOGIT_SCALE
 from estable.tokenizer import CLIPTokenizer
-from estable.training.clip_trainer import (
-    CLIPTrainer,
-    caption_sample,
-    find_text_encoder_export,
-    load_clip_pair,
-    load_text_encoder,
-)
+from estable.training.builders import collate
+from estable.training.clip_exports import find_text_encoder_export, load_clip_pair, load_text_encoder
+from estable.training.clip_trainer import CLIPTrainer, caption_sample
 from estable.training.config import CLIPTrainConfig, load_config
 from estable.training.runs import load_checkpoint
-from estable.training.trainer import UNetTrainer, collate
+from estable.training.unet_trainer import UNetTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["log_every=1", "val_every=0", "sample_every=0", "save_every=0", "tensorboard=false"]

@@ -20,10 +20,10 @@ from estable.config import ModelConfig, TokenizerConfig
 from estable.errors import EstableError
 from estable.models.unet import UNet
 from estable.nn.lora import lora_modules
+from estable.training.builders import build_text_encoder, build_vae
 from estable.training.config import PRESETS, LoRATrainConfig, load_config
 from estable.training.lora_trainer import LoRATrainer
 from estable.training.runs import load_checkpoint
-from estable.training.trainer import build_text_encoder, build_vae
 
 QUIET = ["log_every=1", "val_every=0", "sample_every=0", "save_every=0", "tensorboard=false"]
 

@@ -10,7 +10,7 @@ import torch
 
 from estable.errors import EstableError
 from estable.training.config import load_config
-from estable.training.trainer import UNetTrainer
+from estable.training.unet_trainer import UNetTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,10 +12,11 @@ import torch
 
 from estable.checkpoints.store import load_model
 from estable.training.assemble import assemble_model
+from estable.training.builders import build_datasets
 from estable.training.config import load_config
 from estable.training.runs import load_checkpoint
 from estable.training.shapes import parse_caption
-from estable.training.trainer import UNetTrainer, build_datasets
+from estable.training.unet_trainer import UNetTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,20 +15,15 @@ from estable.cli_train import add_train_commands
 from estable.errors import EstableError
 from estable.models.vae import AutoencoderKL
 from estable.sampling.schedules import alphas_cumprod
+from estable.training.builders import collate, load_network, shapes_tokenizer
 from estable.training.config import UNetTrainConfig, apply_overrides, load_config
 from estable.training.ema import EMA
+from estable.training.loop import ResumableBatchSampler, lr_factor
 from estable.training.objectives import min_snr_weights, noisy_latents_and_target, ssim
 from estable.training.runs import load_checkpoint
 from estable.training.shapes import ShapesWorld, caption_for
-from estable.training.trainer import (
-    ResumableBatchSampler,
-    UNetTrainer,
-    VAETrainer,
-    collate,
-    load_network,
-    lr_factor,
-    shapes_tokenizer,
-)
+from estable.training.unet_trainer import UNetTrainer
+from estable.training.vae_trainer import VAETrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

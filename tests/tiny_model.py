@@ -10,8 +10,8 @@ import torch
 from estable.checkpoints.store import LoadedModel, save_model
 from estable.config import ModelConfig, TokenizerConfig
 from estable.models.unet import UNet
+from estable.training.builders import build_text_encoder, build_vae
 from estable.training.config import load_config
-from estable.training.trainer import build_text_encoder, build_vae
 
 
 def tiny_model_file(folder: Path, *, seed: int = 0) -> Path:

@@ -28,7 +28,7 @@ from estable.params import GenerationParams
 from estable.training.assemble import assemble_model
 from estable.training.config import load_config
 from estable.training.runs import latest_checkpoint
-from estable.training.trainer import UNetTrainer
+from estable.training.unet_trainer import UNetTrainer
 
 
 def score(model: Path, args: argparse.Namespace, device: str, judge) -> dict:

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from .errors import EstableError
+from .training.registry import TRAINER_KINDS
 
-KINDS = ("unet", "vae", "clip", "lora", "controlnet", "ti")
 _HELP = {"unet": "train the latent-diffusion U-Net (frozen VAE and text encoder)",
          "vae": "train the KL autoencoder (L1 + KL + SSIM, optional PatchGAN)",
          "clip": "train a contrastive text-image pair; exports its text tower as a text encoder for the U-Net",
@@ -44,7 +44,7 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
                               description="Train a network. Runs write config.json, log.jsonl, sample grids and "
                               "atomic checkpoints into --run-dir; --resume continues exactly where it stopped.")
     sub = p.add_subparsers(dest="trainer", metavar="TRAINER", required=True)
-    for kind in KINDS:
+    for kind in TRAINER_KINDS:
         presets = ", ".join(n for n, c in PRESETS.items() if type(c).__name__.lower().startswith(kind))
         q = sub.add_parser(kind, help=_HELP[kind], description=_HELP[kind])
         q.add_argument("--config", metavar="FILE_OR_PRESET",
@@ -70,7 +70,7 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .training import distributed
     from .training.config import load_config
-    from .training.trainer import make_trainer
+    from .training.registry import make_trainer
 
     kind = args.trainer_kind
     if args.run_dir:

@@ -39,7 +39,7 @@ Generator = Callable[[list[str], list[int]], list[Image.Image]]
 
 def load_clip(source: str | Path, device: str | torch.device = "cpu") -> tuple[CLIPPair, Any]:
     """(pair, tokenizer) from a ``clip.safetensors`` export or a CLIP run folder holding one."""
-    from ..training.clip_trainer import CLIP_FILE, load_clip_pair
+    from ..training.clip_exports import CLIP_FILE, load_clip_pair
 
     path = Path(source)
     if path.is_dir():

@@ -14,8 +14,8 @@ from estable.checkpoints.store import LoadedModel, save_model
 from estable.config import ModelConfig, TokenizerConfig, UNetConfig
 from estable.errors import EstableError
 from estable.models.unet import UNet
+from estable.training.builders import build_text_encoder, build_vae, load_network
 from estable.training.config import UNetTrainConfig, load_config
-from estable.training.trainer import build_text_encoder, build_vae, load_network
 
 
 def assemble_model(unet_run: str | Path, out: str | Path, *, dtype: str | None = "fp16",

@@ -127,6 +127,25 @@ def _positive_int(name: str, value: Any, *, allow_zero: bool = False) -> None:
         raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
 
 
+def _check_diffusion_loss(cfg: Any, *, caption_dropout: bool = True) -> None:
+    """The diffusion loss's options, alike in the U-Net, LoRA, ControlNet and TI configs: min-SNR-γ, offset noise
+    and (where the trainer drops captions) caption dropout."""
+    if cfg.min_snr_gamma is not None:
+        _positive("min_snr_gamma", cfg.min_snr_gamma)
+    _positive("offset_noise", cfg.offset_noise, allow_zero=True)
+    if caption_dropout and not 0 <= cfg.caption_dropout <= 1:
+        raise ValueError(f"caption_dropout must be in [0, 1], got {cfg.caption_dropout!r}")
+
+
+def _check_frozen_base(cfg: Any, trainer: str, weights_from: str) -> None:
+    """``clip_skip`` and ``init_from`` of a trainer on a frozen base model (LoRA, ControlNet, TI): init_from has no
+    use there, so it is refused with where the weights come from instead."""
+    if cfg.clip_skip is not None:
+        _positive_int("clip_skip", cfg.clip_skip)
+    if cfg.init_from:
+        raise ValueError(f"init_from is not used by the {trainer} trainer; {weights_from}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Sections shared by the trainers
 # ---------------------------------------------------------------------------------------------------------
@@ -350,11 +369,7 @@ class UNetTrainConfig(TrainConfig):
         prediction = "epsilon" if self.objective == "eps" else "v_prediction"
         if self.schedule.prediction_type != prediction:
             object.__setattr__(self, "schedule", self.schedule.replace(prediction_type=prediction))
-        if self.min_snr_gamma is not None:
-            _positive("min_snr_gamma", self.min_snr_gamma)
-        _positive("offset_noise", self.offset_noise, allow_zero=True)
-        if not 0 <= self.caption_dropout <= 1:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout!r}")
+        _check_diffusion_loss(self)
         if self.latents not in ("online", "cache"):
             raise ValueError(f"latents must be 'online' or 'cache', not {self.latents!r}")
         if self.model.in_channels != self.vae.config.latent_channels and self.vae.source == "random":
@@ -554,15 +569,8 @@ class LoRATrainConfig(TrainConfig):
         super().__post_init__()
         if not isinstance(self.base, str):
             raise ValueError("base must be a checkpoint path (SD file, diffusers folder or Estable file)")
-        if self.min_snr_gamma is not None:
-            _positive("min_snr_gamma", self.min_snr_gamma)
-        _positive("offset_noise", self.offset_noise, allow_zero=True)
-        if not 0 <= self.caption_dropout <= 1:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout!r}")
-        if self.clip_skip is not None:
-            _positive_int("clip_skip", self.clip_skip)
-        if self.init_from:
-            raise ValueError("init_from is not used by the LoRA trainer; the frozen weights come from base")
+        _check_diffusion_loss(self)
+        _check_frozen_base(self, "LoRA", "the frozen weights come from base")
 
 
 CONTROL_KINDS = ("canny", "scribble", "lines", "seg")
@@ -603,15 +611,8 @@ class ControlNetTrainConfig(TrainConfig):
         if not 0 <= self.control_low <= self.control_high:
             raise ValueError("control_low and control_high must satisfy 0 ≤ low ≤ high")
         _positive("control_sigma", self.control_sigma, allow_zero=True)
-        if self.min_snr_gamma is not None:
-            _positive("min_snr_gamma", self.min_snr_gamma)
-        _positive("offset_noise", self.offset_noise, allow_zero=True)
-        if not 0 <= self.caption_dropout <= 1:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout!r}")
-        if self.clip_skip is not None:
-            _positive_int("clip_skip", self.clip_skip)
-        if self.init_from:
-            raise ValueError("init_from is not used by the ControlNet trainer; it starts from the base U-Net's encoder")
+        _check_diffusion_loss(self)
+        _check_frozen_base(self, "ControlNet", "it starts from the base U-Net's encoder")
 
 
 @dataclass(frozen=True)
@@ -647,13 +648,8 @@ class TITrainConfig(TrainConfig):
         _positive_int("num_vectors", self.num_vectors)
         if len(self.colour) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in self.colour):
             raise ValueError(f"colour must be three integers 0..255, got {self.colour!r}")
-        if self.min_snr_gamma is not None:
-            _positive("min_snr_gamma", self.min_snr_gamma)
-        _positive("offset_noise", self.offset_noise, allow_zero=True)
-        if self.clip_skip is not None:
-            _positive_int("clip_skip", self.clip_skip)
-        if self.init_from:
-            raise ValueError("init_from is not used by the textual-inversion trainer; the frozen model comes from base")
+        _check_diffusion_loss(self, caption_dropout=False)  # no caption dropout: the context always has the word
+        _check_frozen_base(self, "textual-inversion", "the frozen model comes from base")
 
 
 CONFIG_CLASSES: dict[str, type[TrainConfig]] = {"unet": UNetTrainConfig, "vae": VAETrainConfig,

@@ -30,10 +30,12 @@ from estable.config import ControlNetConfig
 from estable.errors import EstableError
 from estable.images import to_pil
 from estable.models.controlnet import ControlNet
+from estable.training.builders import build_datasets, load_base, require_base
 from estable.training.config import ControlNetTrainConfig, TrainConfig
+from estable.training.loop import expect_config
 from estable.training.objectives import UNetObjective, empty_prompt_ids, min_snr_weights, noisy_latents_and_target
 from estable.training.runs import make_grid
-from estable.training.trainer import UNetTrainer, build_datasets
+from estable.training.unet_trainer import UNetTrainer
 
 CONTROLNET_FILE = "controlnet.safetensors"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -127,27 +129,21 @@ class ControlNetTrainer(UNetTrainer):
     """ControlNet training on a loaded base model; reuses the U-Net trainer's data, draws and tokenizer."""
 
     kind = "controlnet"
+    supports_fsdp = False
     config: ControlNetTrainConfig  # type: ignore[assignment]
     network: ControlNet
 
     def resolve_config(self, config: TrainConfig) -> TrainConfig:
-        if not isinstance(config, ControlNetTrainConfig):
-            raise EstableError(f"the ControlNet trainer needs a ControlNetTrainConfig, not {type(config).__name__}")
-        if not config.base:
-            raise EstableError("the ControlNet trainer needs a base model: base=PATH (SD file, diffusers folder or "
-                               "Estable file)")
+        config = expect_config(config, ControlNetTrainConfig, "ControlNet")
+        require_base(config.base, "ControlNet")
         if getattr(config, "latents", "pixels") == "cache":
             raise EstableError("latents=cache is not available for ControlNet training (the control images are "
                                "made from the pixels)")
         return config
 
     def build(self) -> None:
-        from estable.checkpoints.store import load_model
-
         cfg = self.config
-        if not Path(cfg.base).exists():
-            raise EstableError(f"base model {cfg.base!r} does not exist")
-        base = load_model(cfg.base, dtype="fp32")
+        base = load_base(cfg.base)
         self.base_config = base.config
         unet, vae, text = base.unet, base.vae, base.text_encoder
         self.tokenizer = base.require_tokenizer()

@@ -5,7 +5,7 @@ MASTER_PORT; :func:`init_distributed` reads them and joins the process group (NC
 Without them (or with WORLD_SIZE=1) it is a single process and every helper here is a cheap no-op.
 
 Conventions of the trainer built on this: each rank takes its own slice of each global batch (see
-``trainer.ResumableBatchSampler``); only rank 0 writes logs, samples and checkpoints, with barriers around saves so
+``loop.ResumableBatchSampler``); only rank 0 writes logs, samples and checkpoints, with barriers around saves so
 no rank runs ahead of a checkpoint. Two strategies:
 
   ddp   every rank holds the whole model; DistributedDataParallel averages gradients in the backward pass.

@@ -30,9 +30,11 @@ from torch import nn
 from estable.checkpoints.lora_format import kohya_name, save_lora
 from estable.errors import EstableError
 from estable.nn.lora import TEXT_TARGETS, UNET_TARGETS, LoRALayer, inject_lora, lora_parameters
+from estable.training.builders import build_datasets, load_base, require_base
 from estable.training.config import LoRATrainConfig, TrainConfig
+from estable.training.loop import expect_config
 from estable.training.objectives import UNetObjective, empty_prompt_ids
-from estable.training.trainer import UNetTrainer, build_datasets
+from estable.training.unet_trainer import UNetTrainer
 
 LORA_FILE = "lora.safetensors"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -97,24 +99,19 @@ class LoRATrainer(UNetTrainer):
     """LoRA fine-tuning of a loaded model; reuses the U-Net trainer's data, draws and sample grid."""
 
     kind = "lora"
+    supports_fsdp = False
+    no_fsdp_reason = "a LoRA run trains small adapters on a frozen base, so sharding them saves next to nothing"
     config: LoRATrainConfig  # type: ignore[assignment]
     network: LoRAAdapters
 
     def resolve_config(self, config: TrainConfig) -> TrainConfig:
-        if not isinstance(config, LoRATrainConfig):
-            raise EstableError(f"the LoRA trainer needs a LoRATrainConfig, not {type(config).__name__}")
-        if not config.base:
-            raise EstableError("the LoRA trainer needs a base model: base=PATH (SD file, diffusers folder or "
-                               "Estable file)")
+        config = expect_config(config, LoRATrainConfig, "LoRA")
+        require_base(config.base, "LoRA")
         return config
 
     def build(self) -> None:
-        from estable.checkpoints.store import load_model
-
         cfg, lc = self.config, self.config.lora
-        if not Path(cfg.base).exists():
-            raise EstableError(f"base model {cfg.base!r} does not exist")
-        base = load_model(cfg.base, dtype="fp32")  # frozen base in fp32 (an fp16 file too); autocast computes
+        base = load_base(cfg.base)
         self.base_config = base.config
         unet, vae, text = base.unet, base.vae, base.text_encoder
         self.tokenizer = base.require_tokenizer()

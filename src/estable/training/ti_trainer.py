@@ -32,10 +32,12 @@ from torch import nn
 
 from estable.embeddings import save_embedding
 from estable.errors import EstableError
+from estable.training.builders import CachedLatents, build_datasets, load_base
 from estable.training.config import TITrainConfig, TrainConfig
 from estable.training.data import to_tensor
+from estable.training.loop import expect_config
 from estable.training.objectives import UNetObjective, empty_prompt_ids
-from estable.training.trainer import CachedLatents, UNetTrainer, build_datasets
+from estable.training.unet_trainer import UNetTrainer
 
 __all__ = ["NewColourShapes", "TIEmbedding", "TIObjective", "TITrainer", "TokenizerWithEmbedding"]
 
@@ -150,23 +152,18 @@ class TITrainer(UNetTrainer):
     """Textual inversion on a loaded model; reuses the U-Net trainer's draws and sample grid."""
 
     kind = "ti"
+    supports_fsdp = False
     config: TITrainConfig  # type: ignore[assignment]
     network: TIEmbedding
 
     def resolve_config(self, config: TrainConfig) -> TrainConfig:
-        if not isinstance(config, TITrainConfig):
-            raise EstableError(f"the textual-inversion trainer needs a TITrainConfig, not {type(config).__name__}")
-        return config
+        return expect_config(config, TITrainConfig, "textual-inversion")
 
     def build(self) -> None:
-        from estable.checkpoints.store import load_model
         from estable.pipeline import DEFAULT_MODEL, default_model_path
 
         cfg = self.config
-        source = default_model_path() if cfg.base == DEFAULT_MODEL else Path(cfg.base)
-        if not Path(source).exists():
-            raise EstableError(f"base model {cfg.base!r} does not exist")
-        base = load_model(source, dtype="fp32")
+        base = load_base(default_model_path() if cfg.base == DEFAULT_MODEL else cfg.base, name=cfg.base)
         self.base_config = base.config
         self.unet, self.vae, self.text_encoder = base.unet, base.vae, base.text_encoder
         raw = base.require_tokenizer()
