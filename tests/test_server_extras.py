@@ -96,7 +96,7 @@ def server(world, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plain(world, tmp_path_factory):
-    s = LiveServer(_settings(world, tmp_path_factory.mktemp("data_plain"), watermark=False))
+    s = LiveServer(_settings(world, tmp_path_factory.mktemp("data_plain"), watermark=False, tree_ring=True))
     yield s
     s.stop()
 
@@ -154,6 +154,17 @@ def test_no_watermark_is_recorded(plain):
     assert record["watermark"]["dwtdct"] == {"enabled": False}
     assert check_record(image, record) == {"present": True, "pixels": "match", "signature": "unsigned",
                                            "signature_detail": "unsigned"}
+
+
+def test_tree_ring_marks_txt2img_only(plain, world):
+    out = _txt2img(plain, prompt="a red circle")
+    image, _, record = _png(out["images"][0])
+    assert record["watermark"]["tree_ring"]["enabled"] is True
+    assert np.abs(np.asarray(image).astype(int) - _library(world, "a red circle")).max() > 5  # other initial noise
+    body = {**BASE, "prompt": "a red circle", "init_images": [out["images"][0]]}
+    r = plain.client.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 200, r.text
+    assert _png(r.json()["images"][0])[2]["watermark"]["tree_ring"] == {"enabled": False}
 
 
 # ------------------------------------------------------------------------------------------------- filters

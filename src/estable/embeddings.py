@@ -178,7 +178,7 @@ class EmbeddingLibrary:
         if name not in self._loaded:
             emb = load_embedding(self._files[name], allow_pickle=self.allow_pickle)  # a file that fails stays listed
             self._loaded[name] = emb
-            self._files.pop(name)
+            self._files.pop(name, None)  # another thread may have read it meanwhile
         return self._loaded[name]
 
     def load_all(self) -> tuple[list[Embedding], dict[str, str]]:
