@@ -326,3 +326,52 @@ def test_controlnet_lists(server):
     modules = server.client.get("/controlnet/module_list").json()
     assert {"none", "canny", "scribble", "invert"} <= set(modules["module_list"])
     assert set(modules["module_detail"]) == set(modules["module_list"])
+
+
+def test_controlnet_img2img_uses_init_image(server, world):
+    unit = {"module": "canny", "model": "cn_edges", "threshold_a": 50, "threshold_b": 120}
+    body = {**BASE, "prompt": "a cat", "init_images": [png_b64(world["control_image"])],
+            "alwayson_scripts": {"controlnet": {"args": [unit]}}}
+    r = server.client.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 200, r.text
+    assert _png(r.json()["images"][0])[2]["control"][0]["type"] == "canny"
+
+
+# ------------------------------------------------------------------------------------------------ the flags
+
+
+def test_serve_flags_reach_the_settings(world, tmp_path):
+    from estable.cli import build_parser
+    from estable.cli_serve import settings_from_args
+    from estable.errors import EstableError
+    from estable.server.app import create_app
+
+    r = world["root"]
+    args = build_parser().parse_args([
+        "serve", "--no-watermark", "--watermark-key", "k1", "--sign-key", str(world["sign_key"]), "--blocklist",
+        str(r / "blocked.txt"), "--lora-dir", str(r / "loras"), "--embeddings-dir", str(r / "emb"),
+        "--controlnet-dir", str(r / "cn"), "--allow-pickle", "--tree-ring", "--data-dir", str(tmp_path)])
+    s = settings_from_args(args)
+    assert (s.watermark, s.watermark_key, s.tree_ring, s.allow_pickle) == (False, "k1", True, True)
+    assert s.sign_key == str(world["sign_key"]) and s.blocklists == (str(r / "blocked.txt"),)
+    assert (s.lora_dir, s.embeddings_dir, s.controlnet_dir) == (r / "loras", r / "emb", r / "cn")
+    defaults = settings_from_args(build_parser().parse_args(["serve", "--data-dir", str(tmp_path)]))
+    assert defaults.watermark and not defaults.blocklists and defaults.sign_key is None
+    with pytest.raises(EstableError, match="--lora-dir"):
+        settings(tmp_path, world["model"], lora_dir=tmp_path / "missing").check()
+    with pytest.raises(EstableError, match="blocklist not found"):
+        create_app(settings(tmp_path, world["model"], blocklists=(tmp_path / "missing.txt",)))
+
+
+def test_webuiapi_client_unchanged(server, world):
+    """The `webuiapi` package (written for A1111 and its ControlNet extension) drives these features unchanged."""
+    webuiapi = pytest.importorskip("webuiapi")
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="euler", steps=STEPS)
+    assert api.controlnet_model_list() == ["cn_edges"] and "canny" in api.controlnet_module_list()
+    assert [x["name"] for x in api.get_loras()] == ["style"] and "shinyred" in api.get_embeddings()["loaded"]
+    unit = webuiapi.ControlNetUnit(image=world["control_image"], module="none", model="cn_edges", weight=0.8,
+                                   guidance_end=0.75)
+    r = api.txt2img(prompt="a cat", seed=SEED, cfg_scale=CFG, width=TINY, height=TINY, controlnet_units=[unit])
+    cu = ControlUnit(net=world["net"], image=world["control_image"], scale=0.8, end=0.75)
+    got = np.asarray(r.image.convert("RGB")).astype(int)
+    assert np.abs(got - _library(world, "a cat", control=[cu])).max() <= 1
