@@ -170,14 +170,17 @@ def test_tree_ring_marks_txt2img_only(plain, world):
 # ------------------------------------------------------------------------------------------------- filters
 
 
-def test_blocked_prompt_refused_everywhere(server):
+def test_blocked_prompt_refused_everywhere(server, caplog):
     before = server.client.get("/v1/jobs").json()["total"]
+    caplog.set_level("WARNING")
     for prompt in ("a F0RB!DDEN cube", "a for\u200bbidden cube", "f o r b i d d e n"):
         r = server.client.post("/sdapi/v1/txt2img", json={**BASE, "prompt": prompt})
         assert r.status_code == 400 and "refused" in r.json()["detail"] and "forbidden" in r.json()["detail"], r.text
         r = server.client.post("/v1/jobs", json={"prompt": prompt, "steps": 2})
         assert r.status_code == 400 and "refused" in r.json()["detail"], r.text
     assert server.client.get("/v1/jobs").json()["total"] == before  # no job was made
+    refusals = [r for r in caplog.records if r.name == "estable.server" and "prompt_refused" in r.getMessage()]
+    assert len(refusals) == 6 and "forbidden" in refusals[0].getMessage()
     # the negative prompt is not filtered (as in the CLI), nor are words that merely contain the letters
     assert _txt2img(server, prompt="forbiddenness of a Scunthorpe class", negative_prompt="forbidden")["images"]
 
