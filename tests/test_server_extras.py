@@ -374,7 +374,10 @@ def test_webuiapi_client_unchanged(server, world):
     assert [x["name"] for x in api.get_loras()] == ["style"] and "shinyred" in api.get_embeddings()["loaded"]
     unit = webuiapi.ControlNetUnit(image=world["control_image"], module="none", model="cn_edges", weight=0.8,
                                    guidance_end=0.75)
-    r = api.txt2img(prompt="a cat", seed=SEED, cfg_scale=CFG, width=TINY, height=TINY, controlnet_units=[unit])
+    # a fresh alwayson_scripts: webuiapi writes the units into its (shared, mutable) default dict otherwise, and every
+    # later call in this process would send them again
+    r = api.txt2img(prompt="a cat", seed=SEED, cfg_scale=CFG, width=TINY, height=TINY, controlnet_units=[unit],
+                    alwayson_scripts={})
     cu = ControlUnit(net=world["net"], image=world["control_image"], scale=0.8, end=0.75)
     got = np.asarray(r.image.convert("RGB")).astype(int)
     assert np.abs(got - _library(world, "a cat", control=[cu])).max() <= 1
