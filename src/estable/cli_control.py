@@ -10,26 +10,15 @@ checked first (types, files, counts, ranges).
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .control.units import ControlSpec
 from .errors import EstableError
 
 __all__ = ["ControlSpec", "add_control_commands", "add_control_flags", "control_specs", "control_units"]
 
 _TYPES = ("canny", "scribble", "lines", "seg", "none")
-
-
-@dataclass(frozen=True)
-class ControlSpec:
-    kind: str
-    image: Path
-    scale: float
-    controlnet: Path
-    start: float = 0.0
-    end: float = 1.0
-    guess_mode: bool = False
 
 
 def add_control_flags(p: argparse.ArgumentParser) -> None:
@@ -119,30 +108,9 @@ def specs_from_record(record: dict[str, Any]) -> list[ControlSpec]:
 
 def control_units(specs: list[ControlSpec], args: argparse.Namespace, pipe: Any) -> list[Any]:
     """Load each ControlNet for ``pipe``'s U-Net (its dtype and device) and make each control image."""
-    from .checkpoints.controlnet_format import load_controlnet
-    from .checkpoints.io import sha256_file
-    from .control import ControlUnit
-    from .control.preprocess import make_control_image
-    from .images import load_image
+    from .control.units import load_control_units
 
-    units = []
-    cache: dict[Path, Any] = {}
-    for spec in specs:
-        if spec.controlnet not in cache:
-            cache[spec.controlnet] = load_controlnet(spec.controlnet, base=pipe.config.unet,
-                                                     allow_pickle=bool(getattr(args, "allow_pickle", False)),
-                                                     dtype=pipe.dtype, device=pipe.device)
-        loaded = cache[spec.controlnet]
-        weights = spec.controlnet
-        if weights.is_dir():
-            weights = weights / "diffusion_pytorch_model.safetensors"
-        units.append(ControlUnit(
-            net=loaded.model, image=make_control_image(spec.kind, load_image(spec.image)), scale=spec.scale,
-            start=spec.start, end=spec.end, guess_mode=spec.guess_mode,
-            kind=spec.kind, name=loaded.name, sha256=sha256_file(weights) if weights.is_file() else None,
-            source=str(spec.controlnet.resolve()), image_source=str(spec.image.resolve()),
-        ))
-    return units
+    return load_control_units(specs, pipe, allow_pickle=bool(getattr(args, "allow_pickle", False)))
 
 
 # ------------------------------------------------------------------------------------------- control-image

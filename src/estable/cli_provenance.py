@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import EstableError
+from .provenance.policy import WATERMARK_KEY_ENV
 
 __all__ = ["GenerationProvenance", "add_generation_flags", "add_provenance_commands"]
-
-WATERMARK_KEY_ENV = "ESTABLE_WATERMARK_KEY"
 
 
 def add_generation_flags(p: argparse.ArgumentParser) -> None:
@@ -28,7 +26,7 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--watermark-key", metavar="TEXT",
                    help=f"a per-user key whose 4-byte tag goes into the watermark (default: ${WATERMARK_KEY_ENV})")
     g.add_argument("--tree-ring", action="store_const", const=True, default=None,
-                   help="write Estable's Tree-Ring key into the initial noise (generate only; detected by "
+                   help="write Estable's Tree-Ring key into the initial noise (text-to-image only; detected by "
                    "`estable verify` through DDIM inversion)")
     g.add_argument("--sign-key", metavar="PEM",
                    help="sign each image's record with this Ed25519 private key (default: $ESTABLE_SIGN_KEY; "
@@ -46,68 +44,56 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
 
 @dataclass
 class GenerationProvenance:
-    settings: Any  # WatermarkSettings
-    signing_key: Any = None
-    output_check: Any = None  # OutputCheck
+    """The CLI's side of :class:`estable.provenance.policy.ProvenancePolicy` (which holds the logic, shared with
+    the server): the policy from the flags, and the refusals of a run collected for :meth:`finish`."""
+
+    policy: Any  # ProvenancePolicy
     refused: list[str] = field(default_factory=list)
+
+    @property
+    def settings(self) -> Any:
+        return self.policy.settings
+
+    @property
+    def signing_key(self) -> Any:
+        return self.policy.signing_key
+
+    @property
+    def output_check(self) -> Any:
+        return self.policy.output_check
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, prompt: str, record: dict[str, Any] | None = None
                   ) -> GenerationProvenance:
         """Check the prompt against the blocklists and resolve the settings; fails before the model loads."""
-        from .provenance.filters import check_prompt, load_blocklist
-        from .provenance.records import SIGN_KEY_ENV, load_private_key
+        from .provenance.policy import ProvenancePolicy
         from .provenance.stamp import settings_from_record
-        from .provenance.watermark import WatermarkSettings
 
-        if getattr(args, "blocklist", None):
-            check_prompt(prompt, [load_blocklist(f) for f in args.blocklist])
         tree_ring = args.tree_ring
         if tree_ring is None:  # --from-png: keep the Tree-Ring of the image being re-made
             tree_ring = record is not None and getattr(args, "mode", "txt2img") == "txt2img" and \
                 settings_from_record(record)[0].tree_ring
-        key = args.watermark_key if args.watermark_key is not None else os.environ.get(WATERMARK_KEY_ENV) or None
-        settings = WatermarkSettings(dwtdct=args.watermark, key=key, tree_ring=bool(tree_ring))
-        key_path = args.sign_key or os.environ.get(SIGN_KEY_ENV) or None
-        check = None
-        if getattr(args, "output_check", None):
-            from .provenance.output_check import OutputCheck
-
-            if not args.output_clip:
-                raise EstableError("--output-check needs --output-clip CLIP (a CLIP pair file; the built-in model "
-                                   "ships only its text tower)")
-            check = OutputCheck.load(args.output_clip, args.output_check, args.output_threshold)
-        elif getattr(args, "output_clip", None):
-            raise EstableError("--output-clip is used by --output-check FILE, which is missing")
-        return cls(settings, load_private_key(key_path) if key_path else None, check)
+        policy = ProvenancePolicy.configure(
+            watermark=args.watermark, watermark_key=args.watermark_key, tree_ring=bool(tree_ring),
+            sign_key=args.sign_key, blocklists=getattr(args, "blocklist", None) or (),
+            output_check=getattr(args, "output_check", None), output_clip=getattr(args, "output_clip", None),
+            output_threshold=getattr(args, "output_threshold", 30.0))
+        policy.check_prompt(prompt)
+        return cls(policy)
 
     def prepare(self, pipe: Any, mode: str) -> None:
-        from .provenance.stamp import prepare
-
-        prepare(pipe, self.settings, mode)
+        self.policy.prepare(pipe, mode)
 
     def stamp(self, result: Any, pipe: Any) -> Any:
         """The output check (refused images leave the result), then the marks, records and signatures."""
-        import dataclasses
-
-        from .provenance.stamp import stamp
-
-        if self.output_check is not None:
-            verdicts = self.output_check.check(result.images)
-            keep = [k for k, v in enumerate(verdicts) if v is None]
-            for k, v in enumerate(verdicts):
-                if v is not None:
-                    self.refused.append(f"image {k} (seed {result.seeds[k]}): concept {v[0]!r}, score {v[1]:.1f}")
-            result = dataclasses.replace(
-                result, images=[result.images[k] for k in keep], seeds=[result.seeds[k] for k in keep],
-                infotexts=[result.infotexts[k] for k in keep], records=[result.records[k] for k in keep])
-        return stamp(result, pipe, self.settings, signing_key=self.signing_key)
+        result, refused = self.policy.stamp(result, pipe)
+        self.refused.extend(refused)
+        return result
 
     def finish(self) -> None:
         """After the allowed images are written: the output check's refusals as one error."""
         if self.refused:
-            raise EstableError(f"the output check refused {len(self.refused)} image(s), not written: "
-                               + "; ".join(self.refused))
+            raise EstableError(self.policy.refusal_message(self.refused))
 
 
 # ------------------------------------------------------------------------------------------------- commands

@@ -66,6 +66,21 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
                    help="weights' precision (default auto: fp16 on cuda, fp32 on cpu)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on a GPU, run the U-Net eagerly instead of replaying CUDA graphs")
+    w = p.add_argument_group("LoRA, textual inversion, ControlNet (found by name in these folders)")
+    w.add_argument("--lora-dir", type=Path, metavar="DIR",
+                   help="folder (searched recursively) where prompts' <lora:NAME:WEIGHT> tags find NAME.safetensors; "
+                   "GET /sdapi/v1/loras lists them")
+    w.add_argument("--embeddings-dir", type=Path, metavar="DIR",
+                   help="folder of textual-inversion embeddings, used by writing a file's name in a prompt; "
+                   "GET /sdapi/v1/embeddings lists them")
+    w.add_argument("--controlnet-dir", type=Path, metavar="DIR",
+                   help="folder of ControlNets (searched recursively), named by requests' ControlNet units (A1111's "
+                   "ControlNet extension API, /v1/jobs' control list); GET /controlnet/model_list lists them")
+    w.add_argument("--allow-pickle", action="store_true",
+                   help="also read .pt embeddings and pickle ControlNets (tensors only, through the safe loader)")
+    from .cli_provenance import add_generation_flags
+
+    add_generation_flags(p)  # the same provenance and filter flags as `estable generate`
     p.set_defaults(func=_cmd_serve)
 
 
@@ -100,7 +115,11 @@ def settings_from_args(args: argparse.Namespace):
         host=args.host, port=args.port, model=args.model, models_dir=args.models_dir, api_key=_api_key(args),
         api_auth=auth, data_dir=args.data_dir or default_data_dir(), queue_size=args.queue,
         job_timeout=args.timeout, grace=args.grace, cors_origins=tuple(args.cors_origin), device=args.device,
-        dtype=args.dtype, cuda_graphs=args.cuda_graphs, preview_interval=args.preview_interval, limits=limits)
+        dtype=args.dtype, cuda_graphs=args.cuda_graphs, preview_interval=args.preview_interval, limits=limits,
+        watermark=args.watermark, watermark_key=args.watermark_key, tree_ring=bool(args.tree_ring),
+        sign_key=args.sign_key, blocklists=tuple(args.blocklist or ()), output_check=args.output_check,
+        output_clip=args.output_clip, output_threshold=args.output_threshold, lora_dir=args.lora_dir,
+        embeddings_dir=args.embeddings_dir, controlnet_dir=args.controlnet_dir, allow_pickle=args.allow_pickle)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

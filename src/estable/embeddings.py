@@ -51,6 +51,10 @@ class Embedding:
     vectors: Tensor  # (n, d) float32
     path: Path | None = None
     _hash: str | None = field(default=None, repr=False)
+    # what A1111 files record about their training (shown by the server's /sdapi/v1/embeddings); None if absent
+    step: int | None = None
+    checkpoint: str | None = None  # the checkpoint's hash
+    checkpoint_name: str | None = None
 
     @property
     def width(self) -> int:
@@ -99,7 +103,13 @@ def embedding_from_object(obj: object, source: str, name: str | None) -> Embeddi
         vec = _vectors(t, repr(token), source)
     if vec.shape[0] < 1 or not bool(torch.isfinite(vec).all()):
         raise CheckpointError(f"{source}: the embedding's vectors are empty or not finite")
-    return Embedding(name=name or token or Path(source).stem, vectors=vec)
+    emb = Embedding(name=name or token or Path(source).stem, vectors=vec)
+    step = obj.get("step")
+    emb.step = int(step) if isinstance(step, int) and not isinstance(step, bool) else None
+    for attr, key in (("checkpoint", "sd_checkpoint"), ("checkpoint_name", "sd_checkpoint_name")):
+        value = obj.get(key)
+        setattr(emb, attr, value if isinstance(value, str) else None)
+    return emb
 
 
 def load_embedding(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Embedding:
@@ -166,8 +176,20 @@ class EmbeddingLibrary:
 
     def get(self, name: str) -> Embedding:
         if name not in self._loaded:
-            self._loaded[name] = load_embedding(self._files.pop(name), allow_pickle=self.allow_pickle)
+            emb = load_embedding(self._files[name], allow_pickle=self.allow_pickle)  # a file that fails stays listed
+            self._loaded[name] = emb
+            self._files.pop(name, None)  # another thread may have read it meanwhile
         return self._loaded[name]
+
+    def load_all(self) -> tuple[list[Embedding], dict[str, str]]:
+        """Every embedding of the library read now: (the ones that load, {name: why not} for the others)."""
+        loaded, failed = [], {}
+        for name in self.names:
+            try:
+                loaded.append(self.get(name))
+            except EstableError as exc:
+                failed[name] = str(exc)
+        return loaded, failed
 
     def session(self, encode: Callable[[str], list[int]], vocab_size: int, width: int) -> EmbeddingSession:
         return EmbeddingSession(self, encode, vocab_size, width)

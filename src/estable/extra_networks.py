@@ -51,6 +51,7 @@ __all__ = [
     "NetworkTag",
     "addnet_hash",
     "find_lora",
+    "list_loras",
     "lora_hashes_text",
     "negative_prompt_tags",
     "parse_lora_arg",
@@ -218,15 +219,26 @@ def _alias(path: Path) -> str | None:
         return None
 
 
+def list_loras(lora_dir: str | os.PathLike[str]) -> list[Path]:
+    """The LoRA files a ``<lora:NAME>`` tag can name: every ``.safetensors`` under ``lora_dir``, sorted."""
+    root = Path(lora_dir).expanduser()
+    if not root.is_dir():
+        raise EstableError(f"--lora-dir {root} is not a folder")
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() == ".safetensors")
+
+
+def lora_alias(path: Path) -> str | None:
+    """kohya's ``ss_output_name`` alias of a LoRA file (what A1111 lists as its alias), or None."""
+    return _alias(path)
+
+
 def find_lora(name: str, lora_dir: str | os.PathLike[str] | None) -> Path:
     """The ``.safetensors`` file a ``<lora:NAME>`` tag means: NAME as a file stem anywhere under ``lora_dir``
     (exact case first, then any case), else a file whose kohya ``ss_output_name`` alias is NAME."""
     if lora_dir is None:
         raise EstableError(f"the prompt uses <lora:{name}> but no LoRA folder was given (--lora-dir DIR)")
     root = Path(lora_dir).expanduser()
-    if not root.is_dir():
-        raise EstableError(f"--lora-dir {root} is not a folder")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() == ".safetensors")
+    files = list_loras(root)
     for same in (lambda p: p.stem == name, lambda p: p.stem.lower() == name.lower(), lambda p: _alias(p) == name):
         hits = [p for p in files if same(p)]
         if len(hits) == 1:

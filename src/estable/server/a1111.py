@@ -7,8 +7,9 @@ is kept in the job store); the call waits for it, and a client that hangs up has
 
 Departures, on purpose: a field left out takes the *model's* default (its native size, its recommended guidance
 scale, Estable's default sampler) rather than A1111's 512×512 / 7 / Euler; ``mask_blur``, ``inpainting_fill``,
-``inpaint_full_res``, ``resize_mode`` and scripts are accepted and ignored; ``override_settings`` honours
-``sd_model_checkpoint`` (the job runs on that model, which stays loaded) and ``CLIP_stop_at_last_layers``.
+``inpaint_full_res``, ``resize_mode`` and scripts other than ControlNet (:mod:`.extras`) are accepted and ignored;
+``override_settings`` honours ``sd_model_checkpoint`` (the job runs on that model, which stays loaded) and
+``CLIP_stop_at_last_layers``. Prompts pass the server's blocklists; every image is stamped as the CLI stamps it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ..pipeline import a1111_sampler_label
 from ..provenance.infotext import PARAMETERS_KEY, parse_infotext, to_a1111_fields
 from ..sampling.samplers import get_sampler, list_samplers
 from .catalog import ModelNameError
+from .extras import a1111_control
 from .inputs import BadRequest, build_params, check_image_side, decode_image, fit_mask
 from .state import ServerState, get_state
 from .worker import Job
@@ -142,6 +144,8 @@ def _job(state: ServerState, req: _Request, mode: str, image: Image.Image | None
         values["strength"] = req.denoising_strength if req.denoising_strength is not None else 0.75
     params = build_params(values, state.settings.limits, {"batch_count": "n_iter", "strength": "denoising_strength",
                                                           "sampler": "sampler_name"})
+    state.admit(params.prompt)  # the prompt filter, the <lora:…> tags
+    control = a1111_control(state.networks, req.alwayson_scripts, image, state.settings.limits)
     model = over.get("sd_model_checkpoint")
     if model is not None:
         try:
@@ -149,7 +153,7 @@ def _job(state: ServerState, req: _Request, mode: str, image: Image.Image | None
         except ModelNameError as exc:
             raise HTTPException(400, str(exc)) from None
     return Job(mode=mode, params=params.resolved(), image=image, mask=mask, model=model,
-               cfg_given=req.cfg_scale is not None, origin="a1111")
+               cfg_given=req.cfg_scale is not None, origin="a1111", control=control)
 
 
 def _info(job: Job) -> dict[str, Any]:
@@ -179,6 +183,9 @@ async def _generate(request: Request, req: _Request, job: Job, echo: dict[str, A
     state.submit(job)
     if not await state.wait(request, job):
         return JSONResponse({"detail": "the client disconnected; the job was cancelled"}, status_code=499)
+    if job.state == "failed" and job.refused:  # the output check: a refusal, not a server error
+        return JSONResponse({"error": "OutputRefused", "detail": job.error, "body": "", "errors": job.error},
+                            status_code=400)
     if job.state == "failed":
         return JSONResponse({"error": "GenerationError", "detail": job.error, "body": "", "errors": job.error},
                             status_code=500)
@@ -353,7 +360,7 @@ async def set_options(request: Request, body: dict[str, Any]) -> None:
 
 # Discovery routes A1111 clients call on connecting (webuiapi, plug-ins): Estable has none of these extras, and says
 # so with A1111's empty answers rather than a 404 that would stop the client.
-_EMPTY_LISTS = ("sd-vae", "loras", "hypernetworks", "face-restorers", "prompt-styles", "realesrgan-models")
+_EMPTY_LISTS = ("sd-vae", "hypernetworks", "face-restorers", "prompt-styles", "realesrgan-models")
 
 
 def _empty_list() -> list[Any]:
@@ -367,11 +374,6 @@ for _route in _EMPTY_LISTS:
 @router.get("/upscalers", summary="Upscalers (only A1111's 'None')")
 async def upscalers() -> list[dict[str, Any]]:
     return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
-
-
-@router.get("/embeddings", summary="Textual-inversion embeddings (none)")
-async def embeddings() -> dict[str, Any]:
-    return {"loaded": {}, "skipped": {}}
 
 
 @router.get("/scripts", summary="Scripts (none)")

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from ..params import GenerationParams
 from ..sampling.samplers import list_samplers
 from .catalog import ModelNameError
+from .extras import ControlRequest, v1_control
 from .inputs import FieldError, build_params, check_image_side, decode_image, fit_mask
 from .state import get_state, job_view, stored_job_view
 from .worker import Job
@@ -48,6 +49,7 @@ class JobRequest(BaseModel):
     init_image: str | None = None
     mask: str | None = None
     model: str | None = None
+    control: list[ControlRequest] | None = None  # ControlNet units: {type, image, model, scale, start, end, guess_mode}
 
 
 def make_job(request: Request, req: JobRequest) -> Job:
@@ -67,6 +69,8 @@ def make_job(request: Request, req: JobRequest) -> Job:
     values = req.model_dump(include={"prompt", "negative_prompt", "sampler", "steps", "cfg_scale", "seed", "width",
                                      "height", "batch_size", "batch_count", "strength", "clip_skip", "eta"})
     params = build_params(values, limits)
+    state.admit(params.prompt)  # the prompt filter, the <lora:…> tags
+    control = v1_control(state.networks, req.control, image, limits)
     model = None
     if req.model is not None:
         try:
@@ -74,7 +78,7 @@ def make_job(request: Request, req: JobRequest) -> Job:
         except ModelNameError as exc:
             raise HTTPException(400, str(exc)) from None
     return Job(mode=req.mode, params=params.resolved(), image=image, mask=mask, model=model,
-               cfg_given=req.cfg_scale is not None, origin="api")
+               cfg_given=req.cfg_scale is not None, origin="api", control=control)
 
 
 @router.post("/jobs", status_code=202, summary="Queue a generation; returns the job at once")

@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
 from ..errors import EstableError
-from . import a1111, api
+from . import a1111, api, extras
 from .catalog import ModelCatalog, ModelNameError
 from .metrics import Metrics
 from .middleware import Auth, Observe
@@ -46,7 +46,10 @@ def create_app(settings: ServerSettings, *, worker_class: type[Worker] = Worker,
                           on_images=lambda n: holder["m"].images.inc(n) if "m" in holder else None)
     metrics = Metrics(lambda: worker.queue_depth, store.count_by_state)
     holder["m"] = metrics
-    state = ServerState(settings, catalog, store, worker, metrics)
+    worker.provenance = provenance_policy(settings)
+    worker.networks = extras.Networks(settings)
+    state = ServerState(settings, catalog, store, worker, metrics, provenance=worker.provenance,
+                        networks=worker.networks)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -62,6 +65,7 @@ def create_app(settings: ServerSettings, *, worker_class: type[Worker] = Worker,
     app.state.estable = state
     _handlers(app)
     _routes(app, state)
+    app.include_router(extras.router)
     app.include_router(a1111.router)
     app.include_router(api.router)
     if settings.auth_required:
@@ -74,6 +78,16 @@ def create_app(settings: ServerSettings, *, worker_class: type[Worker] = Worker,
     app.add_middleware(Observe, max_body=settings.limits.max_body_bytes, routes=lambda: app.router.routes,
                        metrics=metrics)
     return app
+
+
+def provenance_policy(settings: ServerSettings) -> Any:
+    """The generation policy of ``estable generate``'s provenance flags, from the server's settings."""
+    from ..provenance.policy import ProvenancePolicy
+
+    return ProvenancePolicy.configure(
+        watermark=settings.watermark, watermark_key=settings.watermark_key, tree_ring=settings.tree_ring,
+        sign_key=settings.sign_key, blocklists=settings.blocklists, output_check=settings.output_check,
+        output_clip=settings.output_clip, output_threshold=settings.output_threshold)
 
 
 def _handlers(app: FastAPI) -> None:

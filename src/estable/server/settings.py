@@ -71,6 +71,20 @@ class ServerSettings:
     preview_interval: float = 1.0  # seconds between progress previews (0: none)
     warmup: bool = True
     limits: Limits = field(default_factory=Limits)
+    # provenance and filters: the options of `estable generate`'s flags of the same names (ProvenancePolicy)
+    watermark: bool = True
+    watermark_key: str | None = None  # None: $ESTABLE_WATERMARK_KEY
+    tree_ring: bool = False  # txt2img jobs only
+    sign_key: Path | None = None  # None: $ESTABLE_SIGN_KEY
+    blocklists: tuple[Path, ...] = ()
+    output_check: Path | None = None
+    output_clip: Path | None = None
+    output_threshold: float = 30.0
+    # models from the wild: folders searched by name (server.extras)
+    lora_dir: Path | None = None
+    embeddings_dir: Path | None = None
+    controlnet_dir: Path | None = None
+    allow_pickle: bool = False  # .pt embeddings and .pth/.ckpt ControlNets, through the safe loader
 
     @property
     def auth_required(self) -> bool:
@@ -92,6 +106,10 @@ class ServerSettings:
             raise EstableError("--timeout must be positive and --grace not negative")
         if self.models_dir is not None and not Path(self.models_dir).is_dir():
             raise EstableError(f"--models-dir {self.models_dir} is not a folder")
+        for flag, folder in (("--lora-dir", self.lora_dir), ("--embeddings-dir", self.embeddings_dir),
+                             ("--controlnet-dir", self.controlnet_dir)):
+            if folder is not None and not Path(folder).is_dir():
+                raise EstableError(f"{flag} {folder} is not a folder")
         for origin in self.cors_origins:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise EstableError(f"--cors-origin must be an origin such as https://example.org, not {origin!r}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ServerState", "get_state", "iso", "job_view", "stored_job_view"]
 
+log = logging.getLogger("estable.server")
+
 
 @dataclass
 class ServerState:
@@ -34,8 +38,23 @@ class ServerState:
     store: JobStore
     worker: Worker
     metrics: Metrics | None = None
+    provenance: Any = None  # estable.provenance.policy.ProvenancePolicy (the worker stamps with the same one)
+    networks: Any = None  # .extras.Networks
     options: dict[str, Any] = field(default_factory=dict)  # A1111 options set by clients (kept, not acted on)
     started: float = field(default_factory=time.time)
+
+    def admit(self, prompt: str) -> None:
+        """Refuse a prompt the blocklists block (400, logged) and ``<lora:…>`` tags that name no LoRA (422)."""
+        from ..provenance.filters import PromptRefused
+
+        if self.provenance is not None:
+            try:
+                self.provenance.check_prompt(prompt)
+            except PromptRefused as exc:
+                log.warning(json.dumps({"event": "prompt_refused", "detail": str(exc)}))
+                raise
+        if self.networks is not None:
+            self.networks.check_prompt(prompt)
 
     def submit(self, job: Job) -> Job:
         try:

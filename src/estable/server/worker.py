@@ -69,6 +69,7 @@ class Job:
     model: str | None = None  # a catalog name to switch to before running; None: the current model
     cfg_given: bool = True  # False: the model's recommended guidance scale replaces params.cfg_scale
     origin: str = "api"  # "api" | "a1111"
+    control: list[Any] = field(default_factory=list)  # ControlSpecs (estable.control.units), images decoded
     id: str = field(default_factory=new_id)
     state: str = "queued"
     step: int = 0
@@ -82,6 +83,8 @@ class Job:
     model_name: str | None = None
     model_hash: str | None = None
     stop: str | None = None  # requested: "cancel" | "interrupt" | "skip" | "shutdown"
+    refused: bool = False  # failed because the output check refused images
+    units: list[Any] = field(default_factory=list, repr=False)  # the ControlUnits while it runs
     version: int = 0  # bumped on every visible change (SSE sends on change)
     done: threading.Event = field(default_factory=threading.Event, repr=False)
     _watchers: list[Callable[[], None]] = field(default_factory=list, repr=False)
@@ -134,6 +137,11 @@ class Worker:
         self.store = store
         self._loader = loader
         self._on_images = on_images or (lambda n: None)
+        from ..provenance.policy import ProvenancePolicy
+
+        # create_app replaces both with those of the settings; the default still watermarks and records
+        self.provenance: Any = ProvenancePolicy()
+        self.networks: Any = None  # server.extras.Networks
         self._cond = threading.Condition()
         self._queue: collections.deque[Job] = collections.deque()
         self._control: collections.deque[tuple[Callable[[], None], threading.Event]] = collections.deque()
@@ -349,11 +357,12 @@ class Worker:
     # -- running one job -----------------------------------------------------------------------------------
     def generate(self, job: Job, params: GenerationParams, callback: Callable[..., None]) -> Any:
         """One batch of ``job`` on the pipeline (a seam for tests that simulate failures)."""
+        extra = {"control": job.units} if job.units else {}
         if job.mode == "txt2img":
-            return self.pipe.txt2img(params, callback=callback)
+            return self.pipe.txt2img(params, callback=callback, **extra)
         if job.mode == "img2img":
-            return self.pipe.img2img(job.image, params, callback=callback)
-        return self.pipe.inpaint(job.image, job.mask, params, callback=callback)
+            return self.pipe.img2img(job.image, params, callback=callback, **extra)
+        return self.pipe.inpaint(job.image, job.mask, params, callback=callback, **extra)
 
     def _run(self, job: Job) -> None:
         self.runs[job.id] = self.runs.get(job.id, 0) + 1
@@ -406,6 +415,12 @@ class Worker:
             p = job.params = self.pipe.with_default_cfg(p)
         job.model_name = self.pipe.model_name
         job.model_hash = self.pipe.model_hash
+        policy = self.provenance.for_mode(job.mode)  # the CLI's filter, marks, record and signature
+        policy.prepare(self.pipe, job.mode)
+        if self.networks is not None:
+            self.networks.attach(self.pipe)
+            job.units = self.networks.units(job.control, self.pipe) if job.control else []
+        refused: list[str] = []
         deadline = time.monotonic() + self.settings.job_timeout
         interval = self.settings.preview_interval
         last_preview = time.monotonic()
@@ -439,13 +454,20 @@ class Worker:
                 resolved = result.records[0]["params"]
                 job.params = dataclasses.replace(p, width=resolved.get("width"), height=resolved.get("height"),
                                                  clip_skip=resolved.get("clip_skip"))
-            for k, (img, seed, text, record) in enumerate(
-                    zip(result.images, result.seeds, result.infotexts, result.records)):
-                job.images.append(self.store.add_image(job.id, b * p.batch_size + k, seed, img, text, record))
+            offsets = {seed: k for k, seed in enumerate(result.seeds)}
+            result, lost = policy.stamp(result, self.pipe)  # refused images leave the result: never written
+            refused += [f"batch {b}, {line}" for line in lost]
+            for img, seed, text, record in zip(result.images, result.seeds, result.infotexts, result.records):
+                job.images.append(self.store.add_image(job.id, b * p.batch_size + offsets[seed], seed, img, text,
+                                                       record))
             self._on_images(len(result.images))
             job.version += 1
             if job.stop == "skip":  # asked for after the last step of this batch
                 job.stop = None
+        job.units = []
+        if refused:
+            job.refused = True
+            raise EstableError(policy.refusal_message(refused))
 
     def _preview(self, denoised: torch.Tensor) -> Image.Image:
         """The first image of the predicted clean latents, decoded by the VAE (the sampler's x0 guess)."""
@@ -466,6 +488,7 @@ class Worker:
         job.error = error
         job.finished = time.time()
         job.preview = None
+        job.units = []
         job.version += 1
         if state == "done":
             job.step = job.steps

@@ -1,0 +1,78 @@
+"""From a request to :class:`~estable.control.ControlUnit`\\ s: which ControlNet file, which picture and how its
+control image is made, the weight and the part of the schedule. The CLI (``--control``/``--controlnet``) and the
+server (A1111's ControlNet extension arguments, Estable's ``control`` list) both describe units as
+:class:`ControlSpec` and turn them into units with :func:`load_control_units`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+__all__ = ["ControlNetCache", "ControlSpec", "load_control_units"]
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """One ControlNet unit as asked for: ``image`` is the picture the control image is made from (a file, or an
+    image already decoded), ``kind`` how (:data:`estable.control.preprocess.CONTROL_TYPES`), ``options`` the
+    maker's options (canny: low, high, sigma; …)."""
+
+    kind: str
+    image: Path | Image.Image
+    scale: float
+    controlnet: Path
+    start: float = 0.0
+    end: float = 1.0
+    guess_mode: bool = False
+    options: dict[str, float] = field(default_factory=dict, compare=False, hash=False)
+
+
+class ControlNetCache:
+    """ControlNets loaded for one pipeline (its U-Net, dtype and device), by file, with their SHA-256; a file that
+    changed on disk is read again. Make a new one (or :meth:`clear` it) when the pipeline changes."""
+
+    def __init__(self) -> None:
+        self._nets: dict[tuple[str, int, int], tuple[Any, str | None]] = {}
+
+    def clear(self) -> None:
+        self._nets.clear()
+
+    def get(self, path: Path, pipe: Any, *, allow_pickle: bool = False) -> tuple[Any, str | None]:
+        """(LoadedControlNet, SHA-256 of its weights file or None for a folder we could not hash)."""
+        from ..checkpoints.controlnet_format import load_controlnet
+        from ..checkpoints.io import sha256_file
+
+        st = path.stat()
+        key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+        if key not in self._nets:
+            loaded = load_controlnet(path, base=pipe.config.unet, allow_pickle=allow_pickle, dtype=pipe.dtype,
+                                     device=pipe.device)
+            weights = path / "diffusion_pytorch_model.safetensors" if path.is_dir() else path
+            self._nets[key] = (loaded, sha256_file(weights) if weights.is_file() else None)
+        return self._nets[key]
+
+
+def load_control_units(specs: Sequence[ControlSpec], pipe: Any, *, allow_pickle: bool = False,
+                       cache: ControlNetCache | None = None) -> list[Any]:
+    """Load each spec's ControlNet for ``pipe`` (through ``cache`` when given) and make each control image."""
+    from ..images import load_image
+    from . import ControlUnit
+    from .preprocess import make_control_image
+
+    cache = cache if cache is not None else ControlNetCache()
+    units = []
+    for spec in specs:
+        loaded, sha = cache.get(spec.controlnet, pipe, allow_pickle=allow_pickle)
+        picture = spec.image if isinstance(spec.image, Image.Image) else load_image(spec.image)
+        units.append(ControlUnit(
+            net=loaded.model, image=make_control_image(spec.kind, picture, **spec.options), scale=spec.scale,
+            start=spec.start, end=spec.end, guess_mode=spec.guess_mode, kind=spec.kind, name=loaded.name,
+            sha256=sha, source=str(Path(spec.controlnet).resolve()),
+            image_source=None if isinstance(spec.image, Image.Image) else str(Path(spec.image).resolve()),
+        ))
+    return units
