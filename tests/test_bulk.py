@@ -172,3 +172,50 @@ def test_two_gloo_ranks_make_the_union_once(tmp_path, model, prompts):
     assert (out / "000005-000.png").read_bytes() == b"done before"
     # rank r took the lines whose index mod 2 == r: lines 1, 4, 6 (indices 0, 2, 4) went to rank 0
     assert {n[:6] for n in made[0]} == {"000001", "000004", "000006"}
+
+
+def test_bulk_images_get_the_provenance_of_generate(capsys, tmp_path, model, prompts):
+    """Bulk PNGs are stamped as `generate`'s: DWT watermark and a completed record by default, none with
+    --no-watermark; a blocked prompt in any line stops the run before anything is made."""
+    marked, plain = tmp_path / "marked", tmp_path / "plain"
+    big = [*FLAGS, "--size", "128x128"]  # 32² is too small to hold the watermark's message
+    status, paths, err = _run(capsys, "generate", "--prompts", prompts, "--out", marked, "--model", model, *big)
+    assert status == 0, err
+    status, _, err = _run(capsys, "generate", "--prompts", prompts, "--out", plain, "--model", model, *big,
+                          "--no-watermark")
+    assert status == 0, err
+    _, record = read_png_metadata(marked / "000001-000.png")
+    assert record["watermark"]["dwtdct"]["enabled"] and len(record["pixels"]["sha256"]) == 64
+    _, record = read_png_metadata(plain / "000001-000.png")
+    assert not record["watermark"]["dwtdct"]["enabled"]
+    assert cli.main(["verify", "--no-tree-ring", str(marked / "000001-000.png")]) == 0
+    assert cli.main(["verify", "--no-tree-ring", str(plain / "000001-000.png")]) == 1
+
+    blocklist = tmp_path / "words.txt"
+    blocklist.write_text("star\n", encoding="utf-8")
+    out = tmp_path / "refused"
+    status, paths, err = _run(capsys, "generate", "--prompts", prompts, "--out", out, "--model", model, *FLAGS,
+                              "--blocklist", blocklist)
+    assert status == 2 and "line 4" in err and "Traceback" not in err
+    assert paths == [] and not (out.exists() and any(out.iterdir()))
+
+
+def test_bulk_output_check_refusals_are_not_written(tmp_path, model, prompts):
+    from estable.bulk import run_bulk
+    from estable.pipeline import load_pipeline
+    from estable.provenance.policy import ProvenancePolicy
+
+    class RefuseSquares:  # stands in for the CLIP concept check (tested in test_output_check.py)
+        calls = 0
+
+        def check(self, images):
+            RefuseSquares.calls += 1
+            return [("squares", 99.0) if RefuseSquares.calls in (2, 3) else None for _ in images]
+
+    stats = run_bulk(lambda dev: load_pipeline(model, device=dev), prompts, tmp_path / "out",
+                     defaults={"steps": 2, "width": 32, "height": 32}, base_seed=5, batch=8, device="cpu",
+                     progress=False, policy=ProvenancePolicy(output_check=RefuseSquares()))
+    written = {p.name for p in (tmp_path / "out").iterdir()}
+    assert stats["made"] == 4 and len(stats["refused"]) == 2 and len(written) == 4
+    assert written == EXPECTED - {"000003-000.png", "000003-001.png"}
+    assert all("squares" in line for line in stats["refused"])

@@ -175,12 +175,22 @@ def _resolve_seeds(items: Sequence[Item]) -> list[Item]:
     return out
 
 
-def generate_items(pipe: Pipeline, items: Sequence[Item], out: Path) -> list[Path]:
-    """Make ``items`` (one sampler run; they share their settings) and write their PNGs into ``out``."""
+def generate_items(pipe: Pipeline, items: Sequence[Item], out: Path, policy: Any = None,
+                   refused: list[str] | None = None) -> list[Path]:
+    """Make ``items`` (one sampler run; they share their settings) and write their PNGs into ``out``.
+
+    ``policy`` (a :class:`~estable.provenance.policy.ProvenancePolicy`; default: the DWT watermark on, records
+    completed, as ``estable generate``) stamps each image before it is written; images its output check refuses
+    are not written and their lines go to ``refused``."""
     import torch
 
     from .images import to_pil
+    from .pipeline import GenerationResult
     from .provenance.infotext import write_png
+    from .provenance.policy import ProvenancePolicy
+
+    policy = policy if policy is not None else ProvenancePolicy()
+    policy.prepare(pipe, "txt2img")
 
     first = items[0].line.params
     params, spec, plan, width, height, clip_skip = pipe._setup("txt2img", first, None)
@@ -216,6 +226,13 @@ def generate_items(pipe: Pipeline, items: Sequence[Item], out: Path) -> list[Pat
                    "prompts_line": it.line.number}
             text = pipe.infotext(own, it.seed, "txt2img", width, height)
             record = pipe.record(own, it.seed, "txt2img", width, height, run)
+            made = GenerationResult([image], [it.seed], [text], [record], own)
+            made, lost = policy.stamp(made, pipe)  # output check, watermark, pixel hash, device, signature
+            if lost:  # refused by the output check: not written
+                if refused is not None:
+                    refused.append(f"line {it.line.number} ({it.name}): " + lost[0].split(": ", 1)[-1])
+                continue
+            image, text, record = made.images[0], made.infotexts[0], made.records[0]
             final = out / it.name
             tmp = out / f".{it.name}.{os.getpid()}.tmp"
             write_png(tmp, image, parameters=text, record=record)
@@ -237,13 +254,21 @@ def run_bulk(
     progress: bool | None = None,
     on_path: Callable[[Path], None] | None = None,
     adjust: Callable[[Pipeline, Line], GenerationParams] | None = None,
+    policy: Any = None,
 ) -> dict[str, Any]:
     """Generate every missing image of ``prompts`` into ``out``; returns counts for this process.
 
     ``load(device)`` builds the pipeline on the given device ("cpu", "cuda:N", ...). ``adjust(pipe, line)`` may change
     each line's parameters once the model is known (e.g. the model's recommended guidance scale). Under torchrun the
     process group is joined from the environment (NCCL on CUDA, gloo on the CPU) and left at the end.
+
+    ``policy`` (:class:`~estable.provenance.policy.ProvenancePolicy`) filters every line's prompt before the model
+    loads and stamps each image as ``estable generate`` does (default: the DWT watermark and a completed record).
+    Images refused by its output check are not written; ``stats["refused"]`` lists them.
     """
+    from .provenance.filters import PromptRefused
+    from .provenance.policy import ProvenancePolicy
+
     from tqdm import tqdm
 
     from .training import distributed as D
@@ -254,6 +279,12 @@ def run_bulk(
     if out.suffix.lower() == ".png" or (out.exists() and not out.is_dir()):
         raise EstableError(f"--out {out}: with --prompts, --out must be a folder")
     lines = read_prompt_file(prompts, defaults, base_seed)
+    policy = policy if policy is not None else ProvenancePolicy()
+    for line in lines:  # every prompt through the filter before anything loads
+        try:
+            policy.check_prompt(line.params.prompt)
+        except PromptRefused as exc:
+            raise PromptRefused(f"{prompts}, line {line.number}: {exc}") from None
     info = _join_group(device, D)
     try:
         mine = shard(lines, info.rank, info.world_size)
@@ -263,7 +294,7 @@ def run_bulk(
             raise EstableError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
         todo, done = plan_items(mine, out)
         stats: dict[str, Any] = {"rank": info.rank, "world_size": info.world_size, "lines": len(mine),
-                                 "made": 0, "skipped": done, "seconds": 0.0}
+                                 "made": 0, "skipped": done, "seconds": 0.0, "refused": []}
         if todo:
             dev = device
             if info.enabled and info.backend == "nccl":
@@ -281,11 +312,11 @@ def run_bulk(
             with tqdm(total=len(todo), unit="img", file=sys.stderr, disable=show if show is None else not show,
                       desc=desc, position=info.rank if info.enabled else None, leave=True) as bar:
                 for group in group_batches(todo, batch):
-                    for path in generate_items(pipe, group, out):
+                    for path in generate_items(pipe, group, out, policy, stats["refused"]):
+                        stats["made"] += 1
                         if on_path is not None:
                             on_path(path)
                     bar.update(len(group))
-                    stats["made"] += len(group)
             stats["seconds"] = time.perf_counter() - t0
     except BaseException:
         if info.enabled:  # leave without the closing barrier: the other ranks may never reach it

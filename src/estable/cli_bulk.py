@@ -29,6 +29,7 @@ def cmd_bulk(args: argparse.Namespace) -> int:
     from .bulk import run_bulk
     from .cli_generate import parse_size
     from .pipeline import DEFAULT_MODEL, load_pipeline, resolve_sampler
+    from .provenance.policy import ProvenancePolicy
 
     if args.prompt is not None:
         raise EstableError("give either a PROMPT or --prompts FILE, not both")
@@ -58,11 +59,17 @@ def cmd_bulk(args: argparse.Namespace) -> int:
             return dataclasses.replace(line.params, cfg_scale=float(pipe.config.default_cfg))
         return line.params
 
+    policy = ProvenancePolicy.configure(  # the same filter, marks and records as a single generate
+        watermark=args.watermark, watermark_key=args.watermark_key, tree_ring=bool(args.tree_ring),
+        sign_key=args.sign_key, blocklists=args.blocklist or (), output_check=args.output_check,
+        output_clip=args.output_clip, output_threshold=args.output_threshold)
     stats = run_bulk(load, args.prompts, args.out, defaults=defaults, base_seed=args.seed,
                      batch=args.batch if args.batch is not None else 8, device=args.device or "auto",
-                     on_path=print, adjust=adjust)
+                     on_path=print, adjust=adjust, policy=policy)
     rate = stats["made"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
     where = f"rank {stats['rank']}/{stats['world_size']}: " if stats["world_size"] > 1 else ""
     print(f"estable: {where}{stats['made']} images made ({rate:.2f}/s), {stats['skipped']} already there",
           file=sys.stderr)
+    if stats["refused"]:
+        raise EstableError(policy.refusal_message(stats["refused"]))
     return 0
