@@ -266,11 +266,10 @@ def run_bulk(
     loads and stamps each image as ``estable generate`` does (default: the DWT watermark and a completed record).
     Images refused by its output check are not written; ``stats["refused"]`` lists them.
     """
-    from .provenance.filters import PromptRefused
-    from .provenance.policy import ProvenancePolicy
-
     from tqdm import tqdm
 
+    from .provenance.filters import PromptRefused
+    from .provenance.policy import ProvenancePolicy
     from .training import distributed as D
 
     if not 1 <= batch <= MAX_BULK_BATCH:
