@@ -118,3 +118,21 @@ def test_help_documents_flags(capsys):
             assert flag in out
     _, out, _ = _run(capsys, "control-image", "--help")
     assert "canny" in out and "seg" in out
+
+
+def test_hires_second_pass_is_controlled_too(setup, monkeypatch):
+    """The hires fix's second pass runs the ControlNet units (control image resized to the larger size), as
+    A1111's extension does by default: dropping them from that pass alone changes the image."""
+    import estable.hires as hires
+
+    pipe, net, _, root = setup
+    params = GenerationParams(prompt="a cat", steps=4, seed=3, sampler="euler", width=64, height=64,
+                              hires_scale=2.0, hires_strength=0.5)
+    unit = ControlUnit(net=net, image=Image.open(root / "ctrl.png").convert("RGB"), scale=0.8)
+    both = pipe.txt2img(params, control=[unit])
+    assert both.images[0].size == (128, 128)
+    real = hires.run_hires
+    monkeypatch.setattr(hires, "run_hires", lambda *a, **k: real(*a[:10], None))  # the first pass only
+    first_only = pipe.txt2img(params, control=[unit])
+    a, b = (np.asarray(r.images[0], dtype=np.int16) for r in (both, first_only))
+    assert np.abs(a - b).max() > 10

@@ -381,3 +381,32 @@ def test_webuiapi_client_unchanged(server, world):
     cu = ControlUnit(net=world["net"], image=world["control_image"], scale=0.8, end=0.75)
     got = np.asarray(r.image.convert("RGB")).astype(int)
     assert np.abs(got - _library(world, "a cat", control=[cu])).max() <= 1
+
+
+# ------------------------------------------------------------------------------------------------ hires fix
+
+
+def test_hires_fix_over_both_apis(server, world):
+    """A1111's enable_hr / hr_scale / hr_upscaler / denoising_strength run the library's hires fix; /v1/jobs takes
+    the same as hires_*; an unknown upscaler is a 400 and a second pass past the size limit a 422."""
+    hr = {"enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "denoising_strength": 0.6}
+    out = _txt2img(server, prompt="a cat", **hr)
+    got, infotext, _ = _png(out["images"][0])
+    assert got.size == (2 * TINY, 2 * TINY) and "Hires upscale: 2" in infotext
+    assert json.loads(out["info"])["denoising_strength"] == 0.6
+    expected = _library(world, "a cat", hires_scale=2.0, hires_strength=0.6)
+    got = np.asarray(got).astype(int)
+    assert np.abs(got - expected).mean() < 2  # the watermark aside, the library's image
+    other = _library(world, "a cat", hires_scale=2.0, hires_strength=0.6, hires_upscaler="pixel")
+    assert np.abs(got - other).mean() > 3 * np.abs(got - expected).mean()
+    job = server.client.post("/v1/jobs", json={
+        "prompt": "a cat", "steps": STEPS, "seed": SEED, "cfg_scale": CFG, "sampler": "euler", "width": TINY,
+        "height": TINY, "hires_scale": 2, "hires_strength": 0.6}).json()
+    job = _wait_job(server, job["id"])
+    assert job["state"] == "done", job
+    assert np.array_equal(np.asarray(_png(server.client.get(job["images"][0]["url"]).content)[0]).astype(int), got)
+
+    r = server.client.post("/sdapi/v1/txt2img", json={**BASE, **hr, "hr_upscaler": "R-ESRGAN 4x+"})
+    assert r.status_code == 400 and "Upscaler not found" in r.text
+    r = server.client.post("/sdapi/v1/txt2img", json={**BASE, **hr, "width": 128, "height": 128, "hr_scale": 4})
+    assert r.status_code == 422 and "hr_scale" in r.text

@@ -91,8 +91,13 @@ def run_hires(
     width: int,
     height: int,
     callback: Callable[[int, int, torch.Tensor, torch.Tensor], None],
+    control: Sequence[Any] | None = None,
 ) -> torch.Tensor:
-    """The second pass on first-pass latents ``z`` made at width × height; returns the large latents."""
+    """The second pass on first-pass latents ``z`` made at width × height; returns the large latents.
+
+    ``control`` (ControlNet units) guides the second pass too, its images resized to the larger size, as A1111's
+    ControlNet extension does by default ("Both" passes); each unit's start/end fractions apply to this pass's
+    own schedule."""
     from .pipeline import _slice_plan
 
     w2, h2 = hires_side(width, params.hires_scale), hires_side(height, params.hires_scale)
@@ -107,4 +112,4 @@ def run_hires(
                            "raise the strength or the steps")
     z_up = upscale_latents(pipe, z, params, w2, h2).to(pipe.device)
     return pipe._sample("img2img", params, spec, _slice_plan(plan, t_start), seeds, cond, uncond, None, None,
-                        w2, h2, callback, init_latents=z_up)
+                        w2, h2, callback, control, init_latents=z_up)

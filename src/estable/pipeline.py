@@ -597,7 +597,8 @@ class Pipeline:
                              width, height, step_cb, control)
             if hires:
                 z = run_hires(self, z, params, spec, batch_seeds, cond, uncond, width, height,
-                              lambda i, n, x, d, o=offset + plan.steps: callback and callback(o + i, total, x, d))
+                              lambda i, n, x, d, o=offset + plan.steps: callback and callback(o + i, total, x, d),
+                              control)
             decoded, note = self._decode(z, tile=params.tile_vae)
             if note:
                 notes.append(note)

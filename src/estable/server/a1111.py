@@ -32,7 +32,7 @@ from ..provenance.infotext import PARAMETERS_KEY, parse_infotext, to_a1111_field
 from ..sampling.samplers import get_sampler, list_samplers
 from .catalog import ModelNameError
 from .extras import a1111_control
-from .inputs import BadRequest, build_params, check_image_side, decode_image, fit_mask
+from .inputs import BadRequest, FieldError, build_params, check_image_side, decode_image, fit_mask
 from .state import ServerState, get_state
 from .worker import Job
 
@@ -86,7 +86,12 @@ class _Request(BaseModel):
 
 
 class Txt2ImgRequest(_Request):
-    enable_hr: bool = False
+    enable_hr: bool = False  # the two-pass hires fix (estable.hires), with the four fields below
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None  # "Latent…" (latents, bilinear) or "Lanczos"/"Nearest"/"None" (pixels, Lanczos)
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
 
 
 class Img2ImgRequest(_Request):
@@ -142,8 +147,12 @@ def _job(state: ServerState, req: _Request, mode: str, image: Image.Image | None
     }
     if mode != "txt2img":
         values["strength"] = req.denoising_strength if req.denoising_strength is not None else 0.75
+    elif getattr(req, "enable_hr", False):
+        values.update(_hires(req))
     params = build_params(values, state.settings.limits, {"batch_count": "n_iter", "strength": "denoising_strength",
-                                                          "sampler": "sampler_name"})
+                                                          "sampler": "sampler_name", "hires_scale": "hr_scale",
+                                                          "hires_steps": "hr_second_pass_steps",
+                                                          "hires_strength": "denoising_strength"})
     state.admit(params.prompt)  # the prompt filter, the <lora:…> tags
     control = a1111_control(state.networks, req.alwayson_scripts, image, state.settings.limits)
     model = over.get("sd_model_checkpoint")
@@ -154,6 +163,22 @@ def _job(state: ServerState, req: _Request, mode: str, image: Image.Image | None
             raise HTTPException(400, str(exc)) from None
     return Job(mode=mode, params=params.resolved(), image=image, mask=mask, model=model,
                cfg_given=req.cfg_scale is not None, origin="a1111", control=control)
+
+
+def _hires(req: Txt2ImgRequest) -> dict[str, Any]:
+    """The hires-fix parameters of an ``enable_hr`` request (A1111's defaults: scale 2, strength 0.7, Latent)."""
+    if req.hr_resize_x or req.hr_resize_y:
+        raise FieldError("hr_resize_x", "a target size for the hires fix is not supported; use hr_scale")
+    name = (req.hr_upscaler or "Latent").strip().lower()
+    if name.startswith("latent"):
+        upscaler = "latent"
+    elif name in ("lanczos", "nearest", "none"):
+        upscaler = "pixel"
+    else:
+        raise HTTPException(400, f"Upscaler not found: {req.hr_upscaler} (Estable has Latent and Lanczos)")
+    strength = req.denoising_strength if req.denoising_strength is not None else 0.7
+    return {"hires_scale": req.hr_scale, "hires_strength": strength, "hires_upscaler": upscaler,
+            "hires_steps": req.hr_second_pass_steps}
 
 
 def _info(job: Job) -> dict[str, Any]:
@@ -170,7 +195,7 @@ def _info(job: Job) -> dict[str, Any]:
         "batch_size": p.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": job.model_name, "sd_model_hash": job.model_hash, "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": p.strength if job.mode != "txt2img" else 0,
+        "denoising_strength": p.strength if job.mode != "txt2img" else (p.hires_strength if p.hires_scale > 1 else 0),
         "extra_generation_params": {"Schedule type": schedule} if schedule else {},
         "index_of_first_image": 0, "infotexts": [im["infotext"] for im in job.images], "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)),

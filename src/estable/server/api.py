@@ -46,6 +46,10 @@ class JobRequest(BaseModel):
     strength: float | None = None
     clip_skip: int | None = None
     eta: float | None = None
+    hires_scale: float | None = None  # the two-pass hires fix of txt2img (> 1: on), as `generate --hires-scale`
+    hires_strength: float | None = None
+    hires_upscaler: Literal["latent", "pixel"] | None = None
+    hires_steps: int | None = None
     init_image: str | None = None
     mask: str | None = None
     model: str | None = None
@@ -67,7 +71,8 @@ def make_job(request: Request, req: JobRequest) -> Job:
             raise FieldError("mask", "inpaint needs a mask (base64 PNG; white = repaint)")
         mask = fit_mask(decode_image(req.mask, "mask", limits, mode="L"), image)  # type: ignore[arg-type]
     values = req.model_dump(include={"prompt", "negative_prompt", "sampler", "steps", "cfg_scale", "seed", "width",
-                                     "height", "batch_size", "batch_count", "strength", "clip_skip", "eta"})
+                                     "height", "batch_size", "batch_count", "strength", "clip_skip", "eta",
+                                     "hires_scale", "hires_strength", "hires_upscaler", "hires_steps"})
     params = build_params(values, limits)
     state.admit(params.prompt)  # the prompt filter, the <lora:…> tags
     control = v1_control(state.networks, req.control, image, limits)

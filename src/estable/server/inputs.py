@@ -142,11 +142,20 @@ def build_params(values: dict[str, Any], limits: Limits, names: dict[str, str] |
         except ValueError as exc:
             raise FieldError(name("sampler"), str(exc)) from None
     try:
-        return GenerationParams(**v)
+        params = GenerationParams(**v)
     except EstableError as exc:
         raise FieldError(_guess_field(str(exc), v, name), str(exc)) from None
     except TypeError as exc:
         raise FieldError("body", str(exc)) from None
+    if params.hires_scale > 1:  # the hires fix's second pass is the image the limits are about
+        from ..params import hires_side
+
+        for key, limit in (("width", limits.max_width), ("height", limits.max_height)):
+            side = getattr(params, key)
+            if side is not None and hires_side(side, params.hires_scale) > limit:
+                raise FieldError(name("hires_scale"), f"{key} {side} × {params.hires_scale:g} is "
+                                 f"{hires_side(side, params.hires_scale)}; at most {limit}")
+    return params
 
 
 def _guess_field(message: str, values: dict[str, Any], name: Any) -> str:
