@@ -49,3 +49,18 @@ def test_bf16_on_the_cpu_stays_the_fp32_image():
 def test_fp16_on_the_gpu_stays_the_fp32_image():
     seeds, size, steps = [1, 2, 3, 4], 256, 25
     _check(_images("cuda", "fp16", seeds, size, steps), _images("cuda", "fp32", seeds, size, steps), bound=1.0)
+
+
+def test_the_initial_noise_is_drawn_in_float32_whatever_the_dtype():
+    """The cause of diffusers' fp16 drift (RESULTS.md, issue 16): diffusers draws the initial noise in the
+    pipeline's dtype, and on torch 2.11 a CPU generator's float16 draw is another sequence than its float32 draw
+    (measured on the H200 machine: max |Δ| 5.5 at 4,096 numbers), so fp16 starts from other noise. Estable draws in
+    float32 on the CPU generator for every dtype: the same noise as its fp32 run."""
+    seen: dict[str, torch.Tensor] = {}
+    for dtype in ("fp32", "bf16"):
+        pipe = load_pipeline("default", device="cpu", dtype=dtype)
+        pipe.noise_hook = lambda noise, d=dtype: seen.setdefault(d, noise.clone())
+        pipe.txt2img(GenerationParams(prompt=PROMPT, steps=1, seed=7, width=64, height=64))
+    assert seen["bf16"].dtype == torch.float32
+    assert torch.equal(seen["bf16"], seen["fp32"])
+    assert torch.equal(seen["fp32"], torch.randn(seen["fp32"].shape, generator=torch.Generator().manual_seed(7)))
