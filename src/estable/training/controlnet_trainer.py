@@ -187,38 +187,18 @@ class ControlNetTrainer(UNetTrainer):
     def sample_image(self) -> Image.Image | None:
         """Validation images' control maps (top), the controlled samples for their captions (middle) and the
         images themselves (bottom), sampled with classifier-free guidance."""
-        from estable.sampling.samplers import get_sampler, make_sigmas, vp_denoiser
-
         items = self.val_items[:4]
         if not items:
             return None
-        s, dev = self.config.sample, self.device
-        n = len(items)
-        control = torch.stack([it["control"] for it in items]).to(dev)
-        ids = self.tokenizer([it["text"] for it in items]).to(dev)
-        empty = self.tokenizer([""] * n).to(dev)
-        with self.autocast():
-            cond = self.text_encoder.encode(ids, clip_skip=self.clip_skip)
-            uncond = self.text_encoder.encode(empty, clip_skip=self.clip_skip)
-        spec = get_sampler(s.sampler)
-        plan = make_sigmas(spec, self.schedule, s.steps)
-        gen = torch.Generator().manual_seed(s.seed)
-        c, h, w = self.objective.latent_shape
-        x = plan.initial_latents(torch.randn((n, c, h, w), generator=gen)).to(dev)
-        net, unet, scale = self.network, self.unet, s.cfg_scale
-        ctx, hint = torch.cat([uncond, cond]), torch.cat([control, control])
+        n, net, unet = len(items), self.network, self.unet
+        control = torch.stack([it["control"] for it in items]).to(self.device)
+        hint = torch.cat([control, control])
 
-        def model(x_t: torch.Tensor, t: float) -> torch.Tensor:
-            inp = torch.cat([x_t, x_t])
-            with self.autocast():
-                down, mid = net(inp, t, ctx, hint)
-                out = unet(inp, t, ctx, down, mid).float()
-            u, c_ = out.chunk(2)
-            return u + scale * (c_ - u)
+        def forward(inp: torch.Tensor, t: float, ctx: torch.Tensor) -> torch.Tensor:
+            down, mid = net(inp, t, ctx, hint)
+            return unet(inp, t, ctx, down, mid)
 
-        denoise = vp_denoiser(model, self.schedule.prediction_type, plan.timestep)
-        x = spec.fn(denoise, x, plan.sigmas, generator=gen, **plan.options)
-        images = self.vae.decode_latents(plan.final_latents(x).float())
+        images = self.guided_samples([it["text"] for it in items], forward)
         controls = to_pil(control * 2 - 1)
         originals = to_pil(torch.stack([it["pixel_values"] for it in items]))
         return make_grid(controls + to_pil(images) + originals, columns=n)

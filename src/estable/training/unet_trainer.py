@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -177,13 +178,21 @@ class UNetTrainer(Trainer):
     @torch.no_grad()
     def sample_image(self) -> Image.Image:
         """The fixed prompts through the configured sampler with classifier-free guidance, decoded by the VAE."""
+        prompts = list(self.config.sample.prompts)
+        unet = self.unet  # the uncompiled U-Net (LoRA: with its adapters)
+        images = self.guided_samples(prompts, lambda inp, t, ctx: unet(inp, t, ctx))  # (n, 3, H, W)
+        return make_grid(to_pil(images), columns=min(len(prompts), 4))
+
+    @torch.no_grad()
+    def guided_samples(self, texts: list[str],
+                       forward: Callable[[torch.Tensor, float, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``texts`` sampled with the configured sampler, steps, seed and classifier-free guidance, decoded:
+        (n, 3, H, W) in [-1, 1]. ``forward(inp, t, ctx)`` is the network on the doubled batch (unconditional half
+        first), run under the trainer's autocast."""
         from estable.sampling.samplers import get_sampler, make_sigmas, vp_denoiser
 
-        s = self.config.sample
-        prompts = list(s.prompts)
-        n = len(prompts)
-        dev = self.device
-        ids = self.tokenizer(prompts).to(dev)
+        s, dev, n = self.config.sample, self.device, len(texts)
+        ids = self.tokenizer(texts).to(dev)
         empty = self.tokenizer([""] * n).to(dev)
         with self.autocast():
             cond = self.text_encoder.encode(ids, clip_skip=self.clip_skip)  # (n, L, d)
@@ -193,18 +202,17 @@ class UNetTrainer(Trainer):
         gen = torch.Generator().manual_seed(s.seed)
         c, h, w = self.objective.latent_shape
         x = plan.initial_latents(torch.randn((n, c, h, w), generator=gen)).to(dev)
-        unet, scale = self.unet, s.cfg_scale  # the uncompiled U-Net (LoRA: with its adapters)
+        ctx, scale = torch.cat([uncond, cond]), s.cfg_scale
 
         def model(x_t: torch.Tensor, t: float) -> torch.Tensor:
             with self.autocast():
-                out = unet(torch.cat([x_t, x_t]), t, torch.cat([uncond, cond])).float()  # (2n, C, h, w)
+                out = forward(torch.cat([x_t, x_t]), t, ctx).float()  # (2n, C, h, w)
             u, c_ = out.chunk(2)
             return u + scale * (c_ - u)  # classifier-free guidance (Ho & Salimans 2022, eq. 6)
 
         denoise = vp_denoiser(model, self.schedule.prediction_type, plan.timestep)
         x = spec.fn(denoise, x, plan.sigmas, generator=gen, **plan.options)
-        images = self.vae.decode_latents(plan.final_latents(x).float())  # (n, 3, H, W)
-        return make_grid(to_pil(images), columns=min(n, 4))
+        return self.vae.decode_latents(plan.final_latents(x).float())
 
 
 __all__ = ["UNetTrainer"]
