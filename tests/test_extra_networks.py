@@ -90,6 +90,12 @@ def test_lora_arg_and_lookup(tmp_path):
         find_lora("missing", root)
     with pytest.raises(EstableError, match="--lora-dir"):
         find_lora("Ink", None)
+    # a tag is a name, never a path or a pattern: nothing outside the folder is found or named
+    (tmp_path / "secret.pt").write_bytes(b"x")
+    for name in ("../secret", "*", "**/old"):
+        with pytest.raises(EstableError, match=r"no .*\.safetensors under") as err:
+            find_lora(name, root)
+        assert "secret" not in str(err.value).replace(name, "") and "old.pt" not in str(err.value)
 
 
 def test_addnet_hash_and_infotext_value(tmp_path):

@@ -245,7 +245,8 @@ def find_lora(name: str, lora_dir: str | os.PathLike[str] | None) -> Path:
             return hits[0]
         if len(hits) > 1:
             raise EstableError(f"<lora:{name}> is ambiguous in {root}: {', '.join(str(p) for p in hits[:4])}")
-    pickles = [p for p in root.rglob(f"{name}.*") if p.suffix.lower() in (".pt", ".ckpt", ".bin", ".pth")]
+    pickles = [p for p in root.rglob("*")  # no glob built from the tag: a name such as "../x" or "*" means nothing
+               if p.stem == name and p.suffix.lower() in (".pt", ".ckpt", ".bin", ".pth")]
     if pickles:
         raise EstableError(f"<lora:{name}>: found {pickles[0]}, but LoRAs are read from .safetensors only")
     known = ", ".join(p.stem for p in files[:8]) or "none"
