@@ -8,9 +8,9 @@
                          subclass it (frozen base model, trained adapters / ControlNet / word vectors)
     vae_trainer.py       the KL autoencoder
     clip_trainer.py      the contrastive text–image pair; clip_exports.py: the files it writes and their readers
-    config.py            one config dataclass per trainer, presets, JSON files and key=value overrides
+    config/              one config dataclass per trainer, presets, JSON files and key=value overrides
     objectives.py        the diffusion and autoencoder losses; clip_objective.py: the contrastive loss
-    data.py, shapes.py   image folders, tar shards and the procedural shapes world
+    data.py, shapes/     image folders, tar shards and the procedural shapes world (a package)
     runs.py, ema.py      run folders, logs and checkpoints; the weights' moving average
     distributed.py       torchrun, DDP and FSDP helpers
     bpe.py, assemble.py  learning a BPE vocabulary; one model file from a U-Net run

@@ -1,0 +1,101 @@
+"""Captions: writing a scene's or a prompt spec's caption, and reading a caption back into a ``PromptSpec``."""
+
+from __future__ import annotations
+
+import re
+
+from estable.training.shapes.scene import BackgroundSpec, ObjectSpec, PromptSpec, Scene
+from estable.training.shapes.vocab import (
+    BACKGROUND_COLOURS,
+    COLOURS,
+    COUNT_WORDS,
+    PLURALS,
+    RELATION_PHRASES,
+    SHAPES,
+    SIZES,
+)
+
+_BG_PREPOSITIONS = ("on", "against")
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _noun_phrase(o: ObjectSpec) -> str:
+    words = ([o.size] if o.size else []) + [o.colour, o.shape]
+    return f"{_article(words[0])} {' '.join(words)}"
+
+
+def _background_phrase(bg: BackgroundSpec, preposition: str) -> str:
+    desc = {"plain": bg.colour, "gradient": f"{bg.colour} gradient", "textured": f"textured {bg.colour}"}[bg.kind]
+    return f"{preposition} {_article(desc)} {desc} background"
+
+
+def caption_for(scene_or_spec: Scene | PromptSpec) -> str:
+    """The caption of a scene (with its paraphrase) or the canonical caption of a prompt spec."""
+    if isinstance(scene_or_spec, Scene):
+        spec, preposition = scene_or_spec.spec, _BG_PREPOSITIONS[(scene_or_spec.phrasing >> 1) & 1]
+    else:
+        spec, preposition = scene_or_spec, _BG_PREPOSITIONS[0]
+    objs = spec.objects
+    if spec.kind == "single":
+        text = _noun_phrase(objs[0])
+    elif spec.kind == "count":
+        o = objs[0]
+        words = [COUNT_WORDS[spec.count]] + ([o.size] if o.size else []) + [o.colour, PLURALS[o.shape]]
+        text = " ".join(words)
+    elif spec.kind == "pair":
+        assert spec.relation is not None  # PromptSpec validates this
+        text = f"{_noun_phrase(objs[0])} {RELATION_PHRASES[spec.relation]} {_noun_phrase(objs[1])}"
+    else:
+        text = f"{_noun_phrase(objs[0])} and {_noun_phrase(objs[1])}"
+    if spec.background is not None:
+        text += " " + _background_phrase(spec.background, preposition)
+    return text
+
+
+_SIZE_RE = "|".join(SIZES)
+_COLOUR_RE = "|".join(COLOURS)
+_BG_COLOUR_RE = "|".join(BACKGROUND_COLOURS)
+_OBJ_RE = re.compile(rf"an? (?:({_SIZE_RE}) )?({_COLOUR_RE}) ({'|'.join(SHAPES)})")
+_COUNT_RE = re.compile(
+    rf"({'|'.join(COUNT_WORDS.values())}) (?:({_SIZE_RE}) )?({_COLOUR_RE}) ({'|'.join(PLURALS.values())})"
+)
+_BG_RE = re.compile(rf"^(.*) (?:on|against) an? (textured )?({_BG_COLOUR_RE})( gradient)? background$")
+_REL_RE = re.compile("|".join(re.escape(f" {p} ") for p in RELATION_PHRASES.values()))
+
+
+def parse_caption(text: str) -> PromptSpec:
+    """Read a caption of this module's grammar back into a ``PromptSpec`` (``ValueError`` if it is not one)."""
+    t = " ".join(text.lower().strip().rstrip(".").split())
+    background = None
+    m = _BG_RE.match(t)
+    if m:
+        t, textured, colour, gradient = m.group(1), m.group(2), m.group(3), m.group(4)
+        if textured and gradient:
+            raise ValueError(f"not a shapes-world caption (textured gradient): {text!r}")
+        kind = "textured" if textured else "gradient" if gradient else "plain"
+        background = BackgroundSpec(kind, colour)
+
+    def obj(s: str) -> ObjectSpec:
+        mo = _OBJ_RE.fullmatch(s)
+        if not mo or _article(s.split()[1]) != s.split()[0]:
+            raise ValueError(f"not a shapes-world caption (cannot read object {s!r}): {text!r}")
+        return ObjectSpec(mo.group(3), mo.group(2), mo.group(1))
+
+    mc = _COUNT_RE.fullmatch(t)
+    if mc:
+        n = {w: k for k, w in COUNT_WORDS.items()}[mc.group(1)]
+        shape = {p: s for s, p in PLURALS.items()}[mc.group(4)]
+        return PromptSpec("count", (ObjectSpec(shape, mc.group(3), mc.group(2)),), count=n, background=background)
+    rels = list(_REL_RE.finditer(t))
+    if len(rels) == 1:
+        phrase = rels[0].group(0).strip()
+        relation = {p: r for r, p in RELATION_PHRASES.items()}[phrase]
+        a, b = t[: rels[0].start()], t[rels[0].end() :]
+        return PromptSpec("pair", (obj(a), obj(b)), relation=relation, background=background)
+    if " and " in t:
+        a, b = t.split(" and ", 1)
+        return PromptSpec("colour_binding", (obj(a), obj(b)), background=background)
+    return PromptSpec("single", (obj(t),), background=background)
