@@ -61,6 +61,8 @@ def test_overrides_parse_nested_and_lists():
     ("optim.lr", ["key=value"]),
     ("batch_size=0", ["batch_size", "positive integer"]),
     ("precision=fp8", ["precision", "fp32"]),
+    ("model=[1]", ["config model", "expected an object, got list"]),
+    ("optim=3", ["config optim", "expected an object, got int"]),
 ])
 def test_bad_overrides_are_clear_errors(override, words):
     with pytest.raises(EstableError) as err:

@@ -53,6 +53,8 @@ def build_dataclass(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         sub = _dataclass_type(hint)
         if sub is not None and isinstance(value, dict):
             value = build_dataclass(sub, value, _join(where, name))
+        elif sub is not None and value is not None and not isinstance(value, sub):
+            raise ValueError(f"config {_join(where, name)}: expected an object, got {type(value).__name__}")
         elif isinstance(value, list) and _is_tuple(hint):
             value = tuple(value)
         kwargs[name] = value
