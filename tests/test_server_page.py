@@ -106,6 +106,9 @@ def _set(driver, element_id: str, value: str) -> None:
     el.send_keys(value)
 
 
+# JS: the ids of every job in the history, its images loaded or not.
+ALL_JOBS = "return [...document.querySelectorAll('#gallery > li.job')].map(li => li.dataset.jobId);"
+
 # JS: the ids of the history's jobs whose every image has loaded.
 LOADED_JOBS = """
 return [...document.querySelectorAll('#gallery > li.job')]
@@ -118,7 +121,7 @@ return [...document.querySelectorAll('#gallery > li.job')]
 def _generate(driver, prompt: str, seed: int, during=None) -> str:
     """Fill the form, click Generate, (call ``during(driver)``), wait for the job's image in the history;
     returns the job id."""
-    before = set(driver.execute_script(LOADED_JOBS))
+    before = set(driver.execute_script(ALL_JOBS))  # loaded or still loading: older jobs are never "new"
     _set(driver, "prompt", prompt)
     _set(driver, "steps", str(STEPS))
     _set(driver, "seed", str(seed))
