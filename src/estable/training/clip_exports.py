@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,19 +50,21 @@ def tokenizer_from_metadata(value: str, *, max_length: int | None, where: str) -
 
 
 
-def _export_meta(fmt: str, config_json: str, tokenizer_meta: str) -> dict[str, str]:
-    return {"format": fmt, "format_version": EXPORT_FORMAT_VERSION, "config": config_json,
-            "tokenizer": tokenizer_meta}
+def _save_export(path: str | Path, fmt: str, network: Any, tokenizer: CLIPTokenizer | str,
+                 state_dict: dict[str, torch.Tensor] | None) -> Path:
+    """Write ``state_dict`` (or ``network``'s own weights) with the network's config and the tokenizer."""
+    tok = tokenizer if isinstance(tokenizer, str) else tokenizer_metadata(tokenizer)
+    sd = state_dict if state_dict is not None else network.state_dict()
+    write_safetensors(path, {k: v.detach().cpu().contiguous() for k, v in sd.items()},
+                      {"format": fmt, "format_version": EXPORT_FORMAT_VERSION, "config": network.config.to_json(),
+                       "tokenizer": tok})
+    return Path(path)
 
 
 def save_text_encoder(path: str | Path, encoder: TextEncoder, tokenizer: CLIPTokenizer | str, *,
                       state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a text encoder (``state_dict`` or the encoder's own weights) with its config and tokenizer."""
-    tok = tokenizer if isinstance(tokenizer, str) else tokenizer_metadata(tokenizer)
-    sd = state_dict if state_dict is not None else encoder.state_dict()
-    write_safetensors(path, {k: v.detach().cpu().contiguous() for k, v in sd.items()},
-                      _export_meta(TEXT_ENCODER_FORMAT, encoder.config.to_json(), tok))
-    return Path(path)
+    return _save_export(path, TEXT_ENCODER_FORMAT, encoder, tokenizer, state_dict)
 
 
 def _check_export(path: Path, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -125,11 +128,7 @@ def find_text_encoder_export(source: str | Path) -> Path | None:
 def save_clip_pair(path: str | Path, pair: CLIPPair, tokenizer: CLIPTokenizer | str, *,
                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the whole pair with its CLIPPairConfig and tokenizer."""
-    tok = tokenizer if isinstance(tokenizer, str) else tokenizer_metadata(tokenizer)
-    sd = state_dict if state_dict is not None else pair.state_dict()
-    write_safetensors(path, {k: v.detach().cpu().contiguous() for k, v in sd.items()},
-                      _export_meta(CLIP_FORMAT, pair.config.to_json(), tok))
-    return Path(path)
+    return _save_export(path, CLIP_FORMAT, pair, tokenizer, state_dict)
 
 
 def load_clip_pair(path: str | Path) -> tuple[CLIPPair, CLIPTokenizer]:
