@@ -136,3 +136,29 @@ def test_hires_second_pass_is_controlled_too(setup, monkeypatch):
     first_only = pipe.txt2img(params, control=[unit])
     a, b = (np.asarray(r.images[0], dtype=np.int16) for r in (both, first_only))
     assert np.abs(a - b).max() > 10
+
+
+def test_controlnet_cache_is_bounded_and_drops_changed_files(tmp_path, monkeypatch):
+    """The server keeps one cache per pipeline: it must not grow with every file (or every rewrite of one)."""
+    import types
+
+    import estable.checkpoints.controlnet_format as fmt
+    from estable.control.units import ControlNetCache
+
+    loads = []
+    monkeypatch.setattr(fmt, "load_controlnet", lambda path, **kw: loads.append(path.name) or object())
+    pipe = types.SimpleNamespace(config=types.SimpleNamespace(unet=None), dtype=torch.float32, device="cpu")
+    files = [tmp_path / f"cn{k}.safetensors" for k in range(4)]
+    for f in files:
+        f.write_bytes(b"x")
+    cache = ControlNetCache(capacity=2)
+    first = cache.get(files[0], pipe)
+    assert cache.get(files[0], pipe) is first and loads == ["cn0.safetensors"]  # cached
+    for f in files[1:]:
+        cache.get(f, pipe)
+    assert len(cache._nets) == 2  # the two most recent
+    cache.get(files[0], pipe)
+    assert loads.count("cn0.safetensors") == 2  # it had been evicted: read again
+    files[0].write_bytes(b"xy")  # rewritten: a new key, and the old entry goes
+    cache.get(files[0], pipe)
+    assert len(cache._nets) == 2 and sum(k[0].endswith("cn0.safetensors") for k in cache._nets) == 1

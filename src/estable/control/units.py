@@ -6,6 +6,7 @@ server (A1111's ControlNet extension arguments, Estable's ``control`` list) both
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +35,13 @@ class ControlSpec:
 
 class ControlNetCache:
     """ControlNets loaded for one pipeline (its U-Net, dtype and device), by file, with their SHA-256; a file that
-    changed on disk is read again. Make a new one (or :meth:`clear` it) when the pipeline changes."""
+    changed on disk is read again (its old weights dropped). At most ``capacity`` are kept, the least recently used
+    leaving first (an SD 1.5 ControlNet holds about 0.7 GB in fp16). Make a new one (or :meth:`clear` it) when the
+    pipeline changes."""
 
-    def __init__(self) -> None:
-        self._nets: dict[tuple[str, int, int], tuple[Any, str | None]] = {}
+    def __init__(self, capacity: int = 4) -> None:
+        self.capacity = max(1, capacity)
+        self._nets: collections.OrderedDict[tuple[str, int, int], tuple[Any, str | None]] = collections.OrderedDict()
 
     def clear(self) -> None:
         self._nets.clear()
@@ -49,11 +53,17 @@ class ControlNetCache:
 
         st = path.stat()
         key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
-        if key not in self._nets:
-            loaded = load_controlnet(path, base=pipe.config.unet, allow_pickle=allow_pickle, dtype=pipe.dtype,
-                                     device=pipe.device)
-            weights = path / "diffusion_pytorch_model.safetensors" if path.is_dir() else path
-            self._nets[key] = (loaded, sha256_file(weights) if weights.is_file() else None)
+        if key in self._nets:
+            self._nets.move_to_end(key)
+            return self._nets[key]
+        for old in [k for k in self._nets if k[0] == key[0]]:  # the same file, changed on disk
+            del self._nets[old]
+        loaded = load_controlnet(path, base=pipe.config.unet, allow_pickle=allow_pickle, dtype=pipe.dtype,
+                                 device=pipe.device)
+        weights = path / "diffusion_pytorch_model.safetensors" if path.is_dir() else path
+        self._nets[key] = (loaded, sha256_file(weights) if weights.is_file() else None)
+        while len(self._nets) > self.capacity:
+            self._nets.popitem(last=False)
         return self._nets[key]
 
 
