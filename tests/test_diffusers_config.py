@@ -16,7 +16,7 @@ import torch
 
 from estable.checkpoints import diffusers_config as dc
 from estable.checkpoints.ldm import text_key_map, trim_text_layers, unet_key_map, vae_key_map
-from estable.config import PRESETS, ScheduleConfig, TextConfig, UNetConfig, VAEConfig, preset
+from estable.config import PRESETS, ModelConfig, ScheduleConfig, TextConfig, UNetConfig, VAEConfig, preset
 from estable.errors import UnsupportedModelError
 
 diffusers = pytest.importorskip("diffusers")
@@ -227,8 +227,23 @@ def test_schedules_round_trip():
         ScheduleConfig(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, steps_offset=0),
         ScheduleConfig(beta_schedule="squaredcos_cap_v2", num_train_timesteps=500, timestep_spacing="trailing"),
         ScheduleConfig(prediction_type="v_prediction", timestep_spacing="linspace"),
+        ScheduleConfig(prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True),
     ):
         assert dc.schedule_from_diffusers(dc.schedule_to_diffusers(cfg)) == cfg
+
+
+def test_zero_terminal_snr_schedule_is_written_for_ddim():
+    """PNDM has no zero-terminal-SNR option: such a model's folder names DDIMScheduler, which diffusers builds
+    with the rescaled betas."""
+    from diffusers import DDIMScheduler
+
+    cfg = ScheduleConfig(prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True)
+    written = dc.schedule_to_diffusers(cfg)
+    assert written["_class_name"] == "DDIMScheduler" and written["rescale_betas_zero_snr"] is True
+    assert float(DDIMScheduler.from_config(written).alphas_cumprod[-1]) == 0.0
+    assert dc.model_index_for(ModelConfig(schedule=cfg))["scheduler"] == ["diffusers", "DDIMScheduler"]
+    with pytest.raises(ValueError, match="DDIMScheduler"):
+        dc.schedule_to_diffusers(cfg, "PNDMScheduler")
 
 
 def test_heads_as_a_list_with_constant_channels_per_head_become_head_channels():
@@ -390,7 +405,6 @@ def test_unsupported_text_options_are_named(option, value):
     ("option", "value"),
     [
         ("trained_betas", [0.1] * 1000),
-        ("rescale_betas_zero_snr", True),
         ("beta_schedule", "sigmoid"),
         ("prediction_type", "sample"),
         ("timestep_spacing", "karras"),

@@ -112,6 +112,7 @@ def run_diffusers(case: str, cfg: ScheduleConfig, steps: int) -> torch.Tensor:
         prediction_type=cfg.prediction_type,
         timestep_spacing=cfg.timestep_spacing,
         steps_offset=cfg.steps_offset,
+        **({"rescale_betas_zero_snr": True} if cfg.rescale_betas_zero_snr else {}),
         **extra_cfg,
     )
     sched.set_timesteps(steps)
@@ -150,6 +151,21 @@ def test_parity_with_diffusers(case, prediction_type):
             assert err < 1e-4, (case, prediction_type, spacing, steps, err)
             worst = max(worst, err)
     assert worst > 0 or case == "lcm"  # float64 schedules vs float32 ones: not bit-identical, but close
+
+
+@pytest.mark.parametrize("case", ["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc"])
+def test_zero_terminal_snr_parity_with_diffusers(case):
+    """A v-model on a zero-terminal-SNR schedule (Lin et al. 2024): diffusers clamps ᾱ_T to 2⁻²⁴ in these
+    schedulers, so sampling starts at σ ≈ 4096; ours must take the same path."""
+    for spacing in ("trailing", "linspace"):
+        cfg = ScheduleConfig(prediction_type="v_prediction", timestep_spacing=spacing, rescale_betas_zero_snr=True)
+        assert float(P.make_sigmas(P.get_sampler(case), cfg, 5).sigmas[0]) == pytest.approx(4096.0, rel=1e-3)
+        for steps in (2, 5, 20):
+            ref = run_diffusers(case, cfg, steps)
+            ours = run_ours(case, cfg, steps)
+            err = float((ours - ref).abs().max())
+            # latents start at randn × 4096 in float32 (a float32 step near 4096 is 4.9e-4): up to 2.2e-4 seen
+            assert err < 5e-4, (case, spacing, steps, err)
 
 
 def test_final_latents_rule_for_ddim():

@@ -101,6 +101,21 @@ def test_betas_and_alphas_cumprod_match_diffusers(beta_schedule):
     assert _rel(S.training_sigmas(cfg).flip(0), euler.sigmas[:-1]) < 5e-4
 
 
+def test_zero_terminal_snr_rescale_matches_diffusers():
+    """Lin et al. 2024, algorithm 1: ᾱ_T = 0, ᾱ_0 unchanged, the same table as diffusers' rescale_betas_zero_snr."""
+    cfg = ScheduleConfig(rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    ac, plain = S.alphas_cumprod(cfg), S.alphas_cumprod(ScheduleConfig())
+    assert float(ac[-1]) == 0.0 and float(S.betas(cfg)[-1]) == pytest.approx(1.0)
+    assert float(ac[0]) == pytest.approx(float(plain[0]), rel=1e-12)
+    assert bool((ac[1:] < ac[:-1]).all())
+    ref = _ref(DDIMScheduler, cfg, upcast=False, rescale_betas_zero_snr=True)
+    assert float((ac - ref.alphas_cumprod.double()).abs().max()) < 1e-6
+    # sampling starts from a finite σ: ᾱ_T clamped to 2⁻²⁴ as diffusers' Euler/DPM/UniPC schedulers do
+    sig = S.training_sigmas(cfg)
+    assert float(sig[-1]) == pytest.approx(math.sqrt((1 - 2**-24) / 2**-24))
+    assert torch.equal(sig[:-1], ((1 - ac[:-1]) / ac[:-1]).sqrt())
+
+
 def test_cosine_betas_follow_nichol_dhariwal_eq17():
     cfg = _cfg("squaredcos_cap_v2")
     b = S.betas(cfg)

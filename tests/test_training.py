@@ -424,3 +424,16 @@ def test_finetune_from_an_fp16_model_file(tmp_path):
     last = tr.train()
     assert math.isfinite(last["loss"])
     assert any(not torch.equal(v, stored[k].float()) for k, v in tr.network.state_dict().items())
+
+
+def test_zero_terminal_snr_needs_v_and_trains(tmp_path):
+    """rescale_betas_zero_snr: refused with ε (the noise is the whole input at t = T); with v the noisiest step
+    sees pure noise and learns -z0, and the run trains with a finite loss."""
+    with pytest.raises(EstableError, match="needs objective 'v'"):
+        load_config("unet", "tiny-unet", ["schedule.rescale_betas_zero_snr=true"])
+    tr = tiny_unet(tmp_path, "objective=v", "schedule.rescale_betas_zero_snr=true", "max_steps=2")
+    assert float(tr.objective.alphas_cumprod[-1]) == 0.0
+    z0, noise = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    z_t, target = noisy_latents_and_target(z0, noise, tr.objective.alphas_cumprod[[-1, -1]], "v")
+    assert torch.equal(z_t, noise) and torch.equal(target, -z0)
+    assert math.isfinite(tr.train()["loss"])

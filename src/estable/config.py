@@ -203,6 +203,10 @@ class ScheduleConfig(_Config):
     # None: each sampler's own default, as diffusers does for a scheduler config that names no spacing
     # (SD 1.x and 2.x name none: DDIM/PNDM/DDPM then use "leading", Euler/Heun/DPM-Solver/UniPC "linspace").
     timestep_spacing: Literal["leading", "trailing", "linspace"] | None = None
+    # Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps are Flawed", algorithm 1): the betas
+    # rescaled so the last step is pure noise (ᾱ_T = 0). Without it SD's schedule leaves √ᾱ_T ≈ 0.068 of the image
+    # in x_T, enough for a model to read the layout from the noise. Needs v-prediction (ε is undefined at ᾱ = 0).
+    rescale_betas_zero_snr: bool = False
 
     def __post_init__(self) -> None:
         if self.beta_schedule not in ("scaled_linear", "linear", "squaredcos_cap_v2"):

@@ -537,8 +537,6 @@ def schedule_from_diffusers(cfg: Mapping[str, Any]) -> ScheduleConfig:
     class_name = cfg.get("_class_name", DEFAULT_SCHEDULER_CLASS)
     if cfg.get("trained_betas") is not None:
         raise _unsupported(_SCHEDULER, "trained_betas", "[...]", "explicit beta tables")
-    if cfg.get("rescale_betas_zero_snr"):
-        raise _unsupported(_SCHEDULER, "rescale_betas_zero_snr", True)
     defaults = dict(_SCHED_DEFAULTS)
     if class_name in _KARRAS_DEFAULT_BETA_START:
         defaults["beta_start"] = 0.00085
@@ -559,11 +557,22 @@ def schedule_from_diffusers(cfg: Mapping[str, Any]) -> ScheduleConfig:
         prediction_type=d["prediction_type"],
         steps_offset=int(d["steps_offset"]),
         timestep_spacing=d["timestep_spacing"],
+        rescale_betas_zero_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
     )
 
 
-def schedule_to_diffusers(cfg: ScheduleConfig, class_name: str = DEFAULT_SCHEDULER_CLASS) -> dict[str, Any]:
-    """A ``scheduler_config.json`` dict for ``class_name`` (PNDMScheduler or DDIMScheduler)."""
+def scheduler_class_for(cfg: ScheduleConfig) -> str:
+    """The scheduler class a diffusers folder names: SD's PNDM, or DDIM for a zero-terminal-SNR schedule (PNDM
+    has no ``rescale_betas_zero_snr``)."""
+    return "DDIMScheduler" if cfg.rescale_betas_zero_snr else DEFAULT_SCHEDULER_CLASS
+
+
+def schedule_to_diffusers(cfg: ScheduleConfig, class_name: str | None = None) -> dict[str, Any]:
+    """A ``scheduler_config.json`` dict for ``class_name`` (PNDMScheduler or DDIMScheduler; default
+    :func:`scheduler_class_for`)."""
+    class_name = class_name or scheduler_class_for(cfg)
+    if cfg.rescale_betas_zero_snr and class_name != "DDIMScheduler":
+        raise ValueError(f"{class_name} has no zero-terminal-SNR option; write DDIMScheduler")
     out: dict[str, Any] = {
         "_class_name": class_name,
         "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
@@ -578,6 +587,8 @@ def schedule_to_diffusers(cfg: ScheduleConfig, class_name: str = DEFAULT_SCHEDUL
     }
     if cfg.timestep_spacing is not None:  # None: leave the key out, so each scheduler uses its own default
         out["timestep_spacing"] = cfg.timestep_spacing
+    if cfg.rescale_betas_zero_snr:
+        out["rescale_betas_zero_snr"] = True
     if class_name == "PNDMScheduler":
         out["skip_prk_steps"] = True  # PLMS only, as SD's reference sampler
     elif class_name == "DDIMScheduler":
@@ -592,7 +603,7 @@ def schedule_to_diffusers(cfg: ScheduleConfig, class_name: str = DEFAULT_SCHEDUL
 # ----------------------------------------------------------------------------------------------------------
 
 
-def model_index_for(config: ModelConfig, scheduler_class: str = DEFAULT_SCHEDULER_CLASS) -> dict[str, Any]:
+def model_index_for(config: ModelConfig, scheduler_class: str | None = None) -> dict[str, Any]:
     """The ``model_index.json`` of a StableDiffusionPipeline folder holding ``config``'s networks.
 
     No safety checker or feature extractor is written ([null, null], requires_safety_checker false).
@@ -604,7 +615,7 @@ def model_index_for(config: ModelConfig, scheduler_class: str = DEFAULT_SCHEDULE
         "image_encoder": [None, None],
         "requires_safety_checker": False,
         "safety_checker": [None, None],
-        "scheduler": ["diffusers", scheduler_class],
+        "scheduler": ["diffusers", scheduler_class or scheduler_class_for(config.schedule)],
         "text_encoder": ["transformers", TEXT_ENCODER_CLASS],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", _UNET],

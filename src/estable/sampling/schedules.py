@@ -55,17 +55,39 @@ def betas(schedule: ScheduleConfig) -> torch.Tensor:
         )
     else:  # ScheduleConfig validates, this guards against a config built around its checks
         raise ValueError(f"unsupported beta_schedule {schedule.beta_schedule!r}")
+    if schedule.rescale_betas_zero_snr:
+        b = _zero_terminal_snr(b)
     return torch.from_numpy(b)
 
 
+def _zero_terminal_snr(b: np.ndarray) -> np.ndarray:
+    """Lin et al. 2024, algorithm 1: shift √ᾱ_t so its last value is 0, scale it so its first is unchanged, and
+    turn it back into betas (β_T becomes 1: the last step destroys all signal)."""
+    root = np.sqrt(np.cumprod(1.0 - b))
+    first, last = root[0], root[-1]
+    root = (root - last) * first / (first - last)
+    ab = root ** 2
+    alphas = np.concatenate([ab[:1], ab[1:] / ab[:-1]])
+    return 1.0 - alphas
+
+
+#: Where a zero-terminal-SNR schedule's last ᾱ is clamped for sampling, so that σ_max is finite (≈ 4096): the
+#: float16 smallest subnormal, the value diffusers' Euler, Euler a, DPM-Solver and UniPC schedulers use.
+ZERO_SNR_CLAMP = 2.0 ** -24
+
+
 def alphas_cumprod(schedule: ScheduleConfig) -> torch.Tensor:
-    """ᾱ_t = Π_{s≤t} (1 - β_s) (Ho et al. 2020, notation before eq. 4), float64, shape (T,)."""
+    """ᾱ_t = Π_{s≤t} (1 - β_s) (Ho et al. 2020, notation before eq. 4), float64, shape (T,). The training
+    table: with ``rescale_betas_zero_snr`` its last entry is exactly 0."""
     return torch.cumprod(1.0 - betas(schedule), dim=0)
 
 
 def training_sigmas(schedule: ScheduleConfig) -> torch.Tensor:
-    """σ_t = sqrt((1 - ᾱ_t) / ᾱ_t) for t = 0..T-1 (EDM table 1, "VP" row), float64, increasing in t."""
+    """σ_t = sqrt((1 - ᾱ_t) / ᾱ_t) for t = 0..T-1 (EDM table 1, "VP" row), float64, increasing in t; a zero
+    terminal ᾱ is clamped to :data:`ZERO_SNR_CLAMP` so every sampler starts from a finite σ."""
     ac = alphas_cumprod(schedule)
+    if schedule.rescale_betas_zero_snr:
+        ac[-1] = ZERO_SNR_CLAMP
     return ((1.0 - ac) / ac).sqrt()
 
 

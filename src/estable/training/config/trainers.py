@@ -120,6 +120,9 @@ class UNetTrainConfig(TrainConfig):
         prediction = "epsilon" if self.objective == "eps" else "v_prediction"
         if self.schedule.prediction_type != prediction:
             object.__setattr__(self, "schedule", self.schedule.replace(prediction_type=prediction))
+        if self.schedule.rescale_betas_zero_snr and self.objective != "v":
+            raise ValueError("schedule.rescale_betas_zero_snr needs objective 'v': at zero SNR the noise is the "
+                             "whole input and predicting it teaches nothing")
         _check_diffusion_loss(self)
         if self.latents not in ("online", "cache"):
             raise ValueError(f"latents must be 'online' or 'cache', not {self.latents!r}")
