@@ -437,3 +437,7 @@ def test_zero_terminal_snr_needs_v_and_trains(tmp_path):
     z_t, target = noisy_latents_and_target(z0, noise, tr.objective.alphas_cumprod[[-1, -1]], "v")
     assert torch.equal(z_t, noise) and torch.equal(target, -z0)
     assert math.isfinite(tr.train()["loss"])
+    # a LoRA/TI/ControlNet run on an ε base with such a schedule: min-SNR gives the pure-noise step weight 0, not NaN
+    ab = tr.objective.alphas_cumprod[[0, -1]]
+    assert min_snr_weights(ab, 5.0, "eps").tolist() == [pytest.approx(5.0 / float(ab[0] / (1 - ab[0]))), 0.0]
+    assert min_snr_weights(ab, 5.0, "v")[1] == 0.0
