@@ -122,7 +122,7 @@ def min_snr_weights(alpha_bar: torch.Tensor, gamma: float | None, objective: str
     snr = ab / (1 - ab)
     clipped = torch.clamp(snr, max=float(gamma))
     if objective == "eps":  # at zero SNR (a zero-terminal-SNR schedule's last step) ε says nothing of x0: weight 0
-        w = torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(torch.float64).tiny), torch.zeros_like(snr))
+        w = torch.where(snr > 0, clipped / snr, torch.zeros_like(snr))
     else:
         w = clipped / (snr + 1)
     return w.to(torch.float32)
