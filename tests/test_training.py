@@ -134,6 +134,23 @@ def test_offset_noise_shifts_channel_means(tmp_path):
     assert abs(means.var().item() - (0.25 + 1 / (h * w))) < 0.03
 
 
+def test_timestep_bias_draws_late_steps_more_often(tmp_path):
+    uniform = tiny_unet(tmp_path / "u").objective
+    t_plain = uniform.draw(20000, torch.Generator().manual_seed(4))["t"]
+    # Unbiased draws are the plain uniform draws, bit for bit (earlier runs resume with the same numbers).
+    assert torch.equal(t_plain, torch.randint(0, 1000, (20000,), generator=torch.Generator().manual_seed(4)))
+    biased = tiny_unet(tmp_path / "b", "timestep_bias.portion=0.2", "timestep_bias.multiplier=4").objective
+    t = biased.draw(20000, torch.Generator().manual_seed(4))["t"]
+    assert t.min() >= 0 and t.max() <= 999 and t.dtype == torch.int64
+    late = (t >= 800).float().mean().item()
+    want = 0.2 * 4 / (0.2 * 4 + 0.8)  # 0.5: the last fifth drawn four times as often
+    assert abs(late - want) < 4 * math.sqrt(want * (1 - want) / 20000)
+    assert abs(t[t < 800].float().mean().item() - 399.5) < 8  # uniform within each part
+    assert abs(t[t >= 800].float().mean().item() - 899.5) < 3
+    with pytest.raises(EstableError, match="timestep_bias.portion"):
+        tiny_unet(tmp_path / "x", "timestep_bias.portion=1")
+
+
 def test_caption_dropout_rate(tmp_path):
     tr = tiny_unet(tmp_path, "caption_dropout=0.1")
     obj = tr.objective

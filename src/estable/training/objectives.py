@@ -128,6 +128,17 @@ def min_snr_weights(alpha_bar: torch.Tensor, gamma: float | None, objective: str
     return w.to(torch.float32)
 
 
+def late_timestep_weights(num_timesteps: int, portion: float, multiplier: float) -> torch.Tensor | None:
+    """Sampling weights of the training timesteps: the last ``portion`` of them (the noisiest) ``multiplier`` times
+    as likely as the rest; None when that is uniform (draws then use ``torch.randint`` as before)."""
+    late = round(portion * num_timesteps)
+    if late == 0 or multiplier == 1:
+        return None
+    w = torch.ones(num_timesteps, dtype=torch.float64)
+    w[num_timesteps - late:] = multiplier
+    return w
+
+
 class UNetObjective(nn.Module):
     """Wraps the trained U-Net with the frozen VAE and text encoder; ``forward(batch, draws) -> (loss, metrics)``.
 
@@ -138,7 +149,7 @@ class UNetObjective(nn.Module):
     def __init__(self, unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder, empty_ids: torch.Tensor, *,
                  schedule: ScheduleConfig, objective: str = "eps", min_snr_gamma: float | None = None,
                  offset_noise: float = 0.0, caption_dropout: float = 0.0, clip_skip: int = 1,
-                 latent_size: int, train_text: bool = False) -> None:
+                 latent_size: int, train_text: bool = False, late_timesteps: tuple[float, float] = (0.0, 1.0)) -> None:
         super().__init__()
         self.unet = unet
         self.vae = vae.requires_grad_(False).eval()
@@ -150,6 +161,7 @@ class UNetObjective(nn.Module):
         self.offset_noise, self.caption_dropout, self.clip_skip = offset_noise, caption_dropout, clip_skip
         self.latent_shape = (vae.config.latent_channels, latent_size, latent_size)
         self.scaling = vae.config.scaling_factor
+        self.t_weights = late_timestep_weights(len(self.alphas_cumprod), *late_timesteps)  # None: uniform t
 
     def train(self, mode: bool = True) -> UNetObjective:
         super().train(mode)
@@ -160,8 +172,12 @@ class UNetObjective(nn.Module):
     def draw(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """All random numbers of one micro-step for ``n`` samples (always in this order), on the CPU."""
         c, h, w = self.latent_shape
+        if self.t_weights is None:
+            t = torch.randint(0, len(self.alphas_cumprod), (n,), generator=generator)
+        else:
+            t = torch.multinomial(self.t_weights, n, replacement=True, generator=generator)
         d = {
-            "t": torch.randint(0, len(self.alphas_cumprod), (n,), generator=generator),
+            "t": t,
             "posterior": torch.randn((n, c, h, w), generator=generator),
             "noise": torch.randn((n, c, h, w), generator=generator),
         }

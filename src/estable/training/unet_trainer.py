@@ -77,7 +77,7 @@ class UNetTrainer(Trainer):
             unet, self.vae, self.text_encoder, empty_prompt_ids(self.tokenizer), schedule=cfg.schedule,
             objective=cfg.objective, min_snr_gamma=cfg.min_snr_gamma, offset_noise=cfg.offset_noise,
             caption_dropout=cfg.caption_dropout, clip_skip=cfg.text.clip_skip, latent_size=cfg.data.size // f,
-            train_text=cfg.text.train)
+            train_text=cfg.text.train, late_timesteps=(cfg.timestep_bias.portion, cfg.timestep_bias.multiplier))
         self.train_text = cfg.text.train
         if self.train_text:  # saved in every checkpoint beside the U-Net (assemble_model exports it)
             self.extra_networks["text_encoder"] = self.text_encoder

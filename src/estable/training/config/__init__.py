@@ -14,6 +14,7 @@ Glossary:
   objective     what the U-Net predicts: "eps" (ε, Ho et al. 2020) or "v" (Salimans & Ho 2022, sec. 4)
   min_snr_gamma γ of min-SNR-γ loss weighting (Hang et al. 2023), None = uniform weights
   offset_noise  strength of the per-channel constant added to ε (Guttenberg 2023, "diffusion with offset noise")
+  timestep_bias the noisiest `portion` of the training timesteps drawn `multiplier` times as often (uniform by default)
 
 Modules:
   plain.py     dict ⇄ dataclass conversion, the ``_Plain`` mixin (to_dict/from_dict/to_json/replace), number checks

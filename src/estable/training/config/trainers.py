@@ -98,6 +98,22 @@ class SampleConfig(_Plain):
 
 
 @dataclass(frozen=True)
+class TimestepBias(_Plain):
+    """Training timesteps drawn non-uniformly: the noisiest ``portion`` of the schedule (where a layout is decided)
+    ``multiplier`` times as often as the rest; ``portion`` 0 draws t uniformly. The same idea as the "later"
+    timestep bias of diffusers' SDXL training scripts; it shifts the loss's weight toward high noise as P2
+    weighting does (Choi et al. 2022)."""
+
+    portion: float = 0.0
+    multiplier: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.portion < 1:
+            raise ValueError(f"timestep_bias.portion must be in [0, 1), got {self.portion!r}")
+        _positive("timestep_bias.multiplier", self.multiplier)
+
+
+@dataclass(frozen=True)
 class UNetTrainConfig(TrainConfig):
     """Latent-diffusion U-Net training (Rombach et al. 2022, eq. 2)."""
 
@@ -106,6 +122,7 @@ class UNetTrainConfig(TrainConfig):
     objective: str = "eps"  # eps | v; sets schedule.prediction_type
     min_snr_gamma: float | None = None  # e.g. 5.0
     offset_noise: float = 0.0  # 0 = off; ~0.05–0.1 in practice
+    timestep_bias: TimestepBias = field(default_factory=TimestepBias)  # uniform t unless set
     caption_dropout: float = 0.1  # fraction of captions replaced by "" (for classifier-free guidance)
     latents: str = "online"  # online | cache (VAE posteriors precomputed once into the run folder)
     text: TextSource = field(default_factory=TextSource)
