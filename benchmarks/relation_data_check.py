@@ -2,11 +2,11 @@
 
     PYTHONPATH=src python benchmarks/relation_data_check.py --count 2000
 
-Pair scenes of the shapes world's train split (seed 0, the training default; part 3 of the U-Net used 12), at 256²: the caption is
-parsed back (it may read the pair from either end, with the inverse relation), and the relation is tested on the
-pixel centroids of the two named objects' colours, with half the margin the world lays scenes out with (an
-overlapping object hides part of the other and moves its pixel centroid a little). Pairs of
-one colour, or with a background of an object's colour, are skipped (their pixels cannot be told apart by colour).
+Pair scenes of the shapes world's train split (seed 0, the training default; part 3 of the U-Net used 12), at 256²:
+the caption is parsed back (it may read the pair from either end, with the inverse relation), and the relation is
+tested on the pixel centroids of the two named objects' colours, with half the margin the world lays scenes out with
+(an overlapping object hides part of the other and moves its pixel centroid a little). Pairs of one colour, or with
+a background of an object's colour, are skipped (their pixels cannot be told apart by colour).
 """
 
 from __future__ import annotations
