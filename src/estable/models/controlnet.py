@@ -46,6 +46,21 @@ class HintEncoder(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.conv_out = nn.Conv2d(widths[-1], out_channels, kernel_size=3, padding=1)  # a zero convolution
 
+    @torch.no_grad()
+    def init_for_training_(self) -> None:
+        """He-normal weights and zero biases for every convolution before ``conv_out``.
+
+        With PyTorch's default initialisation each 3×3 convolution shrinks its input's variance about threefold
+        and its random biases swamp what is left of a sparse control image (thin edges: under 1 % of the pixels),
+        so after the seven layers the embedding of a Canny map differs from that of a blank one by 0.06 % of its
+        size, and training hardly moves that path (a shapes ControlNet trained 4,000 steps that way ignored its
+        edges entirely). He initialisation (fan-in, ReLU gain) keeps the variance through the SiLUs, and zero
+        biases make a blank control embed to zero.
+        """
+        for conv in [self.conv_in, *self.blocks]:
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = F.silu(self.conv_in(image))
         for block in self.blocks:
@@ -104,6 +119,7 @@ class ControlNet(nn.Module):
                                                      "controlnet_mid_block."))}
         if left != expected:  # a bug, not a user error: the encoder names must be the U-Net's
             raise RuntimeError(f"ControlNet.from_unet: unexpected uncopied keys {sorted(left - expected)[:5]}")
+        net.controlnet_cond_embedding.init_for_training_()
         net.zero_outputs_()
         return net
 
