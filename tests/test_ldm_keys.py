@@ -13,7 +13,7 @@ import logging
 import pytest
 import torch
 
-from estable.checkpoints import ldm
+from estable.checkpoints import ldm, ldm_infer
 from estable.checkpoints.diffusers_config import text_to_diffusers, unet_to_diffusers, vae_to_diffusers
 from estable.config import (
     ModelConfig,
@@ -166,7 +166,7 @@ def test_ldm_layout_prefixes_and_reshapes(case):
 
 def test_infer_config_recovers_the_config(case):
     cfg, _, sd = case
-    assert ldm.infer_config(sd) == cfg
+    assert ldm_infer.infer_config(sd) == cfg
 
 
 def test_diffusers_model_type_agrees(case):
@@ -220,8 +220,8 @@ def test_sd15_published_layout():
     assert sfu.infer_diffusers_model_type(sd) == "v1"
     unet_params = sum(v.numel() for k, v in sd.items() if k.startswith("model.diffusion_model."))
     assert unet_params == 859_520_964  # SD 1.5's U-Net: 859.5 M parameters
-    assert ldm.infer_config(sd) == cfg
-    assert ldm.detect_family(sd) == "sd1"
+    assert ldm_infer.infer_config(sd) == cfg
+    assert ldm_infer.detect_family(sd) == "sd1"
 
 
 def test_sd2_published_layout_and_presets():
@@ -233,24 +233,24 @@ def test_sd2_published_layout_and_presets():
     assert sd["cond_stage_model.model.text_projection"].shape == (1024, 1024)
     assert sd["cond_stage_model.model.positional_embedding"].shape == (77, 1024)
     assert sfu.infer_diffusers_model_type(sd) == "v2"
-    assert ldm.detect_family(sd) == "sd2"
-    assert ldm.infer_config(sd) == cfg  # v-prediction by default, as diffusers decides
-    assert ldm.infer_config(sd, prediction_type="epsilon") == preset("sd21-base")
+    assert ldm_infer.detect_family(sd) == "sd2"
+    assert ldm_infer.infer_config(sd) == cfg  # v-prediction by default, as diffusers decides
+    assert ldm_infer.infer_config(sd, prediction_type="epsilon") == preset("sd21-base")
     sd["global_step"] = torch.tensor(875000)  # SD 2.0-base's checkpoint
-    assert ldm.infer_config(sd) == preset("sd21-base")
+    assert ldm_infer.infer_config(sd) == preset("sd21-base")
 
 
 def test_sd2_prediction_type_rule():
     cfg = preset("sd21-768-v")
     sd = ldm.components_to_ldm(_meta_components(cfg), cfg)
-    assert ldm.sd2_prediction_type(sd) == "v_prediction"
-    assert ldm.sd2_prediction_type({**sd, "global_step": 875000}) == "epsilon"
-    assert ldm.sd2_prediction_type({**sd, "global_step": 110000}) == "v_prediction"
+    assert ldm_infer.sd2_prediction_type(sd) == "v_prediction"
+    assert ldm_infer.sd2_prediction_type({**sd, "global_step": 875000}) == "epsilon"
+    assert ldm_infer.sd2_prediction_type({**sd, "global_step": 110000}) == "v_prediction"
     inpaint = cfg.replace(unet=cfg.unet.replace(in_channels=9))
     sd9 = ldm.components_to_ldm(_meta_components(inpaint), inpaint)
-    assert ldm.sd2_prediction_type(sd9) == "epsilon"
+    assert ldm_infer.sd2_prediction_type(sd9) == "epsilon"
     assert sfu.infer_diffusers_model_type(sd9) == "inpainting_v2"
-    assert ldm.infer_config(sd9).schedule.prediction_type == "epsilon"
+    assert ldm_infer.infer_config(sd9).schedule.prediction_type == "epsilon"
 
 
 def test_sd2_trimmed_tower_round_trip():
@@ -261,7 +261,7 @@ def test_sd2_trimmed_tower_round_trip():
     sd = ldm.components_to_ldm(comps, trimmed)
     assert "cond_stage_model.model.transformer.resblocks.23.ln_1.weight" not in sd
     assert "cond_stage_model.model.text_projection" not in sd
-    assert ldm.infer_config(sd) == trimmed
+    assert ldm_infer.infer_config(sd) == trimmed
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -378,7 +378,7 @@ def test_renamed_attention_key_does_not_change_the_inferred_structure(case):
     old = next(k for k in sd if k.startswith("model.diffusion_model.input_blocks.") and ".1.proj_in.weight" in k)
     bad = dict(sd)
     bad[old.replace("proj_in", "proj_inn")] = bad.pop(old)
-    inferred = ldm.infer_config(bad, family=cfg.family if cfg.family != "estable" else "sd1")
+    inferred = ldm_infer.infer_config(bad, family=cfg.family if cfg.family != "estable" else "sd1")
     assert inferred.unet.attention_levels == cfg.unet.attention_levels
     with pytest.raises(CheckpointError) as e:
         ldm.ldm_to_components(bad, inferred)
@@ -423,30 +423,30 @@ def test_sdxl_and_partial_files_are_refused(case):
     sdxl = {k: v for k, v in sd.items() if not k.startswith("cond_stage_model.")}
     sdxl["conditioner.embedders.1.model.positional_embedding"] = torch.zeros(77, 64)
     with pytest.raises(CheckpointError, match="SDXL is not supported"):
-        ldm.detect_family(sdxl)
+        ldm_infer.detect_family(sdxl)
     with pytest.raises(CheckpointError, match="SDXL"):
-        ldm.infer_config(sdxl)
+        ldm_infer.infer_config(sdxl)
     vae_only = {k: v for k, v in sd.items() if k.startswith("first_stage_model.")}
     with pytest.raises(CheckpointError) as e:
-        ldm.detect_family(vae_only)
+        ldm_infer.detect_family(vae_only)
     msg = str(e.value)
     assert "no U-Net (model.diffusion_model.)" in msg and "first_stage_model.encoder." in msg
     unet_only = {k[len("model.diffusion_model.") :]: v for k, v in sd.items() if k.startswith("model.diffusion")}
     with pytest.raises(CheckpointError, match="input_blocks"):  # a bare U-Net: names its prefixes
-        ldm.detect_family(unet_only)
+        ldm_infer.detect_family(unet_only)
 
 
 def test_unsupported_structures_name_the_option():
     sd = ldm.components_to_ldm(_components(SD1), SD1)
     with pytest.raises(UnsupportedModelError, match="label_emb"):
-        ldm.infer_config({**sd, "model.diffusion_model.label_emb.0.0.weight": torch.zeros(4, 4)})
+        ldm_infer.infer_config({**sd, "model.diffusion_model.label_emb.0.0.weight": torch.zeros(4, 4)})
     # transformer depth per level (SDXL-style) is not representable
     deeper = THREE_LEVELS.replace(unet=THREE_LEVELS.unet.replace(attention_levels=(True, True, False)))
     sd3 = ldm.components_to_ldm(_meta_components(deeper), deeper)
     blk = "model.diffusion_model.input_blocks.1.1.transformer_blocks.1."
     sd3 = {k: v for k, v in sd3.items() if not k.startswith(blk)}
     with pytest.raises(UnsupportedModelError, match="transformer depth"):
-        ldm.infer_config(sd3)
+        ldm_infer.infer_config(sd3)
 
 
 def test_components_to_ldm_checks_its_input(case):
@@ -467,10 +467,10 @@ def test_estable_family_uses_the_sd1_layout():
     comps = _components(cfg, seed=3)
     sd = ldm.components_to_ldm(comps, cfg)
     assert "cond_stage_model.transformer.text_projection.weight" in sd
-    assert ldm.detect_family(sd) == "sd1"
+    assert ldm_infer.detect_family(sd) == "sd1"
     back = ldm.ldm_to_components(sd, cfg)
     _assert_same(back["text_encoder"], comps["text_encoder"])
-    inferred = ldm.infer_config(sd)
+    inferred = ldm_infer.infer_config(sd)
     assert inferred.text.projection_dim == 32 and inferred.unet == cfg.unet
     with pytest.raises(ValueError, match="estable"):
-        ldm.infer_config(sd, family="estable")
+        ldm_infer.infer_config(sd, family="estable")

@@ -125,7 +125,7 @@ class OutputPlan:
         return [self.out.with_name(f"{self.out.stem}-{k}{self.out.suffix}") for k in range(self.count)]
 
     def save(self, result: Any) -> list[Path]:
-        """Write the next images of the run, ``result`` being a :class:`~estable.pipeline.GenerationResult` (or one
+        """Write the next images of the run, ``result`` being a :class:`~estable.results.GenerationResult` (or one
         batch of it): PNGs with infotext and record, each written atomically. Returns their paths."""
         from .provenance.infotext import write_png
 

@@ -54,8 +54,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -63,16 +62,23 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import __version__
-from .embeddings import Embedding, EmbeddingLibrary, ti_hashes_text
+from .embeddings import Embedding, EmbeddingLibrary
 from .errors import EstableError
-from .extra_networks import LoRASpec, LoRAStack, lora_hashes_text, resolve_prompt_loras
+from .extra_networks import LoRASpec, LoRAStack, resolve_prompt_loras
 from .images import as_mask, as_rgb, check_mask_has_area, mask_to_tensor, resize_note, to_pil, to_tensor
 from .nn.cuda_graph import GraphedForward
 from .outputs import OutputPlan, next_index  # noqa: F401  (next_index: re-exported)
 from .params import GenerationParams
 from .prompts import apply_weights, build_chunks, match_chunk_counts
-from .provenance.infotext import format_infotext
+from .results import (  # noqa: F401  (RECORD_FORMAT, a1111_sampler_label, params_from_record, save_result: re-exported)
+    RECORD_FORMAT,
+    GenerationResult,
+    a1111_sampler_label,
+    image_infotext,
+    image_record,
+    params_from_record,
+    save_result,
+)
 from .sampling.samplers import SamplerSpec, SigmaPlan, get_sampler, make_sigmas, vp_denoiser
 from .speed import SpeedOptions, accelerate, resolve_speed
 from .tiled_vae import tiled_decode, tiled_encode
@@ -100,13 +106,11 @@ ProgressCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 BatchCallback = Callable[["GenerationResult"], None]
 Mode = Literal["txt2img", "img2img", "inpaint"]
 
-RECORD_FORMAT = "estable.generation/1"
 DEFAULT_MODEL = "default"
 #: The built-in model (``--model default`` or no --model): an Estable file made by ``estable train export`` from the
 #: recipe in recipes/default/, shipped inside the package with its model card beside it.
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "assets" / "default_model.safetensors"
 DEFAULT_MODEL_CARD = DEFAULT_MODEL_PATH.with_name("MODEL_CARD.md")
-_KARRAS_SUFFIX = " Karras"
 
 
 # ------------------------------------------------------------------------------------------------- loading
@@ -178,31 +182,7 @@ def default_model_path() -> Path:
     return path
 
 
-# ------------------------------------------------------------------------------------------------- results
-
-
-@dataclass
-class GenerationResult:
-    """The images of one request, with each image's seed, infotext and Estable record (same order).
-
-    Iterating, indexing and ``len`` go over the images, so a result can be used as a list of PIL images.
-    """
-
-    images: list[Image.Image]
-    seeds: list[int]
-    infotexts: list[str]
-    records: list[dict[str, Any]]
-    params: GenerationParams  # the request with its seed resolved (the seed of image 0)
-    warnings: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __iter__(self) -> Iterator[Image.Image]:
-        return iter(self.images)
-
-    def __getitem__(self, index: int) -> Image.Image:
-        return self.images[index]
+# ------------------------------------------------------------------------------------------------ samplers
 
 
 def resolve_sampler(name: str) -> SamplerSpec:
@@ -211,36 +191,6 @@ def resolve_sampler(name: str) -> SamplerSpec:
         return get_sampler(name)
     except ValueError as exc:
         raise EstableError(str(exc)) from None
-
-
-def params_from_record(record: dict[str, Any]) -> GenerationParams:
-    """The GenerationParams stored in an Estable record (the ``estable`` PNG chunk), validated."""
-    if not isinstance(record, dict) or not isinstance(record.get("params"), dict):
-        raise EstableError("the Estable metadata record has no 'params' object; was the image made by Estable?")
-    try:
-        return GenerationParams.from_dict(record["params"])
-    except TypeError as exc:
-        raise EstableError(f"the Estable metadata record has invalid parameters: {exc}") from None
-
-
-def save_result(result: GenerationResult, out: str | Path, *, start: int | None = None,
-                overwrite: bool = False, inputs: Sequence[str | Path | None] = ()) -> list[Path]:
-    """Write every image of ``result`` as a PNG with its infotext and record; return the paths.
-
-    ``out`` is a ``.png`` file name (one image: that file; several: ``name-0.png``, ``name-1.png``, …) or a
-    folder (created if needed), where files are numbered ``00000-<seed>.png`` after the highest number there
-    (from ``start`` when given). An existing file is not replaced unless ``overwrite``, and none of ``inputs`` ever
-    is (:class:`estable.outputs.OutputPlan`, which also writes a long run batch by batch).
-    """
-    return OutputPlan(out, len(result), overwrite=overwrite, inputs=inputs, start=start).save(result)
-
-
-def a1111_sampler_label(spec: SamplerSpec) -> tuple[str, str | None]:
-    """A1111's (sampler, schedule type) for a sampler: ("DPM++ 2M", "Karras") for "DPM++ 2M Karras", as A1111 ≥ 1.9
-    names them in infotexts and API answers; (label, None) when the schedule is the sampler's own."""
-    if spec.label.endswith(_KARRAS_SUFFIX):
-        return spec.label[: -len(_KARRAS_SUFFIX)], "Karras"
-    return spec.label, None
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
@@ -449,61 +399,13 @@ class Pipeline:
     # -- metadata ------------------------------------------------------------------------------------------
     def infotext(self, params: GenerationParams, seed: int, mode: Mode, width: int, height: int) -> str:
         """The A1111 ``parameters`` text of one image."""
-        from .hires import hires_infotext
-        spec = resolve_sampler(params.sampler)
-        label, schedule = a1111_sampler_label(spec)
-        clip_skip = params.clip_skip or self.config.clip_skip
-        fields: dict[str, Any] = {
-            "Steps": params.steps,
-            "Sampler": label,
-            "Schedule type": schedule,
-            "CFG scale": _num(params.cfg_scale),
-            "Seed": seed,
-            "Size": f"{width}x{height}",
-            "Model hash": self.model_hash,
-            "Model": self.model_name,
-            "VAE hash": self.vae_info["hash"] if self.vae_info else None,
-            "VAE": self.vae_info["name"] if self.vae_info else None,
-            "Denoising strength": _num(params.strength) if mode != "txt2img" else (
-                _num(params.hires_strength) if params.hires_scale > 1 else None),
-            **hires_infotext(params, mode),
-            "Clip skip": clip_skip if clip_skip != 1 else None,
-            "Eta": _num(params.eta) if spec.name == "ddim" and params.eta else None,
-            "Lora hashes": lora_hashes_text(self.lora_stack.active),
-            "TI hashes": ti_hashes_text(self.used_embeddings),
-            "Version": f"estable {__version__}",
-        }
-        return format_infotext(params.prompt, params.negative_prompt, fields)
+        return image_infotext(self, resolve_sampler(params.sampler), params, seed, mode, width, height)
 
     def record(self, params: GenerationParams, seed: int, mode: Mode, width: int, height: int,
                run: dict[str, Any]) -> dict[str, Any]:
         """The Estable JSON record of one image: the parameters that make this very image again (its own seed,
         one image, the resolved size and clip skip), the model's identity and the run it came from."""
-        spec = resolve_sampler(params.sampler)
-        own = dataclasses.replace(
-            params, seed=seed, batch_size=1, batch_count=1, width=width, height=height,
-            clip_skip=params.clip_skip or self.config.clip_skip, sampler=spec.name,
-        )
-        return {
-            "format": RECORD_FORMAT,
-            "estable_version": __version__,
-            "mode": mode,
-            "params": own.to_dict(),
-            "sampler": {"name": spec.name, "label": spec.label},
-            "model": {
-                "name": self.model_name,
-                "source": str(Path(self.model.source).resolve()),
-                "format": self.model.format,
-                "sha256": self.model_sha256,
-                "hash": self.model_hash,
-                "prediction_type": self.config.schedule.prediction_type,
-            },
-            "run": run,
-            "loras": [s.to_record() for s in self.lora_stack.active],
-            "vae": self.vae_info,
-            "embeddings": [{"name": e.name, "path": str(e.path) if e.path else None, "hash": e.short_hash}
-                           for e in self.used_embeddings],
-        }
+        return image_record(self, resolve_sampler(params.sampler), params, seed, mode, width, height, run)
 
     # -- the loop ------------------------------------------------------------------------------------------
     def _size(self, params: GenerationParams, image: Image.Image | None) -> tuple[int, int]:
@@ -777,12 +679,6 @@ class Pipeline:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-
-
-def _num(v: float) -> float | int:
-    """7.0 -> 7 as A1111 writes whole numbers; other values unchanged."""
-    v = float(v)
-    return int(v) if v.is_integer() else v
 
 
 def _fit(image: Image.Image, width: int, height: int) -> Image.Image:

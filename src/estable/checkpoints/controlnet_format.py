@@ -42,13 +42,12 @@ from .ldm import (
     SD1_UNET_HEADS,
     SD2_UNET_HEAD_CHANNELS,
     KeyMap,
-    _get,
-    _indices,
     _shape,
     _Table,
     _unet_resnet,
     _unet_transformer,
 )
+from .ldm_infer import _get, _indices
 
 CONTROL_PREFIX = "control_model."
 FORMAT_NAME = "estable.controlnet"

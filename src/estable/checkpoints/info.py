@@ -182,13 +182,13 @@ def _read_scalars(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
 def _describe_ldm(
     infos: dict[str, TensorInfo], meta: dict[str, str], scalars: dict[str, torch.Tensor]
 ) -> dict[str, Any]:
-    from . import ldm
+    from . import ldm_infer
 
     out: dict[str, Any] = {"components": _summarise(infos, _ldm_component)}
     out["ema"] = "ema" in out["components"]
     keys = list(infos)
     try:
-        out["family"] = ldm.detect_family(keys)
+        out["family"] = ldm_infer.detect_family(keys)
     except EstableError as exc:
         out["family"] = None
         out["note"] = str(exc)
@@ -198,7 +198,7 @@ def _describe_ldm(
     if config is None:
         shapes = {**_meta_state_dict(infos), **scalars}
         try:
-            config = ldm.infer_config(shapes)
+            config = ldm_infer.infer_config(shapes)
         except (EstableError, ValueError, KeyError, TypeError, RuntimeError):
             config = None
     if config is not None:

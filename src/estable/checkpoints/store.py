@@ -413,14 +413,14 @@ Components = dict[str, tuple[dict[str, torch.Tensor], str]]  # name -> (state di
 def _read_ldm(
     path: Path, *, allow_pickle: bool, ema: bool, prediction_type: str | None
 ) -> tuple[ModelConfig, Components, Any, str | None]:
-    from . import ldm
+    from . import ldm, ldm_infer
 
     sd, meta = load_tensors(path, allow_pickle=allow_pickle)
     sd = clean_state_dict(sd)
     where = str(path)
     config = _recorded_config(sd, meta)
     if config is None:
-        config = _converted(ldm.infer_config, sd, prediction_type=prediction_type, where=where)
+        config = _converted(ldm_infer.infer_config, sd, prediction_type=prediction_type, where=where)
     parts = _converted(ldm.ldm_to_components, sd, config, ema=ema, where=where)
     del sd
     tok, err = _standard_tokenizer(config.tokenizer)
@@ -434,14 +434,14 @@ def _recorded_config(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str]) ->
     config keeps a round trip through the LDM format exact. It is used only when its family agrees with the
     file's text-encoder layout; the strict key and shape checks still apply.
     """
-    from . import ldm
+    from . import ldm_infer
 
     raw = meta.get(LDM_CONFIG_KEY)
     if not raw:
         return None
     try:
         config = ModelConfig.from_dict(json.loads(raw))
-        family = ldm.detect_family(sd.keys())
+        family = ldm_infer.detect_family(sd.keys())
     except (ValueError, TypeError, EstableError):
         return None
     if config.family in ("sd1", "sd2") and config.family != family:

@@ -27,8 +27,8 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
-from ..pipeline import a1111_sampler_label
 from ..provenance.infotext import PARAMETERS_KEY, parse_infotext, to_a1111_fields
+from ..results import a1111_sampler_label
 from ..sampling.samplers import get_sampler, list_samplers
 from .catalog import ModelNameError
 from .extras import a1111_control
