@@ -26,7 +26,7 @@ from estable.provenance.infotext import PARAMETERS_KEY, parse_infotext
 from estable.provenance.records import new_keypair
 from estable.provenance.verify import check_record
 from estable.provenance.watermark import detect_dwtdct
-from server_util import TINY, LiveServer, make_tiny_model, png_b64, settings, wait_for
+from server_util import TINY, LiveServer, decode_png, make_tiny_model, png_b64, settings, wait_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -329,6 +329,30 @@ def test_controlnet_lists(server):
     modules = server.client.get("/controlnet/module_list").json()
     assert {"none", "canny", "scribble", "invert"} <= set(modules["module_list"])
     assert set(modules["module_detail"]) == set(modules["module_list"])
+
+
+def test_controlnet_detect_makes_the_librarys_control_images(server, world):
+    from estable.control.preprocess import make_control_image
+
+    source = world["control_image"].convert("RGB").resize((96, 64))
+    body = {"controlnet_module": "canny", "controlnet_input_images": [png_b64(source)] * 2,
+            "controlnet_processor_res": 128, "controlnet_threshold_a": 50, "controlnet_threshold_b": 120}
+    r = server.client.post("/controlnet/detect", json=body)
+    assert r.status_code == 200, r.text
+    images = [decode_png(d).convert("RGB") for d in r.json()["images"]]
+    assert r.json()["info"] == "Success" and len(images) == 2
+    want = make_control_image("canny", source.resize((192, 128), Image.Resampling.LANCZOS), low=50, high=120)
+    assert images[0].size == (192, 128)  # the shorter side at processor_res, the aspect kept
+    assert np.array_equal(np.asarray(images[0]), np.asarray(want.convert("RGB")))
+    assert np.asarray(images[0]).max() == 255  # edges were found
+    not_an_image = base64.b64encode(b"not an image").decode()
+    for change, status, field in (({"controlnet_module": "depth"}, 422, "controlnet_module"),
+                                  ({"controlnet_input_images": []}, 422, "controlnet_input_images"),
+                                  ({"controlnet_input_images": [png_b64(source)] * 9}, 422, "controlnet_input_images"),
+                                  ({"controlnet_processor_res": 10_000}, 422, "controlnet_processor_res"),
+                                  ({"controlnet_input_images": [not_an_image]}, 400, "controlnet_input_images.0")):
+        r = server.client.post("/controlnet/detect", json={**body, **change})
+        assert r.status_code == status and r.json()["detail"].startswith(field), (change, r.text)
 
 
 def test_controlnet_img2img_uses_init_image(server, world):

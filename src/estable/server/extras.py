@@ -16,6 +16,8 @@ control image is made (``none``, ``canny`` with threshold_a/threshold_b as its l
 or 2 "ControlNet is more important" (run as guess mode). Ignored: ``resize_mode`` (the control image is resized to
 the generation size), ``processor_res``, ``pixel_perfect``, ``low_vram``, a unit's mask. Without an image an
 img2img unit uses the init image, as the extension does. Anything else Estable cannot do is a 422 naming the field.
+``POST /controlnet/detect`` makes the control images themselves (the extension's preprocessor preview), with the
+same modules and thresholds.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from ..errors import EstableError
 from .inputs import FieldError, decode_image
 from .settings import Limits, ServerSettings
 
-__all__ = ["ControlRequest", "Networks", "a1111_control", "router", "v1_control"]
+__all__ = ["ControlRequest", "DetectRequest", "Networks", "a1111_control", "detect", "router", "v1_control"]
 
 router = APIRouter(tags=["Extras"])
 
@@ -43,6 +45,7 @@ MODULES = {"none": "none", "canny": "canny", "scribble": "scribble", "invert": "
            "invert (from white bg & black line)": "lines"}
 CONTROL_MODES = {0: False, 2: True, "balanced": False, "controlnet is more important": True}
 MAX_UNITS = 4
+MAX_DETECT_IMAGES = 8
 
 
 class Networks:
@@ -265,6 +268,55 @@ def a1111_control(networks: Networks, scripts: dict[str, Any], init_image: Image
     return out
 
 
+class DetectRequest(BaseModel):
+    """``POST /controlnet/detect`` of the ControlNet extension: control images made from input images."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    controlnet_module: str = "none"
+    controlnet_input_images: list[str] = []
+    controlnet_processor_res: int = 512
+    controlnet_threshold_a: float | None = None
+    controlnet_threshold_b: float | None = None
+
+
+def detect(req: DetectRequest, limits: Limits) -> list[Image.Image]:
+    """The control images of ``req`` (the extension's preprocessor preview): each input image resized so that its
+    shorter side is ``controlnet_processor_res`` (as the extension does), then made into ``controlnet_module``'s
+    control image; for canny, threshold_a and threshold_b are the low and high thresholds."""
+    from ..control.preprocess import make_control_image
+
+    module = req.controlnet_module.strip().lower()
+    if module not in MODULES:
+        raise FieldError("controlnet_module", f"module {req.controlnet_module!r} is not supported; Estable makes "
+                         "none, canny, scribble, invert (= lines), lines, seg")
+    if not req.controlnet_input_images:
+        raise FieldError("controlnet_input_images", "give at least one base64-encoded image")
+    if len(req.controlnet_input_images) > MAX_DETECT_IMAGES:
+        raise FieldError("controlnet_input_images", f"at most {MAX_DETECT_IMAGES} images, not "
+                         f"{len(req.controlnet_input_images)}")
+    res, longest = req.controlnet_processor_res, max(limits.max_width, limits.max_height)
+    if not 64 <= res <= longest:
+        raise FieldError("controlnet_processor_res", f"must be between 64 and {longest}, not {res}")
+    options: dict[str, float] = {}
+    if MODULES[module] == "canny":
+        for value, opt in ((req.controlnet_threshold_a, "low"), (req.controlnet_threshold_b, "high")):
+            if value is not None and value > 0:
+                options[opt] = float(value)
+    out = []
+    for k, data in enumerate(req.controlnet_input_images):
+        image = decode_image(data, f"controlnet_input_images.{k}", limits)
+        scale = res / min(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        if size[0] * size[1] > limits.max_image_pixels:
+            raise FieldError(f"controlnet_input_images.{k}", f"at processor_res {res} it would be {size[0]}x{size[1]}, "
+                             f"over the {limits.max_image_pixels} pixels allowed")
+        if size != image.size:
+            image = image.resize(size, Image.Resampling.LANCZOS)
+        out.append(make_control_image(MODULES[module], image, **options))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- routes
 
 
@@ -305,6 +357,16 @@ async def model_list(request: Request, update: bool = True) -> dict[str, list[st
     if update:
         return {"model_list": await asyncio.to_thread(networks.refresh_controlnets)}
     return {"model_list": networks.controlnet_names()}
+
+
+@router.post("/controlnet/detect", tags=["ControlNet"], summary="Make control images from images (extension API)")
+async def detect_route(request: Request, req: DetectRequest) -> dict[str, Any]:
+    import base64
+
+    from .worker import _png
+
+    images = await asyncio.to_thread(detect, req, request.app.state.estable.settings.limits)
+    return {"images": [base64.b64encode(_png(im)).decode() for im in images], "info": "Success"}
 
 
 @router.get("/controlnet/module_list", tags=["ControlNet"], summary="Control-image makers (extension API)")
