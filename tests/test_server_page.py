@@ -164,6 +164,9 @@ def test_generate_shows_in_history_and_survives_reload(server, browser):
     # The form came from the server: samplers listed, the model's size as the default.
     assert len(browser.find_elements("css selector", "#sampler option")) >= 5
     assert browser.find_element("id", "width").get_attribute("value") == str(TINY)
+    # No LoRA, embedding or ControlNet folder on this server: their controls stay hidden.
+    assert not browser.find_element("id", "extras").is_displayed()
+    assert not browser.find_element("id", "control-section").is_displayed()
 
     def sees_progress(d):
         _wait(d, lambda d: d.find_element("id", "progress-wrap").is_displayed(), what="the progress bar")
@@ -325,4 +328,59 @@ def test_api_key_is_asked_once_and_sent(tmp_path, model, browser):
         assert src.startswith("blob:")
     finally:
         browser.execute_script("sessionStorage.clear()")
+        s.stop()
+
+
+@needs_browser
+def test_lora_embedding_and_controlnet_controls(tmp_path, model, browser):
+    """With LoRA, embedding and ControlNet folders the page offers them: picking a LoRA or an embedding writes it into
+    the prompt, and a ControlNet with an uploaded image goes out as the job's control unit; the image's record holds
+    both. Without those folders the controls stay hidden (the other tests' server)."""
+    import numpy as np
+    import torch
+
+    from estable import load_pipeline
+    from estable.checkpoints.controlnet_format import save_controlnet
+    from estable.embeddings import save_embedding
+    from estable.models.controlnet import ControlNet
+    from test_server_extras import _random_lora
+
+    pipe = load_pipeline(model, device="cpu", dtype="fp32")
+    for sub in ("loras", "emb", "cn"):
+        (tmp_path / sub).mkdir()
+    _random_lora(pipe, tmp_path / "loras" / "ink.safetensors", 1)
+    save_embedding(tmp_path / "emb" / "shinyred.safetensors", torch.randn(2, pipe.config.text.width))
+    save_controlnet(ControlNet.from_unet(pipe.unet), tmp_path / "cn" / "edges.safetensors")
+    control = np.zeros((TINY, TINY, 3), np.uint8)
+    control[4:28, 14:18] = 255
+    Image.fromarray(control).save(tmp_path / "control.png")
+    s = LiveServer(settings(tmp_path / "data", model, lora_dir=tmp_path / "loras", embeddings_dir=tmp_path / "emb",
+                            controlnet_dir=tmp_path / "cn"), worker_class=PageWorker)
+    try:
+        _open(browser, s.url + "/")
+        assert browser.find_element("id", "extras").is_displayed()
+        assert browser.find_element("id", "control-section").is_displayed()
+        from selenium.webdriver.support.ui import Select
+
+        _set(browser, "prompt", "a red circle")
+        Select(browser.find_element("id", "lora-pick")).select_by_value("ink")
+        Select(browser.find_element("id", "embedding-pick")).select_by_value("shinyred")
+        prompt = browser.find_element("id", "prompt").get_attribute("value")
+        assert prompt == "a red circle <lora:ink:1> shinyred"
+        Select(browser.find_element("id", "control-model")).select_by_value("edges")
+        browser.find_element("id", "generate").click()  # no control image yet: refused on the page
+        _wait(browser, lambda d: "error" in d.find_element("id", "status").get_attribute("class"), what="the error")
+        assert browser.find_element("id", "control-image").get_attribute("aria-invalid") == "true"
+        browser.find_element("id", "control-image").send_keys(str(tmp_path / "control.png"))
+        _wait(browser, lambda d: d.execute_script("return document.getElementById('control-image').files.length"))
+        Select(browser.find_element("id", "control-type")).select_by_value("none")
+        job_id = _generate(browser, prompt, seed=3)
+        job = json.loads(_get(s, f"v1/jobs/{job_id}"))
+        assert job["state"] == "done", job
+        png = Image.open(io.BytesIO(_get(s, job["images"][0]["url"])))
+        record = json.loads(png.text["estable"])
+        assert [lora["name"] for lora in record["loras"]] == ["ink"]
+        assert [e["name"] for e in record["embeddings"]] == ["shinyred"]
+        assert record["control"][0]["type"] == "none" and record["control"][0]["model"]["name"] == "edges"
+    finally:
         s.stop()

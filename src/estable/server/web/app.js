@@ -22,6 +22,7 @@
     cards: new Map(), // job id -> <li>
     watched: new Set(), // job ids with a watcher
     hasImage: false,
+    controlImage: null, // base64 PNG/JPEG of the ControlNet image
   };
 
   // ---------------------------------------------------------------- HTTP with the API key -------------------
@@ -118,7 +119,7 @@
   const FIELDS = {
     prompt: 'prompt', negative_prompt: 'negative-prompt', sampler: 'sampler', steps: 'steps',
     cfg_scale: 'cfg-scale', seed: 'seed', width: 'width', height: 'height', batch_size: 'batch-size',
-    strength: 'strength',
+    strength: 'strength', control: 'control-model',
   };
 
   const mode = () => document.querySelector('input[name="mode"]:checked').value;
@@ -202,6 +203,13 @@
     }
     if (lim.max_prompt_length && body.prompt.length > lim.max_prompt_length) {
       throw fieldError('prompt', `The prompt is longer than ${lim.max_prompt_length} characters`);
+    }
+    if ($('control-model').value) {
+      if (!state.controlImage) throw fieldError('control-image', 'Choose an image for the ControlNet first');
+      const scale = Number($('control-scale').value);
+      if (!(scale >= 0 && scale <= 10)) throw fieldError('control-scale', 'The ControlNet weight must be 0 to 10');
+      body.control = [{ type: $('control-type').value, image: state.controlImage, model: $('control-model').value,
+        scale }];
     }
     if (m !== 'txt2img') {
       if (!state.hasImage) throw fieldError('init-image', 'Choose an input image first');
@@ -470,7 +478,7 @@
       }
     } catch (err) {
       // The server names the field first in a 422 ("steps: ..."): mark that input.
-      const field = err.status === 422 && /^(\w+):/.exec(err.message);
+      const field = err.status === 422 && /^(\w+)[.:]/.exec(err.message);
       if (field && FIELDS[field[1]]) $(FIELDS[field[1]]).setAttribute('aria-invalid', 'true');
       status(err.message, 'error');
     } finally {
@@ -678,6 +686,40 @@
   }
 
   // ---------------------------------------------------------------- start ------------------------------------
+  // ---------------------------------------------------------------- LoRAs, embeddings, ControlNet ------------
+  function addToPrompt(text) {
+    const p = $('prompt');
+    p.value = p.value.trim() ? `${p.value.trimEnd()} ${text}` : text;
+    p.focus();
+    saveForm();
+  }
+
+  async function loadExtras() {
+    const get = (path) => apiJSON(path).catch(() => null);
+    const [loras, embeddings, controlnets] = await Promise.all([
+      get('sdapi/v1/loras'), get('sdapi/v1/embeddings'), get('controlnet/model_list?update=false')]);
+    const loraNames = (loras || []).map((l) => l.name).sort();
+    const embeddingNames = Object.keys((embeddings && embeddings.loaded) || {}).sort();
+    const netNames = (controlnets && controlnets.model_list) || [];
+    $('lora-pick').append(...loraNames.map((n) => new Option(n, n)));
+    $('embedding-pick').append(...embeddingNames.map((n) => new Option(n, n)));
+    $('control-model').append(...netNames.map((n) => new Option(n, n)));
+    $('lora-field').hidden = !loraNames.length;
+    $('embedding-field').hidden = !embeddingNames.length;
+    $('extras').hidden = !loraNames.length && !embeddingNames.length;
+    $('control-section').hidden = !netNames.length;
+  }
+
+  function onControlFile() {
+    const file = $('control-image').files[0];
+    state.controlImage = null;
+    if (!file) return;
+    const reader = new FileReader();
+    reader.onload = () => { state.controlImage = String(reader.result).split(',')[1]; };
+    reader.onerror = () => status('Could not read that image', 'error');
+    reader.readAsDataURL(file);
+  }
+
   async function start() {
     $('gen-form').addEventListener('submit', generate);
     $('cancel').addEventListener('click', cancel);
@@ -712,6 +754,15 @@
       $('strength-value').textContent = Number($('strength').value).toFixed(2);
     });
     $('init-image').addEventListener('change', onImageFile);
+    $('lora-pick').addEventListener('change', () => {
+      if ($('lora-pick').value) addToPrompt(`<lora:${$('lora-pick').value}:1>`);
+      $('lora-pick').value = '';
+    });
+    $('embedding-pick').addEventListener('change', () => {
+      if ($('embedding-pick').value) addToPrompt($('embedding-pick').value);
+      $('embedding-pick').value = '';
+    });
+    $('control-image').addEventListener('change', onControlFile);
     $('use-image-size').addEventListener('click', () => {
       const lim = (state.config && state.config.limits) || {};
       const fit = (v, max) => Math.max(8, Math.min(max || 2048, Math.floor(v / 8) * 8));
@@ -757,7 +808,7 @@
       $('model-name').textContent = cur ? cur.name : '';
       if (cur && cur.hash) $('model-name').title = `model ${cur.name}, hash ${cur.hash}`;
     }).catch(() => { $('model-name').textContent = ''; });
-    await loadGallery(true);
+    await Promise.all([loadGallery(true), loadExtras()]);
     document.body.dataset.ready = 'true';
   }
 
