@@ -363,10 +363,10 @@ async def model_list(request: Request, update: bool = True) -> dict[str, list[st
 async def detect_route(request: Request, req: DetectRequest) -> dict[str, Any]:
     import base64
 
-    from .worker import _png
+    from .worker import png_bytes
 
     images = await asyncio.to_thread(detect, req, request.app.state.estable.settings.limits)
-    return {"images": [base64.b64encode(_png(im)).decode() for im in images], "info": "Success"}
+    return {"images": [base64.b64encode(png_bytes(im)).decode() for im in images], "info": "Success"}
 
 
 @router.get("/controlnet/module_list", tags=["ControlNet"], summary="Control-image makers (extension API)")

@@ -123,7 +123,7 @@ class Job:
         return min(1.0, self.step / self.steps) if self.steps else 0.0
 
 
-def _png(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
@@ -440,7 +440,7 @@ class Worker:
                 if time.monotonic() > deadline:
                     raise _Stop("timeout")
                 if interval > 0 and time.monotonic() - last_preview >= interval and step + 1 < total:
-                    job.preview = _png(self._preview(denoised))
+                    job.preview = png_bytes(self._preview(denoised))
                     last_preview = time.monotonic()
 
             try:
