@@ -59,8 +59,6 @@ class GenerationResult:
         return self.images[index]
 
 
-
-
 def params_from_record(record: dict[str, Any]) -> GenerationParams:
     """The GenerationParams stored in an Estable record (the ``estable`` PNG chunk), validated."""
     if not isinstance(record, dict) or not isinstance(record.get("params"), dict):
@@ -69,8 +67,6 @@ def params_from_record(record: dict[str, Any]) -> GenerationParams:
         return GenerationParams.from_dict(record["params"])
     except TypeError as exc:
         raise EstableError(f"the Estable metadata record has invalid parameters: {exc}") from None
-
-
 
 
 def save_result(result: GenerationResult, out: str | Path, *, start: int | None = None,
@@ -85,16 +81,12 @@ def save_result(result: GenerationResult, out: str | Path, *, start: int | None 
     return OutputPlan(out, len(result), overwrite=overwrite, inputs=inputs, start=start).save(result)
 
 
-
-
 def a1111_sampler_label(spec: SamplerSpec) -> tuple[str, str | None]:
     """A1111's (sampler, schedule type) for a sampler: ("DPM++ 2M", "Karras") for "DPM++ 2M Karras", as A1111 ≥ 1.9
     names them in infotexts and API answers; (label, None) when the schedule is the sampler's own."""
     if spec.label.endswith(_KARRAS_SUFFIX):
         return spec.label[: -len(_KARRAS_SUFFIX)], "Karras"
     return spec.label, None
-
-
 
 
 def _num(v: float) -> float | int:
@@ -131,6 +123,7 @@ def image_infotext(pipe: Pipeline, spec: SamplerSpec, params: GenerationParams, 
         "Version": f"estable {__version__}",
     }
     return format_infotext(params.prompt, params.negative_prompt, fields)
+
 
 def image_record(pipe: Pipeline, spec: SamplerSpec, params: GenerationParams, seed: int, mode: str, width: int,
                  height: int, run: dict[str, Any]) -> dict[str, Any]:
