@@ -396,6 +396,7 @@ class Pipeline:
             )
         check_mask_has_area(mask)
         return self._run("inpaint", params, image, mask, callback, on_batch=on_batch, control=control)
+
     # -- metadata ------------------------------------------------------------------------------------------
     def infotext(self, params: GenerationParams, seed: int, mode: Mode, width: int, height: int) -> str:
         """The A1111 ``parameters`` text of one image."""
