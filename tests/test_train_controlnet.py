@@ -146,7 +146,7 @@ def test_controlnet_learns_to_read_its_control(tmp_path):
 
     fixed = [high_noise(obj.draw(4, torch.Generator().manual_seed(10 + i))) for i in range(3)]
     opt = torch.optim.AdamW(tr.network.parameters(), lr=5e-4, weight_decay=0)
-    for _ in range(25):
+    for _ in range(40):
         loss, _ = obj(batch, high_noise(obj.draw(4, g)))
         opt.zero_grad()
         loss.backward()
