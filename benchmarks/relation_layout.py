@@ -47,9 +47,9 @@ def on_axis(rel: str, red: tuple[float, float], blue: tuple[float, float]) -> bo
     return dy > dx if rel in ("above", "below") else dx > dy
 
 
-def measure(src: str, seeds: list[int], device: str) -> dict:
+def measure(src: str, seeds: list[int], device: str, cfg: float | None = None) -> dict:
     pipe = load_pipeline(src, device=device, dtype="fp32")
-    cfg = pipe.config.default_cfg or 5.0
+    cfg = cfg or pipe.config.default_cfg or 5.0
     red: dict[str, dict[int, tuple[float, float] | None]] = {}
     hits: dict[str, list[bool]] = {}
     axis: dict[str, list[bool]] = {}
@@ -84,11 +84,12 @@ def main() -> None:
     ap.add_argument("models", nargs="+")
     ap.add_argument("--seeds", type=int, default=16)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cfg", type=float, help="guidance scale (default: each model's own, else 5)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     results = []
     for src in args.models:
-        r = measure(src, list(range(1, args.seeds + 1)), args.device)
+        r = measure(src, list(range(1, args.seeds + 1)), args.device, args.cfg)
         results.append(r)
         rights = ", ".join(f"{rel} {h}/{n}" for rel, (h, n) in r["right"].items())
         axes = ", ".join(f"{rel} {h}/{n}" for rel, (h, n) in r["on_axis"].items())
