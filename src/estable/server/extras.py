@@ -23,6 +23,7 @@ same modules and thresholds.
 from __future__ import annotations
 
 import asyncio
+import base64
 import threading
 import weakref
 from pathlib import Path
@@ -35,6 +36,7 @@ from pydantic import BaseModel, ConfigDict
 from ..errors import EstableError
 from .inputs import FieldError, decode_image
 from .settings import Limits, ServerSettings
+from .worker import png_bytes
 
 __all__ = ["ControlRequest", "DetectRequest", "Networks", "a1111_control", "detect", "router", "v1_control"]
 
@@ -361,10 +363,6 @@ async def model_list(request: Request, update: bool = True) -> dict[str, list[st
 
 @router.post("/controlnet/detect", tags=["ControlNet"], summary="Make control images from images (extension API)")
 async def detect_route(request: Request, req: DetectRequest) -> dict[str, Any]:
-    import base64
-
-    from .worker import png_bytes
-
     images = await asyncio.to_thread(detect, req, request.app.state.estable.settings.limits)
     return {"images": [base64.b64encode(png_bytes(im)).decode() for im in images], "info": "Success"}
 
