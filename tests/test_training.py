@@ -166,6 +166,41 @@ def test_caption_dropout_rate(tmp_path):
     assert torch.equal(obj.empty_ids, tr.tokenizer([""]))
 
 
+def test_role_contrast_term_against_hand_formula(tmp_path):
+    """Pair rows with t ≥ min_t get relu(margin − (mse_swapped − mse)/mse), the swapped caption being the same
+    words with the objects exchanged; other rows (a single object, t below min_t) add nothing."""
+    texts = ["a red circle above a blue square", "a green star", "a red circle to the left of a blue square"]
+    tr = tiny_unet(tmp_path, "role_contrast.weight=0.5", "role_contrast.margin=0.3", "role_contrast.min_t=500",
+                   "caption_dropout=0")
+    items = [{**item, "text": text} for item, text in zip(tr.val_items[:3], texts)]
+    obj = tr.objective
+    batch = tr.prepare(collate(items))
+    assert batch["swapped"].tolist() == [True, False, True]
+    assert torch.equal(batch["swapped_ids"][0], tr.tokenizer(["a blue square above a red circle"])[0])
+    assert torch.equal(batch["swapped_ids"][1], batch["input_ids"][1])
+    draws = obj.draw(3, torch.Generator().manual_seed(5))
+    draws["t"] = torch.tensor([900, 900, 100])  # the third pair row is below min_t
+    loss, metrics = obj(batch, draws)
+
+    with torch.no_grad():
+        z0 = obj.clean_latents(batch, draws["posterior"])
+        z_t, target = noisy_latents_and_target(z0, draws["noise"], obj.alphas_cumprod[draws["t"]], "eps")
+        mse = (obj.unet(z_t, draws["t"], obj.context(batch["input_ids"], None)) - target).pow(2).mean(dim=(1, 2, 3))
+        swapped = obj.unet(z_t[:1], draws["t"][:1], obj.context(batch["swapped_ids"][:1], None))
+        mse_s = (swapped - target[:1]).pow(2).mean(dim=(1, 2, 3))
+    term = torch.relu(0.3 - (mse_s - mse[:1]) / mse[:1]).mean()
+    torch.testing.assert_close(metrics["role_contrast"], term, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.detach(), mse.mean() + 0.5 * term, rtol=1e-5, atol=1e-6)
+    loss.backward()  # the term reaches the U-Net's weights
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in obj.unet.parameters() if p.requires_grad)
+
+    draws["t"] = torch.tensor([100, 900, 100])  # no pair row at or above min_t: no extra pass, no term
+    _, metrics = obj(batch, draws)
+    assert "role_contrast" not in metrics
+    plain = tiny_unet(tmp_path / "off", "caption_dropout=0")
+    assert "swapped_ids" not in plain.prepare(collate(items))  # off by default: batches as before
+
+
 def test_unet_overfits_a_fixed_batch(tmp_path):
     """A single fixed batch with fixed draws: the loss must fall below half its start in 30 AdamW steps."""
     tr = tiny_unet(tmp_path)

@@ -149,7 +149,8 @@ class UNetObjective(nn.Module):
     def __init__(self, unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder, empty_ids: torch.Tensor, *,
                  schedule: ScheduleConfig, objective: str = "eps", min_snr_gamma: float | None = None,
                  offset_noise: float = 0.0, caption_dropout: float = 0.0, clip_skip: int = 1,
-                 latent_size: int, train_text: bool = False, late_timesteps: tuple[float, float] = (0.0, 1.0)) -> None:
+                 latent_size: int, train_text: bool = False, late_timesteps: tuple[float, float] = (0.0, 1.0),
+                 role_contrast: tuple[float, float, int] = (0.0, 0.2, 0)) -> None:
         super().__init__()
         self.unet = unet
         self.vae = vae.requires_grad_(False).eval()
@@ -162,6 +163,7 @@ class UNetObjective(nn.Module):
         self.latent_shape = (vae.config.latent_channels, latent_size, latent_size)
         self.scaling = vae.config.scaling_factor
         self.t_weights = late_timestep_weights(len(self.alphas_cumprod), *late_timesteps)  # None: uniform t
+        self.contrast_weight, self.contrast_margin, self.contrast_min_t = role_contrast  # weight 0: off
 
     def train(self, mode: bool = True) -> UNetObjective:
         super().train(mode)
@@ -220,7 +222,26 @@ class UNetObjective(nn.Module):
         per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
         weights = min_snr_weights(ab, self.min_snr_gamma, self.objective).to(per_sample.device)
         loss = (weights * per_sample).mean()
-        return loss, {"mse": per_sample.detach().mean()}
+        metrics = {"mse": per_sample.detach().mean()}
+        if self.contrast_weight > 0 and "swapped_ids" in batch:
+            rows = batch["swapped"].bool() & (t.to(z_t.device) >= self.contrast_min_t)
+            if "drop" in draws:  # a dropped caption has no roles to contrast
+                rows &= (draws["drop"] >= self.caption_dropout).to(rows.device)
+            if bool(rows.any()):
+                term = self.role_contrast(z_t[rows], t[rows.cpu()], batch["swapped_ids"][rows], target[rows],
+                                          per_sample[rows])
+                loss = loss + self.contrast_weight * term
+                metrics["role_contrast"] = term.detach()
+        return loss, metrics
+
+    def role_contrast(self, z_t: torch.Tensor, t: torch.Tensor, swapped_ids: torch.Tensor, target: torch.Tensor,
+                      mse: torch.Tensor) -> torch.Tensor:
+        """mean relu(margin − (mse_swapped − mse)/mse) over the given rows: the U-Net's error under the caption with
+        the objects exchanged held at least ``margin`` (relative) above its error under the true caption."""
+        pred = self.unet(z_t, t, self.context(swapped_ids, None)).float()
+        mse_swapped = (pred - target).pow(2).mean(dim=(1, 2, 3))  # (n,)
+        gap = (mse_swapped - mse) / mse.detach().clamp_min(1e-8)
+        return F.relu(self.contrast_margin - gap).mean()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from estable.training.config import TrainConfig, UNetTrainConfig
 from estable.training.loop import Trainer
 from estable.training.objectives import UNetObjective, empty_prompt_ids
 from estable.training.runs import make_grid
+from estable.training.shapes.captions import swap_pair_roles
 
 
 class UNetTrainer(Trainer):
@@ -77,7 +78,8 @@ class UNetTrainer(Trainer):
             unet, self.vae, self.text_encoder, empty_prompt_ids(self.tokenizer), schedule=cfg.schedule,
             objective=cfg.objective, min_snr_gamma=cfg.min_snr_gamma, offset_noise=cfg.offset_noise,
             caption_dropout=cfg.caption_dropout, clip_skip=cfg.text.clip_skip, latent_size=cfg.data.size // f,
-            train_text=cfg.text.train, late_timesteps=(cfg.timestep_bias.portion, cfg.timestep_bias.multiplier))
+            train_text=cfg.text.train, late_timesteps=(cfg.timestep_bias.portion, cfg.timestep_bias.multiplier),
+            role_contrast=(cfg.role_contrast.weight, cfg.role_contrast.margin, cfg.role_contrast.min_t))
         self.train_text = cfg.text.train
         if self.train_text:  # saved in every checkpoint beside the U-Net (assemble_model exports it)
             self.extra_networks["text_encoder"] = self.text_encoder
@@ -167,6 +169,10 @@ class UNetTrainer(Trainer):
     def prepare(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         out["input_ids"] = self.tokenizer(batch["text"]).to(self.device)  # (B, L)
+        if getattr(self.config, "role_contrast", None) and self.config.role_contrast.weight > 0:
+            swapped = [swap_pair_roles(text) for text in batch["text"]]  # None where there are no roles to swap
+            out["swapped"] = torch.tensor([s is not None for s in swapped], device=self.device)  # (B,)
+            out["swapped_ids"] = self.tokenizer([s or text for s, text in zip(swapped, batch["text"])]).to(self.device)
         return out
 
     def draw(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:

@@ -15,6 +15,8 @@ Glossary:
   min_snr_gamma γ of min-SNR-γ loss weighting (Hang et al. 2023), None = uniform weights
   offset_noise  strength of the per-channel constant added to ε (Guttenberg 2023, "diffusion with offset noise")
   timestep_bias the noisiest `portion` of the training timesteps drawn `multiplier` times as often (uniform by default)
+  role_contrast pair captions with their objects exchanged: the U-Net's error under them held above its error
+                under the true caption (off by default)
 
 Modules:
   plain.py     dict ⇄ dataclass conversion, the ``_Plain`` mixin (to_dict/from_dict/to_json/replace), number checks

@@ -114,6 +114,26 @@ class TimestepBias(_Plain):
 
 
 @dataclass(frozen=True)
+class RoleContrast(_Plain):
+    """A loss term for the roles of a relation (shapes-world pair captions): the caption with its two objects
+    exchanged ("a blue square above a red circle" for "a red circle above a blue square") describes the mirrored
+    scene, so the U-Net's error on the true target under it should exceed its error under the true caption. For
+    the pair rows with t ≥ ``min_t`` (where the layout is decided) the term is ``weight`` × mean relu(margin −
+    (mse_swapped − mse) / mse), the relative gap held to at least ``margin`` (mse not differentiated in the
+    divisor). It costs one more U-Net pass on those rows. ``weight`` 0 turns it off."""
+
+    weight: float = 0.0
+    margin: float = 0.2
+    min_t: int = 600
+
+    def __post_init__(self) -> None:
+        _positive("role_contrast.weight", self.weight, allow_zero=True)
+        _positive("role_contrast.margin", self.margin)
+        if self.min_t < 0:
+            raise ValueError(f"role_contrast.min_t must be ≥ 0, got {self.min_t!r}")
+
+
+@dataclass(frozen=True)
 class UNetTrainConfig(TrainConfig):
     """Latent-diffusion U-Net training (Rombach et al. 2022, eq. 2)."""
 
@@ -123,6 +143,7 @@ class UNetTrainConfig(TrainConfig):
     min_snr_gamma: float | None = None  # e.g. 5.0
     offset_noise: float = 0.0  # 0 = off; ~0.05–0.1 in practice
     timestep_bias: TimestepBias = field(default_factory=TimestepBias)  # uniform t unless set
+    role_contrast: RoleContrast = field(default_factory=RoleContrast)  # off unless weight > 0
     caption_dropout: float = 0.1  # fraction of captions replaced by "" (for classifier-free guidance)
     latents: str = "online"  # online | cache (VAE posteriors precomputed once into the run folder)
     text: TextSource = field(default_factory=TextSource)

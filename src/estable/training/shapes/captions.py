@@ -1,4 +1,5 @@
-"""Captions: writing a scene's or a prompt spec's caption, and reading a caption back into a ``PromptSpec``."""
+"""Captions: writing a scene's or a prompt spec's caption, reading a caption back into a ``PromptSpec``, and the
+caption of the same words with a pair's two objects in the other order."""
 
 from __future__ import annotations
 
@@ -99,3 +100,21 @@ def parse_caption(text: str) -> PromptSpec:
         a, b = t.split(" and ", 1)
         return PromptSpec("colour_binding", (obj(a), obj(b)), background=background)
     return PromptSpec("single", (obj(t),), background=background)
+
+
+def swap_pair_roles(text: str) -> str | None:
+    """The same words with a pair caption's two objects exchanged ("a red circle above a blue square on a white
+    background" → "a blue square above a red circle on a white background"): a caption of the mirrored scene,
+    which a bag-of-words reading cannot tell from the original. None for a caption that is not a pair of this
+    grammar, or whose two objects are described alike (swapping them would change nothing)."""
+    try:
+        spec = parse_caption(text)
+    except ValueError:
+        return None
+    if spec.kind != "pair" or spec.objects[0] == spec.objects[1]:
+        return None
+    t = " ".join(text.lower().strip().rstrip(".").split())
+    m = _BG_RE.match(t)
+    body, tail = (m.group(1), t[len(m.group(1)):]) if m else (t, "")
+    rel = next(_REL_RE.finditer(body))
+    return f"{body[rel.end():]}{rel.group(0)}{body[:rel.start()]}{tail}"
