@@ -195,8 +195,8 @@ def test_role_contrast_term_against_hand_formula(tmp_path):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in obj.unet.parameters() if p.requires_grad)
 
     draws["t"] = torch.tensor([100, 900, 100])  # no pair row at or above min_t: no extra pass, no term
-    _, metrics = obj(batch, draws)
-    assert "role_contrast" not in metrics
+    loss, metrics = obj(batch, draws)
+    assert metrics["role_contrast"] == 0 and loss.item() == metrics["mse"].item()
     plain = tiny_unet(tmp_path / "off", "caption_dropout=0")
     assert "swapped_ids" not in plain.prepare(collate(items))  # off by default: batches as before
 

@@ -227,11 +227,12 @@ class UNetObjective(nn.Module):
             rows = batch["swapped"].bool() & (t.to(z_t.device) >= self.contrast_min_t)
             if "drop" in draws:  # a dropped caption has no roles to contrast
                 rows &= (draws["drop"] >= self.caption_dropout).to(rows.device)
+            term = torch.zeros((), device=loss.device)  # (logged as 0 when no row qualifies)
             if bool(rows.any()):
                 term = self.role_contrast(z_t[rows], t[rows.cpu()], batch["swapped_ids"][rows], target[rows],
                                           per_sample[rows])
                 loss = loss + self.contrast_weight * term
-                metrics["role_contrast"] = term.detach()
+            metrics["role_contrast"] = term.detach()
         return loss, metrics
 
     def role_contrast(self, z_t: torch.Tensor, t: torch.Tensor, swapped_ids: torch.Tensor, target: torch.Tensor,
