@@ -48,7 +48,8 @@ def block_snr(pipe, scenes: list, sigma: float) -> dict[str, float]:
     with torch.no_grad():
         x = torch.stack([torch.from_numpy(np.asarray(s.convert("RGB"), dtype=np.float32) / 127.5 - 1)
                          .permute(2, 0, 1) for s in scenes])
-        z = pipe.model.vae.encode(x).mean * pipe.config.vae.scaling_factor
+        vae = pipe.model.vae
+        z = vae.encode(x.to(pipe.device, pipe.dtype)).mean.float().cpu() * pipe.config.vae.scaling_factor
     side = z.shape[-1]
     out = {}
     for block in (1, 4, 8, side // 2):

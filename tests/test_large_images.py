@@ -121,8 +121,10 @@ def pipe():
 
 
 def _base(**kw) -> GenerationParams:
+    # DPM++ 2M without Karras sigmas: on the built-in model's zero-SNR schedule (σ_max ≈ 4,096) the Karras spacing
+    # spends a few-step run's steps at huge σ and leaves the image unfinished (its card says so)
     return GenerationParams(**{**dict(prompt=PROMPT, negative_prompt="", steps=6, seed=4, cfg_scale=5.0,
-                                      width=128, height=128), **kw})
+                                      sampler="dpmpp_2m", width=128, height=128), **kw})
 
 
 @pytest.mark.parametrize("upscaler", ["latent", "pixel"])
@@ -156,7 +158,7 @@ def test_tile_vae_flag_decodes_in_tiles(pipe, monkeypatch):
     tiled = pipe.txt2img(_base(steps=3, width=384, height=384, tile_vae=True))
     assert calls == [torch.Size([1, 4, 48, 48])]
     d = np.abs(np.asarray(plain.images[0], dtype=np.int16) - np.asarray(tiled.images[0], dtype=np.int16))
-    assert 0 < d.mean() <= 10.0  # measured 6.6 (a 3-step image: noisier than the rendered scene above)
+    assert 0 < d.mean() <= 10.0  # measured 5.6 (a 3-step image: noisier than the rendered scene above)
 
 
 @pytest.mark.parametrize("kw, words", [

@@ -3,8 +3,9 @@
 
 ``--control TYPE:IMAGE[:WEIGHT]`` (repeatable) names a control image and how to make it from IMAGE (canny,
 scribble, lines, seg, or none for an image that already is a control map); ``--controlnet FILE`` (repeatable) names
-the ControlNet for each ``--control``, matched in order. Everything that can be checked before the model loads is
-checked first (types, files, counts, ranges).
+the ControlNet for each ``--control``, matched in order (``default``: the built-in model's Canny-edges ControlNet,
+shipped with it). Everything that can be checked before the model loads is checked first (types, files, counts,
+ranges).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .control.units import ControlSpec
+from .control.units import ControlSpec, resolve_controlnet
 from .errors import EstableError
 
 __all__ = ["ControlSpec", "add_control_commands", "add_control_flags", "control_specs", "control_units"]
@@ -29,7 +30,8 @@ def add_control_flags(p: argparse.ArgumentParser) -> None:
                    "repeatable, one --controlnet per --control")
     p.add_argument("--controlnet", action="append", metavar="FILE",
                    help="ControlNet file or folder (SD single file with control_model. keys, diffusers folder or "
-                   "Estable file) for each --control, in the same order")
+                   "Estable file) for each --control, in the same order; 'default' is the built-in model's "
+                   "Canny-edges ControlNet")
     p.add_argument("--control-start", type=float, metavar="F",
                    help="fraction of the schedule where control starts (default 0)")
     p.add_argument("--control-end", type=float, metavar="F", help="fraction where it ends (default 1)")
@@ -73,11 +75,12 @@ def control_specs(args: argparse.Namespace, record: dict[str, Any] | None = None
         kind, image, scale = parse_control(text)
         if not Path(image).is_file():
             raise EstableError(f"control image not found: {image}")
-        if not Path(net).exists():
+        net_path = resolve_controlnet(net)
+        if not net_path.exists():
             raise EstableError(f"ControlNet not found: {net}")
         if not 0.0 <= scale <= 10.0:
             raise EstableError(f"control weight must be between 0 and 10, not {scale:g}")
-        out.append(ControlSpec(kind, Path(image), scale, Path(net)))
+        out.append(ControlSpec(kind, Path(image), scale, net_path))
     start = 0.0 if args.control_start is None else args.control_start
     end = 1.0 if args.control_end is None else args.control_end
     if not 0.0 <= start < end <= 1.0:

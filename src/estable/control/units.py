@@ -14,7 +14,15 @@ from typing import Any
 
 from PIL import Image
 
-__all__ = ["ControlNetCache", "ControlSpec", "load_control_units"]
+__all__ = ["BUILTIN_CONTROLNET", "ControlNetCache", "ControlSpec", "load_control_units", "resolve_controlnet"]
+
+# The built-in model's Canny-edges ControlNet (recipes/default/controlnet.json), shipped beside it; named "default".
+BUILTIN_CONTROLNET = Path(__file__).resolve().parent.parent / "assets" / "controlnet_canny.safetensors"
+
+
+def resolve_controlnet(name: str | Path) -> Path:
+    """``"default"`` → the built-in model's ControlNet (Canny edges); anything else is a path, returned as given."""
+    return BUILTIN_CONTROLNET if str(name) == "default" else Path(name)
 
 
 @dataclass(frozen=True)

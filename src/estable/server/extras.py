@@ -58,6 +58,7 @@ class Networks:
         self.embeddings_dir = Path(settings.embeddings_dir) if settings.embeddings_dir is not None else None
         self.controlnet_dir = Path(settings.controlnet_dir) if settings.controlnet_dir is not None else None
         self.allow_pickle = settings.allow_pickle
+        self.builtin_controlnet = settings.model == "default"  # the built-in model's ControlNet, listed as "default"
         self._lock = threading.Lock()
         self.embeddings = self._library()
         self._controlnets: dict[str, Path] = {}
@@ -135,8 +136,9 @@ class Networks:
     # -- ControlNet ------------------------------------------------------------------------------------------
     def refresh_controlnets(self) -> list[str]:
         from ..checkpoints.controlnet_format import is_controlnet
+        from ..control.units import BUILTIN_CONTROLNET
 
-        found: dict[str, Path] = {}
+        found: dict[str, Path] = {"default": BUILTIN_CONTROLNET} if self.builtin_controlnet else {}
         if self.controlnet_dir is not None and self.controlnet_dir.is_dir():
             for p in sorted(self.controlnet_dir.rglob("*")):
                 if p.name.startswith(".") or not is_controlnet(p):
@@ -152,7 +154,7 @@ class Networks:
 
     def controlnet(self, name: Any, field: str) -> Path:
         """The ControlNet file called ``name`` (A1111's ``"name [hash]"`` too); a 422 naming ``field`` otherwise."""
-        if self.controlnet_dir is None:
+        if self.controlnet_dir is None and not self.builtin_controlnet:
             raise FieldError(field, "this server has no ControlNets (start it with --controlnet-dir DIR)")
         if not isinstance(name, str) or not name.strip() or name.strip().lower() == "none":
             raise FieldError(field, "names no ControlNet model")
