@@ -66,6 +66,10 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                    help="override the prediction type (LDM files do not record it)")
     p.add_argument("--default-cfg", type=float, metavar="F",
                    help="record the guidance scale `estable generate` uses when --cfg is not given (--to estable)")
+    p.add_argument("--vae", metavar="FILE",
+                   help="bake in another VAE of the same shape (an A1111 VAE file, a diffusers vae/ folder, or the "
+                   "model.safetensors of an `estable train vae` checkpoint, e.g. a decoder fine-tune); the model's "
+                   "latent scaling factor is kept")
     p.add_argument("--quantize", choices=("int8",),
                    help="int8: store every Linear/Conv weight as int8 with one scale per output channel "
                    "(about 0.26x the fp32 size; --to estable only)")
@@ -101,7 +105,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     if is_controlnet(args.src):  # a ControlNet: between its own three layouts
         for flag, value in (("--ema", args.ema), ("--prediction-type", args.prediction_type),
-                            ("--default-cfg", args.default_cfg)):
+                            ("--default-cfg", args.default_cfg), ("--vae", args.vae)):
             if value:
                 raise EstableError(f"{flag} applies to whole models, not to a ControlNet")
         out = convert_controlnet(args.src, dst, to=args.to, dtype=args.dtype, overwrite=args.overwrite,
@@ -124,6 +128,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                            prediction_type=args.prediction_type, progress=stage)
         if args.default_cfg is not None:
             model.config = dataclasses.replace(model.config, default_cfg=args.default_cfg)
+        if args.vae:
+            from .checkpoints.vae_file import load_vae_into
+
+            load_vae_into(model.vae, args.vae, allow_pickle=args.allow_pickle)
         if args.quantize:
             from .checkpoints.quantize import quantize_model_int8
 

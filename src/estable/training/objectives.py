@@ -278,9 +278,10 @@ class VAEObjective(nn.Module):
 
     def __init__(self, vae: AutoencoderKL, *, l1_weight: float = 1.0, kl_weight: float = 1e-6,
                  ssim_weight: float = 0.2, discriminator: PatchDiscriminator | None = None,
-                 disc_start: int = 0, disc_weight: float = 0.5) -> None:
+                 disc_start: int = 0, disc_weight: float = 0.5, train_encoder: bool = True) -> None:
         super().__init__()
         self.vae = vae
+        self.train_encoder = train_encoder
         self.discriminator = discriminator
         self.l1_weight, self.kl_weight, self.ssim_weight = l1_weight, kl_weight, ssim_weight
         self.disc_start, self.disc_weight = disc_start, disc_weight
@@ -301,7 +302,8 @@ class VAEObjective(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], draws: dict[str, torch.Tensor],
                 step: int = 0) -> tuple[torch.Tensor, dict]:
         x = batch["pixel_values"]  # (B, 3, H, W)
-        posterior = self.vae.encode(x)
+        with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
+            posterior = self.vae.encode(x)
         z = posterior.mean + posterior.std * draws["posterior"].to(posterior.mean.dtype)  # reparametrised sample
         x_hat = self.vae.decode(z)
         terms = self.reconstruction_terms(x, x_hat, posterior.kl())

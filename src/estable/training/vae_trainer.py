@@ -1,6 +1,7 @@
 """``estable train vae``: the KL autoencoder (Rombach et al. 2022, sec. 3.1): L1 + KL + SSIM, and an optional
 PatchGAN discriminator after a warm-up (trained beside it, saved as an extra network). Each checkpoint records the
-latent ``scaling_factor`` measured on the validation images.
+latent ``scaling_factor`` measured on the validation images. With ``train_encoder=false`` only the decoder is
+trained (from ``init_from``): the encoder, its latents and their scaling factor stay as they were.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class VAETrainer(Trainer):
         elif cfg.init_logvar is not None:
             with torch.no_grad():
                 vae.quant_conv.bias[cfg.model.latent_channels:].fill_(cfg.init_logvar)  # moments = [μ, log σ²]
+        if not cfg.train_encoder:
+            for module in (vae.encoder, vae.quant_conv):
+                module.requires_grad_(False)
         disc = None
         if cfg.disc.enabled:
             disc = PatchDiscriminator(cfg.model.in_channels, cfg.disc.channels, cfg.disc.layers)
@@ -51,7 +55,7 @@ class VAETrainer(Trainer):
         self.network = vae
         self.objective = VAEObjective(vae, l1_weight=cfg.l1_weight, kl_weight=cfg.kl_weight,
                                       ssim_weight=cfg.ssim_weight, discriminator=disc, disc_start=cfg.disc.start,
-                                      disc_weight=cfg.disc.weight)
+                                      disc_weight=cfg.disc.weight, train_encoder=cfg.train_encoder)
         self.train_data, self.val_items = build_datasets(cfg, self.dist.rank, self.dist.world_size)
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -76,9 +80,10 @@ class VAETrainer(Trainer):
         return model(batch, draws, self.step)
 
     def metadata(self) -> dict[str, str]:
-        """The VAE config, its ``scaling_factor`` measured on the validation images (when there are any)."""
+        """The VAE config, its ``scaling_factor`` measured on the validation images (when there are any; the
+        starting VAE's when the encoder is frozen)."""
         cfg = self.config.model
-        factor = self.latent_scaling_factor()
+        factor = self.latent_scaling_factor() if self.config.train_encoder else None
         return {"config": (cfg.replace(scaling_factor=factor) if factor is not None else cfg).to_json()}
 
     @torch.no_grad()

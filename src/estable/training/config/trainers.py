@@ -213,9 +213,16 @@ class VAETrainConfig(TrainConfig):
     # sets the log σ² half of quant_conv's bias, starting from a nearly deterministic autoencoder; the KL term
     # then widens σ as it needs. None: the layer's default initialisation. Ignored with init_from.
     init_logvar: float | None = None
+    # False: fine-tune the decoder only (SD's ft-EMA / ft-MSE VAEs): the encoder, quant_conv and the latent
+    # scaling_factor stay those of init_from, so the latents a U-Net was trained on do not move and the new
+    # decoder can replace the old one in a finished model (``estable convert --vae``).
+    train_encoder: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not self.train_encoder and not self.init_from:
+            raise ValueError("train_encoder=false fine-tunes a decoder: it needs init_from (the VAE whose "
+                             "encoder is kept)")
         for name in ("l1_weight", "kl_weight", "ssim_weight"):
             _positive(name, getattr(self, name), allow_zero=True)
         _positive_int("sample_count", self.sample_count)
