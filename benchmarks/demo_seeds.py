@@ -2,9 +2,9 @@
 
     PYTHONPATH=src python benchmarks/demo_seeds.py default runs/model.safetensors --out benchmarks/demo_seeds.png
 
-25 steps of DPM++ 2M Karras at each model's recommended guidance scale (5 when it records none), 256², CPU
-fp32 by default. No seed is picked: the row is seeds 1..8 as they come. Prints, per model, the seeds whose image
-the shipped judge reads with the relation right and with the whole prompt right.
+25 steps of DPM++ 2M Karras (``--steps``, ``--sampler``) at each model's recommended guidance scale (5 when it
+records none), 256², CPU fp32 by default. No seed is picked: the row is seeds 1..8 as they come. Prints, per model,
+the seeds whose image the shipped judge reads with the relation right and with the whole prompt right.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--sampler", default="dpmpp_2m_karras")
     ap.add_argument("--cell", type=int, default=128)
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -39,8 +41,8 @@ def main() -> None:
         cfg = pipe.config.default_cfg or 5.0
         images = []
         for seed in range(1, args.seeds + 1):
-            params = GenerationParams(prompt=args.prompt, steps=25, cfg_scale=cfg, seed=seed,
-                                      sampler="dpmpp_2m_karras")
+            params = GenerationParams(prompt=args.prompt, steps=args.steps, cfg_scale=cfg, seed=seed,
+                                      sampler=args.sampler)
             images.append(pipe.txt2img(params).images[0])
         verdicts = [score_image(spec, d) for d in judge.detect(images)]
         right = [s for s, v in zip(range(1, args.seeds + 1), verdicts) if v["position"]]

@@ -21,7 +21,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from estable.cli_eval import FID_FLOOR_SEED, FID_REAL_SEED
