@@ -145,10 +145,10 @@ def test_tree_ring_injection_keeps_the_seed_noise_and_is_deterministic(pipe):
 
 
 def test_tree_ring_detected_by_inversion(pipe):
-    # Inversion does not find every mark: on the built-in model (demo prompt, seeds 1–8, 25 steps) 7 of 8 are
-    # found, 6 of 8 on the model before it, no false positive in either (benchmarks/RESULTS.md, Provenance). This
-    # prompt's seed 2, the seed used here before the model changed, is one of the misses with every sampler tried
-    # (p 0.04–0.8); seed 3 is found with all of them. DPM++ 2M without Karras sigmas: see test_large_images._base.
+    # Inversion does not find every mark: on the fourth built-in model (demo prompt, seeds 1–8, 25 steps) 7 of 8
+    # were found, 6 of 8 on the third, no false positive in either (benchmarks/RESULTS.md; not remeasured on the
+    # fifth). On the fourth, this prompt's seed 2 was missed with every sampler tried (p 0.04–0.8) and seed 3 found
+    # with all of them; the fifth finds seed 3 too. DPM++ 2M without Karras sigmas: see test_large_images._base.
     params = GenerationParams(prompt=PROMPT, seed=3, steps=12, cfg_scale=5, sampler="dpmpp_2m")
     pipe.noise_hook = treering.inject
     try:
