@@ -1,0 +1,208 @@
+"""Where the fastest mode's time goes (issue 14), and what each of its options is worth.
+
+    PYTHONPATH=src python benchmarks/speed_profile.py --out DIR                      # every variant (~9 min, H200)
+    PYTHONPATH=src python benchmarks/speed_profile.py --out DIR --variant max --variant cudnn
+    PYTHONPATH=src python benchmarks/speed_profile.py --smoke --out DIR              # CPU, tiny networks, a minute
+
+The SD 1.5-shaped pipeline of ``speed_side_by_side.py`` (random weights, fp16, 25 steps of DPM++ 2M Karras, CFG
+7.5) is loaded once per variant of :class:`estable.speed.SpeedOptions`. Per variant: seconds per image of the whole
+pipeline at 512² batch 1 and 4 (median of 5 after the compiling call), the U-Net call alone at those batches (median
+of 20 replays), the VAE decode alone, what is left (text encoding, the sampler's own arithmetic, the NaN checks,
+PIL), and the fp16 error of one U-Net call against diffusers' fp32 U-Net. For the variant ``max-nographs`` (the
+same compiled kernels launched one by one, so the profiler sees each) a CUDA kernel profile of one 512² image,
+grouped by kind. Writes ``DIR/profile.json`` and ``DIR/profile.md`` after every measurement (a run cut off by a
+time limit still reports). Needs diffusers to write the random-weight folder and the fp32 reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed_common import (  # noqa: E402
+    environment,
+    full_settings,
+    log,
+    make_folder,
+    rel_err,
+    smoke_settings,
+    timed,
+)
+from speed_side_by_side import estable_call, fp32_reference, free, unet_inputs  # noqa: E402
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "max": {},  # what speed="max" turns on
+    "max-nographs": {"cuda_graphs": False},
+    "cudnn": {"sdpa": "cudnn"},
+    "flash": {"sdpa": "flash"},
+    "efficient": {"sdpa": "efficient"},
+    "whole": {"regional": False},  # the U-Net compiled as one graph
+    "autotune": {"mode": "max-autotune-no-cudagraphs"},
+}
+KINDS = (  # kernel name → kind, first match wins
+    ("attention", r"flash|fmha|sdpa|attention|fort_native|mha"),
+    ("convolution", r"conv|fprop|dgrad|wgrad|winograd|implicit"),
+    ("matmul", r"gemm|nvjet|cutlass|matmul|splitk|xmma"),
+    ("fused by Inductor (Triton)", r"^triton"),
+    ("eager elementwise / copies", r"elementwise|copy|cast|fill|reduce|cat|index|native"),
+)
+
+
+def kernel_profile(call, s) -> dict[str, Any]:
+    """One call under torch.profiler: CUDA kernel time by kind, the top kernels, and how busy the GPU was."""
+    from torch.profiler import ProfilerActivity, profile
+
+    s.sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        call()
+        s.sync()
+        wall = time.perf_counter() - t
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = {}
+    spans = []
+    for e in kernels:
+        us = e.time_range.elapsed_us()
+        by_name.setdefault(e.name, []).append(us)
+        spans.append((e.time_range.start, e.time_range.end))
+    busy, end = 0.0, None  # the union of kernel intervals: time the GPU was running something
+    for a, b in sorted(spans):
+        if end is None or a > end:
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
+    kinds: dict[str, float] = {}
+    for name, times in by_name.items():
+        kind = next((k for k, rx in KINDS if re.search(rx, name.lower())), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + sum(times) / 1e6
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:30]
+    return {"wall_s": wall, "kernel_s": sum(kinds.values()), "busy_s": busy / 1e6, "kernels": len(kernels),
+            "kinds_s": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "top": [{"name": n[:160], "calls": len(t), "total_s": sum(t) / 1e6} for n, t in top]}
+
+
+def median_time(fn, s, repeats: int, warm: int = 3) -> float:
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(repeats):
+        s.sync()
+        t = time.perf_counter()
+        fn()
+        s.sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure(name: str, folder: Path, s, res: dict[str, Any], ref: torch.Tensor, save) -> None:
+    from estable.pipeline import load_pipeline
+    from estable.speed import SpeedOptions
+
+    opts = SpeedOptions(compile=not s.smoke, **VARIANTS[name])
+    row: dict[str, Any] = res["variants"].setdefault(name, {"options": VARIANTS[name]})
+    t0 = time.perf_counter()
+    pipe = load_pipeline(folder, device=s.device, dtype=s.dtype, speed=opts)
+    row["load_s"] = time.perf_counter() - t0
+    side = s.unet_kwargs["sample_size"]
+    ctx = s.unet_kwargs["cross_attention_dim"]
+    with torch.inference_mode():
+        x16, t, c16 = unet_inputs(s, s.dtype)
+        row["fp16_error"] = rel_err(pipe.unet_forward(x16, t, c16), ref)
+        for img_side, b in s.shapes[:2]:
+            key = f"{img_side}x{b}"
+            r = timed(estable_call(pipe, s, img_side, b), s)
+            x = torch.randn(2 * b, 4, side, side, device=s.device, dtype=s.dtype)
+            c = torch.randn(2 * b, 77, ctx, device=s.device, dtype=s.dtype)
+            unet_s = median_time(lambda x=x, c=c: pipe.unet_forward(x, 500.0, c), s, 20)
+            z = torch.randn(b, 4, side, side, device=s.device, dtype=s.dtype)
+            decode_s = median_time(lambda z=z: pipe.vae.decode(z), s, 10, warm=2)
+            row[key] = {"image_s": r["median_s"] / b, "call_s": r["median_s"], "first_s": r["first_s"],
+                        "unet_call_s": unet_s, "unet_total_s": s.steps * unet_s, "decode_s": decode_s,
+                        "rest_s": r["median_s"] - s.steps * unet_s - decode_s}
+            log(f"{name} {key}: {r['median_s'] / b:.4f} s/image (first {r['first_s']:.1f} s); U-Net {unet_s * 1e3:.2f} "
+                f"ms/call × {s.steps}, decode {decode_s * 1e3:.1f} ms, rest {row[key]['rest_s'] * 1e3:.1f} ms")
+            save()
+        if name == "max-nographs":
+            img_side, b = s.shapes[0]
+            row["profile"] = kernel_profile(estable_call(pipe, s, img_side, b), s)
+            p = row["profile"]
+            log(f"profile: wall {p['wall_s'] * 1e3:.1f} ms, kernels {p['kernel_s'] * 1e3:.1f} ms, GPU busy "
+                f"{p['busy_s'] * 1e3:.1f} ms; " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in p["kinds_s"].items()))
+            save()
+    del pipe
+    free()
+
+
+def markdown(res: dict[str, Any]) -> str:
+    out = [f"# Where the fastest mode's time goes ({res['device']}, torch {res['torch']}"
+           f"{', SMOKE: tiny CPU networks, not a measurement' if res.get('smoke') else ''})", "",
+           f"SD 1.5-shaped random weights, fp16, {res['steps']} steps DPM++ 2M Karras, CFG {res['cfg']}. Milliseconds.",
+           "", "| variant | options | 512² b1 per image | U-Net call (b1) | decode (b1) | rest (b1) | 512² b4 per image "
+           "| U-Net call (b4) | first calls b1, b4 (s) | fp16 error |", "|---|---|---|---|---|---|---|---|---|---|"]
+    k1, k4 = (f"{side}x{b}" for side, b in res["shapes"][:2])
+    for name, r in res["variants"].items():
+        a, b = r.get(k1, {}), r.get(k4, {})
+
+        def ms(d, k):
+            return f"{d[k] * 1e3:.1f}" if k in d else "–"
+
+        first = ", ".join(f"{d['first_s']:.0f}" for d in (a, b) if "first_s" in d) or "–"
+        err = f"{r['fp16_error']:.2e}" if "fp16_error" in r else "–"
+        opts = json.dumps(r["options"]) if r["options"] else 'speed="max"'
+        out.append(f"| {name} | {opts} | {ms(a, 'image_s')} | "
+                   f"{ms(a, 'unet_call_s')} | {ms(a, 'decode_s')} | {ms(a, 'rest_s')} | {ms(b, 'image_s')} | "
+                   f"{ms(b, 'unet_call_s')} | {first} | {err} |")
+    for name, r in res["variants"].items():
+        p = r.get("profile")
+        if not p:
+            continue
+        out += ["", f"Kernel profile of one image, variant {name}: wall {p['wall_s'] * 1e3:.1f} ms, kernels "
+                f"{p['kernel_s'] * 1e3:.1f} ms ({p['kernels']} launches), GPU busy {p['busy_s'] * 1e3:.1f} ms", "",
+                "| kind | ms | share of kernel time |", "|---|---|---|"]
+        out += [f"| {k} | {v * 1e3:.1f} | {v / max(p['kernel_s'], 1e-12):.0%} |" for k, v in p["kinds_s"].items()]
+        out += ["", "| kernel | calls | ms |", "|---|---|---|"]
+        out += [f"| `{k['name'][:100]}` | {k['calls']} | {k['total_s'] * 1e3:.2f} |" for k in p["top"]]
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--variant", action="append", choices=tuple(VARIANTS), help="repeatable; default: all, in order")
+    ap.add_argument("--smoke", action="store_true", help="tiny networks on the CPU: the code paths, not the numbers")
+    args = ap.parse_args()
+    s = smoke_settings() if args.smoke else full_settings(repeats=5)
+    res: dict[str, Any] = {**environment(s), "variants": {}}
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        (args.out / "profile.json").write_text(json.dumps(res, indent=1, default=str))
+        (args.out / "profile.md").write_text(markdown(res))
+
+    folder = make_folder(args.out / "model", s)
+    ref = fp32_reference(folder, s)
+    for name in args.variant or list(VARIANTS):
+        log(f"--- {name} ---")
+        try:
+            measure(name, folder, s, res, ref, save)
+        except Exception as exc:  # a failing variant is a result too
+            log(f"{name} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            res["variants"].setdefault(name, {"options": VARIANTS[name]})["error"] = f"{type(exc).__name__}: {exc}"
+            free()
+        save()
+    log(f"wrote {args.out / 'profile.md'}")
+
+
+if __name__ == "__main__":
+    main()
