@@ -57,6 +57,11 @@ KINDS = (  # kernel name → kind, first match wins
 )
 
 
+def kind_of(kernel: str) -> str:
+    """The kind of a CUDA kernel, from its name (see KINDS)."""
+    return next((k for k, rx in KINDS if re.search(rx, kernel.lower())), "other")
+
+
 def kernel_profile(call, s) -> dict[str, Any]:
     """One call under torch.profiler: CUDA kernel time by kind, the top kernels, and how busy the GPU was."""
     from torch.profiler import ProfilerActivity, profile
@@ -84,8 +89,7 @@ def kernel_profile(call, s) -> dict[str, Any]:
             end = b
     kinds: dict[str, float] = {}
     for name, times in by_name.items():
-        kind = next((k for k, rx in KINDS if re.search(rx, name.lower())), "other")
-        kinds[kind] = kinds.get(kind, 0.0) + sum(times) / 1e6
+        kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + sum(times) / 1e6
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:30]
     return {"wall_s": wall, "kernel_s": sum(kinds.values()), "busy_s": busy / 1e6, "kernels": len(kernels),
             "kinds_s": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
@@ -124,9 +128,9 @@ def measure(name: str, folder: Path, s, res: dict[str, Any], ref: torch.Tensor, 
             r = timed(estable_call(pipe, s, img_side, b), s)
             x = torch.randn(2 * b, 4, side, side, device=s.device, dtype=s.dtype)
             c = torch.randn(2 * b, 77, ctx, device=s.device, dtype=s.dtype)
-            unet_s = median_time(lambda x=x, c=c: pipe.unet_forward(x, 500.0, c), s, 20)
+            unet_s = median_time(lambda x=x, c=c, p=pipe: p.unet_forward(x, 500.0, c), s, 20)
             z = torch.randn(b, 4, side, side, device=s.device, dtype=s.dtype)
-            decode_s = median_time(lambda z=z: pipe.vae.decode(z), s, 10, warm=2)
+            decode_s = median_time(lambda z=z, p=pipe: p.vae.decode(z), s, 10, warm=2)
             row[key] = {"image_s": r["median_s"] / b, "call_s": r["median_s"], "first_s": r["first_s"],
                         "unet_call_s": unet_s, "unet_total_s": s.steps * unet_s, "decode_s": decode_s,
                         "rest_s": r["median_s"] - s.steps * unet_s - decode_s}
@@ -148,9 +152,12 @@ def markdown(res: dict[str, Any]) -> str:
     out = [f"# Where the fastest mode's time goes ({res['device']}, torch {res['torch']}"
            f"{', SMOKE: tiny CPU networks, not a measurement' if res.get('smoke') else ''})", "",
            f"SD 1.5-shaped random weights, fp16, {res['steps']} steps DPM++ 2M Karras, CFG {res['cfg']}. Milliseconds.",
-           "", "| variant | options | 512² b1 per image | U-Net call (b1) | decode (b1) | rest (b1) | 512² b4 per image "
-           "| U-Net call (b4) | first calls b1, b4 (s) | fp16 error |", "|---|---|---|---|---|---|---|---|---|---|"]
-    k1, k4 = (f"{side}x{b}" for side, b in res["shapes"][:2])
+           ""]
+    (s1, b1), (s4, b4) = res["shapes"][:2]
+    k1, k4 = f"{s1}x{b1}", f"{s4}x{b4}"
+    out += [f"| variant | options | {s1}² b{b1} per image | U-Net call (b{b1}) | decode (b{b1}) | rest (b{b1}) | "
+            f"{s4}² b{b4} per image | U-Net call (b{b4}) | first calls (s) | fp16 error |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in res["variants"].items():
         a, b = r.get(k1, {}), r.get(k4, {})
 

@@ -39,3 +39,38 @@ def test_side_by_side_smoke_writes_every_table(tmp_path):
     assert subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed_side_by_side.py"), "--report",
                            str(tmp_path), "--out", str(out2)], env=env, timeout=120).returncode == 0
     assert json.loads((out2 / "speed.json").read_text())["inference"].keys() == res["inference"].keys()
+
+
+def test_speed_profile_smoke_and_kernel_kinds(tmp_path):
+    """benchmarks/speed_profile.py --smoke: two variants end to end on tiny CPU networks (a few seconds), and the
+    kernel names seen in the H200 profile (RESULTS.md, fifth GPU run) sorted into the right kinds."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed_profile.py"), "--smoke", "--variant", "max",
+                           "--variant", "max-nographs", "--out", str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "profile.json").read_text())
+    for name in ("max", "max-nographs"):
+        row = res["variants"][name]
+        assert "error" not in row, row
+        assert row["fp16_error"] < 1e-4  # fp32 on the CPU
+        for key in ("64x1", "64x2"):
+            assert row[key]["unet_call_s"] > 0 and row[key]["decode_s"] > 0 and row[key]["image_s"] > 0
+    assert "profile" in res["variants"]["max-nographs"]
+    assert "| max-nographs |" in (tmp_path / "profile.md").read_text()
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from speed_profile import kind_of
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    names = {
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64_4x1x1_kernel0_": "attention",
+        "sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x192x64_warpgroup": "convolution",
+        "nvjet_sm90_hsh_168x128_64x5_1x2_h_bz_coopA_bias_TNN": "matmul",
+        "triton_per_fused_clone_native_group_norm_0": "fused by Inductor (Triton)",
+        "void at::native::(anonymous namespace)::CatArrayBatchedCopy_alignedK_contig<": "eager elementwise / copies",
+        "void cutlass::Kernel2<cutlass_80_tensorop_s1688gemm_64x64_16x6_tn_align1>": "matmul",
+        "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>": "attention",
+    }
+    assert {n: kind_of(n) for n in names} == names
