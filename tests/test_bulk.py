@@ -219,3 +219,46 @@ def test_bulk_output_check_refusals_are_not_written(tmp_path, model, prompts):
     assert stats["made"] == 4 and len(stats["refused"]) == 2 and len(written) == 4
     assert written == EXPECTED - {"000003-000.png", "000003-001.png"}
     assert all("squares" in line for line in stats["refused"])
+
+
+def test_writer_keeps_order_raises_and_bounds_the_queue():
+    import threading
+    import time
+
+    from estable.bulk import Writer
+
+    release = threading.Event()
+
+    def job(k):
+        if k == 0:
+            release.wait(5)  # the first job finishes last
+        if k == 3:
+            raise ValueError("job 3 failed")
+        return k
+
+    with Writer(4, limit=8) as w:
+        for k in range(3):
+            w.submit(job, k)
+        time.sleep(0.2)
+        assert list(w.ready()) == []  # job 0 is not done: nothing is handed out of order
+        release.set()
+        assert list(w.ready(wait=True)) == [0, 1, 2]
+        w.submit(job, 3)
+        with pytest.raises(ValueError, match="job 3 failed"):
+            list(w.ready(wait=True))
+    gate = threading.Event()
+
+    def slow(k):
+        gate.wait(5)
+        return k
+
+    with Writer(4, limit=2) as w:  # more than `limit` waiting: ready() waits for the oldest
+        for k in range(4):
+            w.submit(slow, k)
+        threading.Timer(0.3, gate.set).start()
+        t0 = time.perf_counter()
+        got = list(w.ready())
+        assert got[:2] == [0, 1] and time.perf_counter() - t0 > 0.25
+    with Writer(0) as w:  # no threads: each job runs at submit
+        w.submit(job, 5)
+        assert list(w.ready()) == [5]

@@ -32,7 +32,9 @@ import json
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +45,7 @@ from .params import GenerationParams
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
-__all__ = ["Item", "MAX_BULK_BATCH", "group_batches", "plan_items", "read_prompt_file", "run_bulk", "shard"]
+__all__ = ["Item", "MAX_BULK_BATCH", "Writer", "group_batches", "plan_items", "read_prompt_file", "run_bulk", "shard"]
 
 MAX_BULK_BATCH = 256
 SEED_STRIDE = 1000  # --seed S: line n starts at S + (n - 1) * SEED_STRIDE
@@ -175,21 +177,50 @@ def _resolve_seeds(items: Sequence[Item]) -> list[Item]:
     return out
 
 
-def generate_items(pipe: Pipeline, items: Sequence[Item], out: Path, policy: Any = None,
-                   refused: list[str] | None = None) -> list[Path]:
-    """Make ``items`` (one sampler run; they share their settings) and write their PNGs into ``out``.
+class Writer:
+    """Stamps and writes finished images on a few threads while the caller goes on to the next batch (the GPU's
+    work): PNG compression, the DWT watermark, hashing and fsync release the GIL for most of their time. Results come
+    back in submission order from :meth:`ready`. ``workers=0``: each job runs at once in the caller's thread."""
 
-    ``policy`` (a :class:`~estable.provenance.policy.ProvenancePolicy`; default: the DWT watermark on, records
-    completed, as ``estable generate``) stamps each image before it is written; images its output check refuses
-    are not written and their lines go to ``refused``."""
+    def __init__(self, workers: int, limit: int = 16) -> None:
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="estable-write") if workers > 0 else None
+        self.pending: deque[Future] = deque()
+        self.limit = max(1, limit)  # at most this many jobs waiting; more and ready() waits for the oldest
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self.pool is not None:
+            self.pending.append(self.pool.submit(fn, *args))
+            return
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as exc:
+            fut.set_exception(exc)
+        self.pending.append(fut)
+
+    def ready(self, wait: bool = False) -> Iterator[Any]:
+        """Results of the finished jobs, oldest first (a job's exception is raised here); ``wait``: all of them."""
+        while self.pending and (wait or self.pending[0].done() or len(self.pending) > self.limit):
+            yield self.pending.popleft().result()
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def generate_items(pipe: Pipeline, items: Sequence[Item], out: Path, policy: Any, writer: Writer) -> None:
+    """Make ``items`` (one sampler run; they share their settings) and hand each image to ``writer``, whose results
+    are ``(path, None)`` for a PNG written into ``out`` or ``(None, reason)`` for an image the output check refused.
+
+    ``policy`` (a :class:`~estable.provenance.policy.ProvenancePolicy`) stamps each image before it is written, as
+    ``estable generate`` does."""
     import torch
 
     from .images import to_pil
-    from .pipeline import GenerationResult
-    from .provenance.infotext import write_png
-    from .provenance.policy import ProvenancePolicy
 
-    policy = policy if policy is not None else ProvenancePolicy()
     policy.prepare(pipe, "txt2img")
 
     first = items[0].line.params
@@ -205,7 +236,6 @@ def generate_items(pipe: Pipeline, items: Sequence[Item], out: Path, policy: Any
         cond, uncond = contexts[key]
         conds.append(cond)
         unconds.append(uncond)
-    paths: list[Path] = []
     start = 0
     while start < len(items):
         # Runs of consecutive images whose contexts have the same length (the same number of 77-token windows).
@@ -226,20 +256,21 @@ def generate_items(pipe: Pipeline, items: Sequence[Item], out: Path, policy: Any
                    "prompts_line": it.line.number}
             text = pipe.infotext(own, it.seed, "txt2img", width, height)
             record = pipe.record(own, it.seed, "txt2img", width, height, run)
-            made = GenerationResult([image], [it.seed], [text], [record], own)
-            made, lost = policy.stamp(made, pipe)  # output check, watermark, pixel hash, device, signature
-            if lost:  # refused by the output check: not written
-                if refused is not None:
-                    refused.append(f"line {it.line.number} ({it.name}): " + lost[0].split(": ", 1)[-1])
-                continue
-            image, text, record = made.images[0], made.infotexts[0], made.records[0]
-            final = out / it.name
-            tmp = out / f".{it.name}.{os.getpid()}.tmp"
-            write_png(tmp, image, parameters=text, record=record)
-            os.replace(tmp, final)
-            paths.append(final)
+            writer.submit(_stamp_and_write, pipe, policy, it, image, text, record, out)
         start = end
-    return paths
+
+
+def _stamp_and_write(pipe: Pipeline, policy: Any, it: Item, image: Any, text: str, record: dict[str, Any],
+                     out: Path) -> tuple[Path | None, str | None]:
+    from .pipeline import GenerationResult
+    from .provenance.infotext import write_png
+
+    made = GenerationResult([image], [it.seed], [text], [record], it.line.params)
+    made, lost = policy.stamp(made, pipe)  # output check, watermark, pixel hash, device, signature
+    if lost:  # refused by the output check: not written
+        return None, f"line {it.line.number} ({it.name}): " + lost[0].split(": ", 1)[-1]
+    # write_png writes beside the destination and renames: an interrupted run leaves no half-written PNG
+    return write_png(out / it.name, made.images[0], parameters=made.infotexts[0], record=made.records[0]), None
 
 
 def run_bulk(
@@ -307,15 +338,28 @@ def run_bulk(
             todo = _resolve_seeds(todo)
             show = progress if progress is not None else None
             desc = f"rank {info.rank}" if info.enabled else "images"
+            # PNGs are stamped and written on threads while the next batch is made; the output check (a CLIP
+            # model) stays in this thread
+            workers = 0 if policy.output_check is not None else min(8, os.cpu_count() or 1)
             t0 = time.perf_counter()
             with tqdm(total=len(todo), unit="img", file=sys.stderr, disable=show if show is None else not show,
-                      desc=desc, position=info.rank if info.enabled else None, leave=True) as bar:
+                      desc=desc, position=info.rank if info.enabled else None, leave=True) as bar, \
+                    Writer(workers, limit=2 * batch) as writer:
+
+                def collect(wait: bool = False) -> None:
+                    for path, lost in writer.ready(wait):
+                        if lost:
+                            stats["refused"].append(lost)
+                        else:
+                            stats["made"] += 1
+                            if on_path is not None:
+                                on_path(path)
+                        bar.update(1)
+
                 for group in group_batches(todo, batch):
-                    for path in generate_items(pipe, group, out, policy, stats["refused"]):
-                        stats["made"] += 1
-                        if on_path is not None:
-                            on_path(path)
-                    bar.update(len(group))
+                    generate_items(pipe, group, out, policy, writer)
+                    collect()
+                collect(wait=True)
             stats["seconds"] = time.perf_counter() - t0
     except BaseException:
         if info.enabled:  # leave without the closing barrier: the other ranks may never reach it
