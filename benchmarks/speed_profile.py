@@ -46,6 +46,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "flash": {"sdpa": "flash"},
     "efficient": {"sdpa": "efficient"},
     "whole": {"regional": False},  # the U-Net compiled as one graph
+    "autotune-resnets": {"resnet_mode": "max-autotune-no-cudagraphs"},  # convolutions tuned, attention as "max"
     "autotune": {"mode": "max-autotune-no-cudagraphs"},
 }
 KINDS = (  # kernel name → kind, first match wins

@@ -57,6 +57,10 @@ def test_resolve_speed():
         resolve_speed("fast")
     with pytest.raises(EstableError, match="SDPA backend"):
         SpeedOptions(sdpa="triton")
+    with pytest.raises(EstableError, match="compile mode 'reduce-overhead'"):
+        SpeedOptions(resnet_mode="reduce-overhead")
+    with pytest.raises(EstableError, match="needs regional"):
+        SpeedOptions(resnet_mode="max-autotune-no-cudagraphs", regional=False)
 
 
 def test_fused_projections_equal_unfused_and_keep_the_state_dict():
@@ -129,6 +133,17 @@ def test_compile_blocks_marks_every_repeated_block():
     assert all(m._compiled_call_impl is not None for m in unet.down_blocks[0].resnets)
     assert unet.conv_in._compiled_call_impl is None  # the glue between blocks stays eager
     assert all("_orig_mod" not in k for k in unet.state_dict())
+
+
+def test_resnet_mode_compiles_only_the_resnet_blocks_with_it(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append((type(self).__name__, kw["mode"])))
+    compile_blocks(_unet(), resnet_mode="max-autotune-no-cudagraphs")
+    assert set(calls) == {("ResnetBlock", "max-autotune-no-cudagraphs"), ("SpatialTransformer", "default")}
+    assert len(calls) == 8 + 7
+    calls.clear()
+    compile_blocks(AutoencoderKL(VAE).decoder, mode="default")
+    assert set(calls) == {("ResnetBlock", "default"), ("SpatialSelfAttention", "default")}
 
 
 @pytest.mark.heavy

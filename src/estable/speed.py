@@ -13,6 +13,9 @@ What it does to a :class:`~estable.pipeline.Pipeline` (each step can be turned o
   GroupNorm + SiLU, LayerNorm, GEGLU and the residual adds into few kernels. Blocks of one class share one
   compiled graph per input shape, so compiling costs a few dozen small graphs instead of one huge one; the glue
   between blocks runs eagerly. ``regional=False`` compiles the whole U-Net in one graph instead.
+  ``resnet_mode="max-autotune-no-cudagraphs"`` autotunes the ResNet blocks' convolutions only (Inductor's Triton
+  templates against cuDNN; at batch 2 on an H200 some shapes ran 40 % faster, RESULTS.md) at a cost of minutes of
+  compiling per new shape, kept by the disk cache.
 * **CUDA graphs** (Estable's :class:`~estable.nn.cuda_graph.GraphedForward`) replay the compiled U-Net per
   batch shape, which removes the remaining launch overhead.
 * **A compile cache on disk**: Inductor's caches (compiled kernels, autotuning results, the shapes it saw as
@@ -48,6 +51,7 @@ __all__ = ["SPEEDS", "SpeedOptions", "accelerate", "compile_blocks", "compile_ca
 
 SPEEDS = ("default", "max")
 _SDPA = ("cudnn", "flash", "efficient", "math")
+_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,9 @@ class SpeedOptions:
     regional: bool = True  # compile each repeated block; False: the whole U-Net as one graph
     compile_vae: bool = True  # the VAE decoder's blocks too
     mode: str = "default"  # torch.compile mode; "max-autotune-no-cudagraphs" tunes kernels (slow to compile)
+    # The ResNet blocks' mode when it should differ (None: ``mode``): "max-autotune-no-cudagraphs" tunes their
+    # convolutions (Triton templates against cuDNN) and leaves the attention blocks' matrix products to cuBLAS
+    resnet_mode: str | None = None
     # torch.compile's dynamic. False (default): one static graph per block shape; a new batch or image size compiles
     # again (then cached on disk). None ("automatic dynamic") is wrong for regional compilation: blocks of one class
     # share one code object, so their different shapes would turn every size symbolic (slower kernels, and Inductor
@@ -72,9 +79,13 @@ class SpeedOptions:
     def __post_init__(self) -> None:
         if self.sdpa is not None and self.sdpa not in _SDPA:
             raise EstableError(f"unknown SDPA backend {self.sdpa!r}; use one of {', '.join(_SDPA)} (or None)")
-        if self.mode not in ("default", "max-autotune-no-cudagraphs"):
-            raise EstableError(f"compile mode {self.mode!r} is not supported here; use 'default' or "
-                               "'max-autotune-no-cudagraphs' (Estable records CUDA graphs itself)")
+        if self.resnet_mode is not None and not self.regional:
+            raise EstableError("resnet_mode needs regional compilation (regional=True): the whole U-Net compiled "
+                               "as one graph has one mode")
+        for mode in (self.mode, self.resnet_mode):
+            if mode is not None and mode not in _MODES:
+                raise EstableError(f"compile mode {mode!r} is not supported here; use 'default' or "
+                                   "'max-autotune-no-cudagraphs' (Estable records CUDA graphs itself)")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -128,15 +139,18 @@ def block_types() -> tuple[type[nn.Module], ...]:
     return (ResnetBlock, SpatialTransformer, SpatialSelfAttention)
 
 
-def compile_blocks(model: nn.Module, *, mode: str = "default", dynamic: bool | None = False) -> int:
+def compile_blocks(model: nn.Module, *, mode: str = "default", dynamic: bool | None = False,
+                   resnet_mode: str | None = None) -> int:
     """``torch.compile`` every repeated block of ``model`` in place (``nn.Module.compile``: the state dict keeps
-    its keys, no ``_orig_mod.``); returns how many blocks."""
+    its keys, no ``_orig_mod.``), the ResNet blocks with ``resnet_mode`` when given; returns how many blocks."""
+    from .nn.resnet import ResnetBlock
+
     _raise_recompile_limit()
     kinds = block_types()
     n = 0
     for m in model.modules():
         if isinstance(m, kinds):
-            m.compile(mode=mode, dynamic=dynamic)
+            m.compile(mode=resnet_mode if resnet_mode and isinstance(m, ResnetBlock) else mode, dynamic=dynamic)
             n += 1
     return n
 
@@ -262,12 +276,12 @@ def accelerate(unet: nn.Module, vae: nn.Module, device: torch.device, options: S
             cache.load()
             cache.save_at_exit()
         if options.regional:
-            compile_blocks(unet, mode=options.mode, dynamic=options.dynamic)
+            compile_blocks(unet, mode=options.mode, dynamic=options.dynamic, resnet_mode=options.resnet_mode)
         else:
             _raise_recompile_limit()
             unet.compile(mode=options.mode, dynamic=options.dynamic, fullgraph=True)
-        if options.compile_vae:
-            compile_blocks(vae.decoder, mode=options.mode, dynamic=options.dynamic)
+        if options.compile_vae:  # the same mode for every ResnetBlock: its blocks share one code object
+            compile_blocks(vae.decoder, mode=options.mode, dynamic=options.dynamic, resnet_mode=options.resnet_mode)
 
     layout = torch.channels_last if options.channels_last else torch.contiguous_format
     backend = options.sdpa
