@@ -1,0 +1,122 @@
+"""What goes wrong in count and pair prompts (issue 11): for counts, too many objects, too few, or a shape drawn
+as another shape; for pairs, an object wrong or missing, the two swapped, placed along the other axis, or too close.
+
+    PYTHONPATH=src python benchmarks/error_kinds.py default --kind count --prompts 40 --out runs/count_errors
+    PYTHONPATH=src python benchmarks/error_kinds.py default --kind pair --prompts 40 --out runs/pair_errors
+
+The first ``--prompts`` prompts of that kind in the compositional evaluation's held-out set (``make_prompts(500)``),
+two images each with that evaluation's seeds, 25 steps of DPM++ 2M Karras at the model's guidance scale, read by the
+shipped judge. Count images are split by (asked, found of the asked shape, found of other shapes) — the count
+category scores "found of the asked shape = asked". A pair image is right when some two detections have the asked
+shapes and colours and the relation holds (the position category); otherwise its error is, in this order: an
+object wrong or missing (no two detections with the asked shapes and colours), swapped (the relation holds with the
+objects' roles exchanged), other axis (the offset is mostly along the other axis), or too close (the right
+direction, under the relation margin). Writes ``OUT/errors.json`` (every image's detections and verdict) and
+``OUT/errors.png`` (up to 4 wrong images of each error, the commonest first, 8 at most).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from estable.evaluation.compositional import image_seed, make_prompts
+from estable.evaluation.judge import Detection, load_default_judge
+from estable.params import GenerationParams
+from estable.pipeline import load_pipeline
+from estable.training.shapes.scene import PromptSpec, relation_holds
+from estable.training.shapes.vocab import RELATION_MARGIN
+
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def count_verdict(spec: PromptSpec, dets: list[Detection]) -> str:
+    same = sum(d.shape == spec.objects[0].shape for d in dets)
+    if same == spec.count:
+        return "right"
+    if same > spec.count:
+        return "too many"
+    return "too few, another shape found" if len(dets) > same else "too few, missing"
+
+
+def pair_verdict(spec: PromptSpec, dets: list[Detection], margin: float = RELATION_MARGIN) -> str:
+    a, b = spec.objects
+    assert spec.relation is not None
+    pairs = [(p, q) for p, q in itertools.permutations(dets, 2)
+             if (p.shape, p.colour) == (a.shape, a.colour) and (q.shape, q.colour) == (b.shape, b.colour)]
+    if not pairs:
+        return "object wrong or missing"
+    if any(relation_holds(p.center, q.center, spec.relation, margin) for p, q in pairs):
+        return "right"
+    p, q = max(pairs, key=lambda pq: pq[0].score * pq[1].score)
+    if relation_holds(p.center, q.center, OPPOSITE[spec.relation], margin):
+        return "swapped"
+    dx, dy = q.center[0] - p.center[0], q.center[1] - p.center[1]
+    horizontal = spec.relation in ("left of", "right of")
+    if (abs(dy) > abs(dx)) if horizontal else (abs(dx) > abs(dy)):
+        return "other axis"
+    return "too close"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--kind", choices=("count", "pair"), default="count")
+    ap.add_argument("--prompts", type=int, default=40)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    pipe = load_pipeline(args.model, device=args.device)
+    judge = load_default_judge(args.device)
+    cfg = float(pipe.config.default_cfg or 5.0)
+    verdict = count_verdict if args.kind == "count" else pair_verdict
+    prompts = [p for p in make_prompts(500) if p.kind == args.kind][: args.prompts]
+    table: collections.Counter = collections.Counter()
+    rows, wrong = [], []
+    for p in prompts:
+        for k in range(2):
+            seed = image_seed(p.index, k, 0, 4)
+            with torch.inference_mode():
+                image = pipe.txt2img(GenerationParams(prompt=p.caption, seed=seed, steps=25, cfg_scale=cfg)).images[0]
+            dets = judge.detect([image])[0]
+            v = verdict(p.spec, dets)
+            group = p.spec.count if args.kind == "count" else p.spec.relation
+            table[(group, v)] += 1
+            rows.append({"prompt": p.caption, "seed": seed, "verdict": v,
+                         "detections": [[d.shape, d.colour, [round(c, 3) for c in d.center], round(float(d.score), 3)]
+                                        for d in dets]})
+            if v != "right":
+                wrong.append((v, image))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "errors.json").write_text(json.dumps({"model": args.model, "kind": args.kind, "cfg": cfg,
+                                                      "images": rows}, indent=1))
+    # up to 4 images of each error, the commonest error first, 8 at most
+    by_verdict = collections.defaultdict(list)
+    for v, im in wrong:
+        by_verdict[v].append(im)
+    shown = [(v, im) for v in sorted(by_verdict, key=lambda v: -len(by_verdict[v])) for im in by_verdict[v][:4]][:8]
+    if shown:
+        side = shown[0][1].width
+        grid = Image.new("RGB", (side * min(4, len(shown)), side * ((len(shown) + 3) // 4)))
+        for i, (_, im) in enumerate(shown):
+            grid.paste(im, ((i % 4) * side, (i // 4) * side))
+        grid.save(args.out / "errors.png")
+        print("errors.png, in order: " + ", ".join(v for v, _ in shown))
+    verdicts = sorted({v for _, v in table})
+    print(f"| {'asked' if args.kind == 'count' else 'relation'} | images | " + " | ".join(verdicts) + " |")
+    print("|---|---|" + "---|" * len(verdicts))
+    for group in sorted({g for g, _ in table}, key=str):
+        n = sum(c for (g, _), c in table.items() if g == group)
+        print(f"| {group} | {n} | " + " | ".join(str(table[(group, v)]) for v in verdicts) + " |")
+    print(f"| all | {len(rows)} | " + " | ".join(str(sum(c for (_, vv), c in table.items() if vv == v))
+                                             for v in verdicts) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""benchmarks/error_kinds.py's verdicts on hand-made detections: each kind of count and pair error is told apart."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from estable.evaluation.judge import Detection
+from estable.training.shapes import parse_caption
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from error_kinds import count_verdict, pair_verdict  # noqa: E402
+
+
+def det(colour: str, shape: str, x: float, y: float, score: float = 0.9) -> Detection:
+    return Detection(colour=colour, shape=shape, size="medium", center=(x, y), score=score)
+
+
+def test_count_verdicts():
+    spec = parse_caption("three green triangles")
+    tri = [det("green", "triangle", 0.2 * k, 0.5) for k in range(1, 5)]
+    assert count_verdict(spec, tri[:3]) == "right"
+    assert count_verdict(spec, tri) == "too many"
+    assert count_verdict(spec, tri[:2] + [det("green", "hexagon", 0.8, 0.8)]) == "too few, another shape found"
+    assert count_verdict(spec, tri[:2]) == "too few, missing"
+
+
+def test_pair_verdicts():
+    spec = parse_caption("a red circle above a blue square")  # y grows downwards: the circle's y is smaller
+    circle, square = ("red", "circle"), ("blue", "square")
+    assert pair_verdict(spec, [det(*circle, 0.5, 0.2), det(*square, 0.5, 0.7)]) == "right"
+    assert pair_verdict(spec, [det(*circle, 0.5, 0.7), det(*square, 0.5, 0.2)]) == "swapped"
+    assert pair_verdict(spec, [det(*circle, 0.2, 0.45), det(*square, 0.8, 0.5)]) == "other axis"
+    assert pair_verdict(spec, [det(*circle, 0.5, 0.47), det(*square, 0.5, 0.5)]) == "too close"
+    assert pair_verdict(spec, [det("green", "circle", 0.5, 0.2), det(*square, 0.5, 0.7)]) == "object wrong or missing"
+    assert pair_verdict(spec, [det(*square, 0.5, 0.7)]) == "object wrong or missing"
+    # a second square that makes the relation hold is enough, as in the position category
+    assert pair_verdict(spec, [det(*circle, 0.5, 0.7), det(*square, 0.5, 0.2), det(*square, 0.5, 0.9)]) == "right"
