@@ -1,7 +1,8 @@
-"""Where the fastest mode's time goes (issue 14), and what each of its options is worth.
+"""Where the fastest mode's time goes (issue 14), and what each of its options is worth; where a training step's goes.
 
     PYTHONPATH=src python benchmarks/speed_profile.py --out DIR                      # every variant (~9 min, H200)
     PYTHONPATH=src python benchmarks/speed_profile.py --out DIR --variant max --variant cudnn
+    PYTHONPATH=src python benchmarks/speed_profile.py --out DIR --training eager --training blocks-cl
     PYTHONPATH=src python benchmarks/speed_profile.py --smoke --out DIR              # CPU, tiny networks, a minute
 
 The SD 1.5-shaped pipeline of ``speed_side_by_side.py`` (random weights, fp16, 25 steps of DPM++ 2M Karras, CFG
@@ -12,6 +13,10 @@ PIL), and the fp16 error of one U-Net call against diffusers' fp32 U-Net. For th
 same compiled kernels launched one by one, so the profiler sees each) a CUDA kernel profile of one 512² image,
 grouped by kind. Writes ``DIR/profile.json`` and ``DIR/profile.md`` after every measurement (a run cut off by a
 time limit still reports). Needs diffusers to write the random-weight folder and the fp32 reference.
+
+``--training NAME`` (repeatable) profiles the U-Net training step instead (speed_side_by_side.py's step: 512 px,
+bf16 autocast, fused AdamW, batch 8 and 32): img/s, and wall, kernel and GPU-busy time of one profiled step — a
+GPU that is idle for part of the step is waiting for launches, which CUDA graphs would remove.
 """
 
 from __future__ import annotations
@@ -149,16 +154,59 @@ def measure(name: str, folder: Path, s, res: dict[str, Any], ref: torch.Tensor, 
     free()
 
 
+TRAINING = {  # name → (compile scope, channels_last)
+    "eager": (None, False),
+    "eager-cl": (None, True),  # channels_last
+    "blocks-cl": ("blocks", True),  # each block compiled, channels_last
+}
+
+
+def measure_training(name: str, s, res: dict[str, Any], batches: tuple[int, ...], save) -> None:
+    """The U-Net training step (512 px, bf16 autocast, fused AdamW; speed_side_by_side's step): img/s (median of
+    5 after 3 warm-up steps) and a kernel profile of one step per batch size — is the GPU busy, and with what?"""
+    from speed_side_by_side import _calls, _step, _unets
+
+    from estable.speed import compile_blocks
+
+    scope, cl = TRAINING[name]
+    _, build = _unets(s)
+    _, call = _calls()
+    model = build().train()
+    if cl:
+        model.to(memory_format=torch.channels_last)
+    if scope == "blocks" and not s.smoke:
+        compile_blocks(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=s.cuda)
+    side, ctx = s.unet_kwargs["sample_size"], s.unet_kwargs["cross_attention_dim"]
+    rows = res.setdefault("training", {}).setdefault(name, {})
+    for b in batches:
+        x = torch.randn(b, 4, side, side, device=s.device)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        t = torch.randint(0, 1000, (b,), device=s.device)
+        c = torch.randn(b, 77, ctx, device=s.device)
+        step = _step(model, opt, call, x, t, c, s)
+        step_s = median_time(step, s, 5)
+        p = kernel_profile(step, s)
+        rows[str(b)] = {"img_per_s": b / step_s, "step_s": step_s, "profile": p}
+        log(f"train {name}, batch {b}: {b / step_s:.1f} img/s; profiled step: wall {p['wall_s'] * 1e3:.1f} ms, "
+            f"kernels {p['kernel_s'] * 1e3:.1f} ms, GPU busy {p['busy_s'] * 1e3:.1f} ms")
+        save()
+    del model, opt
+    free()
+
+
 def markdown(res: dict[str, Any]) -> str:
-    out = [f"# Where the fastest mode's time goes ({res['device']}, torch {res['torch']}"
-           f"{', SMOKE: tiny CPU networks, not a measurement' if res.get('smoke') else ''})", "",
-           f"SD 1.5-shaped random weights, fp16, {res['steps']} steps DPM++ 2M Karras, CFG {res['cfg']}. Milliseconds.",
-           ""]
+    out = [f"# Where the time goes ({res['device']}, torch {res['torch']}"
+           f"{', SMOKE: tiny CPU networks, not a measurement' if res.get('smoke') else ''})"]
     (s1, b1), (s4, b4) = res["shapes"][:2]
     k1, k4 = f"{s1}x{b1}", f"{s4}x{b4}"
-    out += [f"| variant | options | {s1}² b{b1} per image | U-Net call (b{b1}) | decode (b{b1}) | rest (b{b1}) | "
-            f"{s4}² b{b4} per image | U-Net call (b{b4}) | first calls (s) | fp16 error |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    if res["variants"]:
+        out += ["", f"SD 1.5-shaped random weights, fp16, {res['steps']} steps DPM++ 2M Karras, CFG {res['cfg']}. "
+                "Milliseconds.", ""]
+        out += [f"| variant | options | {s1}² b{b1} per image | U-Net call (b{b1}) | decode (b{b1}) | rest (b{b1}) | "
+                f"{s4}² b{b4} per image | U-Net call (b{b4}) | first calls (s) | fp16 error |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in res["variants"].items():
         a, b = r.get(k1, {}), r.get(k4, {})
 
@@ -171,11 +219,19 @@ def markdown(res: dict[str, Any]) -> str:
         out.append(f"| {name} | {opts} | {ms(a, 'image_s')} | "
                    f"{ms(a, 'unet_call_s')} | {ms(a, 'decode_s')} | {ms(a, 'rest_s')} | {ms(b, 'image_s')} | "
                    f"{ms(b, 'unet_call_s')} | {first} | {err} |")
-    for name, r in res["variants"].items():
-        p = r.get("profile")
-        if not p:
-            continue
-        out += ["", f"Kernel profile of one image, variant {name}: wall {p['wall_s'] * 1e3:.1f} ms, kernels "
+    profiles = [(f"variant {name}", r["profile"]) for name, r in res["variants"].items() if r.get("profile")]
+    if res.get("training"):
+        out += ["", "U-Net training step, 512 px, bf16 autocast, fused AdamW (the step of speed_side_by_side.py)", "",
+                "| system | batch | img/s | step ms | profiled step: wall / kernels / GPU busy ms |",
+                "|---|---|---|---|---|"]
+        for name, rows in res["training"].items():
+            for b, r in rows.items():
+                p = r["profile"]
+                out.append(f"| {name} | {b} | {r['img_per_s']:.1f} | {r['step_s'] * 1e3:.1f} | "
+                           f"{p['wall_s'] * 1e3:.1f} / {p['kernel_s'] * 1e3:.1f} / {p['busy_s'] * 1e3:.1f} |")
+                profiles.append((f"training step, {name}, batch {b}", p))
+    for what, p in profiles:
+        out += ["", f"Kernel profile, {what}: wall {p['wall_s'] * 1e3:.1f} ms, kernels "
                 f"{p['kernel_s'] * 1e3:.1f} ms ({p['kernels']} launches), GPU busy {p['busy_s'] * 1e3:.1f} ms", "",
                 "| kind | ms | share of kernel time |", "|---|---|---|"]
         out += [f"| {k} | {v * 1e3:.1f} | {v / max(p['kernel_s'], 1e-12):.0%} |" for k, v in p["kinds_s"].items()]
@@ -188,6 +244,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--variant", action="append", choices=tuple(VARIANTS), help="repeatable; default: all, in order")
+    ap.add_argument("--training", action="append", choices=tuple(TRAINING),
+                    help="profile the U-Net training step of this system instead of inference (repeatable)")
     ap.add_argument("--smoke", action="store_true", help="tiny networks on the CPU: the code paths, not the numbers")
     args = ap.parse_args()
     s = smoke_settings() if args.smoke else full_settings(repeats=5)
@@ -198,6 +256,12 @@ def main() -> None:
         (args.out / "profile.json").write_text(json.dumps(res, indent=1, default=str))
         (args.out / "profile.md").write_text(markdown(res))
 
+    if args.training:  # no pipeline, no folder: the U-Net alone (built from diffusers' config, as in the side-by-side)
+        for name in args.training:
+            log(f"--- training: {name} ---")
+            measure_training(name, s, res, s.train_batches, save)
+        log(f"wrote {args.out / 'profile.md'}")
+        return
     folder = make_folder(args.out / "model", s)
     ref = fp32_reference(folder, s)
     for name in args.variant or list(VARIANTS):

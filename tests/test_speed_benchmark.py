@@ -58,6 +58,13 @@ def test_speed_profile_smoke_and_kernel_kinds(tmp_path):
             assert row[key]["unet_call_s"] > 0 and row[key]["decode_s"] > 0 and row[key]["image_s"] > 0
     assert "profile" in res["variants"]["max-nographs"]
     assert "| max-nographs |" in (tmp_path / "profile.md").read_text()
+    train = tmp_path / "train"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed_profile.py"), "--smoke", "--training",
+                           "eager", "--out", str(train)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((train / "profile.json").read_text())["training"]["eager"]
+    assert set(rows) == {"1", "2"} and all(r["img_per_s"] > 0 and "kinds_s" in r["profile"] for r in rows.values())
+    assert "| eager | 2 |" in (train / "profile.md").read_text()
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
