@@ -262,3 +262,25 @@ def test_writer_keeps_order_raises_and_bounds_the_queue():
     with Writer(0) as w:  # no threads: each job runs at submit
         w.submit(job, 5)
         assert list(w.ready()) == [5]
+
+
+def test_bulk_lines_get_the_model_recommended_sampler_and_cfg_where_they_name_none(capsys, tmp_path, model):
+    import dataclasses
+
+    from estable.checkpoints.store import load_model, save_model
+
+    loaded = load_model(model)
+    loaded = dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, default_cfg=4.0,
+                                                                     default_sampler="euler"))
+    tuned = save_model(loaded, tmp_path / "tuned.safetensors", to="estable")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('"a red circle"\n{"prompt": "a blue square", "sampler": "ddim", "cfg_scale": 6}\n')
+    status, _, err = _run(capsys, "generate", "--prompts", prompts, "--out", tmp_path / "out", "--model", tuned,
+                          *FLAGS)
+    assert status == 0, err
+    got = [read_png_metadata(tmp_path / "out" / f"00000{n}-000.png")[1]["params"] for n in (1, 2)]
+    assert [(p["sampler"], p["cfg_scale"]) for p in got] == [("euler", 4.0), ("ddim", 6.0)]
+    status, _, err = _run(capsys, "generate", "--prompts", prompts, "--out", tmp_path / "out2", "--model", tuned,
+                          "--sampler", "lcm", *FLAGS)  # a flag counts as the lines' choice
+    assert status == 0, err
+    assert read_png_metadata(tmp_path / "out2" / "000001-000.png")[1]["params"]["sampler"] == "lcm"

@@ -204,12 +204,23 @@ def test_convert_errors(capsys, folders, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind by the failures
 
 
-def test_convert_records_a_default_cfg(capsys, folders, tmp_path):
+def test_convert_records_a_default_cfg_and_sampler(capsys, folders, tmp_path):
     dst = tmp_path / "m.safetensors"
-    code, _, err = run(capsys, "convert", folders["sd1"], dst, "--to", "estable", "--default-cfg", "6.5")
+    code, _, err = run(capsys, "convert", folders["sd1"], dst, "--to", "estable", "--default-cfg", "6.5",
+                       "--default-sampler", "DPM++ 2M")
     assert code == 0, err
     code, out, _ = run(capsys, "info", dst, "--json", "--no-hash")
     assert code == 0 and json.loads(out)["default_cfg"] == 6.5
+    assert json.loads(out)["default_sampler"] == "dpmpp_2m"  # A1111's label stored as our name
+    code, out, _ = run(capsys, "info", dst, "--no-hash")
+    assert "dpmpp_2m by default (recorded in the file)" in out
+    code, _, err = run(capsys, "convert", folders["sd1"], tmp_path / "s.safetensors", "--to", "estable",
+                       "--default-sampler", "warp drive")
+    assert_one_line_error(code, err, "unknown sampler 'warp drive'")
+    code, _, err = run(capsys, "convert", folders["sd1"], tmp_path / "t.safetensors", "--to", "diffusers",
+                       "--default-sampler", "ddim")
+    assert_one_line_error(code, err, "--default-sampler", "--to estable")
+    assert not (tmp_path / "s.safetensors").exists() and not (tmp_path / "t.safetensors").exists()
     code, _, err = run(capsys, "convert", folders["sd1"], tmp_path / "x.safetensors", "--to", "ldm",
                        "--default-cfg", "5")
     assert_one_line_error(code, err, "--default-cfg", "--to estable")

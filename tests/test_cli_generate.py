@@ -156,20 +156,23 @@ def test_parse_size():
         parse_size("512 by 512")
 
 
-def test_model_recommended_cfg_is_the_default(run, model, tmp_path):
-    """A model file that records default_cfg (the shipped default model does) sets --cfg when it is not given."""
+def test_model_recommended_cfg_and_sampler_are_the_defaults(run, model, tmp_path):
+    """A model file that records default_cfg / default_sampler (the shipped default model does) sets --cfg /
+    --sampler when they are not given, and only then."""
     import dataclasses
 
     from estable.checkpoints.store import load_model, save_model
 
     loaded = load_model(model)
-    loaded = dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, default_cfg=3.0))
+    loaded = dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, default_cfg=3.0,
+                                                                     default_sampler="Euler a"))
     tuned = save_model(loaded, tmp_path / "tuned.safetensors", to="estable")
     base = ["--steps", 2, "--seed", 1, "--device", "cpu"]
-    for src, flags, want in ((tuned, [], "CFG scale: 3,"), (tuned, ["--cfg", 6], "CFG scale: 6,"),
-                             (model, [], "CFG scale: 7,")):
+    for src, flags, want in ((tuned, [], ("CFG scale: 3,", "Sampler: Euler a,")),
+                             (tuned, ["--cfg", 6, "--sampler", "ddim"], ("CFG scale: 6,", "Sampler: DDIM,")),
+                             (model, [], ("CFG scale: 7,", "Sampler: DPM++ 2M, Schedule type: Karras"))):
         out = tmp_path / f"{len(flags)}-{Path(src).name}.png"
         status, _, err = run("generate", "x", "--model", src, *base, *flags, "--out", out)
         assert status == 0, err
         _, info, _ = run("png-info", out)
-        assert want in info, (src, flags, info)
+        assert all(w in info for w in want), (src, flags, info)

@@ -23,6 +23,15 @@ def test_bad_config_messages_name_the_option():
         preset("sdxl")
     with pytest.raises(ValueError, match="context_dim"):
         ModelConfig(unet=UNetConfig(context_dim=1024))
+    with pytest.raises(ValueError, match="default_sampler: unknown sampler 'warp'"):
+        ModelConfig(default_sampler="warp")
+
+
+def test_default_sampler_is_stored_by_our_name_and_round_trips():
+    cfg = ModelConfig(default_sampler="DPM++ 2M")  # A1111's label
+    assert cfg.default_sampler == "dpmpp_2m"
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert ModelConfig().default_sampler is None
 
 
 def test_head_channels_must_divide_only_the_levels_with_attention():

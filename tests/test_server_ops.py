@@ -246,3 +246,29 @@ def test_load_200_requests_at_concurrency_16(model, tmp_path):
         assert f"estable_images_generated_total {float(n)}" in text
     finally:
         s.stop()
+
+
+def test_model_recommended_sampler_and_cfg_where_the_request_names_none(model, tmp_path):
+    import dataclasses
+
+    from estable.checkpoints.store import load_model, save_model
+
+    loaded = load_model(model)
+    loaded = dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, default_cfg=4.0,
+                                                                     default_sampler="euler"))
+    tuned = save_model(loaded, tmp_path / "tuned.safetensors", to="estable")
+    s = LiveServer(settings(tmp_path / "d", tuned, warmup=False))
+    try:
+        defaults = s.client.get("/v1/config").json()["defaults"]
+        assert defaults["sampler"] == "euler" and defaults["cfg_scale"] == 4.0
+        plain = finished(s, s.client.post("/v1/jobs", json={"prompt": "x", "steps": 1}).json()["id"])
+        chosen = finished(s, s.client.post("/v1/jobs", json={"prompt": "x", "steps": 1, "sampler": "ddim",
+                                                               "cfg_scale": 6}).json()["id"])
+        assert (plain["params"]["sampler"], plain["params"]["cfg_scale"]) == ("euler", 4.0)
+        assert (chosen["params"]["sampler"], chosen["params"]["cfg_scale"]) == ("ddim", 6.0)
+        for body, label in (({}, "Euler"), ({"sampler_name": "DDIM"}, "DDIM")):
+            r = s.client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, **body})
+            assert r.status_code == 200, r.text
+            assert json.loads(r.json()["info"])["sampler_name"] == label
+    finally:
+        s.stop()

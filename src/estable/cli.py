@@ -66,6 +66,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                    help="override the prediction type (LDM files do not record it)")
     p.add_argument("--default-cfg", type=float, metavar="F",
                    help="record the guidance scale `estable generate` uses when --cfg is not given (--to estable)")
+    p.add_argument("--default-sampler", metavar="NAME",
+                   help="record the sampler `estable generate` and the server use when none is asked for, e.g. "
+                   "dpmpp_2m (--to estable)")
     p.add_argument("--vae", metavar="FILE",
                    help="bake in another VAE of the same shape (an A1111 VAE file, a diffusers vae/ folder, or the "
                    "model.safetensors of an `estable train vae` checkpoint, e.g. a decoder fine-tune); the model's "
@@ -94,9 +97,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
     if dst.exists() and not args.overwrite:
         raise EstableError(f"{dst} already exists; pass --overwrite to replace it")
-    if args.default_cfg is not None and args.to != "estable":
-        raise EstableError(f"--default-cfg is recorded in Estable files only; {args.to} has no place for it "
-                           "(use --to estable)")
+    for flag, value in (("--default-cfg", args.default_cfg), ("--default-sampler", args.default_sampler)):
+        if value is not None and args.to != "estable":
+            raise EstableError(f"{flag} is recorded in Estable files only; {args.to} has no place for it "
+                               "(use --to estable)")
+    if args.default_sampler is not None:
+        from .pipeline import resolve_sampler
+
+        args.default_sampler = resolve_sampler(args.default_sampler).name  # an unknown name lists the valid ones
     if args.quantize and args.to != "estable":
         raise EstableError(f"--quantize {args.quantize} writes an Estable file; use --to estable, not {args.to}")
     if args.default_cfg is not None and not 0.0 <= args.default_cfg <= 100.0:
@@ -105,7 +113,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     if is_controlnet(args.src):  # a ControlNet: between its own three layouts
         for flag, value in (("--ema", args.ema), ("--prediction-type", args.prediction_type),
-                            ("--default-cfg", args.default_cfg), ("--vae", args.vae)):
+                            ("--default-cfg", args.default_cfg), ("--default-sampler", args.default_sampler),
+                            ("--vae", args.vae)):
             if value:
                 raise EstableError(f"{flag} applies to whole models, not to a ControlNet")
         out = convert_controlnet(args.src, dst, to=args.to, dtype=args.dtype, overwrite=args.overwrite,
@@ -128,6 +137,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                            prediction_type=args.prediction_type, progress=stage)
         if args.default_cfg is not None:
             model.config = dataclasses.replace(model.config, default_cfg=args.default_cfg)
+        if args.default_sampler is not None:
+            model.config = dataclasses.replace(model.config, default_sampler=args.default_sampler)
         if args.vae:
             from .checkpoints.vae_file import load_vae_into
 

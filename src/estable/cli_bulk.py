@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from typing import Any
 
@@ -54,10 +53,10 @@ def cmd_bulk(args: argparse.Namespace) -> int:
                              cuda_graphs=args.cuda_graphs, allow_pickle=bool(args.allow_pickle), **kw)
 
     def adjust(pipe: Any, line: Any) -> Any:
-        # The model's recommended guidance scale where neither the line nor --cfg sets one (as `generate` does).
-        if "cfg_scale" not in line.given and pipe.config.default_cfg is not None:
-            return dataclasses.replace(line.params, cfg_scale=float(pipe.config.default_cfg))
-        return line.params
+        # The model's recommended guidance scale and sampler where neither the line nor a flag sets one (as
+        # `generate` does).
+        return pipe.with_model_defaults(line.params, cfg="cfg_scale" not in line.given,
+                                        sampler="sampler" not in line.given)
 
     policy = ProvenancePolicy.configure(  # the same filter, marks and records as a single generate
         watermark=args.watermark, watermark_key=args.watermark_key, tree_ring=bool(args.tree_ring),

@@ -299,8 +299,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                                 allow_change=bool(getattr(args, "allow_model_change", False)))
         if note:
             print(f"estable: warning: {note}", file=sys.stderr)
-    if args.cfg is None and record is None:
-        params = pipe.with_default_cfg(params)
+    if record is None:  # what the model's file recommends, where no flag chose
+        params = pipe.with_model_defaults(params, cfg=args.cfg is None, sampler=args.sampler is None)
 
     control = control_units(specs, args, pipe) if specs else None
     provenance.prepare(pipe, args.mode)

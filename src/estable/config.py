@@ -243,10 +243,20 @@ class ModelConfig(_Config):
     # The guidance scale this model was measured best at (Estable's default model: its guidance sweep); the
     # generate command uses it when no --cfg is given. None: GenerationParams' default (7).
     default_cfg: float | None = None
+    # The sampler to use when none is asked for (our name, e.g. "dpmpp_2m": the built-in model breaks up with Karras
+    # sigmas at few steps). None: GenerationParams' default.
+    default_sampler: str | None = None
 
     def __post_init__(self) -> None:
         if self.default_cfg is not None and not 0.0 <= float(self.default_cfg) <= 100.0:
             raise ValueError(f"ModelConfig.default_cfg must be between 0 and 100, not {self.default_cfg!r}")
+        if self.default_sampler is not None:
+            from .sampling.samplers import get_sampler
+
+            try:  # stored by our name whatever label it was given as
+                object.__setattr__(self, "default_sampler", get_sampler(self.default_sampler).name)
+            except ValueError as exc:
+                raise ValueError(f"ModelConfig.default_sampler: {exc}") from None
         if self.unet.context_dim != self.text.width:
             raise ValueError(
                 f"ModelConfig: the U-Net's context_dim ({self.unet.context_dim}) must equal the text "

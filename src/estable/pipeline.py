@@ -276,12 +276,17 @@ class Pipeline:
         sha = self.model_sha256
         return sha[:10] if sha else None
 
-    def with_default_cfg(self, params: GenerationParams) -> GenerationParams:
-        """``params`` with the guidance scale this model recommends (its file's ``default_cfg``), if it has one; for
-        requests that did not choose a scale (the CLI without --cfg, the server without cfg_scale)."""
-        if self.config.default_cfg is None:
-            return params
-        return dataclasses.replace(params, cfg_scale=float(self.config.default_cfg))
+    def with_model_defaults(self, params: GenerationParams, *, cfg: bool = True, sampler: bool = True,
+                            ) -> GenerationParams:
+        """``params`` with what this model's file recommends, for what the request did not choose: the guidance
+        scale (``default_cfg``) when ``cfg``, the sampler (``default_sampler``) when ``sampler`` (the CLI without
+        --cfg / --sampler, the server without cfg_scale / sampler)."""
+        changes: dict[str, Any] = {}
+        if cfg and self.config.default_cfg is not None:
+            changes["cfg_scale"] = float(self.config.default_cfg)
+        if sampler and self.config.default_sampler is not None:
+            changes["sampler"] = self.config.default_sampler
+        return dataclasses.replace(params, **changes) if changes else params
 
     def swap_vae(self, path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
         """Load a separate VAE file (LDM or diffusers naming; estable.checkpoints.vae_file) into this pipeline's

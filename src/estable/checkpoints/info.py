@@ -93,6 +93,7 @@ def _config_summary(config: ModelConfig) -> dict[str, Any]:
         "latent_size": config.unet.sample_size,
         "clip_skip": config.clip_skip,
         "default_cfg": config.default_cfg,
+        "default_sampler": config.default_sampler,
     }
 
 
@@ -341,6 +342,8 @@ def format_info(info: dict[str, Any]) -> str:
         row("clip skip", str(info["clip_skip"]))
     if info.get("default_cfg") is not None:
         row("guidance", f"CFG {info['default_cfg']:g} by default (recorded in the file)")
+    if info.get("default_sampler") is not None:
+        row("sampler", f"{info['default_sampler']} by default (recorded in the file)")
     if info.get("tokenizer"):
         row("tokenizer", str(info["tokenizer"]))
     if "file_size" in info:

@@ -83,7 +83,8 @@ def make_job(request: Request, req: JobRequest) -> Job:
         except ModelNameError as exc:
             raise HTTPException(400, str(exc)) from None
     return Job(mode=req.mode, params=params.resolved(), image=image, mask=mask, model=model,
-               cfg_given=req.cfg_scale is not None, origin="api", control=control)
+               cfg_given=req.cfg_scale is not None, sampler_given=req.sampler is not None, origin="api",
+               control=control)
 
 
 @router.post("/jobs", status_code=202, summary="Queue a generation; returns the job at once")
@@ -193,10 +194,9 @@ async def config(request: Request) -> dict[str, Any]:
     d = GenerationParams()
     pipe = state.worker.pipe
     width = height = None
-    cfg = d.cfg_scale
     if pipe is not None:
         width, height = pipe.native_size
-        if pipe.config.default_cfg is not None:
-            cfg = float(pipe.config.default_cfg)
-    return {"defaults": {"steps": d.steps, "cfg_scale": cfg, "width": width, "height": height, "sampler": d.sampler},
+        d = pipe.with_model_defaults(d)  # the guidance scale and sampler the model's file recommends
+    return {"defaults": {"steps": d.steps, "cfg_scale": d.cfg_scale, "width": width, "height": height,
+                         "sampler": d.sampler},
             "limits": state.settings.limits.as_config(), "auth": state.settings.auth_required}

@@ -68,6 +68,7 @@ class Job:
     mask: Image.Image | None = None
     model: str | None = None  # a catalog name to switch to before running; None: the current model
     cfg_given: bool = True  # False: the model's recommended guidance scale replaces params.cfg_scale
+    sampler_given: bool = True  # False: the model's recommended sampler (if it names one) replaces params.sampler
     origin: str = "api"  # "api" | "a1111"
     control: list[Any] = field(default_factory=list)  # ControlSpecs (estable.control.units), images decoded
     id: str = field(default_factory=new_id)
@@ -201,9 +202,10 @@ class Worker:
                 raise Draining()
             if len(self._queue) >= self.settings.queue_size:
                 raise QueueFull(self.retry_after())
-            if not job.cfg_given and job.model is None and self.pipe is not None:
+            if job.model is None and self.pipe is not None:
                 # shown while queued; applied again by the model that runs the job (see _run_batches)
-                job.params = self.pipe.with_default_cfg(job.params)
+                job.params = self.pipe.with_model_defaults(job.params, cfg=not job.cfg_given,
+                                                           sampler=not job.sampler_given)
             self.store.add_job(job.id, mode=job.mode, origin=job.origin, model=job.model,
                                params=self._params_view(job), steps=job.steps, created=job.created)
             self.jobs[job.id] = job
@@ -411,8 +413,7 @@ class Worker:
 
     def _run_batches(self, job: Job) -> None:
         p = job.params
-        if not job.cfg_given:
-            p = job.params = self.pipe.with_default_cfg(p)
+        p = job.params = self.pipe.with_model_defaults(p, cfg=not job.cfg_given, sampler=not job.sampler_given)
         job.model_name = self.pipe.model_name
         job.model_hash = self.pipe.model_hash
         policy = self.provenance.for_mode(job.mode)  # the CLI's filter, marks, record and signature
