@@ -89,8 +89,8 @@ def test_cli_refused_image_not_written(clip_file, tmp_path, capsys):
     from estable.params import GenerationParams
 
     prepare(pipe, WatermarkSettings(dwtdct=False), "txt2img")
-    params = GenerationParams(prompt="a red circle", seed=21, steps=3, batch_size=2,
-                              cfg_scale=pipe.config.default_cfg or 7.0)
+    # the images the command below makes: the model's recommended guidance scale and sampler, as `generate` takes
+    params = pipe.with_model_defaults(GenerationParams(prompt="a red circle", seed=21, steps=3, batch_size=2))
     imgs = pipe.txt2img(params).images
     best = OutputCheck.load(clip_file, CONCEPTS, 50.0).scores(imgs).max(dim=1).values
     if abs(float(best[0] - best[1])) < 1e-4:
