@@ -124,7 +124,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="SD .safetensors file, diffusers folder or Estable file (default: the built-in model)")
     p.add_argument("--sampler", metavar="NAME",
                    help=f"sampler: our name or A1111's label, e.g. dpmpp_2m_karras, 'Euler a', ddim, lcm "
-                   f"(default {d.sampler}; an unknown name lists them all)")
+                   f"(default: the model's recommended sampler if its file records one, else {d.sampler}; an "
+                   "unknown name lists them all)")
     p.add_argument("--steps", type=int, metavar="N", help=f"sampling steps (default {d.steps})")
     p.add_argument("--cfg", type=float, metavar="F",
                    help=f"classifier-free guidance scale; ≤ 1 turns guidance off (default: the model's "
