@@ -69,12 +69,13 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--kind", choices=("count", "pair"), default="count")
     ap.add_argument("--prompts", type=int, default=40)
+    ap.add_argument("--cfg", type=float, help="guidance scale (default: the model's recommended one, else 5)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     pipe = load_pipeline(args.model, device=args.device)
     judge = load_default_judge(args.device)
-    cfg = float(pipe.config.default_cfg or 5.0)
+    cfg = args.cfg if args.cfg is not None else float(pipe.config.default_cfg or 5.0)
     verdict = count_verdict if args.kind == "count" else pair_verdict
     prompts = [p for p in make_prompts(500) if p.kind == args.kind][: args.prompts]
     table: collections.Counter = collections.Counter()
