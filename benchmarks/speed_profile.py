@@ -11,8 +11,11 @@ pipeline at 512² batch 1 and 4 (median of 5 after the compiling call), the U-Ne
 of 20 replays), the VAE decode alone, what is left (text encoding, the sampler's own arithmetic, the NaN checks,
 PIL), and the fp16 error of one U-Net call against diffusers' fp32 U-Net. For the variant ``max-nographs`` (the
 same compiled kernels launched one by one, so the profiler sees each) a CUDA kernel profile of one 512² image,
-grouped by kind. Writes ``DIR/profile.json`` and ``DIR/profile.md`` after every measurement (a run cut off by a
-time limit still reports). Needs diffusers to write the random-weight folder and the fp32 reference.
+grouped by kind (and the same for ``max`` itself: is the GPU ever idle?), and per variant the whole call in
+phases (text encoding, sampling, decode, the rest) timed with a GPU sync on each side. ``--shape 512x1`` measures
+one of the two shapes only (an autotuning variant compiles for minutes per shape). Writes ``DIR/profile.json`` and
+``DIR/profile.md`` after every measurement (a run cut off by a time limit still reports). Needs diffusers to write
+the random-weight folder and the fp32 reference.
 
 ``--training NAME`` (repeatable) profiles the U-Net training step instead (speed_side_by_side.py's step: 512 px,
 bf16 autocast, fused AdamW, batch 8 and 32): img/s, and wall, kernel and GPU-busy time of one profiled step — a
@@ -115,7 +118,44 @@ def median_time(fn, s, repeats: int, warm: int = 3) -> float:
     return statistics.median(times)
 
 
-def measure(name: str, folder: Path, s, res: dict[str, Any], ref: torch.Tensor, save) -> None:
+PHASES = {"text encoding": "encode_prompts", "sampling": "_sample", "decode": "_decode"}  # name → Pipeline method
+
+
+def phase_times(pipe, call, s, repeats: int = 5) -> dict[str, float]:
+    """Medians (s) of one call's phases: the Pipeline methods of PHASES timed with a GPU sync on each side, and
+    "other" (the call minus those: PIL conversion, infotexts and records, the prompt parsing)."""
+    runs: list[dict[str, float]] = []
+    current: dict[str, float] = {}
+
+    def timed_method(name: str, method):
+        def wrapper(*args, **kwargs):
+            s.sync()
+            t = time.perf_counter()
+            out = method(*args, **kwargs)
+            s.sync()
+            current[name] = current.get(name, 0.0) + time.perf_counter() - t
+            return out
+        return wrapper
+
+    for name, attr in PHASES.items():
+        setattr(pipe, attr, timed_method(name, getattr(pipe, attr)))
+    try:
+        for _ in range(repeats):
+            current.clear()
+            s.sync()
+            t = time.perf_counter()
+            call()
+            s.sync()
+            total = time.perf_counter() - t
+            runs.append({**current, "other": total - sum(current.values()), "whole call": total})
+    finally:
+        for attr in PHASES.values():
+            delattr(pipe, attr)  # the instance attribute shadowed the class's method
+    return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in runs[0]}
+
+
+def measure(name: str, folder: Path, s, res: dict[str, Any], ref: torch.Tensor, save,
+            only: tuple[str, ...] = ()) -> None:
     from estable.pipeline import load_pipeline
     from estable.speed import SpeedOptions
 
@@ -131,6 +171,8 @@ def measure(name: str, folder: Path, s, res: dict[str, Any], ref: torch.Tensor, 
         row["fp16_error"] = rel_err(pipe.unet_forward(x16, t, c16), ref)
         for img_side, b in s.shapes[:2]:
             key = f"{img_side}x{b}"
+            if only and key not in only:
+                continue
             r = timed(estable_call(pipe, s, img_side, b), s)
             x = torch.randn(2 * b, 4, side, side, device=s.device, dtype=s.dtype)
             c = torch.randn(2 * b, 77, ctx, device=s.device, dtype=s.dtype)
@@ -143,7 +185,10 @@ def measure(name: str, folder: Path, s, res: dict[str, Any], ref: torch.Tensor, 
             log(f"{name} {key}: {r['median_s'] / b:.4f} s/image (first {r['first_s']:.1f} s); U-Net {unet_s * 1e3:.2f} "
                 f"ms/call × {s.steps}, decode {decode_s * 1e3:.1f} ms, rest {row[key]['rest_s'] * 1e3:.1f} ms")
             save()
-        if name == "max-nographs":
+            row[key]["phases_s"] = phases = phase_times(pipe, estable_call(pipe, s, img_side, b), s)
+            log(f"{name} {key} phases (synchronized): " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in phases.items()))
+            save()
+        if name in ("max", "max-nographs"):  # with CUDA graphs: is the GPU ever idle during a call?
             img_side, b = s.shapes[0]
             row["profile"] = kernel_profile(estable_call(pipe, s, img_side, b), s)
             p = row["profile"]
@@ -219,6 +264,15 @@ def markdown(res: dict[str, Any]) -> str:
         out.append(f"| {name} | {opts} | {ms(a, 'image_s')} | "
                    f"{ms(a, 'unet_call_s')} | {ms(a, 'decode_s')} | {ms(a, 'rest_s')} | {ms(b, 'image_s')} | "
                    f"{ms(b, 'unet_call_s')} | {first} | {err} |")
+    phased = [(name, key, r[key]["phases_s"]) for name, r in res["variants"].items() for key in (k1, k4)
+              if "phases_s" in r.get(key, {})]
+    if phased:
+        cols = list(phased[0][2])
+        out += ["", "The whole call in phases (each timed with a GPU sync on both sides, median of 5), ms per call:",
+                "",
+                "| variant | shape | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+        out += [f"| {name} | {key} | " + " | ".join(f"{ph.get(c, 0.0) * 1e3:.1f}" for c in cols) + " |"
+                for name, key, ph in phased]
     profiles = [(f"variant {name}", r["profile"]) for name, r in res["variants"].items() if r.get("profile")]
     if res.get("training"):
         out += ["", "U-Net training step, 512 px, bf16 autocast, fused AdamW (the step of speed_side_by_side.py)", "",
@@ -246,9 +300,15 @@ def main() -> None:
     ap.add_argument("--variant", action="append", choices=tuple(VARIANTS), help="repeatable; default: all, in order")
     ap.add_argument("--training", action="append", choices=tuple(TRAINING),
                     help="profile the U-Net training step of this system instead of inference (repeatable)")
+    ap.add_argument("--shape", action="append", metavar="SIDExBATCH",
+                    help="measure only this of the two inference shapes (e.g. 512x1; repeatable; default both)")
     ap.add_argument("--smoke", action="store_true", help="tiny networks on the CPU: the code paths, not the numbers")
     args = ap.parse_args()
     s = smoke_settings() if args.smoke else full_settings(repeats=5)
+    only = tuple(args.shape or ())
+    known = [f"{side}x{b}" for side, b in s.shapes[:2]]
+    if any(k not in known for k in only):
+        ap.error(f"--shape must be one of {', '.join(known)}")
     res: dict[str, Any] = {**environment(s), "variants": {}}
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -267,7 +327,7 @@ def main() -> None:
     for name in args.variant or list(VARIANTS):
         log(f"--- {name} ---")
         try:
-            measure(name, folder, s, res, ref, save)
+            measure(name, folder, s, res, ref, save, only)
         except Exception as exc:  # a failing variant is a result too
             log(f"{name} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
             res["variants"].setdefault(name, {"options": VARIANTS[name]})["error"] = f"{type(exc).__name__}: {exc}"

@@ -1,13 +1,15 @@
-"""GraphedForward: the U-Net's forward pass replayed from CUDA graphs (GPU), eager everywhere else."""
+"""GraphedForward and GraphedEncoder: the U-Net's forward pass and the prompt's encoding replayed from CUDA graphs
+(GPU), eager everywhere else."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from estable.config import UNetConfig
+from estable.config import TextConfig, UNetConfig
+from estable.models.text import TextEncoder
 from estable.models.unet import UNet
-from estable.nn.cuda_graph import CudaGraphs, GraphedForward
+from estable.nn.cuda_graph import CudaGraphs, GraphedEncoder, GraphedForward
 
 CFG = UNetConfig(block_channels=(16, 32), layers_per_block=1, attention_levels=(False, True), num_heads=None,
                  head_channels=8, context_dim=24, norm_groups=4, sample_size=8)
@@ -67,7 +69,7 @@ class _CpuGraphs(CudaGraphs):
         self.recorded: list[_CpuGraph] = []
         self.fail_on = fail_on
 
-    def can_record(self, sample, context) -> bool:
+    def can_record(self, *tensors) -> bool:
         return True
 
     def pool(self):
@@ -128,3 +130,44 @@ def test_a_failed_recording_falls_back_to_eager_with_one_warning():
         x2, ctx2 = _inputs(2, "cpu", seed=1)
         torch.testing.assert_close(graphed(x2, 5.0, ctx2), unet(x2, 5.0, ctx2), rtol=0, atol=0)
         assert not graphed._graphs
+
+
+TEXT = TextConfig(vocab_size=50, max_positions=12, width=32, layers=3, heads=2, mlp_width=64, eos_token_id=49)
+
+
+def _ids(batch: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 50, (batch, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def test_encoder_graph_bookkeeping_on_the_cpu():
+    """New ids of a recorded shape give the eager encoding (a replay that ignored its input would repeat the first);
+    one recording per (shape, clip skip); bad requests raise the encoder's own error, and record nothing."""
+    torch.manual_seed(0)
+    enc = TextEncoder(TEXT).eval()
+    backend = _CpuGraphs()
+    graphed = GraphedEncoder(enc, backend=backend)
+    with torch.inference_mode():
+        for seed, skip in ((0, 1), (1, 1), (2, 2), (3, 1), (4, 2)):
+            ids = _ids(2, seed)
+            torch.testing.assert_close(graphed(ids, skip), enc.encode(ids, skip), rtol=0, atol=0)
+        assert len(backend.recorded) == 2 and [g.replays for g in backend.recorded] == [3, 2]
+        first = graphed(_ids(2, 0), 1)
+        kept = first.clone()
+        graphed(_ids(2, 5), 1)
+        assert torch.equal(first, kept)  # outputs are copies, not the static buffer
+        with pytest.raises(ValueError, match="clip_skip"):
+            graphed(_ids(2, 0), 4)
+        assert len(backend.recorded) == 2 and graphed.failed is None
+    assert graphed(_ids(2, 0), 1).requires_grad  # autograd on: eager
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_encoder_replays_match_eager_on_a_gpu():
+    torch.manual_seed(0)
+    enc = TextEncoder(TEXT).cuda().half().eval()
+    graphed = GraphedEncoder(enc)
+    with torch.inference_mode():
+        for batch, seed, skip in ((1, 0, 1), (1, 1, 1), (2, 2, 2), (1, 3, 2)):
+            ids = _ids(batch, seed).cuda()
+            torch.testing.assert_close(graphed(ids, skip), enc.encode(ids, skip), rtol=0, atol=0)
+        assert graphed.failed is None and len(graphed._graphs) == 3

@@ -13,10 +13,12 @@ import torch
 from estable.checkpoints.io import write_safetensors
 from estable.embeddings import EmbeddingLibrary, load_embedding, save_embedding, ti_hashes_text
 from estable.errors import CheckpointError, EstableError
+from estable.nn.cuda_graph import GraphedEncoder
 from estable.provenance.infotext import parse_infotext
 
 diffusers = pytest.importorskip("diffusers")
 from estable import load_pipeline  # noqa: E402
+from test_cuda_graph import _CpuGraphs  # noqa: E402
 from test_extra_networks import CFG, SEED, SIZE, STEPS, _params, _pixels, make_tiny_sd  # noqa: E402
 
 WIDTH = 32  # the tiny text encoder's width
@@ -94,11 +96,19 @@ def _theirs(model: Path, root: Path) -> np.ndarray:
 def test_textual_inversion_parity_with_diffusers(folder, ours, embeddings_dir):
     params = _params(prompt=PROMPT, negative_prompt=NEGATIVE)
     plain = _pixels(ours.txt2img(params))
-    ours.embeddings = EmbeddingLibrary(embeddings_dir, allow_pickle=True)
+    # The prompt's encoding as on a GPU (recorded graphs, here a CPU stand-in): the same pixels without embeddings;
+    # with them it must not replay, since an embedding session swaps the token table under the recorded graph
+    backend = _CpuGraphs()
+    eager_encode, ours.text_encode = ours.text_encode, GraphedEncoder(ours.text_encoder, backend=backend)
     try:
+        assert np.array_equal(_pixels(ours.txt2img(params)), plain) and len(backend.recorded) == 1
+        replays = sum(g.replays for g in backend.recorded)
+        ours.embeddings = EmbeddingLibrary(embeddings_dir, allow_pickle=True)
         result = ours.txt2img(params)
+        assert len(backend.recorded) == 1 and sum(g.replays for g in backend.recorded) == replays
     finally:
         ours.embeddings = None
+        ours.text_encode = eager_encode
     got = _pixels(result)
     ref = _theirs(folder, embeddings_dir)
     assert ref.std() > 5

@@ -143,6 +143,7 @@ def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] → list of PIL images (values clamped, rounded to the nearest level)."""
-    x = (images.detach().float().cpu() / 2 + 0.5).clamp(0, 1)
-    arr = (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    # On the images' device: a GPU sends a quarter of the bytes, and does the arithmetic faster than the CPU
+    x = (images.detach().float() / 2 + 0.5).clamp(0, 1)
+    arr = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
     return [Image.fromarray(a) for a in arr]

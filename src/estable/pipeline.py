@@ -66,7 +66,7 @@ from .embeddings import Embedding, EmbeddingLibrary
 from .errors import EstableError
 from .extra_networks import LoRASpec, LoRAStack, resolve_prompt_loras
 from .images import as_mask, as_rgb, check_mask_has_area, mask_to_tensor, resize_note, to_pil, to_tensor
-from .nn.cuda_graph import GraphedForward
+from .nn.cuda_graph import GraphedEncoder, GraphedForward
 from .outputs import OutputPlan, next_index  # noqa: F401  (next_index: re-exported)
 from .params import GenerationParams
 from .prompts import apply_weights, build_chunks, match_chunk_counts
@@ -214,10 +214,14 @@ class Pipeline:
         self.dtype = dtype or next(self.unet.parameters()).dtype
         self._sha256: str | None = None
         # The U-Net's forward pass as used by the samplers: replayed CUDA graphs on a GPU when asked for. Changing
-        # self.unet other than in place (new modules, attributes) needs self.unet_forward.reset().
-        self.unet_forward: Callable[..., torch.Tensor] = (
-            GraphedForward(self.unet) if cuda_graphs and self.device.type == "cuda" else self.unet)
+        # self.unet other than in place (new modules, attributes) needs self.reset_graphs().
+        graphs = cuda_graphs and self.device.type == "cuda"
+        self.unet_forward: Callable[..., torch.Tensor] = GraphedForward(self.unet) if graphs else self.unet
         self.speed = resolve_speed(speed)  # the fastest mode (estable.speed), None when off
+        graphs = graphs and (self.speed is None or self.speed.cuda_graphs)
+        # The text encoder's encode(ids, clip_skip), replayed too: eagerly it launches a few hundred small kernels
+        self.text_encode: Callable[..., torch.Tensor] = (
+            GraphedEncoder(self.text_encoder) if graphs else self.text_encoder.encode)
         if self.speed is not None:
             self.unet_forward = accelerate(self.unet, self.vae, self.device, dataclasses.replace(
                 self.speed, cuda_graphs=self.speed.cuda_graphs and cuda_graphs))
@@ -300,9 +304,16 @@ class Pipeline:
     def prepare_networks(self, prompt: str) -> str:
         """Merge ``self.loras`` and the prompt's ``<lora:…>`` LoRAs into the model; return the text to encode."""
         text, tagged = resolve_prompt_loras(prompt, self.lora_dir)
-        if self.lora_stack.activate([*self.loras, *tagged]) and isinstance(self.unet_forward, GraphedForward):
-            self.unet_forward.reset()
+        if self.lora_stack.activate([*self.loras, *tagged]):
+            self.reset_graphs()
         return text
+
+    def reset_graphs(self) -> None:
+        """Forget the recorded CUDA graphs (U-Net and text encoder), and the memory they hold; the next call records
+        again. Needed after changing the networks other than in place."""
+        for graphed in (self.unet_forward, self.text_encode):
+            if isinstance(graphed, (GraphedForward, GraphedEncoder)):
+                graphed.reset()
 
     def encode_prompts(
         self, prompt: str, negative_prompt: str, *, clip_skip: int, weighting: bool = True
@@ -327,8 +338,10 @@ class Pipeline:
         out = []
         with torch.inference_mode(), \
                 (contextlib.nullcontext() if session is None else session.installed(self.text_encoder)):
+            # a textual-inversion session swaps the token embedding: the recorded graphs would not see it
+            encode = self.text_encoder.encode if session is not None else self.text_encode
             for ids, w in ((pos_ids, pos_w), (neg_ids, neg_w)):
-                ctx = self.text_encoder.encode(ids.to(self.device), clip_skip)  # (N, L, D)
+                ctx = encode(ids.to(self.device), clip_skip)  # (N, L, D)
                 out.append(apply_weights(ctx, w).to(self.dtype))  # (1, N·L, D)
         return out[0], out[1]
 

@@ -10,12 +10,14 @@ inputs into those buffers, replay, and return a copy of the static output. Anyth
 tensors, autograd on) runs eagerly, and so does everything after a recording fails (with one warning). The graphs
 read the module's parameters where they are: in-place weight changes (merging a LoRA, ``load_state_dict``) are
 seen, but swapping modules or changing Python attributes is not — call :meth:`reset` after such changes.
+``GraphedEncoder(text_encoder)`` does the same for the prompt's encoding (``encode(input_ids, clip_skip)``).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,21 +28,19 @@ from torch import nn
 @dataclass
 class _Recorded:
     graph: Any  # torch.cuda.CUDAGraph
-    sample: torch.Tensor
-    timestep: torch.Tensor
-    context: torch.Tensor
-    out: torch.Tensor
+    inputs: tuple[torch.Tensor, ...]  # the static input buffers the graph reads
+    out: torch.Tensor  # the static output it writes
 
 
 class CudaGraphs:
-    """The CUDA side of :class:`GraphedForward`: which inputs can be recorded, and how a graph is recorded.
+    """The CUDA side of the graphed wrappers: which inputs can be recorded, and how a graph is recorded.
 
-    Kept apart so that the wrapper's bookkeeping (keys, static buffers, copies in and out, the LRU, the fallback)
+    Kept apart so that the wrappers' bookkeeping (keys, static buffers, copies in and out, the LRU, the fallback)
     can be tested on the CPU with a stand-in whose "graph" re-runs the recorded function on the static buffers
     (tests/test_cuda_graph.py): a replay that did nothing, or inputs not copied in, then give wrong outputs."""
 
-    def can_record(self, sample: torch.Tensor, context: torch.Tensor) -> bool:
-        return sample.is_cuda and context.is_cuda
+    def can_record(self, *tensors: torch.Tensor) -> bool:
+        return all(t.is_cuda for t in tensors)
 
     def pool(self) -> Any:
         return torch.cuda.graph_pool_handle()
@@ -63,13 +63,12 @@ class CudaGraphs:
         return graph, out
 
 
-class GraphedForward:
-    """``module(sample, timestep, context)`` through recorded CUDA graphs (at most ``max_graphs``, least recently
-    used dropped first). ``backend`` records the graphs (:class:`CudaGraphs`; tests pass a CPU stand-in)."""
+class _Graphs:
+    """What the graphed wrappers share: recorded graphs by key (at most ``max_graphs``, least recently used dropped
+    first), one memory pool, and the fallback to eager for good once a recording fails."""
 
-    def __init__(self, module: nn.Module, *, max_graphs: int = 8, warmup: int = 2,
-                 backend: CudaGraphs | None = None) -> None:
-        self.module, self.max_graphs, self.warmup = module, max_graphs, warmup
+    def __init__(self, max_graphs: int, warmup: int, backend: CudaGraphs | None) -> None:
+        self.max_graphs, self.warmup = max_graphs, warmup
         self.backend = backend or CudaGraphs()
         self._graphs: OrderedDict[tuple, _Recorded] = OrderedDict()
         self._pool: Any = None
@@ -80,6 +79,41 @@ class GraphedForward:
         self._graphs.clear()
         self._pool = None
 
+    def _graph(self, key: tuple, inputs: tuple[torch.Tensor, ...], fn: Callable[..., torch.Tensor],
+               device: torch.device) -> _Recorded | None:
+        """The graph of ``fn(*static inputs)`` for ``key``, recorded on copies of ``inputs`` when new; None when
+        the recording failed (warned once; the caller runs eagerly)."""
+        rec = self._graphs.get(key)
+        if rec is not None:
+            self._graphs.move_to_end(key)
+            return rec
+        while len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)
+        try:
+            if self._pool is None:
+                self._pool = self.backend.pool()
+            static = tuple(x.clone() for x in inputs)
+            graph, out = self.backend.record(lambda: fn(*static), device, self._pool, self.warmup)
+        except RuntimeError as exc:  # an operation that cannot be recorded (a host sync, a CPU tensor)
+            self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            self.reset()
+            self.backend.synchronize(device)
+            warnings.warn(f"CUDA graphs turned off, the network runs eagerly: {self.failed}", RuntimeWarning,
+                          stacklevel=3)
+            return None
+        rec = self._graphs[key] = _Recorded(graph, static, out)
+        return rec
+
+
+class GraphedForward(_Graphs):
+    """``module(sample, timestep, context)`` through recorded CUDA graphs (at most ``max_graphs``, least recently
+    used dropped first). ``backend`` records the graphs (:class:`CudaGraphs`; tests pass a CPU stand-in)."""
+
+    def __init__(self, module: nn.Module, *, max_graphs: int = 8, warmup: int = 2,
+                 backend: CudaGraphs | None = None) -> None:
+        super().__init__(max_graphs, warmup, backend)
+        self.module = module
+
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
                  context: torch.Tensor) -> torch.Tensor:
         if self.failed or not self.backend.can_record(sample, context) or torch.is_grad_enabled():
@@ -88,40 +122,43 @@ class GraphedForward:
         if t.numel() not in (1, sample.shape[0]):
             return self.module(sample, timestep, context)  # let the module raise its own error
         key = (tuple(sample.shape), sample.dtype, tuple(context.shape), context.dtype, sample.device, t.numel())
-        rec = self._graphs.get(key)
+        rec = self._graph(key, (sample, t.to(sample.device), context), self.module, sample.device)
         if rec is None:
-            try:
-                rec = self._record(key, sample, t, context)
-            except RuntimeError as exc:  # an operation that cannot be recorded (a host sync, a CPU tensor)
-                self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                self.reset()
-                self.backend.synchronize(sample.device)
-                warnings.warn(f"CUDA graphs turned off, the network runs eagerly: {self.failed}", RuntimeWarning,
-                              stacklevel=2)
-                return self.module(sample, timestep, context)
-        else:
-            self._graphs.move_to_end(key)
-        rec.sample.copy_(sample)
+            return self.module(sample, timestep, context)
+        static_sample, static_t, static_ctx = rec.inputs
+        static_sample.copy_(sample)
         if t.is_cuda or t.numel() > 1:
-            rec.timestep.copy_(t)
+            static_t.copy_(t)
         else:  # a scalar from the sampler: a fill kernel, not a host-to-device copy that would wait for the GPU
-            rec.timestep.fill_(float(t))
-        rec.context.copy_(context)
+            static_t.fill_(float(t))
+        static_ctx.copy_(context)
         rec.graph.replay()
         return rec.out.clone()
 
-    def _record(self, key: tuple, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> _Recorded:
-        while len(self._graphs) >= self.max_graphs:
-            self._graphs.popitem(last=False)
-        if self._pool is None:
-            self._pool = self.backend.pool()
-        static_sample, static_ctx = sample.clone(), context.clone()
-        static_t = t.to(sample.device)
-        graph, out = self.backend.record(lambda: self.module(static_sample, static_t, static_ctx), sample.device,
-                                         self._pool, self.warmup)
-        rec = _Recorded(graph, static_sample, static_t, static_ctx, out)
-        self._graphs[key] = rec
-        return rec
+
+class GraphedEncoder(_Graphs):
+    """``text_encoder.encode(input_ids, clip_skip)`` through recorded CUDA graphs, one per (ids shape, clip skip).
+
+    Encoding a prompt eagerly launches a few hundred small kernels (a dozen per block); on a fast GPU that takes
+    longer than the kernels themselves run, and the GPU waits. Replaying reads the encoder's weights in place, as
+    :class:`GraphedForward` does: a textual-inversion session that swaps the token embedding must run eagerly."""
+
+    def __init__(self, encoder: nn.Module, *, max_graphs: int = 8, warmup: int = 2,
+                 backend: CudaGraphs | None = None) -> None:
+        super().__init__(max_graphs, warmup, backend)
+        self.encoder = encoder
+
+    def __call__(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        if self.failed or not self.backend.can_record(input_ids) or torch.is_grad_enabled():
+            return self.encoder.encode(input_ids, clip_skip)
+        self.encoder._check_inputs(input_ids, clip_skip)  # a bad request raises here, not inside a recording
+        key = (tuple(input_ids.shape), input_ids.dtype, input_ids.device, clip_skip)
+        rec = self._graph(key, (input_ids,), lambda ids: self.encoder.encode(ids, clip_skip), input_ids.device)
+        if rec is None:
+            return self.encoder.encode(input_ids, clip_skip)
+        rec.inputs[0].copy_(input_ids)
+        rec.graph.replay()
+        return rec.out.clone()
 
 
-__all__ = ["CudaGraphs", "GraphedForward"]
+__all__ = ["CudaGraphs", "GraphedEncoder", "GraphedForward"]

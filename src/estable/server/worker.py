@@ -384,9 +384,8 @@ class Worker:
             self._stopped(job, stop.reason)
         except OOM_ERRORS:
             p = job.params
-            reset = getattr(getattr(self.pipe, "unet_forward", None), "reset", None)
-            if reset is not None:
-                reset()  # recorded CUDA graphs hold memory pools of their own
+            if self.pipe is not None:
+                self.pipe.reset_graphs()  # recorded CUDA graphs hold memory pools of their own
             self._free_memory()
             self._finish(job, "failed", f"out of GPU memory generating {p.batch_size} image(s) at "
                                         f"{p.width or 'native'}x{p.height or 'native'} size; lower the size or the "
