@@ -303,6 +303,32 @@ def test_guidance_sweep_uses_each_scale(tmp_path, monkeypatch):
     assert json.loads((out / "sweep.json").read_text())["recommended_cfg"] == 7.5
 
 
+def test_evaluations_default_to_the_model_recommended_cfg():
+    """Without --cfg an evaluation generates at the scale the model's file recommends (as `estable generate` does),
+    7 when it records none; a given --cfg wins; the report's args carry the scale used."""
+    import argparse
+    from types import SimpleNamespace
+
+    from estable.cli_eval import model_generator
+
+    used = []
+
+    class Pipe:
+        device = torch.device("cpu")
+
+        def __init__(self, default_cfg):
+            self.config = SimpleNamespace(default_cfg=default_cfg)
+
+        def txt2img_each(self, prompts, seeds, params, *, batch):
+            used.append(params.cfg_scale)
+            return []
+
+    for given, recorded, expected in ((None, 4.0, 4.0), (None, None, 7.0), (2.5, 4.0, 2.5)):
+        args = argparse.Namespace(model="m", cfg=given, sampler=None, steps=3, size=None)
+        model_generator(args, Pipe(recorded))(["a red circle"], [1])
+        assert used[-1] == expected and args.cfg == expected
+
+
 def test_recommendation_and_cfg_parsing():
     from estable.evaluation.sweep import parse_cfgs, recommend
 

@@ -176,3 +176,22 @@ def test_cli_says_once_how_the_input_was_resized(run, tmp_path):
     assert status == 0, err
     assert len(out.split()) == 2 and Image.open(tmp_path / "o-1.png").size == (64, 64)
     assert err.count("resized") == 1 and "70x66" in err and "to 64x64" in err
+
+
+def test_to_pil_rounds_to_the_nearest_level_and_clamps():
+    """Decoded images to 8 bits: (x / 2 + 0.5) · 255 rounded half to even, values outside [-1, 1] clamped — the
+    levels a NumPy conversion on the host gives, whatever device the arithmetic runs on."""
+    import torch
+
+    from estable.images import to_pil
+
+    levels = torch.arange(256, dtype=torch.float32)
+    half = (levels[:-1] + 0.5) / 255  # exactly between two levels, before the clamp
+    x = torch.cat([levels / 255, half, torch.tensor([-0.5, 1.5])]) * 2 - 1  # (513,)
+    img = x.reshape(1, 1, 1, -1).expand(2, 3, 4, -1).contiguous()  # (2, 3, 4, 513)
+    want = np.rint((np.clip(x.numpy() / 2 + 0.5, 0, 1)) * 255).astype(np.uint8)
+    out = to_pil(img)
+    assert len(out) == 2 and out[0].size == (513, 4) and out[0].mode == "RGB"
+    got = np.asarray(out[1])
+    assert (got == want[None, :, None]).all()
+    assert want[0] == 0 and want[255] == 255 and want[-2:].tolist() == [0, 255]

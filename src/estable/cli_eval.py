@@ -42,6 +42,10 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------------------------- shared flags
 
 
+CFG_HELP = ("classifier-free guidance scale (default: the scale the model's file recommends, as `estable generate` "
+            "uses; 7 for a file that records none)")
+
+
 def add_model_flags(p: argparse.ArgumentParser, *, required: bool = False, cfg: bool = True) -> None:
     """--model and the generation flags every model-driven evaluation takes (``cfg=False`` leaves out --cfg, for
     commands that take their own). Without --model the built-in default model is used, as ``estable generate``."""
@@ -50,7 +54,7 @@ def add_model_flags(p: argparse.ArgumentParser, *, required: bool = False, cfg: 
                    "default: the built-in model)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     if cfg:
-        p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
+        p.add_argument("--cfg", type=float, default=None, help=CFG_HELP)
     p.add_argument("--sampler", default=None, help="sampler name (default: the generation default)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's native size)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
@@ -87,6 +91,8 @@ def model_generator(args: argparse.Namespace, pipe: Any = None) -> Callable[[lis
 
     if pipe is None:
         pipe = load_model_pipeline(args)
+    if args.cfg is None:  # the model's recommended scale; the report records the one used
+        args.cfg = float(pipe.config.default_cfg) if pipe.config.default_cfg is not None else 7.0
     extra = {} if args.sampler is None else {"sampler": args.sampler}
     base = GenerationParams(steps=args.steps, cfg_scale=args.cfg, width=args.size, height=args.size, **extra)
 
@@ -204,7 +210,7 @@ def _add_fid(esub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-floor", action="store_true", help="skip the real-vs-real floor")
     p.add_argument("--batch-size", type=int, default=64, help="feature batch size (default 64)")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--cfg", type=float, default=7.0)
+    p.add_argument("--cfg", type=float, default=None, help=CFG_HELP)
     p.add_argument("--sampler", default=None)
     p.add_argument("--size", type=int, default=None, help="render / generation size (default 256 / native)")
     p.add_argument("--device", default="auto")
