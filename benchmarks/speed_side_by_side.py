@@ -2,6 +2,8 @@
 
     PYTHONPATH=src python benchmarks/speed_side_by_side.py --part inference --out DIR
     PYTHONPATH=src python benchmarks/speed_side_by_side.py --part all --out DIR          # everything (~25 min)
+    PYTHONPATH=src python benchmarks/speed_side_by_side.py --part diffusers-compiled --part inference --shape 512x1 \
+        --out DIR                                                                     # one shape, both (~4 min)
     PYTHONPATH=src python benchmarks/speed_side_by_side.py --report DIR1 DIR2 ... --out DIR  # merge parts
     PYTHONPATH=src python benchmarks/speed_side_by_side.py --smoke --part all --out DIR  # CPU, tiny, minutes
 
@@ -507,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dynamic", action="store_true",
                     help="fastest mode with SpeedOptions(dynamic=True): compile for any batch size at once (fewer "
                     "recompiles for a new batch size; kernels with symbolic sizes)")
+    ap.add_argument("--shape", action="append", metavar="SIDExBATCH",
+                    help="inference parts: only this shape of the table (e.g. 512x1; repeatable; default all)")
     ap.add_argument("--report", type=Path, nargs="+", metavar="DIR", help="merge the part-*.json found in these "
                     "folders into --out/speed.json and speed.md, and exit")
     ap.add_argument("--child", choices=("coldstart",), help=argparse.SUPPRESS)
@@ -528,6 +532,11 @@ def main(argv: list[str] | None = None) -> int:
 
     s = smoke_settings() if args.smoke else full_settings(args.repeats)
     s.speed_dynamic = bool(args.dynamic)
+    if args.shape:
+        known = {f"{side}x{b}": (side, b) for side, b in s.shapes}
+        if any(k not in known for k in args.shape):
+            ap.error(f"--shape must be one of {', '.join(known)}")
+        s.shapes = tuple(v for k, v in known.items() if k in args.shape)
     if not s.cuda and not args.smoke and not torch.cuda.is_available():
         ap.error("no CUDA GPU here: run with --smoke for the CPU check")
     parts = list(PARTS) if "all" in (args.part or []) else (args.part or ["inference"])
