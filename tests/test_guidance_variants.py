@@ -1,5 +1,6 @@
-"""benchmarks/guidance_variants.py (guidance rescale and a guidance interval, probed on the built-in model) and
-benchmarks/vae_spikes.py (the autoencoder's latent spikes): the probes do what their RESULTS sections say."""
+"""benchmarks/guidance_variants.py (guidance rescale and a guidance interval, probed on the built-in model),
+benchmarks/vae_spikes.py (the autoencoder's latent spikes) and decoder_spike_finetune.py's spike masks: the probes do
+what their RESULTS sections say."""
 
 from __future__ import annotations
 
@@ -61,3 +62,16 @@ def test_vae_spikes_reports_the_shipped_autoencoder_spike(tmp_path, capsys, monk
     near, elsewhere = (int(v) for v in rows[0][2].split(" / "))
     assert near > elsewhere  # the largest reconstruction error sits at the spike (152 / 70)
     assert out.is_file()
+
+
+def test_spike_masks_mark_outliers_and_their_neighbourhood():
+    import torch
+    from decoder_spike_finetune import near, spikes
+
+    z = torch.ones(2, 4, 8, 8)
+    z[0, :, 3, 5] = 20.0  # norm 40 against a median of 2: a spike; image 1 has none
+    mask = spikes(z)
+    assert mask.shape == (2, 1, 8, 8) and mask[0, 0, 3, 5] and int(mask.sum()) == 1
+    pixels = near(mask, 8)  # 3 × 3 latent pixels around it, 8 × 8 pixels each
+    assert pixels.shape == (2, 1, 64, 64) and int(pixels[0].sum()) == 24 * 24 and int(pixels[1].sum()) == 0
+    assert pixels[0, 0, 16:40, 32:56].all()
