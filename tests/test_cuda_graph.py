@@ -171,3 +171,20 @@ def test_encoder_replays_match_eager_on_a_gpu():
             ids = _ids(batch, seed).cuda()
             torch.testing.assert_close(graphed(ids, skip), enc.encode(ids, skip), rtol=0, atol=0)
         assert graphed.failed is None and len(graphed._graphs) == 3
+
+
+def test_static_inputs_are_built_only_when_recording():
+    """A replay must not build the recording's inputs: for the U-Net that is a host-to-device copy of the timestep,
+    which waits for the GPU at every step."""
+    from estable.nn.cuda_graph import _Graphs
+
+    graphs = _Graphs(max_graphs=2, warmup=0, backend=_CpuGraphs())
+    built = []
+
+    def inputs():
+        built.append(1)
+        return (torch.ones(3),)
+
+    for _ in range(3):
+        rec = graphs._graph(("k",), inputs, lambda x: x * 2, torch.device("cpu"))
+    assert rec is not None and len(built) == 1 and torch.equal(rec.out, torch.full((3,), 2.0))

@@ -79,10 +79,11 @@ class _Graphs:
         self._graphs.clear()
         self._pool = None
 
-    def _graph(self, key: tuple, inputs: tuple[torch.Tensor, ...], fn: Callable[..., torch.Tensor],
+    def _graph(self, key: tuple, inputs: Callable[[], tuple[torch.Tensor, ...]], fn: Callable[..., torch.Tensor],
                device: torch.device) -> _Recorded | None:
-        """The graph of ``fn(*static inputs)`` for ``key``, recorded on copies of ``inputs`` when new; None when
-        the recording failed (warned once; the caller runs eagerly)."""
+        """The graph of ``fn(*static inputs)`` for ``key``, recorded on copies of ``inputs()`` when new (called only
+        then: a replay must not pay for building them); None when the recording failed (warned once; the caller
+        runs eagerly)."""
         rec = self._graphs.get(key)
         if rec is not None:
             self._graphs.move_to_end(key)
@@ -92,7 +93,7 @@ class _Graphs:
         try:
             if self._pool is None:
                 self._pool = self.backend.pool()
-            static = tuple(x.clone() for x in inputs)
+            static = tuple(x.clone() for x in inputs())
             graph, out = self.backend.record(lambda: fn(*static), device, self._pool, self.warmup)
         except RuntimeError as exc:  # an operation that cannot be recorded (a host sync, a CPU tensor)
             self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0]
@@ -122,7 +123,7 @@ class GraphedForward(_Graphs):
         if t.numel() not in (1, sample.shape[0]):
             return self.module(sample, timestep, context)  # let the module raise its own error
         key = (tuple(sample.shape), sample.dtype, tuple(context.shape), context.dtype, sample.device, t.numel())
-        rec = self._graph(key, (sample, t.to(sample.device), context), self.module, sample.device)
+        rec = self._graph(key, lambda: (sample, t.to(sample.device), context), self.module, sample.device)
         if rec is None:
             return self.module(sample, timestep, context)
         static_sample, static_t, static_ctx = rec.inputs
@@ -153,7 +154,8 @@ class GraphedEncoder(_Graphs):
             return self.encoder.encode(input_ids, clip_skip)
         self.encoder._check_inputs(input_ids, clip_skip)  # a bad request raises here, not inside a recording
         key = (tuple(input_ids.shape), input_ids.dtype, input_ids.device, clip_skip)
-        rec = self._graph(key, (input_ids,), lambda ids: self.encoder.encode(ids, clip_skip), input_ids.device)
+        rec = self._graph(key, lambda: (input_ids,), lambda ids: self.encoder.encode(ids, clip_skip),
+                          input_ids.device)
         if rec is None:
             return self.encoder.encode(input_ids, clip_skip)
         rec.inputs[0].copy_(input_ids)
