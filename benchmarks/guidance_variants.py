@@ -62,7 +62,8 @@ def parse_config(text: str) -> tuple[float, float, float]:
     values = [float(v) for v in text.split(":")]
     if not 1 <= len(values) <= 3:
         raise SystemExit(f"a config is W[:PHI[:T_MIN]], not {text!r}")
-    return (values + [0.0, 0.0])[0], (values + [0.0, 0.0])[1], (values + [0.0, 0.0])[2]
+    w, phi, t_min = values + [0.0] * (3 - len(values))
+    return w, phi, t_min
 
 
 def demo_grid(model: str, configs: list[tuple[float, float, float]], device: str, out: Path) -> None:
