@@ -159,7 +159,7 @@ def make_folder(root: Path, s: Settings) -> Path:
                                         skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
     pipe = diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tok, scheduler=scheduler,
                                              safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.to(torch_dtype=s.dtype)
+    pipe.to(dtype=s.dtype)  # (diffusers ignores a torch_dtype= here: the folders before 2026-12-04 were fp32)
     pipe.save_pretrained(folder)
     path = folder / "scheduler" / "scheduler_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "clip_sample": False}))
@@ -217,9 +217,14 @@ def markdown(res: dict[str, Any]) -> str:
         side = (res.get("shapes") or [[512]])[0][0]
         out += [f"Cold start of the fastest mode, fresh process: seconds from start to the first image ({side}², batch "
                 f"1), then to the first image at batch {res.get('new_batch')} (a new batch size)", "",
-                "| disk cache | import + load | first image | + new batch size | total |", "|---|---|---|---|---|"]
+                "| disk cache | import + load | of which: imports, CUDA context, weights, pipeline (cache load) | "
+                "first image | + new batch size | total |", "|---|---|---|---|---|---|"]
         for name, r in cs.items():
-            out.append(f"| {name} | {_f(r.get('load_s'), '{:.1f}')} | {_f(r.get('first_image_s'), '{:.1f}')} | "
+            steps = [r.get(k) for k in ("import_s", "device_s", "weights_s", "load_s")]
+            split = ("–" if None in steps else  # runs before the split was recorded
+                     " / ".join(f"{b - a:.1f}" for a, b in zip([0.0] + steps[:-1], steps)))
+            out.append(f"| {name} | {_f(r.get('load_s'), '{:.1f}')} | {split} | "
+                       f"{_f(r.get('first_image_s'), '{:.1f}')} | "
                        f"{_f(r.get('new_batch_s'), '{:.1f}')} | {_f(r.get('total_s'), '{:.1f}')} |")
         out.append("")
     tr = res.get("training")

@@ -23,8 +23,9 @@ Parts (each fits one 10-minute device call on an H200; times are estimates):
 * ``training`` (~4 min): the U-Net training step at 512 px (64² latents), bf16 autocast, fused AdamW, batch 8 and
   32, img/s and peak memory, diffusers and Estable (eager, channels_last); the largest batch with gradient
   checkpointing within 80 GiB and its img/s.
-* ``training-compiled`` (~5 min): the same step with Estable's blocks compiled (``compile_scope=blocks``), with
-  channels_last.
+* ``training-compiled`` (~5 min a row): the same step with Estable's blocks compiled (``compile_scope=blocks``),
+  with channels_last; ``--train-compile whole`` / ``whole-reduce-overhead`` (repeatable) compile the whole U-Net
+  instead, the latter replayed in torch's CUDA graphs.
 
 Every part needs diffusers and transformers (the oracle; carry the diffusers wheel to the GPU machine). Progress
 lines carry timestamps; each part writes ``DIR/part-NAME.json`` and ``.md``, rewritten after every row (a part cut
@@ -297,15 +298,22 @@ def part_diffusers_compiled(folder: Path, s: Settings, res: dict[str, Any]) -> N
 
 def child_coldstart(args: argparse.Namespace) -> None:
     """Run in a fresh process: load the fastest mode, first image, then a new batch size; print the times."""
-    marks = {"import_s": time.time() - args.t0}
-    from estable.pipeline import load_pipeline
+    marks = {"python_s": time.time() - args.t0}  # the interpreter, torch and this script's imports
+    from estable.checkpoints.store import load_model
+    from estable.pipeline import Pipeline
     from estable.speed import SpeedOptions
 
+    marks["import_s"] = time.time() - args.t0
     s = smoke_settings() if args.smoke else full_settings(1)
     side = s.shapes[0][0]
-    pipe = load_pipeline(args.folder, device=s.device, dtype=s.dtype,
-                         speed=SpeedOptions(compile=not s.smoke, cache_dir=args.cache_dir,
-                                            dynamic=bool(args.dynamic)))
+    if s.cuda:
+        torch.zeros(1, device=s.device)  # the CUDA context on its own, so that the weights' copy is timed alone
+    marks["device_s"] = time.time() - args.t0
+    model = load_model(args.folder, dtype=s.dtype, device=s.device)
+    s.sync()
+    marks["weights_s"] = time.time() - args.t0
+    speed = SpeedOptions(compile=not s.smoke, cache_dir=args.cache_dir, dynamic=bool(args.dynamic))
+    pipe = Pipeline(model, device=torch.device(s.device), dtype=s.dtype, speed=speed)  # loads the compile cache
     marks["load_s"] = time.time() - args.t0
     estable_call(pipe, s, side, 1)()
     s.sync()
@@ -448,14 +456,15 @@ def _calls():
     return dif, est
 
 
-def part_training(s: Settings, res: dict[str, Any]) -> None:
+def part_training(s: Settings, res: dict[str, Any], checkpointing: bool = True) -> None:
     build_d, build_e = _unets(s)
     dif, est = _calls()
     tr = res.setdefault("training", {})
     tr["diffusers"] = _train_system("diffusers", build_d, dif, s, s.train_batches)
     tr["Estable"] = _train_system("Estable", build_e, est, s, s.train_batches)
     tr["Estable, channels_last"] = _train_system("Estable, channels_last", build_e, est, s, s.train_batches, cl=True)
-    part_checkpointing(s, res, [("diffusers", build_d, dif, {}), ("Estable", build_e, est, {})])
+    if checkpointing:
+        part_checkpointing(s, res, [("diffusers", build_d, dif, {}), ("Estable", build_e, est, {})])
 
 
 def part_checkpointing(s: Settings, res: dict[str, Any], systems) -> None:
@@ -478,15 +487,16 @@ def part_checkpointing(s: Settings, res: dict[str, Any], systems) -> None:
             torch.cuda.set_per_process_memory_fraction(1.0)
 
 
-def part_training_compiled(s: Settings, res: dict[str, Any], scope: str) -> None:
+def part_training_compiled(s: Settings, res: dict[str, Any], scopes: list[str]) -> None:
     _, build_e = _unets(s)
     _, est = _calls()
     tr = res.setdefault("training", {})
-    name = f"Estable, compiled ({scope}) + channels_last"
     if s.smoke:
         res.setdefault("notes", []).append("smoke: training-compiled ran without torch.compile")
-    tr[name] = _train_system(name, build_e, est, s, s.train_batches, cl=True,
-                             compile_scope=None if s.smoke else scope)
+    for scope in scopes:
+        name = f"Estable, compiled ({scope}) + channels_last"
+        tr[name] = _train_system(name, build_e, est, s, s.train_batches, cl=True,
+                                 compile_scope=None if s.smoke else scope)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -503,9 +513,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, help="where the random-weight model folder is made (default: a temp dir)")
     ap.add_argument("--variants", action="store_true",
                     help="inference: also the fastest mode with cuDNN attention first (compiles again: +3-5 min)")
-    ap.add_argument("--train-compile", choices=("blocks", "whole", "whole-reduce-overhead"), default="blocks",
+    ap.add_argument("--train-compile", choices=("blocks", "whole", "whole-reduce-overhead"), action="append",
                     help="training-compiled: compile each block (default), the whole U-Net, or the whole U-Net with "
-                    "torch's own CUDA graphs (mode reduce-overhead)")
+                    "torch's own CUDA graphs (mode reduce-overhead); repeatable, rows in the order given")
+    ap.add_argument("--no-checkpointing", action="store_true",
+                    help="training: skip the largest-batch search with gradient checkpointing (~2 min)")
     ap.add_argument("--dynamic", action="store_true",
                     help="fastest mode with SpeedOptions(dynamic=True): compile for any batch size at once (fewer "
                     "recompiles for a new batch size; kernels with symbolic sizes)")
@@ -566,9 +578,9 @@ def main(argv: list[str] | None = None) -> int:
                 elif part == "coldstart":
                     part_coldstart(folder, s, res, args)
                 elif part == "training":
-                    part_training(s, res)
+                    part_training(s, res, checkpointing=not args.no_checkpointing)
                 else:
-                    part_training_compiled(s, res, args.train_compile)
+                    part_training_compiled(s, res, args.train_compile or ["blocks"])
             except Exception as exc:
                 log(f"part {part} stopped: {type(exc).__name__}: {exc}")
                 res.setdefault("notes", []).append(f"part {part} stopped: {type(exc).__name__}: "

@@ -127,9 +127,9 @@ def test_fused_unet_with_channels_last_equals_eager_and_lora_still_applies():
 def test_compile_blocks_marks_every_repeated_block():
     unet, vae = _unet(), AutoencoderKL(VAE)
     n = compile_blocks(unet)
-    # 2 down resnets + 2 mid + 4 up (2 levels × 2), transformers at both levels: 2 down + 1 mid + 4 up
-    assert n == 8 + 7
-    assert compile_blocks(vae.decoder) == 1 + 2 + 2 * 2  # mid attention, 2 mid resnets, 2 levels × 2 resnets
+    # 2 down resnets + 2 mid + 4 up (2 levels × 2), transformers at both levels: 2 down + 1 mid + 4 up, 1 upsampler
+    assert n == 8 + 7 + 1
+    assert compile_blocks(vae.decoder) == 1 + 2 + 2 * 2 + 1  # mid attention, 2 mid resnets, 2 levels × 2 resnets, 1 up
     assert all(m._compiled_call_impl is not None for m in unet.down_blocks[0].resnets)
     assert unet.conv_in._compiled_call_impl is None  # the glue between blocks stays eager
     assert all("_orig_mod" not in k for k in unet.state_dict())
@@ -139,11 +139,12 @@ def test_resnet_mode_compiles_only_the_resnet_blocks_with_it(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append((type(self).__name__, kw["mode"])))
     compile_blocks(_unet(), resnet_mode="max-autotune-no-cudagraphs")
-    assert set(calls) == {("ResnetBlock", "max-autotune-no-cudagraphs"), ("SpatialTransformer", "default")}
-    assert len(calls) == 8 + 7
+    assert set(calls) == {("ResnetBlock", "max-autotune-no-cudagraphs"), ("SpatialTransformer", "default"),
+                          ("Upsample", "default")}
+    assert len(calls) == 8 + 7 + 1
     calls.clear()
     compile_blocks(AutoencoderKL(VAE).decoder, mode="default")
-    assert set(calls) == {("ResnetBlock", "default"), ("SpatialSelfAttention", "default")}
+    assert set(calls) == {("ResnetBlock", "default"), ("SpatialSelfAttention", "default"), ("Upsample", "default")}
 
 
 @pytest.mark.heavy

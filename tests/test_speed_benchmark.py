@@ -28,6 +28,9 @@ def test_side_by_side_smoke_writes_every_table(tmp_path):
     # fp32 on the CPU: every path agrees with the fp32 reference far below fp16's error
     assert all(v < 1e-4 for v in res["fp16_error"].values()), res["fp16_error"]
     assert set(res["coldstart"]) == {"none (empty cache)", "warm (the cache the first process left)"}
+    for marks in res["coldstart"].values():  # the start-up split into its phases, in order
+        steps = [marks[k] for k in ("python_s", "import_s", "device_s", "weights_s", "load_s", "first_image_at")]
+        assert steps == sorted(steps) and steps[0] > 0, marks
     assert {"diffusers", "Estable", "Estable, channels_last"} <= set(res["training"])
     assert res["checkpointing"]["Estable"]["largest"] == 2
     assert set(res["builtin"]) == {"eager", "CUDA graphs", "fastest",

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from clip_oracle import clip_vocab_gz, write_clip_vocab
 from estable.checkpoints import describe, io, load_model, save_model
-from estable.checkpoints.store import LDM_CONFIG_KEY, LoadedModel
+from estable.checkpoints.store import LDM_CONFIG_KEY, LoadedModel, _cast
 from estable.errors import CheckpointError, EstableError
 
 diffusers = pytest.importorskip("diffusers")
@@ -512,3 +512,14 @@ def test_sharded_and_pickled_component_files(folders, tmp_path):
     (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="plain file names"):
         load_model(folder, allow_pickle=True)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])  # "meta" stands in for an accelerator: copied, then converted
+def test_cast_converts_floating_tensors_only(device):
+    sd = {"w": torch.randn(3, 2), "steps": torch.arange(4), "half": torch.ones(2, dtype=torch.float16)}
+    out = _cast(sd, torch.bfloat16, device)
+    assert {k: v.dtype for k, v in out.items()} == {"w": torch.bfloat16, "steps": torch.int64, "half": torch.bfloat16}
+    assert all(v.device.type == device for v in out.values())
+    if device == "cpu":
+        assert torch.equal(out["w"], sd["w"].to(torch.bfloat16))
+    assert _cast(sd, None, device)["w"].dtype == torch.float32  # None keeps the file's precision

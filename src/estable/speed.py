@@ -8,8 +8,8 @@ What it does to a :class:`~estable.pipeline.Pipeline` (each step can be turned o
 * **channels_last.** The convolutions' weights and the U-Net's input in NHWC layout, the layout the tensor-core
   convolution kernels read without transposing; the spatial transformer then flattens pixels to tokens with no
   copy.
-* **torch.compile, regionally.** Each repeated block (every ``ResnetBlock`` and ``SpatialTransformer`` of the
-  U-Net, the VAE decoder's ResNet blocks and attention) is compiled on its own with Inductor, which fuses
+* **torch.compile, regionally.** Each repeated block (every ``ResnetBlock``, ``SpatialTransformer`` and
+  ``Upsample`` of the U-Net, the VAE decoder's ResNet blocks, attention and upsamplers) is compiled on its own with Inductor, which fuses
   GroupNorm + SiLU, LayerNorm, GEGLU and the residual adds into few kernels. Blocks of one class share one
   compiled graph per input shape, so compiling costs a few dozen small graphs instead of one huge one; the glue
   between blocks runs eagerly. ``regional=False`` compiles the whole U-Net in one graph instead.
@@ -133,10 +133,13 @@ def _raise_recompile_limit(n: int = 256) -> None:
 
 
 def block_types() -> tuple[type[nn.Module], ...]:
+    """The blocks compiled one by one. Upsample is there for its nearest-neighbour interpolation, which ran
+    eagerly at 2.1 ms of a 512² image in 75 calls on the H200 (RESULTS.md, fifth GPU run): ~28 µs for a copy of a
+    few MB."""
     from .nn.attention import SpatialSelfAttention, SpatialTransformer
-    from .nn.resnet import ResnetBlock
+    from .nn.resnet import ResnetBlock, Upsample
 
-    return (ResnetBlock, SpatialTransformer, SpatialSelfAttention)
+    return (ResnetBlock, SpatialTransformer, SpatialSelfAttention, Upsample)
 
 
 def compile_blocks(model: nn.Module, *, mode: str = "default", dynamic: bool | None = False,

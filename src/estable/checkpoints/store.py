@@ -166,10 +166,14 @@ def check_state_dict(module: nn.Module, sd: Mapping[str, torch.Tensor], *, where
 
 
 def _cast(sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None, device: str | torch.device) -> dict:
+    """The tensors on ``device``, floating-point ones in ``dtype``. On an accelerator each tensor is copied as
+    stored and converted there: ``to(device, dtype)`` from the CPU converts on the CPU first (ATen's CPU-to-GPU
+    copy), into a temporary, for every tensor of a file stored in another precision."""
+    on_cpu = torch.device(device).type == "cpu"
     out = {}
     for k, t in sd.items():
         target = dtype if dtype is not None and t.is_floating_point() else t.dtype
-        out[k] = t.to(device=device, dtype=target)
+        out[k] = t.to(device=device, dtype=target) if on_cpu else t.to(device=device).to(dtype=target)
     return out
 
 
