@@ -9,10 +9,10 @@ What it does to a :class:`~estable.pipeline.Pipeline` (each step can be turned o
   convolution kernels read without transposing; the spatial transformer then flattens pixels to tokens with no
   copy.
 * **torch.compile, regionally.** Each repeated block (every ``ResnetBlock``, ``SpatialTransformer`` and
-  ``Upsample`` of the U-Net, the VAE decoder's ResNet blocks, attention and upsamplers) is compiled on its own with Inductor, which fuses
-  GroupNorm + SiLU, LayerNorm, GEGLU and the residual adds into few kernels. Blocks of one class share one
-  compiled graph per input shape, so compiling costs a few dozen small graphs instead of one huge one; the glue
-  between blocks runs eagerly. ``regional=False`` compiles the whole U-Net in one graph instead.
+  ``Upsample`` of the U-Net, the VAE decoder's ResNet blocks, attention and upsamplers) is compiled on its own
+  with Inductor, which fuses GroupNorm + SiLU, LayerNorm, GEGLU and the residual adds into few kernels. Blocks
+  of one class share one compiled graph per input shape, so compiling costs a few dozen small graphs instead of
+  one huge one; the glue between blocks runs eagerly. ``regional=False`` compiles the whole U-Net in one graph instead.
   ``resnet_mode="max-autotune-no-cudagraphs"`` autotunes the ResNet blocks' convolutions only (Inductor's Triton
   templates against cuDNN; at batch 2 on an H200 some shapes ran 40 % faster, RESULTS.md) at a cost of minutes of
   compiling per new shape, kept by the disk cache.
