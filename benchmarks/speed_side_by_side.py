@@ -36,9 +36,11 @@ process measured.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import json
 import os
+import pstats
 import subprocess
 import sys
 import tempfile
@@ -309,6 +311,9 @@ def child_coldstart(args: argparse.Namespace) -> None:
     if s.cuda:
         torch.zeros(1, device=s.device)  # the CUDA context on its own, so that the weights' copy is timed alone
     marks["device_s"] = time.time() - args.t0
+    prof = cProfile.Profile() if args.profile_out else None  # where the start-up's host time goes
+    if prof:
+        prof.enable()
     model = load_model(args.folder, dtype=s.dtype, device=s.device)
     s.sync()
     marks["weights_s"] = time.time() - args.t0
@@ -318,6 +323,10 @@ def child_coldstart(args: argparse.Namespace) -> None:
     estable_call(pipe, s, side, 1)()
     s.sync()
     marks["first_image_at"] = time.time() - args.t0
+    if prof:
+        prof.disable()
+        with open(args.profile_out, "w") as f:
+            pstats.Stats(prof, stream=f).sort_stats("cumulative").print_stats(60)
     estable_call(pipe, s, side, s.new_batch)()
     s.sync()
     marks["total_s"] = time.time() - args.t0
@@ -332,6 +341,7 @@ def child_coldstart(args: argparse.Namespace) -> None:
 
 def part_coldstart(folder: Path, s: Settings, res: dict[str, Any], args: argparse.Namespace) -> None:
     out = res.setdefault("coldstart", {})
+    args.out.mkdir(parents=True, exist_ok=True)  # the children's profiles go there
     with tempfile.TemporaryDirectory(prefix="estable-compile-cache-") as cache:
         env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
         env["PYTHONUNBUFFERED"] = "1"
@@ -339,7 +349,8 @@ def part_coldstart(folder: Path, s: Settings, res: dict[str, Any], args: argpars
             log(f"cold start, disk cache {name} ...")
             cmd = [sys.executable, __file__, "--child", "coldstart", "--folder", str(folder), "--cache-dir", cache,
                    "--t0", repr(time.time())] + (["--smoke"] if s.smoke else []) + \
-                (["--dynamic"] if args.dynamic else [])
+                (["--dynamic"] if args.dynamic else []) + \
+                (["--profile-out", str(args.out / f"start-profile-{name.split()[0]}.txt")] if args.profile_start else [])
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
@@ -394,8 +405,11 @@ def _step(model, opt, call, x, t, c, s: Settings):
 
 
 def _train_system(name: str, build, call, s: Settings, batches, *, ckpt: bool = False, cl: bool = False,
-                  compile_scope: str | None = None, repeats: int | None = None) -> dict[str, Any]:
-    rows: dict[str, Any] = {}
+                  compile_scope: str | None = None, repeats: int | None = None,
+                  rows: dict[str, Any] | None = None) -> dict[str, Any]:
+    """img/s and peak memory per batch size, filled into ``rows`` (the part's table) as each is measured, so that
+    a part cut off by a time limit still reports the rows it finished."""
+    rows = {} if rows is None else rows
     model = build().train()
     if cl:
         model.to(memory_format=torch.channels_last)
@@ -460,9 +474,10 @@ def part_training(s: Settings, res: dict[str, Any], checkpointing: bool = True) 
     build_d, build_e = _unets(s)
     dif, est = _calls()
     tr = res.setdefault("training", {})
-    tr["diffusers"] = _train_system("diffusers", build_d, dif, s, s.train_batches)
-    tr["Estable"] = _train_system("Estable", build_e, est, s, s.train_batches)
-    tr["Estable, channels_last"] = _train_system("Estable, channels_last", build_e, est, s, s.train_batches, cl=True)
+    _train_system("diffusers", build_d, dif, s, s.train_batches, rows=tr.setdefault("diffusers", {}))
+    _train_system("Estable", build_e, est, s, s.train_batches, rows=tr.setdefault("Estable", {}))
+    _train_system("Estable, channels_last", build_e, est, s, s.train_batches, cl=True,
+                  rows=tr.setdefault("Estable, channels_last", {}))
     if checkpointing:
         part_checkpointing(s, res, [("diffusers", build_d, dif, {}), ("Estable", build_e, est, {})])
 
@@ -495,8 +510,8 @@ def part_training_compiled(s: Settings, res: dict[str, Any], scopes: list[str]) 
         res.setdefault("notes", []).append("smoke: training-compiled ran without torch.compile")
     for scope in scopes:
         name = f"Estable, compiled ({scope}) + channels_last"
-        tr[name] = _train_system(name, build_e, est, s, s.train_batches, cl=True,
-                                 compile_scope=None if s.smoke else scope)
+        _train_system(name, build_e, est, s, s.train_batches, cl=True, compile_scope=None if s.smoke else scope,
+                      rows=tr.setdefault(name, {}))
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -525,7 +540,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="inference parts: only this shape of the table (e.g. 512x1; repeatable; default all)")
     ap.add_argument("--report", type=Path, nargs="+", metavar="DIR", help="merge the part-*.json found in these "
                     "folders into --out/speed.json and speed.md, and exit")
+    ap.add_argument("--profile-start", action="store_true",
+                    help="coldstart: also write a cProfile of each process's load and first image (its times then "
+                    "include the profiler's overhead) to --out/start-profile-*.txt")
     ap.add_argument("--child", choices=("coldstart",), help=argparse.SUPPRESS)
+    ap.add_argument("--profile-out", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--cache-dir", help=argparse.SUPPRESS)
     ap.add_argument("--t0", type=float, help=argparse.SUPPRESS)

@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_side_by_side_smoke_writes_every_table(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed_side_by_side.py"), "--smoke", "--part",
-                           "all", "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=900)
+                           "all", "--profile-start", "--out", str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "speed.json").read_text())
     for name in ("diffusers eager", "Estable eager", "Estable CUDA graphs", "Estable fastest", "diffusers compiled"):
@@ -31,6 +32,7 @@ def test_side_by_side_smoke_writes_every_table(tmp_path):
     for marks in res["coldstart"].values():  # the start-up split into its phases, in order
         steps = [marks[k] for k in ("python_s", "import_s", "device_s", "weights_s", "load_s", "first_image_at")]
         assert steps == sorted(steps) and steps[0] > 0, marks
+    assert "load_model" in (tmp_path / "start-profile-warm.txt").read_text()  # the start-up's host profile
     assert {"diffusers", "Estable", "Estable, channels_last"} <= set(res["training"])
     assert res["checkpointing"]["Estable"]["largest"] == 2
     assert set(res["builtin"]) == {"eager", "CUDA graphs", "fastest",

@@ -29,6 +29,10 @@ def _losses(tmp_path, name: str, *over: str) -> list[float]:
 def test_options_validate():
     with pytest.raises(EstableError, match="compile_scope"):
         load_config("unet", "tiny-unet", ["compile_scope=region"])
+    with pytest.raises(EstableError, match="compile_mode"):
+        load_config("unet", "tiny-unet", ["compile_mode=max-autotune"])
+    with pytest.raises(EstableError, match="needs compile_scope=whole"):
+        load_config("unet", "tiny-unet", ["compile_mode=reduce-overhead", "compile_scope=blocks"])
     cfg = load_config("unet", "tiny-unet", ["channels_last=true", "optim.fused=false", "compile_scope=blocks"])
     assert cfg.channels_last and not cfg.optim.fused and cfg.compile_scope == "blocks"
 
@@ -43,9 +47,11 @@ def test_channels_last_trains_the_same_numbers(tmp_path):
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("scope", ["whole", "blocks"])
+@pytest.mark.parametrize("scope", ["whole", "blocks", "whole:reduce-overhead"])  # (CUDA graphs only on a GPU)
 def test_compiled_step_gives_the_eager_losses(tmp_path, monkeypatch, scope):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     eager = _losses(tmp_path, "eager")
-    compiled = _losses(tmp_path, "compiled", "compile=true", f"compile_scope={scope}")
+    scope, _, mode = scope.partition(":")
+    compiled = _losses(tmp_path, "compiled", "compile=true", f"compile_scope={scope}",
+                       f"compile_mode={mode or 'default'}")
     assert max(abs(a - b) for a, b in zip(eager, compiled)) < 1e-4 * max(map(abs, eager))

@@ -171,7 +171,7 @@ class CLIPTrainer(Trainer):
             self.tokenizer.save(self.run.root / TOKENIZER_DIR)
 
     def compile_network(self) -> None:
-        self.objective.pair = torch.compile(self.network)  # type: ignore[assignment]
+        self.objective.pair = torch.compile(self.network, mode=self.config.compile_mode)  # type: ignore[assignment]
 
     def prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {"pixel_values": batch["pixel_values"].to(self.device, non_blocking=True), "text": list(batch["text"])}

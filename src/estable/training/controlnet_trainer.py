@@ -177,7 +177,7 @@ class ControlNetTrainer(UNetTrainer):
         self.val_items = [{**it, "control": control_from_pixels(it["pixel_values"], make)} for it in val]
 
     def compile_network(self) -> None:
-        self.objective.controlnet = torch.compile(self.network)
+        self.objective.controlnet = torch.compile(self.network, mode=self.config.compile_mode)
 
     def metadata(self) -> dict[str, str]:
         return {"base": str(self.config.base), "base_config": self.base_config.to_json(),

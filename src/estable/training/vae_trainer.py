@@ -67,7 +67,7 @@ class VAETrainer(Trainer):
         return groups
 
     def compile_network(self) -> None:
-        self.objective.vae = torch.compile(self.network)  # type: ignore[assignment]
+        self.objective.vae = torch.compile(self.network, mode=self.config.compile_mode)  # type: ignore[assignment]
 
     def prepare(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {"pixel_values": batch["pixel_values"].to(self.device, non_blocking=True)}

@@ -103,6 +103,10 @@ class TrainConfig(_Plain):
     # "whole": the network in one graph; "blocks": each repeated block (ResNet, transformer) on its own, which
     # compiles several times faster (one graph per block shape) and works with gradient checkpointing.
     compile_scope: str = "whole"
+    # torch.compile's mode: "default", or "reduce-overhead" (the compiled network replayed in torch's CUDA graphs;
+    # whole scope only): on an H200 it trained the SD 1.5-shaped U-Net at batch 8 1.9x faster than eager
+    # (benchmarks/RESULTS.md, seventh GPU run), where eager spends the step launching kernels.
+    compile_mode: str = "default"
     channels_last: bool = False  # convolution weights (and so activations) in NHWC layout
     log_every: int = 10
     val_every: int = 100  # 0: never
@@ -129,6 +133,11 @@ class TrainConfig(_Plain):
                              "strategy=ddp")
         if self.compile_scope not in ("whole", "blocks"):
             raise ValueError(f"compile_scope must be 'whole' or 'blocks', not {self.compile_scope!r}")
+        if self.compile_mode not in ("default", "reduce-overhead"):
+            raise ValueError(f"compile_mode must be 'default' or 'reduce-overhead', not {self.compile_mode!r}")
+        if self.compile_mode == "reduce-overhead" and self.compile_scope != "whole":
+            raise ValueError("compile_mode=reduce-overhead needs compile_scope=whole (one CUDA graph for the "
+                             "network, not one per block)")
         _positive_int("batch_size", self.batch_size)
         _positive_int("grad_accum", self.grad_accum)
         _positive_int("max_steps", self.max_steps)
