@@ -350,7 +350,8 @@ def part_coldstart(folder: Path, s: Settings, res: dict[str, Any], args: argpars
             cmd = [sys.executable, __file__, "--child", "coldstart", "--folder", str(folder), "--cache-dir", cache,
                    "--t0", repr(time.time())] + (["--smoke"] if s.smoke else []) + \
                 (["--dynamic"] if args.dynamic else []) + \
-                (["--profile-out", str(args.out / f"start-profile-{name.split()[0]}.txt")] if args.profile_start else [])
+                (["--profile-out", str(args.out / f"start-profile-{name.split()[0]}.txt")]
+                 if args.profile_start else [])
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode != 0 or not line:

@@ -150,7 +150,8 @@ class LoRATrainer(UNetTrainer):
         return groups
 
     def compile_network(self) -> None:
-        self.objective.unet = torch.compile(self.unet, mode=self.config.compile_mode)  # the adapters stay shared with the original module
+        # the adapters stay shared with the original module
+        self.objective.unet = torch.compile(self.unet, mode=self.config.compile_mode)
 
     def metadata(self) -> dict[str, str]:
         return {"base": str(self.config.base), "base_config": self.base_config.to_json(),

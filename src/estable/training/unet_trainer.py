@@ -158,7 +158,8 @@ class UNetTrainer(Trainer):
 
             compile_blocks(self.network)  # in place: same module, same state-dict keys
         else:
-            self.objective.unet = torch.compile(self.network, mode=self.config.compile_mode)  # the original module stays self.network
+            # the original module stays self.network
+            self.objective.unet = torch.compile(self.network, mode=self.config.compile_mode)
 
     def fsdp_blocks(self) -> list[nn.Module]:
         """FSDP units: each down block, the mid block and each up block (the U-Net itself is the root unit and
