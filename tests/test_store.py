@@ -8,7 +8,10 @@ through its own and the LDM format bit for bit, and write LDM files and folders 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -523,3 +526,18 @@ def test_cast_converts_floating_tensors_only(device):
     if device == "cpu":
         assert torch.equal(out["w"], sd["w"].to(torch.bfloat16))
     assert _cast(sd, None, device)["w"].dtype == torch.float32  # None keeps the file's precision
+
+
+def test_loading_a_file_does_not_import_the_compiler(tmp_path):
+    """The shells are built on the meta device; an init that runs there (nn.Embedding's normal_) went through a
+    Python reference that imports torch._dynamo: over a second of every fresh process's load (RESULTS.md)."""
+    from tiny_model import tiny_model_file
+
+    path = tiny_model_file(tmp_path)
+    code = ("import sys; from estable.checkpoints import load_model; "
+            f"load_model({str(path)!r}); print('torch._dynamo' in sys.modules)")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": src})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"

@@ -61,6 +61,16 @@ def quick_gelu(x: Tensor) -> Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
+def _embedding(n: int, width: int) -> nn.Embedding:
+    """``nn.Embedding(n, width)`` with its own N(0, 1) initialisation, skipped on the meta device (a shell about to be
+    filled from a file): there torch's ``normal_`` runs a Python reference that imports torch._dynamo, over a
+    second of every fresh process's load."""
+    weight = torch.empty(n, width)  # on the default device: meta inside ``with torch.device("meta")``
+    if weight.device.type != "meta":
+        nn.init.normal_(weight)
+    return nn.Embedding(n, width, _weight=weight)
+
+
 class TextEmbeddings(nn.Module):
     """Token embedding plus a learned absolute position embedding.
 
@@ -71,8 +81,8 @@ class TextEmbeddings(nn.Module):
 
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
-        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
-        self.position_embedding = nn.Embedding(config.max_positions, config.width)
+        self.token_embedding = _embedding(config.vocab_size, config.width)
+        self.position_embedding = _embedding(config.max_positions, config.width)
         self.extra_tokens: Tensor | None = None
 
     def forward(self, input_ids: Tensor) -> Tensor:
