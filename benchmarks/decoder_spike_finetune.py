@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from estable import GenerationParams
@@ -29,16 +29,8 @@ from estable.training.objectives import ssim
 from estable.training.shapes.render import render
 from estable.training.shapes.world import ShapesWorld
 
-
-def spikes(z: torch.Tensor, ratio: float = 5.0) -> torch.Tensor:
-    """(B, 1, h, w) bool: latent pixels whose norm is ``ratio`` times the image's median norm."""
-    n = z.norm(dim=1, keepdim=True)
-    return n > ratio * n.flatten(1).median(1).values.view(-1, 1, 1, 1)
-
-
-def near(mask: torch.Tensor, factor: int) -> torch.Tensor:
-    """The pixels of the 3 × 3 latent neighbourhood of each marked latent pixel, (B, 1, H, W) float."""
-    return F.interpolate(F.max_pool2d(mask.float(), 3, stride=1, padding=1), scale_factor=factor, mode="nearest")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vae_spikes import near, psnr, spikes  # noqa: E402
 
 
 def finetune(vae, steps: int, batch: int, weight: float) -> None:
@@ -78,9 +70,8 @@ def compare(pipe, shipped, tuned, out: Path) -> None:
         for name, vae in (("shipped decoder", shipped), ("fine-tuned decoder", tuned)):
             x_hat = vae.decode(z).clamp(-1, 1)
             e = (x_hat - x).abs() * 127.5
-            psnr = (10 * torch.log10(1 / ((x_hat - x) / 2).pow(2).flatten(1).mean(1))).mean()
-            print(f"{name}: PSNR {psnr:.2f} dB over 32 held-out renders; mean error near spikes {e[m].mean():.1f} "
-                  f"levels, elsewhere {e[~m].mean():.2f}", flush=True)
+            print(f"{name}: PSNR {psnr(x_hat, x).mean():.2f} dB over 32 held-out renders; mean error near spikes "
+                  f"{e[m].mean():.1f} levels, elsewhere {e[~m].mean():.2f}", flush=True)
     latents: list[torch.Tensor] = []
 
     def keep(i: int, n: int, x_: torch.Tensor, denoised: torch.Tensor) -> None:

@@ -66,7 +66,7 @@ def test_vae_spikes_reports_the_shipped_autoencoder_spike(tmp_path, capsys, monk
 
 def test_spike_masks_mark_outliers_and_their_neighbourhood():
     import torch
-    from decoder_spike_finetune import near, spikes
+    from vae_spikes import near, spikes
 
     z = torch.ones(2, 4, 8, 8)
     z[0, :, 3, 5] = 20.0  # norm 40 against a median of 2: a spike; image 1 has none

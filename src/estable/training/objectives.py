@@ -29,10 +29,20 @@ The adversarial part (off by default) uses the hinge loss (Lim & Ye 2017): L_D =
 mean relu(1 + D(x̂))), L_G = −mean D(x̂), with a fixed weight (no adaptive weight) and f = 0 before ``start``.
 Generator and discriminator are updated in the same optimizer step: L_G sees detached discriminator weights
 and L_D a detached reconstruction, so neither term moves the other network.
+
+Two optional terms on the posterior mean μ (B, C, h, w) against latent spikes (issue 11: the shipped encoder puts a
+latent pixel of 6–18 × the image's median norm near an object's edge, and the decoder draws a coloured spot there):
+
+    outlier = mean_{b,h,w} relu(‖μ_bhw‖ − k · median_hw ‖μ_b‖)²           (median not differentiated)
+    anchor  = mean over the starting encoder's non-outlier pixels of (μ − μ_start)², μ_start from a frozen copy
+              of the encoder and quant_conv as they were at the start (``init_from``)
+
+The first flattens the spikes; the second keeps the other latents where a U-Net trained on them expects them.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -273,18 +283,61 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)  # (B, 1, h', w') logits
 
 
+def latent_norm_ratios(mean: torch.Tensor) -> torch.Tensor:
+    """‖μ‖ over channels divided by the image's median norm (not differentiated): (B, C, h, w) → (B, h·w)."""
+    n = mean.float().norm(dim=1).flatten(1)
+    return n / n.detach().median(dim=1, keepdim=True).values.clamp_min(1e-8)
+
+
+def outlier_penalty(mean: torch.Tensor, ratio: float) -> torch.Tensor:
+    """mean relu(‖μ‖ − ratio · median ‖μ‖)² over images and latent pixels: 0 unless a pixel's norm exceeds
+    ``ratio`` times its image's median norm; the median is a fixed reference, so only the outliers are pushed."""
+    n = mean.float().norm(dim=1).flatten(1)  # (B, h·w)
+    median = n.detach().median(dim=1, keepdim=True).values
+    return F.relu(n - ratio * median).pow(2).mean()
+
+
 class VAEObjective(nn.Module):
-    """Wraps the trained autoencoder (and optional discriminator); ``forward(batch, draws, step)``."""
+    """Wraps the trained autoencoder (and optional discriminator); ``forward(batch, draws, step)``.
+
+    ``outlier_weight`` > 0 adds the latent-outlier penalty (``outlier_ratio`` = k); ``anchor_weight`` > 0 adds the
+    anchor to a frozen copy of the encoder as ``vae`` is now (the starting weights: build this after loading them).
+    """
 
     def __init__(self, vae: AutoencoderKL, *, l1_weight: float = 1.0, kl_weight: float = 1e-6,
                  ssim_weight: float = 0.2, discriminator: PatchDiscriminator | None = None,
-                 disc_start: int = 0, disc_weight: float = 0.5, train_encoder: bool = True) -> None:
+                 disc_start: int = 0, disc_weight: float = 0.5, train_encoder: bool = True,
+                 outlier_weight: float = 0.0, outlier_ratio: float = 3.0, anchor_weight: float = 0.0) -> None:
         super().__init__()
         self.vae = vae
         self.train_encoder = train_encoder
         self.discriminator = discriminator
         self.l1_weight, self.kl_weight, self.ssim_weight = l1_weight, kl_weight, ssim_weight
         self.disc_start, self.disc_weight = disc_start, disc_weight
+        self.outlier_weight, self.outlier_ratio, self.anchor_weight = outlier_weight, outlier_ratio, anchor_weight
+        self.anchor = None
+        if anchor_weight > 0:  # frozen, in eval mode, never saved (the trainer saves ``vae`` only)
+            frozen = nn.Sequential(copy.deepcopy(vae.encoder), copy.deepcopy(vae.quant_conv))
+            self.anchor = frozen.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> VAEObjective:
+        super().train(mode)
+        if self.anchor is not None:
+            self.anchor.eval()
+        return self
+
+    def latent_terms(self, x: torch.Tensor, mean: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The outlier and anchor terms (those switched on) and the batch's mean peak / median latent norm."""
+        terms = {"peak_ratio": latent_norm_ratios(mean).detach().amax(dim=1).mean()}
+        if self.outlier_weight > 0:
+            terms["outlier"] = outlier_penalty(mean, self.outlier_ratio)
+        if self.anchor is not None:
+            with torch.no_grad():
+                start = self.anchor(x).chunk(2, dim=1)[0].float()  # the starting posterior mean
+                keep = (latent_norm_ratios(start) <= self.outlier_ratio).view(-1, 1, *start.shape[2:])
+                keep = keep.expand_as(start).float()
+            terms["anchor"] = ((mean.float() - start).pow(2) * keep).sum() / keep.sum().clamp_min(1)
+        return terms
 
     def draw(self, n: int, generator: torch.Generator, image_size: int) -> dict[str, torch.Tensor]:
         c = self.vae.config.latent_channels
@@ -308,6 +361,9 @@ class VAEObjective(nn.Module):
         x_hat = self.vae.decode(z)
         terms = self.reconstruction_terms(x, x_hat, posterior.kl())
         loss = terms.pop("loss")
+        if self.outlier_weight > 0 or self.anchor is not None:
+            terms.update(self.latent_terms(x, posterior.mean))
+            loss = loss + self.outlier_weight * terms.get("outlier", 0) + self.anchor_weight * terms.get("anchor", 0)
         metrics = {k: v.detach() for k, v in terms.items()}
         if self.discriminator is not None:
             on = 1.0 if step >= self.disc_start else 0.0
@@ -332,7 +388,9 @@ __all__ = [
     "VAEObjective",
     "empty_prompt_ids",
     "gaussian_window",
+    "latent_norm_ratios",
     "min_snr_weights",
     "noisy_latents_and_target",
+    "outlier_penalty",
     "ssim",
 ]

@@ -1,7 +1,8 @@
 """``estable train vae``: the KL autoencoder (Rombach et al. 2022, sec. 3.1): L1 + KL + SSIM, and an optional
 PatchGAN discriminator after a warm-up (trained beside it, saved as an extra network). Each checkpoint records the
 latent ``scaling_factor`` measured on the validation images. With ``train_encoder=false`` only the decoder is
-trained (from ``init_from``): the encoder, its latents and their scaling factor stay as they were.
+trained (from ``init_from``): the encoder, its latents and their scaling factor stay as they were. ``outlier_weight``
+and ``anchor_weight`` fine-tune a whole VAE against latent spikes while holding its other latents in place.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ class VAETrainer(Trainer):
         self.network = vae
         self.objective = VAEObjective(vae, l1_weight=cfg.l1_weight, kl_weight=cfg.kl_weight,
                                       ssim_weight=cfg.ssim_weight, discriminator=disc, disc_start=cfg.disc.start,
-                                      disc_weight=cfg.disc.weight, train_encoder=cfg.train_encoder)
+                                      disc_weight=cfg.disc.weight, train_encoder=cfg.train_encoder,
+                                      outlier_weight=cfg.outlier_weight, outlier_ratio=cfg.outlier_ratio,
+                                      anchor_weight=cfg.anchor_weight)  # anchor: a copy of the init_from encoder
         self.train_data, self.val_items = build_datasets(cfg, self.dist.rank, self.dist.world_size)
 
     def param_groups(self) -> list[dict[str, Any]]:

@@ -217,14 +217,28 @@ class VAETrainConfig(TrainConfig):
     # scaling_factor stay those of init_from, so the latents a U-Net was trained on do not move and the new
     # decoder can replace the old one in a finished model (``estable convert --vae``).
     train_encoder: bool = True
+    # Against latent spikes (issue 11; estable.training.objectives): outlier_weight × mean relu(‖μ‖ − k · median
+    # ‖μ‖)² with k = outlier_ratio, and anchor_weight × the MSE between μ and the starting encoder's μ (a frozen
+    # copy of init_from's) on the pixels that are not outliers there, so that the latents a U-Net was trained on
+    # move little. 0: off.
+    outlier_weight: float = 0.0
+    outlier_ratio: float = 3.0
+    anchor_weight: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.train_encoder and not self.init_from:
             raise ValueError("train_encoder=false fine-tunes a decoder: it needs init_from (the VAE whose "
                              "encoder is kept)")
-        for name in ("l1_weight", "kl_weight", "ssim_weight"):
+        for name in ("l1_weight", "kl_weight", "ssim_weight", "outlier_weight", "anchor_weight"):
             _positive(name, getattr(self, name), allow_zero=True)
+        _positive("outlier_ratio", self.outlier_ratio)
+        if self.anchor_weight > 0 and not self.init_from:
+            raise ValueError("anchor_weight > 0 holds the latents to those of a starting encoder: it needs "
+                             "init_from (the VAE to start from)")
+        if (self.outlier_weight > 0 or self.anchor_weight > 0) and not self.train_encoder:
+            raise ValueError("outlier_weight and anchor_weight act on the encoder's latents: they need "
+                             "train_encoder=true")
         _positive_int("sample_count", self.sample_count)
         f = self.model.downsample_factor
         if self.data.size % f:

@@ -1,0 +1,139 @@
+"""Whole-VAE fine-tuning against latent spikes (issue 11): the latent-outlier penalty, the anchor to the starting
+encoder's latents, their config checks and a tiny ``estable train vae`` run with both on."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from estable.cli import main
+from estable.errors import EstableError
+from estable.models.vae import AutoencoderKL
+from estable.training.builders import load_network
+from estable.training.config import load_config
+from estable.training.objectives import VAEObjective, latent_norm_ratios, outlier_penalty
+from estable.training.vae_trainer import VAETrainer
+from test_train_lora import make_base
+
+QUIET = ["log_every=1", "val_every=0", "sample_every=0", "tensorboard=false"]
+ENCODER = ("encoder.", "quant_conv.")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_base(tmp_path_factory.mktemp("base") / "base.safetensors")
+
+
+def smooth_latents() -> torch.Tensor:
+    """(2, 4, 8, 8) latents whose norms are all within 1.5 × their image's median."""
+    return 1 + 0.1 * torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def test_outlier_penalty_is_zero_without_spikes_and_pushes_a_spike_down():
+    z = smooth_latents()
+    assert outlier_penalty(z, 3.0).item() == 0
+    z[0, :, 3, 5] = 10.0  # norm 20 against a median of about 2
+    z.requires_grad_(True)
+    penalty = outlier_penalty(z, 3.0)
+    assert penalty.item() > 0
+    assert outlier_penalty(z.detach(), 15.0).item() == 0  # below the higher ratio
+    ratios = latent_norm_ratios(z.detach())
+    assert ratios.shape == (2, 64) and ratios[0].argmax().item() == 3 * 8 + 5 and ratios[0].max() > 9
+    penalty.backward()
+    grad = z.grad
+    others = torch.ones(2, 8, 8, dtype=torch.bool)
+    others[0, 3, 5] = False
+    assert grad.norm(dim=1)[others].max().item() == 0  # the median is a fixed reference: only the spike is pushed
+    stepped = z.detach() - 0.01 * grad
+    assert stepped[0, :, 3, 5].norm() < z.detach()[0, :, 3, 5].norm()  # a descent step shrinks the spike
+
+
+class FixedMoments(nn.Module):
+    """Stands in for the frozen starting encoder: always returns the given moments [μ, log σ²]."""
+
+    def __init__(self, mean: torch.Tensor) -> None:
+        super().__init__()
+        self.moments = torch.cat([mean, torch.zeros_like(mean)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.moments
+
+
+def test_the_anchor_skips_the_starting_encoders_outliers():
+    obj = VAEObjective(AutoencoderKL(load_config("vae", "tiny-vae", []).model), anchor_weight=1.0)
+    start = smooth_latents()
+    start[0, :, 3, 5] = 10.0  # an outlier of the starting encoder
+    obj.anchor = FixedMoments(start)
+    x = torch.zeros(2, 3, 64, 64)
+    moved_spike = start.clone()
+    moved_spike[0, :, 3, 5] = 1.0  # the spike flattened: no anchor cost
+    assert obj.latent_terms(x, moved_spike)["anchor"].item() == 0
+    moved_other = start.clone()
+    moved_other[1, :, 2, 2] += 1.0  # an ordinary latent moved: the anchor pulls it back
+    assert obj.latent_terms(x, moved_other)["anchor"].item() == pytest.approx(4 / (4 * 128 - 4))
+
+
+def test_anchor_is_zero_at_the_start_and_grows_as_the_encoder_moves(base, tmp_path):
+    cfg = load_config("vae", "tiny-vae", [*QUIET, f"init_from={base}", "outlier_weight=0.5", "outlier_ratio=1",
+                                          "anchor_weight=2", "save_every=0"])
+    tr = VAETrainer(cfg, tmp_path / "vae", progress=False)
+    obj = tr.objective
+    assert obj.anchor is not None and not any(p.requires_grad for p in obj.anchor.parameters())
+    assert {id(p) for g in tr.param_groups() for p in g["params"]}.isdisjoint(id(p) for p in obj.anchor.parameters())
+    batch = tr.prepare({"pixel_values": torch.stack([it["pixel_values"] for it in tr.val_items])})
+    draws = obj.draw(len(tr.val_items), torch.Generator().manual_seed(0), 32)
+    loss, metrics = obj(batch, draws)
+    assert {"l1", "kl", "ssim", "outlier", "anchor", "peak_ratio"} == set(metrics)
+    assert metrics["anchor"].item() < 1e-10  # the same weights
+    assert metrics["outlier"].item() > 0  # ratio 1: about half of the latent pixels count as outliers
+    plain = VAEObjective(obj.vae)  # no outlier or anchor term: the loss differs by exactly the weighted terms
+    base_loss, base_metrics = plain(batch, draws)
+    assert set(base_metrics) == {"l1", "kl", "ssim"}
+    expected = base_loss + 0.5 * metrics["outlier"] + 2 * metrics["anchor"]
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert all(p.grad is not None for n, p in obj.vae.named_parameters() if n.startswith(ENCODER))
+    with torch.no_grad():
+        obj.vae.quant_conv.bias[:4] += 0.3  # the encoder moves; its frozen copy does not
+    loss, metrics = obj(batch, draws)
+    assert metrics["anchor"].item() == pytest.approx(0.09, rel=1e-3)
+    torch.testing.assert_close(loss, plain(batch, draws)[0] + 0.5 * metrics["outlier"] + 2 * metrics["anchor"])
+    obj.train()
+    assert not obj.anchor.training
+
+
+@pytest.mark.parametrize(("overrides", "words"), [
+    (["anchor_weight=1"], "needs init_from"),
+    (["outlier_weight=-1"], "outlier_weight must be"),
+    (["anchor_weight=-0.5"], "anchor_weight must be"),
+    (["outlier_ratio=0"], "outlier_ratio must be"),
+    (["init_from=x.safetensors", "train_encoder=false", "outlier_weight=1"], "need train_encoder=true"),
+    (["init_from=x.safetensors", "train_encoder=false", "anchor_weight=1"], "need train_encoder=true"),
+])
+def test_config_errors(overrides, words):
+    with pytest.raises(EstableError, match=words):
+        load_config("vae", "tiny-vae", overrides)
+
+
+def test_defaults_leave_the_objective_unchanged():
+    cfg = load_config("vae", "tiny-vae", [])
+    assert (cfg.outlier_weight, cfg.outlier_ratio, cfg.anchor_weight) == (0.0, 3.0, 0.0)
+
+
+def test_train_vae_with_outlier_and_anchor_terms(base, tmp_path):
+    run = tmp_path / "vae"
+    assert main(["train", "vae", "--config", "tiny-vae", "--run-dir", str(run), "--no-progress", *QUIET,
+                 f"init_from={base}", "outlier_weight=1", "outlier_ratio=2", "anchor_weight=1", "max_steps=3",
+                 "save_every=3", "optim.lr=1e-2", "optim.warmup_steps=0"]) == 0
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    train = [r for r in log if r["type"] == "train"]
+    assert len(train) == 3 and all(math.isfinite(r["loss"]) for r in train)
+    assert all({"outlier", "anchor", "peak_ratio"} <= set(r) for r in train)
+    assert train[0]["anchor"] < 1e-10 < train[-1]["anchor"]  # the encoder moved away from its start
+    _, before = load_network("vae", base)
+    _, after = load_network("vae", run)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(ENCODER))
