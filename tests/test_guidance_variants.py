@@ -75,3 +75,17 @@ def test_spike_masks_mark_outliers_and_their_neighbourhood():
     pixels = near(mask, 8)  # 3 × 3 latent pixels around it, 8 × 8 pixels each
     assert pixels.shape == (2, 1, 64, 64) and int(pixels[0].sum()) == 24 * 24 and int(pixels[1].sum()) == 0
     assert pixels[0, 0, 16:40, 32:56].all()
+
+
+def test_cap_norms_caps_only_the_outliers():
+    import torch
+    from vae_spikes import cap_norms
+
+    z = torch.ones(1, 4, 8, 8)  # every norm 2
+    z[0, :, 3, 5] = torch.tensor([20.0, -20.0, 20.0, 20.0])  # norm 40: 20 × the median
+    capped = cap_norms(z, 3)
+    assert torch.allclose(capped[0, :, 3, 5].norm(), torch.tensor(6.0))  # 3 × the median norm
+    assert torch.allclose(capped[0, :, 3, 5] / 6, z[0, :, 3, 5] / 40)  # same direction
+    keep = torch.ones(8, 8, dtype=torch.bool)
+    keep[3, 5] = False
+    assert torch.equal(capped[0][:, keep], z[0][:, keep])
