@@ -55,3 +55,14 @@ def test_compiled_step_gives_the_eager_losses(tmp_path, monkeypatch, scope):
     compiled = _losses(tmp_path, "compiled", "compile=true", f"compile_scope={scope}",
                        f"compile_mode={mode or 'default'}")
     assert max(abs(a - b) for a, b in zip(eager, compiled)) < 1e-4 * max(map(abs, eager))
+
+
+def test_vae_compile_compiles_the_encoder_and_decoder(tmp_path):
+    """The VAE objective calls encode() and decode(): compiling the whole module's forward would compile nothing."""
+    from estable.training.vae_trainer import VAETrainer
+
+    cfg = load_config("vae", "tiny-vae", ["device=cpu", "compile=true", "tensorboard=false"])
+    trainer = VAETrainer(cfg, tmp_path / "vae", progress=False)
+    assert trainer.objective.vae is trainer.network
+    for part in (trainer.network.encoder, trainer.network.decoder):
+        assert part._compiled_call_impl is not None

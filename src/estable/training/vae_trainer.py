@@ -70,7 +70,10 @@ class VAETrainer(Trainer):
         return groups
 
     def compile_network(self) -> None:
-        self.objective.vae = torch.compile(self.network, mode=self.config.compile_mode)  # type: ignore[assignment]
+        # The objective calls encode() and decode(), which a compiled wrapper of the whole VAE would pass through
+        # uncompiled (it compiles forward only): compile the encoder and the decoder in place.
+        for part in (self.network.encoder, self.network.decoder):
+            part.compile(mode=self.config.compile_mode)
 
     def prepare(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {"pixel_values": batch["pixel_values"].to(self.device, non_blocking=True)}
