@@ -159,7 +159,7 @@ def make_folder(root: Path, s: Settings) -> Path:
                                         skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
     pipe = diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tok, scheduler=scheduler,
                                              safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.to(dtype=s.dtype)  # (diffusers ignores a torch_dtype= here: the folders before 2026-12-04 were fp32)
+    pipe.to(dtype=s.dtype)  # (diffusers ignores a torch_dtype= here: the folders before commit ef2e65c were fp32)
     pipe.save_pretrained(folder)
     path = folder / "scheduler" / "scheduler_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "clip_sample": False}))

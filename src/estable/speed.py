@@ -134,8 +134,8 @@ def _raise_recompile_limit(n: int = 256) -> None:
 
 def block_types() -> tuple[type[nn.Module], ...]:
     """The blocks compiled one by one. Upsample is there for its nearest-neighbour interpolation, which ran
-    eagerly at 2.1 ms of a 512² image in 75 calls on the H200 (RESULTS.md, fifth GPU run): ~28 µs for a copy of a
-    few MB."""
+    eagerly at 2.1 ms of a 512² image on the H200 (RESULTS.md, fifth GPU run): 3 upsamplers × 25 steps, so about
+    28 µs a call for a copy of a few MB. What compiling it gained was not measured on its own."""
     from .nn.attention import SpatialSelfAttention, SpatialTransformer
     from .nn.resnet import ResnetBlock, Upsample
 

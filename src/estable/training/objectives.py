@@ -283,17 +283,22 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)  # (B, 1, h', w') logits
 
 
+def _pixel_norms(mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """‖μ‖ over channels per latent pixel, (B, h·w), and each image's median of it, (B, 1), not differentiated."""
+    n = mean.float().norm(dim=1).flatten(1)
+    return n, n.detach().median(dim=1, keepdim=True).values
+
+
 def latent_norm_ratios(mean: torch.Tensor) -> torch.Tensor:
     """‖μ‖ over channels divided by the image's median norm (not differentiated): (B, C, h, w) → (B, h·w)."""
-    n = mean.float().norm(dim=1).flatten(1)
-    return n / n.detach().median(dim=1, keepdim=True).values.clamp_min(1e-8)
+    n, median = _pixel_norms(mean)
+    return n / median.clamp_min(1e-8)
 
 
 def outlier_penalty(mean: torch.Tensor, ratio: float) -> torch.Tensor:
     """mean relu(‖μ‖ − ratio · median ‖μ‖)² over images and latent pixels: 0 unless a pixel's norm exceeds
     ``ratio`` times its image's median norm; the median is a fixed reference, so only the outliers are pushed."""
-    n = mean.float().norm(dim=1).flatten(1)  # (B, h·w)
-    median = n.detach().median(dim=1, keepdim=True).values
+    n, median = _pixel_norms(mean)
     return F.relu(n - ratio * median).pow(2).mean()
 
 
