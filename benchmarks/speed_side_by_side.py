@@ -19,7 +19,8 @@ Parts (each fits one 10-minute device call on an H200; times are estimates):
   U-Net and of vae.decode, channels_last and fused QKV (as /work/shared/bench and the issue's table), its compile
   times and fp16 error.
 * ``coldstart`` (~3 min): fresh processes timed from their start to the first 512² image in the fastest mode and
-  then to the first image at a new batch size, with an empty compile cache and again with the cache it left.
+  then to the first image at a new batch size, with an empty compile cache, again with the cache it left, and once
+  more without loading torch's portable mega-cache (Inductor's own disk cache only).
 * ``training`` (~4 min): the U-Net training step at 512 px (64² latents), bf16 autocast, fused AdamW, batch 8 and
   32, img/s and peak memory, diffusers and Estable (eager, channels_last); the largest batch with gradient
   checkpointing within 80 GiB and its img/s.
@@ -301,9 +302,13 @@ def part_diffusers_compiled(folder: Path, s: Settings, res: dict[str, Any]) -> N
 def child_coldstart(args: argparse.Namespace) -> None:
     """Run in a fresh process: load the fastest mode, first image, then a new batch size; print the times."""
     marks = {"python_s": time.time() - args.t0}  # the interpreter, torch and this script's imports
+    from estable import speed as speed_module
     from estable.checkpoints.store import load_model
     from estable.pipeline import Pipeline
     from estable.speed import SpeedOptions
+
+    if args.no_mega_cache:  # what loading torch's portable cache costs or saves, with Inductor's own cache warm
+        speed_module._MegaCache.load = lambda self: False
 
     marks["import_s"] = time.time() - args.t0
     s = smoke_settings() if args.smoke else full_settings(1)
@@ -345,12 +350,14 @@ def part_coldstart(folder: Path, s: Settings, res: dict[str, Any], args: argpars
     with tempfile.TemporaryDirectory(prefix="estable-compile-cache-") as cache:
         env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
         env["PYTHONUNBUFFERED"] = "1"
-        for name in ("none (empty cache)", "warm (the cache the first process left)"):
+        rows = ("none (empty cache)", "warm (the cache the first process left)",
+                "warm, mega-cache not loaded (Inductor's cache only)")
+        for name in rows:
             log(f"cold start, disk cache {name} ...")
             cmd = [sys.executable, __file__, "--child", "coldstart", "--folder", str(folder), "--cache-dir", cache,
                    "--t0", repr(time.time())] + (["--smoke"] if s.smoke else []) + \
-                (["--dynamic"] if args.dynamic else []) + \
-                (["--profile-out", str(args.out / f"start-profile-{name.split()[0]}.txt")]
+                (["--dynamic"] if args.dynamic else []) + (["--no-mega-cache"] if "mega" in name else []) + \
+                (["--profile-out", str(args.out / f"start-profile-{rows.index(name)}.txt")]
                  if args.profile_start else [])
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -546,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
                     "include the profiler's overhead) to --out/start-profile-*.txt")
     ap.add_argument("--child", choices=("coldstart",), help=argparse.SUPPRESS)
     ap.add_argument("--profile-out", help=argparse.SUPPRESS)
+    ap.add_argument("--no-mega-cache", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--cache-dir", help=argparse.SUPPRESS)
     ap.add_argument("--t0", type=float, help=argparse.SUPPRESS)

@@ -15,7 +15,8 @@ from estable.errors import EstableError
 from estable.models.vae import AutoencoderKL
 from estable.training.builders import load_network
 from estable.training.config import load_config
-from estable.training.objectives import VAEObjective, latent_norm_ratios, outlier_penalty
+from estable.training.objectives import (VAEObjective, droplet_penalty, latent_norm_ratios, outlier_penalty,
+                                        peak_ratio)
 from estable.training.vae_trainer import VAETrainer
 from test_train_lora import make_base
 
@@ -111,6 +112,8 @@ def test_anchor_is_zero_at_the_start_and_grows_as_the_encoder_moves(base, tmp_pa
     (["outlier_weight=-1"], "outlier_weight must be"),
     (["anchor_weight=-0.5"], "anchor_weight must be"),
     (["outlier_ratio=0"], "outlier_ratio must be"),
+    (["droplet_weight=-1"], "droplet_weight must be"),
+    (["droplet_ratio=0"], "droplet_ratio must be"),
     (["init_from=x.safetensors", "train_encoder=false", "outlier_weight=1"], "need train_encoder=true"),
     (["init_from=x.safetensors", "train_encoder=false", "anchor_weight=1"], "need train_encoder=true"),
 ])
@@ -121,7 +124,7 @@ def test_config_errors(overrides, words):
 
 def test_defaults_leave_the_objective_unchanged():
     cfg = load_config("vae", "tiny-vae", [])
-    assert (cfg.outlier_weight, cfg.outlier_ratio, cfg.anchor_weight) == (0.0, 3.0, 0.0)
+    assert (cfg.outlier_weight, cfg.outlier_ratio, cfg.anchor_weight, cfg.droplet_weight) == (0.0, 3.0, 0.0, 0.0)
 
 
 def test_train_vae_with_outlier_and_anchor_terms(base, tmp_path):
@@ -137,3 +140,53 @@ def test_train_vae_with_outlier_and_anchor_terms(base, tmp_path):
     _, before = load_network("vae", base)
     _, after = load_network("vae", run)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(ENCODER))
+
+
+def test_droplet_penalty_is_zero_without_a_peak_and_pushes_only_the_peak():
+    a = smooth_latents().repeat(1, 8, 1, 1)  # (2, 32, 8, 8) feature maps, norms within 1.5 × the median
+    assert droplet_penalty([a, a[:, :16]], 16.0).item() == 0
+    a[1, :, 6, 2] = 40.0  # one position's norm ≈ 226 against a median of about 5.7: a droplet
+    a.requires_grad_(True)
+    penalty = droplet_penalty([a], 16.0)
+    assert penalty.item() > 0 and droplet_penalty([a.detach()], 100.0).item() == 0
+    assert 15 < peak_ratio([a]).item() < 25  # the mean over the two images of about 39 and 1.3
+    penalty.backward()
+    moved = a.grad.norm(dim=1) > 0
+    assert moved.sum().item() == 1 and moved[1, 6, 2]  # the median is a fixed reference: only the peak is pushed
+    assert (a.detach() - 0.01 * a.grad)[1, :, 6, 2].norm() < a.detach()[1, :, 6, 2].norm()
+
+
+def test_the_droplet_term_sees_every_decoder_groupnorm_once_per_forward(base, tmp_path):
+    cfg = load_config("vae", "tiny-vae", [*QUIET, f"init_from={base}", "train_encoder=false", "kl_weight=0",
+                                          "droplet_weight=3", "droplet_ratio=1.5", "save_every=0"])
+    tr = VAETrainer(cfg, tmp_path / "vae", progress=False)
+    obj = tr.objective
+    norms = [m for m in obj.vae.decoder.modules() if isinstance(m, nn.GroupNorm)]
+    seen = []
+    for m in norms:
+        m.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    batch = tr.prepare({"pixel_values": torch.stack([it["pixel_values"] for it in tr.val_items])})
+    draws = obj.draw(len(tr.val_items), torch.Generator().manual_seed(0), 32)
+    loss, metrics = obj(batch, draws)
+    assert {"l1", "kl", "ssim", "droplet", "decoder_peak"} == set(metrics)
+    assert len(seen) == len(norms) > 0  # the decoder's norms only, each once (the encoder's are not taken)
+    torch.testing.assert_close(metrics["droplet"], droplet_penalty(seen, 1.5))
+    assert metrics["droplet"].item() > 0  # ratio 1.5: many positions stand out
+    plain = VAEObjective(obj.vae, kl_weight=0, train_encoder=False)  # its hooks are the first objective's
+    torch.testing.assert_close(loss, plain(batch, draws)[0] + 3 * metrics["droplet"])
+    seen.clear()
+    with torch.no_grad():
+        obj.vae.decode(obj.vae.encode(batch["pixel_values"]).mean)  # outside forward nothing is kept
+    assert obj._norm_inputs is None and len(seen) == len(norms)
+    loss.backward()
+    assert all(p.grad is None for n, p in obj.vae.named_parameters() if n.startswith(ENCODER))
+
+
+def test_train_vae_decoder_with_the_droplet_term(base, tmp_path):
+    run = tmp_path / "vae"
+    assert main(["train", "vae", "--config", "tiny-vae", "--run-dir", str(run), "--no-progress", *QUIET,
+                 f"init_from={base}", "train_encoder=false", "kl_weight=0", "droplet_weight=1", "droplet_ratio=1.5",
+                 "max_steps=2", "save_every=2"]) == 0
+    train = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    train = [r for r in train if r["type"] == "train"]
+    assert len(train) == 2 and all(math.isfinite(r["droplet"]) and r["decoder_peak"] > 1 for r in train)

@@ -38,6 +38,12 @@ latent pixel of 6–18 × the image's median norm near an object's edge, and the
               of the encoder and quant_conv as they were at the start (``init_from``)
 
 The first flattens the spikes; the second keeps the other latents where a U-Net trained on them expects them.
+
+One optional term inside the decoder against its normalisation "droplet" (Karras et al. 2020, StyleGAN2, sec. 2:
+a network can grow one activation very large to set a normalised feature map's statistics as it likes; the shipped
+decoder grows one to 100–360 × the median at the latent spike before its last GroupNorms, where it draws the spot):
+
+    droplet = mean over the decoder's GroupNorm inputs a of mean_{b,h,w} relu(‖a_bhw‖ / median_hw ‖a_b‖ − k)²
 """
 
 from __future__ import annotations
@@ -302,17 +308,33 @@ def outlier_penalty(mean: torch.Tensor, ratio: float) -> torch.Tensor:
     return F.relu(n - ratio * median).pow(2).mean()
 
 
+def droplet_penalty(activations: list[torch.Tensor], ratio: float) -> torch.Tensor:
+    """mean over feature maps (B, C, H, W) of mean relu(‖a‖ / median ‖a‖ − ratio)² over images and positions (norm
+    over channels, each image's median not differentiated): 0 unless a position stands out by more than ``ratio``."""
+    terms = [F.relu(n / median.clamp_min(1e-8) - ratio).pow(2).mean()
+             for n, median in (_pixel_norms(a) for a in activations)]
+    return torch.stack(terms).mean()
+
+
+def peak_ratio(activations: list[torch.Tensor]) -> torch.Tensor:
+    """The largest position's norm / the median norm, averaged over images and feature maps (not differentiated)."""
+    return torch.stack([latent_norm_ratios(a.detach()).amax(dim=1).mean() for a in activations]).mean()
+
+
 class VAEObjective(nn.Module):
     """Wraps the trained autoencoder (and optional discriminator); ``forward(batch, draws, step)``.
 
     ``outlier_weight`` > 0 adds the latent-outlier penalty (``outlier_ratio`` = k); ``anchor_weight`` > 0 adds the
     anchor to a frozen copy of the encoder as ``vae`` is now (the starting weights: build this after loading them).
+    ``droplet_weight`` > 0 adds the droplet penalty on the inputs of the decoder's GroupNorms (``droplet_ratio`` = k),
+    taken by forward pre-hooks while ``forward`` decodes (not during a checkpointed recomputation).
     """
 
     def __init__(self, vae: AutoencoderKL, *, l1_weight: float = 1.0, kl_weight: float = 1e-6,
                  ssim_weight: float = 0.2, discriminator: PatchDiscriminator | None = None,
                  disc_start: int = 0, disc_weight: float = 0.5, train_encoder: bool = True,
-                 outlier_weight: float = 0.0, outlier_ratio: float = 3.0, anchor_weight: float = 0.0) -> None:
+                 outlier_weight: float = 0.0, outlier_ratio: float = 3.0, anchor_weight: float = 0.0,
+                 droplet_weight: float = 0.0, droplet_ratio: float = 16.0) -> None:
         super().__init__()
         self.vae = vae
         self.train_encoder = train_encoder
@@ -324,6 +346,16 @@ class VAEObjective(nn.Module):
         if anchor_weight > 0:  # frozen, in eval mode, never saved (the trainer saves ``vae`` only)
             frozen = nn.Sequential(copy.deepcopy(vae.encoder), copy.deepcopy(vae.quant_conv))
             self.anchor = frozen.requires_grad_(False).eval()
+        self.droplet_weight, self.droplet_ratio = droplet_weight, droplet_ratio
+        self._norm_inputs: list[torch.Tensor] | None = None  # filled while forward decodes
+        if droplet_weight > 0:
+            for m in vae.decoder.modules():
+                if isinstance(m, nn.GroupNorm):
+                    m.register_forward_pre_hook(self._keep_norm_input)
+
+    def _keep_norm_input(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if self._norm_inputs is not None:
+            self._norm_inputs.append(args[0])
 
     def train(self, mode: bool = True) -> VAEObjective:
         super().train(mode)
@@ -363,9 +395,17 @@ class VAEObjective(nn.Module):
         with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
             posterior = self.vae.encode(x)
         z = posterior.mean + posterior.std * draws["posterior"].to(posterior.mean.dtype)  # reparametrised sample
-        x_hat = self.vae.decode(z)
+        self._norm_inputs = [] if self.droplet_weight > 0 else None
+        try:
+            x_hat = self.vae.decode(z)
+        finally:
+            norm_inputs, self._norm_inputs = self._norm_inputs, None
         terms = self.reconstruction_terms(x, x_hat, posterior.kl())
         loss = terms.pop("loss")
+        if norm_inputs:
+            terms["droplet"] = droplet_penalty(norm_inputs, self.droplet_ratio)
+            terms["decoder_peak"] = peak_ratio(norm_inputs)
+            loss = loss + self.droplet_weight * terms["droplet"]
         if self.outlier_weight > 0 or self.anchor is not None:
             terms.update(self.latent_terms(x, posterior.mean))
             loss = loss + self.outlier_weight * terms.get("outlier", 0) + self.anchor_weight * terms.get("anchor", 0)
@@ -390,6 +430,7 @@ def empty_prompt_ids(tokenizer: Any) -> torch.Tensor:
 __all__ = [
     "PatchDiscriminator",
     "UNetObjective",
+    "droplet_penalty",
     "VAEObjective",
     "empty_prompt_ids",
     "gaussian_window",
@@ -397,5 +438,6 @@ __all__ = [
     "min_snr_weights",
     "noisy_latents_and_target",
     "outlier_penalty",
+    "peak_ratio",
     "ssim",
 ]

@@ -2,7 +2,8 @@
 PatchGAN discriminator after a warm-up (trained beside it, saved as an extra network). Each checkpoint records the
 latent ``scaling_factor`` measured on the validation images. With ``train_encoder=false`` only the decoder is
 trained (from ``init_from``): the encoder, its latents and their scaling factor stay as they were. ``outlier_weight``
-and ``anchor_weight`` fine-tune a whole VAE against latent spikes while holding its other latents in place.
+and ``anchor_weight`` fine-tune a whole VAE against latent spikes while holding its other latents in place;
+``droplet_weight`` penalises the decoder's internal peaks (its normalisation droplet).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class VAETrainer(Trainer):
                                       ssim_weight=cfg.ssim_weight, discriminator=disc, disc_start=cfg.disc.start,
                                       disc_weight=cfg.disc.weight, train_encoder=cfg.train_encoder,
                                       outlier_weight=cfg.outlier_weight, outlier_ratio=cfg.outlier_ratio,
-                                      anchor_weight=cfg.anchor_weight)  # anchor: a copy of the init_from encoder
+                                      anchor_weight=cfg.anchor_weight,  # anchor: a copy of the init_from encoder
+                                      droplet_weight=cfg.droplet_weight, droplet_ratio=cfg.droplet_ratio)
         self.train_data, self.val_items = build_datasets(cfg, self.dist.rank, self.dist.world_size)
 
     def param_groups(self) -> list[dict[str, Any]]:

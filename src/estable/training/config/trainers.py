@@ -224,15 +224,21 @@ class VAETrainConfig(TrainConfig):
     outlier_weight: float = 0.0
     outlier_ratio: float = 3.0
     anchor_weight: float = 0.0
+    # Against the decoder's normalisation droplet (issue 11; estable.training.objectives): droplet_weight × the mean
+    # over the decoder's GroupNorm inputs of mean relu(‖a‖ / median ‖a‖ − k)², k = droplet_ratio. Works with a
+    # frozen encoder. 0: off.
+    droplet_weight: float = 0.0
+    droplet_ratio: float = 16.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.train_encoder and not self.init_from:
             raise ValueError("train_encoder=false fine-tunes a decoder: it needs init_from (the VAE whose "
                              "encoder is kept)")
-        for name in ("l1_weight", "kl_weight", "ssim_weight", "outlier_weight", "anchor_weight"):
+        for name in ("l1_weight", "kl_weight", "ssim_weight", "outlier_weight", "anchor_weight", "droplet_weight"):
             _positive(name, getattr(self, name), allow_zero=True)
         _positive("outlier_ratio", self.outlier_ratio)
+        _positive("droplet_ratio", self.droplet_ratio)
         if self.anchor_weight > 0 and not self.init_from:
             raise ValueError("anchor_weight > 0 holds the latents to those of a starting encoder: it needs "
                              "init_from (the VAE to start from)")
