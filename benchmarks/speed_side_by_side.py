@@ -20,7 +20,8 @@ Parts (each fits one 10-minute device call on an H200; times are estimates):
   times and fp16 error.
 * ``coldstart`` (~3 min): fresh processes timed from their start to the first 512² image in the fastest mode and
   then to the first image at a new batch size, with an empty compile cache, again with the cache it left, and once
-  more without loading torch's portable mega-cache (Inductor's own disk cache only).
+  more without loading torch's portable mega-cache (Inductor's own disk cache only); Python's bytecode is cached
+  beside the compile cache (PYTHONPYCACHEPREFIX), so only the first process compiles torch's modules.
 * ``training`` (~4 min): the U-Net training step at 512 px (64² latents), bf16 autocast, fused AdamW, batch 8 and
   32, img/s and peak memory, diffusers and Estable (eager, channels_last); the largest batch with gradient
   checkpointing within 80 GiB and its img/s.
@@ -350,14 +351,20 @@ def part_coldstart(folder: Path, s: Settings, res: dict[str, Any], args: argpars
     with tempfile.TemporaryDirectory(prefix="estable-compile-cache-") as cache:
         env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
         env["PYTHONUNBUFFERED"] = "1"
-        rows = ("none (empty cache)", "warm (the cache the first process left)",
-                "warm, mega-cache not loaded (Inductor's cache only)")
-        for name in rows:
+        # Python's bytecode beside the compile cache: on the lent GPU machine every fresh process compiled ~1,450
+        # modules of torch from source (6.0 s of a profiled warm start: no __pycache__ in its torch, and
+        # PYTHONDONTWRITEBYTECODE set), which an ordinary install (pip writes bytecode) never does. The first child
+        # writes it, the warm ones read it.
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = os.path.join(cache, "pycache")
+        rows = {"none (empty cache)": "empty", "warm (the cache the first process left)": "warm",
+                "warm, mega-cache not loaded (Inductor's cache only)": "warm-no-mega"}  # row: its profile's name
+        for name, short in rows.items():
             log(f"cold start, disk cache {name} ...")
             cmd = [sys.executable, __file__, "--child", "coldstart", "--folder", str(folder), "--cache-dir", cache,
                    "--t0", repr(time.time())] + (["--smoke"] if s.smoke else []) + \
-                (["--dynamic"] if args.dynamic else []) + (["--no-mega-cache"] if "mega" in name else []) + \
-                (["--profile-out", str(args.out / f"start-profile-{rows.index(name)}.txt")]
+                (["--dynamic"] if args.dynamic else []) + (["--no-mega-cache"] if short == "warm-no-mega" else []) + \
+                (["--profile-out", str(args.out / f"start-profile-{short}.txt")]
                  if args.profile_start else [])
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]

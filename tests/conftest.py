@@ -1,7 +1,14 @@
 """Shared fixtures."""
 
+import os
+import tempfile
+
 import pytest
 import torch
+
+# Large checkpoints' hashes are remembered in ~/.cache/estable; the suite keeps its own (estable.checkpoints.io).
+os.environ.setdefault("ESTABLE_HASH_CACHE", os.path.join(tempfile.mkdtemp(prefix="estable-test-hashes-"),
+                                                         "sha256.json"))
 
 
 @pytest.fixture(scope="module")

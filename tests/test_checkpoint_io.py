@@ -254,3 +254,44 @@ def test_malicious_payload_is_real(tmp_path):
     with open(path, "rb") as f:
         pickle.load(f)
     assert target.exists()
+
+
+def test_cached_sha256_remembers_large_files_and_notices_a_rewrite(tmp_path, monkeypatch):
+    cache = tmp_path / "cache" / "sha256.json"
+    monkeypatch.setenv("ESTABLE_HASH_CACHE", str(cache))
+    monkeypatch.setattr(io, "HASH_CACHE_MIN_BYTES", 1000)
+    small, big = tmp_path / "small.bin", tmp_path / "big.bin"
+    small.write_bytes(b"x" * 999)
+    big.write_bytes(b"a" * 5000)
+    assert io.cached_sha256(small) == hashlib.sha256(b"x" * 999).hexdigest()
+    assert not cache.exists()  # below the size that is worth remembering
+    first = io.cached_sha256(big)
+    assert first == hashlib.sha256(b"a" * 5000).hexdigest()
+    entries = json.loads(cache.read_text())
+    assert list(entries) == [str(big.resolve())] and entries[str(big.resolve())]["sha256"] == first
+    # A remembered hash is used without reading the file: a planted one comes back while the stamp matches.
+    entries[str(big.resolve())]["sha256"] = "0" * 64
+    cache.write_text(json.dumps(entries))
+    assert io.cached_sha256(big) == "0" * 64
+    with open(big, "r+b") as f:  # the same size, written again: new times, so hashed again
+        f.write(b"b")
+    os.utime(big, ns=(1, 1))
+    assert io.cached_sha256(big) == hashlib.sha256(b"b" + b"a" * 4999).hexdigest()
+    cache.write_text("{not json")  # a damaged cache is ignored and rewritten
+    assert io.cached_sha256(big) == hashlib.sha256(b"b" + b"a" * 4999).hexdigest()
+    assert json.loads(cache.read_text())[str(big.resolve())]["sha256"] == hashlib.sha256(b"b" + b"a" * 4999).hexdigest()
+    monkeypatch.setenv("ESTABLE_HASH_CACHE", "")  # off
+    cache.unlink()
+    assert io.cached_sha256(big) == hashlib.sha256(b"b" + b"a" * 4999).hexdigest() and not cache.exists()
+
+
+def test_cached_sha256_still_hashes_when_the_cache_cannot_be_written(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("ESTABLE_HASH_CACHE", str(blocker / "sha256.json"))  # its folder is a file
+    monkeypatch.setattr(io, "HASH_CACHE_MIN_BYTES", 10)
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"z" * 100)
+    assert io.cached_sha256(big) == hashlib.sha256(b"z" * 100).hexdigest()
+    with pytest.raises(CheckpointError, match="no such file"):
+        io.cached_sha256(tmp_path / "missing.bin")

@@ -28,11 +28,13 @@ def test_side_by_side_smoke_writes_every_table(tmp_path):
         assert set(res["inference"][name]) == {"64x1", "64x2", "32x1"}, name
     # fp32 on the CPU: every path agrees with the fp32 reference far below fp16's error
     assert all(v < 1e-4 for v in res["fp16_error"].values()), res["fp16_error"]
-    assert set(res["coldstart"]) == {"none (empty cache)", "warm (the cache the first process left)"}
+    assert set(res["coldstart"]) == {"none (empty cache)", "warm (the cache the first process left)",
+                                     "warm, mega-cache not loaded (Inductor's cache only)"}
     for marks in res["coldstart"].values():  # the start-up split into its phases, in order
         steps = [marks[k] for k in ("python_s", "import_s", "device_s", "weights_s", "load_s", "first_image_at")]
         assert steps == sorted(steps) and steps[0] > 0, marks
-    assert "load_model" in (tmp_path / "start-profile-warm.txt").read_text()  # the start-up's host profile
+    for short in ("empty", "warm", "warm-no-mega"):  # the start-up's host profiles
+        assert "load_model" in (tmp_path / f"start-profile-{short}.txt").read_text()
     assert {"diffusers", "Estable", "Estable, channels_last"} <= set(res["training"])
     assert res["checkpointing"]["Estable"]["largest"] == 2
     assert set(res["builtin"]) == {"eager", "CUDA graphs", "fastest",

@@ -258,9 +258,10 @@ class Pipeline:
 
     @property
     def model_sha256(self) -> str | None:
-        """SHA-256 of the checkpoint file (of the U-Net weights file for a diffusers folder), computed once."""
+        """SHA-256 of the checkpoint file (of the U-Net weights file for a diffusers folder), computed once (and
+        remembered across processes for large files: :func:`~estable.checkpoints.io.cached_sha256`)."""
         if self._sha256 is None:
-            from .checkpoints.io import sha256_file
+            from .checkpoints.io import cached_sha256
 
             src = Path(self.model.source)
             target: Path | None = src
@@ -271,7 +272,7 @@ class Pipeline:
                 target = files[0] if len(files) == 1 else None
             if target is None or not target.is_file():
                 return None
-            self._sha256 = sha256_file(target)
+            self._sha256 = cached_sha256(target)
         return self._sha256
 
     @property

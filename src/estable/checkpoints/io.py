@@ -432,6 +432,62 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         raise CheckpointError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
 
 
+# Files at least this large get their SHA-256 remembered across processes (hashing 2 GB took 1.6 s of a fresh
+# process's first image on the H200 machine; RESULTS.md); smaller ones are quicker to hash than to look up safely.
+HASH_CACHE_MIN_BYTES = 256 << 20
+_HASH_CACHE_ENTRIES = 256
+
+
+def hash_cache_path() -> Path | None:
+    """``$ESTABLE_HASH_CACHE`` (empty: no cache), else ``~/.cache/estable/sha256.json``."""
+    value = os.environ.get("ESTABLE_HASH_CACHE")
+    if value is not None:
+        return Path(value).expanduser() if value else None
+    return Path.home() / ".cache" / "estable" / "sha256.json"
+
+
+def _file_stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _read_hash_cache(cache: Path) -> dict[str, dict]:
+    try:
+        entries = json.loads(cache.read_text())
+    except (OSError, ValueError):  # none yet, unreadable or damaged: start again
+        return {}
+    return {k: v for k, v in entries.items() if isinstance(v, dict)} if isinstance(entries, dict) else {}
+
+
+def cached_sha256(path: str | os.PathLike[str]) -> str:
+    """:func:`sha256_file`, remembered for large files in :func:`hash_cache_path` by absolute path and the file's
+    size, modification and change times, inode and device (as A1111 keeps its model hashes): a multi-GB checkpoint is
+    read once, not at every start. A file written again gets new times, so its hash is computed again. The cache is
+    a convenience: when it cannot be read or written the hash is computed as usual."""
+    path = Path(path)
+    size = _check_file(path)
+    cache = hash_cache_path()
+    if cache is None or size < HASH_CACHE_MIN_BYTES:
+        return sha256_file(path)
+    key, stamp = str(path.resolve()), _file_stamp(path)
+    entries = _read_hash_cache(cache)
+    hit = entries.get(key, {})
+    digest = hit.get("sha256")
+    if hit.get("stamp") == stamp and isinstance(digest, str) and len(digest) == 64 and \
+            all(c in "0123456789abcdef" for c in digest):
+        return digest
+    digest = sha256_file(path)
+    if _file_stamp(path) != stamp:  # written while it was read: do not remember either version
+        return digest
+    entries.pop(key, None)
+    entries[key] = {"stamp": stamp, "sha256": digest}
+    keep = dict(list(entries.items())[-_HASH_CACHE_ENTRIES:])  # the most recently hashed
+    with contextlib.suppress(OSError, CheckpointError):  # a read-only home: the hash is still right
+        with atomic_path(cache) as tmp:
+            tmp.write_text(json.dumps(keep))
+    return digest
+
+
 def short_hash(path: str | os.PathLike[str]) -> str:
     """The A1111 "Model hash": the first 10 hex digits of the file's SHA-256."""
     return sha256_file(path)[:10]
