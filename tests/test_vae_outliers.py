@@ -15,8 +15,7 @@ from estable.errors import EstableError
 from estable.models.vae import AutoencoderKL
 from estable.training.builders import load_network
 from estable.training.config import load_config
-from estable.training.objectives import (VAEObjective, droplet_penalty, latent_norm_ratios, outlier_penalty,
-                                        peak_ratio)
+from estable.training.objectives import VAEObjective, droplet_penalty, latent_norm_ratios, outlier_penalty, peak_ratio
 from estable.training.vae_trainer import VAETrainer
 from test_train_lora import make_base
 

@@ -482,9 +482,8 @@ def cached_sha256(path: str | os.PathLike[str]) -> str:
     entries.pop(key, None)
     entries[key] = {"stamp": stamp, "sha256": digest}
     keep = dict(list(entries.items())[-_HASH_CACHE_ENTRIES:])  # the most recently hashed
-    with contextlib.suppress(OSError, CheckpointError):  # a read-only home: the hash is still right
-        with atomic_path(cache) as tmp:
-            tmp.write_text(json.dumps(keep))
+    with contextlib.suppress(OSError, CheckpointError), atomic_path(cache) as tmp:  # a read-only home: still right
+        tmp.write_text(json.dumps(keep))
     return digest
 
 
