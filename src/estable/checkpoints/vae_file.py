@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..config import VAEConfig
 from ..errors import CheckpointError
-from .io import load_tensors, sha256_file
+from .io import cached_sha256, load_tensors
 from .ldm import VAE_PREFIX, _ldm_to_ours, vae_key_map
 
 __all__ = ["load_vae_into", "read_vae_file", "vae_identity"]
@@ -122,7 +122,7 @@ def read_vae_file(
 def vae_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
     """name (the file's name, as A1111's ``VAE``), path, sha256, hash (A1111's ``VAE hash``: 10 hex digits)."""
     file = _file(Path(path))
-    sha = sha256_file(file)
+    sha = cached_sha256(file)
     return {"name": file.name, "path": str(file.resolve()), "sha256": sha, "hash": sha[:10]}
 
 

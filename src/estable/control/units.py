@@ -57,7 +57,7 @@ class ControlNetCache:
     def get(self, path: Path, pipe: Any, *, allow_pickle: bool = False) -> tuple[Any, str | None]:
         """(LoadedControlNet, SHA-256 of its weights file or None for a folder we could not hash)."""
         from ..checkpoints.controlnet_format import load_controlnet
-        from ..checkpoints.io import sha256_file
+        from ..checkpoints.io import cached_sha256
 
         st = path.stat()
         key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
@@ -69,7 +69,7 @@ class ControlNetCache:
         loaded = load_controlnet(path, base=pipe.config.unet, allow_pickle=allow_pickle, dtype=pipe.dtype,
                                  device=pipe.device)
         weights = path / "diffusion_pytorch_model.safetensors" if path.is_dir() else path
-        self._nets[key] = (loaded, sha256_file(weights) if weights.is_file() else None)
+        self._nets[key] = (loaded, cached_sha256(weights) if weights.is_file() else None)
         while len(self._nets) > self.capacity:
             self._nets.popitem(last=False)
         return self._nets[key]
