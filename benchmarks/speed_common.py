@@ -42,7 +42,15 @@ class Settings:
     builtin_repeats: int = 3
     smoke: bool = False
     speed_dynamic: bool = False  # SpeedOptions.dynamic of the fastest mode (--dynamic: True)
+    decode_batch: int | None = None  # SpeedOptions.decode_batch of the fastest mode (--decode-batch)
     unet_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def fastest(self, **changes: Any) -> Any:
+        """The fastest mode's SpeedOptions as this run asks for it (no compiling in a smoke run)."""
+        from estable.speed import SpeedOptions
+
+        return SpeedOptions(**{"compile": not self.smoke, "dynamic": self.speed_dynamic,
+                               "decode_batch": self.decode_batch, **changes})
 
     @property
     def cuda(self) -> bool:

@@ -179,7 +179,7 @@ def part_inference(folder: Path, s: Settings, res: dict[str, Any], variants: boo
         free()
 
     # The fastest mode first: its compile time is the unknown; the baselines after it take about a minute.
-    fastest("Estable fastest", SpeedOptions(compile=not s.smoke, dynamic=s.speed_dynamic))
+    fastest("Estable fastest", s.fastest())
 
     pipe = diffusers_pipeline(folder, s)
     with torch.no_grad():
@@ -206,7 +206,7 @@ def part_inference(folder: Path, s: Settings, res: dict[str, Any], variants: boo
     free()
     if variants:
         fastest("Estable fastest, cuDNN attention",
-                SpeedOptions(compile=not s.smoke, sdpa="cudnn", dynamic=s.speed_dynamic))
+                s.fastest(sdpa="cudnn"))
 
 
 def part_builtin(s: Settings, res: dict[str, Any]) -> None:
@@ -215,7 +215,6 @@ def part_builtin(s: Settings, res: dict[str, Any]) -> None:
     from estable import GenerationParams
     from estable.errors import EstableError
     from estable.pipeline import load_pipeline
-    from estable.speed import SpeedOptions
 
     colours, shapes = ("red", "green", "blue", "yellow"), ("circle", "square", "triangle", "star")
     n = s.builtin_batch
@@ -225,7 +224,7 @@ def part_builtin(s: Settings, res: dict[str, Any]) -> None:
     out = res.setdefault("builtin", {})
     images: dict[str, list] = {}
     for name, kw in (("eager", dict(cuda_graphs=False)), ("CUDA graphs", {}),
-                     ("fastest", dict(speed=SpeedOptions(compile=not s.smoke, dynamic=s.speed_dynamic)))):
+                     ("fastest", dict(speed=s.fastest()))):
         try:
             pipe = load_pipeline("default", device=s.device, dtype=s.dtype, **kw)
         except EstableError as exc:
@@ -306,7 +305,6 @@ def child_coldstart(args: argparse.Namespace) -> None:
     from estable import speed as speed_module
     from estable.checkpoints.store import load_model
     from estable.pipeline import Pipeline
-    from estable.speed import SpeedOptions
 
     if args.no_mega_cache:  # what loading torch's portable cache costs or saves, with Inductor's own cache warm
         speed_module._MegaCache.load = lambda self: False
@@ -323,7 +321,8 @@ def child_coldstart(args: argparse.Namespace) -> None:
     model = load_model(args.folder, dtype=s.dtype, device=s.device)
     s.sync()
     marks["weights_s"] = time.time() - args.t0
-    speed = SpeedOptions(compile=not s.smoke, cache_dir=args.cache_dir, dynamic=bool(args.dynamic))
+    s.speed_dynamic, s.decode_batch = bool(args.dynamic), args.decode_batch
+    speed = s.fastest(cache_dir=args.cache_dir)
     pipe = Pipeline(model, device=torch.device(s.device), dtype=s.dtype, speed=speed)  # loads the compile cache
     marks["load_s"] = time.time() - args.t0
     estable_call(pipe, s, side, 1)()
@@ -362,10 +361,12 @@ def part_coldstart(folder: Path, s: Settings, res: dict[str, Any], args: argpars
         for name, short in rows.items():
             log(f"cold start, disk cache {name} ...")
             cmd = [sys.executable, __file__, "--child", "coldstart", "--folder", str(folder), "--cache-dir", cache,
-                   "--t0", repr(time.time())] + (["--smoke"] if s.smoke else []) + \
-                (["--dynamic"] if args.dynamic else []) + (["--no-mega-cache"] if short == "warm-no-mega" else []) + \
-                (["--profile-out", str(args.out / f"start-profile-{short}.txt")]
-                 if args.profile_start else [])
+                   "--t0", repr(time.time())]
+            cmd += ["--smoke"] if s.smoke else []
+            cmd += ["--dynamic"] if args.dynamic else []
+            cmd += ["--decode-batch", str(args.decode_batch)] if args.decode_batch else []
+            cmd += ["--no-mega-cache"] if short == "warm-no-mega" else []
+            cmd += ["--profile-out", str(args.out / f"start-profile-{short}.txt")] if args.profile_start else []
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
@@ -551,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dynamic", action="store_true",
                     help="fastest mode with SpeedOptions(dynamic=True): compile for any batch size at once (fewer "
                     "recompiles for a new batch size; kernels with symbolic sizes)")
+    ap.add_argument("--decode-batch", type=int, metavar="N",
+                    help="fastest mode with SpeedOptions(decode_batch=N): the VAE decodes N images at a time (1: the "
+                    "compiled decoder keeps one shape for every batch size)")
     ap.add_argument("--shape", action="append", metavar="SIDExBATCH",
                     help="inference parts: only this shape of the table (e.g. 512x1; repeatable; default all)")
     ap.add_argument("--report", type=Path, nargs="+", metavar="DIR", help="merge the part-*.json found in these "
@@ -578,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     s = smoke_settings() if args.smoke else full_settings(args.repeats)
-    s.speed_dynamic = bool(args.dynamic)
+    s.speed_dynamic, s.decode_batch = bool(args.dynamic), args.decode_batch
     if args.shape:
         known = {f"{side}x{b}": (side, b) for side, b in s.shapes}
         if any(k not in known for k in args.shape):

@@ -61,6 +61,8 @@ def test_resolve_speed():
         SpeedOptions(resnet_mode="reduce-overhead")
     with pytest.raises(EstableError, match="needs regional"):
         SpeedOptions(resnet_mode="max-autotune-no-cudagraphs", regional=False)
+    with pytest.raises(EstableError, match="decode_batch must be 1 or more"):
+        SpeedOptions(decode_batch=0)
 
 
 def test_fused_projections_equal_unfused_and_keep_the_state_dict():
@@ -176,6 +178,22 @@ def test_pipeline_speed_max_same_pixels_on_the_cpu(tmp_path, monkeypatch):
     for a, b in zip(eager.images, fast.images):
         assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 1
     assert Path(tmp_path / "cache").is_dir() and any((tmp_path / "cache").iterdir())  # Inductor wrote its cache
+
+
+def test_decode_batch_decodes_image_by_image_with_the_same_pixels(tmp_path):
+    from estable import GenerationParams, load_pipeline
+
+    model = tiny_model_file(tmp_path)
+    params = GenerationParams(prompt="a red circle", steps=2, seed=3, width=32, height=32, batch_size=3)
+    eager = load_pipeline(model, device="cpu", dtype="fp32").txt2img(params)
+    pipe = load_pipeline(model, device="cpu", dtype="fp32", speed=SpeedOptions(compile=False, decode_batch=1))
+    seen: list[int] = []
+    decode = pipe.vae.decode
+    pipe.vae.decode = lambda z: (seen.append(len(z)), decode(z))[1]
+    images = pipe.txt2img(params).images
+    assert seen == [1, 1, 1]  # one shape for the (compiled) decoder, whatever the batch
+    for a, b in zip(eager.images, images, strict=True):
+        assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 1
 
 
 def test_compile_cache_folder_choice(tmp_path, monkeypatch):

@@ -677,9 +677,17 @@ class Pipeline:
             )
         vae_dtype = next(self.vae.parameters()).dtype
         note = None
+        chunk = self.speed.decode_batch if self.speed is not None else None
+
+        def decode(lat: torch.Tensor) -> torch.Tensor:
+            if tile:
+                return tiled_decode(self.vae, lat)
+            if chunk:  # the compiled decoder keeps one batch shape (SpeedOptions.decode_batch)
+                return torch.cat([self.vae.decode(part) for part in lat.split(chunk)])
+            return self.vae.decode(lat)
+
         with torch.inference_mode():
             latents = z / self.config.vae.scaling_factor
-            decode = (lambda lat: tiled_decode(self.vae, lat)) if tile else self.vae.decode
             image = decode(latents.to(vae_dtype)).float()
             if vae_dtype in (torch.float16, torch.bfloat16) and _bad_decode(image, latents):
                 note = (f"the VAE decode in {str(vae_dtype).removeprefix('torch.')} gave NaN/inf or a black image; "

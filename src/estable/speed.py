@@ -72,6 +72,10 @@ class SpeedOptions:
     # share one code object, so their different shapes would turn every size symbolic (slower kernels, and Inductor
     # failures seen in training: "cannot determine truth value of Relational"). True: symbolic from the start.
     dynamic: bool | None = False
+    # Images the VAE decoder takes at once. None: the whole batch. 1: image by image, so the compiled decoder sees
+    # one shape whatever the batch size and a new batch size compiles the U-Net's blocks only (with dynamic=True,
+    # nothing: its blocks otherwise specialise on a batch of 1 and compile again at the first larger batch).
+    decode_batch: int | None = None
     cuda_graphs: bool = True  # replay the (compiled) U-Net as CUDA graphs on a GPU
     sdpa: str | None = None  # None: torch's choice; "cudnn", "flash", "efficient" or "math" first
     cache_dir: str | None = None  # None: $ESTABLE_COMPILE_CACHE or ~/.cache/estable/compile; "": leave torch's
@@ -82,6 +86,8 @@ class SpeedOptions:
         if self.resnet_mode is not None and not self.regional:
             raise EstableError("resnet_mode needs regional compilation (regional=True): the whole U-Net compiled "
                                "as one graph has one mode")
+        if self.decode_batch is not None and self.decode_batch < 1:
+            raise EstableError(f"decode_batch must be 1 or more (or None: the whole batch), not {self.decode_batch}")
         for mode in (self.mode, self.resnet_mode):
             if mode is not None and mode not in _MODES:
                 raise EstableError(f"compile mode {mode!r} is not supported here; use 'default' or "
