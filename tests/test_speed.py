@@ -196,6 +196,33 @@ def test_decode_batch_decodes_image_by_image_with_the_same_pixels(tmp_path):
         assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 1
 
 
+@pytest.mark.parametrize(("decode_batch", "recompiles"), [(1, False), (None, True)])
+def test_dynamic_shapes_with_an_image_by_image_decode_compile_nothing_for_a_new_batch(tmp_path, monkeypatch,
+                                                                                      decode_batch, recompiles):
+    """Dynamo's graphs are what a new batch size costs; traced with the "eager" backend (no Inductor: seconds, not
+    minutes), which guards exactly as Inductor's does. Without decode_batch=1 the decoder's blocks, first seen at a
+    batch of 1 (which torch specialises), compile again at batch 3."""
+    from torch._dynamo.utils import counters
+
+    from estable import GenerationParams, load_pipeline
+
+    plain_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, mode=None, dynamic=None: plain_compile(self, backend="eager", dynamic=dynamic))
+    monkeypatch.setenv("ESTABLE_COMPILE_CACHE", str(tmp_path / "cache"))
+    torch._dynamo.reset()
+    pipe = load_pipeline(tiny_model_file(tmp_path), device="cpu", dtype="fp32",
+                         speed=SpeedOptions(dynamic=True, decode_batch=decode_batch))
+    graphs = []
+    for batch in (1, 3):
+        before = counters["stats"]["unique_graphs"]
+        pipe.txt2img(GenerationParams(prompt="a red circle", steps=2, seed=1, width=32, height=32, batch_size=batch))
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+    torch._dynamo.reset()
+    assert graphs[0] > 0  # the blocks were compiled at all
+    assert (graphs[1] > 0) == recompiles, graphs
+
+
 def test_compile_cache_folder_choice(tmp_path, monkeypatch):
     """$ESTABLE_COMPILE_CACHE unless the user set TORCHINDUCTOR_CACHE_DIR (torch writes its own default into that
     variable once it has looked, which must not count as the user's choice); an explicit cache_dir wins."""
