@@ -351,8 +351,8 @@ def part_coldstart(folder: Path, s: Settings, res: dict[str, Any], args: argpars
         env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
         env["PYTHONUNBUFFERED"] = "1"
         # Python's bytecode beside the compile cache: on the lent GPU machine every fresh process compiled ~1,450
-        # modules of torch from source (6.0 s of a profiled warm start: no __pycache__ in its torch, and
-        # PYTHONDONTWRITEBYTECODE set), which an ordinary install (pip writes bytecode) never does. The first child
+        # modules from source (about 6 s of a profiled warm start; no usable bytecode there, and the dev machine
+        # sets PYTHONDONTWRITEBYTECODE), which an ordinary install (pip writes bytecode) does not. The first child
         # writes it, the warm ones read it.
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = os.path.join(cache, "pycache")
@@ -604,6 +604,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"model folder ready: {folder}")
         for part in parts:
             res: dict[str, Any] = environment(s)
+            if s.speed_dynamic or s.decode_batch:  # the fastest mode's rows are not the default options'
+                res.setdefault("notes", []).append(f"fastest mode: SpeedOptions(dynamic={s.speed_dynamic}, "
+                                                   f"decode_batch={s.decode_batch})")
             log(f"--- part {part} ---")
             t0 = time.perf_counter()
             _SAVE.append(lambda res=res, part=part: write_report(res, args.out, f"part-{part}", quiet=True))

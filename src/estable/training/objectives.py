@@ -430,8 +430,8 @@ def empty_prompt_ids(tokenizer: Any) -> torch.Tensor:
 __all__ = [
     "PatchDiscriminator",
     "UNetObjective",
-    "droplet_penalty",
     "VAEObjective",
+    "droplet_penalty",
     "empty_prompt_ids",
     "gaussian_window",
     "latent_norm_ratios",
