@@ -15,7 +15,7 @@ from estable.errors import EstableError
 from estable.models.vae import AutoencoderKL
 from estable.training.builders import load_network
 from estable.training.config import load_config
-from estable.training.objectives import VAEObjective, droplet_penalty, latent_norm_ratios, outlier_penalty, peak_ratio
+from estable.training.objectives import VAEObjective, droplet_terms, latent_norm_ratios, outlier_penalty
 from estable.training.vae_trainer import VAETrainer
 from test_train_lora import make_base
 
@@ -143,12 +143,12 @@ def test_train_vae_with_outlier_and_anchor_terms(base, tmp_path):
 
 def test_droplet_penalty_is_zero_without_a_peak_and_pushes_only_the_peak():
     a = smooth_latents().repeat(1, 8, 1, 1)  # (2, 32, 8, 8) feature maps, norms within 1.5 × the median
-    assert droplet_penalty([a, a[:, :16]], 16.0).item() == 0
+    assert droplet_terms([a, a[:, :16]], 16.0)[0].item() == 0
     a[1, :, 6, 2] = 40.0  # one position's norm ≈ 226 against a median of about 5.7: a droplet
     a.requires_grad_(True)
-    penalty = droplet_penalty([a], 16.0)
-    assert penalty.item() > 0 and droplet_penalty([a.detach()], 100.0).item() == 0
-    assert 15 < peak_ratio([a]).item() < 25  # the mean over the two images of about 39 and 1.3
+    penalty, peak = droplet_terms([a], 16.0)
+    assert penalty.item() > 0 and droplet_terms([a.detach()], 100.0)[0].item() == 0
+    assert 15 < peak.item() < 25 and not peak.requires_grad  # the mean over the two images of about 39 and 1.3
     penalty.backward()
     moved = a.grad.norm(dim=1) > 0
     assert moved.sum().item() == 1 and moved[1, 6, 2]  # the median is a fixed reference: only the peak is pushed
@@ -169,7 +169,7 @@ def test_the_droplet_term_sees_every_decoder_groupnorm_once_per_forward(base, tm
     loss, metrics = obj(batch, draws)
     assert {"l1", "kl", "ssim", "droplet", "decoder_peak"} == set(metrics)
     assert len(seen) == len(norms) > 0  # the decoder's norms only, each once (the encoder's are not taken)
-    torch.testing.assert_close(metrics["droplet"], droplet_penalty(seen, 1.5))
+    torch.testing.assert_close(metrics["droplet"], droplet_terms(seen, 1.5)[0])
     assert metrics["droplet"].item() > 0  # ratio 1.5: many positions stand out
     plain = VAEObjective(obj.vae, kl_weight=0, train_encoder=False)  # its hooks are the first objective's
     torch.testing.assert_close(loss, plain(batch, draws)[0] + 3 * metrics["droplet"])

@@ -308,17 +308,15 @@ def outlier_penalty(mean: torch.Tensor, ratio: float) -> torch.Tensor:
     return F.relu(n - ratio * median).pow(2).mean()
 
 
-def droplet_penalty(activations: list[torch.Tensor], ratio: float) -> torch.Tensor:
-    """mean over feature maps (B, C, H, W) of mean relu(‖a‖ / median ‖a‖ − ratio)² over images and positions (norm
-    over channels, each image's median not differentiated): 0 unless a position stands out by more than ``ratio``."""
-    terms = [F.relu(n / median.clamp_min(1e-8) - ratio).pow(2).mean()
-             for n, median in (_pixel_norms(a) for a in activations)]
-    return torch.stack(terms).mean()
-
-
-def peak_ratio(activations: list[torch.Tensor]) -> torch.Tensor:
-    """The largest position's norm / the median norm, averaged over images and feature maps (not differentiated)."""
-    return torch.stack([latent_norm_ratios(a.detach()).amax(dim=1).mean() for a in activations]).mean()
+def droplet_terms(activations: list[torch.Tensor], ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(penalty, peak) over feature maps (B, C, H, W): the penalty is the mean over maps of mean relu(‖a‖ / median
+    ‖a‖ − ratio)² over images and positions (norm over channels, each image's median not differentiated), 0 unless
+    a position stands out by more than ``ratio``; the peak is the largest position's ratio, averaged over images
+    and maps (not differentiated)."""
+    ratios = [latent_norm_ratios(a) for a in activations]
+    penalty = torch.stack([F.relu(r - ratio).pow(2).mean() for r in ratios]).mean()
+    peak = torch.stack([r.detach().amax(dim=1).mean() for r in ratios]).mean()
+    return penalty, peak
 
 
 class VAEObjective(nn.Module):
@@ -403,8 +401,7 @@ class VAEObjective(nn.Module):
         terms = self.reconstruction_terms(x, x_hat, posterior.kl())
         loss = terms.pop("loss")
         if norm_inputs:
-            terms["droplet"] = droplet_penalty(norm_inputs, self.droplet_ratio)
-            terms["decoder_peak"] = peak_ratio(norm_inputs)
+            terms["droplet"], terms["decoder_peak"] = droplet_terms(norm_inputs, self.droplet_ratio)
             loss = loss + self.droplet_weight * terms["droplet"]
         if self.outlier_weight > 0 or self.anchor is not None:
             terms.update(self.latent_terms(x, posterior.mean))
@@ -431,13 +428,12 @@ __all__ = [
     "PatchDiscriminator",
     "UNetObjective",
     "VAEObjective",
-    "droplet_penalty",
+    "droplet_terms",
     "empty_prompt_ids",
     "gaussian_window",
     "latent_norm_ratios",
     "min_snr_weights",
     "noisy_latents_and_target",
     "outlier_penalty",
-    "peak_ratio",
     "ssim",
 ]
