@@ -21,7 +21,8 @@ Parts (each fits one 10-minute device call on an H200; times are estimates):
 * ``coldstart`` (~3 min): fresh processes timed from their start to the first 512² image in the fastest mode and
   then to the first image at a new batch size, with an empty compile cache, again with the cache it left, and once
   more without loading torch's portable mega-cache (Inductor's own disk cache only); Python's bytecode is cached
-  beside the compile cache (PYTHONPYCACHEPREFIX), so only the first process compiles torch's modules.
+  beside the compile cache (PYTHONPYCACHEPREFIX), so only the first process compiles torch's modules. With
+  ``--compile-cache DIR --cold-rows empty`` and a later ``--cold-rows warm`` the rows can run in separate calls.
 * ``training`` (~4 min): the U-Net training step at 512 px (64² latents), bf16 autocast, fused AdamW, batch 8 and
   32, img/s and peak memory, diffusers and Estable (eager, channels_last); the largest batch with gradient
   checkpointing within 80 GiB and its img/s.
@@ -157,7 +158,7 @@ def fp32_reference(folder: Path, s: Settings) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ parts
 
 
-def part_inference(folder: Path, s: Settings, res: dict[str, Any], variants: bool) -> None:
+def part_inference(folder: Path, s: Settings, res: dict[str, Any], args: argparse.Namespace) -> None:
     from estable.nn.cuda_graph import GraphedForward
     from estable.pipeline import load_pipeline
     from estable.speed import SpeedOptions
@@ -179,7 +180,10 @@ def part_inference(folder: Path, s: Settings, res: dict[str, Any], variants: boo
         free()
 
     # The fastest mode first: its compile time is the unknown; the baselines after it take about a minute.
-    fastest("Estable fastest", s.fastest())
+    cache = {"cache_dir": str(args.compile_cache)} if args.compile_cache else {}
+    fastest("Estable fastest", s.fastest(**cache))
+    if args.no_baselines:
+        return
 
     pipe = diffusers_pipeline(folder, s)
     with torch.no_grad():
@@ -204,9 +208,8 @@ def part_inference(folder: Path, s: Settings, res: dict[str, Any], variants: boo
     table_rows("Estable CUDA graphs", lambda side, b, p=est: estable_call(p, s, side, b), s, res)
     del est
     free()
-    if variants:
-        fastest("Estable fastest, cuDNN attention",
-                s.fastest(sdpa="cudnn"))
+    if args.variants:
+        fastest("Estable fastest, cuDNN attention", s.fastest(sdpa="cudnn"))
 
 
 def part_builtin(s: Settings, res: dict[str, Any]) -> None:
@@ -347,7 +350,9 @@ def child_coldstart(args: argparse.Namespace) -> None:
 def part_coldstart(folder: Path, s: Settings, res: dict[str, Any], args: argparse.Namespace) -> None:
     out = res.setdefault("coldstart", {})
     args.out.mkdir(parents=True, exist_ok=True)  # the children's profiles go there
-    with tempfile.TemporaryDirectory(prefix="estable-compile-cache-") as cache:
+    with tempfile.TemporaryDirectory(prefix="estable-compile-cache-") as tmp:
+        cache = str(args.compile_cache or tmp)
+        os.makedirs(cache, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
         env["PYTHONUNBUFFERED"] = "1"
         # Python's bytecode beside the compile cache: on the lent GPU machine every fresh process compiled ~1,450
@@ -359,6 +364,8 @@ def part_coldstart(folder: Path, s: Settings, res: dict[str, Any], args: argpars
         rows = {"none (empty cache)": "empty", "warm (the cache the first process left)": "warm",
                 "warm, mega-cache not loaded (Inductor's cache only)": "warm-no-mega"}  # row: its profile's name
         for name, short in rows.items():
+            if short not in args.cold_rows:
+                continue
             log(f"cold start, disk cache {name} ...")
             cmd = [sys.executable, __file__, "--child", "coldstart", "--folder", str(folder), "--cache-dir", cache,
                    "--t0", repr(time.time())]
@@ -544,6 +551,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, help="where the random-weight model folder is made (default: a temp dir)")
     ap.add_argument("--variants", action="store_true",
                     help="inference: also the fastest mode with cuDNN attention first (compiles again: +3-5 min)")
+    ap.add_argument("--no-baselines", action="store_true",
+                    help="inference: only the fastest mode's rows (no diffusers eager, Estable eager or CUDA graphs)")
+    ap.add_argument("--compile-cache", type=Path, metavar="DIR",
+                    help="coldstart and inference: keep the fastest mode's compile cache (and the children's bytecode) "
+                    "in DIR, so that another invocation starts warm from it (default: a fresh temporary folder for "
+                    "coldstart, the user's cache for inference)")
+    ap.add_argument("--cold-rows", nargs="+", choices=("empty", "warm", "warm-no-mega"),
+                    default=["empty", "warm", "warm-no-mega"],
+                    help="coldstart: which rows to run (default all three; 'warm' alone needs --compile-cache with "
+                    "a cache an earlier 'empty' row left)")
     ap.add_argument("--train-compile", choices=("blocks", "whole", "whole-reduce-overhead"), action="append",
                     help="training-compiled: compile each block (default), the whole U-Net, or the whole U-Net with "
                     "torch's own CUDA graphs (mode reduce-overhead); repeatable, rows in the order given")
@@ -591,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     if not s.cuda and not args.smoke and not torch.cuda.is_available():
         ap.error("no CUDA GPU here: run with --smoke for the CPU check")
     parts = list(PARTS) if "all" in (args.part or []) else (args.part or ["inference"])
+    if "coldstart" in parts and args.compile_cache and "empty" in args.cold_rows and any(args.compile_cache.glob("*")):
+        ap.error(f"--compile-cache {args.compile_cache} is not empty: the 'empty' row needs an empty folder")
     if s.smoke:
         torch.set_num_threads(min(2, torch.get_num_threads()))
     log(f"parts {parts}; {'SMOKE (tiny CPU networks)' if s.smoke else torch.cuda.get_device_name(0)}")
@@ -612,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
             _SAVE.append(lambda res=res, part=part: write_report(res, args.out, f"part-{part}", quiet=True))
             try:
                 if part == "inference":
-                    part_inference(folder, s, res, variants=args.variants)
+                    part_inference(folder, s, res, args)
                 elif part == "builtin":
                     part_builtin(s, res)
                 elif part == "diffusers-compiled":
