@@ -48,6 +48,30 @@ def test_side_by_side_smoke_writes_every_table(tmp_path):
     assert json.loads((out2 / "speed.json").read_text())["inference"].keys() == res["inference"].keys()
 
 
+def test_cold_start_rows_in_separate_calls_share_one_cache(tmp_path):
+    """--compile-cache DIR --cold-rows: the empty row in one call, the warm row in a later one from the cache it left
+    (how a GPU chain split across calls runs them); an 'empty' row refuses a folder that is not empty."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    script, cache = str(REPO / "benchmarks" / "speed_side_by_side.py"), tmp_path / "cache"
+
+    def cold(rows, out):
+        return subprocess.run([sys.executable, script, "--smoke", "--part", "coldstart", "--compile-cache", str(cache),
+                               "--cold-rows", *rows, "--work", str(tmp_path / "work"), "--out", str(tmp_path / out)],
+                              env=env, capture_output=True, text=True, timeout=300)
+
+    proc = cold(["empty"], "a")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert set(json.loads((tmp_path / "a" / "speed.json").read_text())["coldstart"]) == {"none (empty cache)"}
+    assert (cache / "pycache").is_dir()  # the children's bytecode went into the shared folder
+    proc = cold(["warm"], "b")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "b" / "speed.json").read_text())["coldstart"]
+    assert set(rows) == {"warm (the cache the first process left)"}
+    assert rows["warm (the cache the first process left)"]["total_s"] > 0
+    proc = cold(["empty"], "c")
+    assert proc.returncode == 2 and "is not empty" in proc.stderr
+
+
 def test_speed_profile_smoke_and_kernel_kinds(tmp_path):
     """benchmarks/speed_profile.py --smoke: two variants end to end on tiny CPU networks (a few seconds), and the
     kernel names seen in the H200 profile (RESULTS.md, fifth GPU run) sorted into the right kinds."""
