@@ -19,7 +19,9 @@ the random-weight folder and the fp32 reference.
 
 ``--training NAME`` (repeatable) profiles the U-Net training step instead (speed_side_by_side.py's step: 512 px,
 bf16 autocast, fused AdamW, batch 8 and 32): img/s, and wall, kernel and GPU-busy time of one profiled step — a
-GPU that is idle for part of the step is waiting for launches, which CUDA graphs would remove.
+GPU that is idle for part of the step is waiting for launches, which CUDA graphs would remove. ``whole-ro-cl*``
+profile the fastest training step measured so far (the whole U-Net compiled and replayed in torch's CUDA graphs,
+channels_last), also with cuDNN's or FlashAttention's kernel put first for the attention.
 """
 
 from __future__ import annotations
@@ -199,28 +201,28 @@ def measure(name: str, folder: Path, s, res: dict[str, Any], ref: torch.Tensor, 
     free()
 
 
-TRAINING = {  # name → (compile scope, channels_last)
-    "eager": (None, False),
-    "eager-cl": (None, True),  # channels_last
-    "blocks-cl": ("blocks", True),  # each block compiled, channels_last
+TRAINING = {  # name → (compile scope, channels_last, SDPA backend first)
+    "eager": (None, False, None),
+    "eager-cl": (None, True, None),  # channels_last
+    "blocks-cl": ("blocks", True, None),  # each block compiled, channels_last
+    "whole-ro-cl": ("whole-reduce-overhead", True, None),  # the whole U-Net compiled, torch's CUDA graphs
+    "whole-ro-cl-cudnn": ("whole-reduce-overhead", True, "cudnn"),  # the same with cuDNN's attention first
+    "whole-ro-cl-flash": ("whole-reduce-overhead", True, "flash"),
 }
 
 
 def measure_training(name: str, s, res: dict[str, Any], batches: tuple[int, ...], save) -> None:
     """The U-Net training step (512 px, bf16 autocast, fused AdamW; speed_side_by_side's step): img/s (median of
     5 after 3 warm-up steps) and a kernel profile of one step per batch size — is the GPU busy, and with what?"""
-    from speed_side_by_side import _calls, _step, _unets
+    from speed_side_by_side import _calls, _step, _unets, compile_for_training
 
-    from estable.speed import compile_blocks
-
-    scope, cl = TRAINING[name]
+    scope, cl, sdpa = TRAINING[name]
     _, build = _unets(s)
     _, call = _calls()
     model = build().train()
     if cl:
         model.to(memory_format=torch.channels_last)
-    if scope == "blocks" and not s.smoke:
-        compile_blocks(model)
+    compile_for_training(model, None if s.smoke else scope)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=s.cuda)
     side, ctx = s.unet_kwargs["sample_size"], s.unet_kwargs["cross_attention_dim"]
     rows = res.setdefault("training", {}).setdefault(name, {})
@@ -230,7 +232,7 @@ def measure_training(name: str, s, res: dict[str, Any], batches: tuple[int, ...]
             x = x.contiguous(memory_format=torch.channels_last)
         t = torch.randint(0, 1000, (b,), device=s.device)
         c = torch.randn(b, 77, ctx, device=s.device)
-        step = _step(model, opt, call, x, t, c, s)
+        step = _step(model, opt, call, x, t, c, s, sdpa=sdpa)
         step_s = median_time(step, s, 5)
         p = kernel_profile(step, s)
         rows[str(b)] = {"img_per_s": b / step_s, "step_s": step_s, "profile": p}

@@ -416,9 +416,13 @@ def _unets(s: Settings):
     return build_diffusers, build_estable
 
 
-def _step(model, opt, call, x, t, c, s: Settings):
+def _step(model, opt, call, x, t, c, s: Settings, sdpa: str | None = None):
+    """One training step; ``sdpa``: the attention kernel put first (estable.speed.sdpa_context) in the forward and,
+    being the kernel the forward picked, the backward."""
+    from estable.speed import sdpa_context
+
     def step():
-        with torch.autocast(s.device.split(":")[0], dtype=torch.bfloat16, enabled=s.cuda):
+        with torch.autocast(s.device.split(":")[0], dtype=torch.bfloat16, enabled=s.cuda), sdpa_context(sdpa):
             loss = torch.nn.functional.mse_loss(call(model, x, t, c).float(), x)
         loss.backward()
         opt.step()
@@ -427,8 +431,21 @@ def _step(model, opt, call, x, t, c, s: Settings):
     return step
 
 
+def compile_for_training(model: torch.nn.Module, scope: str | None) -> None:
+    """``scope``: None (eager), "blocks" (each block compiled), "whole" or "whole-reduce-overhead" (the whole U-Net,
+    the latter replayed in torch's CUDA graphs)."""
+    if scope == "blocks":
+        from estable.speed import compile_blocks
+
+        compile_blocks(model)
+    elif scope == "whole":
+        model.compile()
+    elif scope == "whole-reduce-overhead":
+        model.compile(mode="reduce-overhead")
+
+
 def _train_system(name: str, build, call, s: Settings, batches, *, ckpt: bool = False, cl: bool = False,
-                  compile_scope: str | None = None, repeats: int | None = None,
+                  compile_scope: str | None = None, sdpa: str | None = None, repeats: int | None = None,
                   rows: dict[str, Any] | None = None) -> dict[str, Any]:
     """img/s and peak memory per batch size, filled into ``rows`` (the part's table) as each is measured, so that
     a part cut off by a time limit still reports the rows it finished."""
@@ -441,14 +458,7 @@ def _train_system(name: str, build, call, s: Settings, batches, *, ckpt: bool = 
             model.enable_gradient_checkpointing()
         else:
             model.gradient_checkpointing = True
-    if compile_scope == "blocks":
-        from estable.speed import compile_blocks
-
-        compile_blocks(model)
-    elif compile_scope == "whole":
-        model.compile()
-    elif compile_scope == "whole-reduce-overhead":
-        model.compile(mode="reduce-overhead")
+    compile_for_training(model, compile_scope)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=s.cuda)
     side = s.unet_kwargs["sample_size"]
     ctx_dim = s.unet_kwargs["cross_attention_dim"]
@@ -462,7 +472,7 @@ def _train_system(name: str, build, call, s: Settings, batches, *, ckpt: bool = 
 
             if s.cuda:
                 torch.cuda.reset_peak_memory_stats()
-            r = timed(_step(model, opt, call, x, t, c, s), s, repeats=repeats or s.train_steps)
+            r = timed(_step(model, opt, call, x, t, c, s, sdpa=sdpa), s, repeats=repeats or s.train_steps)
             peak = torch.cuda.max_memory_allocated() / 2**30 if s.cuda else 0.0
             rows[str(b)] = {"img_per_s": b / r["median_s"], "peak_gib": peak, "step_s": r["median_s"],
                             "first_s": r["first_s"]}
@@ -525,16 +535,16 @@ def part_checkpointing(s: Settings, res: dict[str, Any], systems) -> None:
             torch.cuda.set_per_process_memory_fraction(1.0)
 
 
-def part_training_compiled(s: Settings, res: dict[str, Any], scopes: list[str]) -> None:
+def part_training_compiled(s: Settings, res: dict[str, Any], scopes: list[str], sdpa: str | None = None) -> None:
     _, build_e = _unets(s)
     _, est = _calls()
     tr = res.setdefault("training", {})
     if s.smoke:
         res.setdefault("notes", []).append("smoke: training-compiled ran without torch.compile")
     for scope in scopes:
-        name = f"Estable, compiled ({scope}) + channels_last"
+        name = f"Estable, compiled ({scope}) + channels_last" + (f", {sdpa} attention first" if sdpa else "")
         _train_system(name, build_e, est, s, s.train_batches, cl=True, compile_scope=None if s.smoke else scope,
-                      rows=tr.setdefault(name, {}))
+                      sdpa=sdpa, rows=tr.setdefault(name, {}))
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -564,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-compile", choices=("blocks", "whole", "whole-reduce-overhead"), action="append",
                     help="training-compiled: compile each block (default), the whole U-Net, or the whole U-Net with "
                     "torch's own CUDA graphs (mode reduce-overhead); repeatable, rows in the order given")
+    ap.add_argument("--train-sdpa", choices=("cudnn", "flash", "efficient"),
+                    help="training-compiled: put this attention kernel first (default: torch's choice)")
     ap.add_argument("--no-checkpointing", action="store_true",
                     help="training: skip the largest-batch search with gradient checkpointing (~2 min)")
     ap.add_argument("--dynamic", action="store_true",
@@ -641,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
                 elif part == "training":
                     part_training(s, res, checkpointing=not args.no_checkpointing)
                 else:
-                    part_training_compiled(s, res, args.train_compile or ["blocks"])
+                    part_training_compiled(s, res, args.train_compile or ["blocks"], args.train_sdpa)
             except Exception as exc:
                 log(f"part {part} stopped: {type(exc).__name__}: {exc}")
                 res.setdefault("notes", []).append(f"part {part} stopped: {type(exc).__name__}: "

@@ -91,10 +91,12 @@ def test_speed_profile_smoke_and_kernel_kinds(tmp_path):
     assert "| max-nographs |" in (tmp_path / "profile.md").read_text()
     train = tmp_path / "train"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed_profile.py"), "--smoke", "--training",
-                           "eager", "--out", str(train)], env=env, capture_output=True, text=True, timeout=300)
+                           "eager", "--training", "whole-ro-cl-cudnn", "--out", str(train)], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = json.loads((train / "profile.json").read_text())["training"]["eager"]
-    assert set(rows) == {"1", "2"} and all(r["img_per_s"] > 0 and "kinds_s" in r["profile"] for r in rows.values())
+    for name in ("eager", "whole-ro-cl-cudnn"):  # the latter: channels_last, cuDNN attention first (CPU: not compiled)
+        rows = json.loads((train / "profile.json").read_text())["training"][name]
+        assert set(rows) == {"1", "2"} and all(r["img_per_s"] > 0 and "kinds_s" in r["profile"] for r in rows.values())
     assert "| eager | 2 |" in (train / "profile.md").read_text()
 
     sys.path.insert(0, str(REPO / "benchmarks"))
