@@ -7,10 +7,10 @@ sensitive to the backgrounds' kind (plain / gradient / textured). This script ge
 ``estable eval fid --fake model:M --split heldout`` uses (same captions and seeds) and asks the judge which kind each
 background is, for the renders of those scenes and for the model's images, split by whether the caption names the
 background: a caption that does not leaves the kind to chance (half plain, a quarter gradient, a quarter textured),
-and a model drawing one kind for all of them would shift the FID's features; and how much the background's brightness
+and a model drawing one kind for all of them would shift the FID's features; how much the background's brightness
 varies (its gradient's ramp, its texture's contrast) in the renders and in the model's images (the sensitivity
-study found half the contrast alone worth an FID of 157). Writes DIR/background_kinds.json and a
-grid of the first images (renders above, the model's below).
+study found half the contrast alone worth an FID of 157); with ``--fid``, the set's FID. Writes
+DIR/background_kinds.json and a grid of the first images (renders above, the model's below).
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from estable.cli_eval import FID_PROMPT_SEED, load_model_pipeline, model_generator
-from estable.evaluation.judge import load_judge_or_default, resolve_device
+from estable.cli_eval import FID_PROMPT_SEED, FID_REAL_SEED, load_model_pipeline, model_generator
+from estable.evaluation.fid import extract_features, feature_stats, frechet_distance
+from estable.evaluation.judge import JudgeFeatures, load_judge_or_default, resolve_device
 from estable.training.shapes import ShapesWorld, render
 from estable.training.shapes.vocab import BACKGROUND_KINDS
 
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--guidance", metavar="W:PHI:T_MIN:T_MAX", help="a guidance variant of benchmarks/"
                     "guidance_variants.py (e.g. 4:0:0:800: no guidance above t = 800); its W replaces --cfg")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--fid", action="store_true", help="also the FID (judge features) of the --count images against "
+                    "as many held-out renders, as `estable eval fid --real shapes:N --split heldout --fake model:M`")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -81,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generated {len(fake)} of {args.count}", flush=True)
     real = [render(s, 256) for s in scenes]
 
-    judge = load_judge_or_default(None, resolve_device(args.device))
+    device = resolve_device(args.device)
+    judge = load_judge_or_default(None, device)
     kinds_real = [k for k, _ in judge.classify_background(real)]
     kinds_fake = [k for k, _ in judge.classify_background(fake)]
     truth = [s.background.kind for s in scenes]
@@ -104,6 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {len(idx)} scenes; true {res[name]['true kinds']}; the model's, judged "
               f"{res[name]['model, judged kinds']}; background spread (renders / model) "
               f"{res[name]['background spread, median per true kind (renders / model), levels']}", flush=True)
+    if args.fid:
+        features = JudgeFeatures(judge)
+        reference = ShapesWorld("heldout", FID_REAL_SEED)
+        f_real = extract_features((render(reference.scene(i), 256) for i in range(args.count)), features,
+                                  device=device)
+        f_fake = extract_features(fake, features, device=device)
+        res["fid"] = frechet_distance(*feature_stats(f_fake), *feature_stats(f_real))
+        print(f"FID (judge features, {args.count} vs {args.count}): {res['fid']:.2f}", flush=True)
     (args.out / "background_kinds.json").write_text(json.dumps(res, indent=1) + "\n")
     cols = min(8, args.count)
     grid = Image.new("RGB", (cols * 128, 2 * 128))

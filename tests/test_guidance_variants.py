@@ -37,17 +37,22 @@ def test_guidance_variants_reduce_to_plain_guidance_and_to_none():
     guidance_variant(never, 0.0, 1001.0)  # no step above t 1000: the conditional output alone, as CFG 1
     assert np.abs(_image(never, cfg_scale=4) - unguided).max() <= 2  # batch-of-2 arithmetic against batch 1
 
+    above = load_pipeline("default", device="cpu")
+    guidance_variant(above, 0.0, 0.0, -1.0)  # every step above T_MAX: unguided again, from the other end
+    assert np.abs(_image(above, cfg_scale=4) - unguided).max() <= 2
+
     rescaled = load_pipeline("default", device="cpu")
     guidance_variant(rescaled, 0.7, 0.0)
     assert np.abs(_image(rescaled, cfg_scale=4) - reference).max() > 5
 
 
 def test_config_parsing():
-    assert parse_config("4") == (4.0, 0.0, 0.0)
-    assert parse_config("7.5:0.7") == (7.5, 0.7, 0.0)
-    assert parse_config("4:0:200") == (4.0, 0.0, 200.0)
+    assert parse_config("4") == (4.0, 0.0, 0.0, 1000.0)
+    assert parse_config("7.5:0.7") == (7.5, 0.7, 0.0, 1000.0)
+    assert parse_config("4:0:200") == (4.0, 0.0, 200.0, 1000.0)
+    assert parse_config("4:0:0:800") == (4.0, 0.0, 0.0, 800.0)
     with pytest.raises(SystemExit):
-        parse_config("4:0:200:1")
+        parse_config("4:0:200:800:1")
 
 
 def test_vae_spikes_reports_the_shipped_autoencoder_spike(tmp_path, capsys, monkeypatch):
