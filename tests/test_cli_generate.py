@@ -22,7 +22,7 @@ pytest.importorskip("diffusers")
 
 COMMON_OPTIONS = ["--negative", "--model", "--sampler", "--steps", "--cfg", "--seed", "--size", "--batch",
                   "--batch-count", "--clip-skip", "--no-weighting", "--eta", "--out", "--device", "--dtype",
-                  "--allow-pickle", "--from-png"]
+                  "--allow-pickle", "--from-png", "--cfg-start"]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,8 @@ def _pixels(path: Path | str) -> np.ndarray:
 def test_generate_png_info_from_png_round_trip(run, model, tmp_path):
     out = tmp_path / "first.png"
     status, stdout, err = run("generate", "a red cube, (shiny:1.2)", "--negative", "blurry", "--model", model,
-                              "--sampler", "Euler a", "--steps", 4, "--cfg", 5, "--seed", 42, "--size", "64x64",
-                              "--device", "cpu", "--dtype", "fp32", "--out", out)
+                              "--sampler", "Euler a", "--steps", 4, "--cfg", 5, "--cfg-start", 0.3, "--seed", 42,
+                              "--size", "64x64", "--device", "cpu", "--dtype", "fp32", "--out", out)
     assert status == 0, err
     assert stdout.strip() == str(out) and out.is_file()
 
@@ -46,9 +46,10 @@ def test_generate_png_info_from_png_round_trip(run, model, tmp_path):
     assert status == 0, err
     text, _, record_json = info.partition("\n\n")
     assert text.startswith("a red cube, (shiny:1.2)\nNegative prompt: blurry\nSteps: 4, Sampler: Euler a, ")
-    assert "Seed: 42" in text and "Size: 64x64" in text and "CFG scale: 5" in text
+    assert "Seed: 42" in text and "Size: 64x64" in text and "CFG scale: 5, CFG start: 0.3" in text
     record = json.loads(record_json)
     assert record["params"]["seed"] == 42 and record["params"]["sampler"] == "euler_a"
+    assert record["params"]["cfg_start"] == 0.3
     assert record["model"]["source"] == str(model)
 
     # Every parameter (and the model) from the record: the identical image, byte for byte in pixels.
@@ -110,6 +111,7 @@ def test_img2img_and_inpaint(run, model, tmp_path, folders):  # noqa: F811
         (["generate", "x", "--size", "65x64"], "not a multiple of 8"),
         (["generate", "x", "--size", "big"], "--size must be WIDTHxHEIGHT"),
         (["generate", "x", "--steps", "0"], "steps must be between"),
+        (["generate", "x", "--cfg-start", "1"], "cfg start must be in [0, 1)"),
         (["generate"], "give a PROMPT"),
         (["img2img", "x"], "needs --image"),
         (["img2img", "x", "--image", "{tmp}/missing.png"], "image not found"),

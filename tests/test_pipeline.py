@@ -295,6 +295,63 @@ def test_batch_list_of_generators(ours, theirs):
     assert _max_diff(_pixels(counted), _pixels(result)) <= TOL
 
 
+CFG_START = 0.4  # no guidance above t = 600: the first steps of every sampler here, well away from their timesteps
+
+
+def _interval_kwargs(pipe) -> dict:
+    """diffusers' call options for guidance only at t <= 600: the scale is switched per step by a step-end callback.
+    ("Off" is a scale of 1 + 1e-6: u + (c - u) = c, where a scale of 1 would turn the two-half batch off, and the
+    pipeline cannot change its batch mid-run.)"""
+    off = 1.0 + 1e-6
+    limit = (1 - CFG_START) * 1000
+
+    def switch(p, i, t, kwargs):
+        later = p.scheduler.timesteps
+        if i + 1 < len(later):
+            p._guidance_scale = CFG if float(later[i + 1]) <= limit else off
+        return kwargs
+
+    return dict(guidance_scale=off, callback_on_step_end=switch)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler_a", "dpmpp_2m_karras"])
+def test_guidance_interval_parity(ours, theirs, sampler):
+    """cfg_start: the conditional output alone above a timestep, as diffusers switched to scale 1 for those steps."""
+    pipe = theirs["epsilon"]
+    pipe.scheduler = _scheduler(pipe, sampler, "epsilon")
+    gens = [torch.Generator("cpu").manual_seed(SEED)]
+    with torch.no_grad():
+        images = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, generator=gens, height=SIZE,
+                      width=SIZE, output_type="np", **_interval_kwargs(pipe)).images
+    assert any(float(t) <= 600 for t in pipe.scheduler.timesteps) and float(pipe.scheduler.timesteps[0]) > 600
+    ref = (images * 255).round().astype(np.uint8)
+    result = ours["epsilon"].txt2img(_params(sampler, cfg_start=CFG_START))
+    _check(f"txt2img {sampler} cfg_start {CFG_START}", ref, _pixels(result))
+    everywhere = _pixels(ours["epsilon"].txt2img(_params(sampler)))
+    assert _max_diff(everywhere, ref) > 10 * TOL  # the interval changes the image
+    assert "CFG start: 0.4" in result.infotexts[0]
+
+
+def test_guidance_interval_inpaint_9_channel_parity(ours, theirs, init_image, mask_image):
+    pipe = theirs["inpaint"]
+    pipe.scheduler = _scheduler(pipe, "ddim", "epsilon")
+    gens = [torch.Generator("cpu").manual_seed(SEED)]
+    with torch.no_grad():
+        images = pipe(PROMPT, negative_prompt=NEGATIVE, image=init_image, mask_image=mask_image, strength=1.0,
+                      num_inference_steps=STEPS, generator=gens, height=SIZE, width=SIZE, output_type="np",
+                      **_interval_kwargs(pipe)).images
+    ref = (images * 255).round().astype(np.uint8)
+    result = ours["inpaint"].inpaint(init_image, mask_image, _params("ddim", strength=1.0, cfg_start=CFG_START))
+    _check(f"inpaint9 ddim cfg_start {CFG_START}", ref, _pixels(result))
+
+
+def test_guidance_interval_values():
+    assert _params("euler").cfg_start == 0.0
+    for bad in (1.0, -0.1, float("nan"), "0.2", True):
+        with pytest.raises(EstableError, match="cfg start"):
+            _params("euler", cfg_start=bad)
+
+
 # ------------------------------------------------------------------------------------------------- sensitivity
 
 

@@ -63,6 +63,14 @@ def test_job_lifecycle_and_image(server):
     assert server.client.get("/v1/jobs/nope").status_code == 404
 
 
+def test_guidance_interval_job(server):
+    body = {"prompt": "a blue square", "steps": 2, "seed": 3, "width": TINY, "height": TINY, "cfg_scale": 5}
+    plain = finished(server, server.client.post("/v1/jobs", json=body).json()["id"])
+    late = finished(server, server.client.post("/v1/jobs", json={**body, "cfg_start": 0.3}).json()["id"])
+    assert late["state"] == "done" and late["params"]["cfg_start"] == 0.3 and plain["params"]["cfg_start"] == 0.0
+    assert "CFG start: 0.3" in late["images"][0]["infotext"] and "CFG start" not in plain["images"][0]["infotext"]
+
+
 def test_img2img_and_inpaint_jobs(server):
     img = png_b64(Image.new("RGB", (TINY, TINY), (200, 30, 30)))
     mask = png_b64(Image.new("L", (TINY, TINY), 255))

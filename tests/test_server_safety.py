@@ -215,6 +215,8 @@ def test_images_bombs_urls_and_garbage(open_server):
     ("/v1/jobs", {"width": 4096}, "width"),
     ("/v1/jobs", {"batch_size": 3}, "batch_size"),
     ("/v1/jobs", {"steps": 0}, "steps"),
+    ("/v1/jobs", {"cfg_start": 1.5}, "cfg_start"),
+    ("/v1/jobs", {"cfg_start": "early"}, "cfg_start"),
     ("/v1/jobs", {"mode": "img2img"}, "init_image"),
     ("/v1/jobs", {"mode": "upscale"}, "mode"),
     ("/v1/jobs", {"sampler": "no such sampler"}, "sampler"),

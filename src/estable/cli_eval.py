@@ -46,6 +46,10 @@ CFG_HELP = ("classifier-free guidance scale (default: the scale the model's file
             "uses; 7 for a file that records none)")
 
 
+CFG_START_HELP = ("guidance only from this fraction of the noise schedule on: no guidance while the timestep is above "
+                  "(1 - F) x 1000 (default 0: guided at every step; as `estable generate --cfg-start`)")
+
+
 def add_model_flags(p: argparse.ArgumentParser, *, required: bool = False, cfg: bool = True) -> None:
     """--model and the generation flags every model-driven evaluation takes (``cfg=False`` leaves out --cfg, for
     commands that take their own). Without --model the built-in default model is used, as ``estable generate``."""
@@ -55,6 +59,7 @@ def add_model_flags(p: argparse.ArgumentParser, *, required: bool = False, cfg: 
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     if cfg:
         p.add_argument("--cfg", type=float, default=None, help=CFG_HELP)
+    p.add_argument("--cfg-start", type=float, default=0.0, metavar="F", help=CFG_START_HELP)
     p.add_argument("--sampler", default=None, help="sampler name (default: the generation default)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's native size)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
@@ -94,7 +99,8 @@ def model_generator(args: argparse.Namespace, pipe: Any = None) -> Callable[[lis
     if args.cfg is None:  # the model's recommended scale; the report records the one used
         args.cfg = float(pipe.config.default_cfg) if pipe.config.default_cfg is not None else 7.0
     extra = {} if args.sampler is None else {"sampler": args.sampler}
-    base = GenerationParams(steps=args.steps, cfg_scale=args.cfg, width=args.size, height=args.size, **extra)
+    base = GenerationParams(steps=args.steps, cfg_scale=args.cfg, cfg_start=getattr(args, "cfg_start", 0.0),
+                            width=args.size, height=args.size, **extra)
 
     # Large batches pay on a GPU; on the CPU, 256² decodes of 32 images at once ran 2-3× slower per image than 8.
     batch = 32 if pipe.device.type == "cuda" else 8
@@ -182,7 +188,8 @@ def _cmd_compositional(args: argparse.Namespace) -> int:
     generate = model_generator(args)
     report = evaluate(generate, judge, prompts, args.images_per_prompt, args.seed, progress=True)
     report["model"] = args.model
-    report["generation"] = {"steps": args.steps, "cfg": args.cfg, "sampler": args.sampler, "size": args.size}
+    report["generation"] = {"steps": args.steps, "cfg": args.cfg, "cfg_start": args.cfg_start,
+                            "sampler": args.sampler, "size": args.size}
     print(format_report(report))
     _write_json(args.out, report)
     return 0
@@ -211,6 +218,7 @@ def _add_fid(esub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="feature batch size (default 64)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--cfg", type=float, default=None, help=CFG_HELP)
+    p.add_argument("--cfg-start", type=float, default=0.0, metavar="F", help=CFG_START_HELP)
     p.add_argument("--sampler", default=None)
     p.add_argument("--size", type=int, default=None, help="render / generation size (default 256 / native)")
     p.add_argument("--device", default="auto")
@@ -454,7 +462,8 @@ def _cmd_clipscore(args: argparse.Namespace) -> int:
                                 render_size=args.size or 256, device=device, progress=True)
     report["model"] = args.model
     report["clip"] = str(args.clip)
-    report["generation"] = {"steps": args.steps, "cfg": args.cfg, "sampler": args.sampler, "size": args.size}
+    report["generation"] = {"steps": args.steps, "cfg": args.cfg, "cfg_start": args.cfg_start,
+                            "sampler": args.sampler, "size": args.size}
     print(format_clipscore(report))
     _write_json(args.out, report)
     return 0
@@ -573,7 +582,8 @@ def _cmd_guidance_sweep(args: argparse.Namespace) -> int:
         device=device, batch_size=args.batch_size, progress=True,
     )
     result.update(model=args.model, fid_split=args.fid_split,
-                  generation={"steps": args.steps, "sampler": args.sampler, "size": args.size})
+                  generation={"steps": args.steps, "cfg_start": args.cfg_start, "sampler": args.sampler,
+                              "size": args.size})
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -33,6 +33,7 @@ _PARAM_FLAGS = {
     "sampler": "sampler",
     "steps": "steps",
     "cfg": "cfg_scale",
+    "cfg_start": "cfg_start",
     "seed": "seed",
     "batch": "batch_size",
     "batch_count": "batch_count",
@@ -130,6 +131,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg", type=float, metavar="F",
                    help=f"classifier-free guidance scale; ≤ 1 turns guidance off (default: the model's "
                    f"recommended scale if its file records one, else {d.cfg_scale:g})")
+    p.add_argument("--cfg-start", type=float, metavar="F",
+                   help="guidance only from this fraction of the noise schedule on (a guidance interval): while the "
+                   "timestep is above (1 - F) x 1000 the prompt alone steers, at half the cost per step. Fewer "
+                   f"guided steps, more varied images (default {d.cfg_start:g}: guided at every step)")
     p.add_argument("--seed", type=int, metavar="N",
                    help="seed of the first image; image k of the run uses seed + k (default -1: random)")
     p.add_argument("--size", metavar="WxH",

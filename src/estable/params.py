@@ -24,7 +24,7 @@ def hires_side(side: int, scale: float) -> int:
 
 
 _INT_FIELDS = ("steps", "seed", "batch_size", "batch_count")
-_NUMBER_FIELDS = ("cfg_scale", "strength", "eta")
+_NUMBER_FIELDS = ("cfg_scale", "cfg_start", "strength", "eta")
 
 
 def _check_types(p: GenerationParams) -> None:
@@ -55,6 +55,10 @@ class GenerationParams:
     sampler: str = "dpmpp_2m_karras"
     steps: int = 25
     cfg_scale: float = 7.0
+    # Guidance only from this fraction of the noise schedule on (a guidance interval, Kynkäänniemi et al. 2024;
+    # ComfyUI's "start percent"): while the timestep is above (1 - cfg_start) x the model's training timesteps
+    # (1000), the prompt's output alone is used, without the negative / unconditional one. 0 = guided everywhere.
+    cfg_start: float = 0.0
     seed: int = -1  # -1: a random seed, resolved (and recorded) before generation
     width: int | None = None  # None: the model's native size
     height: int | None = None
@@ -96,6 +100,9 @@ class GenerationParams:
             raise EstableError(f"steps must be between 1 and 1000, not {self.steps!r}")
         if not 0.0 <= float(self.cfg_scale) <= 100.0:
             raise EstableError(f"cfg scale must be between 0 and 100, not {self.cfg_scale!r}")
+        if not 0.0 <= float(self.cfg_start) < 1.0:
+            raise EstableError(f"cfg start must be in [0, 1) (a fraction of the noise schedule), not "
+                               f"{self.cfg_start!r}")
         if not 1 <= self.batch_size <= MAX_BATCH or not 1 <= self.batch_count <= 1000:
             raise EstableError(f"batch size must be 1..{MAX_BATCH} and batch count 1..1000")
         if not 0.0 < float(self.strength) <= 1.0:

@@ -616,7 +616,10 @@ class Pipeline:
 
                 run = ControlRun(control, latent_size=shape[-2:], batch=batch, guided=cfg, device=dev, dtype=self.dtype,
                                  evaluations=count_evaluations(spec.fn, plan.sigmas, options))
-            model = self._guided_model(context, float(params.cfg_scale) if cfg else None, extra, run)
+            # a guidance interval (cfg_start > 0): no guidance above this timestep
+            t_guided = (1.0 - float(params.cfg_start)) * self.config.schedule.num_train_timesteps \
+                if cfg and params.cfg_start > 0 else None
+            model = self._guided_model(context, float(params.cfg_scale) if cfg else None, extra, run, t_guided)
             denoise = vp_denoiser(model, self.config.schedule.prediction_type, plan.timestep)
             if keep is not None:
                 assert z0 is not None
@@ -631,10 +634,19 @@ class Pipeline:
     def _guided_model(
         self, context: torch.Tensor, scale: float | None, extra: torch.Tensor | None,
         control: Callable[[torch.Tensor, float, torch.Tensor], dict[str, Any]] | None = None,
+        t_guided: float | None = None,
     ) -> Callable[[torch.Tensor, float], torch.Tensor]:
-        """``model(x_t, t)``: one U-Net call on [uncond, cond] (or cond alone) and the CFG combination."""
+        """``model(x_t, t)``: one U-Net call on [uncond, cond] (or cond alone) and the CFG combination; above
+        timestep ``t_guided`` (when given) the conditional output alone (a guidance interval)."""
 
         def model(x_t: torch.Tensor, t: float) -> torch.Tensor:
+            unguided = scale is not None and t_guided is not None and float(t) > t_guided
+            if unguided and control is None:  # the cond half alone: half the work
+                batch = x_t.shape[0]
+                inp = x_t.to(self.dtype)
+                if extra is not None:
+                    inp = torch.cat([inp, extra[batch:]], dim=1)
+                return self.unet_forward(inp, t, context[batch:]).float()
             inp = torch.cat([x_t, x_t]) if scale is not None else x_t  # (2B or B, 4, h, w)
             inp = inp.to(self.dtype)
             residuals = control(inp, t, context) if control is not None else {}  # ControlNets see the 4 channels
@@ -645,6 +657,8 @@ class Pipeline:
             if scale is None:
                 return out
             out_u, out_c = out.chunk(2)
+            if unguided:  # with ControlNets, whose residuals are laid out for both halves
+                return out_c
             return out_u + scale * (out_c - out_u)  # Ho & Salimans 2022, eq. 6, on ε or v
 
         return model

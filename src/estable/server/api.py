@@ -38,6 +38,7 @@ class JobRequest(BaseModel):
     sampler: str | None = None
     steps: int | None = None
     cfg_scale: float | None = None
+    cfg_start: float | None = None  # guidance from this fraction of the noise schedule on, as `generate --cfg-start`
     seed: int = -1
     width: int | None = None
     height: int | None = None
@@ -70,8 +71,8 @@ def make_job(request: Request, req: JobRequest) -> Job:
         if not req.mask:
             raise FieldError("mask", "inpaint needs a mask (base64 PNG; white = repaint)")
         mask = fit_mask(decode_image(req.mask, "mask", limits, mode="L"), image)  # type: ignore[arg-type]
-    values = req.model_dump(include={"prompt", "negative_prompt", "sampler", "steps", "cfg_scale", "seed", "width",
-                                     "height", "batch_size", "batch_count", "strength", "clip_skip", "eta",
+    values = req.model_dump(include={"prompt", "negative_prompt", "sampler", "steps", "cfg_scale", "cfg_start", "seed",
+                                     "width", "height", "batch_size", "batch_count", "strength", "clip_skip", "eta",
                                      "hires_scale", "hires_strength", "hires_upscaler", "hires_steps"})
     params = build_params(values, limits)
     state.admit(params.prompt)  # the prompt filter, the <lora:…> tags

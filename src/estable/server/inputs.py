@@ -131,7 +131,7 @@ def build_params(values: dict[str, Any], limits: Limits, names: dict[str, str] |
     for key in ("seed", "clip_skip"):
         if key in v:
             v[key] = _int(name(key), v[key])
-    for key in ("cfg_scale", "strength", "eta"):
+    for key in ("cfg_scale", "cfg_start", "strength", "eta"):
         if key in v and (isinstance(v[key], bool) or not isinstance(v[key], (int, float))):
             raise FieldError(name(key), f"must be a number, not {v[key]!r}")
     if "sampler" in v:
@@ -161,7 +161,8 @@ def build_params(values: dict[str, Any], limits: Limits, names: dict[str, str] |
 def _guess_field(message: str, values: dict[str, Any], name: Any) -> str:
     """The request field a GenerationParams message is about (its messages start with the field's words)."""
     low = message.lower()
-    for key in ("negative_prompt", "prompt", "width", "height", "steps", "cfg_scale", "batch_size", "strength",
+    for key in ("negative_prompt", "prompt", "width", "height", "steps", "cfg_scale", "cfg_start", "batch_size",
+                "strength",
                 "eta", "clip_skip", "seed"):
         if low.startswith(key.replace("_", " ")) or low.startswith(key):
             return name(key)
