@@ -3,8 +3,9 @@
     PYTHONPATH=src python benchmarks/demo_seeds.py default runs/model.safetensors --out benchmarks/demo_seeds.png
 
 25 steps of DPM++ 2M Karras (``--steps``, ``--sampler``) at each model's recommended guidance scale (5 when it
-records none), 256², CPU fp32 by default. No seed is picked: the row is seeds 1..8 as they come. Prints, per model,
-the seeds whose image the shipped judge reads with the relation right and with the whole prompt right.
+records none; ``--cfg-start 0,0.2``: a row per guidance interval), 256², CPU fp32 by default. No seed is picked: the
+row is seeds 1..8 as they come. Prints, per row, the seeds whose image the shipped judge reads with the relation
+right and with the whole prompt right.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--sampler", default="dpmpp_2m_karras")
     ap.add_argument("--cell", type=int, default=128)
+    ap.add_argument("--cfg-start", default="0", metavar="LIST",
+                    help="comma-separated guidance intervals (GenerationParams.cfg_start), a row each (default 0)")
     ap.add_argument("--out")
     args = ap.parse_args()
     judge = load_default_judge(args.device)
@@ -39,16 +42,18 @@ def main() -> None:
     for src in args.models:
         pipe = load_pipeline(src, device=args.device)
         cfg = pipe.config.default_cfg or 5.0
-        images = []
-        for seed in range(1, args.seeds + 1):
-            params = GenerationParams(prompt=args.prompt, steps=args.steps, cfg_scale=cfg, seed=seed,
-                                      sampler=args.sampler)
-            images.append(pipe.txt2img(params).images[0])
-        verdicts = [score_image(spec, d) for d in judge.detect(images)]
-        right = [s for s, v in zip(range(1, args.seeds + 1), verdicts) if v["position"]]
-        whole = [s for s, v in zip(range(1, args.seeds + 1), verdicts) if v["whole_prompt"]]
-        print(f"{src}: relation right at seeds {right} ({len(right)}/{args.seeds}); whole prompt at {whole}")
-        rows.append(images)
+        for start in (float(v) for v in args.cfg_start.split(",")):
+            images = []
+            for seed in range(1, args.seeds + 1):
+                params = GenerationParams(prompt=args.prompt, steps=args.steps, cfg_scale=cfg, cfg_start=start,
+                                          seed=seed, sampler=args.sampler)
+                images.append(pipe.txt2img(params).images[0])
+            verdicts = [score_image(spec, d) for d in judge.detect(images)]
+            right = [s for s, v in zip(range(1, args.seeds + 1), verdicts) if v["position"]]
+            whole = [s for s, v in zip(range(1, args.seeds + 1), verdicts) if v["whole_prompt"]]
+            print(f"{src}, cfg start {start:g}: relation right at seeds {right} ({len(right)}/{args.seeds}); "
+                  f"whole prompt at {whole}", flush=True)
+            rows.append(images)
     if args.out:
         c = args.cell
         grid = Image.new("RGB", (c * args.seeds, c * len(rows)), "white")

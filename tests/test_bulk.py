@@ -284,3 +284,13 @@ def test_bulk_lines_get_the_model_recommended_sampler_and_cfg_where_they_name_no
                           "--sampler", "lcm", *FLAGS)  # a flag counts as the lines' choice
     assert status == 0, err
     assert read_png_metadata(tmp_path / "out2" / "000001-000.png")[1]["params"]["sampler"] == "lcm"
+
+
+def test_bulk_cfg_start_flag_is_the_lines_default(capsys, tmp_path, model):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('"a red circle"\n{"prompt": "a blue square", "cfg_start": 0.1}\n')
+    status, _, err = _run(capsys, "generate", "--prompts", prompts, "--out", tmp_path / "out", "--model", model,
+                          "--cfg-start", "0.3", *FLAGS)
+    assert status == 0, err
+    got = [read_png_metadata(tmp_path / "out" / f"00000{n}-000.png")[1]["params"]["cfg_start"] for n in (1, 2)]
+    assert got == [0.3, 0.1]

@@ -17,6 +17,7 @@ _DEFAULT_FLAGS = {
     "sampler": "sampler",
     "steps": "steps",
     "cfg": "cfg_scale",
+    "cfg_start": "cfg_start",
     "batch_count": "batch_count",
     "clip_skip": "clip_skip",
     "weighting": "weighting",
