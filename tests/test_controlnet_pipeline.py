@@ -185,3 +185,23 @@ def test_control_image_of_another_size_is_resized_as_diffusers_does(ours, theirs
     ref = _reference_pixels(pipe, "euler", "epsilon", image=big, height=SIZE, width=SIZE)
     got = _pixels(ours["epsilon"].txt2img(_params("euler"), control=[ControlUnit(net=nets[0][1], image=big)]))
     _check("controlnet txt2img resized control image", ref, got)
+
+
+def test_guidance_interval_controlnet_parity(ours, theirs, nets, control_images):
+    """cfg_start with a ControlNet: above t = 600 the cond half of the full call, as diffusers with its scale switched
+    per step (test_pipeline._interval_kwargs). The ControlNet acts in the first 30 % of the steps only: these random
+    ControlNets steer so hard that, acting at every step, guidance would not show in the image at all."""
+    controlnet, image, args = _diffusers_args(nets, control_images, [0], [0.8], [0.0], [0.3], False)
+    pipe = _pipe(diffusers.StableDiffusionControlNetPipeline, theirs["epsilon"], controlnet)
+    pipe.scheduler = tp._scheduler(pipe, "dpmpp_2m_karras", "epsilon")
+    with torch.no_grad():
+        images = pipe(tp.PROMPT, negative_prompt=tp.NEGATIVE, image=image, num_inference_steps=tp.STEPS,
+                      generator=[torch.Generator("cpu").manual_seed(tp.SEED)], height=SIZE, width=SIZE,
+                      output_type="np", **args, **tp._interval_kwargs(pipe)).images
+    assert float(pipe.scheduler.timesteps[1]) > 600  # the ControlNet's steps are unguided ones
+    ref = (images * 255).round().astype(np.uint8)
+    units = _units(nets, control_images, [0], scale=[0.8], start=[0.0], end=[0.3], guess_mode=False)
+    got = _pixels(ours["epsilon"].txt2img(_params("dpmpp_2m_karras", cfg_start=tp.CFG_START), control=units))
+    _check("controlnet txt2img cfg_start", ref, got)
+    everywhere = _pixels(ours["epsilon"].txt2img(_params("dpmpp_2m_karras"), control=units))
+    assert _max_diff(everywhere, got) > 10 * TOL

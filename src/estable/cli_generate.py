@@ -133,8 +133,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    f"recommended scale if its file records one, else {d.cfg_scale:g})")
     p.add_argument("--cfg-start", type=float, metavar="F",
                    help="guidance only from this fraction of the noise schedule on (a guidance interval): while the "
-                   "timestep is above (1 - F) x 1000 the prompt alone steers, at half the cost per step. Fewer "
-                   f"guided steps, more varied images (default {d.cfg_start:g}: guided at every step)")
+                   "timestep is above (1 - F) x 1000 the prompt alone steers (one U-Net pass instead of two). Fewer "
+                   "guided steps: more varied images, drawn less faithfully to the prompt "
+                   f"(default {d.cfg_start:g}: guided at every step)")
     p.add_argument("--seed", type=int, metavar="N",
                    help="seed of the first image; image k of the run uses seed + k (default -1: random)")
     p.add_argument("--size", metavar="WxH",
