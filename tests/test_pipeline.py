@@ -343,6 +343,8 @@ def test_guidance_interval_inpaint_9_channel_parity(ours, theirs, init_image, ma
     ref = (images * 255).round().astype(np.uint8)
     result = ours["inpaint"].inpaint(init_image, mask_image, _params("ddim", strength=1.0, cfg_start=CFG_START))
     _check(f"inpaint9 ddim cfg_start {CFG_START}", ref, _pixels(result))
+    everywhere = ours["inpaint"].inpaint(init_image, mask_image, _params("ddim", strength=1.0))
+    assert _max_diff(_pixels(everywhere), ref) > 10 * TOL
 
 
 def test_guidance_interval_values():
