@@ -39,11 +39,11 @@ def guidance_variant(pipe: Pipeline, phi: float, t_min: float, t_max: float = 10
     ``t_max`` (txt2img without ControlNet only)."""
     plain = Pipeline._guided_model.__get__(pipe)
 
-    def guided_model(context, scale, extra, control=None):
+    def guided_model(context, scale, extra, control=None, t_guided=None):
         if scale is None or (phi == 0 and t_min == 0 and t_max >= 1000):
-            return plain(context, scale, extra, control)
-        if extra is not None or control is not None:
-            raise NotImplementedError("the probe handles txt2img without ControlNet only")
+            return plain(context, scale, extra, control, t_guided)
+        if extra is not None or control is not None or t_guided is not None:
+            raise NotImplementedError("the probe handles txt2img without ControlNet or cfg_start only")
 
         def model(x_t: torch.Tensor, t: float) -> torch.Tensor:
             out = pipe.unet_forward(torch.cat([x_t, x_t]).to(pipe.dtype), t, context).float()
