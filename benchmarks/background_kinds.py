@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=200)
     ap.add_argument("--cfg", type=float, help="guidance scale (default: the file's)")
     ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--guidance", metavar="W:PHI:T_MIN:T_MAX", help="a guidance variant of benchmarks/"
+    ap.add_argument("--guidance", metavar="W[:PHI[:T_MIN[:T_MAX]]][,key=value...]", help="a guidance variant of benchmarks/"
                     "guidance_variants.py (e.g. 4:0:0:800: no guidance above t = 800); its W replaces --cfg")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--fid", action="store_true", help="also the FID (judge features) of the --count images against "
@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.guidance:
         from guidance_variants import guidance_variant, parse_config  # beside this script
 
-        w, phi, t_min, t_max = parse_config(args.guidance)
-        gen_args.cfg = w
-        guidance_variant(pipe, phi, t_min, t_max)
+        variant = parse_config(args.guidance)
+        gen_args.cfg = variant.w
+        guidance_variant(pipe, variant)
     generate = model_generator(gen_args, pipe)
     seeds = [FID_PROMPT_SEED * 100_000 + i for i in range(args.count)]  # as `estable eval fid --fake model:M`
     fake: list[Image.Image] = []

@@ -1,5 +1,5 @@
-"""Probe: do two variants of classifier-free guidance help the built-in model? The library has neither; this script
-swaps the pipeline's guided model.
+"""Probe: do variants of classifier-free guidance help the built-in model? The library has none of them but the
+interval's start (``cfg_start``); this script swaps the pipeline's guided model.
 
     PYTHONPATH=src python benchmarks/guidance_variants.py [MODEL] --prompts 40 --config 4 --config 7.5:0.7 \
         --config 4:0:200 --out FILE                                                  # 2-core CPU, ~1 minute a config
@@ -12,7 +12,16 @@ outputs u, c:
   g ← g · (PHI · std(c) / std(g) + 1 − PHI), standard deviations per image; PHI = 0 is plain guidance;
 * a guidance interval (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval"): below timestep T_MIN
   and above T_MAX the conditional output alone (no guidance at the last, least noisy steps, or at the first, noisiest
-  ones, which the paper found to cost diversity); T_MIN = 0 and T_MAX = 1000 (the defaults) guide every step.
+  ones, which the paper found to cost diversity); T_MIN = 0 and T_MAX = 1000 (the defaults) guide every step;
+
+and, after the head, optional ``,key=value`` pairs:
+
+* ``above=A``: the scale above T_MAX (default 1: the conditional output alone), e.g. a weaker guidance in the noisy
+  steps instead of none;
+* ``high=H`` (``pool=P``, ``t_high=T``): guidance split by spatial frequency (in the spirit of Sadat et al. 2025,
+  "Guidance in the frequency domain"): the difference d = c − u is split into its low-pass part L (P × P average
+  pooling, bilinear back; default P = 4) and the rest, and g = u + W L + H (d − L); only at steps above timestep T
+  (default 0: at every guided step). H = W is plain guidance, H = 1 leaves the fine detail unguided.
 
 Each config is scored like ``estable eval compositional`` on the first ``--prompts`` held-out prompts, two images
 each, the same seeds for every config, 25 steps of DPM++ 2M Karras. ``--grid`` draws the demo prompt at seeds 1–8
@@ -25,8 +34,10 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from estable.evaluation.compositional import evaluate, make_prompts
 from estable.evaluation.judge import load_default_judge
@@ -34,13 +45,50 @@ from estable.params import GenerationParams
 from estable.pipeline import Pipeline, load_pipeline
 
 
-def guidance_variant(pipe: Pipeline, phi: float, t_min: float, t_max: float = 1000.0) -> None:
-    """Make ``pipe`` combine guided outputs with rescale ``phi`` and no guidance below timestep ``t_min`` or above
-    ``t_max`` (txt2img without ControlNet only)."""
+class Variant(NamedTuple):
+    """A guidance variant (see the module's docstring); the defaults are plain guidance at every step."""
+
+    w: float
+    phi: float = 0.0
+    t_min: float = 0.0
+    t_max: float = 1000.0
+    above: float = 1.0  # the scale above t_max (1: the conditional output alone)
+    high: float | None = None  # the scale of the difference's high frequencies (None: w, no split)
+    pool: int = 4  # the low-pass: average pooling by this factor, then bilinear upsampling
+    t_high: float = 0.0  # the frequency split only at steps above this timestep
+
+
+def low_pass(x: torch.Tensor, pool: int) -> torch.Tensor:
+    """``x`` (B, C, h, w) averaged over ``pool`` × ``pool`` cells and interpolated back bilinearly."""
+    small = F.avg_pool2d(x, pool, ceil_mode=True)
+    return F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def combine(u: torch.Tensor, c: torch.Tensor, t: float, v: Variant) -> torch.Tensor:
+    """The guided output of ``v`` from the unconditional and conditional outputs ``u``, ``c`` at timestep ``t``."""
+    if t < v.t_min:
+        return c
+    if t > v.t_max:
+        return c if v.above == 1 else u + v.above * (c - u)
+    d = c - u
+    if v.high is not None and v.high != v.w and t > v.t_high:
+        low = low_pass(d, v.pool)
+        g = u + v.w * low + v.high * (d - low)
+    else:
+        g = u + v.w * d
+    if v.phi == 0:
+        return g
+    ratio = c.std(dim=(1, 2, 3), keepdim=True) / g.std(dim=(1, 2, 3), keepdim=True)
+    return g * (v.phi * ratio + 1 - v.phi)
+
+
+def guidance_variant(pipe: Pipeline, variant: Variant) -> None:
+    """Make ``pipe`` combine its unconditional and conditional outputs as ``variant`` says (txt2img without
+    ControlNet or cfg_start only). ``variant.w`` is not used: the scale is the generation's ``cfg_scale``."""
     plain = Pipeline._guided_model.__get__(pipe)
 
     def guided_model(context, scale, extra, control=None, t_guided=None):
-        if scale is None or (phi == 0 and t_min == 0 and t_max >= 1000):
+        if scale is None or variant._replace(w=scale) == Variant(scale):
             return plain(context, scale, extra, control, t_guided)
         if extra is not None or control is not None or t_guided is not None:
             raise NotImplementedError("the probe handles txt2img without ControlNet or cfg_start only")
@@ -48,26 +96,39 @@ def guidance_variant(pipe: Pipeline, phi: float, t_min: float, t_max: float = 10
         def model(x_t: torch.Tensor, t: float) -> torch.Tensor:
             out = pipe.unet_forward(torch.cat([x_t, x_t]).to(pipe.dtype), t, context).float()
             u, c = out.chunk(2)  # (B, 4, h, w) each
-            if float(t) < t_min or float(t) > t_max:
-                return c
-            g = u + scale * (c - u)
-            ratio = c.std(dim=(1, 2, 3), keepdim=True) / g.std(dim=(1, 2, 3), keepdim=True)
-            return g * (phi * ratio + 1 - phi)
+            return combine(u, c, float(t), variant._replace(w=scale))
 
         return model
 
     pipe._guided_model = guided_model  # type: ignore[method-assign]
 
 
-def parse_config(text: str) -> tuple[float, float, float, float]:
-    values = [float(v) for v in text.split(":")]
+def parse_config(text: str) -> Variant:
+    """``W[:PHI[:T_MIN[:T_MAX]]]`` then optional ``,key=value`` pairs for the other fields of :class:`Variant`."""
+    head, *pairs = text.split(",")
+    values = [float(v) for v in head.split(":")]
     if not 1 <= len(values) <= 4:
-        raise SystemExit(f"a config is W[:PHI[:T_MIN[:T_MAX]]], not {text!r}")
-    w, phi, t_min, t_max = values + [0.0, 0.0, 1000.0][len(values) - 1:]
-    return w, phi, t_min, t_max
+        raise SystemExit(f"a config is W[:PHI[:T_MIN[:T_MAX]]][,key=value...], not {text!r}")
+    fields: dict[str, float | int] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in ("above", "high", "pool", "t_high") or not value:
+            raise SystemExit(f"unknown option {pair!r} in {text!r}: above=, high=, pool=, t_high=")
+        fields[key] = int(value) if key == "pool" else float(value)
+    return Variant(*values, **fields)
 
 
-def demo_grid(model: str, configs: list[tuple[float, float, float, float]], device: str, out: Path) -> None:
+def describe(v: Variant) -> str:
+    text = f"CFG {v.w:g}, phi {v.phi:g}, guided for {v.t_min:g} ≤ t ≤ {v.t_max:g}"
+    if v.t_max < 1000 and v.above != 1:
+        text += f" (scale {v.above:g} above)"
+    if v.high is not None and v.high != v.w:
+        text += f", high frequencies (pool {v.pool}) at scale {v.high:g}" + (
+            f" above t = {v.t_high:g}" if v.t_high > 0 else "")
+    return text
+
+
+def demo_grid(model: str, configs: list[Variant], device: str, out: Path) -> None:
     from PIL import Image
 
     from estable.evaluation.compositional import score_image
@@ -76,14 +137,13 @@ def demo_grid(model: str, configs: list[tuple[float, float, float, float]], devi
     prompt = "a red circle above a blue square"
     judge, spec = load_default_judge(device), parse_caption(prompt)
     grid = Image.new("RGB", (8 * 128, 128 * len(configs)), "white")
-    for r, (cfg, phi, t_min, t_max) in enumerate(configs):
+    for r, v in enumerate(configs):
         pipe = load_pipeline(model, device=device)
-        guidance_variant(pipe, phi, t_min, t_max)
-        images = [pipe.txt2img(GenerationParams(prompt=prompt, sampler="dpmpp_2m", cfg_scale=cfg, seed=seed))
+        guidance_variant(pipe, v)
+        images = [pipe.txt2img(GenerationParams(prompt=prompt, sampler="dpmpp_2m", cfg_scale=v.w, seed=seed))
                   .images[0] for seed in range(1, 9)]
         right = sum(score_image(spec, d)["whole_prompt"] for d in judge.detect(images))
-        print(f"CFG {cfg:g}, phi {phi:g}, guided for {t_min:g} ≤ t ≤ {t_max:g}: the demo prompt right at {right} of 8",
-              flush=True)
+        print(f"{describe(v)}: the demo prompt right at {right} of 8", flush=True)
         for k, im in enumerate(images):
             grid.paste(im.resize((128, 128), Image.LANCZOS), (k * 128, r * 128))
     grid.save(out)
@@ -94,9 +154,9 @@ def main() -> None:
     ap.add_argument("model", nargs="?", default="src/estable/assets/default_model.safetensors")
     ap.add_argument("--prompts", type=int, default=40)
     ap.add_argument("--images-per-prompt", type=int, default=2)
-    ap.add_argument("--config", action="append", metavar="W[:PHI[:T_MIN[:T_MAX]]]",
+    ap.add_argument("--config", action="append", metavar="W[:PHI[:T_MIN[:T_MAX]]][,key=value...]",
                     help="repeatable (default 4 and 4:0.7)")
-    ap.add_argument("--grid", action="append", metavar="W[:PHI[:T_MIN[:T_MAX]]]",
+    ap.add_argument("--grid", action="append", metavar="W[:PHI[:T_MIN[:T_MAX]]][,key=value...]",
                     help="draw the demo prompt at seeds 1–8 with these configs instead (repeatable; needs --out)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path)
@@ -110,17 +170,17 @@ def main() -> None:
     judge = load_default_judge(args.device)
     prompts = make_prompts(500)[: args.prompts]
     rows = []
-    for cfg, phi, t_min, t_max in configs:
+    for v in configs:
         pipe = load_pipeline(args.model, device=args.device)
-        guidance_variant(pipe, phi, t_min, t_max)
-        base = GenerationParams(steps=25, cfg_scale=cfg)
+        guidance_variant(pipe, v)
+        base = GenerationParams(steps=25, cfg_scale=v.w)
         t = time.perf_counter()
         report = evaluate(lambda texts, seeds, p=pipe, b=base: p.txt2img_each(texts, seeds, b, batch=8), judge, prompts,
                           args.images_per_prompt, 0)
         o = report["overall"]
-        rows.append({"cfg": cfg, "phi": phi, "t_min": t_min, "t_max": t_max, **o})
+        rows.append({"cfg": v.w, **v._asdict(), **o})
         scores = ", ".join(f"{k} {v:.1%}" for k, v in o.items() if isinstance(v, float))
-        print(f"CFG {cfg:g}, phi {phi:g}, guided for {t_min:g} ≤ t ≤ {t_max:g}: {scores}"
+        print(f"{describe(v)}: {scores}"
               + f" ({o['images']} images, {time.perf_counter() - t:.0f} s)", flush=True)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))

@@ -576,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
                     "torch's own CUDA graphs (mode reduce-overhead); repeatable, rows in the order given")
     ap.add_argument("--train-sdpa", choices=("cudnn", "flash", "efficient"),
                     help="training-compiled: put this attention kernel first (default: torch's choice)")
+    ap.add_argument("--train-batch", type=int, action="append", metavar="N",
+                    help="training parts: only these batch sizes (repeatable; default 8 and 32)")
     ap.add_argument("--no-checkpointing", action="store_true",
                     help="training: skip the largest-batch search with gradient checkpointing (~2 min)")
     ap.add_argument("--dynamic", action="store_true",
@@ -617,6 +619,10 @@ def main(argv: list[str] | None = None) -> int:
         if any(k not in known for k in args.shape):
             ap.error(f"--shape must be one of {', '.join(known)}")
         s.shapes = tuple(v for k, v in known.items() if k in args.shape)
+    if args.train_batch:
+        if min(args.train_batch) < 1:
+            ap.error("--train-batch must be positive")
+        s.train_batches = tuple(args.train_batch)
     if not s.cuda and not args.smoke and not torch.cuda.is_available():
         ap.error("no CUDA GPU here: run with --smoke for the CPU check")
     parts = list(PARTS) if "all" in (args.part or []) else (args.part or ["inference"])

@@ -13,7 +13,7 @@ import pytest
 from estable import GenerationParams, load_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from guidance_variants import guidance_variant, parse_config  # noqa: E402
+from guidance_variants import Variant, guidance_variant, parse_config  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,29 +30,59 @@ def test_guidance_variants_reduce_to_plain_guidance_and_to_none():
     assert np.abs(reference - unguided).max() > 20  # guidance matters at this seed
 
     same = load_pipeline("default", device="cpu")
-    guidance_variant(same, 0.0, 0.0)  # φ 0, guided everywhere: plain guidance
+    guidance_variant(same, Variant(4))  # the defaults: plain guidance
     assert np.array_equal(_image(same, cfg_scale=4), reference)
 
     never = load_pipeline("default", device="cpu")
-    guidance_variant(never, 0.0, 1001.0)  # no step above t 1000: the conditional output alone, as CFG 1
+    guidance_variant(never, Variant(4, t_min=1001.0))  # no step above t 1000: the conditional output alone, as CFG 1
     assert np.abs(_image(never, cfg_scale=4) - unguided).max() <= 2  # batch-of-2 arithmetic against batch 1
 
     above = load_pipeline("default", device="cpu")
-    guidance_variant(above, 0.0, 0.0, -1.0)  # every step above T_MAX: unguided again, from the other end
+    guidance_variant(above, Variant(4, t_max=-1.0))  # every step above T_MAX: unguided again, from the other end
     assert np.abs(_image(above, cfg_scale=4) - unguided).max() <= 2
 
     rescaled = load_pipeline("default", device="cpu")
-    guidance_variant(rescaled, 0.7, 0.0)
+    guidance_variant(rescaled, Variant(4, phi=0.7))
     assert np.abs(_image(rescaled, cfg_scale=4) - reference).max() > 5
+
+    split = load_pipeline("default", device="cpu")
+    guidance_variant(split, Variant(4, high=1.0))  # the fine detail unguided
+    assert np.abs(_image(split, cfg_scale=4) - reference).max() > 5
+
+
+def test_combine_splits_guidance_by_frequency_and_time():
+    import torch
+    from guidance_variants import combine, low_pass
+
+    gen = torch.Generator().manual_seed(0)
+    u, c = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 4, 16, 16, generator=gen)
+    plain = u + 4 * (c - u)
+    assert torch.allclose(combine(u, c, 500.0, Variant(4)), plain)
+    assert torch.allclose(combine(u, c, 500.0, Variant(4, high=4.0)), plain)  # H = W: no split
+    # the low-pass keeps a constant and removes a checkerboard
+    assert torch.allclose(low_pass(torch.ones(1, 1, 8, 8), 4), torch.ones(1, 1, 8, 8))
+    checker = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2 * 2.0 - 1
+    assert low_pass(checker[None, None], 4).abs().max() < 1e-6
+    split = combine(u, c, 500.0, Variant(4, high=1.0))  # g = c + 3 L: the conditional output plus guided lows
+    low = low_pass(c - u, 4)
+    assert torch.allclose(split, c + 3 * low, atol=1e-5)
+    assert torch.allclose(combine(u, c, 500.0, Variant(4, high=1.0, t_high=800.0)), plain)  # split only above 800
+    assert torch.allclose(combine(u, c, 900.0, Variant(4, t_max=800.0, above=2.0)), u + 2 * (c - u))
+    assert torch.equal(combine(u, c, 900.0, Variant(4, t_max=800.0)), c)
+    assert torch.equal(combine(u, c, 100.0, Variant(4, t_min=200.0)), c)
 
 
 def test_config_parsing():
-    assert parse_config("4") == (4.0, 0.0, 0.0, 1000.0)
-    assert parse_config("7.5:0.7") == (7.5, 0.7, 0.0, 1000.0)
-    assert parse_config("4:0:200") == (4.0, 0.0, 200.0, 1000.0)
-    assert parse_config("4:0:0:800") == (4.0, 0.0, 0.0, 800.0)
+    assert parse_config("4") == Variant(4.0, 0.0, 0.0, 1000.0)
+    assert parse_config("7.5:0.7") == Variant(7.5, 0.7)
+    assert parse_config("4:0:200") == Variant(4.0, t_min=200.0)
+    assert parse_config("4:0:0:800") == Variant(4.0, t_max=800.0)
+    assert parse_config("4:0:0:800,above=2") == Variant(4.0, t_max=800.0, above=2.0)
+    assert parse_config("4,high=1,pool=8,t_high=800") == Variant(4.0, high=1.0, pool=8, t_high=800.0)
     with pytest.raises(SystemExit):
         parse_config("4:0:200:800:1")
+    with pytest.raises(SystemExit):
+        parse_config("4,lows=2")
 
 
 def test_vae_spikes_reports_the_shipped_autoencoder_spike(tmp_path, capsys, monkeypatch):

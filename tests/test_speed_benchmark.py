@@ -48,6 +48,17 @@ def test_side_by_side_smoke_writes_every_table(tmp_path):
     assert json.loads((out2 / "speed.json").read_text())["inference"].keys() == res["inference"].keys()
 
 
+def test_train_batch_restricts_the_training_rows(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed_side_by_side.py"), "--smoke", "--part",
+                           "training", "--train-batch", "2", "--no-checkpointing", "--out", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "part-training.json").read_text())
+    assert res["train_batches"] == [2]  # the smoke settings' default is (1, 2)
+    assert all(list(rows) == ["2"] for rows in res["training"].values()), res["training"]
+
+
 def test_cold_start_rows_in_separate_calls_share_one_cache(tmp_path):
     """--compile-cache DIR --cold-rows: the empty row in one call, the warm row in a later one from the cache it left
     (how a GPU chain split across calls runs them); an 'empty' row refuses a folder that is not empty."""
