@@ -321,3 +321,23 @@ def test_rendering_speed_is_reported(capsys):
     # so a 10x slowdown (e.g. a supersampling factor gone wrong) must fail here even on a busy machine.
     assert n / (t2 - t1) > 25, f"rendering at 256² fell to {n / (t2 - t1):.1f}/s (measured 267/s)"
     assert n / (t1 - t0) > 100, f"scene layout fell to {n / (t1 - t0):.1f}/s (measured 1648/s)"
+
+
+def test_named_background_odds_change_only_the_named_kinds():
+    from collections import Counter
+
+    plain = ShapesWorld("train", seed=5)
+    assert [plain.scene(i) for i in range(50)] == [ShapesWorld("train", seed=5, named_background_kinds=None).scene(i)
+                                                    for i in range(50)]  # the default draws the same numbers
+    odds = ShapesWorld("train", seed=5, named_background_kinds={"plain": 2, "gradient": 1, "textured": 1})
+    named, unnamed = Counter(), Counter()
+    for i in range(3000):
+        bg = odds.scene(i).background
+        (named if bg.mentioned else unnamed)[bg.kind] += 1
+    # named backgrounds now half plain, as the unnamed ones always were (3 sigma: about 0.04 at ~1,200 scenes)
+    assert abs(named["plain"] / sum(named.values()) - 0.5) < 0.05, named
+    assert abs(unnamed["plain"] / sum(unnamed.values()) - 0.5) < 0.05, unnamed
+    only = ShapesWorld("train", seed=5, named_background_kinds={"textured": 1})
+    assert {only.scene(i).background.kind for i in range(200) if only.scene(i).background.mentioned} == {"textured"}
+    with pytest.raises(ValueError, match="named_background_kinds"):
+        ShapesWorld("train", named_background_kinds={"stripy": 1})

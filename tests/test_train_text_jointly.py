@@ -79,3 +79,13 @@ def test_shapes_kind_mix(tmp_path):
     assert kinds == {"pair"}
     with pytest.raises(ValueError, match="shapes_kinds"):
         cfg.data.replace(shapes_kinds={"pairs": 1.0})
+
+
+def test_shapes_named_background_odds(tmp_path):
+    cfg = load_config("unet", "tiny-unet", [*QUIET, "data.shapes_named_backgrounds={\"textured\": 1}"])
+    train, _ = build_datasets(cfg, 0, 1)
+    named = [spec.background.kind for spec in (parse_caption(train[i]["text"]) for i in range(60))
+             if spec.background is not None]
+    assert named and set(named) == {"textured"}
+    with pytest.raises(ValueError, match="shapes_named_backgrounds"):
+        cfg.data.replace(shapes_named_backgrounds={"striped": 1.0})

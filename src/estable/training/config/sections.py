@@ -56,6 +56,10 @@ class DataConfig(_Plain):
     # Mix of the shapes world's prompt kinds (single, count, pair, colour_binding → weight); None: the world's
     # default mix (shapes.KIND_WEIGHTS).
     shapes_kinds: dict[str, float] | None = None
+    # Odds of the background kinds (plain, gradient, textured → weight) among backgrounds a shapes caption names;
+    # None: one in three each, the world's default. (Backgrounds a caption leaves unnamed are half plain, a quarter
+    # each gradient and textured, always.)
+    shapes_named_backgrounds: dict[str, float] | None = None
     center_crop: bool = True
     random_flip: bool = False
     caption_column: str = "text"
@@ -80,6 +84,15 @@ class DataConfig(_Plain):
                                for w in kinds.values()) or sum(kinds.values()) <= 0):
                 raise ValueError(f"data.shapes_kinds must map some of {', '.join(PROMPT_KINDS)} to non-negative "
                                  f"weights, got {kinds!r}")
+        if self.shapes_named_backgrounds is not None:
+            from estable.training.shapes import BACKGROUND_KINDS
+
+            bg = self.shapes_named_backgrounds
+            if (not isinstance(bg, dict) or not bg or set(bg) - set(BACKGROUND_KINDS)
+                    or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in bg.values())
+                    or sum(bg.values()) <= 0):
+                raise ValueError(f"data.shapes_named_backgrounds must map some of {', '.join(BACKGROUND_KINDS)} to "
+                                 f"non-negative weights, got {bg!r}")
 
 
 @dataclass(frozen=True)

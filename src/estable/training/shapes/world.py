@@ -76,6 +76,7 @@ class ShapesWorld:
         heldout_fraction: float = HELDOUT_FRACTION,
         kind_weights: dict[str, float] | None = None,
         background_mention_p: float = BACKGROUND_MENTION_P,
+        named_background_kinds: dict[str, float] | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
@@ -95,6 +96,15 @@ class ShapesWorld:
         w = np.array([weights[k] for k in self._kinds], dtype=np.float64)
         self._kind_p = w / w.sum()
         self.background_mention_p = float(background_mention_p)
+        # the odds of plain / gradient / textured among the backgrounds a caption names (None: one in three each)
+        self._named_bg_p: np.ndarray | None = None
+        if named_background_kinds is not None:
+            bg = dict(named_background_kinds)
+            if not bg or set(bg) - set(BACKGROUND_KINDS) or min(bg.values()) < 0 or sum(bg.values()) <= 0:
+                raise ValueError(f"named_background_kinds must map some of {', '.join(BACKGROUND_KINDS)} to "
+                                 "non-negative weights")
+            p = np.array([bg.get(k, 0.0) for k in BACKGROUND_KINDS], dtype=np.float64)
+            self._named_bg_p = p / p.sum()
 
     def rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng(_hash_int("estable-shapes", self.seed, self.split, int(index)))
@@ -122,7 +132,9 @@ class ShapesWorld:
         background = None
         if rng.random() < self.background_mention_p:
             free = [c for c in COLOURS if c not in {cs[0] for cs in combos}]
-            background = BackgroundSpec(_pick(rng, BACKGROUND_KINDS), _pick(rng, free))
+            bg_kind = (_pick(rng, BACKGROUND_KINDS) if self._named_bg_p is None
+                       else BACKGROUND_KINDS[int(rng.choice(len(BACKGROUND_KINDS), p=self._named_bg_p))])
+            background = BackgroundSpec(bg_kind, _pick(rng, free))
         return PromptSpec(kind, objects, count=count, relation=relation, background=background)
 
     def scene(self, index: int) -> Scene:
