@@ -56,8 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=200)
     ap.add_argument("--cfg", type=float, help="guidance scale (default: the file's)")
     ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--guidance", metavar="W[:PHI[:T_MIN[:T_MAX]]][,key=value...]", help="a guidance variant of benchmarks/"
-                    "guidance_variants.py (e.g. 4:0:0:800: no guidance above t = 800); its W replaces --cfg")
+    ap.add_argument("--guidance", metavar="W[:PHI[:T_MIN[:T_MAX]]][,key=value...]",
+                    help="a guidance variant of benchmarks/guidance_variants.py (e.g. 4:0:0:800: no guidance above "
+                    "t = 800); its W replaces --cfg")
+    ap.add_argument("--empty-prompt", action="store_true", help="generate every image from the empty prompt (the "
+                    "unconditional model, which guidance extrapolates away from) and report the kinds and colours of "
+                    "all its backgrounds against the world's")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--fid", action="store_true", help="also the FID (judge features) of the --count images against "
                     "as many held-out renders, as `estable eval fid --real shapes:N --split heldout --fake model:M`")
@@ -80,18 +84,27 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [FID_PROMPT_SEED * 100_000 + i for i in range(args.count)]  # as `estable eval fid --fake model:M`
     fake: list[Image.Image] = []
     for start in range(0, args.count, 32):
-        fake += generate([s.caption for s in scenes[start:start + 32]], seeds[start:start + 32])
+        texts = [("" if args.empty_prompt else s.caption) for s in scenes[start:start + 32]]
+        fake += generate(texts, seeds[start:start + 32])
         print(f"generated {len(fake)} of {args.count}", flush=True)
     real = [render(s, 256) for s in scenes]
 
     device = resolve_device(args.device)
     judge = load_judge_or_default(None, device)
     kinds_real = [k for k, _ in judge.classify_background(real)]
-    kinds_fake = [k for k, _ in judge.classify_background(fake)]
+    judged_fake = judge.classify_background(fake)
+    kinds_fake = [k for k, _ in judged_fake]
     truth = [s.background.kind for s in scenes]
     spread_real, spread_fake = [border_range(im) for im in real], [border_range(im) for im in fake]
     res: dict = {"model": args.model, "cfg": gen_args.cfg, "guidance": args.guidance, "steps": args.steps,
-                 "count": args.count}
+                 "count": args.count, "empty_prompt": args.empty_prompt}
+    if args.empty_prompt:  # the captions' split below then says which scene's seed an image shares, nothing more
+        res["all backgrounds: world's kinds / the empty prompt's, judged"] = [dict(Counter(truth)),
+                                                                              dict(Counter(kinds_fake))]
+        grey = [sum(s.background.colour == "grey" for s in scenes), sum(c == "grey" for _, c in judged_fake)]
+        res["all backgrounds: world's grey ones / the empty prompt's, judged"] = grey
+        print(f"all {args.count}: world's kinds {dict(Counter(truth))}, the empty prompt's {dict(Counter(kinds_fake))}"
+              f"; grey backgrounds {grey[0]} / {grey[1]}", flush=True)
     for name, keep in (("caption names the background", True), ("caption does not", False)):
         idx = [i for i, s in enumerate(scenes) if s.background.mentioned == keep]
         res[name] = {
