@@ -68,3 +68,26 @@ def test_background_kinds_reports_kinds_and_fid(tmp_path):
     assert sum(n for t in tables for row in t.values() for n in row.values()) == 3
     assert np.isfinite(res["fid"]) and res["fid"] > 0
     assert Image.open(tmp_path / "background_kinds.png").size == (3 * 128, 256)
+
+
+def test_background_kinds_of_the_empty_prompt(tmp_path, monkeypatch):
+    seen: list[list[str]] = []
+    real = background_kinds.model_generator
+
+    def recording(args, pipe=None):
+        generate = real(args, pipe)
+
+        def wrapped(texts, seeds):
+            seen.append(list(texts))
+            return generate(texts, seeds)
+        return wrapped
+
+    monkeypatch.setattr(background_kinds, "model_generator", recording)
+    background_kinds.main(["--count", "3", "--steps", "2", "--cfg", "1", "--empty-prompt", "--device", "cpu",
+                           "--out", str(tmp_path)])
+    assert seen and all(t == "" for texts in seen for t in texts)  # every image from the empty prompt
+    res = json.loads((tmp_path / "background_kinds.json").read_text())
+    world, model = res["all backgrounds: world's kinds / the empty prompt's, judged"]
+    assert sum(world.values()) == sum(model.values()) == 3
+    grey_world, grey_model = res["all backgrounds: world's grey ones / the empty prompt's, judged"]
+    assert 0 <= grey_world <= 3 and 0 <= grey_model <= 3
