@@ -103,8 +103,12 @@ def main(argv: list[str] | None = None) -> int:
                                                                               dict(Counter(kinds_fake))]
         grey = [sum(s.background.colour == "grey" for s in scenes), sum(c == "grey" for _, c in judged_fake)]
         res["all backgrounds: world's grey ones / the empty prompt's, judged"] = grey
+        # guidance weighs a grey image by p(x | caption) / p(x): what counts is the kind odds among grey backgrounds
+        grey_kinds = [dict(Counter(s.background.kind for s in scenes if s.background.colour == "grey")),
+                      dict(Counter(k for k, c in judged_fake if c == "grey"))]
+        res["grey backgrounds' kinds: world's / the empty prompt's, judged"] = grey_kinds
         print(f"all {args.count}: world's kinds {dict(Counter(truth))}, the empty prompt's {dict(Counter(kinds_fake))}"
-              f"; grey backgrounds {grey[0]} / {grey[1]}", flush=True)
+              f"; grey backgrounds {grey[0]} / {grey[1]}, their kinds {grey_kinds[0]} / {grey_kinds[1]}", flush=True)
     for name, keep in (("caption names the background", True), ("caption does not", False)):
         idx = [i for i, s in enumerate(scenes) if s.background.mentioned == keep]
         res[name] = {

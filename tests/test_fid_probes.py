@@ -91,3 +91,5 @@ def test_background_kinds_of_the_empty_prompt(tmp_path, monkeypatch):
     assert sum(world.values()) == sum(model.values()) == 3
     grey_world, grey_model = res["all backgrounds: world's grey ones / the empty prompt's, judged"]
     assert 0 <= grey_world <= 3 and 0 <= grey_model <= 3
+    kinds_world, kinds_model = res["grey backgrounds' kinds: world's / the empty prompt's, judged"]
+    assert sum(kinds_world.values()) == grey_world and sum(kinds_model.values()) == grey_model
