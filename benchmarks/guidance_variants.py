@@ -179,7 +179,7 @@ def main() -> None:
                           args.images_per_prompt, 0)
         o = report["overall"]
         rows.append({"cfg": v.w, **v._asdict(), **o})
-        scores = ", ".join(f"{k} {v:.1%}" for k, v in o.items() if isinstance(v, float))
+        scores = ", ".join(f"{k} {val:.1%}" for k, val in o.items() if isinstance(val, float))
         print(f"{describe(v)}: {scores}"
               + f" ({o['images']} images, {time.perf_counter() - t:.0f} s)", flush=True)
     if args.out:

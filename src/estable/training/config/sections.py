@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from estable.training.config.plain import _Plain, _positive, _positive_int
 
@@ -75,24 +76,20 @@ class DataConfig(_Plain):
         _positive_int("data.val_size", self.val_size, allow_zero=True)
         if not isinstance(self.source, str) or not self.source:
             raise ValueError("data.source must be 'shapes', a folder path or a tar-shard pattern")
-        if self.shapes_kinds is not None:
-            from estable.training.shapes import PROMPT_KINDS
+        from estable.training.shapes import BACKGROUND_KINDS, PROMPT_KINDS
 
-            kinds = self.shapes_kinds
-            if (not isinstance(kinds, dict) or not kinds or set(kinds) - set(PROMPT_KINDS)
-                    or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0
-                               for w in kinds.values()) or sum(kinds.values()) <= 0):
-                raise ValueError(f"data.shapes_kinds must map some of {', '.join(PROMPT_KINDS)} to non-negative "
-                                 f"weights, got {kinds!r}")
-        if self.shapes_named_backgrounds is not None:
-            from estable.training.shapes import BACKGROUND_KINDS
+        _weights("data.shapes_kinds", self.shapes_kinds, PROMPT_KINDS)
+        _weights("data.shapes_named_backgrounds", self.shapes_named_backgrounds, BACKGROUND_KINDS)
 
-            bg = self.shapes_named_backgrounds
-            if (not isinstance(bg, dict) or not bg or set(bg) - set(BACKGROUND_KINDS)
-                    or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in bg.values())
-                    or sum(bg.values()) <= 0):
-                raise ValueError(f"data.shapes_named_backgrounds must map some of {', '.join(BACKGROUND_KINDS)} to "
-                                 f"non-negative weights, got {bg!r}")
+
+def _weights(name: str, value: Any, keys: tuple[str, ...]) -> None:
+    """None, or a dict from some of ``keys`` to non-negative numbers with a positive sum."""
+    if value is None:
+        return
+    if (not isinstance(value, dict) or not value or set(value) - set(keys)
+            or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in value.values())
+            or sum(value.values()) <= 0):
+        raise ValueError(f"{name} must map some of {', '.join(keys)} to non-negative weights, got {value!r}")
 
 
 @dataclass(frozen=True)
