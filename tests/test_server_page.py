@@ -291,6 +291,28 @@ def test_history_pages(server, browser):
 
 
 @needs_browser
+def test_cfg_start_is_sent_shown_and_checked(server, browser):
+    _open(browser, server.url + "/")
+    _set(browser, "cfg-start", "1.5")  # out of range: the page says so on the field and sends nothing
+    _set(browser, "prompt", "a red square")
+    browser.find_element("id", "generate").click()
+    _wait(browser, lambda d: "error" in d.find_element("id", "status").get_attribute("class"), what="the error")
+    assert "CFG start" in browser.find_element("id", "status").text
+    assert browser.find_element("id", "cfg-start").get_attribute("aria-invalid") == "true"
+
+    _set(browser, "cfg-start", "0.4")
+    job_id = _generate(browser, "a red square", seed=3)
+    job = json.loads(_get(server, f"v1/jobs/{job_id}"))
+    assert job["params"]["cfg_start"] == 0.4
+    assert "CFG start 0.4" in browser.find_element("id", f"job-{job_id}").find_element(
+        "css selector", ".job-meta").text
+    _set(browser, "cfg-start", "0")
+    browser.find_element("id", f"job-{job_id}").find_element("css selector", ".use-settings").click()
+    assert browser.find_element("id", "cfg-start").get_attribute("value") == "0.4"
+    _set(browser, "cfg-start", "0")
+
+
+@needs_browser
 def test_a_rejection_by_the_server_is_shown_on_its_field(server, browser):
     _open(browser, server.url + "/")
     too_long = "x" * (server.settings.limits.max_prompt_length + 1)  # the page checks the prompt, not this one

@@ -118,8 +118,8 @@
   // ---------------------------------------------------------------- the form ---------------------------------
   const FIELDS = {
     prompt: 'prompt', negative_prompt: 'negative-prompt', sampler: 'sampler', steps: 'steps',
-    cfg_scale: 'cfg-scale', seed: 'seed', width: 'width', height: 'height', batch_size: 'batch-size',
-    strength: 'strength', control: 'control-model',
+    cfg_scale: 'cfg-scale', cfg_start: 'cfg-start', seed: 'seed', width: 'width', height: 'height',
+    batch_size: 'batch-size', strength: 'strength', control: 'control-model',
   };
 
   const mode = () => document.querySelector('input[name="mode"]:checked').value;
@@ -192,12 +192,16 @@
       sampler: $('sampler').value || undefined,
       steps: intField('steps', 'Steps', 1, lim.max_steps || 1000),
       cfg_scale: Number($('cfg-scale').value),
+      cfg_start: Number($('cfg-start').value || 0),
       seed: intField('seed', 'Seed', -1, Number.MAX_SAFE_INTEGER),
       width: intField('width', 'Width', 8, lim.max_width || 2048),
       height: intField('height', 'Height', 8, lim.max_height || 2048),
       batch_size: intField('batch-size', 'Batch', 1, lim.max_batch_size || 16),
     };
     if (!Number.isFinite(body.cfg_scale)) throw fieldError('cfg-scale', 'Guidance must be a number');
+    if (!(body.cfg_start >= 0 && body.cfg_start < 1)) {
+      throw fieldError('cfg-start', 'CFG start must be at least 0 and below 1');
+    }
     for (const side of ['width', 'height']) {
       if (body[side] % 8) throw fieldError(side, `${side} must be a multiple of 8 (try ${body[side] - (body[side] % 8) || 8})`);
     }
@@ -506,6 +510,7 @@
       sampler ? sampler.label : p.sampler,
       p.steps != null ? `${p.steps} steps` : null,
       p.cfg_scale != null ? `CFG ${p.cfg_scale}` : null,
+      p.cfg_start ? `CFG start ${p.cfg_start}` : null,
       p.seed != null ? `seed ${p.seed}` : null,
       p.width && p.height ? `${p.width}×${p.height}` : null,
       p.batch_size > 1 ? `batch ${p.batch_size}` : null,
