@@ -28,7 +28,7 @@ from estable.cli_eval import FID_PROMPT_SEED, FID_REAL_SEED, load_model_pipeline
 from estable.evaluation.fid import extract_features, feature_stats, frechet_distance
 from estable.evaluation.judge import JudgeFeatures, load_judge_or_default, resolve_device
 from estable.training.shapes import ShapesWorld, render
-from estable.training.shapes.vocab import BACKGROUND_KINDS
+from estable.training.shapes.vocab import BACKGROUND_KINDS, DEFAULT_BACKGROUND
 
 
 def border_range(image: Image.Image, width: int = 6) -> float:
@@ -101,11 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.empty_prompt:  # the captions' split below then says which scene's seed an image shares, nothing more
         res["all backgrounds: world's kinds / the empty prompt's, judged"] = [dict(Counter(truth)),
                                                                               dict(Counter(kinds_fake))]
-        grey = [sum(s.background.colour == "grey" for s in scenes), sum(c == "grey" for _, c in judged_fake)]
+        grey = [sum(s.background.colour == DEFAULT_BACKGROUND for s in scenes),
+                sum(c == DEFAULT_BACKGROUND for _, c in judged_fake)]
         res["all backgrounds: world's grey ones / the empty prompt's, judged"] = grey
         # guidance weighs a grey image by p(x | caption) / p(x): what counts is the kind odds among grey backgrounds
-        grey_kinds = [dict(Counter(s.background.kind for s in scenes if s.background.colour == "grey")),
-                      dict(Counter(k for k, c in judged_fake if c == "grey"))]
+        grey_kinds = [dict(Counter(s.background.kind for s in scenes if s.background.colour == DEFAULT_BACKGROUND)),
+                      dict(Counter(k for k, c in judged_fake if c == DEFAULT_BACKGROUND))]
         res["grey backgrounds' kinds: world's / the empty prompt's, judged"] = grey_kinds
         print(f"all {args.count}: world's kinds {dict(Counter(truth))}, the empty prompt's {dict(Counter(kinds_fake))}"
               f"; grey backgrounds {grey[0]} / {grey[1]}, their kinds {grey_kinds[0]} / {grey_kinds[1]}", flush=True)
