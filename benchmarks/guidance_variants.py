@@ -22,6 +22,10 @@ and, after the head, optional ``,key=value`` pairs:
   "Guidance in the frequency domain"): the difference d = c − u is split into its low-pass part L (P × P average
   pooling, bilinear back; default P = 4) and the rest, and g = u + W L + H (d − L); only at steps above timestep T
   (default 0: at every guided step). H = W is plain guidance, H = 1 leaves the fine detail unguided.
+* ``bad=MODEL`` (``auto=A``, default 2): autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad
+  version of itself"): a second, weaker model of the same schedule and latent space (an earlier built-in model) reads
+  the same caption through its own text tower, and g ← g + (A − 1)(c − b) with b its conditional output. With W = 1
+  (the generation's CFG 1: no unconditional call) that is b + A (c − b), pure autoguidance; with A = 1 plain CFG.
 
 Each config is scored like ``estable eval compositional`` on the first ``--prompts`` held-out prompts, two images
 each, the same seeds for every config, 25 steps of DPM++ 2M Karras. ``--grid`` draws the demo prompt at seeds 1–8
@@ -56,6 +60,8 @@ class Variant(NamedTuple):
     high: float | None = None  # the scale of the difference's high frequencies (None: w, no split)
     pool: int = 4  # the low-pass: average pooling by this factor, then bilinear upsampling
     t_high: float = 0.0  # the frequency split only at steps above this timestep
+    bad: str | None = None  # autoguidance: the weaker model's path (None: no autoguidance)
+    auto: float = 2.0  # autoguidance's scale A
 
 
 def low_pass(x: torch.Tensor, pool: int) -> torch.Tensor:
@@ -84,19 +90,41 @@ def combine(u: torch.Tensor, c: torch.Tensor, t: float, v: Variant) -> torch.Ten
 
 def guidance_variant(pipe: Pipeline, variant: Variant) -> None:
     """Make ``pipe`` combine its unconditional and conditional outputs as ``variant`` says (txt2img without
-    ControlNet or cfg_start only). ``variant.w`` is not used: the scale is the generation's ``cfg_scale``."""
+    ControlNet or cfg_start only). ``variant.w`` is not used: the scale is the generation's ``cfg_scale``.
+
+    With autoguidance (``variant.bad``) the pipeline's contexts carry the weaker model's after its own along the
+    token axis (both towers have the same width), so that every batching of prompts keeps the two together."""
     plain = Pipeline._guided_model.__get__(pipe)
+    bad = None if variant.bad is None else load_pipeline(variant.bad, device=pipe.device, dtype=pipe.dtype)
+    if bad is not None:
+        good_encode = pipe.encode_prompts
+
+        def encode_prompts(prompt, negative_prompt, **kw):
+            pairs = zip(good_encode(prompt, negative_prompt, **kw), bad.encode_prompts(prompt, negative_prompt, **kw))
+            cond, uncond = (torch.cat(pair, dim=1) for pair in pairs)  # (1, 2L, D) each
+            return cond, uncond
+
+        pipe.encode_prompts = encode_prompts  # type: ignore[method-assign]
 
     def guided_model(context, scale, extra, control=None, t_guided=None):
-        if scale is None or variant._replace(w=scale) == Variant(scale):
+        if bad is None and (scale is None or variant._replace(w=scale) == Variant(scale)):
             return plain(context, scale, extra, control, t_guided)
         if extra is not None or control is not None or t_guided is not None:
             raise NotImplementedError("the probe handles txt2img without ControlNet or cfg_start only")
+        length = context.shape[1] // 2 if bad is not None else context.shape[1]
+        good_context, bad_context = context[:, :length], context[:, length:]
 
         def model(x_t: torch.Tensor, t: float) -> torch.Tensor:
-            out = pipe.unet_forward(torch.cat([x_t, x_t]).to(pipe.dtype), t, context).float()
-            u, c = out.chunk(2)  # (B, 4, h, w) each
-            return combine(u, c, float(t), variant._replace(w=scale))
+            x = x_t.to(pipe.dtype)
+            if scale is None:  # CFG 1: the conditional output alone
+                g = c = pipe.unet_forward(x, t, good_context).float()
+            else:
+                u, c = pipe.unet_forward(torch.cat([x, x]), t, good_context).float().chunk(2)  # (B, 4, h, w) each
+                g = combine(u, c, float(t), variant._replace(w=scale))
+            if bad is None:
+                return g
+            b = bad.unet_forward(x, t, bad_context[-x.shape[0]:]).float()  # the cond half of the weaker model's
+            return g + (variant.auto - 1) * (c - b)
 
         return model
 
@@ -109,12 +137,12 @@ def parse_config(text: str) -> Variant:
     values = [float(v) for v in head.split(":")]
     if not 1 <= len(values) <= 4:
         raise SystemExit(f"a config is W[:PHI[:T_MIN[:T_MAX]]][,key=value...], not {text!r}")
-    fields: dict[str, float | int] = {}
+    fields: dict[str, float | int | str] = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
-        if key not in ("above", "high", "pool", "t_high") or not value:
-            raise SystemExit(f"unknown option {pair!r} in {text!r}: above=, high=, pool=, t_high=")
-        fields[key] = int(value) if key == "pool" else float(value)
+        if key not in ("above", "high", "pool", "t_high", "bad", "auto") or not value:
+            raise SystemExit(f"unknown option {pair!r} in {text!r}: above=, high=, pool=, t_high=, bad=, auto=")
+        fields[key] = int(value) if key == "pool" else value if key == "bad" else float(value)
     return Variant(*values, **fields)
 
 
@@ -125,6 +153,8 @@ def describe(v: Variant) -> str:
     if v.high is not None and v.high != v.w:
         text += f", high frequencies (pool {v.pool}) at scale {v.high:g}" + (
             f" above t = {v.t_high:g}" if v.t_high > 0 else "")
+    if v.bad is not None:
+        text += f", autoguidance {v.auto:g} against {Path(v.bad).name}"
     return text
 
 

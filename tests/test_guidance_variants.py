@@ -78,6 +78,7 @@ def test_config_parsing():
     assert parse_config("4:0:200") == Variant(4.0, t_min=200.0)
     assert parse_config("4:0:0:800") == Variant(4.0, t_max=800.0)
     assert parse_config("4:0:0:800,above=2") == Variant(4.0, t_max=800.0, above=2.0)
+    assert parse_config("1,bad=m4.safetensors,auto=3") == Variant(1.0, bad="m4.safetensors", auto=3.0)
     assert parse_config("4,high=1,pool=8,t_high=800") == Variant(4.0, high=1.0, pool=8, t_high=800.0)
     with pytest.raises(SystemExit):
         parse_config("4:0:200:800:1")
@@ -138,3 +139,35 @@ def test_vae_activations_finds_the_decoders_droplet_at_the_spike(capsys, monkeyp
     assert ratio > 50
     hits, of = (int(v) for v in at.split(" of "))
     assert of >= 4 and hits > of // 2
+
+
+def test_autoguidance_against_itself_is_plain_guidance_and_against_another_model_is_not(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    reference = _image(load_pipeline("default", device="cpu"), cfg_scale=4)
+    itself = load_pipeline("default", device="cpu")
+    guidance_variant(itself, Variant(4, bad="default", auto=3.0))  # c − b = 0: the weaker model adds nothing
+    assert np.abs(_image(itself, cfg_scale=4) - reference).max() <= 2
+
+    # a weaker model: the built-in one with its U-Net's weights blurred by noise (same schedule, same text tower)
+    from estable.pipeline import default_model_path
+
+    tensors = load_file(str(default_model_path()))
+    gen = torch.Generator().manual_seed(0)
+    for key, t in tensors.items():
+        if "unet" in key and t.is_floating_point() and t.ndim > 1:
+            tensors[key] = t + 0.3 * t.float().std() * torch.randn(t.shape, generator=gen).to(t.dtype)
+    from safetensors import safe_open
+
+    with safe_open(str(default_model_path()), "pt") as f:
+        metadata = f.metadata()
+    weak = tmp_path / "weak.safetensors"
+    save_file(tensors, str(weak), metadata=metadata)
+    auto = load_pipeline("default", device="cpu")
+    guidance_variant(auto, Variant(4, bad=str(weak), auto=2.0))
+    assert np.abs(_image(auto, cfg_scale=4) - reference).max() > 5
+    pure = load_pipeline("default", device="cpu")
+    guidance_variant(pure, Variant(1, bad=str(weak), auto=2.0))  # CFG 1: b + 2 (c − b), no unconditional call
+    unguided = _image(load_pipeline("default", device="cpu"), cfg_scale=1)
+    assert np.abs(_image(pure, cfg_scale=1) - unguided).max() > 5
