@@ -26,6 +26,10 @@ and, after the head, optional ``,key=value`` pairs:
   version of itself"): a second, weaker model of the same schedule and latent space (an earlier built-in model) reads
   the same caption through its own text tower, and g ← g + (A − 1)(c − b) with b its conditional output. With W = 1
   (the generation's CFG 1: no unconditional call) that is b + A (c − b), pure autoguidance; with A = 1 plain CFG.
+* ``order=O``: word-order guidance: r, the model's output for the caption's words in reverse order ("square blue a
+  above circle red a"), and g ← g + O (c − r). The two captions hold the same words, so c − r carries what the order
+  says (which object is where, which colour goes with which shape) and not what the words alone say (a background's
+  kind): a push toward the relation that leaves the background to the conditional model.
 
 Each config is scored like ``estable eval compositional`` on the first ``--prompts`` held-out prompts, two images
 each, the same seeds for every config, 25 steps of DPM++ 2M Karras. ``--grid`` draws the demo prompt at seeds 1–8
@@ -62,6 +66,7 @@ class Variant(NamedTuple):
     t_high: float = 0.0  # the frequency split only at steps above this timestep
     bad: str | None = None  # autoguidance: the weaker model's path (None: no autoguidance)
     auto: float = 2.0  # autoguidance's scale A
+    order: float = 0.0  # word-order guidance's scale O (0: none)
 
 
 def low_pass(x: torch.Tensor, pool: int) -> torch.Tensor:
@@ -92,43 +97,60 @@ def guidance_variant(pipe: Pipeline, variant: Variant) -> None:
     """Make ``pipe`` combine its unconditional and conditional outputs as ``variant`` says (txt2img without
     ControlNet or cfg_start only). ``variant.w`` is not used: the scale is the generation's ``cfg_scale``.
 
-    With autoguidance (``variant.bad``) the pipeline's contexts carry the weaker model's after its own along the
-    token axis (both towers have the same width), so that every batching of prompts keeps the two together."""
+    With autoguidance (``variant.bad``) or word-order guidance (``variant.order``) the pipeline's contexts carry the
+    extra ones (the weaker model's, the reversed caption's) after its own along the token axis (the towers have the
+    same width), so that every batching of prompts keeps them together."""
     plain = Pipeline._guided_model.__get__(pipe)
     bad = None if variant.bad is None else load_pipeline(variant.bad, device=pipe.device, dtype=pipe.dtype)
-    if bad is not None:
-        good_encode = pipe.encode_prompts
+    parts = 1 + (bad is not None) + (variant.order != 0)
+    if parts > 1:
+        own_encode = pipe.encode_prompts
 
         def encode_prompts(prompt, negative_prompt, **kw):
-            pairs = zip(good_encode(prompt, negative_prompt, **kw), bad.encode_prompts(prompt, negative_prompt, **kw))
-            cond, uncond = (torch.cat(pair, dim=1) for pair in pairs)  # (1, 2L, D) each
+            pieces = [own_encode(prompt, negative_prompt, **kw)]  # (cond, uncond), each (1, L, D)
+            if bad is not None:
+                pieces.append(bad.encode_prompts(prompt, negative_prompt, **kw))
+            if variant.order != 0:
+                pieces.append(own_encode(reverse_words(prompt), negative_prompt, **kw))
+            cond, uncond = (torch.cat(same, dim=1) for same in zip(*pieces))  # (1, parts·L, D) each
             return cond, uncond
 
         pipe.encode_prompts = encode_prompts  # type: ignore[method-assign]
 
     def guided_model(context, scale, extra, control=None, t_guided=None):
-        if bad is None and (scale is None or variant._replace(w=scale) == Variant(scale)):
+        if parts == 1 and (scale is None or variant._replace(w=scale) == Variant(scale)):
             return plain(context, scale, extra, control, t_guided)
         if extra is not None or control is not None or t_guided is not None:
             raise NotImplementedError("the probe handles txt2img without ControlNet or cfg_start only")
-        length = context.shape[1] // 2 if bad is not None else context.shape[1]
-        good_context, bad_context = context[:, :length], context[:, length:]
+        chunks = list(context.split(context.shape[1] // parts, dim=1))
+        own_context = chunks.pop(0)
+        bad_context = chunks.pop(0) if bad is not None else None
+        reversed_context = chunks.pop(0) if variant.order != 0 else None
 
         def model(x_t: torch.Tensor, t: float) -> torch.Tensor:
             x = x_t.to(pipe.dtype)
+            batch = x.shape[0]  # the cond half of an extra context is its last ``batch`` rows
             if scale is None:  # CFG 1: the conditional output alone
-                g = c = pipe.unet_forward(x, t, good_context).float()
+                g = c = pipe.unet_forward(x, t, own_context).float()
             else:
-                u, c = pipe.unet_forward(torch.cat([x, x]), t, good_context).float().chunk(2)  # (B, 4, h, w) each
+                u, c = pipe.unet_forward(torch.cat([x, x]), t, own_context).float().chunk(2)  # (B, 4, h, w) each
                 g = combine(u, c, float(t), variant._replace(w=scale))
-            if bad is None:
-                return g
-            b = bad.unet_forward(x, t, bad_context[-x.shape[0]:]).float()  # the cond half of the weaker model's
-            return g + (variant.auto - 1) * (c - b)
+            if bad_context is not None:
+                b = bad.unet_forward(x, t, bad_context[-batch:]).float()
+                g = g + (variant.auto - 1) * (c - b)
+            if reversed_context is not None:
+                r = pipe.unet_forward(x, t, reversed_context[-batch:]).float()
+                g = g + variant.order * (c - r)
+            return g
 
         return model
 
     pipe._guided_model = guided_model  # type: ignore[method-assign]
+
+
+def reverse_words(prompt: str) -> str:
+    """The prompt's words in reverse order: the same words, none of the relations their order makes."""
+    return " ".join(reversed(prompt.split()))
 
 
 def parse_config(text: str) -> Variant:
@@ -140,8 +162,8 @@ def parse_config(text: str) -> Variant:
     fields: dict[str, float | int | str] = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
-        if key not in ("above", "high", "pool", "t_high", "bad", "auto") or not value:
-            raise SystemExit(f"unknown option {pair!r} in {text!r}: above=, high=, pool=, t_high=, bad=, auto=")
+        if key not in ("above", "high", "pool", "t_high", "bad", "auto", "order") or not value:
+            raise SystemExit(f"unknown option {pair!r} in {text!r}: above=, high=, pool=, t_high=, bad=, auto=, order=")
         fields[key] = int(value) if key == "pool" else value if key == "bad" else float(value)
     return Variant(*values, **fields)
 
@@ -155,6 +177,8 @@ def describe(v: Variant) -> str:
             f" above t = {v.t_high:g}" if v.t_high > 0 else "")
     if v.bad is not None:
         text += f", autoguidance {v.auto:g} against {Path(v.bad).name}"
+    if v.order != 0:
+        text += f", word order {v.order:g}"
     return text
 
 

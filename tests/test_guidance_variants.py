@@ -79,6 +79,7 @@ def test_config_parsing():
     assert parse_config("4:0:0:800") == Variant(4.0, t_max=800.0)
     assert parse_config("4:0:0:800,above=2") == Variant(4.0, t_max=800.0, above=2.0)
     assert parse_config("1,bad=m4.safetensors,auto=3") == Variant(1.0, bad="m4.safetensors", auto=3.0)
+    assert parse_config("2,order=3") == Variant(2.0, order=3.0)
     assert parse_config("4,high=1,pool=8,t_high=800") == Variant(4.0, high=1.0, pool=8, t_high=800.0)
     with pytest.raises(SystemExit):
         parse_config("4:0:200:800:1")
@@ -171,3 +172,19 @@ def test_autoguidance_against_itself_is_plain_guidance_and_against_another_model
     guidance_variant(pure, Variant(1, bad=str(weak), auto=2.0))  # CFG 1: b + 2 (c − b), no unconditional call
     unguided = _image(load_pipeline("default", device="cpu"), cfg_scale=1)
     assert np.abs(_image(pure, cfg_scale=1) - unguided).max() > 5
+
+
+def test_word_order_guidance_pushes_away_from_the_reversed_caption():
+    from guidance_variants import reverse_words
+
+    assert reverse_words("a red circle  above a blue square") == "square blue a above circle red a"
+    reference = _image(load_pipeline("default", device="cpu"), cfg_scale=4)
+    ordered = load_pipeline("default", device="cpu")
+    guidance_variant(ordered, Variant(4, order=2.0))
+    assert np.abs(_image(ordered, cfg_scale=4) - reference).max() > 5
+    # a caption that reads the same reversed: c − r = 0, plain guidance again
+    palindrome = load_pipeline("default", device="cpu")
+    guidance_variant(palindrome, Variant(4, order=2.0))
+    plain = load_pipeline("default", device="cpu")
+    assert np.abs(_image(palindrome, cfg_scale=4, prompt="red red")
+                  - _image(plain, cfg_scale=4, prompt="red red")).max() <= 2
