@@ -27,9 +27,10 @@ and, after the head, optional ``,key=value`` pairs:
   the same caption through its own text tower, and g ← g + (A − 1)(c − b) with b its conditional output. With W = 1
   (the generation's CFG 1: no unconditional call) that is b + A (c − b), pure autoguidance; with A = 1 plain CFG.
 * ``order=O``: word-order guidance: r, the model's output for the caption's words in reverse order ("square blue a
-  above circle red a"), and g ← g + O (c − r). The two captions hold the same words, so c − r carries what the order
-  says (which object is where, which colour goes with which shape) and not what the words alone say (a background's
-  kind): a push toward the relation that leaves the background to the conditional model.
+  above circle red a"), and g ← g + O (c − r). The two captions hold the same words; the hope was that c − r carries
+  only what the order says (which object is where). Measured on the built-in model (RESULTS.md, "a fine-tune on other
+  background odds changes nothing"): the reversed caption also loses its background and count to the text tower, and
+  c − r with them.
 
 Each config is scored like ``estable eval compositional`` on the first ``--prompts`` held-out prompts, two images
 each, the same seeds for every config, 25 steps of DPM++ 2M Karras. ``--grid`` draws the demo prompt at seeds 1–8
