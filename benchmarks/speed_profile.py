@@ -21,7 +21,9 @@ the random-weight folder and the fp32 reference.
 bf16 autocast, fused AdamW, batch 8 and 32): img/s, and wall, kernel and GPU-busy time of one profiled step — a
 GPU that is idle for part of the step is waiting for launches, which CUDA graphs would remove. ``whole-ro-cl*``
 profile the fastest training step measured so far (the whole U-Net compiled and replayed in torch's CUDA graphs,
-channels_last), also with cuDNN's or FlashAttention's kernel put first for the attention.
+channels_last), also with cuDNN's or FlashAttention's kernel put first for the attention; ``whole-cl`` the same
+compiled step without the graphs, so that the profile sees the operators: every profile lists the operators that copy
+tensors, by input shapes, with their kernels' GPU time.
 """
 
 from __future__ import annotations
@@ -78,12 +80,15 @@ def kernel_profile(call, s) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     s.sync()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         t = time.perf_counter()
         call()
         s.sync()
         wall = time.perf_counter() - t
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # kernels only: a user annotation on the GPU timeline (the optimizer's "Optimizer.step#AdamW.step") spans the
+    # kernels under it and would count them twice
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False) and "#" not in e.name]
     by_name: dict[str, list[float]] = {}
     spans = []
     for e in kernels:
@@ -104,7 +109,21 @@ def kernel_profile(call, s) -> dict[str, Any]:
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:30]
     return {"wall_s": wall, "kernel_s": sum(kinds.values()), "busy_s": busy / 1e6, "kernels": len(kernels),
             "kinds_s": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
-            "top": [{"name": n[:160], "calls": len(t), "total_s": sum(t) / 1e6} for n, t in top]}
+            "top": [{"name": n[:160], "calls": len(t), "total_s": sum(t) / 1e6} for n, t in top],
+            "copies": copy_ops(prof)}
+
+
+def copy_ops(prof) -> list[dict[str, Any]]:
+    """The operators that copy tensors (copy_, clone, contiguous, _to_copy), by input shapes, with the GPU time of
+    the kernels they launched: which layouts or dtypes a step converts. Graph replays hide their operators (the
+    kernels have no CPU parent): profile a variant without CUDA graphs to see these."""
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        if re.fullmatch(r"aten::(copy_|clone|contiguous|_to_copy)", e.key):
+            device_us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+            rows.append({"op": e.key, "shapes": str(e.input_shapes)[:200], "calls": e.count,
+                         "device_s": device_us / 1e6})
+    return sorted(rows, key=lambda r: -r["device_s"])[:20]
 
 
 def median_time(fn, s, repeats: int, warm: int = 3) -> float:
@@ -206,6 +225,7 @@ TRAINING = {  # name → (compile scope, channels_last, SDPA backend first)
     "eager-cl": (None, True, None),  # channels_last
     "blocks-cl": ("blocks", True, None),  # each block compiled, channels_last
     "whole-ro-cl": ("whole-reduce-overhead", True, None),  # the whole U-Net compiled, torch's CUDA graphs
+    "whole-cl": ("whole", True, None),  # the same kernels without the graphs: the profile sees their operators
     "whole-ro-cl-cudnn": ("whole-reduce-overhead", True, "cudnn"),  # the same with cuDNN's attention first
     "whole-ro-cl-flash": ("whole-reduce-overhead", True, "flash"),
 }
@@ -293,6 +313,9 @@ def markdown(res: dict[str, Any]) -> str:
         out += [f"| {k} | {v * 1e3:.1f} | {v / max(p['kernel_s'], 1e-12):.0%} |" for k, v in p["kinds_s"].items()]
         out += ["", "| kernel | calls | ms |", "|---|---|---|"]
         out += [f"| `{k['name'][:100]}` | {k['calls']} | {k['total_s'] * 1e3:.2f} |" for k in p["top"]]
+        if p.get("copies"):
+            out += ["", "| copying operator | input shapes | calls | GPU ms |", "|---|---|---|---|"]
+            out += [f"| {c['op']} | `{c['shapes']}` | {c['calls']} | {c['device_s'] * 1e3:.2f} |" for c in p["copies"]]
     return "\n".join(out) + "\n"
 
 
