@@ -110,7 +110,8 @@ def test_speed_profile_smoke_and_kernel_kinds(tmp_path):
         assert set(rows) == {"1", "2"} and all(r["img_per_s"] > 0 and "kinds_s" in r["profile"] for r in rows.values())
     assert "| eager | 2 |" in (train / "profile.md").read_text()
     copies = json.loads((train / "profile.json").read_text())["training"]["eager"]["2"]["profile"]["copies"]
-    assert copies and all(c["op"].startswith("aten::") and c["calls"] > 0 for c in copies)  # the loss's .float()
+    # on the CPU: the timesteps' cast to float, the optimizer's step counters
+    assert copies and all(c["op"].startswith("aten::") and c["calls"] > 0 for c in copies)
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
