@@ -23,7 +23,8 @@ GPU that is idle for part of the step is waiting for launches, which CUDA graphs
 profile the fastest training step measured so far (the whole U-Net compiled and replayed in torch's CUDA graphs,
 channels_last), also with cuDNN's or FlashAttention's kernel put first for the attention; ``whole-cl`` the same
 compiled step without the graphs, so that the profile sees the operators: every profile lists the operators that copy
-tensors, by input shapes, with their kernels' GPU time.
+tensors, by input shapes, with their kernels' GPU time. ``*-pw`` compute the 1 × 1 convolutions as matrix products
+over the channels (:class:`PointwiseAsLinear`): do the step's copies go with them?
 """
 
 from __future__ import annotations
@@ -220,15 +221,44 @@ def measure(name: str, folder: Path, s, res: dict[str, Any], ref: torch.Tensor, 
     free()
 
 
-TRAINING = {  # name → (compile scope, channels_last, SDPA backend first)
-    "eager": (None, False, None),
-    "eager-cl": (None, True, None),  # channels_last
-    "blocks-cl": ("blocks", True, None),  # each block compiled, channels_last
-    "whole-ro-cl": ("whole-reduce-overhead", True, None),  # the whole U-Net compiled, torch's CUDA graphs
-    "whole-cl": ("whole", True, None),  # the same kernels without the graphs: the profile sees their operators
-    "whole-ro-cl-cudnn": ("whole-reduce-overhead", True, "cudnn"),  # the same with cuDNN's attention first
-    "whole-ro-cl-flash": ("whole-reduce-overhead", True, "flash"),
+TRAINING = {  # name → (compile scope, channels_last, SDPA backend first, 1 × 1 convolutions as matrix products)
+    "eager": (None, False, None, False),
+    "eager-cl": (None, True, None, False),  # channels_last
+    "blocks-cl": ("blocks", True, None, False),  # each block compiled, channels_last
+    "whole-ro-cl": ("whole-reduce-overhead", True, None, False),  # the whole U-Net compiled, torch's CUDA graphs
+    "whole-cl": ("whole", True, None, False),  # the same kernels without the graphs: the profile sees their operators
+    "whole-ro-cl-cudnn": ("whole-reduce-overhead", True, "cudnn", False),  # the same with cuDNN's attention first
+    "whole-ro-cl-flash": ("whole-reduce-overhead", True, "flash", False),
+    "whole-ro-cl-pw": ("whole-reduce-overhead", True, None, True),  # 1 × 1 convolutions as matrix products
+    "whole-cl-pw": ("whole", True, None, True),
 }
+
+
+class PointwiseAsLinear(torch.nn.Module):
+    """A 1 × 1 convolution computed as a matrix product over the channels (the same arithmetic; its parameters are
+    the convolution's own): on a channels_last input the channels are the innermost axis, so the product reads and
+    writes the tensors in place of a convolution kernel — and its backward has no convolution backward, which
+    makes the incoming gradient match the input's memory format with a copy when it does not (RESULTS.md, eleventh
+    GPU run). A probe of where the training step's copies come from, not a library path."""
+
+    def __init__(self, conv: torch.nn.Conv2d) -> None:
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias  # (out, in, 1, 1), (out,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias)  # (B, H, W, out)
+        return y.permute(0, 3, 1, 2)  # (B, out, H, W), channels_last in memory
+
+
+def pointwise_as_linear(model: torch.nn.Module) -> int:
+    """Swap every 1 × 1 convolution (stride 1, no padding, one group) of ``model`` for :class:`PointwiseAsLinear`;
+    returns how many were swapped."""
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if isinstance(child, torch.nn.Conv2d) and child.kernel_size == (1, 1) and child.stride == (1, 1)
+             and child.padding == (0, 0) and child.groups == 1]
+    for parent, name, conv in swaps:
+        setattr(parent, name, PointwiseAsLinear(conv))
+    return len(swaps)
 
 
 def measure_training(name: str, s, res: dict[str, Any], batches: tuple[int, ...], save) -> None:
@@ -236,12 +266,14 @@ def measure_training(name: str, s, res: dict[str, Any], batches: tuple[int, ...]
     5 after 3 warm-up steps) and a kernel profile of one step per batch size — is the GPU busy, and with what?"""
     from speed_side_by_side import _calls, _step, _unets, compile_for_training
 
-    scope, cl, sdpa = TRAINING[name]
+    scope, cl, sdpa, pointwise = TRAINING[name]
     _, build = _unets(s)
     _, call = _calls()
     model = build().train()
     if cl:
         model.to(memory_format=torch.channels_last)
+    if pointwise:
+        log(f"{pointwise_as_linear(model)} 1 × 1 convolutions computed as matrix products")
     compile_for_training(model, None if s.smoke else scope)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=s.cuda)
     side, ctx = s.unet_kwargs["sample_size"], s.unet_kwargs["cross_attention_dim"]

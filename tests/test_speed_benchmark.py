@@ -101,11 +101,13 @@ def test_speed_profile_smoke_and_kernel_kinds(tmp_path):
     assert "profile" in res["variants"]["max-nographs"]
     assert "| max-nographs |" in (tmp_path / "profile.md").read_text()
     train = tmp_path / "train"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed_profile.py"), "--smoke", "--training",
-                           "eager", "--training", "whole-ro-cl-cudnn", "--out", str(train)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    systems = ["eager", "whole-ro-cl-cudnn", "whole-cl-pw"]
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed_profile.py"), "--smoke",
+                           *(arg for name in systems for arg in ("--training", name)), "--out", str(train)],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for name in ("eager", "whole-ro-cl-cudnn"):  # the latter: channels_last, cuDNN attention first (CPU: not compiled)
+    # channels_last with cuDNN attention first / with 1 × 1 convolutions as matrix products (CPU: not compiled)
+    for name in systems:
         rows = json.loads((train / "profile.json").read_text())["training"][name]
         assert set(rows) == {"1", "2"} and all(r["img_per_s"] > 0 and "kinds_s" in r["profile"] for r in rows.values())
     assert "| eager | 2 |" in (train / "profile.md").read_text()
@@ -128,3 +130,39 @@ def test_speed_profile_smoke_and_kernel_kinds(tmp_path):
         "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>": "attention",
     }
     assert {n: kind_of(n) for n in names} == names
+
+
+def test_pointwise_as_linear_is_the_convolution():
+    """speed_profile's probe: a 1 × 1 convolution as a matrix product over the channels gives the convolution's
+    outputs and gradients, in either memory format, and the swap finds the U-Net's 1 × 1 convolutions only."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from speed_profile import PointwiseAsLinear, pointwise_as_linear
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    gen = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(6, 5, 1)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 6, 4, 3, generator=gen).contiguous(memory_format=fmt).requires_grad_()
+        ref = conv(x)
+        (ref * torch.arange(ref.numel()).view_as(ref)).sum().backward()
+        grads = [x.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone()]
+        x.grad = conv.weight.grad = conv.bias.grad = None
+        out = PointwiseAsLinear(conv)(x)
+        assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-6)
+        (out * torch.arange(out.numel()).view_as(out)).sum().backward()
+        for got, want in zip([x.grad, conv.weight.grad, conv.bias.grad], grads):
+            assert torch.allclose(got, want, atol=1e-4)
+        x.grad = conv.weight.grad = conv.bias.grad = None
+
+    from estable.config import UNetConfig
+    from estable.models.unet import UNet
+
+    unet = UNet(UNetConfig(block_channels=(32, 64), layers_per_block=1, attention_levels=(True, True), num_heads=2,
+                           context_dim=16, norm_groups=8, sample_size=8))
+    ones = sum(1 for m in unet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1))
+    others = sum(1 for m in unet.modules() if isinstance(m, torch.nn.Conv2d)) - ones
+    assert ones > 0 and pointwise_as_linear(unet) == ones
+    assert sum(1 for m in unet.modules() if isinstance(m, torch.nn.Conv2d)) == others
