@@ -357,6 +357,8 @@ def main() -> None:
     ap.add_argument("--variant", action="append", choices=tuple(VARIANTS), help="repeatable; default: all, in order")
     ap.add_argument("--training", action="append", choices=tuple(TRAINING),
                     help="profile the U-Net training step of this system instead of inference (repeatable)")
+    ap.add_argument("--train-batch", type=int, action="append", metavar="N",
+                    help="with --training: this batch size only (repeatable; default 8 and 32)")
     ap.add_argument("--shape", action="append", metavar="SIDExBATCH",
                     help="measure only this of the two inference shapes (e.g. 512x1; repeatable; default both)")
     ap.add_argument("--smoke", action="store_true", help="tiny networks on the CPU: the code paths, not the numbers")
@@ -376,7 +378,7 @@ def main() -> None:
     if args.training:  # no pipeline, no folder: the U-Net alone (built from diffusers' config, as in the side-by-side)
         for name in args.training:
             log(f"--- training: {name} ---")
-            measure_training(name, s, res, s.train_batches, save)
+            measure_training(name, s, res, tuple(args.train_batch or s.train_batches), save)
         log(f"wrote {args.out / 'profile.md'}")
         return
     folder = make_folder(args.out / "model", s)
