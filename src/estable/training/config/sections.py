@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 from estable.training.config.plain import _Plain, _positive, _positive_int
 
@@ -77,19 +76,12 @@ class DataConfig(_Plain):
         if not isinstance(self.source, str) or not self.source:
             raise ValueError("data.source must be 'shapes', a folder path or a tar-shard pattern")
         from estable.training.shapes import BACKGROUND_KINDS, PROMPT_KINDS
+        from estable.training.shapes.world import check_weights
 
-        _weights("data.shapes_kinds", self.shapes_kinds, PROMPT_KINDS)
-        _weights("data.shapes_named_backgrounds", self.shapes_named_backgrounds, BACKGROUND_KINDS)
-
-
-def _weights(name: str, value: Any, keys: tuple[str, ...]) -> None:
-    """None, or a dict from some of ``keys`` to non-negative numbers with a positive sum."""
-    if value is None:
-        return
-    if (not isinstance(value, dict) or not value or set(value) - set(keys)
-            or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in value.values())
-            or sum(value.values()) <= 0):
-        raise ValueError(f"{name} must map some of {', '.join(keys)} to non-negative weights, got {value!r}")
+        for name, value, keys in (("data.shapes_kinds", self.shapes_kinds, PROMPT_KINDS),
+                                  ("data.shapes_named_backgrounds", self.shapes_named_backgrounds, BACKGROUND_KINDS)):
+            if value is not None:
+                check_weights(name, value, keys)
 
 
 @dataclass(frozen=True)

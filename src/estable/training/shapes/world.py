@@ -6,7 +6,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,16 @@ def reserved_combinations(heldout_seed: int = 0, fraction: float = HELDOUT_FRACT
     return frozenset(chosen)
 
 
+def check_weights(name: str, weights: Any, keys: Sequence[str]) -> dict[str, float]:
+    """``weights`` as a dict if it maps some of ``keys`` to non-negative numbers with a positive sum; else a
+    ValueError naming ``name``."""
+    if (not isinstance(weights, dict) or not weights or set(weights) - set(keys)
+            or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights.values())
+            or sum(weights.values()) <= 0):
+        raise ValueError(f"{name} must map some of {', '.join(keys)} to non-negative weights, got {weights!r}")
+    return dict(weights)
+
+
 class ShapesWorld:
     """Deterministic captioned scenes: ``sample(index)`` is a pure function of (seed, split, index).
 
@@ -80,10 +90,7 @@ class ShapesWorld:
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
-        weights = dict(KIND_WEIGHTS if kind_weights is None else kind_weights)
-        unknown = set(weights) - set(PROMPT_KINDS)
-        if unknown or not weights or min(weights.values()) < 0 or sum(weights.values()) <= 0:
-            raise ValueError(f"kind_weights must map some of {', '.join(PROMPT_KINDS)} to non-negative weights")
+        weights = check_weights("kind_weights", KIND_WEIGHTS if kind_weights is None else kind_weights, PROMPT_KINDS)
         self.split, self.seed, self.size = split, int(seed), int(size)
         self.reserved = reserved_combinations(heldout_seed, heldout_fraction)
         if split == "heldout" and not self.reserved:
@@ -99,10 +106,7 @@ class ShapesWorld:
         # the odds of plain / gradient / textured among the backgrounds a caption names (None: one in three each)
         self._named_bg_p: np.ndarray | None = None
         if named_background_kinds is not None:
-            bg = dict(named_background_kinds)
-            if not bg or set(bg) - set(BACKGROUND_KINDS) or min(bg.values()) < 0 or sum(bg.values()) <= 0:
-                raise ValueError(f"named_background_kinds must map some of {', '.join(BACKGROUND_KINDS)} to "
-                                 "non-negative weights")
+            bg = check_weights("named_background_kinds", named_background_kinds, BACKGROUND_KINDS)
             p = np.array([bg.get(k, 0.0) for k in BACKGROUND_KINDS], dtype=np.float64)
             self._named_bg_p = p / p.sum()
 
