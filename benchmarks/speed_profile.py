@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_common import (  # noqa: E402
+    back_to_back,
     environment,
     full_settings,
     log,
@@ -76,8 +77,12 @@ def kind_of(kernel: str) -> str:
     return next((k for k, rx in KINDS if re.search(rx, kernel.lower())), "other")
 
 
-def kernel_profile(call, s) -> dict[str, Any]:
-    """One call under torch.profiler: CUDA kernel time by kind, the top kernels, and how busy the GPU was."""
+def kernel_profile(call, s, trace: Path | None = None) -> dict[str, Any]:
+    """One call under torch.profiler: CUDA kernel time by kind, the top kernels, and how busy the GPU was;
+    ``trace``: also write the profiler's Chrome trace there, gzipped (host and GPU timelines)."""
+    import gzip
+    import shutil
+
     from torch.profiler import ProfilerActivity, profile
 
     s.sync()
@@ -86,6 +91,11 @@ def kernel_profile(call, s) -> dict[str, Any]:
         call()
         s.sync()
         wall = time.perf_counter() - t
+    if trace is not None:
+        prof.export_chrome_trace(str(trace.with_suffix("")))
+        with open(trace.with_suffix(""), "rb") as src, gzip.open(trace, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        trace.with_suffix("").unlink()
     # kernels only: a user annotation on the GPU timeline (the optimizer's "Optimizer.step#AdamW.step") spans the
     # kernels under it and would count them twice
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
@@ -95,9 +105,9 @@ def kernel_profile(call, s) -> dict[str, Any]:
     for e in kernels:
         us = e.time_range.elapsed_us()
         by_name.setdefault(e.name, []).append(us)
-        spans.append((e.time_range.start, e.time_range.end))
+        spans.append((e.time_range.start, e.time_range.end, e.name))
     busy, end = 0.0, None  # the union of kernel intervals: time the GPU was running something
-    for a, b in sorted(spans):
+    for a, b, _ in sorted(spans):
         if end is None or a > end:
             busy += b - a
             end = b
@@ -111,7 +121,21 @@ def kernel_profile(call, s) -> dict[str, Any]:
     return {"wall_s": wall, "kernel_s": sum(kinds.values()), "busy_s": busy / 1e6, "kernels": len(kernels),
             "kinds_s": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
             "top": [{"name": n[:160], "calls": len(t), "total_s": sum(t) / 1e6} for n, t in top],
-            "copies": copy_ops(prof)}
+            "copies": copy_ops(prof), "gaps": idle_gaps(spans)}
+
+
+def idle_gaps(spans: list[tuple[float, float, str]], top: int = 12) -> list[dict[str, Any]]:
+    """The longest stretches with no kernel running (µs spans of (start, end, kernel name)), each with where it
+    starts (ms after the first kernel) and the kernels on either side: what the GPU waits for inside a step."""
+    gaps, end, last = [], None, ""
+    spans = sorted(spans)
+    for a, b, name in spans:
+        if end is not None and a > end:
+            gaps.append({"at_ms": (end - spans[0][0]) / 1e3, "ms": (a - end) / 1e3, "after": last[:80],
+                         "before": name[:80]})
+        if end is None or b > end:
+            end, last = b, name
+    return sorted(gaps, key=lambda g: -g["ms"])[:top]
 
 
 def copy_ops(prof) -> list[dict[str, Any]]:
@@ -261,7 +285,8 @@ def pointwise_as_linear(model: torch.nn.Module) -> int:
     return len(swaps)
 
 
-def measure_training(name: str, s, res: dict[str, Any], batches: tuple[int, ...], save) -> None:
+def measure_training(name: str, s, res: dict[str, Any], batches: tuple[int, ...], save,
+                     trace_dir: Path | None = None) -> None:
     """The U-Net training step (512 px, bf16 autocast, fused AdamW; speed_side_by_side's step): img/s (median of
     5 after 3 warm-up steps) and a kernel profile of one step per batch size — is the GPU busy, and with what?"""
     from speed_side_by_side import _calls, _step, _unets, compile_for_training
@@ -286,10 +311,11 @@ def measure_training(name: str, s, res: dict[str, Any], batches: tuple[int, ...]
         c = torch.randn(b, 77, ctx, device=s.device)
         step = _step(model, opt, call, x, t, c, s, sdpa=sdpa)
         step_s = median_time(step, s, 5)
-        p = kernel_profile(step, s)
-        rows[str(b)] = {"img_per_s": b / step_s, "step_s": step_s, "profile": p}
-        log(f"train {name}, batch {b}: {b / step_s:.1f} img/s; profiled step: wall {p['wall_s'] * 1e3:.1f} ms, "
-            f"kernels {p['kernel_s'] * 1e3:.1f} ms, GPU busy {p['busy_s'] * 1e3:.1f} ms")
+        run_s = back_to_back(step, s, 10)
+        p = kernel_profile(step, s, trace_dir / f"trace-{name}-{b}.json.gz" if trace_dir else None)
+        rows[str(b)] = {"img_per_s": b / step_s, "step_s": step_s, "back_to_back_step_s": run_s, "profile": p}
+        log(f"train {name}, batch {b}: {b / step_s:.1f} img/s ({b / run_s:.1f} back to back); profiled step: wall "
+            f"{p['wall_s'] * 1e3:.1f} ms, kernels {p['kernel_s'] * 1e3:.1f} ms, GPU busy {p['busy_s'] * 1e3:.1f} ms")
         save()
     del model, opt
     free()
@@ -330,12 +356,13 @@ def markdown(res: dict[str, Any]) -> str:
     profiles = [(f"variant {name}", r["profile"]) for name, r in res["variants"].items() if r.get("profile")]
     if res.get("training"):
         out += ["", "U-Net training step, 512 px, bf16 autocast, fused AdamW (the step of speed_side_by_side.py)", "",
-                "| system | batch | img/s | step ms | profiled step: wall / kernels / GPU busy ms |",
-                "|---|---|---|---|---|"]
+                "| system | batch | img/s | step ms | back to back: img/s, step ms | profiled step: wall / kernels / "
+                "GPU busy ms |", "|---|---|---|---|---|---|"]
         for name, rows in res["training"].items():
             for b, r in rows.items():
-                p = r["profile"]
-                out.append(f"| {name} | {b} | {r['img_per_s']:.1f} | {r['step_s'] * 1e3:.1f} | "
+                p, run = r["profile"], r.get("back_to_back_step_s")
+                btb = f"{int(b) / run:.1f}, {run * 1e3:.1f}" if run else "–"
+                out.append(f"| {name} | {b} | {r['img_per_s']:.1f} | {r['step_s'] * 1e3:.1f} | {btb} | "
                            f"{p['wall_s'] * 1e3:.1f} / {p['kernel_s'] * 1e3:.1f} / {p['busy_s'] * 1e3:.1f} |")
                 profiles.append((f"training step, {name}, batch {b}", p))
     for what, p in profiles:
@@ -345,6 +372,10 @@ def markdown(res: dict[str, Any]) -> str:
         out += [f"| {k} | {v * 1e3:.1f} | {v / max(p['kernel_s'], 1e-12):.0%} |" for k, v in p["kinds_s"].items()]
         out += ["", "| kernel | calls | ms |", "|---|---|---|"]
         out += [f"| `{k['name'][:100]}` | {k['calls']} | {k['total_s'] * 1e3:.2f} |" for k in p["top"]]
+        if p.get("gaps"):
+            out += ["", "| GPU idle: at ms | for ms | after kernel | before kernel |", "|---|---|---|---|"]
+            out += [f"| {g['at_ms']:.2f} | {g['ms']:.3f} | `{g['after'][:60]}` | `{g['before'][:60]}` |"
+                    for g in p["gaps"]]
         if p.get("copies"):
             out += ["", "| copying operator | input shapes | calls | GPU ms |", "|---|---|---|---|"]
             out += [f"| {c['op']} | `{c['shapes']}` | {c['calls']} | {c['device_s'] * 1e3:.2f} |" for c in p["copies"]]
@@ -359,6 +390,8 @@ def main() -> None:
                     help="profile the U-Net training step of this system instead of inference (repeatable)")
     ap.add_argument("--train-batch", type=int, action="append", metavar="N",
                     help="with --training: this batch size only (repeatable; default 8 and 32)")
+    ap.add_argument("--trace", action="store_true",
+                    help="with --training: also write each profiled step's Chrome trace (OUT/trace-NAME-BATCH.json.gz)")
     ap.add_argument("--shape", action="append", metavar="SIDExBATCH",
                     help="measure only this of the two inference shapes (e.g. 512x1; repeatable; default both)")
     ap.add_argument("--smoke", action="store_true", help="tiny networks on the CPU: the code paths, not the numbers")
@@ -378,7 +411,8 @@ def main() -> None:
     if args.training:  # no pipeline, no folder: the U-Net alone (built from diffusers' config, as in the side-by-side)
         for name in args.training:
             log(f"--- training: {name} ---")
-            measure_training(name, s, res, tuple(args.train_batch or s.train_batches), save)
+            measure_training(name, s, res, tuple(args.train_batch or s.train_batches), save,
+                             args.out if args.trace else None)
         log(f"wrote {args.out / 'profile.md'}")
         return
     folder = make_folder(args.out / "model", s)

@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_common import (  # noqa: E402
     PROMPT,
     Settings,
+    back_to_back,
     environment,
     full_settings,
     log,
@@ -446,9 +447,10 @@ def compile_for_training(model: torch.nn.Module, scope: str | None) -> None:
 
 def _train_system(name: str, build, call, s: Settings, batches, *, ckpt: bool = False, cl: bool = False,
                   compile_scope: str | None = None, sdpa: str | None = None, repeats: int | None = None,
-                  rows: dict[str, Any] | None = None) -> dict[str, Any]:
+                  rows: dict[str, Any] | None = None, pipelined: bool = True) -> dict[str, Any]:
     """img/s and peak memory per batch size, filled into ``rows`` (the part's table) as each is measured, so that
-    a part cut off by a time limit still reports the rows it finished."""
+    a part cut off by a time limit still reports the rows it finished; ``pipelined``: also the img/s of steps run
+    back to back, with no sync between them (where the host's launching hides behind the GPU's work)."""
     rows = {} if rows is None else rows
     model = build().train()
     if cl:
@@ -472,12 +474,16 @@ def _train_system(name: str, build, call, s: Settings, batches, *, ckpt: bool = 
 
             if s.cuda:
                 torch.cuda.reset_peak_memory_stats()
-            r = timed(_step(model, opt, call, x, t, c, s, sdpa=sdpa), s, repeats=repeats or s.train_steps)
+            step = _step(model, opt, call, x, t, c, s, sdpa=sdpa)
+            r = timed(step, s, repeats=repeats or s.train_steps)
             peak = torch.cuda.max_memory_allocated() / 2**30 if s.cuda else 0.0
             rows[str(b)] = {"img_per_s": b / r["median_s"], "peak_gib": peak, "step_s": r["median_s"],
                             "first_s": r["first_s"]}
+            if pipelined:
+                rows[str(b)]["back_to_back_img_per_s"] = b / back_to_back(step, s, repeats or s.train_steps)
             log(f"train {name}, batch {b}: {b / r['median_s']:.1f} img/s, {peak:.1f} GiB (first step "
-                f"{r['first_s']:.1f} s)")
+                f"{r['first_s']:.1f} s)" + (f"; {rows[str(b)]['back_to_back_img_per_s']:.1f} img/s back to back"
+                                            if pipelined else ""))
             save_partial()
         except torch.OutOfMemoryError:
             rows[str(b)] = {"error": "out of memory"}
@@ -524,7 +530,7 @@ def part_checkpointing(s: Settings, res: dict[str, Any], systems) -> None:
         for name, build, call, kw in systems:
             log(f"gradient checkpointing, {name}: the largest batch ...")
             rows = _train_system(f"{name} (checkpointing)", build, call, s, s.ckpt_batches, ckpt=True,
-                                 repeats=1 if s.smoke else 2, **kw)
+                                 repeats=1 if s.smoke else 2, pipelined=False, **kw)
             ok = [(int(b), r) for b, r in rows.items() if "img_per_s" in r]
             best = max(ok, key=lambda br: br[0]) if ok else (None, {})
             ck[name] = {"largest": best[0], "img_per_s": best[1].get("img_per_s"), "peak_gib": best[1].get("peak_gib"),

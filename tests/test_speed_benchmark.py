@@ -3,6 +3,7 @@ networks and writes its tables (it measures nothing; about 3 minutes on the shar
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -57,6 +58,9 @@ def test_train_batch_restricts_the_training_rows(tmp_path):
     res = json.loads((tmp_path / "part-training.json").read_text())
     assert res["train_batches"] == [2]  # the smoke settings' default is (1, 2)
     assert all(list(rows) == ["2"] for rows in res["training"].values()), res["training"]
+    # each row also timed with its steps back to back, and the report says so
+    assert all(rows["2"]["back_to_back_img_per_s"] > 0 for rows in res["training"].values())
+    assert "back to back" in (tmp_path / "part-training.md").read_text()
 
 
 def test_cold_start_rows_in_separate_calls_share_one_cache(tmp_path):
@@ -104,13 +108,16 @@ def test_speed_profile_smoke_and_kernel_kinds(tmp_path):
     systems = ["eager", "whole-ro-cl-cudnn", "whole-cl-pw"]
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed_profile.py"), "--smoke",
                            *(arg for name in systems for arg in ("--training", name)), "--train-batch", "2",
-                           "--out", str(train)],
+                           "--trace", "--out", str(train)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # channels_last with cuDNN attention first / with 1 × 1 convolutions as matrix products (CPU: not compiled)
     for name in systems:
         rows = json.loads((train / "profile.json").read_text())["training"][name]
         assert set(rows) == {"2"} and all(r["img_per_s"] > 0 and "kinds_s" in r["profile"] for r in rows.values())
+        assert all(r["back_to_back_step_s"] > 0 for r in rows.values())
+        with gzip.open(train / f"trace-{name}-2.json.gz", "rt") as f:  # --trace: the step's Chrome trace
+            assert json.load(f)["traceEvents"]
     assert "| eager | 2 |" in (train / "profile.md").read_text()
     copies = json.loads((train / "profile.json").read_text())["training"]["eager"]["2"]["profile"]["copies"]
     # on the CPU: the timesteps' cast to float, the optimizer's step counters
@@ -167,3 +174,18 @@ def test_pointwise_as_linear_is_the_convolution():
     others = sum(1 for m in unet.modules() if isinstance(m, torch.nn.Conv2d)) - ones
     assert ones > 0 and pointwise_as_linear(unet) == ones
     assert sum(1 for m in unet.modules() if isinstance(m, torch.nn.Conv2d)) == others
+
+
+def test_idle_gaps_finds_the_longest_stretches_without_a_kernel():
+    """speed_profile.idle_gaps: overlapping kernels close no gap; the gaps come longest first, placed after the
+    first kernel's start, with the kernels on either side (the one that ended last before the gap)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from speed_profile import idle_gaps
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    spans = [(1000.0, 1500.0, "a"), (1100.0, 1200.0, "b"), (1700.0, 1800.0, "c"), (4800.0, 5000.0, "d")]
+    gaps = idle_gaps(spans)
+    assert [(g["at_ms"], g["ms"], g["after"], g["before"]) for g in gaps] == [(0.8, 3.0, "c", "d"),
+                                                                            (0.5, 0.2, "a", "c")]
+    assert idle_gaps(spans, top=1) == gaps[:1] and idle_gaps([]) == []
