@@ -97,9 +97,9 @@ def kernel_profile(call, s, trace: Path | None = None) -> dict[str, Any]:
             shutil.copyfileobj(src, dst)
         trace.with_suffix("").unlink()
     # kernels only: a user annotation on the GPU timeline (the optimizer's "Optimizer.step#AdamW.step") spans the
-    # kernels under it and would count them twice
+    # kernels under it and would count them twice (a kernel's name may hold a "#" too: "{lambda()#3}")
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-               and not getattr(e, "is_user_annotation", False) and "#" not in e.name]
+               and not getattr(e, "is_user_annotation", False) and not ANNOTATION.fullmatch(e.name)]
     by_name: dict[str, list[float]] = {}
     spans = []
     for e in kernels:
@@ -245,11 +245,14 @@ def measure(name: str, folder: Path, s, res: dict[str, Any], ref: torch.Tensor, 
     free()
 
 
+ANNOTATION = re.compile(r"[\w.]+#[\w.]+")  # a record_function label on the GPU timeline, not a kernel
+
 TRAINING = {  # name → (compile scope, channels_last, SDPA backend first, 1 × 1 convolutions as matrix products)
     "eager": (None, False, None, False),
     "eager-cl": (None, True, None, False),  # channels_last
     "blocks-cl": ("blocks", True, None, False),  # each block compiled, channels_last
     "whole-ro-cl": ("whole-reduce-overhead", True, None, False),  # the whole U-Net compiled, torch's CUDA graphs
+    "whole-ro": ("whole-reduce-overhead", False, None, False),  # the same in the default memory format
     "whole-cl": ("whole", True, None, False),  # the same kernels without the graphs: the profile sees their operators
     "whole-ro-cl-cudnn": ("whole-reduce-overhead", True, "cudnn", False),  # the same with cuDNN's attention first
     "whole-ro-cl-flash": ("whole-reduce-overhead", True, "flash", False),

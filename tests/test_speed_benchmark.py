@@ -125,7 +125,7 @@ def test_speed_profile_smoke_and_kernel_kinds(tmp_path):
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
-        from speed_profile import kind_of
+        from speed_profile import ANNOTATION, kind_of
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
     names = {
@@ -138,6 +138,11 @@ def test_speed_profile_smoke_and_kernel_kinds(tmp_path):
         "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>": "attention",
     }
     assert {n: kind_of(n) for n in names} == names
+    # a record_function label on the GPU timeline is not a kernel; a kernel whose name holds a "#" is (the
+    # profile once dropped ATen's copy kernels, "{lambda()#3}", with the optimizer's label)
+    assert ANNOTATION.fullmatch("Optimizer.step#AdamW.step")
+    assert not ANNOTATION.fullmatch("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<"
+                                    "at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}")
 
 
 def test_pointwise_as_linear_is_the_convolution():
