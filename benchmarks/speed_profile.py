@@ -24,7 +24,9 @@ profile the fastest training step measured so far (the whole U-Net compiled and 
 channels_last), also with cuDNN's or FlashAttention's kernel put first for the attention; ``whole-cl`` the same
 compiled step without the graphs, so that the profile sees the operators: every profile lists the operators that copy
 tensors, by input shapes, with their kernels' GPU time. ``*-pw`` compute the 1 × 1 convolutions as matrix products
-over the channels (:class:`PointwiseAsLinear`): do the step's copies go with them?
+over the channels (:class:`PointwiseAsLinear`): do the step's copies go with them? ``*-hint`` pin every
+convolution's input and output gradient to channels_last (:class:`ChannelsLastConv`), where ATen's convolution
+backward would copy them. ``--trace`` also writes each profiled step's Chrome trace.
 """
 
 from __future__ import annotations
@@ -247,17 +249,19 @@ def measure(name: str, folder: Path, s, res: dict[str, Any], ref: torch.Tensor, 
 
 ANNOTATION = re.compile(r"[\w.]+#[\w.]+")  # a record_function label on the GPU timeline, not a kernel
 
-TRAINING = {  # name → (compile scope, channels_last, SDPA backend first, 1 × 1 convolutions as matrix products)
-    "eager": (None, False, None, False),
-    "eager-cl": (None, True, None, False),  # channels_last
-    "blocks-cl": ("blocks", True, None, False),  # each block compiled, channels_last
-    "whole-ro-cl": ("whole-reduce-overhead", True, None, False),  # the whole U-Net compiled, torch's CUDA graphs
-    "whole-ro": ("whole-reduce-overhead", False, None, False),  # the same in the default memory format
-    "whole-cl": ("whole", True, None, False),  # the same kernels without the graphs: the profile sees their operators
-    "whole-ro-cl-cudnn": ("whole-reduce-overhead", True, "cudnn", False),  # the same with cuDNN's attention first
-    "whole-ro-cl-flash": ("whole-reduce-overhead", True, "flash", False),
-    "whole-ro-cl-pw": ("whole-reduce-overhead", True, None, True),  # 1 × 1 convolutions as matrix products
-    "whole-cl-pw": ("whole", True, None, True),
+TRAINING = {  # name → (compile scope, channels_last, SDPA backend first, probe swapped into the U-Net)
+    "eager": (None, False, None, None),
+    "eager-cl": (None, True, None, None),  # channels_last
+    "blocks-cl": ("blocks", True, None, None),  # each block compiled, channels_last
+    "whole-ro-cl": ("whole-reduce-overhead", True, None, None),  # the whole U-Net compiled, torch's CUDA graphs
+    "whole-ro": ("whole-reduce-overhead", False, None, None),  # the same in the default memory format
+    "whole-cl": ("whole", True, None, None),  # the same kernels without the graphs: the profile sees their operators
+    "whole-ro-cl-cudnn": ("whole-reduce-overhead", True, "cudnn", None),  # the same with cuDNN's attention first
+    "whole-ro-cl-flash": ("whole-reduce-overhead", True, "flash", None),
+    "whole-ro-cl-pw": ("whole-reduce-overhead", True, None, "pw"),  # 1 × 1 convolutions as matrix products
+    "whole-cl-pw": ("whole", True, None, "pw"),
+    "whole-ro-cl-hint": ("whole-reduce-overhead", True, None, "hint"),  # convolutions pinned to channels_last
+    "whole-cl-hint": ("whole", True, None, "hint"),
 }
 
 
@@ -288,20 +292,59 @@ def pointwise_as_linear(model: torch.nn.Module) -> int:
     return len(swaps)
 
 
+class _ChannelsLastGrad(torch.autograd.Function):
+    """The identity, whose backward hands on its gradient in channels_last memory."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        return g.contiguous(memory_format=torch.channels_last)
+
+
+class ChannelsLastConv(torch.nn.Module):
+    """A convolution whose input and whose output's gradient are pinned to channels_last memory. ATen's convolution
+    backward copies either into channels_last when it is not (the twelfth GPU run traced 94 such copies, 13.6 ms of
+    the batch-32 step: 79 of the output's gradient — cat's backward slices it — and 15 of the input); in eager mode
+    the pins cost nothing where the tensor already is channels_last, and under torch.compile they become layout
+    constraints that Inductor can meet in the kernel that makes the tensor instead of in a copy. A probe, not a
+    library path."""
+
+    def __init__(self, conv: torch.nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ChannelsLastGrad.apply(self.conv(x.contiguous(memory_format=torch.channels_last)))
+
+
+def channels_last_hints(model: torch.nn.Module) -> int:
+    """Wrap every convolution of ``model`` in :class:`ChannelsLastConv`; returns how many were wrapped."""
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if isinstance(child, torch.nn.Conv2d)]
+    for parent, name, conv in swaps:
+        setattr(parent, name, ChannelsLastConv(conv))
+    return len(swaps)
+
+
 def measure_training(name: str, s, res: dict[str, Any], batches: tuple[int, ...], save,
                      trace_dir: Path | None = None) -> None:
     """The U-Net training step (512 px, bf16 autocast, fused AdamW; speed_side_by_side's step): img/s (median of
     5 after 3 warm-up steps) and a kernel profile of one step per batch size — is the GPU busy, and with what?"""
     from speed_side_by_side import _calls, _step, _unets, compile_for_training
 
-    scope, cl, sdpa, pointwise = TRAINING[name]
+    scope, cl, sdpa, probe = TRAINING[name]
     _, build = _unets(s)
     _, call = _calls()
     model = build().train()
     if cl:
         model.to(memory_format=torch.channels_last)
-    if pointwise:
+    if probe == "pw":
         log(f"{pointwise_as_linear(model)} 1 × 1 convolutions computed as matrix products")
+    elif probe == "hint":
+        log(f"{channels_last_hints(model)} convolutions pinned to channels_last")
     compile_for_training(model, None if s.smoke else scope)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=s.cuda)
     side, ctx = s.unet_kwargs["sample_size"], s.unet_kwargs["cross_attention_dim"]
