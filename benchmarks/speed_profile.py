@@ -24,8 +24,8 @@ profile the fastest training step measured so far (the whole U-Net compiled and 
 channels_last), also with cuDNN's or FlashAttention's kernel put first for the attention; ``whole-cl`` the same
 compiled step without the graphs, so that the profile sees the operators: every profile lists the operators that copy
 tensors, by input shapes, with their kernels' GPU time. ``*-pw`` compute the 1 × 1 convolutions as matrix products
-over the channels (:class:`PointwiseAsLinear`): do the step's copies go with them? ``*-hint`` pin every
-convolution's input and output gradient to channels_last (:class:`ChannelsLastConv`), where ATen's convolution
+over the channels (`speed_common.PointwiseAsLinear`): do the step's copies go with them? ``*-hint`` pin every
+convolution's input and output gradient to channels_last (`speed_common.ChannelsLastConv`), where ATen's convolution
 backward would copy them. ``--trace`` also writes each profiled step's Chrome trace.
 """
 
@@ -45,10 +45,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_common import (  # noqa: E402
     back_to_back,
+    channels_last_hints,
     environment,
     full_settings,
     log,
     make_folder,
+    pointwise_as_linear,
     rel_err,
     smoke_settings,
     timed,
@@ -263,70 +265,6 @@ TRAINING = {  # name → (compile scope, channels_last, SDPA backend first, prob
     "whole-ro-cl-hint": ("whole-reduce-overhead", True, None, "hint"),  # convolutions pinned to channels_last
     "whole-cl-hint": ("whole", True, None, "hint"),
 }
-
-
-class PointwiseAsLinear(torch.nn.Module):
-    """A 1 × 1 convolution computed as a matrix product over the channels (the same arithmetic; its parameters are
-    the convolution's own): on a channels_last input the channels are the innermost axis, so the product reads and
-    writes the tensors in place of a convolution kernel — and its backward has no convolution backward, which
-    makes the incoming gradient match the input's memory format with a copy when it does not (RESULTS.md, eleventh
-    GPU run). A probe of where the training step's copies come from, not a library path."""
-
-    def __init__(self, conv: torch.nn.Conv2d) -> None:
-        super().__init__()
-        self.weight, self.bias = conv.weight, conv.bias  # (out, in, 1, 1), (out,)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.nn.functional.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias)  # (B, H, W, out)
-        return y.permute(0, 3, 1, 2)  # (B, out, H, W), channels_last in memory
-
-
-def pointwise_as_linear(model: torch.nn.Module) -> int:
-    """Swap every 1 × 1 convolution (stride 1, no padding, one group) of ``model`` for :class:`PointwiseAsLinear`;
-    returns how many were swapped."""
-    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if isinstance(child, torch.nn.Conv2d) and child.kernel_size == (1, 1) and child.stride == (1, 1)
-             and child.padding == (0, 0) and child.groups == 1]
-    for parent, name, conv in swaps:
-        setattr(parent, name, PointwiseAsLinear(conv))
-    return len(swaps)
-
-
-class _ChannelsLastGrad(torch.autograd.Function):
-    """The identity, whose backward hands on its gradient in channels_last memory."""
-
-    @staticmethod
-    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
-        return g.contiguous(memory_format=torch.channels_last)
-
-
-class ChannelsLastConv(torch.nn.Module):
-    """A convolution whose input and whose output's gradient are pinned to channels_last memory. ATen's convolution
-    backward copies either into channels_last when it is not (the twelfth GPU run traced 94 such copies, 13.6 ms of
-    the batch-32 step: 79 of the output's gradient — cat's backward slices it — and 15 of the input); in eager mode
-    the pins cost nothing where the tensor already is channels_last, and under torch.compile they become layout
-    constraints that Inductor can meet in the kernel that makes the tensor instead of in a copy. A probe, not a
-    library path."""
-
-    def __init__(self, conv: torch.nn.Conv2d) -> None:
-        super().__init__()
-        self.conv = conv
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _ChannelsLastGrad.apply(self.conv(x.contiguous(memory_format=torch.channels_last)))
-
-
-def channels_last_hints(model: torch.nn.Module) -> int:
-    """Wrap every convolution of ``model`` in :class:`ChannelsLastConv`; returns how many were wrapped."""
-    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if isinstance(child, torch.nn.Conv2d)]
-    for parent, name, conv in swaps:
-        setattr(parent, name, ChannelsLastConv(conv))
-    return len(swaps)
 
 
 def measure_training(name: str, s, res: dict[str, Any], batches: tuple[int, ...], save,

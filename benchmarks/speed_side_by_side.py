@@ -28,7 +28,8 @@ Parts (each fits one 10-minute device call on an H200; times are estimates):
   checkpointing within 80 GiB and its img/s.
 * ``training-compiled`` (~5 min a row): the same step with Estable's blocks compiled (``compile_scope=blocks``),
   with channels_last; ``--train-compile whole`` / ``whole-reduce-overhead`` (repeatable) compile the whole U-Net
-  instead, the latter replayed in torch's CUDA graphs.
+  instead, the latter replayed in torch's CUDA graphs; ``whole-hint`` / ``whole-reduce-overhead-hint`` the same with
+  every convolution's input and output gradient pinned to channels_last (RESULTS.md, twelfth GPU run).
 
 Every part needs diffusers and transformers (the oracle; carry the diffusers wheel to the GPU machine). Progress
 lines carry timestamps; each part writes ``DIR/part-NAME.json`` and ``.md``, rewritten after every row (a part cut
@@ -58,6 +59,7 @@ from speed_common import (  # noqa: E402
     PROMPT,
     Settings,
     back_to_back,
+    channels_last_hints,
     environment,
     full_settings,
     log,
@@ -447,10 +449,11 @@ def compile_for_training(model: torch.nn.Module, scope: str | None) -> None:
 
 def _train_system(name: str, build, call, s: Settings, batches, *, ckpt: bool = False, cl: bool = False,
                   compile_scope: str | None = None, sdpa: str | None = None, repeats: int | None = None,
-                  rows: dict[str, Any] | None = None, pipelined: bool = True) -> dict[str, Any]:
+                  rows: dict[str, Any] | None = None, pipelined: bool = True, hints: bool = False) -> dict[str, Any]:
     """img/s and peak memory per batch size, filled into ``rows`` (the part's table) as each is measured, so that
     a part cut off by a time limit still reports the rows it finished; ``pipelined``: also the img/s of steps run
-    back to back, with no sync between them (where the host's launching hides behind the GPU's work)."""
+    back to back, with no sync between them (where the host's launching hides behind the GPU's work); ``hints``:
+    every convolution pinned to channels_last (speed_common.ChannelsLastConv)."""
     rows = {} if rows is None else rows
     model = build().train()
     if cl:
@@ -460,6 +463,8 @@ def _train_system(name: str, build, call, s: Settings, batches, *, ckpt: bool = 
             model.enable_gradient_checkpointing()
         else:
             model.gradient_checkpointing = True
+    if hints:
+        channels_last_hints(model)
     compile_for_training(model, compile_scope)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=s.cuda)
     side = s.unet_kwargs["sample_size"]
@@ -547,10 +552,12 @@ def part_training_compiled(s: Settings, res: dict[str, Any], scopes: list[str], 
     tr = res.setdefault("training", {})
     if s.smoke:
         res.setdefault("notes", []).append("smoke: training-compiled ran without torch.compile")
-    for scope in scopes:
-        name = f"Estable, compiled ({scope}) + channels_last" + (f", {sdpa} attention first" if sdpa else "")
+    for row in scopes:
+        scope, hints = row.removesuffix("-hint"), row.endswith("-hint")
+        name = (f"Estable, compiled ({scope}) + channels_last" + (f", {sdpa} attention first" if sdpa else "")
+                + (", convolutions pinned to channels_last" if hints else ""))
         _train_system(name, build_e, est, s, s.train_batches, cl=True, compile_scope=None if s.smoke else scope,
-                      sdpa=sdpa, rows=tr.setdefault(name, {}))
+                      sdpa=sdpa, rows=tr.setdefault(name, {}), hints=hints)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -577,9 +584,11 @@ def main(argv: list[str] | None = None) -> int:
                     default=["empty", "warm", "warm-no-mega"],
                     help="coldstart: which rows to run (default all three; 'warm' alone needs --compile-cache with "
                     "a cache an earlier 'empty' row left)")
-    ap.add_argument("--train-compile", choices=("blocks", "whole", "whole-reduce-overhead"), action="append",
+    ap.add_argument("--train-compile", action="append",
+                    choices=("blocks", "whole", "whole-reduce-overhead", "whole-hint", "whole-reduce-overhead-hint"),
                     help="training-compiled: compile each block (default), the whole U-Net, or the whole U-Net with "
-                    "torch's own CUDA graphs (mode reduce-overhead); repeatable, rows in the order given")
+                    "torch's own CUDA graphs (mode reduce-overhead); '-hint': with every convolution's input and "
+                    "output gradient pinned to channels_last; repeatable, rows in the order given")
     ap.add_argument("--train-sdpa", choices=("cudnn", "flash", "efficient"),
                     help="training-compiled: put this attention kernel first (default: torch's choice)")
     ap.add_argument("--train-batch", type=int, action="append", metavar="N",

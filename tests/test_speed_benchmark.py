@@ -61,6 +61,14 @@ def test_train_batch_restricts_the_training_rows(tmp_path):
     # each row also timed with its steps back to back, and the report says so
     assert all(rows["2"]["back_to_back_img_per_s"] > 0 for rows in res["training"].values())
     assert "back to back" in (tmp_path / "part-training.md").read_text()
+    # a compiled row with the convolutions pinned to channels_last (smoke: not compiled, the probe swapped in)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed_side_by_side.py"), "--smoke", "--part",
+                           "training-compiled", "--train-compile", "whole-reduce-overhead-hint", "--train-batch", "2",
+                           "--out", str(tmp_path / "hint")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "hint" / "part-training-compiled.json").read_text())["training"]
+    assert list(rows) == ["Estable, compiled (whole-reduce-overhead) + channels_last, convolutions pinned to "
+                          "channels_last"] and rows[next(iter(rows))]["2"]["img_per_s"] > 0
 
 
 def test_cold_start_rows_in_separate_calls_share_one_cache(tmp_path):
@@ -146,13 +154,14 @@ def test_speed_profile_smoke_and_kernel_kinds(tmp_path):
 
 
 def test_pointwise_as_linear_is_the_convolution():
-    """speed_profile's probe: a 1 × 1 convolution as a matrix product over the channels gives the convolution's
-    outputs and gradients, in either memory format, and the swap finds the U-Net's 1 × 1 convolutions only."""
+    """The ``*-pw`` probe (speed_common): a 1 × 1 convolution as a matrix product over the channels gives the
+    convolution's outputs and gradients, in either memory format, and the swap finds the U-Net's 1 × 1 convolutions
+    only."""
     import torch
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
-        from speed_profile import PointwiseAsLinear, pointwise_as_linear
+        from speed_common import PointwiseAsLinear, pointwise_as_linear
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
     gen = torch.Generator().manual_seed(0)
@@ -226,14 +235,14 @@ def _conv_backward_layouts(model, x, t, c) -> dict[tuple[str, bool], int]:
 
 
 def test_channels_last_hints_pin_the_convolutions_layouts():
-    """speed_profile's ``*-hint`` probe: a pinned convolution gives the convolution's outputs and gradients, and in
+    """The ``*-hint`` probe (speed_common): a pinned convolution gives the convolution's outputs and gradients, and in
     the compiled training step's backward graph (traced on the CPU) it leaves no convolution backward a tensor
     outside channels_last memory — without the pins, cat's backward hands several a slice."""
     import torch
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
-        from speed_profile import ChannelsLastConv, channels_last_hints
+        from speed_common import ChannelsLastConv, channels_last_hints
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
     from estable.config import UNetConfig
