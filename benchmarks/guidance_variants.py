@@ -31,6 +31,10 @@ and, after the head, optional ``,key=value`` pairs:
   only what the order says (which object is where). Measured on the built-in model (RESULTS.md, "a fine-tune on other
   background odds changes nothing"): the reversed caption also loses its background and count to the text tower, and
   c − r with them.
+* ``swap=S``: role-swap guidance: s, the model's output for a pair caption with its two objects exchanged ("a blue
+  square above a red circle" for "a red circle above a blue square": the mirrored scene, same background, same
+  relation word), and g ← g + S (c − s); other prompts are their own contrast (no push). Two captions that differ in
+  the roles alone, so c − s should carry where each object goes and not the background.
 
 Each config is scored like ``estable eval compositional`` on the first ``--prompts`` held-out prompts, two images
 each, the same seeds for every config, 25 steps of DPM++ 2M Karras. ``--grid`` draws the demo prompt at seeds 1–8
@@ -48,10 +52,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from estable.evaluation.compositional import evaluate, make_prompts
+from estable.evaluation.compositional import PROMPT_KINDS, evaluate, make_prompts
 from estable.evaluation.judge import load_default_judge
 from estable.params import GenerationParams
 from estable.pipeline import Pipeline, load_pipeline
+from estable.training.shapes.captions import swap_pair_roles
 
 
 class Variant(NamedTuple):
@@ -68,6 +73,7 @@ class Variant(NamedTuple):
     bad: str | None = None  # autoguidance: the weaker model's path (None: no autoguidance)
     auto: float = 2.0  # autoguidance's scale A
     order: float = 0.0  # word-order guidance's scale O (0: none)
+    swap: float = 0.0  # role-swap guidance's scale S (0: none)
 
 
 def low_pass(x: torch.Tensor, pool: int) -> torch.Tensor:
@@ -98,12 +104,15 @@ def guidance_variant(pipe: Pipeline, variant: Variant) -> None:
     """Make ``pipe`` combine its unconditional and conditional outputs as ``variant`` says (txt2img without
     ControlNet or cfg_start only). ``variant.w`` is not used: the scale is the generation's ``cfg_scale``.
 
-    With autoguidance (``variant.bad``) or word-order guidance (``variant.order``) the pipeline's contexts carry the
-    extra ones (the weaker model's, the reversed caption's) after its own along the token axis (the towers have the
-    same width), so that every batching of prompts keeps them together."""
+    With autoguidance (``variant.bad``) or guidance away from a contrast caption (``variant.order``: the words
+    reversed; ``variant.swap``: the pair's roles swapped) the pipeline's contexts carry the extra ones (the weaker
+    model's, the contrast captions') after its own along the token axis (the towers have the same width), so that
+    every batching of prompts keeps them together."""
     plain = Pipeline._guided_model.__get__(pipe)
     bad = None if variant.bad is None else load_pipeline(variant.bad, device=pipe.device, dtype=pipe.dtype)
-    parts = 1 + (bad is not None) + (variant.order != 0)
+    contrasts = [(scale, text) for scale, text in ((variant.order, reverse_words), (variant.swap, swapped_roles))
+                 if scale != 0]  # (scale, the contrast caption of a prompt)
+    parts = 1 + (bad is not None) + len(contrasts)
     if parts > 1:
         own_encode = pipe.encode_prompts
 
@@ -111,8 +120,7 @@ def guidance_variant(pipe: Pipeline, variant: Variant) -> None:
             pieces = [own_encode(prompt, negative_prompt, **kw)]  # (cond, uncond), each (1, L, D)
             if bad is not None:
                 pieces.append(bad.encode_prompts(prompt, negative_prompt, **kw))
-            if variant.order != 0:
-                pieces.append(own_encode(reverse_words(prompt), negative_prompt, **kw))
+            pieces += [own_encode(text(prompt), negative_prompt, **kw) for _, text in contrasts]
             cond, uncond = (torch.cat(same, dim=1) for same in zip(*pieces))  # (1, parts·L, D) each
             return cond, uncond
 
@@ -126,7 +134,7 @@ def guidance_variant(pipe: Pipeline, variant: Variant) -> None:
         chunks = list(context.split(context.shape[1] // parts, dim=1))
         own_context = chunks.pop(0)
         bad_context = chunks.pop(0) if bad is not None else None
-        reversed_context = chunks.pop(0) if variant.order != 0 else None
+        contrast_contexts = [(scale, chunk) for (scale, _), chunk in zip(contrasts, chunks)]
 
         def model(x_t: torch.Tensor, t: float) -> torch.Tensor:
             x = x_t.to(pipe.dtype)
@@ -139,9 +147,9 @@ def guidance_variant(pipe: Pipeline, variant: Variant) -> None:
             if bad_context is not None:
                 b = bad.unet_forward(x, t, bad_context[-batch:]).float()
                 g = g + (variant.auto - 1) * (c - b)
-            if reversed_context is not None:
-                r = pipe.unet_forward(x, t, reversed_context[-batch:]).float()
-                g = g + variant.order * (c - r)
+            for contrast_scale, contrast_context in contrast_contexts:
+                r = pipe.unet_forward(x, t, contrast_context[-batch:]).float()
+                g = g + contrast_scale * (c - r)
             return g
 
         return model
@@ -154,6 +162,12 @@ def reverse_words(prompt: str) -> str:
     return " ".join(reversed(prompt.split()))
 
 
+def swapped_roles(prompt: str) -> str:
+    """A pair caption with its two objects exchanged (the mirrored scene: the same words, the background and the
+    relation kept); any other prompt unchanged, so that guidance away from it is no guidance."""
+    return swap_pair_roles(prompt) or prompt
+
+
 def parse_config(text: str) -> Variant:
     """``W[:PHI[:T_MIN[:T_MAX]]]`` then optional ``,key=value`` pairs for the other fields of :class:`Variant`."""
     head, *pairs = text.split(",")
@@ -163,8 +177,9 @@ def parse_config(text: str) -> Variant:
     fields: dict[str, float | int | str] = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
-        if key not in ("above", "high", "pool", "t_high", "bad", "auto", "order") or not value:
-            raise SystemExit(f"unknown option {pair!r} in {text!r}: above=, high=, pool=, t_high=, bad=, auto=, order=")
+        if key not in ("above", "high", "pool", "t_high", "bad", "auto", "order", "swap") or not value:
+            raise SystemExit(f"unknown option {pair!r} in {text!r}: above=, high=, pool=, t_high=, bad=, auto=, "
+                             "order=, swap=")
         fields[key] = int(value) if key == "pool" else value if key == "bad" else float(value)
     return Variant(*values, **fields)
 
@@ -180,6 +195,8 @@ def describe(v: Variant) -> str:
         text += f", autoguidance {v.auto:g} against {Path(v.bad).name}"
     if v.order != 0:
         text += f", word order {v.order:g}"
+    if v.swap != 0:
+        text += f", role swap {v.swap:g}"
     return text
 
 
@@ -209,6 +226,7 @@ def main() -> None:
     ap.add_argument("model", nargs="?", default="src/estable/assets/default_model.safetensors")
     ap.add_argument("--prompts", type=int, default=40)
     ap.add_argument("--images-per-prompt", type=int, default=2)
+    ap.add_argument("--kind", choices=PROMPT_KINDS, help="held-out prompts of this kind only (default: the mix)")
     ap.add_argument("--config", action="append", metavar="W[:PHI[:T_MIN[:T_MAX]]][,key=value...]",
                     help="repeatable (default 4 and 4:0.7)")
     ap.add_argument("--grid", action="append", metavar="W[:PHI[:T_MIN[:T_MAX]]][,key=value...]",
@@ -223,7 +241,7 @@ def main() -> None:
         return
     configs = [parse_config(c) for c in (args.config or ["4", "4:0.7"])]
     judge = load_default_judge(args.device)
-    prompts = make_prompts(500)[: args.prompts]
+    prompts = make_prompts(args.prompts, mix={args.kind: 1.0}) if args.kind else make_prompts(500)[: args.prompts]
     rows = []
     for v in configs:
         pipe = load_pipeline(args.model, device=args.device)

@@ -80,6 +80,7 @@ def test_config_parsing():
     assert parse_config("4:0:0:800,above=2") == Variant(4.0, t_max=800.0, above=2.0)
     assert parse_config("1,bad=m4.safetensors,auto=3") == Variant(1.0, bad="m4.safetensors", auto=3.0)
     assert parse_config("2,order=3") == Variant(2.0, order=3.0)
+    assert parse_config("1,swap=4") == Variant(1.0, swap=4.0)
     assert parse_config("4,high=1,pool=8,t_high=800") == Variant(4.0, high=1.0, pool=8, t_high=800.0)
     with pytest.raises(SystemExit):
         parse_config("4:0:200:800:1")
@@ -188,3 +189,20 @@ def test_word_order_guidance_pushes_away_from_the_reversed_caption():
     plain = load_pipeline("default", device="cpu")
     assert np.abs(_image(palindrome, cfg_scale=4, prompt="red red")
                   - _image(plain, cfg_scale=4, prompt="red red")).max() <= 2
+
+
+def test_role_swap_guidance_pushes_away_from_the_mirrored_scene():
+    from guidance_variants import swapped_roles
+
+    assert swapped_roles("a red circle above a blue square") == "a blue square above a red circle"
+    assert swapped_roles("a red circle") == "a red circle"  # not a pair: its own contrast
+    prompt = "a red circle above a blue square"
+    unguided = _image(load_pipeline("default", device="cpu"), cfg_scale=1, prompt=prompt)
+    swapped = load_pipeline("default", device="cpu")
+    guidance_variant(swapped, Variant(1, swap=3.0))  # CFG 1: c + 3 (c − s), no unconditional call
+    assert np.abs(_image(swapped, cfg_scale=1, prompt=prompt) - unguided).max() > 5
+    # a prompt without roles to swap: c − s = 0, the unguided image again
+    single = load_pipeline("default", device="cpu")
+    guidance_variant(single, Variant(1, swap=3.0))
+    assert np.abs(_image(single, cfg_scale=1, prompt="a red circle")
+                  - _image(load_pipeline("default", device="cpu"), cfg_scale=1, prompt="a red circle")).max() <= 2
