@@ -399,15 +399,21 @@ class PointwiseAsLinear(torch.nn.Module):
         return y.permute(0, 3, 1, 2)  # (B, out, H, W), channels_last in memory
 
 
+def swap_convolutions(model: torch.nn.Module, wrap: Callable[[torch.nn.Conv2d], torch.nn.Module],
+                      which: Callable[[torch.nn.Conv2d], bool] = lambda conv: True) -> int:
+    """Replace each convolution of ``model`` that ``which`` picks by ``wrap(conv)``; returns how many."""
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if isinstance(child, torch.nn.Conv2d) and which(child)]
+    for parent, name, conv in swaps:
+        setattr(parent, name, wrap(conv))
+    return len(swaps)
+
+
 def pointwise_as_linear(model: torch.nn.Module) -> int:
     """Swap every 1 × 1 convolution (stride 1, no padding, one group) of ``model`` for :class:`PointwiseAsLinear`;
     returns how many were swapped."""
-    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if isinstance(child, torch.nn.Conv2d) and child.kernel_size == (1, 1) and child.stride == (1, 1)
-             and child.padding == (0, 0) and child.groups == 1]
-    for parent, name, conv in swaps:
-        setattr(parent, name, PointwiseAsLinear(conv))
-    return len(swaps)
+    return swap_convolutions(model, PointwiseAsLinear, lambda c: c.kernel_size == (1, 1) and c.stride == (1, 1)
+                             and c.padding == (0, 0) and c.groups == 1)
 
 
 class _ChannelsLastGrad(torch.autograd.Function):
@@ -440,8 +446,4 @@ class ChannelsLastConv(torch.nn.Module):
 
 def channels_last_hints(model: torch.nn.Module) -> int:
     """Wrap every convolution of ``model`` in :class:`ChannelsLastConv`; returns how many were wrapped."""
-    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if isinstance(child, torch.nn.Conv2d)]
-    for parent, name, conv in swaps:
-        setattr(parent, name, ChannelsLastConv(conv))
-    return len(swaps)
+    return swap_convolutions(model, ChannelsLastConv)
