@@ -35,6 +35,10 @@ and, after the head, optional ``,key=value`` pairs:
   square above a red circle" for "a red circle above a blue square": the mirrored scene, same background, same
   relation word), and g ← g + S (c − s); other prompts are their own contrast (no push). Two captions that differ in
   the roles alone, so c − s should carry where each object goes and not the background.
+* ``contrast=K``: attribute-contrast guidance, the same idea for every kind of prompt: g ← g + K (c − (s₁ + s₂)/2),
+  s₁, s₂ the outputs for two captions that differ from the prompt only in what its kind is judged on
+  (:func:`attribute_contrasts`: a pair's roles, a colour-binding prompt's colours exchanged, a count's other two
+  counts, a single object's colour and its shape), the background kept.
 
 Each config is scored like ``estable eval compositional`` on the first ``--prompts`` held-out prompts, two images
 each, the same seeds for every config, 25 steps of DPM++ 2M Karras. ``--grid`` draws the demo prompt at seeds 1–8
@@ -46,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -56,7 +61,8 @@ from estable.evaluation.compositional import PROMPT_KINDS, evaluate, make_prompt
 from estable.evaluation.judge import load_default_judge
 from estable.params import GenerationParams
 from estable.pipeline import Pipeline, load_pipeline
-from estable.training.shapes.captions import swap_pair_roles
+from estable.training.shapes.captions import caption_for, parse_caption, swap_pair_roles
+from estable.training.shapes.vocab import COLOURS, COUNT_SIZES, COUNT_WORDS, SHAPES
 
 
 class Variant(NamedTuple):
@@ -74,6 +80,7 @@ class Variant(NamedTuple):
     auto: float = 2.0  # autoguidance's scale A
     order: float = 0.0  # word-order guidance's scale O (0: none)
     swap: float = 0.0  # role-swap guidance's scale S (0: none)
+    contrast: float = 0.0  # attribute-contrast guidance's scale K (0: none)
 
 
 def low_pass(x: torch.Tensor, pool: int) -> torch.Tensor:
@@ -110,7 +117,9 @@ def guidance_variant(pipe: Pipeline, variant: Variant) -> None:
     every batching of prompts keeps them together."""
     plain = Pipeline._guided_model.__get__(pipe)
     bad = None if variant.bad is None else load_pipeline(variant.bad, device=pipe.device, dtype=pipe.dtype)
-    contrasts = [(scale, text) for scale, text in ((variant.order, reverse_words), (variant.swap, swapped_roles))
+    contrasts = [(scale, text) for scale, text in ((variant.order, reverse_words), (variant.swap, swapped_roles),
+                                                   (variant.contrast / 2, lambda p: attribute_contrasts(p)[0]),
+                                                   (variant.contrast / 2, lambda p: attribute_contrasts(p)[1]))
                  if scale != 0]  # (scale, the contrast caption of a prompt)
     parts = 1 + (bad is not None) + len(contrasts)
     if parts > 1:
@@ -168,6 +177,41 @@ def swapped_roles(prompt: str) -> str:
     return swap_pair_roles(prompt) or prompt
 
 
+def attribute_contrasts(prompt: str) -> tuple[str, str]:
+    """Two captions that differ from a held-out prompt of the grammar in what its kind is judged on, and in nothing
+    else (the background kept): a pair's objects exchanged (twice); a colour-binding prompt's colours exchanged
+    (twice); a count prompt's other two counts; a single object in another colour and as another shape. A prompt
+    the grammar does not parse is its own contrast."""
+    try:
+        spec = parse_caption(prompt)
+    except ValueError:
+        return prompt, prompt
+    if spec.kind == "pair":
+        mirrored = swapped_roles(prompt)
+        return mirrored, mirrored
+    a = spec.objects[0]
+    body = caption_for(replace(spec, background=None))  # the objects; the prompt's own background words follow
+    if not prompt.startswith(body):
+        return prompt, prompt
+    tail = prompt[len(body):]
+
+    def text(**changes) -> str:
+        return caption_for(replace(spec, background=None, **changes)) + tail
+
+    if spec.kind == "colour_binding":
+        b = spec.objects[1]
+        exchanged = text(objects=(replace(a, colour=b.colour), replace(b, colour=a.colour)))
+        return exchanged, exchanged
+    if spec.kind == "count":
+        first, second = (text(count=n, objects=(replace(a, size=a.size if a.size in COUNT_SIZES[n] else None),))
+                         for n in COUNT_WORDS if n != spec.count)
+        return first, second
+    taken = {a.colour} | ({spec.background.colour} if spec.background else set())
+    colour = next(c for c in COLOURS if c not in taken)
+    shape = SHAPES[(SHAPES.index(a.shape) + 1) % len(SHAPES)]
+    return text(objects=(replace(a, colour=colour),)), text(objects=(replace(a, shape=shape),))
+
+
 def parse_config(text: str) -> Variant:
     """``W[:PHI[:T_MIN[:T_MAX]]]`` then optional ``,key=value`` pairs for the other fields of :class:`Variant`."""
     head, *pairs = text.split(",")
@@ -177,9 +221,9 @@ def parse_config(text: str) -> Variant:
     fields: dict[str, float | int | str] = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
-        if key not in ("above", "high", "pool", "t_high", "bad", "auto", "order", "swap") or not value:
+        if key not in ("above", "high", "pool", "t_high", "bad", "auto", "order", "swap", "contrast") or not value:
             raise SystemExit(f"unknown option {pair!r} in {text!r}: above=, high=, pool=, t_high=, bad=, auto=, "
-                             "order=, swap=")
+                             "order=, swap=, contrast=")
         fields[key] = int(value) if key == "pool" else value if key == "bad" else float(value)
     return Variant(*values, **fields)
 
@@ -197,6 +241,8 @@ def describe(v: Variant) -> str:
         text += f", word order {v.order:g}"
     if v.swap != 0:
         text += f", role swap {v.swap:g}"
+    if v.contrast != 0:
+        text += f", attribute contrast {v.contrast:g}"
     return text
 
 

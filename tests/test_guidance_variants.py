@@ -81,6 +81,7 @@ def test_config_parsing():
     assert parse_config("1,bad=m4.safetensors,auto=3") == Variant(1.0, bad="m4.safetensors", auto=3.0)
     assert parse_config("2,order=3") == Variant(2.0, order=3.0)
     assert parse_config("1,swap=4") == Variant(1.0, swap=4.0)
+    assert parse_config("1,contrast=2") == Variant(1.0, contrast=2.0)
     assert parse_config("4,high=1,pool=8,t_high=800") == Variant(4.0, high=1.0, pool=8, t_high=800.0)
     with pytest.raises(SystemExit):
         parse_config("4:0:200:800:1")
@@ -206,3 +207,21 @@ def test_role_swap_guidance_pushes_away_from_the_mirrored_scene():
     guidance_variant(single, Variant(1, swap=3.0))
     assert np.abs(_image(single, cfg_scale=1, prompt="a red circle")
                   - _image(load_pipeline("default", device="cpu"), cfg_scale=1, prompt="a red circle")).max() <= 2
+
+
+def test_attribute_contrasts_change_what_the_kind_is_judged_on_and_keep_the_background():
+    from guidance_variants import attribute_contrasts
+
+    assert attribute_contrasts("a red circle above a blue square") == ("a blue square above a red circle",) * 2
+    assert attribute_contrasts("a red circle and a blue square against a purple gradient background") == (
+        "a blue circle and a red square against a purple gradient background",) * 2
+    assert attribute_contrasts("four small red circles") == ("two small red circles", "three small red circles")
+    assert attribute_contrasts("two large blue stars") == ("three blue stars", "four blue stars")  # no large 3s, 4s
+    assert attribute_contrasts("a large red circle on a textured white background") == (
+        "a large green circle on a textured white background", "a large red square on a textured white background")
+    assert attribute_contrasts("a cat") == ("a cat", "a cat")  # outside the grammar: its own contrast
+    prompt = "a red circle"
+    unguided = _image(load_pipeline("default", device="cpu"), cfg_scale=1, prompt=prompt)
+    contrasted = load_pipeline("default", device="cpu")
+    guidance_variant(contrasted, Variant(1, contrast=3.0))
+    assert np.abs(_image(contrasted, cfg_scale=1, prompt=prompt) - unguided).max() > 5
