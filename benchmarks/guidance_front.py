@@ -10,6 +10,8 @@ first ``--fid-count`` captions and seeds of ``estable eval fid --fake model:M --
 features) against as many held-out renders (world seed 31, as the FID's real side; computed once), and the kinds
 the judge sees in the backgrounds their captions do not name (``benchmarks/background_kinds.py``'s count). 25 steps
 of DPM++ 2M Karras, the evaluations' sampler. One pipeline per config; rows are written after each config.
+``--kind K`` restricts both measures to one kind of prompt: the held-out prompts of that kind, and an FID between
+images of that kind's captions and renders of that kind's scenes (worlds that draw only that kind).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from guidance_variants import describe, guidance_variant, parse_config  # beside this script
 
 from estable.cli_eval import FID_PROMPT_SEED, FID_REAL_SEED
-from estable.evaluation.compositional import evaluate, make_prompts
+from estable.evaluation.compositional import PROMPT_KINDS, evaluate, make_prompts
 from estable.evaluation.fid import extract_features, feature_stats, frechet_distance
 from estable.evaluation.judge import JudgeFeatures, load_judge_or_default, resolve_device
 from estable.params import GenerationParams
@@ -39,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=500)
     ap.add_argument("--images-per-prompt", type=int, default=2)
     ap.add_argument("--fid-count", type=int, default=1000)
+    ap.add_argument("--kind", choices=PROMPT_KINDS,
+                    help="prompts of this kind only, for the accuracy and for the FID (both sides: the renders too)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -46,15 +50,19 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     judge = load_judge_or_default(None, device)
     batch = 32 if device.type == "cuda" else 8
-    prompts = make_prompts(500)[: args.prompts] if args.prompts <= 500 else make_prompts(args.prompts)
+    if args.kind:
+        prompts = make_prompts(args.prompts, mix={args.kind: 1.0})
+    else:
+        prompts = make_prompts(500)[: args.prompts] if args.prompts <= 500 else make_prompts(args.prompts)
+    only = {"kind_weights": {args.kind: 1.0}} if args.kind else {}
 
-    world = ShapesWorld("heldout", FID_PROMPT_SEED)
+    world = ShapesWorld("heldout", FID_PROMPT_SEED, **only)
     scenes = [world.scene(i) for i in range(args.fid_count)]
     captions = [s.caption for s in scenes]
     fid_seeds = [FID_PROMPT_SEED * 100_000 + i for i in range(args.fid_count)]  # as `estable eval fid --fake model:M`
     unnamed = [i for i, s in enumerate(scenes) if not s.background.mentioned]
     features = JudgeFeatures(judge)
-    reference = ShapesWorld("heldout", FID_REAL_SEED)
+    reference = ShapesWorld("heldout", FID_REAL_SEED, **only)
     t = time.perf_counter()
     real_stats = feature_stats(extract_features(
         (render(reference.scene(i), 256) for i in range(args.fid_count)), features, device=device))

@@ -4,6 +4,7 @@ what their RESULTS sections say."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -225,3 +226,15 @@ def test_attribute_contrasts_change_what_the_kind_is_judged_on_and_keep_the_back
     contrasted = load_pipeline("default", device="cpu")
     guidance_variant(contrasted, Variant(1, contrast=3.0))
     assert np.abs(_image(contrasted, cfg_scale=1, prompt=prompt) - unguided).max() > 5
+
+
+def test_guidance_front_restricted_to_one_kind(tmp_path):
+    """benchmarks/guidance_front.py --kind pair: the accuracy and the FID on pair prompts and pair renders only."""
+    from guidance_front import main as front
+
+    out = tmp_path / "front.json"
+    assert front(["--kind", "pair", "--config", "1", "--prompts", "2", "--images-per-prompt", "1",
+                  "--fid-count", "3", "--device", "cpu", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert set(row["by_kind"]) == {"pair"} and row["by_kind"]["pair"]["images"] == 2
+    assert row["fid_count"] == 3 and row["fid"] > 0
