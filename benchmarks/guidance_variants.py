@@ -114,8 +114,9 @@ def guidance_variant(pipe: Pipeline, variant: Variant) -> None:
     """Make ``pipe`` combine its unconditional and conditional outputs as ``variant`` says (txt2img without
     ControlNet or cfg_start only). ``variant.w`` is not used: the scale is the generation's ``cfg_scale``.
 
-    With autoguidance (``variant.bad``) or guidance away from a contrast caption (``variant.order``: the words
-    reversed; ``variant.swap``: the pair's roles swapped) the pipeline's contexts carry the extra ones (the weaker
+    With autoguidance (``variant.bad``) or guidance away from contrast captions (``variant.order``: the words
+    reversed; ``variant.swap``: the pair's roles swapped; ``variant.contrast``: two per prompt, each at half the
+    scale) the pipeline's contexts carry the extra ones (the weaker
     model's, the contrast captions') after its own along the token axis (the towers have the same width), so that
     every batching of prompts keeps them together."""
     plain = Pipeline._guided_model.__get__(pipe)
