@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     captions = [s.caption for s in scenes]
     fid_seeds = [FID_PROMPT_SEED * 100_000 + i for i in range(args.fid_count)]  # as `estable eval fid --fake model:M`
     unnamed = [i for i, s in enumerate(scenes) if not s.background.mentioned]
+    fid_kinds = dict(Counter(s.spec.kind for s in scenes))  # the FID captions' kinds (one with --kind)
     features = JudgeFeatures(judge)
     reference = ShapesWorld("heldout", FID_REAL_SEED, **only)
     t = time.perf_counter()
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         kinds = [k for k, _ in judge.classify_background([fake[i] for i in unnamed])]
         o = report["overall"]
         row = {"config": describe(v), **v._asdict(), **o, "by_kind": report["by_kind"], "fid": fid,
-               "fid_count": args.fid_count, "images_per_prompt": args.images_per_prompt,
+               "fid_count": args.fid_count, "fid_kinds": fid_kinds, "images_per_prompt": args.images_per_prompt,
                "unnamed_backgrounds": dict(Counter(kinds)), "seconds": time.perf_counter() - t}
         rows.append(row)
         scores = ", ".join(f"{k} {val:.1%}" for k, val in o.items() if isinstance(val, float))

@@ -237,4 +237,4 @@ def test_guidance_front_restricted_to_one_kind(tmp_path):
                   "--fid-count", "3", "--device", "cpu", "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())
     assert set(row["by_kind"]) == {"pair"} and row["by_kind"]["pair"]["images"] == 2
-    assert row["fid_count"] == 3 and row["fid"] > 0
+    assert row["fid_count"] == 3 and row["fid_kinds"] == {"pair": 3} and row["fid"] > 0

@@ -17,6 +17,17 @@ pytest.importorskip("diffusers")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _benchmark_module(name: str):
+    """Import ``benchmarks/NAME.py`` (the scripts import each other by plain name)."""
+    import importlib
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
 @pytest.mark.heavy
 def test_side_by_side_smoke_writes_every_table(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
@@ -131,11 +142,7 @@ def test_speed_profile_smoke_and_kernel_kinds(tmp_path):
     # on the CPU: the timesteps' cast to float, the optimizer's step counters
     assert copies and all(c["op"].startswith("aten::") and c["calls"] > 0 for c in copies)
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from speed_profile import ANNOTATION, kind_of
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    speed_profile = _benchmark_module("speed_profile")
     names = {
         "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64_4x1x1_kernel0_": "attention",
         "sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x192x64_warpgroup": "convolution",
@@ -145,12 +152,13 @@ def test_speed_profile_smoke_and_kernel_kinds(tmp_path):
         "void cutlass::Kernel2<cutlass_80_tensorop_s1688gemm_64x64_16x6_tn_align1>": "matmul",
         "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>": "attention",
     }
-    assert {n: kind_of(n) for n in names} == names
+    assert {n: speed_profile.kind_of(n) for n in names} == names
     # a record_function label on the GPU timeline is not a kernel; a kernel whose name holds a "#" is (the
     # profile once dropped ATen's copy kernels, "{lambda()#3}", with the optimizer's label)
-    assert ANNOTATION.fullmatch("Optimizer.step#AdamW.step")
-    assert not ANNOTATION.fullmatch("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<"
-                                    "at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}")
+    assert speed_profile.ANNOTATION.fullmatch("Optimizer.step#AdamW.step")
+    copy_kernel = ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<"
+                   "at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}")
+    assert not speed_profile.ANNOTATION.fullmatch(copy_kernel)
 
 
 def test_pointwise_as_linear_is_the_convolution():
@@ -159,11 +167,7 @@ def test_pointwise_as_linear_is_the_convolution():
     only."""
     import torch
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from speed_common import PointwiseAsLinear, pointwise_as_linear
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    speed_common = _benchmark_module("speed_common")
     gen = torch.Generator().manual_seed(0)
     conv = torch.nn.Conv2d(6, 5, 1)
     for fmt in (torch.contiguous_format, torch.channels_last):
@@ -172,7 +176,7 @@ def test_pointwise_as_linear_is_the_convolution():
         (ref * torch.arange(ref.numel()).view_as(ref)).sum().backward()
         grads = [x.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone()]
         x.grad = conv.weight.grad = conv.bias.grad = None
-        out = PointwiseAsLinear(conv)(x)
+        out = speed_common.PointwiseAsLinear(conv)(x)
         assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-6)
         (out * torch.arange(out.numel()).view_as(out)).sum().backward()
         for got, want in zip([x.grad, conv.weight.grad, conv.bias.grad], grads):
@@ -186,23 +190,19 @@ def test_pointwise_as_linear_is_the_convolution():
                            context_dim=16, norm_groups=8, sample_size=8))
     ones = sum(1 for m in unet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1))
     others = sum(1 for m in unet.modules() if isinstance(m, torch.nn.Conv2d)) - ones
-    assert ones > 0 and pointwise_as_linear(unet) == ones
+    assert ones > 0 and speed_common.pointwise_as_linear(unet) == ones
     assert sum(1 for m in unet.modules() if isinstance(m, torch.nn.Conv2d)) == others
 
 
 def test_idle_gaps_finds_the_longest_stretches_without_a_kernel():
     """speed_profile.idle_gaps: overlapping kernels close no gap; the gaps come longest first, placed after the
     first kernel's start, with the kernels on either side (the one that ended last before the gap)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from speed_profile import idle_gaps
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    speed_profile = _benchmark_module("speed_profile")
     spans = [(1000.0, 1500.0, "a"), (1100.0, 1200.0, "b"), (1700.0, 1800.0, "c"), (4800.0, 5000.0, "d")]
-    gaps = idle_gaps(spans)
+    gaps = speed_profile.idle_gaps(spans)
     assert [(g["at_ms"], g["ms"], g["after"], g["before"]) for g in gaps] == [(0.8, 3.0, "c", "d"),
                                                                             (0.5, 0.2, "a", "c")]
-    assert idle_gaps(spans, top=1) == gaps[:1] and idle_gaps([]) == []
+    assert speed_profile.idle_gaps(spans, top=1) == gaps[:1] and speed_profile.idle_gaps([]) == []
 
 
 def _conv_backward_layouts(model, x, t, c) -> dict[tuple[str, bool], int]:
@@ -240,11 +240,7 @@ def test_channels_last_hints_pin_the_convolutions_layouts():
     outside channels_last memory — without the pins, cat's backward hands several a slice."""
     import torch
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from speed_common import ChannelsLastConv, channels_last_hints
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    speed_common = _benchmark_module("speed_common")
     from estable.config import UNetConfig
     from estable.models.unet import UNet
 
@@ -255,7 +251,7 @@ def test_channels_last_hints_pin_the_convolutions_layouts():
     (ref * torch.arange(ref.numel()).view_as(ref)).sum().backward()
     grads = [x.grad.clone(), conv.weight.grad.clone()]
     x.grad = conv.weight.grad = None
-    out = ChannelsLastConv(conv)(x)
+    out = speed_common.ChannelsLastConv(conv)(x)
     assert torch.allclose(out, ref, atol=1e-6) and out.is_contiguous(memory_format=torch.channels_last)
     (out * torch.arange(out.numel()).view_as(out)).sum().backward()
     assert all(torch.allclose(g, w, atol=1e-4) for g, w in zip([x.grad, conv.weight.grad], grads))
@@ -268,6 +264,6 @@ def test_channels_last_hints_pin_the_convolutions_layouts():
     plain = _conv_backward_layouts(unet, *args)
     convs = sum(1 for m in unet.modules() if isinstance(m, torch.nn.Conv2d))
     assert plain.get(("grad_output", False), 0) > 0, plain  # the case the probe is for
-    assert channels_last_hints(unet) == convs
+    assert speed_common.channels_last_hints(unet) == convs
     pinned = _conv_backward_layouts(unet, *args)
     assert pinned == {("grad_output", True): convs, ("input", True): convs}, pinned
