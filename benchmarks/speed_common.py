@@ -416,34 +416,13 @@ def pointwise_as_linear(model: torch.nn.Module) -> int:
                              and c.padding == (0, 0) and c.groups == 1)
 
 
-class _ChannelsLastGrad(torch.autograd.Function):
-    """The identity, whose backward hands on its gradient in channels_last memory."""
+def concat_kernels():
+    """A context in which Inductor lowers every concatenation as a buffer its inputs' kernels write into (its
+    ConcatKernel) instead of a pointwise kernel that computes each input, masked, for every output element: GEGLU's
+    backward concatenates the gradients of its two halves, and as a pointwise cat each element of the 64² result
+    evaluates both halves' GELU terms (the thirteenth run's profile: 6.2 ms for five calls at 64², about a quarter
+    of the card's bandwidth). A probe, not a library path."""
+    from torch._inductor import config
 
-    @staticmethod
-    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
-        return g.contiguous(memory_format=torch.channels_last)
-
-
-class ChannelsLastConv(torch.nn.Module):
-    """A convolution whose input and whose output's gradient are pinned to channels_last memory. ATen's convolution
-    backward copies either into channels_last when it is not (the twelfth GPU run traced 94 such copies, 13.6 ms of
-    the batch-32 step: 79 of the output's gradient — cat's backward slices it — and 15 of the input); in eager mode
-    the pins cost nothing where the tensor already is channels_last, and under torch.compile they become layout
-    constraints that Inductor can meet in the kernel that makes the tensor instead of in a copy. A probe, not a
-    library path."""
-
-    def __init__(self, conv: torch.nn.Conv2d) -> None:
-        super().__init__()
-        self.conv = conv
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _ChannelsLastGrad.apply(self.conv(x.contiguous(memory_format=torch.channels_last)))
-
-
-def channels_last_hints(model: torch.nn.Module) -> int:
-    """Wrap every convolution of ``model`` in :class:`ChannelsLastConv`; returns how many were wrapped."""
-    return swap_convolutions(model, ChannelsLastConv)
+    keys = ("max_pointwise_cat_inputs", "max_complex_pointwise_cat_inputs")  # the second is newer than torch 2.11
+    return config.patch({k: 1 for k in keys if hasattr(config, k)})

@@ -25,13 +25,14 @@ channels_last), also with cuDNN's or FlashAttention's kernel put first for the a
 compiled step without the graphs, so that the profile sees the operators: every profile lists the operators that copy
 tensors, by input shapes, with their kernels' GPU time. ``*-pw`` compute the 1 × 1 convolutions as matrix products
 over the channels (`speed_common.PointwiseAsLinear`): do the step's copies go with them? ``*-hint`` pin every
-convolution's input and output gradient to channels_last (`speed_common.ChannelsLastConv`), where ATen's convolution
-backward would copy them. ``--trace`` also writes each profiled step's Chrome trace.
+convolution's input and output gradient to channels_last (`estable.nn.layout.pin_channels_last`), where ATen's
+convolution backward would copy them. ``--trace`` also writes each profiled step's Chrome trace.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import statistics
@@ -45,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_common import (  # noqa: E402
     back_to_back,
-    channels_last_hints,
+    concat_kernels,
     environment,
     full_settings,
     log,
@@ -264,6 +265,9 @@ TRAINING = {  # name → (compile scope, channels_last, SDPA backend first, prob
     "whole-cl-pw": ("whole", True, None, "pw"),
     "whole-ro-cl-hint": ("whole-reduce-overhead", True, None, "hint"),  # convolutions pinned to channels_last
     "whole-cl-hint": ("whole", True, None, "hint"),
+    "whole-ro-cl-hint-flash": ("whole-reduce-overhead", True, "flash", "hint"),  # pinned, FlashAttention first
+    "whole-ro-cl-hint-pw": ("whole-reduce-overhead", True, None, "hint-pw"),  # 1 × 1 as products, the rest pinned
+    "whole-ro-cl-hint-cat": ("whole-reduce-overhead", True, None, "hint-cat"),  # + concatenations as ConcatKernel
 }
 
 
@@ -271,7 +275,7 @@ def measure_training(name: str, s, res: dict[str, Any], batches: tuple[int, ...]
                      trace_dir: Path | None = None) -> None:
     """The U-Net training step (512 px, bf16 autocast, fused AdamW; speed_side_by_side's step): img/s (median of
     5 after 3 warm-up steps) and a kernel profile of one step per batch size — is the GPU busy, and with what?"""
-    from speed_side_by_side import _calls, _step, _unets, compile_for_training
+    from speed_side_by_side import _calls, _unets, compile_for_training
 
     scope, cl, sdpa, probe = TRAINING[name]
     _, build = _unets(s)
@@ -279,14 +283,26 @@ def measure_training(name: str, s, res: dict[str, Any], batches: tuple[int, ...]
     model = build().train()
     if cl:
         model.to(memory_format=torch.channels_last)
-    if probe == "pw":
+    if probe in ("pw", "hint-pw"):
         log(f"{pointwise_as_linear(model)} 1 × 1 convolutions computed as matrix products")
-    elif probe == "hint":
-        log(f"{channels_last_hints(model)} convolutions pinned to channels_last")
+    if probe in ("hint", "hint-pw", "hint-cat"):
+        from estable.nn.layout import pin_channels_last
+
+        log(f"{pin_channels_last(model)} convolutions pinned to channels_last")
     compile_for_training(model, None if s.smoke else scope)
+    rows = res.setdefault("training", {}).setdefault(name, {})
+    with concat_kernels() if probe == "hint-cat" else contextlib.nullcontext():  # Inductor compiles at the first step
+        _measure_steps(name, model, call, rows, s, batches, save, trace_dir, cl=cl, sdpa=sdpa)
+    del model
+    free()
+
+
+def _measure_steps(name: str, model, call, rows: dict[str, Any], s, batches: tuple[int, ...], save,
+                   trace_dir: Path | None, *, cl: bool, sdpa: str | None) -> None:
+    from speed_side_by_side import _step
+
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=s.cuda)
     side, ctx = s.unet_kwargs["sample_size"], s.unet_kwargs["cross_attention_dim"]
-    rows = res.setdefault("training", {}).setdefault(name, {})
     for b in batches:
         x = torch.randn(b, 4, side, side, device=s.device)
         if cl:
@@ -301,8 +317,6 @@ def measure_training(name: str, s, res: dict[str, Any], batches: tuple[int, ...]
         log(f"train {name}, batch {b}: {b / step_s:.1f} img/s ({b / run_s:.1f} back to back); profiled step: wall "
             f"{p['wall_s'] * 1e3:.1f} ms, kernels {p['kernel_s'] * 1e3:.1f} ms, GPU busy {p['busy_s'] * 1e3:.1f} ms")
         save()
-    del model, opt
-    free()
 
 
 def markdown(res: dict[str, Any]) -> str:

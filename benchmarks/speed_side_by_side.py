@@ -29,7 +29,9 @@ Parts (each fits one 10-minute device call on an H200; times are estimates):
 * ``training-compiled`` (~5 min a row): the same step with Estable's blocks compiled (``compile_scope=blocks``),
   with channels_last; ``--train-compile whole`` / ``whole-reduce-overhead`` (repeatable) compile the whole U-Net
   instead, the latter replayed in torch's CUDA graphs; ``whole-hint`` / ``whole-reduce-overhead-hint`` the same with
-  every convolution's input and output gradient pinned to channels_last (RESULTS.md, twelfth GPU run).
+  every convolution's input and output gradient pinned to channels_last (``estable.nn.layout``, what the trainers'
+  ``channels_last=true`` does; RESULTS.md, thirteenth GPU run); ``whole-reduce-overhead-hint-cat`` also with
+  Inductor lowering concatenations as buffers that their inputs' kernels write into (a probe for GEGLU's backward).
 
 Every part needs diffusers and transformers (the oracle; carry the diffusers wheel to the GPU machine). Progress
 lines carry timestamps; each part writes ``DIR/part-NAME.json`` and ``.md``, rewritten after every row (a part cut
@@ -40,6 +42,7 @@ process measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import gc
 import json
@@ -59,7 +62,7 @@ from speed_common import (  # noqa: E402
     PROMPT,
     Settings,
     back_to_back,
-    channels_last_hints,
+    concat_kernels,
     environment,
     full_settings,
     log,
@@ -453,7 +456,7 @@ def _train_system(name: str, build, call, s: Settings, batches, *, ckpt: bool = 
     """img/s and peak memory per batch size, filled into ``rows`` (the part's table) as each is measured, so that
     a part cut off by a time limit still reports the rows it finished; ``pipelined``: also the img/s of steps run
     back to back, with no sync between them (where the host's launching hides behind the GPU's work); ``hints``:
-    every convolution pinned to channels_last (speed_common.ChannelsLastConv)."""
+    every convolution pinned to channels_last (estable.nn.layout.pin_channels_last)."""
     rows = {} if rows is None else rows
     model = build().train()
     if cl:
@@ -464,7 +467,9 @@ def _train_system(name: str, build, call, s: Settings, batches, *, ckpt: bool = 
         else:
             model.gradient_checkpointing = True
     if hints:
-        channels_last_hints(model)
+        from estable.nn.layout import pin_channels_last
+
+        pin_channels_last(model)
     compile_for_training(model, compile_scope)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=s.cuda)
     side = s.unet_kwargs["sample_size"]
@@ -553,11 +558,15 @@ def part_training_compiled(s: Settings, res: dict[str, Any], scopes: list[str], 
     if s.smoke:
         res.setdefault("notes", []).append("smoke: training-compiled ran without torch.compile")
     for row in scopes:
+        cat = row.endswith("-cat")
+        row = row.removesuffix("-cat")
         scope, hints = row.removesuffix("-hint"), row.endswith("-hint")
         name = (f"Estable, compiled ({scope}) + channels_last" + (f", {sdpa} attention first" if sdpa else "")
-                + (", convolutions pinned to channels_last" if hints else ""))
-        _train_system(name, build_e, est, s, s.train_batches, cl=True, compile_scope=None if s.smoke else scope,
-                      sdpa=sdpa, rows=tr.setdefault(name, {}), hints=hints)
+                + (", convolutions pinned to channels_last" if hints else "")
+                + (", concatenations as kernels' outputs" if cat else ""))
+        with concat_kernels() if cat else contextlib.nullcontext():
+            _train_system(name, build_e, est, s, s.train_batches, cl=True, compile_scope=None if s.smoke else scope,
+                          sdpa=sdpa, rows=tr.setdefault(name, {}), hints=hints)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -585,10 +594,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="coldstart: which rows to run (default all three; 'warm' alone needs --compile-cache with "
                     "a cache an earlier 'empty' row left)")
     ap.add_argument("--train-compile", action="append",
-                    choices=("blocks", "whole", "whole-reduce-overhead", "whole-hint", "whole-reduce-overhead-hint"),
+                    choices=("blocks", "whole", "whole-reduce-overhead", "whole-hint", "whole-reduce-overhead-hint",
+                             "whole-reduce-overhead-hint-cat"),
                     help="training-compiled: compile each block (default), the whole U-Net, or the whole U-Net with "
                     "torch's own CUDA graphs (mode reduce-overhead); '-hint': with every convolution's input and "
-                    "output gradient pinned to channels_last; repeatable, rows in the order given")
+                    "output gradient pinned to channels_last; '-cat': concatenations lowered as Inductor's "
+                    "ConcatKernel (speed_common.concat_kernels); repeatable, rows in the order given")
     ap.add_argument("--train-sdpa", choices=("cudnn", "flash", "efficient"),
                     help="training-compiled: put this attention kernel first (default: torch's choice)")
     ap.add_argument("--train-batch", type=int, action="append", metavar="N",

@@ -72,14 +72,29 @@ def test_train_batch_restricts_the_training_rows(tmp_path):
     # each row also timed with its steps back to back, and the report says so
     assert all(rows["2"]["back_to_back_img_per_s"] > 0 for rows in res["training"].values())
     assert "back to back" in (tmp_path / "part-training.md").read_text()
-    # a compiled row with the convolutions pinned to channels_last (smoke: not compiled, the probe swapped in)
+    # a compiled row with the convolutions pinned to channels_last and concatenations as kernels' outputs (smoke: not
+    # compiled, the pins and Inductor's settings in place)
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed_side_by_side.py"), "--smoke", "--part",
-                           "training-compiled", "--train-compile", "whole-reduce-overhead-hint", "--train-batch", "2",
-                           "--out", str(tmp_path / "hint")], env=env, capture_output=True, text=True, timeout=300)
+                           "training-compiled", "--train-compile", "whole-reduce-overhead-hint-cat",
+                           "--train-batch", "2", "--out", str(tmp_path / "hint")],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((tmp_path / "hint" / "part-training-compiled.json").read_text())["training"]
     assert list(rows) == ["Estable, compiled (whole-reduce-overhead) + channels_last, convolutions pinned to "
-                          "channels_last"] and rows[next(iter(rows))]["2"]["img_per_s"] > 0
+                          "channels_last, concatenations as kernels' outputs"]
+    assert rows[next(iter(rows))]["2"]["img_per_s"] > 0
+
+
+def test_concat_kernels_sets_inductor_only_inside():
+    """The '-cat' probe: inside the context Inductor lowers no concatenation as a pointwise kernel; after it, its
+    settings are back."""
+    from torch._inductor import config
+
+    speed_common = _benchmark_module("speed_common")
+    before = config.max_pointwise_cat_inputs
+    with speed_common.concat_kernels():
+        assert config.max_pointwise_cat_inputs == 1
+    assert config.max_pointwise_cat_inputs == before > 1
 
 
 def test_cold_start_rows_in_separate_calls_share_one_cache(tmp_path):
@@ -124,7 +139,7 @@ def test_speed_profile_smoke_and_kernel_kinds(tmp_path):
     assert "profile" in res["variants"]["max-nographs"]
     assert "| max-nographs |" in (tmp_path / "profile.md").read_text()
     train = tmp_path / "train"
-    systems = ["eager", "whole-ro-cl-cudnn", "whole-cl-pw"]
+    systems = ["eager", "whole-ro-cl-cudnn", "whole-cl-pw", "whole-ro-cl-hint-cat"]
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed_profile.py"), "--smoke",
                            *(arg for name in systems for arg in ("--training", name)), "--train-batch", "2",
                            "--trace", "--out", str(train)],
@@ -203,67 +218,3 @@ def test_idle_gaps_finds_the_longest_stretches_without_a_kernel():
     assert [(g["at_ms"], g["ms"], g["after"], g["before"]) for g in gaps] == [(0.8, 3.0, "c", "d"),
                                                                             (0.5, 0.2, "a", "c")]
     assert speed_profile.idle_gaps(spans, top=1) == gaps[:1] and speed_profile.idle_gaps([]) == []
-
-
-def _conv_backward_layouts(model, x, t, c) -> dict[tuple[str, bool], int]:
-    """Compile ``model``'s training step on the CPU (bf16 autocast) and count, in its backward graph, the
-    convolution backwards whose output gradient / input arrive in channels_last memory (True) or not (False)."""
-    import torch
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = {}
-
-    def keep(gm, _):
-        graphs["bw"] = gm
-        return make_boxed_func(gm)
-
-    torch._dynamo.reset()
-    f = torch.compile(model, backend=aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm), bw_compiler=keep))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = f(x, t, c)
-    y.float().square().mean().backward()
-    torch._dynamo.reset()
-    counts: dict[tuple[str, bool], int] = {}
-    for n in graphs["bw"].graph.nodes:
-        if n.target is torch.ops.aten.convolution_backward.default:
-            for i, role in ((0, "grad_output"), (1, "input")):
-                v = n.args[i].meta["val"]
-                ok = v.is_contiguous(memory_format=torch.channels_last) or v.shape[-2:] == (1, 1)
-                counts[(role, ok)] = counts.get((role, ok), 0) + 1
-    return counts
-
-
-def test_channels_last_hints_pin_the_convolutions_layouts():
-    """The ``*-hint`` probe (speed_common): a pinned convolution gives the convolution's outputs and gradients, and in
-    the compiled training step's backward graph (traced on the CPU) it leaves no convolution backward a tensor
-    outside channels_last memory — without the pins, cat's backward hands several a slice."""
-    import torch
-
-    speed_common = _benchmark_module("speed_common")
-    from estable.config import UNetConfig
-    from estable.models.unet import UNet
-
-    gen = torch.Generator().manual_seed(0)
-    conv = torch.nn.Conv2d(6, 5, 3, padding=1)
-    x = torch.randn(2, 6, 4, 3, generator=gen).requires_grad_()
-    ref = conv(x)
-    (ref * torch.arange(ref.numel()).view_as(ref)).sum().backward()
-    grads = [x.grad.clone(), conv.weight.grad.clone()]
-    x.grad = conv.weight.grad = None
-    out = speed_common.ChannelsLastConv(conv)(x)
-    assert torch.allclose(out, ref, atol=1e-6) and out.is_contiguous(memory_format=torch.channels_last)
-    (out * torch.arange(out.numel()).view_as(out)).sum().backward()
-    assert all(torch.allclose(g, w, atol=1e-4) for g, w in zip([x.grad, conv.weight.grad], grads))
-
-    torch.manual_seed(0)
-    unet = UNet(UNetConfig(block_channels=(16, 32), layers_per_block=1, attention_levels=(True, False), num_heads=2,
-                           context_dim=16, norm_groups=8, sample_size=8)).train().to(memory_format=torch.channels_last)
-    args = (torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last), torch.tensor([10, 500]),
-            torch.randn(2, 5, 16))
-    plain = _conv_backward_layouts(unet, *args)
-    convs = sum(1 for m in unet.modules() if isinstance(m, torch.nn.Conv2d))
-    assert plain.get(("grad_output", False), 0) > 0, plain  # the case the probe is for
-    assert speed_common.channels_last_hints(unet) == convs
-    pinned = _conv_backward_layouts(unet, *args)
-    assert pinned == {("grad_output", True): convs, ("input", True): convs}, pinned

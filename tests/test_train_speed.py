@@ -47,11 +47,13 @@ def test_channels_last_trains_the_same_numbers(tmp_path):
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("scope", ["whole", "blocks"])
-def test_compiled_step_gives_the_eager_losses(tmp_path, monkeypatch, scope):
+@pytest.mark.parametrize("scope, layout", [("whole", "false"), ("blocks", "false"), ("whole", "true")])
+def test_compiled_step_gives_the_eager_losses(tmp_path, monkeypatch, scope, layout):
+    """Compiled, and compiled with channels_last (its convolutions pinned: nn/layout.py), the step trains the
+    eager numbers."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     eager = _losses(tmp_path, "eager")
-    compiled = _losses(tmp_path, "compiled", "compile=true", f"compile_scope={scope}")
+    compiled = _losses(tmp_path, "compiled", "compile=true", f"compile_scope={scope}", f"channels_last={layout}")
     assert max(abs(a - b) for a, b in zip(eager, compiled)) < 1e-4 * max(map(abs, eager))
 
 
@@ -73,3 +75,77 @@ def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
     cfg = load_config("unet", "tiny-unet", [*QUIET, "compile=true", "compile_mode=reduce-overhead"])
     UNetTrainer(cfg, tmp_path / "ro", progress=False)
     assert seen == [{"mode": "reduce-overhead"}]
+
+
+def _conv_backward_layouts(model, x, t, c) -> dict[tuple[str, bool], int]:
+    """Compile ``model``'s training step on the CPU (bf16 autocast) and count, in its backward graph, the
+    convolution backwards whose output gradient / input arrive in channels_last memory (True) or not (False)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {}
+
+    def keep(gm, _):
+        graphs["bw"] = gm
+        return make_boxed_func(gm)
+
+    torch._dynamo.reset()
+    f = torch.compile(model, backend=aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm), bw_compiler=keep))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = f(x, t, c)
+    y.float().square().mean().backward()
+    torch._dynamo.reset()
+    counts: dict[tuple[str, bool], int] = {}
+    for n in graphs["bw"].graph.nodes:
+        if n.target is torch.ops.aten.convolution_backward.default:
+            for i, role in ((0, "grad_output"), (1, "input")):
+                v = n.args[i].meta["val"]
+                ok = v.is_contiguous(memory_format=torch.channels_last) or v.shape[-2:] == (1, 1)
+                counts[(role, ok)] = counts.get((role, ok), 0) + 1
+    return counts
+
+
+def test_pinned_convolutions_keep_their_numbers_and_layouts():
+    """nn.layout.pin_channels_last: a pinned convolution gives the same outputs and gradients, keeps its state-dict
+    keys, and in the compiled training step's backward graph (traced on the CPU) leaves no convolution backward a
+    tensor outside channels_last memory — without the pins, cat's backward hands several a slice."""
+    from estable.config import UNetConfig
+    from estable.models.unet import UNet
+    from estable.nn.layout import pin_channels_last
+
+    gen = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(6, 5, 3, padding=1)
+    x = torch.randn(2, 6, 4, 3, generator=gen).requires_grad_()
+    weights = torch.arange(2 * 5 * 4 * 3, dtype=torch.float32).view(2, 5, 4, 3)
+    ref = conv(x)
+    (ref * weights).sum().backward()
+    grads = [x.grad.clone(), conv.weight.grad.clone()]
+    x.grad = conv.weight.grad = None
+    assert pin_channels_last(conv) == 1 and pin_channels_last(conv) == 0  # pinned once
+    out = conv(x)
+    assert torch.allclose(out, ref, atol=1e-6) and out.is_contiguous(memory_format=torch.channels_last)
+    (out * weights).sum().backward()
+    assert all(torch.allclose(g, w, atol=1e-4) for g, w in zip([x.grad, conv.weight.grad], grads))
+    assert list(conv.state_dict()) == ["weight", "bias"]
+
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(block_channels=(16, 32), layers_per_block=1, attention_levels=(True, False), num_heads=2,
+                           context_dim=16, norm_groups=8, sample_size=8)).train().to(memory_format=torch.channels_last)
+    keys = list(unet.state_dict())
+    args = (torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last), torch.tensor([10, 500]),
+            torch.randn(2, 5, 16))
+    plain = _conv_backward_layouts(unet, *args)
+    convs = sum(1 for m in unet.modules() if isinstance(m, torch.nn.Conv2d))
+    assert plain.get(("grad_output", False), 0) > 0, plain  # the case the pins are for
+    assert pin_channels_last(unet) == convs and list(unet.state_dict()) == keys
+    pinned = _conv_backward_layouts(unet, *args)
+    assert pinned == {("grad_output", True): convs, ("input", True): convs}, pinned
+
+
+def test_channels_last_pins_the_trainers_convolutions(tmp_path):
+    cfg = load_config("unet", "tiny-unet", [*QUIET, "channels_last=true"])
+    t = UNetTrainer(cfg, tmp_path / "cl", progress=False)
+    convs = [m for m in t.network.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m._forward_hooks and m._forward_pre_hooks for m in convs)
+    plain = UNetTrainer(load_config("unet", "tiny-unet", QUIET), tmp_path / "plain", progress=False)
+    assert not any(m._forward_hooks for m in plain.network.modules() if isinstance(m, torch.nn.Conv2d))

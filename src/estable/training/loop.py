@@ -44,6 +44,7 @@ from torch import nn
 from tqdm import tqdm
 
 from estable.errors import CheckpointError, EstableError
+from estable.nn.layout import pin_channels_last
 from estable.training import distributed as D
 from estable.training.builders import collate
 from estable.training.config import OptimConfig, TrainConfig
@@ -188,6 +189,7 @@ class Trainer:
         self.objective.to(self.device)
         if cfg.channels_last:
             self.network.to(memory_format=torch.channels_last)
+            pin_channels_last(self.network)  # the convolutions' gradients too (nn/layout.py)
         if cfg.gradient_checkpointing:
             if not hasattr(self.network, "gradient_checkpointing"):
                 raise EstableError(f"gradient_checkpointing is not available for the {self.kind} network")

@@ -109,7 +109,10 @@ class TrainConfig(_Plain):
     # whole scope only): on an H200 it trained the SD 1.5-shaped U-Net at batch 8 1.9x faster than eager
     # (benchmarks/RESULTS.md, seventh GPU run), where eager spends the step launching kernels.
     compile_mode: str = "default"
-    channels_last: bool = False  # convolution weights (and so activations) in NHWC layout
+    # Convolution weights and activations in NHWC layout, and each convolution's input and output gradient held
+    # to it (estable.nn.layout): with compile_mode=reduce-overhead the SD 1.5-shaped U-Net's step at batch 32 ran
+    # 1.49x diffusers' on an H200 (benchmarks/RESULTS.md, thirteenth GPU run).
+    channels_last: bool = False
     log_every: int = 10
     val_every: int = 100  # 0: never
     sample_every: int = 500  # 0: never
