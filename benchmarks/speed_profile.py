@@ -54,6 +54,7 @@ from speed_common import (  # noqa: E402
     pointwise_as_linear,
     rel_err,
     smoke_settings,
+    split_geglu,
     timed,
 )
 from speed_side_by_side import estable_call, fp32_reference, free, unet_inputs  # noqa: E402
@@ -268,6 +269,7 @@ TRAINING = {  # name → (compile scope, channels_last, SDPA backend first, prob
     "whole-ro-cl-hint-flash": ("whole-reduce-overhead", True, "flash", "hint"),  # pinned, FlashAttention first
     "whole-ro-cl-hint-pw": ("whole-reduce-overhead", True, None, "hint-pw"),  # 1 × 1 as products, the rest pinned
     "whole-ro-cl-hint-cat": ("whole-reduce-overhead", True, None, "hint-cat"),  # + concatenations as ConcatKernel
+    "whole-ro-cl-hint-geglu": ("whole-reduce-overhead", True, None, "hint-geglu"),  # + GEGLU as two products
 }
 
 
@@ -285,7 +287,9 @@ def measure_training(name: str, s, res: dict[str, Any], batches: tuple[int, ...]
         model.to(memory_format=torch.channels_last)
     if probe in ("pw", "hint-pw"):
         log(f"{pointwise_as_linear(model)} 1 × 1 convolutions computed as matrix products")
-    if probe in ("hint", "hint-pw", "hint-cat"):
+    if probe == "hint-geglu":
+        log(f"{split_geglu(model)} GEGLUs computed as two matrix products")
+    if probe in ("hint", "hint-pw", "hint-cat", "hint-geglu"):
         from estable.nn.layout import pin_channels_last
 
         log(f"{pin_channels_last(model)} convolutions pinned to channels_last")

@@ -31,7 +31,8 @@ Parts (each fits one 10-minute device call on an H200; times are estimates):
   instead, the latter replayed in torch's CUDA graphs; ``whole-hint`` / ``whole-reduce-overhead-hint`` the same with
   every convolution's input and output gradient pinned to channels_last (``estable.nn.layout``, what the trainers'
   ``channels_last=true`` does; RESULTS.md, thirteenth GPU run); ``whole-reduce-overhead-hint-cat`` also with
-  Inductor lowering concatenations as buffers that their inputs' kernels write into (a probe for GEGLU's backward).
+  Inductor lowering concatenations as buffers that their inputs' kernels write into, ``…-hint-geglu`` with each
+  GEGLU as two matrix products (two probes for GEGLU's backward).
 
 Every part needs diffusers and transformers (the oracle; carry the diffusers wheel to the GPU machine). Progress
 lines carry timestamps; each part writes ``DIR/part-NAME.json`` and ``.md``, rewritten after every row (a part cut
@@ -71,6 +72,7 @@ from speed_common import (  # noqa: E402
     no_tf32,
     rel_err,
     smoke_settings,
+    split_geglu,
     timed,
     write_report,
 )
@@ -452,11 +454,13 @@ def compile_for_training(model: torch.nn.Module, scope: str | None) -> None:
 
 def _train_system(name: str, build, call, s: Settings, batches, *, ckpt: bool = False, cl: bool = False,
                   compile_scope: str | None = None, sdpa: str | None = None, repeats: int | None = None,
-                  rows: dict[str, Any] | None = None, pipelined: bool = True, hints: bool = False) -> dict[str, Any]:
+                  rows: dict[str, Any] | None = None, pipelined: bool = True, hints: bool = False,
+                  geglu: bool = False) -> dict[str, Any]:
     """img/s and peak memory per batch size, filled into ``rows`` (the part's table) as each is measured, so that
     a part cut off by a time limit still reports the rows it finished; ``pipelined``: also the img/s of steps run
     back to back, with no sync between them (where the host's launching hides behind the GPU's work); ``hints``:
-    every convolution pinned to channels_last (estable.nn.layout.pin_channels_last)."""
+    every convolution pinned to channels_last (estable.nn.layout.pin_channels_last); ``geglu``: each GEGLU as two
+    matrix products (speed_common.split_geglu)."""
     rows = {} if rows is None else rows
     model = build().train()
     if cl:
@@ -466,6 +470,8 @@ def _train_system(name: str, build, call, s: Settings, batches, *, ckpt: bool = 
             model.enable_gradient_checkpointing()
         else:
             model.gradient_checkpointing = True
+    if geglu:
+        split_geglu(model)
     if hints:
         from estable.nn.layout import pin_channels_last
 
@@ -558,15 +564,16 @@ def part_training_compiled(s: Settings, res: dict[str, Any], scopes: list[str], 
     if s.smoke:
         res.setdefault("notes", []).append("smoke: training-compiled ran without torch.compile")
     for row in scopes:
-        cat = row.endswith("-cat")
-        row = row.removesuffix("-cat")
+        cat, geglu = row.endswith("-cat"), row.endswith("-geglu")
+        row = row.removesuffix("-cat").removesuffix("-geglu")
         scope, hints = row.removesuffix("-hint"), row.endswith("-hint")
         name = (f"Estable, compiled ({scope}) + channels_last" + (f", {sdpa} attention first" if sdpa else "")
                 + (", convolutions pinned to channels_last" if hints else "")
-                + (", concatenations as kernels' outputs" if cat else ""))
+                + (", concatenations as kernels' outputs" if cat else "")
+                + (", GEGLU as two matrix products" if geglu else ""))
         with concat_kernels() if cat else contextlib.nullcontext():
             _train_system(name, build_e, est, s, s.train_batches, cl=True, compile_scope=None if s.smoke else scope,
-                          sdpa=sdpa, rows=tr.setdefault(name, {}), hints=hints)
+                          sdpa=sdpa, rows=tr.setdefault(name, {}), hints=hints, geglu=geglu)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -595,11 +602,12 @@ def main(argv: list[str] | None = None) -> int:
                     "a cache an earlier 'empty' row left)")
     ap.add_argument("--train-compile", action="append",
                     choices=("blocks", "whole", "whole-reduce-overhead", "whole-hint", "whole-reduce-overhead-hint",
-                             "whole-reduce-overhead-hint-cat"),
+                             "whole-reduce-overhead-hint-cat", "whole-reduce-overhead-hint-geglu"),
                     help="training-compiled: compile each block (default), the whole U-Net, or the whole U-Net with "
                     "torch's own CUDA graphs (mode reduce-overhead); '-hint': with every convolution's input and "
                     "output gradient pinned to channels_last; '-cat': concatenations lowered as Inductor's "
-                    "ConcatKernel (speed_common.concat_kernels); repeatable, rows in the order given")
+                    "ConcatKernel (speed_common.concat_kernels); '-geglu': each GEGLU as two matrix products "
+                    "(speed_common.split_geglu); repeatable, rows in the order given")
     ap.add_argument("--train-sdpa", choices=("cudnn", "flash", "efficient"),
                     help="training-compiled: put this attention kernel first (default: torch's choice)")
     ap.add_argument("--train-batch", type=int, action="append", metavar="N",

@@ -97,6 +97,54 @@ def test_concat_kernels_sets_inductor_only_inside():
     assert config.max_pointwise_cat_inputs == before > 1
 
 
+def test_split_geglu_keeps_the_numbers_and_drops_the_activation_concatenation():
+    """The '-geglu' probe: GEGLU as two matrix products over halves of its weight gives the same outputs and
+    gradients, keeps the state dict, and its traced backward concatenates nothing — GEGLU's own concatenates the
+    (tokens × 2·inner) activation gradient."""
+    import torch
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from estable.nn.attention import GEGLU
+
+    speed_common = _benchmark_module("speed_common")
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 8)
+    weights = torch.randn(2, 6, 16)
+
+    def run(m):
+        xi = x.clone().requires_grad_()
+        out = m(xi)
+        (out * weights).sum().backward()
+        return out, [xi.grad, m.proj.weight.grad.clone(), m.proj.bias.grad.clone()]
+
+    def concatenated(m) -> list[tuple[int, ...]]:
+        graphs = {}
+
+        def keep(gm, _):
+            graphs["bw"] = gm
+            return make_boxed_func(gm)
+
+        torch._dynamo.reset()
+        f = torch.compile(m, backend=aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm), bw_compiler=keep))
+        (f(x.clone().requires_grad_()) * weights).sum().backward()
+        torch._dynamo.reset()
+        return sorted(tuple(n.meta["val"].shape) for n in graphs["bw"].graph.nodes
+                      if n.target is torch.ops.aten.cat.default)
+
+    geglu = GEGLU(8, 16)
+    ref, ref_grads = run(geglu)
+    assert (2, 6, 32) in concatenated(geglu)  # the activation gradient GEGLU's backward concatenates
+    keys = list(geglu.state_dict())
+    geglu.proj.weight.grad = geglu.proj.bias.grad = None
+    assert speed_common.split_geglu(geglu) == 1
+    out, grads = run(geglu)
+    assert torch.allclose(out, ref, atol=1e-6) and list(geglu.state_dict()) == keys
+    assert all(torch.allclose(g, r, atol=1e-5) for g, r in zip(grads, ref_grads))
+    geglu.proj.weight.grad = geglu.proj.bias.grad = None
+    assert concatenated(geglu) == []  # the halves' weight gradients are scattered into the weight's, not concatenated
+
+
 def test_cold_start_rows_in_separate_calls_share_one_cache(tmp_path):
     """--compile-cache DIR --cold-rows: the empty row in one call, the warm row in a later one from the cache it left
     (how a GPU chain split across calls runs them); an 'empty' row refuses a folder that is not empty."""
@@ -139,7 +187,7 @@ def test_speed_profile_smoke_and_kernel_kinds(tmp_path):
     assert "profile" in res["variants"]["max-nographs"]
     assert "| max-nographs |" in (tmp_path / "profile.md").read_text()
     train = tmp_path / "train"
-    systems = ["eager", "whole-ro-cl-cudnn", "whole-cl-pw", "whole-ro-cl-hint-cat"]
+    systems = ["eager", "whole-ro-cl-cudnn", "whole-cl-pw", "whole-ro-cl-hint-cat", "whole-ro-cl-hint-geglu"]
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed_profile.py"), "--smoke",
                            *(arg for name in systems for arg in ("--training", name)), "--train-batch", "2",
                            "--trace", "--out", str(train)],
