@@ -102,10 +102,9 @@ def test_split_geglu_keeps_the_numbers_and_drops_the_activation_concatenation():
     gradients, keeps the state dict, and its traced backward concatenates nothing — GEGLU's own concatenates the
     (tokens × 2·inner) activation gradient."""
     import torch
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
 
     from estable.nn.attention import GEGLU
+    from graph_util import traced_backward
 
     speed_common = _benchmark_module("speed_common")
     torch.manual_seed(0)
@@ -119,18 +118,8 @@ def test_split_geglu_keeps_the_numbers_and_drops_the_activation_concatenation():
         return out, [xi.grad, m.proj.weight.grad.clone(), m.proj.bias.grad.clone()]
 
     def concatenated(m) -> list[tuple[int, ...]]:
-        graphs = {}
-
-        def keep(gm, _):
-            graphs["bw"] = gm
-            return make_boxed_func(gm)
-
-        torch._dynamo.reset()
-        f = torch.compile(m, backend=aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm), bw_compiler=keep))
-        (f(x.clone().requires_grad_()) * weights).sum().backward()
-        torch._dynamo.reset()
-        return sorted(tuple(n.meta["val"].shape) for n in graphs["bw"].graph.nodes
-                      if n.target is torch.ops.aten.cat.default)
+        graph = traced_backward(m, lambda y: (y * weights).sum(), x.clone().requires_grad_())
+        return sorted(tuple(n.meta["val"].shape) for n in graph.graph.nodes if n.target is torch.ops.aten.cat.default)
 
     geglu = GEGLU(8, 16)
     ref, ref_grads = run(geglu)

@@ -11,6 +11,7 @@ import torch
 from estable.errors import EstableError
 from estable.training.config import load_config
 from estable.training.unet_trainer import UNetTrainer
+from graph_util import traced_backward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,25 +79,11 @@ def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
 
 
 def _conv_backward_layouts(model, x, t, c) -> dict[tuple[str, bool], int]:
-    """Compile ``model``'s training step on the CPU (bf16 autocast) and count, in its backward graph, the
+    """Trace ``model``'s training step on the CPU (bf16 autocast) and count, in its backward graph, the
     convolution backwards whose output gradient / input arrive in channels_last memory (True) or not (False)."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = {}
-
-    def keep(gm, _):
-        graphs["bw"] = gm
-        return make_boxed_func(gm)
-
-    torch._dynamo.reset()
-    f = torch.compile(model, backend=aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm), bw_compiler=keep))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = f(x, t, c)
-    y.float().square().mean().backward()
-    torch._dynamo.reset()
+    graph = traced_backward(model, lambda y: y.float().square().mean(), x, t, c, autocast=True)
     counts: dict[tuple[str, bool], int] = {}
-    for n in graphs["bw"].graph.nodes:
+    for n in graph.graph.nodes:
         if n.target is torch.ops.aten.convolution_backward.default:
             for i, role in ((0, "grad_output"), (1, "input")):
                 v = n.args[i].meta["val"]
