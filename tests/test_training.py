@@ -408,6 +408,21 @@ def test_latent_cache_folder_and_mixed_precision(tmp_path):
     assert math.isfinite(last["loss"]) and tr.network.gradient_checkpointing
 
 
+def test_latent_cache_is_shared_whatever_the_loader_workers(tmp_path):
+    """The cache's fingerprint is the data and the VAE, not how many workers load them: a run with other
+    data.num_workers reuses a cache another run wrote (the ablation stages link one cache into several arms)."""
+    from estable.training.shapes import write_folder
+
+    write_folder(tmp_path / "data", 6, size=32, progress=False)
+    over = ["latents=cache", f"data.source={tmp_path / 'data'}", "data.val_size=2"]
+    tiny_unet(tmp_path, *over, name="a")
+    cache = tmp_path / "a" / "latents_cache.0-of-1.safetensors"
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / cache.name).symlink_to(cache)
+    tr = tiny_unet(tmp_path, *over, "data.num_workers=1", name="b")
+    assert (tmp_path / "b" / cache.name).is_symlink() and len(tr.train_data) == 4  # not encoded again
+
+
 def test_vae_objective_falls_and_trainer_runs(tmp_path):
     cfg = load_config("vae", "tiny-vae", [*QUIET, "max_steps=3", "save_every=3", "disc.enabled=true",
                                           "disc.start=2", "disc.channels=8", "disc.layers=2", "sample_every=3"])
@@ -493,3 +508,52 @@ def test_zero_terminal_snr_needs_v_and_trains(tmp_path):
     ab = tr.objective.alphas_cumprod[[0, -1]]
     assert min_snr_weights(ab, 5.0, "eps").tolist() == [pytest.approx(5.0 / float(ab[0] / (1 - ab[0]))), 0.0]
     assert min_snr_weights(ab, 5.0, "v")[1] == 0.0
+
+
+def test_grow_attention_starts_as_the_loaded_unet_and_trains(tmp_path):
+    """grow_attention=[1]: tiny-unet's level 1 (no attention) gains blocks; the grown U-Net computes exactly what the
+    loaded one did (new output projections at zero), trains them, and exports with attention at that level."""
+    from estable.checkpoints.store import load_model
+    from estable.training.assemble import assemble_model
+    from test_train_lora import make_base
+
+    base = make_base(tmp_path / "base.safetensors")
+    tr = tiny_unet(tmp_path, f"init_from={base}", f"text.source={base}", f"vae.source={base}", "grow_attention=[1]",
+                   "max_steps=3", "save_every=3", "optim.warmup_steps=0")
+    loaded = load_model(base).unet.eval()
+    assert loaded.config.attention_levels == (True, False)
+    assert tr.config.model.attention_levels == (True, True) and len(tr.network.up_blocks[0].attentions) == 2
+    new = {k for k in tr.network.state_dict() if k.startswith(("down_blocks.1.attentions.", "up_blocks.0.attentions."))}
+    assert new and set(tr.network.state_dict()) - new == set(loaded.state_dict())
+    torch.manual_seed(0)
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        assert torch.equal(tr.network.eval()(x, t, c), loaded(x, t, c))
+    tr.network.train()
+    tr.train()
+    proj = tr.network.down_blocks[1].attentions[0].proj_out.weight
+    assert proj.abs().sum() > 0  # the new block learned
+    out = assemble_model(tmp_path / "run", tmp_path / "grown.safetensors", dtype=None)
+    assert load_model(out).unet.config.attention_levels == (True, True)
+
+
+@pytest.mark.parametrize("over, words", [
+    (["grow_attention=[1]"], "needs init_from"),
+    (["grow_attention=[-1]"], "levels"),
+])
+def test_grow_attention_bad_settings(over, words):
+    from estable.errors import EstableError
+
+    with pytest.raises(EstableError, match=words):
+        load_config("unet", "tiny-unet", [*QUIET, *over])
+
+
+@pytest.mark.parametrize("level, words", [(0, "already has attention"), (2, "levels 0–1")])
+def test_grow_attention_needs_a_level_without_it(tmp_path, level, words):
+    from estable.errors import EstableError
+    from test_train_lora import make_base
+
+    base = make_base(tmp_path / "base.safetensors")
+    with pytest.raises(EstableError, match=words):
+        tiny_unet(tmp_path, f"init_from={base}", f"text.source={base}", f"vae.source={base}",
+                  f"grow_attention=[{level}]")

@@ -5,9 +5,9 @@
 
 After every ``--every`` steps (and once before the first, with ``--eval-start``) the run's model (EMA weights,
 its text encoder as trained or as frozen) is exported next to the run and scored on ``--prompts`` held-out
-prompts of ``--kinds`` with the shipped judge; one JSON line per evaluation goes to ``--out``: the step and the
-accuracy per category, overall and per prompt kind. ``--minutes`` stops starting new segments after that much
-wall time. Runs resume: calling the script again continues where the run stopped.
+prompts of ``--kinds`` with the shipped judge at each ``--cfg`` scale; one JSON line per evaluation and scale goes
+to ``--out``: the step, the scale and the accuracy per category, overall and per prompt kind. ``--minutes`` stops
+starting new segments after that much wall time. Runs resume: calling the script again continues where the run stopped.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from estable.training.runs import latest_checkpoint
 from estable.training.unet_trainer import UNetTrainer
 
 
-def score(model: Path, args: argparse.Namespace, device: str, judge) -> dict:
+def score(model: Path, args: argparse.Namespace, device: str, judge, cfg_scale: float) -> dict:
     pipe = load_pipeline(str(model), device=device, dtype="fp16" if device == "cuda" else "fp32")
-    base = GenerationParams(steps=args.steps, cfg_scale=args.cfg, width=256, height=256)
+    base = GenerationParams(steps=args.steps, cfg_scale=cfg_scale, width=256, height=256)
     prompts = make_prompts(args.prompts, mix=parse_kinds(args.kinds))
 
     def generate(texts: list[str], seeds: list[int]) -> list:
@@ -53,7 +53,8 @@ def main() -> int:
     ap.add_argument("--images-per-prompt", type=int, default=2)
     ap.add_argument("--kinds", default="pair")
     ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--cfg", type=float, action="append",
+                    help="guidance scale of the scoring (repeatable: one line per scale; default 5)")
     ap.add_argument("--eval-start", action="store_true", help="also score the model before training")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -66,13 +67,14 @@ def main() -> int:
     t0 = time.monotonic()
 
     def record(step: int, model: Path) -> None:
-        row = {"run": str(args.run_dir), "step": step, "minutes": round((time.monotonic() - t0) / 60, 2),
-               **score(model, args, device, judge)}
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        o = row["by_kind"].get("pair", row["overall"])
-        print(f"{args.run_dir.name} step {step}: pair whole {o['whole_prompt']:.3f} position {o.get('position')}",
-              flush=True)
+        for scale in args.cfg or [5.0]:
+            row = {"run": str(args.run_dir), "step": step, "minutes": round((time.monotonic() - t0) / 60, 2),
+                   "cfg": scale, **score(model, args, device, judge, scale)}
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            o = row["by_kind"].get("pair", row["overall"])
+            print(f"{args.run_dir.name} step {step}, CFG {scale:g}: pair whole {o['whole_prompt']:.3f} position "
+                  f"{o.get('position')}", flush=True)
 
     if args.eval_start and cfg.init_from:
         record(0, Path(cfg.init_from))

@@ -20,6 +20,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from estable.config import UNetConfig
 from estable.errors import EstableError
 from estable.images import to_pil
 from estable.models.unet import UNet
@@ -40,6 +41,35 @@ from estable.training.runs import make_grid
 from estable.training.shapes.captions import swap_pair_roles
 
 
+def grown_config(model: UNetConfig, levels: tuple[int, ...]) -> UNetConfig:
+    """``model`` with attention at ``levels`` too (``grow_attention``); each must be a level without it."""
+    n = len(model.attention_levels)
+    for level in levels:
+        if level >= n:
+            raise EstableError(f"grow_attention: the U-Net has levels 0–{n - 1}, not {level}")
+        if model.attention_levels[level]:
+            raise EstableError(f"grow_attention: level {level} already has attention")
+    return model.replace(attention_levels=tuple(a or i in levels for i, a in enumerate(model.attention_levels)))
+
+
+def load_grown(unet: UNet, weights: dict[str, torch.Tensor], levels: tuple[int, ...]) -> None:
+    """Load a trained U-Net's ``weights`` into ``unet``, which has attention blocks at ``levels`` where they were not
+    trained: those blocks keep their fresh initialisation, except each output projection, set to zero — a
+    SpatialTransformer adds its output to its input, so the grown network computes what the loaded one did."""
+    new = [f"down_blocks.{level}.attentions." for level in levels]
+    new += [f"up_blocks.{len(unet.up_blocks) - 1 - level}.attentions." for level in levels]
+    result = unet.load_state_dict(weights, strict=not levels)
+    stray = [k for k in result.missing_keys if not k.startswith(tuple(new))] + list(result.unexpected_keys)
+    if stray:
+        raise EstableError(f"init_from does not match the U-Net (grow_attention={list(levels)}): "
+                           f"{', '.join(stray[:5])}{' …' if len(stray) > 5 else ''}")
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.startswith(tuple(new)) and name.endswith(".proj_out"):
+                module.weight.zero_()
+                module.bias.zero_()
+
+
 class UNetTrainer(Trainer):
     """Latent-diffusion U-Net on frozen VAE latents and frozen text-encoder contexts."""
 
@@ -52,14 +82,14 @@ class UNetTrainer(Trainer):
         assert isinstance(config, UNetTrainConfig)
         if config.init_from:
             model_cfg, self._init_weights = load_network("unet", config.init_from)
-            config = config.replace(model=model_cfg)
+            config = config.replace(model=grown_config(model_cfg, config.grow_attention))
         return config
 
     def build(self) -> None:
         cfg = self.config
         unet = UNet(cfg.model)
         if cfg.init_from:
-            unet.load_state_dict(self._init_weights, strict=True)
+            load_grown(unet, self._init_weights, cfg.grow_attention)
             del self._init_weights
         self.text_encoder, self.tokenizer = build_text_encoder(cfg.text, cfg.seed)
         self.vae = build_vae(cfg.vae, cfg.seed)
@@ -100,7 +130,8 @@ class UNetTrainer(Trainer):
                                "not tar shards")
         cfg, info = self.config, self.dist
         n, world = len(dataset), info.world_size
-        base = {"data": cfg.data.to_dict(), "vae": cfg.vae.to_dict(), "n": n}
+        data = {k: v for k, v in cfg.data.to_dict().items() if k != "num_workers"}  # how many load it: not what
+        base = {"data": data, "vae": cfg.vae.to_dict(), "n": n}
         shares = [(r * n // world, (r + 1) * n // world) for r in range(world)]
         paths = [self.run.root / f"latents_cache.{r}-of-{world}.safetensors" for r in range(world)]
         prints = [json.dumps({**base, "range": list(rng)}, sort_keys=True) for rng in shares]

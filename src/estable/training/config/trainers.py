@@ -149,9 +149,17 @@ class UNetTrainConfig(TrainConfig):
     text: TextSource = field(default_factory=TextSource)
     vae: VAESource = field(default_factory=VAESource)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    # With init_from: U-Net levels (0: the finest) that gain attention blocks where the loaded network has none. The
+    # new blocks' output projections start at zero, so the grown network starts as the loaded one computes.
+    grow_attention: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        object.__setattr__(self, "grow_attention", tuple(self.grow_attention))
+        if any(not isinstance(level, int) or level < 0 for level in self.grow_attention):
+            raise ValueError(f"grow_attention takes U-Net levels (0, 1, …), not {list(self.grow_attention)}")
+        if self.grow_attention and not self.init_from:
+            raise ValueError("grow_attention adds attention blocks to a trained U-Net: it needs init_from")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be 'eps' or 'v', not {self.objective!r}")
         # The objective decides the prediction type recorded with the model and used when sampling.
