@@ -235,7 +235,9 @@ grow32)
   wait
   stamp "grow32: both arms stopped"
   tar czf "$out/grow32-logs.tgz" -C runs grow32-grow/log.jsonl grow32-control/log.jsonl
-  [ -f runs/grow32-grow/model.safetensors ] && split -b 15M runs/grow32-grow/model.safetensors "$out/grow32-model.part-"
+  if [ -f runs/grow32-grow/model.safetensors ]; then
+    split -b 15M runs/grow32-grow/model.safetensors "$out/grow32-model.part-"
+  fi
   ;;
 wait)
   # Wait for the detached long run, export it, score it (compositional 500 × 4, paraphrases, FID 10k).
