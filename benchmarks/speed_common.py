@@ -428,8 +428,8 @@ def split_geglu(model: torch.nn.Module) -> int:
     """Compute each GEGLU's value and gate as two matrix products over halves of its one weight (the same arithmetic;
     the parameters and state dict unchanged), so that its backward has no concatenation of the two halves' gradients
     — the two become separate outputs that Inductor can compute in one kernel, one GELU term per pair; the halves'
-    weight gradients are scattered into the weight's. Returns how many GEGLUs were changed. A probe (the thirteenth GPU run's
-    GEGLU backward), not a library path."""
+    weight gradients are scattered into the weight's. Returns how many GEGLUs were changed. A probe (the thirteenth
+    GPU run's GEGLU backward), not a library path."""
     import types
 
     from estable.nn.attention import GEGLU

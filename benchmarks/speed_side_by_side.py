@@ -32,7 +32,7 @@ Parts (each fits one 10-minute device call on an H200; times are estimates):
   every convolution's input and output gradient pinned to channels_last (``estable.nn.layout``, what the trainers'
   ``channels_last=true`` does; RESULTS.md, thirteenth GPU run); ``whole-reduce-overhead-hint-cat`` also with
   Inductor lowering concatenations as buffers that their inputs' kernels write into, ``…-hint-geglu`` with each
-  GEGLU as two matrix products (two probes for GEGLU's backward).
+  GEGLU as two matrix products (two probes for GEGLU's backward), ``…-hint-bench`` with cuDNN's benchmark mode.
 
 Every part needs diffusers and transformers (the oracle; carry the diffusers wheel to the GPU machine). Progress
 lines carry timestamps; each part writes ``DIR/part-NAME.json`` and ``.md``, rewritten after every row (a part cut
@@ -557,6 +557,11 @@ def part_checkpointing(s: Settings, res: dict[str, Any], systems) -> None:
             torch.cuda.set_per_process_memory_fraction(1.0)
 
 
+# probes a compiled training row can add (a suffix of its --train-compile name) and how the row's name says so
+TRAIN_PROBES = {"-cat": "concatenations as kernels' outputs", "-geglu": "GEGLU as two matrix products",
+                "-bench": "cuDNN's benchmark mode"}
+
+
 def part_training_compiled(s: Settings, res: dict[str, Any], scopes: list[str], sdpa: str | None = None) -> None:
     _, build_e = _unets(s)
     _, est = _calls()
@@ -564,16 +569,28 @@ def part_training_compiled(s: Settings, res: dict[str, Any], scopes: list[str], 
     if s.smoke:
         res.setdefault("notes", []).append("smoke: training-compiled ran without torch.compile")
     for row in scopes:
-        cat, geglu = row.endswith("-cat"), row.endswith("-geglu")
-        row = row.removesuffix("-cat").removesuffix("-geglu")
+        probe = next((p for p in TRAIN_PROBES if row.endswith(p)), None)
+        row = row.removesuffix(probe or "")
         scope, hints = row.removesuffix("-hint"), row.endswith("-hint")
         name = (f"Estable, compiled ({scope}) + channels_last" + (f", {sdpa} attention first" if sdpa else "")
                 + (", convolutions pinned to channels_last" if hints else "")
-                + (", concatenations as kernels' outputs" if cat else "")
-                + (", GEGLU as two matrix products" if geglu else ""))
-        with concat_kernels() if cat else contextlib.nullcontext():
+                + (f", {TRAIN_PROBES[probe]}" if probe else ""))
+        context = {"-cat": concat_kernels, "-bench": cudnn_benchmark}.get(probe or "", contextlib.nullcontext)
+        with context():
             _train_system(name, build_e, est, s, s.train_batches, cl=True, compile_scope=None if s.smoke else scope,
-                          sdpa=sdpa, rows=tr.setdefault(name, {}), hints=hints, geglu=geglu)
+                          sdpa=sdpa, rows=tr.setdefault(name, {}), hints=hints, geglu=probe == "-geglu")
+
+
+@contextlib.contextmanager
+def cudnn_benchmark():
+    """cuDNN's benchmark mode for the row: ATen times every algorithm of each new convolution shape (forward, data
+    and weight gradient) at its first call and keeps the fastest, instead of its heuristics' pick."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -602,12 +619,12 @@ def main(argv: list[str] | None = None) -> int:
                     "a cache an earlier 'empty' row left)")
     ap.add_argument("--train-compile", action="append",
                     choices=("blocks", "whole", "whole-reduce-overhead", "whole-hint", "whole-reduce-overhead-hint",
-                             "whole-reduce-overhead-hint-cat", "whole-reduce-overhead-hint-geglu"),
+                             *(f"whole-reduce-overhead-hint{p}" for p in TRAIN_PROBES)),
                     help="training-compiled: compile each block (default), the whole U-Net, or the whole U-Net with "
                     "torch's own CUDA graphs (mode reduce-overhead); '-hint': with every convolution's input and "
                     "output gradient pinned to channels_last; '-cat': concatenations lowered as Inductor's "
                     "ConcatKernel (speed_common.concat_kernels); '-geglu': each GEGLU as two matrix products "
-                    "(speed_common.split_geglu); repeatable, rows in the order given")
+                    "(speed_common.split_geglu); '-bench': cuDNN's benchmark mode; repeatable, rows in the order given")
     ap.add_argument("--train-sdpa", choices=("cudnn", "flash", "efficient"),
                     help="training-compiled: put this attention kernel first (default: torch's choice)")
     ap.add_argument("--train-batch", type=int, action="append", metavar="N",

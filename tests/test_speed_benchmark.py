@@ -76,13 +76,24 @@ def test_train_batch_restricts_the_training_rows(tmp_path):
     # compiled, the pins and Inductor's settings in place)
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed_side_by_side.py"), "--smoke", "--part",
                            "training-compiled", "--train-compile", "whole-reduce-overhead-hint-cat",
+                           "--train-compile", "whole-reduce-overhead-hint-bench",
                            "--train-batch", "2", "--out", str(tmp_path / "hint")],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((tmp_path / "hint" / "part-training-compiled.json").read_text())["training"]
-    assert list(rows) == ["Estable, compiled (whole-reduce-overhead) + channels_last, convolutions pinned to "
-                          "channels_last, concatenations as kernels' outputs"]
-    assert rows[next(iter(rows))]["2"]["img_per_s"] > 0
+    pinned = "Estable, compiled (whole-reduce-overhead) + channels_last, convolutions pinned to channels_last"
+    assert list(rows) == [f"{pinned}, concatenations as kernels' outputs", f"{pinned}, cuDNN's benchmark mode"]
+    assert all(row["2"]["img_per_s"] > 0 for row in rows.values())
+
+
+def test_cudnn_benchmark_mode_only_inside_its_row():
+    import torch
+
+    side_by_side = _benchmark_module("speed_side_by_side")
+    before = torch.backends.cudnn.benchmark
+    with side_by_side.cudnn_benchmark():
+        assert torch.backends.cudnn.benchmark
+    assert torch.backends.cudnn.benchmark == before
 
 
 def test_concat_kernels_sets_inductor_only_inside():
