@@ -31,8 +31,7 @@ from estable.training.runs import latest_checkpoint
 from estable.training.unet_trainer import UNetTrainer
 
 
-def score(model: Path, args: argparse.Namespace, device: str, judge, cfg_scale: float) -> dict:
-    pipe = load_pipeline(str(model), device=device, dtype="fp16" if device == "cuda" else "fp32")
+def score(pipe, args: argparse.Namespace, device: str, judge, cfg_scale: float) -> dict:
     base = GenerationParams(steps=args.steps, cfg_scale=cfg_scale, width=256, height=256)
     prompts = make_prompts(args.prompts, mix=parse_kinds(args.kinds))
 
@@ -67,9 +66,10 @@ def main() -> int:
     t0 = time.monotonic()
 
     def record(step: int, model: Path) -> None:
+        pipe = load_pipeline(str(model), device=device, dtype="fp16" if device == "cuda" else "fp32")
         for scale in args.cfg or [5.0]:
             row = {"run": str(args.run_dir), "step": step, "minutes": round((time.monotonic() - t0) / 60, 2),
-                   "cfg": scale, **score(model, args, device, judge, scale)}
+                   "cfg": scale, **score(pipe, args, device, judge, scale)}
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
             o = row["by_kind"].get("pair", row["overall"])
