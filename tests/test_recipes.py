@@ -28,8 +28,7 @@ def test_relations_ablation_trains_in_segments_and_scores_each_scale(tmp_path):
     import subprocess
     import sys
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_train_lora import make_base
+    from test_train_lora import make_base  # the tests folder is on the path, as for the other tests
 
     base = make_base(tmp_path / "base.safetensors")
     out = tmp_path / "abl.jsonl"
