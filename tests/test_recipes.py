@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from estable.training.config import load_config
 
@@ -47,3 +48,63 @@ def test_relations_ablation_trains_in_segments_and_scores_each_scale(tmp_path):
     from estable.checkpoints.store import load_model
 
     assert load_model(tmp_path / "run" / "model.safetensors").unet.config.attention_levels == (True, True)
+
+
+DRY_RUN = ["max_steps=2", "batch_size=2", "device=cpu", "precision=fp32", "data.num_workers=0", "data.size=64",
+           "data.shapes_length=8", "data.val_size=2", "tensorboard=false"]
+
+
+def _reproduce(folder, *args):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(RECIPES.parents[1] / "src"), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, str(RECIPES / "reproduce.py"), "--dir", str(folder), *args], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.heavy
+def test_reproduce_chain_runs_every_stage_in_order(tmp_path):
+    """recipes/default/reproduce.py end to end as a CPU dry run (every stage two steps, 64² images): each stage
+    starts from the one before, the decoder goes into the fifth model, the last file carries the shipped settings;
+    a second call finds every stage done."""
+    import json
+
+    from estable.checkpoints.io import read_safetensors
+    from estable.checkpoints.store import load_model
+
+    out = _reproduce(tmp_path, *DRY_RUN)
+    commands = [line[2:].split() for line in out.splitlines() if line.startswith("$ ")]
+    stages = ["vae", "clip", "part1", "part2", "part3", "part4", "part5", "decoder", "part6", "fifth", "part7", "model"]
+    training = {c[c.index("--run-dir") + 1].split("/")[-1]: c for c in commands if "--run-dir" in c}
+    assert list(training) == [s for s in stages if s not in ("fifth", "model")]
+    part3, part7 = training["part3"], training["part7"]
+    assert f"init_from={tmp_path / 'part2.safetensors'}" in part3 and "text.train=true" in part3
+    assert f"init_from={tmp_path / 'fifth.safetensors'}" in part7
+    assert part7[part7.index("--until") + 1] == "2"  # min(3,100, the dry run's max_steps)
+    times = [json.loads(line) for line in (tmp_path / "times.jsonl").read_text().splitlines()]
+    assert len(times) == len(commands) and all(t["status"] == 0 and t["seconds"] > 0 for t in times)
+    model = load_model(tmp_path / "model.safetensors")
+    assert model.config.default_cfg == 4 and model.config.default_sampler == "dpmpp_2m"
+    decoder, _ = read_safetensors(tmp_path / "decoder" / "checkpoints" / "step_0000002" / "ema.safetensors")
+    fifth = load_model(tmp_path / "fifth.safetensors", dtype="fp32").vae.state_dict()
+    key = next(k for k in decoder if k.startswith("decoder.") and k.endswith("weight"))
+    assert torch.allclose(fifth[key], decoder[key].float(), atol=1e-3)  # fp16 in the file
+    assert load_model(tmp_path / "fifth.safetensors").config.default_cfg == 5
+    again = _reproduce(tmp_path, *DRY_RUN)
+    assert "$ " not in again and again.count("done already") == len(stages)
+
+
+def test_reproduce_budget_stops_a_stage_and_the_next_call_resumes_it(tmp_path):
+    over = [*DRY_RUN, "max_steps=3", "log_every=1"]
+    # 0.4 minutes, half a minute kept for the export: the stage starts with none and stops at its first check
+    out = _reproduce(tmp_path, "vae", "--minutes", "0.4", "--min-start", "0", *over)
+    assert "vae: stopped by the budget at step 1" in out
+    out = _reproduce(tmp_path, "vae", *over)
+    assert "--resume" in out and "vae: done" in out
+    assert (tmp_path / "vae" / "checkpoints" / "step_0000003").is_dir()
+    out = _reproduce(tmp_path, "clip", "--minutes", "1", *over)  # 1 minute left is under --min-start's 5
+    assert "clip not started" in out and not (tmp_path / "clip").exists()

@@ -372,6 +372,59 @@ def test_unet_trainer_run_folder(tmp_path):
     assert json.loads((run / "config.json").read_text())["max_steps"] == 8
 
 
+def test_until_stops_with_a_checkpoint_on_the_planned_schedule(tmp_path, capsys):
+    """--until N stops at step N with a checkpoint, the learning rate still on max_steps' schedule; --resume then
+    finishes with the weights of one uninterrupted run (the reproduction chain stops runs where they stopped)."""
+    parser = argparse.ArgumentParser()
+    add_train_commands(parser.add_subparsers())
+    common = ["--config", "tiny-unet", "--no-progress", "max_steps=4", "log_every=1", "val_every=0", "sample_every=0",
+              "save_every=0", "tensorboard=false", "device=cpu", "optim.schedule=cosine", "optim.min_lr_ratio=0.1",
+              "optim.warmup_steps=0"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    args = parser.parse_args(["train", "unet", "--run-dir", str(whole), *common])
+    assert args.func(args) == 0
+    assert "done: step 4" in capsys.readouterr().out
+    args = parser.parse_args(["train", "unet", "--run-dir", str(split), "--until", "2", *common])
+    assert args.func(args) == 0
+    assert "stopped at step 2 of 4" in capsys.readouterr().out
+    assert sorted(p.name for p in (split / "checkpoints").iterdir()) == ["latest", "step_0000002"]
+    lr = {d.name: [r["lr"] for r in map(json.loads, (d / "log.jsonl").read_text().splitlines()) if r["type"] == "train"]
+          for d in (whole, split)}
+    assert lr["split"] == lr["whole"][:2] and lr["whole"][1] < lr["whole"][0]  # the 4-step cosine, not a 2-step one
+    args = parser.parse_args(["train", "unet", "--run-dir", str(split), "--resume", *common])
+    assert args.func(args) == 0
+    a = load_checkpoint(whole / "checkpoints" / "step_0000004").tensors["model"]
+    b = load_checkpoint(split / "checkpoints" / "step_0000004").tensors["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    bad = parser.parse_args(["train", "unet", "--run-dir", str(tmp_path / "bad"), "--until", "0", *common])
+    with pytest.raises(EstableError, match="--until"):
+        bad.func(bad)
+
+
+def test_max_minutes_counts_from_the_trainers_start(tmp_path, monkeypatch):
+    """The budget is the invocation's: time spent before train() (a latent cache being built) counts."""
+    from estable.training import loop
+    from estable.training.unet_trainer import UNetTrainer
+
+    clock = {"now": 1000.0}
+
+    class FakeTime:
+        @staticmethod
+        def monotonic():
+            return clock["now"]
+
+        perf_counter = staticmethod(loop.time.perf_counter)
+
+    monkeypatch.setattr(loop, "time", FakeTime)
+    over = ["log_every=1", "val_every=0", "sample_every=0", "save_every=0", "tensorboard=false", "device=cpu",
+            "max_steps=4", "max_minutes=5"]
+    trainer = UNetTrainer(load_config("unet", "tiny-unet", over), tmp_path / "run", progress=False)
+    clock["now"] += 6 * 60  # six minutes of set-up
+    trainer.train()
+    trainer.close()
+    assert trainer.step == 1  # out of time at the first check
+
+
 def test_print_config(capsys):
     parser = argparse.ArgumentParser()
     add_train_commands(parser.add_subparsers())

@@ -52,6 +52,9 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
         q.add_argument("--data", metavar="SRC", help="data source: 'shapes', an image folder or a tar-shard pattern")
         q.add_argument("--run-dir", metavar="DIR", help="run folder (default: runs/<trainer>-<date>-<time>)")
         q.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+        q.add_argument("--until", type=int, metavar="STEP",
+                       help="stop at this step with a checkpoint, the learning-rate schedule still planned to "
+                       "max_steps (--resume continues)")
         q.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
         q.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=3e-4")
@@ -94,6 +97,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.data:
         overrides.append(f"data.source={json.dumps(args.data)}")
     config = load_config(kind, base, overrides)
+    if args.until is not None and args.until < 1:
+        raise EstableError(f"--until must be a step of 1 or more, not {args.until}")
     if args.print_config:
         print(config.to_json())
         return 0
@@ -102,13 +107,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         start = f" (resuming at step {trainer.step})" if trainer.step else ""
         print(f"training {kind} in {run_dir}{start}", flush=True)
     try:
-        last = trainer.train()
+        last = trainer.train(until=args.until)
     finally:
         trainer.close()
         distributed.cleanup()
     if trainer.dist.is_main:
         loss = f", loss {last['loss']:.4f}" if "loss" in last else ""
-        print(f"done: step {trainer.step}{loss}; checkpoints in {trainer.run.checkpoints_dir}")
+        if trainer.step >= config.max_steps:
+            print(f"done: step {trainer.step}{loss}; checkpoints in {trainer.run.checkpoints_dir}")
+        else:
+            print(f"stopped at step {trainer.step} of {config.max_steps}{loss}; checkpoints in "
+                  f"{trainer.run.checkpoints_dir} (--resume continues)")
         for name in _EXPORTS.get(kind, ()):
             print(f"wrote {trainer.run.root / name}")
         if kind == "ti":

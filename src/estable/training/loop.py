@@ -162,6 +162,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, run_dir: str | Path, *, resume: bool = False,
                  progress: bool | None = None) -> None:
+        self.started = time.monotonic()  # max_minutes counts from here: set-up (latent caches, loading) included
         self.dist = D.init_distributed()
         if config.strategy == "fsdp" and not self.supports_fsdp:
             raise EstableError(f"strategy=fsdp is not available for the {self.kind} trainer ({self.no_fsdp_reason}); "
@@ -435,7 +436,7 @@ class Trainer:
         data = self.batches()
         sums: dict[str, torch.Tensor] = {}
         count, window_steps, t0 = 0, 0, time.perf_counter()
-        deadline = None if cfg.max_minutes is None else time.monotonic() + 60.0 * cfg.max_minutes
+        deadline = None if cfg.max_minutes is None else self.started + 60.0 * cfg.max_minutes
         self.objective.train()
         try:
             while self.step < stop:

@@ -94,8 +94,9 @@ class TrainConfig(_Plain):
     batch_size: int = 4
     grad_accum: int = 1
     max_steps: int = 1000
-    # Wall-clock budget of this invocation, in minutes: the run stops at the next log step after it and saves a
-    # checkpoint, and ``--resume`` continues it (for time-limited jobs). None: no limit.
+    # Wall-clock budget of this invocation, in minutes, counted from the trainer's start (building a latent cache
+    # included): the run stops at the next log step after it and saves a checkpoint, and ``--resume`` continues it
+    # (for time-limited jobs). None: no limit.
     max_minutes: float | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema_decay: float | None = 0.9999  # None: no EMA

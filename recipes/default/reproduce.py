@@ -1,0 +1,184 @@
+"""The shipped built-in model from nothing, on one GPU: its twelve stages in order, one `estable` command each.
+
+    python3 recipes/default/reproduce.py [STAGE ...] [--dir runs/repro] [--minutes M] [KEY=VALUE ...]
+
+The stages are the chain that made ``src/estable/assets/default_model.safetensors`` (recipes/default/README.md, "How
+the shipped model was made"): the VAE and the CLIP pair, seven U-Net parts each starting from the one before, the
+decoder fine-tune, and the two conversions that put the decoder in and the recommended settings on. Runs that
+stopped by their time budget on the machines they ran on stop at the same step here (``--until``), on the schedule
+they were planned with; runs made on two GPUs train their global batch on one.
+
+Each command is printed as it starts, and its log goes to ``DIR/<stage>.log``. A stage whose output is in ``DIR``
+is skipped, so calling the script again continues the chain; ``--minutes`` is a budget for this call (for
+time-limited jobs): a training stage gets what is left as its ``max_minutes`` and stops with a checkpoint, the
+next call resumes it, and no stage starts with less than ``--min-start`` minutes left. Every command's wall time
+is appended to ``DIR/times.jsonl``. ``KEY=VALUE`` overrides go to every training command after the stage's own (a
+CPU dry run: ``max_steps=2 batch_size=2 device=cpu precision=fp32 data.num_workers=0 data.size=64
+data.shapes_length=8``). The model ends as ``DIR/model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from estable.training.config import load_config
+from estable.training.runs import latest_checkpoint
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    kind: str  # a trainer (vae, clip, unet) or "convert"
+    config: str = ""  # the recipe's config file
+    start: str = ""  # the stage whose model this one starts from (its weights, text encoder and VAE)
+    overrides: tuple[str, ...] = ()
+    until: int | None = None  # the step the shipped run stopped at by its time budget (None: its max_steps)
+    convert: tuple[str, ...] = ()  # for "convert": the options after --to estable
+
+
+STAGES = (
+    # part 1 ran on two H100s: the VAE at 2 × 64, the U-Net at 2 × 128 for 1,050 steps
+    Stage("vae", "vae", "vae.json", overrides=("batch_size=128", "val_every=500", "sample_every=0")),
+    Stage("clip", "clip", "clip.json"),
+    Stage("part1", "unet", "unet.json", overrides=("batch_size=256", "max_steps=1050", "optim.warmup_steps=200",
+                                                   "val_every=0", "sample_every=0")),
+    # part 2 ran on two H200s at 2 × 256 and stopped by its 11-minute budget
+    Stage("part2", "unet", "unet_continue.json", start="part1", overrides=("batch_size=512",), until=5700),
+    Stage("part3", "unet", "unet_relations_long.json", start="part2", overrides=("text.train=true", "text.lr=5e-5")),
+    Stage("part4", "unet", "unet_zero_snr_long.json", start="part3", until=7500),
+    Stage("part5", "unet", "unet_roles.json", start="part4"),
+    Stage("decoder", "vae", "vae_decoder.json", start="part5", until=1450),
+    Stage("part6", "unet", "unet_count.json", start="part5", until=1750),
+    Stage("fifth", "convert", start="part6", convert=("--default-cfg", "5", "--vae", "{decoder}")),
+    Stage("part7", "unet", "unet_mix.json", start="fifth", until=3100),
+    Stage("model", "convert", start="part7", convert=("--default-cfg", "4", "--default-sampler", "dpmpp_2m")),
+)
+BY_NAME = {s.name: s for s in STAGES}
+
+
+class Chain:
+    def __init__(self, folder: Path, extra: list[str], minutes: float | None, min_start: float) -> None:
+        self.dir, self.extra, self.min_start = folder, extra, min_start
+        self.deadline = None if minutes is None else time.monotonic() + 60 * minutes
+
+    def left(self) -> float | None:
+        """Minutes left in this call's budget (None: no budget)."""
+        return None if self.deadline is None else (self.deadline - time.monotonic()) / 60
+
+    def output(self, stage: Stage) -> Path:
+        """What a later stage reads: a run folder (VAE, CLIP), the decoder's EMA weights, or a model file."""
+        if stage.name in ("vae", "clip"):
+            return self.dir / stage.name
+        if stage.name == "decoder":
+            found = latest_checkpoint(self.dir / "decoder" / "checkpoints")
+            return (found if found is not None else self.dir / "decoder" / "missing") / "ema.safetensors"
+        return self.dir / f"{stage.name}.safetensors"
+
+    def training_overrides(self, stage: Stage) -> list[str]:
+        own = list(stage.overrides)
+        if stage.name == "part1":
+            own += [f"text.source={self.dir / 'clip'}", f"vae.source={self.dir / 'vae'}"]
+        elif stage.start and stage.kind == "unet":
+            model = self.output(BY_NAME[stage.start])
+            own += [f"init_from={model}", f"text.source={model}", f"vae.source={model}"]
+        elif stage.start:
+            own.append(f"init_from={self.output(BY_NAME[stage.start])}")
+        return own + self.extra
+
+    def target(self, stage: Stage) -> int:
+        steps = load_config(stage.kind, HERE / stage.config, self.training_overrides(stage)).max_steps
+        return steps if stage.until is None else min(stage.until, steps)
+
+    def trained_to(self, stage: Stage) -> int:
+        found = latest_checkpoint(self.dir / stage.name / "checkpoints")
+        return 0 if found is None else int(found.name.split("_")[-1])
+
+    def finished(self, stage: Stage) -> bool:
+        if stage.kind == "convert" or stage.kind == "unet":
+            return self.output(stage).is_file()
+        return self.trained_to(stage) >= self.target(stage)
+
+    def run(self, stage: Stage, argv: list[str]) -> None:
+        """One command, printed, its output appended to the stage's log; its wall time to times.jsonl."""
+        cmd = [sys.executable, "-m", "estable.cli", *argv]
+        print("$ estable " + " ".join(argv), flush=True)
+        t = time.monotonic()
+        with open(self.dir / f"{stage.name}.log", "a") as log:
+            status = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        seconds = time.monotonic() - t
+        with open(self.dir / "times.jsonl", "a") as f:
+            f.write(json.dumps({"stage": stage.name, "command": argv[0:2], "seconds": round(seconds, 1),
+                                "status": status}) + "\n")
+        if status != 0:
+            raise SystemExit(f"{stage.name}: the command failed (status {status}); see {self.dir / stage.name}.log")
+
+    def stage(self, stage: Stage) -> bool:
+        """Run ``stage`` (or what is left of it); False when this call's budget stopped it."""
+        if stage.kind == "convert":
+            source = self.output(BY_NAME[stage.start])
+            options = [o.format(decoder=self.output(BY_NAME["decoder"])) for o in stage.convert]
+            self.run(stage, ["convert", str(source), str(self.output(stage)), "--to", "estable", *options])
+            return True
+        run_dir = self.dir / stage.name
+        target = self.target(stage)
+        if self.trained_to(stage) < target:
+            argv = ["train", stage.kind, "--config", str(HERE / stage.config), "--run-dir", str(run_dir),
+                    "--no-progress", "--until", str(target)]
+            if latest_checkpoint(run_dir / "checkpoints") is not None:
+                argv.append("--resume")
+            left = self.left()
+            budget = [] if left is None else [f"max_minutes={max(left - 0.5, 0):.3f}"]
+            self.run(stage, argv + self.training_overrides(stage) + budget)
+            if self.trained_to(stage) < target:
+                return False
+        if stage.kind == "unet":
+            self.run(stage, ["train", "export", str(run_dir), str(self.output(stage)), "--dtype", "fp16"])
+        return True
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("stages", nargs="*", metavar="STAGE|KEY=VALUE",
+                    help=f"stages to run, in the chain's order (default: all): {', '.join(BY_NAME)}; then overrides")
+    ap.add_argument("--dir", type=Path, default=Path("runs/repro"), help="the chain's folder (default runs/repro)")
+    ap.add_argument("--minutes", type=float, help="this call's time budget (default: none)")
+    ap.add_argument("--min-start", type=float, default=5.0,
+                    help="start no stage with fewer minutes than this left in the budget (default 5)")
+    args = ap.parse_intermixed_args()
+    names = [a for a in args.stages if "=" not in a]
+    extra = [a for a in args.stages if "=" in a]
+    unknown = [n for n in names if n not in BY_NAME]
+    if unknown:
+        ap.error(f"unknown stage {unknown[0]!r}; the stages are {', '.join(BY_NAME)}")
+    args.dir.mkdir(parents=True, exist_ok=True)
+    chain = Chain(args.dir, extra, args.minutes, args.min_start)
+    for stage in (s for s in STAGES if not names or s.name in names):
+        if chain.finished(stage):
+            print(f"{stage.name}: done already", flush=True)
+            continue
+        left = chain.left()
+        if left is not None and left < args.min_start:
+            print(f"{left:.1f} minutes left: {stage.name} not started; call again to continue", flush=True)
+            return 0
+        if not chain.stage(stage):
+            print(f"{stage.name}: stopped by the budget at step {chain.trained_to(stage)}; call again to continue",
+                  flush=True)
+            return 0
+        print(f"{stage.name}: done", flush=True)
+    model = chain.output(BY_NAME["model"])
+    if model.is_file():
+        print(f"{model}: sha256 {hashlib.sha256(model.read_bytes()).hexdigest()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
