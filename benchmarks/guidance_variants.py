@@ -37,6 +37,11 @@ and, after the head, optional ``,key=value`` pairs:
   the roles alone, so c − s should carry where each object goes and not the background. Measured on the built-in
   model (RESULTS.md, "guidance away from the mirrored scene"): pairs 52 → 71 % at CFG 1, and the textured
   backgrounds go nearly as with CFG 4.
+* ``mask=K``: guidance where the caption acts: per pixel, the norm over channels of d = c − u, averaged over its
+  3 × 3 neighbourhood, as a fraction s = min(1, norm / (K × the image's median norm)), and g ← c + s (g − c): full
+  guidance where the caption changes the prediction most (K times the median or more), less where it changes it
+  little, the conditional output alone where it does not. The hope: the objects guided, the background (which
+  guidance turns plain) left to the conditional model.
 * ``contrast=K``: attribute-contrast guidance, the same idea for every kind of prompt: g ← g + K (c − (s₁ + s₂)/2),
   s₁, s₂ the outputs for two captions that differ from the prompt only in what its kind is judged on
   (:func:`attribute_contrasts`: a pair's roles, a colour-binding prompt's colours exchanged, a count's other two
@@ -84,6 +89,7 @@ class Variant(NamedTuple):
     order: float = 0.0  # word-order guidance's scale O (0: none)
     swap: float = 0.0  # role-swap guidance's scale S (0: none)
     contrast: float = 0.0  # attribute-contrast guidance's scale K (0: none)
+    mask: float = 0.0  # guidance weighted by where the caption acts: full at K × the median of ‖c − u‖ (0: none)
 
 
 def low_pass(x: torch.Tensor, pool: int) -> torch.Tensor:
@@ -104,6 +110,10 @@ def combine(u: torch.Tensor, c: torch.Tensor, t: float, v: Variant) -> torch.Ten
         g = u + v.w * low + v.high * (d - low)
     else:
         g = u + v.w * d
+    if v.mask > 0:
+        norm = F.avg_pool2d(d.norm(dim=1, keepdim=True), 3, stride=1, padding=1, count_include_pad=False)  # (B,1,h,w)
+        median = norm.flatten(1).median(dim=1).values.clamp_min(1e-12)[:, None, None, None]
+        g = c + (norm / (v.mask * median)).clamp(max=1.0) * (g - c)
     if v.phi == 0:
         return g
     ratio = c.std(dim=(1, 2, 3), keepdim=True) / g.std(dim=(1, 2, 3), keepdim=True)
@@ -225,9 +235,10 @@ def parse_config(text: str) -> Variant:
     fields: dict[str, float | int | str] = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
-        if key not in ("above", "high", "pool", "t_high", "bad", "auto", "order", "swap", "contrast") or not value:
+        if key not in ("above", "high", "pool", "t_high", "bad", "auto", "order", "swap", "contrast", "mask") \
+                or not value:
             raise SystemExit(f"unknown option {pair!r} in {text!r}: above=, high=, pool=, t_high=, bad=, auto=, "
-                             "order=, swap=, contrast=")
+                             "order=, swap=, contrast=, mask=")
         fields[key] = int(value) if key == "pool" else value if key == "bad" else float(value)
     return Variant(*values, **fields)
 
@@ -247,6 +258,8 @@ def describe(v: Variant) -> str:
         text += f", role swap {v.swap:g}"
     if v.contrast != 0:
         text += f", attribute contrast {v.contrast:g}"
+    if v.mask != 0:
+        text += f", masked where ‖c − u‖ < {v.mask:g} × its median"
     return text
 
 

@@ -73,6 +73,22 @@ def test_combine_splits_guidance_by_frequency_and_time():
     assert torch.equal(combine(u, c, 100.0, Variant(4, t_min=200.0)), c)
 
 
+def test_combine_masks_guidance_to_where_the_caption_acts():
+    import torch
+    from guidance_variants import combine
+
+    u = torch.zeros(1, 4, 8, 8)
+    c = torch.full((1, 4, 8, 8), 0.01)  # the caption changes every pixel a little ...
+    c[:, :, 2:5, 2:5] = 1.0  # ... and a 3 × 3 "object" a lot
+    g = combine(u, c, 500.0, Variant(4, mask=2))
+    assert torch.allclose(g[:, :, 3, 3], torch.full((1, 4), 4.0))  # the object's centre: full guidance
+    assert torch.allclose(g[:, :, 7, 7], torch.full((1, 4), 0.025))  # far from it: s = 1/2, c + 1.5 (c − u)
+    plain = u + 4 * (c - u)
+    assert torch.all(g <= plain + 1e-6) and torch.all(g >= c - 1e-6)  # between the conditional and plain guidance
+    assert torch.allclose(combine(u, c, 500.0, Variant(4, mask=1e-9)), plain)  # K → 0: plain guidance
+    assert parse_config("4,mask=2") == Variant(4.0, mask=2.0)
+
+
 def test_config_parsing():
     assert parse_config("4") == Variant(4.0, 0.0, 0.0, 1000.0)
     assert parse_config("7.5:0.7") == Variant(7.5, 0.7)
