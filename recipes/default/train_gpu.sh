@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The default model's recipe, in stages that each fit a 10-minute GPU command (the lent machines' limit).
+# (The whole chain that made the shipped model, in order on one GPU: recipes/default/reproduce.py.)
 #
 #   recipes/default/train_gpu.sh stage1 OUT   # VAE and CLIP side by side on one GPU; their exports into OUT
 #   recipes/default/train_gpu.sh stage2 OUT   # U-Net on those exports; the assembled fp16 model into OUT
