@@ -41,7 +41,8 @@ and, after the head, optional ``,key=value`` pairs:
   3 × 3 neighbourhood, as a fraction s = min(1, norm / (K × the image's median norm)), and g ← c + s (g − c): full
   guidance where the caption changes the prediction most (K times the median or more), less where it changes it
   little, the conditional output alone where it does not. The hope: the objects guided, the background (which
-  guidance turns plain) left to the conditional model.
+  guidance turns plain) left to the conditional model. ``gate=K``: the same with s = 1 where the norm is at least
+  K × its median and 0 elsewhere (those pixels get the conditional output alone).
 * ``contrast=K``: attribute-contrast guidance, the same idea for every kind of prompt: g ← g + K (c − (s₁ + s₂)/2),
   s₁, s₂ the outputs for two captions that differ from the prompt only in what its kind is judged on
   (:func:`attribute_contrasts`: a pair's roles, a colour-binding prompt's colours exchanged, a count's other two
@@ -90,6 +91,7 @@ class Variant(NamedTuple):
     swap: float = 0.0  # role-swap guidance's scale S (0: none)
     contrast: float = 0.0  # attribute-contrast guidance's scale K (0: none)
     mask: float = 0.0  # guidance weighted by where the caption acts: full at K × the median of ‖c − u‖ (0: none)
+    gate: float = 0.0  # guidance only where ‖c − u‖ is at least K × its median (0: everywhere)
 
 
 def low_pass(x: torch.Tensor, pool: int) -> torch.Tensor:
@@ -110,10 +112,11 @@ def combine(u: torch.Tensor, c: torch.Tensor, t: float, v: Variant) -> torch.Ten
         g = u + v.w * low + v.high * (d - low)
     else:
         g = u + v.w * d
-    if v.mask > 0:
+    if v.mask > 0 or v.gate > 0:
         norm = F.avg_pool2d(d.norm(dim=1, keepdim=True), 3, stride=1, padding=1, count_include_pad=False)  # (B,1,h,w)
         median = norm.flatten(1).median(dim=1).values.clamp_min(1e-12)[:, None, None, None]
-        g = c + (norm / (v.mask * median)).clamp(max=1.0) * (g - c)
+        share = (norm / (v.mask * median)).clamp(max=1.0) if v.mask > 0 else (norm >= v.gate * median).float()
+        g = c + share * (g - c)
     if v.phi == 0:
         return g
     ratio = c.std(dim=(1, 2, 3), keepdim=True) / g.std(dim=(1, 2, 3), keepdim=True)
@@ -235,10 +238,10 @@ def parse_config(text: str) -> Variant:
     fields: dict[str, float | int | str] = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
-        if key not in ("above", "high", "pool", "t_high", "bad", "auto", "order", "swap", "contrast", "mask") \
-                or not value:
+        if key not in ("above", "high", "pool", "t_high", "bad", "auto", "order", "swap", "contrast", "mask",
+                       "gate") or not value:
             raise SystemExit(f"unknown option {pair!r} in {text!r}: above=, high=, pool=, t_high=, bad=, auto=, "
-                             "order=, swap=, contrast=, mask=")
+                             "order=, swap=, contrast=, mask=, gate=")
         fields[key] = int(value) if key == "pool" else value if key == "bad" else float(value)
     return Variant(*values, **fields)
 
@@ -259,7 +262,9 @@ def describe(v: Variant) -> str:
     if v.contrast != 0:
         text += f", attribute contrast {v.contrast:g}"
     if v.mask != 0:
-        text += f", masked where ‖c − u‖ < {v.mask:g} × its median"
+        text += f", weighted by ‖c − u‖, full from {v.mask:g} × its median"
+    if v.gate != 0:
+        text += f", only where ‖c − u‖ ≥ {v.gate:g} × its median"
     return text
 
 

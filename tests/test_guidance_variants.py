@@ -87,6 +87,8 @@ def test_combine_masks_guidance_to_where_the_caption_acts():
     assert torch.all(g <= plain + 1e-6) and torch.all(g >= c - 1e-6)  # between the conditional and plain guidance
     assert torch.allclose(combine(u, c, 500.0, Variant(4, mask=1e-9)), plain)  # K → 0: plain guidance
     assert parse_config("4,mask=2") == Variant(4.0, mask=2.0)
+    gated = combine(u, c, 500.0, Variant(4, gate=2))
+    assert torch.allclose(gated[:, :, 3, 3], plain[:, :, 3, 3]) and torch.equal(gated[:, :, 7, 7], c[:, :, 7, 7])
 
 
 def test_config_parsing():
