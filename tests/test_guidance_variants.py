@@ -256,3 +256,19 @@ def test_guidance_front_restricted_to_one_kind(tmp_path):
     (row,) = json.loads(out.read_text())
     assert set(row["by_kind"]) == {"pair"} and row["by_kind"]["pair"]["images"] == 2
     assert row["fid_count"] == 3 and row["fid_kinds"] == {"pair": 3} and row["fid"] > 0
+
+
+def test_pair_failures_sorts_missed_objects():
+    from pair_failures import missed_objects
+
+    from estable.evaluation.judge import Detection
+    from estable.training.shapes.captions import parse_caption
+
+    spec = parse_caption("a red circle above a blue square")
+    def det(colour, shape):
+        return Detection(colour, shape, "medium", (0.5, 0.5))
+
+    assert missed_objects(spec, [det("red", "circle"), det("blue", "square")]) == []
+    assert missed_objects(spec, [det("red", "hexagon"), det("green", "square")]) == [
+        ("circle", "right colour, wrong shape", "hexagon"), ("square", "right shape, wrong colour", None)]
+    assert missed_objects(spec, [det("red", "circle")]) == [("square", "missing", None)]
