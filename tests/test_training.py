@@ -201,6 +201,40 @@ def test_role_contrast_term_against_hand_formula(tmp_path):
     assert "swapped_ids" not in plain.prepare(collate(items))  # off by default: batches as before
 
 
+def test_shape_contrast_captions_and_batches(tmp_path):
+    """role_contrast.kind=shapes: each caption of the grammar against itself with one object as a look-alike shape
+    (the words otherwise kept, the same contrast every time); the trainer's batches carry those captions."""
+    from dataclasses import replace
+
+    from estable.training.shapes.captions import LOOKALIKES, parse_caption, swap_shape
+
+    world, missing = ShapesWorld("train", 3), 0
+    for i in range(2000):
+        text = caption_for(world.scene(i))
+        other = swap_shape(text)
+        if other is None:
+            missing += 1
+            continue
+        spec, new = parse_caption(text), parse_caption(other)
+        changed = [k for k, (a, b) in enumerate(zip(spec.objects, new.objects)) if a != b]
+        assert len(changed) == 1 and new.objects[changed[0]].shape in LOOKALIKES[spec.objects[changed[0]].shape]
+        k = changed[0]
+        assert replace(new, objects=spec.objects) == spec  # kind, count, relation and background kept
+        assert new.objects[k] == replace(spec.objects[k], shape=new.objects[k].shape)
+        assert len(other.split()) == len(text.split()) and swap_shape(text) == other
+    assert missing < 0.1 * 2000  # a colour-binding pair whose other object has the look-alike's shape
+    assert swap_shape("three green circles") == "three green hexagons" and swap_shape("a dog") is None
+
+    texts = ["a red circle above a blue square", "a green star", "a dog"]
+    tr = tiny_unet(tmp_path, "role_contrast.weight=1", "role_contrast.kind=shapes", "caption_dropout=0")
+    batch = tr.prepare(collate([{**item, "text": t} for item, t in zip(tr.val_items[:3], texts)]))
+    assert batch["swapped"].tolist() == [True, True, False]
+    for row, text in enumerate(texts[:2]):
+        assert torch.equal(batch["swapped_ids"][row], tr.tokenizer([swap_shape(text)])[0])
+    with pytest.raises(EstableError, match="role_contrast.kind"):
+        tiny_unet(tmp_path / "bad", "role_contrast.kind=colours")
+
+
 def test_unet_overfits_a_fixed_batch(tmp_path):
     """A single fixed batch with fixed draws: the loss must fall below half its start in 30 AdamW steps."""
     tr = tiny_unet(tmp_path)

@@ -18,8 +18,9 @@
 #   recipes/default/train_gpu.sh clipscore OUT  # CLIP score of runs/model.safetensors under runs/default-clip
 #   recipes/default/train_gpu.sh more      OUT  # continue on 2 GPUs; then eval on GPU 0 while GPU 1 trains the
 #                                               # judge CLIP, scores, trains a LoRA and measures speed
-#   recipes/default/train_gpu.sh grow32    OUT  # issue 11: the shipped model with and without attention at 32²,
-#                                               # two arms side by side, scored every EVERY steps (resumable)
+#   recipes/default/train_gpu.sh grow32    OUT  # issue 11: the shipped model with attention at 32², with a
+#                                               # shape-contrast term, and plain (control), side by side, scored
+#                                               # every EVERY steps (resumable)
 #   recipes/default/train_gpu.sh controlnet OUT # an edges→image ControlNet on runs/model.safetensors or the
 #                                               # shipped model (controlnet.json, NPROC GPUs, CN_MINUTES), then its
 #                                               # edge-F1 evaluation (benchmarks/controlnet_eval.py) on GPU 0
@@ -215,27 +216,33 @@ PY
   stamp "long run started"
   ;;
 grow32)
-  # Issue 11, where the U-Net can look: from the shipped model, two arms side by side on one GPU, the same in all but
-  # attention blocks added at the 32² level (grow_attention=[0]; the new blocks start as the identity) in one. Each
-  # scored on pair prompts unguided (CFG 1) and at CFG 4 every EVERY steps; a call stops starting segments after
-  # ABL_MINUTES and calling the stage again continues both runs. The grown arm's latest model goes to OUT in parts.
+  # Issue 11, where the U-Net can look: from the shipped model, arms side by side on one GPU, the same in all but
+  # attention blocks added at the 32² level (grow_attention=[0]; the new blocks start as the identity) in "grow", and
+  # a loss term against look-alike shapes (role_contrast.kind=shapes) in "shapes"; "control" continues plainly.
+  # GROW32_ARMS picks some (default: all three). Each scored on pair prompts unguided (CFG 1) and at CFG 4 every
+  # EVERY steps; a call stops starting segments after ABL_MINUTES and calling the stage again continues the runs.
+  # The grown arm's latest model goes to OUT in parts.
   cfg=$here/unet_grow32.json
   [ -f runs/grow32-cache/latents_cache.0-of-1.safetensors ] || estable train unet --config "$cfg" \
       --run-dir runs/grow32-cache --no-progress max_steps=1 grow_attention=[] data.num_workers=14 ${EXTRA:-} \
       >"$out/grow32-cache.log" 2>&1
   a=(python3 "$here/relations_ablation.py" --config "$cfg" --every "${EVERY:-500}" --minutes "${ABL_MINUTES:-6}"
      --cfg 1 --cfg 4 ${ABL_EVAL:-})
-  for arm in "grow:" "control:grow_attention=[]"; do
-    name=${arm%%:*}; mkdir -p "runs/grow32-$name"
+  declare -A arms=([grow]="" [control]="grow_attention=[]"
+                   [shapes]="grow_attention=[] role_contrast.weight=1 role_contrast.kind=shapes role_contrast.min_t=400")
+  logs=()
+  for name in ${GROW32_ARMS:-grow control shapes}; do
+    [ -n "${arms[$name]+set}" ] || { echo "unknown arm $name (grow, control, shapes)" >&2; exit 2; }
+    mkdir -p "runs/grow32-$name"; logs+=("grow32-$name/log.jsonl")
     ln -sf "$PWD/runs/grow32-cache/latents_cache.0-of-1.safetensors" "runs/grow32-$name/"
     start=; [ "$name" = control ] && [ ! -d runs/grow32-control/checkpoints ] && start=--eval-start  # same start
     # shellcheck disable=SC2086
-    "${a[@]}" --run-dir "runs/grow32-$name" --out "$out/grow32-$name.jsonl" $start data.num_workers=7 ${arm#*:} \
-        ${EXTRA:-} >"$out/grow32-$name.log" 2>&1 &
+    "${a[@]}" --run-dir "runs/grow32-$name" --out "$out/grow32-$name.jsonl" $start data.num_workers=4 \
+        ${arms[$name]} ${EXTRA:-} >"$out/grow32-$name.log" 2>&1 &
   done
   wait
-  stamp "grow32: both arms stopped"
-  tar czf "$out/grow32-logs.tgz" -C runs grow32-grow/log.jsonl grow32-control/log.jsonl
+  stamp "grow32: the arms stopped"
+  tar czf "$out/grow32-logs.tgz" -C runs "${logs[@]}"
   if [ -f runs/grow32-grow/model.safetensors ]; then
     split -b 15M runs/grow32-grow/model.safetensors "$out/grow32-model.part-"
   fi

@@ -38,7 +38,7 @@ from estable.training.config import TrainConfig, UNetTrainConfig
 from estable.training.loop import Trainer
 from estable.training.objectives import UNetObjective, empty_prompt_ids
 from estable.training.runs import make_grid
-from estable.training.shapes.captions import swap_pair_roles
+from estable.training.shapes.captions import swap_pair_roles, swap_shape
 
 
 def grown_config(model: UNetConfig, levels: tuple[int, ...]) -> UNetConfig:
@@ -201,8 +201,10 @@ class UNetTrainer(Trainer):
     def prepare(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         out["input_ids"] = self.tokenizer(batch["text"]).to(self.device)  # (B, L)
-        if getattr(self.config, "role_contrast", None) and self.config.role_contrast.weight > 0:
-            swapped = [swap_pair_roles(text) for text in batch["text"]]  # None where there are no roles to swap
+        contrast = getattr(self.config, "role_contrast", None)
+        if contrast and contrast.weight > 0:
+            swap = swap_shape if contrast.kind == "shapes" else swap_pair_roles
+            swapped = [swap(text) for text in batch["text"]]  # None where there is nothing to contrast
             out["swapped"] = torch.tensor([s is not None for s in swapped], device=self.device)  # (B,)
             out["swapped_ids"] = self.tokenizer([s or text for s, text in zip(swapped, batch["text"])]).to(self.device)
         return out

@@ -120,17 +120,24 @@ class RoleContrast(_Plain):
     scene, so the U-Net's error on the true target under it should exceed its error under the true caption. For
     the pair rows with t ≥ ``min_t`` (where the layout is decided) the term is ``weight`` × mean relu(margin −
     (mse_swapped − mse) / mse), the relative gap held to at least ``margin`` (mse not differentiated in the
-    divisor). It costs one more U-Net pass on those rows. ``weight`` 0 turns it off."""
+    divisor). It costs one more U-Net pass on those rows. ``weight`` 0 turns it off.
+
+    ``kind="shapes"`` contrasts a caption with one object's shape replaced by a look-alike instead ("a red hexagon
+    above a blue square": ``shapes.captions.swap_shape``), for every caption of the grammar — the outline the
+    unguided built-in model gets wrong most (RESULTS.md, "what the unguided model gets wrong on pairs")."""
 
     weight: float = 0.0
     margin: float = 0.2
     min_t: int = 600
+    kind: str = "roles"  # roles | shapes
 
     def __post_init__(self) -> None:
         _positive("role_contrast.weight", self.weight, allow_zero=True)
         _positive("role_contrast.margin", self.margin)
         if self.min_t < 0:
             raise ValueError(f"role_contrast.min_t must be ≥ 0, got {self.min_t!r}")
+        if self.kind not in ("roles", "shapes"):
+            raise ValueError(f"role_contrast.kind must be 'roles' or 'shapes', not {self.kind!r}")
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,12 @@
-"""Captions: writing a scene's or a prompt spec's caption, reading a caption back into a ``PromptSpec``, and the
-caption of the same words with a pair's two objects in the other order."""
+"""Captions: writing a scene's or a prompt spec's caption, reading a caption back into a ``PromptSpec``, and two
+contrast captions: the same words with a pair's two objects in the other order, and one object as a look-alike
+shape."""
 
 from __future__ import annotations
 
 import re
+import zlib
+from dataclasses import replace
 
 from estable.training.shapes.scene import BackgroundSpec, ObjectSpec, PromptSpec, Scene
 from estable.training.shapes.vocab import (
@@ -118,3 +121,37 @@ def swap_pair_roles(text: str) -> str | None:
     body, tail = (m.group(1), t[len(m.group(1)):]) if m else (t, "")
     rel = next(_REL_RE.finditer(body))
     return f"{body[rel.end():]}{rel.group(0)}{body[:rel.start()]}{tail}"
+
+
+# The shapes the built-in model confuses when unguided, as benchmarks/pair_failures.py counted them (RESULTS.md,
+# "what the unguided model gets wrong on pairs": a hexagon drawn as a circle and back, a star as a hexagon, diamond
+# or cross, ...): the replacements ``swap_shape`` draws from.
+LOOKALIKES = {"circle": ("hexagon",), "hexagon": ("circle",), "star": ("hexagon", "diamond", "cross"),
+              "cross": ("star",), "heart": ("hexagon",), "diamond": ("hexagon", "star"),
+              "square": ("hexagon", "cross"), "triangle": ("diamond",)}
+
+
+def swap_shape(text: str) -> str | None:
+    """The caption with one of its objects drawn as a look-alike shape (``LOOKALIKES``) and every other word kept
+    ("a red circle above a blue square" → "a red hexagon above a blue square"): a caption of a scene that differs
+    in one outline. Which object and which look-alike follow from the text alone (its CRC-32), so a caption always
+    gets the same contrast. None for a caption that is not of this grammar, or whose contrast would not be one."""
+    try:
+        spec = parse_caption(text)
+    except ValueError:
+        return None
+    key = zlib.crc32(text.encode("utf-8"))
+    k = key % len(spec.objects)
+    shape = spec.objects[k].shape
+    new = LOOKALIKES[shape][(key >> 8) % len(LOOKALIKES[shape])]
+    words = " ".join(text.lower().strip().rstrip(".").split()).split()
+    old_word, new_word = (PLURALS[shape], PLURALS[new]) if spec.kind == "count" else (shape, new)
+    places = [i for i, w in enumerate(words) if w == old_word]
+    nth = sum(o.shape == shape for o in spec.objects[:k])  # objects appear in the caption in the spec's order
+    words[places[nth]] = new_word
+    out = " ".join(words)
+    objects = tuple(replace(o, shape=new) if i == k else o for i, o in enumerate(spec.objects))
+    try:
+        return out if parse_caption(out) == replace(spec, objects=objects) else None
+    except ValueError:  # e.g. a colour-binding prompt whose other object already has that shape
+        return None
