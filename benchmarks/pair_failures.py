@@ -3,10 +3,11 @@ and shape), whether an object of its colour was drawn as another shape, of its s
 
     PYTHONPATH=src python benchmarks/pair_failures.py [MODEL] --cfg 1 --cfg 4 --prompts 150 [--device cpu] [--out F]
 
-The held-out pair prompts and seeds of ``estable eval compositional --kinds pair --images-per-prompt 1``, 25 steps of
-DPM++ 2M Karras (the evaluations' protocol), scored by the shipped judge. Prints, per guidance scale, how many
-images have an object wrong, what happened to each missed object, how many objects the judge saw per image, and the
-commonest shape confusions ("star drawn as diamond": the star's colour is there, on another shape).
+The held-out pair prompts and seeds of ``estable eval compositional --kinds pair --images-per-prompt 1``, 25 steps
+of DPM++ 2M Karras (the evaluations' protocol; ``--sampler`` for another), scored by the shipped judge. Prints, per
+guidance scale, how many images have an object wrong, what happened to each missed object, how many objects the
+judge saw per image, and the commonest shape confusions ("star drawn as diamond": the star's colour is there, on
+another shape).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, action="append", help="guidance scale (repeatable; default 1 and 4)")
     ap.add_argument("--prompts", type=int, default=150)
     ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--sampler", default="dpmpp_2m_karras")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, help="also write the tallies as JSON")
     args = ap.parse_args()
@@ -57,7 +59,7 @@ def main() -> None:
     pipe = load_pipeline(args.model, device=args.device)
     rows = []
     for cfg in args.cfg or [1.0, 4.0]:
-        base = GenerationParams(steps=args.steps, cfg_scale=cfg, sampler="dpmpp_2m_karras")
+        base = GenerationParams(steps=args.steps, cfg_scale=cfg, sampler=args.sampler)
         images = pipe.txt2img_each([p.caption for p in prompts], seeds, base, batch=32 if args.device == "cuda" else 8)
         what, confusions, per_image = Counter(), Counter(), Counter()
         wrong = 0
@@ -70,8 +72,9 @@ def main() -> None:
                 what[kind] += 1
                 if instead is not None:
                     confusions[f"{shape} drawn as {instead}"] += 1
-        row = {"cfg": cfg, "images": len(prompts), "objects_wrong": wrong, "missed": dict(what),
-               "detections_per_image": dict(sorted(per_image.items())), "confusions": confusions.most_common()}
+        row = {"cfg": cfg, "sampler": args.sampler, "images": len(prompts), "objects_wrong": wrong,
+               "missed": dict(what), "detections_per_image": dict(sorted(per_image.items())),
+               "confusions": confusions.most_common()}
         rows.append(row)
         print(f"CFG {cfg:g}: {wrong} of {len(prompts)} images with an object wrong; missed objects: {dict(what)}; "
               f"objects seen per image: {row['detections_per_image']}", flush=True)
