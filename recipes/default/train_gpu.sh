@@ -228,8 +228,8 @@ grow32)
       >"$out/grow32-cache.log" 2>&1
   a=(python3 "$here/relations_ablation.py" --config "$cfg" --every "${EVERY:-500}" --minutes "${ABL_MINUTES:-6}"
      --cfg 1 --cfg 4 ${ABL_EVAL:-})
-  declare -A arms=([grow]="" [control]="grow_attention=[]"
-                   [shapes]="grow_attention=[] role_contrast.weight=1 role_contrast.kind=shapes role_contrast.min_t=600")
+  shapes="role_contrast.weight=1 role_contrast.kind=shapes role_contrast.min_t=600"
+  declare -A arms=([grow]="" [control]="grow_attention=[]" [shapes]="grow_attention=[] $shapes")
   logs=()
   for name in ${GROW32_ARMS:-grow control shapes}; do
     [ -n "${arms[$name]+set}" ] || { echo "unknown arm $name (grow, control, shapes)" >&2; exit 2; }
