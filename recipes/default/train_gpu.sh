@@ -223,16 +223,18 @@ grow32)
   # EVERY steps; a call stops starting segments after ABL_MINUTES and calling the stage again continues the runs.
   # The grown arm's latest model goes to OUT in parts.
   cfg=$here/unet_grow32.json
+  shapes="role_contrast.weight=1 role_contrast.kind=shapes role_contrast.min_t=600"
+  declare -A arms=([grow]="" [control]="grow_attention=[]" [shapes]="grow_attention=[] $shapes")
+  names=(${GROW32_ARMS:-grow control shapes}) logs=()
+  for name in "${names[@]}"; do
+    [ -n "${arms[$name]+set}" ] || { echo "unknown arm $name (grow, control, shapes)" >&2; exit 2; }
+  done
   [ -f runs/grow32-cache/latents_cache.0-of-1.safetensors ] || estable train unet --config "$cfg" \
       --run-dir runs/grow32-cache --no-progress max_steps=1 grow_attention=[] data.num_workers=14 ${EXTRA:-} \
       >"$out/grow32-cache.log" 2>&1
   a=(python3 "$here/relations_ablation.py" --config "$cfg" --every "${EVERY:-500}" --minutes "${ABL_MINUTES:-6}"
      --cfg 1 --cfg 4 ${ABL_EVAL:-})
-  shapes="role_contrast.weight=1 role_contrast.kind=shapes role_contrast.min_t=600"
-  declare -A arms=([grow]="" [control]="grow_attention=[]" [shapes]="grow_attention=[] $shapes")
-  logs=()
-  for name in ${GROW32_ARMS:-grow control shapes}; do
-    [ -n "${arms[$name]+set}" ] || { echo "unknown arm $name (grow, control, shapes)" >&2; exit 2; }
+  for name in "${names[@]}"; do
     mkdir -p "runs/grow32-$name"; logs+=("grow32-$name/log.jsonl")
     ln -sf "$PWD/runs/grow32-cache/latents_cache.0-of-1.safetensors" "runs/grow32-$name/"
     start=; [ "$name" = control ] && [ ! -d runs/grow32-control/checkpoints ] && start=--eval-start  # same start
