@@ -85,6 +85,7 @@ def test_reproduce_chain_runs_every_stage_in_order(tmp_path):
     assert f"init_from={tmp_path / 'part2.safetensors'}" in part3 and "text.train=true" in part3
     assert f"init_from={tmp_path / 'fifth.safetensors'}" in part7
     assert part7[part7.index("--until") + 1] == "2"  # min(3,100, the dry run's max_steps)
+    assert part7[-1] == "max_minutes=null"  # unet_mix.json's 6-minute budget is the shipped run's, not the chain's
     times = [json.loads(line) for line in (tmp_path / "times.jsonl").read_text().splitlines()]
     assert len(times) == len(commands) and all(t["status"] == 0 and t["seconds"] > 0 for t in times)
     model = load_model(tmp_path / "model.safetensors")

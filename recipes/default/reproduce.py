@@ -66,8 +66,8 @@ BY_NAME = {s.name: s for s in STAGES}
 
 
 class Chain:
-    def __init__(self, folder: Path, extra: list[str], minutes: float | None, min_start: float) -> None:
-        self.dir, self.extra, self.min_start = folder, extra, min_start
+    def __init__(self, folder: Path, extra: list[str], minutes: float | None) -> None:
+        self.dir, self.extra = folder, extra
         self.deadline = None if minutes is None else time.monotonic() + 60 * minutes
 
     def left(self) -> float | None:
@@ -135,8 +135,8 @@ class Chain:
                     "--no-progress", "--until", str(target)]
             if latest_checkpoint(run_dir / "checkpoints") is not None:
                 argv.append("--resume")
-            left = self.left()
-            budget = [] if left is None else [f"max_minutes={max(left - 0.5, 0):.3f}"]
+            left = self.left()  # the configs' own budgets are the shipped runs'; here --until stops each run
+            budget = ["max_minutes=null"] if left is None else [f"max_minutes={max(left - 0.5, 0):.3f}"]
             self.run(stage, argv + self.training_overrides(stage) + budget)
             if self.trained_to(stage) < target:
                 return False
@@ -160,7 +160,7 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown stage {unknown[0]!r}; the stages are {', '.join(BY_NAME)}")
     args.dir.mkdir(parents=True, exist_ok=True)
-    chain = Chain(args.dir, extra, args.minutes, args.min_start)
+    chain = Chain(args.dir, extra, args.minutes)
     for stage in (s for s in STAGES if not names or s.name in names):
         if chain.finished(stage):
             print(f"{stage.name}: done already", flush=True)
