@@ -11,7 +11,8 @@ they were planned with; runs made on two GPUs train their global batch on one.
 Each command is printed as it starts, and its log goes to ``DIR/<stage>.log``. A stage whose output is in ``DIR``
 is skipped, so calling the script again continues the chain; ``--minutes`` is a budget for this call (for
 time-limited jobs): a training stage gets what is left as its ``max_minutes`` and stops with a checkpoint, the
-next call resumes it, and no stage starts with less than ``--min-start`` minutes left. Every command's wall time
+next call resumes it, and no stage starts with less than ``--min-start`` minutes left (without ``--minutes`` the
+configs' own ``max_minutes``, the shipped runs' budgets, are lifted). Every command's wall time
 is appended to ``DIR/times.jsonl``. ``KEY=VALUE`` overrides go to every training command after the stage's own (a
 CPU dry run: ``max_steps=2 batch_size=2 device=cpu precision=fp32 data.num_workers=0 data.size=64
 data.shapes_length=8``). The model ends as ``DIR/model.safetensors``.
