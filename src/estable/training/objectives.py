@@ -253,8 +253,9 @@ class UNetObjective(nn.Module):
 
     def role_contrast(self, z_t: torch.Tensor, t: torch.Tensor, swapped_ids: torch.Tensor, target: torch.Tensor,
                       mse: torch.Tensor) -> torch.Tensor:
-        """mean relu(margin − (mse_swapped − mse)/mse) over the given rows: the U-Net's error under the caption with
-        the objects exchanged held at least ``margin`` (relative) above its error under the true caption."""
+        """mean relu(margin − (mse_swapped − mse)/mse) over the given rows: the U-Net's error under the contrast
+        caption (the objects exchanged, or one object as a look-alike shape: ``role_contrast.kind``) held at least
+        ``margin`` (relative) above its error under the true caption."""
         pred = self.unet(z_t, t, self.context(swapped_ids, None)).float()
         mse_swapped = (pred - target).pow(2).mean(dim=(1, 2, 3))  # (n,)
         gap = (mse_swapped - mse) / mse.detach().clamp_min(1e-8)
