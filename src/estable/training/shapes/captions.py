@@ -70,9 +70,14 @@ _BG_RE = re.compile(rf"^(.*) (?:on|against) an? (textured )?({_BG_COLOUR_RE})( g
 _REL_RE = re.compile("|".join(re.escape(f" {p} ") for p in RELATION_PHRASES.values()))
 
 
+def _normalised(text: str) -> str:
+    """A caption as the grammar reads it: lower case, single spaces, no final full stop."""
+    return " ".join(text.lower().strip().rstrip(".").split())
+
+
 def parse_caption(text: str) -> PromptSpec:
     """Read a caption of this module's grammar back into a ``PromptSpec`` (``ValueError`` if it is not one)."""
-    t = " ".join(text.lower().strip().rstrip(".").split())
+    t = _normalised(text)
     background = None
     m = _BG_RE.match(t)
     if m:
@@ -116,7 +121,7 @@ def swap_pair_roles(text: str) -> str | None:
         return None
     if spec.kind != "pair" or spec.objects[0] == spec.objects[1]:
         return None
-    t = " ".join(text.lower().strip().rstrip(".").split())
+    t = _normalised(text)
     m = _BG_RE.match(t)
     body, tail = (m.group(1), t[len(m.group(1)):]) if m else (t, "")
     rel = next(_REL_RE.finditer(body))
@@ -144,7 +149,7 @@ def swap_shape(text: str) -> str | None:
     k = key % len(spec.objects)
     shape = spec.objects[k].shape
     new = LOOKALIKES[shape][(key >> 8) % len(LOOKALIKES[shape])]
-    words = " ".join(text.lower().strip().rstrip(".").split()).split()
+    words = _normalised(text).split()
     old_word, new_word = (PLURALS[shape], PLURALS[new]) if spec.kind == "count" else (shape, new)
     places = [i for i, w in enumerate(words) if w == old_word]
     nth = sum(o.shape == shape for o in spec.objects[:k])  # objects appear in the caption in the spec's order
