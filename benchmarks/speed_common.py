@@ -416,30 +416,6 @@ def pointwise_as_linear(model: torch.nn.Module) -> int:
                              and c.padding == (0, 0) and c.groups == 1)
 
 
-def _split_geglu_forward(self, x: torch.Tensor) -> torch.Tensor:
-    inner = self.proj.out_features // 2
-    w, b = self.proj.weight, self.proj.bias
-    value = torch.nn.functional.linear(x, w[:inner], None if b is None else b[:inner])
-    gate = torch.nn.functional.linear(x, w[inner:], None if b is None else b[inner:])
-    return value * torch.nn.functional.gelu(gate)
-
-
-def split_geglu(model: torch.nn.Module) -> int:
-    """Compute each GEGLU's value and gate as two matrix products over halves of its one weight (the same arithmetic;
-    the parameters and state dict unchanged), so that its backward has no concatenation of the two halves' gradients
-    — the two become separate outputs that Inductor can compute in one kernel, one GELU term per pair; the halves'
-    weight gradients are scattered into the weight's. Returns how many GEGLUs were changed. A probe (the thirteenth
-    GPU run's GEGLU backward), not a library path."""
-    import types
-
-    from estable.nn.attention import GEGLU
-
-    geglus = [m for m in model.modules() if isinstance(m, GEGLU)]
-    for m in geglus:
-        m.forward = types.MethodType(_split_geglu_forward, m)
-    return len(geglus)
-
-
 def concat_kernels():
     """A context in which Inductor lowers every concatenation as a buffer its inputs' kernels write into (its
     ConcatKernel) instead of a pointwise kernel that computes each input, masked, for every output element: GEGLU's

@@ -54,7 +54,6 @@ from speed_common import (  # noqa: E402
     pointwise_as_linear,
     rel_err,
     smoke_settings,
-    split_geglu,
     timed,
 )
 from speed_side_by_side import estable_call, fp32_reference, free, unet_inputs  # noqa: E402
@@ -288,6 +287,8 @@ def measure_training(name: str, s, res: dict[str, Any], batches: tuple[int, ...]
     if probe in ("pw", "hint-pw"):
         log(f"{pointwise_as_linear(model)} 1 × 1 convolutions computed as matrix products")
     if probe == "hint-geglu":
+        from estable.nn.attention import split_geglu
+
         log(f"{split_geglu(model)} GEGLUs computed as two matrix products")
     if probe in ("hint", "hint-pw", "hint-cat", "hint-geglu"):
         from estable.nn.layout import pin_channels_last

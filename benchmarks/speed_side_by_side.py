@@ -72,7 +72,6 @@ from speed_common import (  # noqa: E402
     no_tf32,
     rel_err,
     smoke_settings,
-    split_geglu,
     timed,
     write_report,
 )
@@ -460,7 +459,7 @@ def _train_system(name: str, build, call, s: Settings, batches, *, ckpt: bool = 
     a part cut off by a time limit still reports the rows it finished; ``pipelined``: also the img/s of steps run
     back to back, with no sync between them (where the host's launching hides behind the GPU's work); ``hints``:
     every convolution pinned to channels_last (estable.nn.layout.pin_channels_last); ``geglu``: each GEGLU as two
-    matrix products (speed_common.split_geglu)."""
+    matrix products (estable.nn.attention.split_geglu)."""
     rows = {} if rows is None else rows
     model = build().train()
     if cl:
@@ -471,6 +470,8 @@ def _train_system(name: str, build, call, s: Settings, batches, *, ckpt: bool = 
         else:
             model.gradient_checkpointing = True
     if geglu:
+        from estable.nn.attention import split_geglu
+
         split_geglu(model)
     if hints:
         from estable.nn.layout import pin_channels_last
@@ -624,7 +625,8 @@ def main(argv: list[str] | None = None) -> int:
                     "torch's own CUDA graphs (mode reduce-overhead); '-hint': with every convolution's input and "
                     "output gradient pinned to channels_last; '-cat': concatenations lowered as Inductor's "
                     "ConcatKernel (speed_common.concat_kernels); '-geglu': each GEGLU as two matrix products "
-                    "(speed_common.split_geglu); '-bench': cuDNN's benchmark mode; repeatable, rows in the order given")
+                    "(estable.nn.attention.split_geglu);"
+                    " '-bench': cuDNN's benchmark mode; repeatable, rows in the order given")
     ap.add_argument("--train-sdpa", choices=("cudnn", "flash", "efficient"),
                     help="training-compiled: put this attention kernel first (default: torch's choice)")
     ap.add_argument("--train-batch", type=int, action="append", metavar="N",

@@ -108,43 +108,6 @@ def test_concat_kernels_sets_inductor_only_inside():
     assert config.max_pointwise_cat_inputs == before > 1
 
 
-def test_split_geglu_keeps_the_numbers_and_drops_the_activation_concatenation():
-    """The '-geglu' probe: GEGLU as two matrix products over halves of its weight gives the same outputs and
-    gradients, keeps the state dict, and its traced backward concatenates nothing — GEGLU's own concatenates the
-    (tokens × 2·inner) activation gradient."""
-    import torch
-
-    from estable.nn.attention import GEGLU
-    from graph_util import traced_backward
-
-    speed_common = _benchmark_module("speed_common")
-    torch.manual_seed(0)
-    x = torch.randn(2, 6, 8)
-    weights = torch.randn(2, 6, 16)
-
-    def run(m):
-        xi = x.clone().requires_grad_()
-        out = m(xi)
-        (out * weights).sum().backward()
-        return out, [xi.grad, m.proj.weight.grad.clone(), m.proj.bias.grad.clone()]
-
-    def concatenated(m) -> list[tuple[int, ...]]:
-        graph = traced_backward(m, lambda y: (y * weights).sum(), x.clone().requires_grad_())
-        return sorted(tuple(n.meta["val"].shape) for n in graph.graph.nodes if n.target is torch.ops.aten.cat.default)
-
-    geglu = GEGLU(8, 16)
-    ref, ref_grads = run(geglu)
-    assert (2, 6, 32) in concatenated(geglu)  # the activation gradient GEGLU's backward concatenates
-    keys = list(geglu.state_dict())
-    geglu.proj.weight.grad = geglu.proj.bias.grad = None
-    assert speed_common.split_geglu(geglu) == 1
-    out, grads = run(geglu)
-    assert torch.allclose(out, ref, atol=1e-6) and list(geglu.state_dict()) == keys
-    assert all(torch.allclose(g, r, atol=1e-5) for g, r in zip(grads, ref_grads))
-    geglu.proj.weight.grad = geglu.proj.bias.grad = None
-    assert concatenated(geglu) == []  # the halves' weight gradients are scattered into the weight's, not concatenated
-
-
 def test_cold_start_rows_in_separate_calls_share_one_cache(tmp_path):
     """--compile-cache DIR --cold-rows: the empty row in one call, the warm row in a later one from the cache it left
     (how a GPU chain split across calls runs them); an 'empty' row refuses a folder that is not empty."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from estable.errors import EstableError
+from estable.nn.attention import GEGLU, split_geglu
 from estable.training.config import load_config
 from estable.training.unet_trainer import UNetTrainer
 from graph_util import traced_backward
@@ -74,8 +75,43 @@ def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(torch, "compile", lambda module, **kw: seen.append(kw) or module)
     cfg = load_config("unet", "tiny-unet", [*QUIET, "compile=true", "compile_mode=reduce-overhead"])
-    UNetTrainer(cfg, tmp_path / "ro", progress=False)
+    trainer = UNetTrainer(cfg, tmp_path / "ro", progress=False)
     assert seen == [{"mode": "reduce-overhead"}]
+    geglus = [m for m in trainer.network.modules() if isinstance(m, GEGLU)]
+    assert geglus and all(m.split for m in geglus)  # compiled whole, GEGLU's backward concatenates nothing
+
+
+def test_split_geglu_keeps_the_numbers_and_drops_the_activation_concatenation():
+    """split_geglu: GEGLU as two matrix products over halves of its weight gives the same outputs and
+    gradients, keeps the state dict, and its traced backward concatenates nothing — GEGLU's own concatenates the
+    (tokens × 2·inner) activation gradient."""
+    import torch
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 8)
+    weights = torch.randn(2, 6, 16)
+
+    def run(m):
+        xi = x.clone().requires_grad_()
+        out = m(xi)
+        (out * weights).sum().backward()
+        return out, [xi.grad, m.proj.weight.grad.clone(), m.proj.bias.grad.clone()]
+
+    def concatenated(m) -> list[tuple[int, ...]]:
+        graph = traced_backward(m, lambda y: (y * weights).sum(), x.clone().requires_grad_())
+        return sorted(tuple(n.meta["val"].shape) for n in graph.graph.nodes if n.target is torch.ops.aten.cat.default)
+
+    geglu = GEGLU(8, 16)
+    ref, ref_grads = run(geglu)
+    assert (2, 6, 32) in concatenated(geglu)  # the activation gradient GEGLU's backward concatenates
+    keys = list(geglu.state_dict())
+    geglu.proj.weight.grad = geglu.proj.bias.grad = None
+    assert split_geglu(geglu) == 1
+    out, grads = run(geglu)
+    assert torch.allclose(out, ref, atol=1e-6) and list(geglu.state_dict()) == keys
+    assert all(torch.allclose(g, r, atol=1e-5) for g, r in zip(grads, ref_grads))
+    geglu.proj.weight.grad = geglu.proj.bias.grad = None
+    assert concatenated(geglu) == []  # the halves' weight gradients are scattered into the weight's, not concatenated
 
 
 def _conv_backward_layouts(model, x, t, c) -> dict[tuple[str, bool], int]:

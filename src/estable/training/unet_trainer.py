@@ -24,6 +24,7 @@ from estable.config import UNetConfig
 from estable.errors import EstableError
 from estable.images import to_pil
 from estable.models.unet import UNet
+from estable.nn.attention import split_geglu
 from estable.training import distributed as D
 from estable.training.builders import (
     CachedLatents,
@@ -189,6 +190,7 @@ class UNetTrainer(Trainer):
 
             compile_blocks(self.network)  # in place: same module, same state-dict keys
         else:
+            split_geglu(self.network)  # no concatenation in GEGLU's backward (nn/attention.py)
             # the original module stays self.network
             self.objective.unet = torch.compile(self.network, mode=self.config.compile_mode)
 
