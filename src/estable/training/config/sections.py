@@ -111,8 +111,9 @@ class TrainConfig(_Plain):
     # (benchmarks/RESULTS.md, seventh GPU run), where eager spends the step launching kernels.
     compile_mode: str = "default"
     # Convolution weights and activations in NHWC layout, and each convolution's input and output gradient held
-    # to it (estable.nn.layout): with compile_mode=reduce-overhead the SD 1.5-shaped U-Net's step at batch 32 ran
-    # 1.49x diffusers' on an H200 (benchmarks/RESULTS.md, thirteenth GPU run).
+    # to it (estable.nn.layout): with compile_mode=reduce-overhead (and GEGLU split, which the whole-scope compile
+    # does: nn/attention.py) the SD 1.5-shaped U-Net's step at batch 32 ran 1.54-1.57x diffusers' on an H200
+    # (benchmarks/RESULTS.md, fourteenth GPU run).
     channels_last: bool = False
     log_every: int = 10
     val_every: int = 100  # 0: never
