@@ -112,6 +112,11 @@ def test_split_geglu_keeps_the_numbers_and_drops_the_activation_concatenation():
     assert all(torch.allclose(g, r, atol=1e-5) for g, r in zip(grads, ref_grads))
     geglu.proj.weight.grad = geglu.proj.bias.grad = None
     assert concatenated(geglu) == []  # the halves' weight gradients are scattered into the weight's, not concatenated
+    from estable.nn.lora import inject_lora
+
+    adapted = GEGLU(8, 16)
+    inject_lora(adapted, rank=2, alpha=2.0, targets=("proj",))
+    assert split_geglu(adapted) == 0 and not adapted.split  # a LoRA projection adds its term in its own forward
 
 
 def _conv_backward_layouts(model, x, t, c) -> dict[tuple[str, bool], int]:

@@ -159,8 +159,9 @@ def split_geglu(network: nn.Module) -> int:
     For compiled training: as one projection, the backward pass concatenates the value's and the gate's gradients,
     which Inductor lowers as a kernel evaluating both halves' expressions for every element of the result (the
     largest fused kernel of the SD 1.5-shaped U-Net's compiled step). Split, the step at batch 32 on an H200 ran
-    2 % faster (benchmarks/RESULTS.md, fourteenth GPU run)."""
-    geglus = [m for m in network.modules() if isinstance(m, GEGLU)]
+    2 % faster (benchmarks/RESULTS.md, fourteenth GPU run). A GEGLU whose projection is not a plain ``nn.Linear``
+    (a LoRA layer, say, which adds its own term in its forward) is left as it is."""
+    geglus = [m for m in network.modules() if isinstance(m, GEGLU) and type(m.proj) is nn.Linear]
     for m in geglus:
         m.split = True
     return len(geglus)
