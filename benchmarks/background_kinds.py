@@ -9,7 +9,10 @@ background is, for the renders of those scenes and for the model's images, split
 background: a caption that does not leaves the kind to chance (half plain, a quarter gradient, a quarter textured),
 and a model drawing one kind for all of them would shift the FID's features; how much the background's brightness
 varies (its gradient's ramp, its texture's contrast) in the renders and in the model's images (the sensitivity
-study found half the contrast alone worth an FID of 157); with ``--fid``, the set's FID. Writes
+study found half the contrast alone worth an FID of 157); with ``--fid``, the set's FID. ``--append PHRASE`` adds
+a phrase to every caption that names no background (e.g. "on a textured background", a kind without a colour,
+which the world's grammar never says), to see whether naming the kind at generation time could give silent captions
+the world's kinds — the judged colours of those backgrounds say whether they stay the world's grey. Writes
 DIR/background_kinds.json and a grid of the first images (renders above, the model's below).
 """
 
@@ -42,6 +45,11 @@ def border_range(image: Image.Image, width: int = 6) -> float:
     return float(hi - lo)
 
 
+def caption(scene, append: str | None) -> str:
+    """The scene's caption, with ``append`` after it when it names no background."""
+    return scene.caption if not append or scene.background.mentioned else f"{scene.caption} {append}"
+
+
 def table(truth: list[str], judged: list[str]) -> dict[str, dict[str, int]]:
     """Counts of judged kinds per true kind."""
     out = {k: dict.fromkeys(BACKGROUND_KINDS, 0) for k in BACKGROUND_KINDS}
@@ -62,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--empty-prompt", action="store_true", help="generate every image from the empty prompt (the "
                     "unconditional model, which guidance extrapolates away from) and report the kinds and colours of "
                     "all its backgrounds against the world's")
+    ap.add_argument("--append", metavar="PHRASE",
+                    help="add this to every caption that does not name the background (its image keeps its seed)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--fid", action="store_true", help="also the FID (judge features) of the --count images against "
                     "as many held-out renders, as `estable eval fid --real shapes:N --split heldout --fake model:M`")
@@ -84,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [FID_PROMPT_SEED * 100_000 + i for i in range(args.count)]  # as `estable eval fid --fake model:M`
     fake: list[Image.Image] = []
     for start in range(0, args.count, 32):
-        texts = [("" if args.empty_prompt else s.caption) for s in scenes[start:start + 32]]
+        texts = [("" if args.empty_prompt else caption(s, args.append)) for s in scenes[start:start + 32]]
         fake += generate(texts, seeds[start:start + 32])
         print(f"generated {len(fake)} of {args.count}", flush=True)
     real = [render(s, 256) for s in scenes]
@@ -97,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     truth = [s.background.kind for s in scenes]
     spread_real, spread_fake = [border_range(im) for im in real], [border_range(im) for im in fake]
     res: dict = {"model": args.model, "cfg": gen_args.cfg, "guidance": args.guidance, "steps": args.steps,
-                 "count": args.count, "empty_prompt": args.empty_prompt}
+                 "count": args.count, "empty_prompt": args.empty_prompt, "append": args.append}
     if args.empty_prompt:  # the captions' split below then says which scene's seed an image shares, nothing more
         res["all backgrounds: world's kinds / the empty prompt's, judged"] = [dict(Counter(truth)),
                                                                               dict(Counter(kinds_fake))]
@@ -118,13 +128,15 @@ def main(argv: list[str] | None = None) -> int:
             "renders, judged (true kind → judged)": table([truth[i] for i in idx], [kinds_real[i] for i in idx]),
             "model, judged (true kind → judged)": table([truth[i] for i in idx], [kinds_fake[i] for i in idx]),
             "model, judged kinds": dict(Counter(kinds_fake[i] for i in idx)),
+            "model, judged colours": dict(Counter(judged_fake[i][1] for i in idx)),
             "background spread, median per true kind (renders / model), levels": {
                 k: [float(np.median([spread_real[i] for i in idx if truth[i] == k] or [np.nan])),
                     float(np.median([spread_fake[i] for i in idx if truth[i] == k] or [np.nan]))]
                 for k in BACKGROUND_KINDS},
         }
         print(f"{name}: {len(idx)} scenes; true {res[name]['true kinds']}; the model's, judged "
-              f"{res[name]['model, judged kinds']}; background spread (renders / model) "
+              f"{res[name]['model, judged kinds']}, colours {res[name]['model, judged colours']}; "
+              f"background spread (renders / model) "
               f"{res[name]['background spread, median per true kind (renders / model), levels']}", flush=True)
     if args.fid:
         features = JudgeFeatures(judge)

@@ -93,3 +93,16 @@ def test_background_kinds_of_the_empty_prompt(tmp_path, monkeypatch):
     assert 0 <= grey_world <= 3 and 0 <= grey_model <= 3
     kinds_world, kinds_model = res["grey backgrounds' kinds: world's / the empty prompt's, judged"]
     assert sum(kinds_world.values()) == grey_world and sum(kinds_model.values()) == grey_model
+
+
+def test_append_goes_only_after_captions_that_name_no_background():
+    from estable.training.shapes import ShapesWorld
+
+    scenes = [ShapesWorld("heldout", 7).scene(i) for i in range(40)]
+    silent = [s for s in scenes if not s.background.mentioned]
+    named = [s for s in scenes if s.background.mentioned]
+    assert silent and named
+    assert all(background_kinds.caption(s, "on a textured background") == s.caption + " on a textured background"
+               for s in silent)
+    assert all(background_kinds.caption(s, "on a textured background") == s.caption for s in named)
+    assert all(background_kinds.caption(s, None) == s.caption for s in scenes)
