@@ -12,6 +12,9 @@ the judge sees in the backgrounds their captions do not name (``benchmarks/backg
 of DPM++ 2M Karras, the evaluations' sampler. One pipeline per config; rows are written after each config.
 ``--kind K`` restricts both measures to one kind of prompt: the held-out prompts of that kind, and an FID between
 images of that kind's captions and renders of that kind's scenes (worlds that draw only that kind).
+``--name-grey`` completes every caption that names no background, in both measures, with the grey background the
+world would draw for it (``shapes.captions.name_grey_background``, seeded by the image's seed): for a model trained
+with ``data.shapes_grey_named`` > 0, which knows the word.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from estable.evaluation.judge import JudgeFeatures, load_judge_or_default, resol
 from estable.params import GenerationParams
 from estable.pipeline import load_pipeline
 from estable.training.shapes import ShapesWorld, render
+from estable.training.shapes.captions import name_grey_background
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fid-count", type=int, default=1000)
     ap.add_argument("--kind", choices=PROMPT_KINDS,
                     help="prompts of this kind only, for the accuracy and for the FID (both sides: the renders too)")
+    ap.add_argument("--name-grey", action="store_true",
+                    help="name the grey background of every caption that names none (its kind drawn at the world's "
+                    "odds from the image's seed)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -77,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         base = GenerationParams(steps=25, cfg_scale=v.w)  # DPM++ 2M Karras, as the evaluations
 
         def generate(texts, seeds, p=pipe, b=base):
+            if args.name_grey:
+                texts = [name_grey_background(t, s) for t, s in zip(texts, seeds)]
             return p.txt2img_each(texts, seeds, b, batch=batch)
 
         report = evaluate(generate, judge, prompts, args.images_per_prompt, 0,
@@ -86,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         kinds = [k for k, _ in judge.classify_background([fake[i] for i in unnamed])]
         o = report["overall"]
         row = {"config": describe(v), **v._asdict(), **o, "by_kind": report["by_kind"], "fid": fid,
-               "fid_count": args.fid_count, "fid_kinds": fid_kinds, "images_per_prompt": args.images_per_prompt,
+               "fid_count": args.fid_count, "fid_kinds": fid_kinds, "name_grey": args.name_grey,
+               "images_per_prompt": args.images_per_prompt,
                "unnamed_backgrounds": dict(Counter(kinds)), "seconds": time.perf_counter() - t}
         rows.append(row)
         scores = ", ".join(f"{k} {val:.1%}" for k, val in o.items() if isinstance(val, float))

@@ -258,6 +258,30 @@ def test_guidance_front_restricted_to_one_kind(tmp_path):
     assert row["fid_count"] == 3 and row["fid_kinds"] == {"pair": 3} and row["fid"] > 0
 
 
+def test_guidance_front_names_the_grey_of_silent_captions(tmp_path, monkeypatch):
+    """--name-grey: every caption that names no background reaches the pipeline with a grey one, in both measures;
+    the others as they were."""
+    from guidance_front import main as front
+
+    from estable.pipeline import Pipeline
+    from estable.training.shapes.captions import parse_caption
+
+    seen: list[str] = []
+    original = Pipeline.txt2img_each
+
+    def record(self, texts, seeds, *a, **kw):
+        seen.extend(texts)
+        return original(self, texts, seeds, *a, **kw)
+
+    monkeypatch.setattr(Pipeline, "txt2img_each", record)
+    out = tmp_path / "front.json"
+    assert front(["--name-grey", "--config", "1", "--prompts", "3", "--images-per-prompt", "1", "--fid-count", "6",
+                  "--device", "cpu", "--out", str(out)]) == 0
+    assert len(seen) == 9 and json.loads(out.read_text())[0]["name_grey"] is True
+    backgrounds = [parse_caption(t).background for t in seen]
+    assert all(bg is not None for bg in backgrounds) and any(bg.colour == "grey" for bg in backgrounds)
+
+
 def test_pair_failures_sorts_missed_objects():
     from pair_failures import missed_objects
 

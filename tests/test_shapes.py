@@ -344,3 +344,38 @@ def test_named_background_odds_change_only_the_named_kinds():
     assert {only.scene(i).background.kind for i in range(200) if only.scene(i).background.mentioned} == {"textured"}
     with pytest.raises(ValueError, match="named_background_kinds"):
         ShapesWorld("train", named_background_kinds={"stripy": 1})
+
+
+def test_grey_named_captions_name_the_unnamed_grey_and_leave_the_default_world_alone():
+    from collections import Counter
+
+    from estable.training.shapes.captions import name_grey_background
+
+    ref = ShapesWorld("train", seed=5)
+    same = ShapesWorld("train", seed=5, grey_named_p=0.0)
+    assert all(caption_for(ref.scene(i)) == caption_for(same.scene(i)) for i in range(100))
+    world = ShapesWorld("train", seed=5, grey_named_p=1.0)
+    kinds = Counter()
+    for i in range(1200):
+        scene = world.scene(i)
+        bg, spec = scene.background, parse_caption(caption_for(scene))
+        assert bg.mentioned and spec.background == BackgroundSpec(bg.kind, bg.colour)  # no caption is silent
+        if bg.colour == "grey":
+            kinds[bg.kind] += 1
+    # the grey ones at the unnamed odds, half plain (3 sigma: about 0.05 at ~700 scenes)
+    assert abs(kinds["plain"] / sum(kinds.values()) - 0.5) < 0.06 and kinds["textured"] and kinds["gradient"], kinds
+    half = ShapesWorld("train", seed=5, grey_named_p=0.5)
+    greys = [half.scene(i) for i in range(1000) if half.scene(i).background.colour == "grey"]
+    said = Counter("grey" in caption_for(scene) for scene in greys)
+    assert abs(said[True] / sum(said.values()) - 0.5) < 0.08, said
+    with pytest.raises(ValueError, match="grey_named_p"):
+        ShapesWorld("train", grey_named_p=1.5)
+
+    completed = [name_grey_background("a red circle above a blue square", seed) for seed in range(400)]
+    specs = [parse_caption(c) for c in completed]
+    assert all(s.background.colour == "grey" and s.objects == specs[0].objects for s in specs)
+    odds = Counter(s.background.kind for s in specs)
+    assert abs(odds["plain"] / 400 - 0.5) < 0.08 and abs(odds["textured"] / 400 - 0.25) < 0.07, odds
+    assert name_grey_background("Three green triangles.", 3) == name_grey_background("three green triangles", 3)
+    assert name_grey_background("a red circle on a white background", 1) == "a red circle on a white background"
+    assert name_grey_background("a photo of a cat", 1) == "a photo of a cat"

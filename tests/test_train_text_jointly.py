@@ -89,3 +89,12 @@ def test_shapes_named_background_odds(tmp_path):
     assert named and set(named) == {"textured"}
     with pytest.raises(ValueError, match="shapes_named_backgrounds"):
         cfg.data.replace(shapes_named_backgrounds={"striped": 1.0})
+
+
+def test_shapes_grey_named_reaches_the_world():
+    cfg = load_config("unet", "tiny-unet", [*QUIET, "data.shapes_grey_named=1"])
+    train, _ = build_datasets(cfg, 0, 1)
+    specs = [parse_caption(train[i]["text"]) for i in range(40)]
+    assert all(s.background is not None for s in specs) and any(s.background.colour == "grey" for s in specs)
+    with pytest.raises(ValueError, match="shapes_grey_named"):
+        cfg.data.replace(shapes_grey_named=-0.1)

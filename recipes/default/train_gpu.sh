@@ -21,6 +21,9 @@
 #   recipes/default/train_gpu.sh grow32    OUT  # issue 11: the shipped model with attention at 32², with a
 #                                               # shape-contrast term, and plain (control), side by side, scored
 #                                               # every EVERY steps (resumable)
+#   recipes/default/train_gpu.sh greyname  OUT  # issue 11, the FID: the shipped model fine-tuned with half the
+#                                               # silent captions naming their grey (unet_grey_named.json), then
+#                                               # scored with and without naming it at generation (FRONT: options)
 #   recipes/default/train_gpu.sh controlnet OUT # an edges→image ControlNet on runs/model.safetensors or the
 #                                               # shipped model (controlnet.json, NPROC GPUs, CN_MINUTES), then its
 #                                               # edge-F1 evaluation (benchmarks/controlnet_eval.py) on GPU 0
@@ -248,6 +251,31 @@ grow32)
   if [ -f runs/grow32-grow/model.safetensors ]; then
     split -b 15M runs/grow32-grow/model.safetensors "$out/grow32-model.part-"
   fi
+  ;;
+greyname)
+  # Issue 11, the FID: guidance draws the backgrounds a caption leaves unnamed plain, and the world's grammar has no
+  # word for their grey. Fine-tune the shipped model with half of those captions naming it ("on a textured grey
+  # background"), then score it at CFG 4 with the captions as they are and with every silent caption given the grey
+  # background the world would draw (guidance_front.py --name-grey). A stopped fine-tune resumes when called again.
+  r=(); [ -d runs/grey/checkpoints ] && r=(--resume)
+  if [ ! -f runs/grey/done ]; then
+    estable train unet --config "$here/unet_grey_named.json" --run-dir runs/grey "${r[@]}" --no-progress \
+        max_minutes="${GREY_MINUTES:-7}" ${EXTRA:-} 2>&1 | tee "$out/grey.log" | tail -n 2
+    cp runs/grey/log.jsonl "$out/grey_log.jsonl"
+    grep -q "^done" "$out/grey.log" && touch runs/grey/done
+  fi
+  [ -f runs/grey/done ] || { stamp "greyname: the fine-tune stopped by its budget; call again"; exit 0; }
+  estable train export runs/grey runs/grey-raw.safetensors --dtype fp16 --overwrite
+  estable convert runs/grey-raw.safetensors runs/grey-model.safetensors --to estable --default-cfg 4 \
+      --default-sampler dpmpp_2m --overwrite
+  split -b 15M runs/grey-model.safetensors "$out/grey-model.part-"
+  for naming in "" --name-grey; do
+    # shellcheck disable=SC2086
+    python3 "$here/../../benchmarks/guidance_front.py" runs/grey-model.safetensors --config 4 $naming \
+        ${FRONT:---prompts 500 --images-per-prompt 2 --fid-count 1000} --out "$out/front-grey${naming:+-named}.json" \
+        2>&1 | grep -v '%|' | tail -n 2
+  done
+  stamp "greyname: scored"
   ;;
 wait)
   # Wait for the detached long run, export it, score it (compositional 500 × 4, paraphrases, FID 10k).

@@ -60,6 +60,9 @@ class DataConfig(_Plain):
     # None: one in three each, the world's default. (Backgrounds a caption leaves unnamed are half plain, a quarter
     # each gradient and textured, always.)
     shapes_named_backgrounds: dict[str, float] | None = None
+    # The share of the shapes captions that would name no background which name its grey instead ("on a textured grey
+    # background"; the image is the same): 0, the world's default, never says "grey".
+    shapes_grey_named: float = 0.0
     center_crop: bool = True
     random_flip: bool = False
     caption_column: str = "text"
@@ -73,6 +76,8 @@ class DataConfig(_Plain):
         _positive_int("data.shapes_length", self.shapes_length)
         _positive_int("data.num_workers", self.num_workers, allow_zero=True)
         _positive_int("data.val_size", self.val_size, allow_zero=True)
+        if not isinstance(self.shapes_grey_named, (int, float)) or not 0 <= self.shapes_grey_named <= 1:
+            raise ValueError(f"data.shapes_grey_named must be between 0 and 1, not {self.shapes_grey_named!r}")
         if not isinstance(self.source, str) or not self.source:
             raise ValueError("data.source must be 'shapes', a folder path or a tar-shard pattern")
         from estable.training.shapes import BACKGROUND_KINDS, PROMPT_KINDS

@@ -1,6 +1,6 @@
-"""Captions: writing a scene's or a prompt spec's caption, reading a caption back into a ``PromptSpec``, and two
-contrast captions: the same words with a pair's two objects in the other order, and one object as a look-alike
-shape."""
+"""Captions: writing a scene's or a prompt spec's caption, reading a caption back into a ``PromptSpec``, two
+contrast captions (the same words with a pair's two objects in the other order, and one object as a look-alike
+shape), and a caption completed with the background it leaves unnamed."""
 
 from __future__ import annotations
 
@@ -8,15 +8,19 @@ import re
 import zlib
 from dataclasses import replace
 
+import numpy as np
+
 from estable.training.shapes.scene import BackgroundSpec, ObjectSpec, PromptSpec, Scene
 from estable.training.shapes.vocab import (
     BACKGROUND_COLOURS,
     COLOURS,
     COUNT_WORDS,
+    DEFAULT_BACKGROUND,
     PLURALS,
     RELATION_PHRASES,
     SHAPES,
     SIZES,
+    UNNAMED_BACKGROUND_KINDS,
 )
 
 _BG_PREPOSITIONS = ("on", "against")
@@ -160,3 +164,19 @@ def swap_shape(text: str) -> str | None:
         return out if parse_caption(out) == replace(spec, objects=objects) else None
     except ValueError:  # e.g. a colour-binding prompt whose other object already has that shape
         return None
+
+
+def name_grey_background(text: str, seed: int) -> str:
+    """The caption with the background it leaves unnamed named as the world draws one: grey, and plain, gradient or
+    textured at the unnamed odds (2 : 1 : 1), chosen by ``seed`` ("a red circle" → "a red circle on a textured grey
+    background"). For a model trained on such captions (``ShapesWorld(grey_named_p=…)``), which guidance would
+    otherwise push towards the likeliest background, plain. A caption that names a background, or is not of this
+    grammar, comes back as it is."""
+    try:
+        spec = parse_caption(text)
+    except ValueError:
+        return text
+    if spec.background is not None:
+        return text
+    kind = UNNAMED_BACKGROUND_KINDS[int(np.random.default_rng([seed, 0x6E7]).integers(len(UNNAMED_BACKGROUND_KINDS)))]
+    return f"{_normalised(text)} {_background_phrase(BackgroundSpec(kind, DEFAULT_BACKGROUND), 'on')}"

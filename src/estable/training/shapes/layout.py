@@ -26,6 +26,7 @@ from estable.training.shapes.vocab import (
     SIZE_RADIUS,
     SIZES,
     TEXTURES,
+    UNNAMED_BACKGROUND_KINDS,
 )
 
 _RASTER = 96  # resolution of the coarse masks used to measure overlaps
@@ -64,7 +65,7 @@ def _pick(rng: np.random.Generator, items: list[Any] | tuple[Any, ...]) -> Any:
 
 def _sample_background(rng: np.random.Generator, spec: BackgroundSpec | None) -> Background:
     if spec is None:
-        kind, colour = _pick(rng, ("plain", "plain", "gradient", "textured")), DEFAULT_BACKGROUND
+        kind, colour = _pick(rng, UNNAMED_BACKGROUND_KINDS), DEFAULT_BACKGROUND
     else:
         kind, colour = spec.kind, spec.colour
     texture = _pick(rng, TEXTURES)

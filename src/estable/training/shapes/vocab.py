@@ -25,6 +25,7 @@ RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", 
 INVERSE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
 BACKGROUND_KINDS = ("plain", "gradient", "textured")
+UNNAMED_BACKGROUND_KINDS = ("plain", "plain", "gradient", "textured")  # drawn from for a background no caption names
 TEXTURES = ("noise", "stripes")
 PROMPT_KINDS = ("single", "count", "pair", "colour_binding")
 SPLITS = ("train", "heldout")

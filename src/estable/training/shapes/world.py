@@ -25,6 +25,7 @@ from estable.training.shapes.vocab import (
     COLOURS,
     COUNT_SIZES,
     COUNT_WORDS,
+    DEFAULT_BACKGROUND,
     HELDOUT_FRACTION,
     KIND_WEIGHTS,
     PROMPT_KINDS,
@@ -33,6 +34,7 @@ from estable.training.shapes.vocab import (
     SIZE_MENTION_P,
     SIZES,
     SPLITS,
+    UNNAMED_BACKGROUND_KINDS,
 )
 
 
@@ -87,6 +89,7 @@ class ShapesWorld:
         kind_weights: dict[str, float] | None = None,
         background_mention_p: float = BACKGROUND_MENTION_P,
         named_background_kinds: dict[str, float] | None = None,
+        grey_named_p: float = 0.0,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
@@ -109,6 +112,11 @@ class ShapesWorld:
             bg = check_weights("named_background_kinds", named_background_kinds, BACKGROUND_KINDS)
             p = np.array([bg.get(k, 0.0) for k in BACKGROUND_KINDS], dtype=np.float64)
             self._named_bg_p = p / p.sum()
+        # the share of the captions that would name no background which name its grey instead ("on a textured grey
+        # background"): a word for the unnamed background that generation can use (captions.name_grey_background)
+        if not 0.0 <= grey_named_p <= 1.0:
+            raise ValueError(f"grey_named_p must be between 0 and 1, not {grey_named_p!r}")
+        self.grey_named_p = float(grey_named_p)
 
     def rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng(_hash_int("estable-shapes", self.seed, self.split, int(index)))
@@ -139,6 +147,8 @@ class ShapesWorld:
             bg_kind = (_pick(rng, BACKGROUND_KINDS) if self._named_bg_p is None
                        else BACKGROUND_KINDS[int(rng.choice(len(BACKGROUND_KINDS), p=self._named_bg_p))])
             background = BackgroundSpec(bg_kind, _pick(rng, free))
+        elif self.grey_named_p > 0 and rng.random() < self.grey_named_p:  # (no draw at 0: the scenes stay the same)
+            background = BackgroundSpec(_pick(rng, UNNAMED_BACKGROUND_KINDS), DEFAULT_BACKGROUND)
         return PromptSpec(kind, objects, count=count, relation=relation, background=background)
 
     def scene(self, index: int) -> Scene:
