@@ -12,7 +12,9 @@ varies (its gradient's ramp, its texture's contrast) in the renders and in the m
 study found half the contrast alone worth an FID of 157); with ``--fid``, the set's FID. ``--append PHRASE`` adds
 a phrase to every caption that names no background (e.g. "on a textured background", a kind without a colour,
 which the world's grammar never says), to see whether naming the kind at generation time could give silent captions
-the world's kinds — the judged colours of those backgrounds say whether they stay the world's grey. Writes
+the world's kinds — the judged colours of those backgrounds say whether they stay the world's grey; ``--name-grey``
+names instead the grey background the world would draw (``shapes.captions.name_grey_background``, seeded by the
+image's seed), for a model trained with ``data.shapes_grey_named``. Writes
 DIR/background_kinds.json and a grid of the first images (renders above, the model's below).
 """
 
@@ -31,6 +33,7 @@ from estable.cli_eval import FID_PROMPT_SEED, FID_REAL_SEED, load_model_pipeline
 from estable.evaluation.fid import extract_features, feature_stats, frechet_distance
 from estable.evaluation.judge import JudgeFeatures, load_judge_or_default, resolve_device
 from estable.training.shapes import ShapesWorld, render
+from estable.training.shapes.captions import name_grey_background
 from estable.training.shapes.vocab import BACKGROUND_KINDS, DEFAULT_BACKGROUND
 
 
@@ -72,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                     "all its backgrounds against the world's")
     ap.add_argument("--append", metavar="PHRASE",
                     help="add this to every caption that does not name the background (its image keeps its seed)")
+    ap.add_argument("--name-grey", action="store_true",
+                    help="complete every caption that names no background with the grey one the world would draw")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--fid", action="store_true", help="also the FID (judge features) of the --count images against "
                     "as many held-out renders, as `estable eval fid --real shapes:N --split heldout --fake model:M`")
@@ -95,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     fake: list[Image.Image] = []
     for start in range(0, args.count, 32):
         texts = [("" if args.empty_prompt else caption(s, args.append)) for s in scenes[start:start + 32]]
+        if args.name_grey:
+            texts = [name_grey_background(t, seed) for t, seed in zip(texts, seeds[start:start + 32])]
         fake += generate(texts, seeds[start:start + 32])
         print(f"generated {len(fake)} of {args.count}", flush=True)
     real = [render(s, 256) for s in scenes]
@@ -107,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     truth = [s.background.kind for s in scenes]
     spread_real, spread_fake = [border_range(im) for im in real], [border_range(im) for im in fake]
     res: dict = {"model": args.model, "cfg": gen_args.cfg, "guidance": args.guidance, "steps": args.steps,
-                 "count": args.count, "empty_prompt": args.empty_prompt, "append": args.append}
+                 "count": args.count, "empty_prompt": args.empty_prompt, "append": args.append,
+                 "name_grey": args.name_grey}
     if args.empty_prompt:  # the captions' split below then says which scene's seed an image shares, nothing more
         res["all backgrounds: world's kinds / the empty prompt's, judged"] = [dict(Counter(truth)),
                                                                               dict(Counter(kinds_fake))]
