@@ -351,9 +351,7 @@ def test_grey_named_captions_name_the_unnamed_grey_and_leave_the_default_world_a
 
     from estable.training.shapes.captions import name_grey_background
 
-    ref = ShapesWorld("train", seed=5)
-    same = ShapesWorld("train", seed=5, grey_named_p=0.0)
-    assert all(caption_for(ref.scene(i)) == caption_for(same.scene(i)) for i in range(100))
+    # (grey_named_p=0, the default, leaves the world as it was: the digest test above pins it)
     world = ShapesWorld("train", seed=5, grey_named_p=1.0)
     kinds = Counter()
     for i in range(1200):
