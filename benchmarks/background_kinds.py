@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     world = ShapesWorld("heldout", FID_PROMPT_SEED)
     scenes = [world.scene(i) for i in range(args.count)]
     gen_args = argparse.Namespace(model=args.model, cfg=args.cfg, steps=args.steps, sampler=None, size=None,
-                                  device=args.device, dtype="auto")
+                                  device=args.device, dtype="auto", complete_prompt=False)  # --name-grey names it
     pipe = load_model_pipeline(gen_args)
     if args.guidance:
         from guidance_variants import guidance_variant, parse_config  # beside this script

@@ -51,12 +51,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="name the grey background of every caption that names none (its kind drawn at the world's "
                     "odds from the image's seed)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch", type=int, help="images per sampler run (default 32 on a GPU, 8 on the CPU)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     variants = [parse_config(c) for c in args.config]
     device = resolve_device(args.device)
     judge = load_judge_or_default(None, device)
-    batch = 32 if device.type == "cuda" else 8
+    batch = args.batch or (32 if device.type == "cuda" else 8)
     if args.kind:
         prompts = make_prompts(args.prompts, mix={args.kind: 1.0})
     else:
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         pipe = load_pipeline(args.model, device=device)
         guidance_variant(pipe, v)
-        base = GenerationParams(steps=25, cfg_scale=v.w)  # DPM++ 2M Karras, as the evaluations
+        # DPM++ 2M Karras, as the evaluations; captions as written unless --name-grey (whatever the file asks)
+        base = GenerationParams(steps=25, cfg_scale=v.w, complete_prompt=False)
 
         def generate(texts, seeds, p=pipe, b=base):
             if args.name_grey:

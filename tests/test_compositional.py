@@ -247,6 +247,7 @@ def test_model_generator_passes_prompts_seeds_and_settings(monkeypatch) -> None:
 
     class FakePipeline:
         device = torch.device("cpu")
+        config = argparse.Namespace(default_cfg=None, prompt_completion=None)
 
         def txt2img_each(self, prompts, seeds, params, *, batch):  # noqa: ANN001, ANN202
             calls.append((list(prompts), list(seeds), params.steps, params.cfg_scale, batch))

@@ -316,17 +316,22 @@ def test_evaluations_default_to_the_model_recommended_cfg():
     class Pipe:
         device = torch.device("cpu")
 
-        def __init__(self, default_cfg):
-            self.config = SimpleNamespace(default_cfg=default_cfg)
+        def __init__(self, default_cfg, completion=None):
+            self.config = SimpleNamespace(default_cfg=default_cfg, prompt_completion=completion)
 
         def txt2img_each(self, prompts, seeds, params, *, batch):
-            used.append(params.cfg_scale)
+            used.append((params.cfg_scale, params.complete_prompt))
             return []
 
     for given, recorded, expected in ((None, 4.0, 4.0), (None, None, 7.0), (2.5, 4.0, 2.5)):
         args = argparse.Namespace(model="m", cfg=given, sampler=None, steps=3, size=None)
         model_generator(args, Pipe(recorded))(["a red circle"], [1])
-        assert used[-1] == expected and args.cfg == expected
+        assert used[-1] == (expected, True) and args.cfg == expected and args.prompt_completion is None
+    # the file's prompt completion is used unless --no-prompt-completion; the report's args name the one used
+    for complete, reported in ((True, "shapes-grey-background"), (False, None)):
+        args = argparse.Namespace(model="m", cfg=None, sampler=None, steps=3, size=None, complete_prompt=complete)
+        model_generator(args, Pipe(4.0, "shapes-grey-background"))(["a red circle"], [1])
+        assert used[-1] == (4.0, complete) and args.prompt_completion == reported
 
 
 def test_recommendation_and_cfg_parsing():

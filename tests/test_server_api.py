@@ -69,6 +69,11 @@ def test_guidance_interval_job(server):
     late = finished(server, server.client.post("/v1/jobs", json={**body, "cfg_start": 0.3}).json()["id"])
     assert late["state"] == "done" and late["params"]["cfg_start"] == 0.3 and plain["params"]["cfg_start"] == 0.0
     assert "CFG start: 0.3" in late["images"][0]["infotext"] and "CFG start" not in plain["images"][0]["infotext"]
+    # the model file's prompt completion is on unless the job turns it off (estable.prompt_completion)
+    literal = finished(server, server.client.post("/v1/jobs", json={**body, "complete_prompt": False}).json()["id"])
+    assert literal["state"] == "done" and plain["params"]["complete_prompt"] is True
+    assert literal["params"]["complete_prompt"] is False
+    assert server.client.post("/v1/jobs", json={**body, "complete_prompt": "maybe"}).status_code == 422
 
 
 def test_img2img_and_inpaint_jobs(server):

@@ -267,9 +267,9 @@ greyname)
   [ -f runs/grey/done ] || { stamp "greyname: the fine-tune stopped by its budget; call again"; exit 0; }
   estable train export runs/grey runs/grey-raw.safetensors --dtype fp16 --overwrite
   estable convert runs/grey-raw.safetensors runs/grey-model.safetensors --to estable --default-cfg 4 \
-      --default-sampler dpmpp_2m --overwrite
+      --default-sampler dpmpp_2m --prompt-completion shapes-grey-background --overwrite
   split -b 15M runs/grey-model.safetensors "$out/grey-model.part-"
-  for naming in "" --name-grey; do
+  for naming in --name-grey ""; do
     # shellcheck disable=SC2086
     python3 "$here/../../benchmarks/guidance_front.py" runs/grey-model.safetensors --config 4 $naming \
         ${FRONT:---prompts 500 --images-per-prompt 2 --fid-count 1000} --out "$out/front-grey${naming:+-named}.json" \

@@ -226,9 +226,11 @@ def generate_items(pipe: Pipeline, items: Sequence[Item], out: Path, policy: Any
     first = items[0].line.params
     params, spec, plan, width, height, clip_skip = pipe._setup("txt2img", first, None)
     contexts: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
-    conds, unconds = [], []
+    conds, unconds, owns = [], [], []
     for it in items:
-        p = it.line.params
+        # the image's own parameters: its line's, with the prompt completed as the model's file asks
+        p = dataclasses.replace(it.line.params, prompt=pipe.completed_prompt(it.line.params, it.seed))
+        owns.append(p)
         key = (p.prompt, p.negative_prompt)
         if key not in contexts:
             contexts[key] = pipe.encode_prompts(p.prompt, p.negative_prompt, clip_skip=clip_skip,
@@ -250,8 +252,7 @@ def generate_items(pipe: Pipeline, items: Sequence[Item], out: Path, policy: Any
         decoded, note = pipe._decode(z)
         if note:
             print(f"estable: warning: {note}", file=sys.stderr)
-        for it, image in zip(chunk, to_pil(decoded)):
-            own = it.line.params
+        for it, own, image in zip(chunk, owns[start:end], to_pil(decoded)):
             run = {"seed": own.seed, "batch_size": own.batch_size, "batch_count": own.batch_count, "index": it.k,
                    "prompts_line": it.line.number}
             text = pipe.infotext(own, it.seed, "txt2img", width, height)

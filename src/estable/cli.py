@@ -69,6 +69,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--default-sampler", metavar="NAME",
                    help="record the sampler `estable generate` and the server use when none is asked for, e.g. "
                    "dpmpp_2m (--to estable)")
+    p.add_argument("--prompt-completion", metavar="NAME",
+                   help="record the prompt completion the pipeline applies to this model's txt2img prompts, e.g. "
+                   "shapes-grey-background (estable.prompt_completion), or none to remove one (--to estable)")
     p.add_argument("--vae", metavar="FILE",
                    help="bake in another VAE of the same shape (an A1111 VAE file, a diffusers vae/ folder, or the "
                    "model.safetensors of an `estable train vae` checkpoint, e.g. a decoder fine-tune); the model's "
@@ -97,7 +100,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
     if dst.exists() and not args.overwrite:
         raise EstableError(f"{dst} already exists; pass --overwrite to replace it")
-    for flag, value in (("--default-cfg", args.default_cfg), ("--default-sampler", args.default_sampler)):
+    for flag, value in (("--default-cfg", args.default_cfg), ("--default-sampler", args.default_sampler),
+                        ("--prompt-completion", args.prompt_completion)):
         if value is not None and args.to != "estable":
             raise EstableError(f"{flag} is recorded in Estable files only; {args.to} has no place for it "
                                "(use --to estable)")
@@ -105,6 +109,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         from .pipeline import resolve_sampler
 
         args.default_sampler = resolve_sampler(args.default_sampler).name  # an unknown name lists the valid ones
+    if args.prompt_completion not in (None, "none"):
+        from .prompt_completion import check_completion
+
+        check_completion(args.prompt_completion)
     if args.quantize and args.to != "estable":
         raise EstableError(f"--quantize {args.quantize} writes an Estable file; use --to estable, not {args.to}")
     if args.default_cfg is not None and not 0.0 <= args.default_cfg <= 100.0:
@@ -114,7 +122,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if is_controlnet(args.src):  # a ControlNet: between its own three layouts
         for flag, value in (("--ema", args.ema), ("--prediction-type", args.prediction_type),
                             ("--default-cfg", args.default_cfg), ("--default-sampler", args.default_sampler),
-                            ("--vae", args.vae)):
+                            ("--prompt-completion", args.prompt_completion), ("--vae", args.vae)):
             if value:
                 raise EstableError(f"{flag} applies to whole models, not to a ControlNet")
         out = convert_controlnet(args.src, dst, to=args.to, dtype=args.dtype, overwrite=args.overwrite,
@@ -139,6 +147,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             model.config = dataclasses.replace(model.config, default_cfg=args.default_cfg)
         if args.default_sampler is not None:
             model.config = dataclasses.replace(model.config, default_sampler=args.default_sampler)
+        if args.prompt_completion is not None:
+            completion = None if args.prompt_completion == "none" else args.prompt_completion
+            model.config = dataclasses.replace(model.config, prompt_completion=completion)
         if args.vae:
             from .checkpoints.vae_file import load_vae_into
 

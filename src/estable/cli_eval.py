@@ -61,6 +61,9 @@ def add_model_flags(p: argparse.ArgumentParser, *, required: bool = False, cfg: 
         p.add_argument("--cfg", type=float, default=None, help=CFG_HELP)
     p.add_argument("--cfg-start", type=float, default=0.0, metavar="F", help=CFG_START_HELP)
     p.add_argument("--sampler", default=None, help="sampler name (default: the generation default)")
+    p.add_argument("--no-prompt-completion", dest="complete_prompt", action="store_false",
+                   help="draw each caption as written, without the completion the model's file may ask for (the "
+                   "report records the completion used)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's native size)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
     p.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16 (default auto)")
@@ -99,8 +102,10 @@ def model_generator(args: argparse.Namespace, pipe: Any = None) -> Callable[[lis
     if args.cfg is None:  # the model's recommended scale; the report records the one used
         args.cfg = float(pipe.config.default_cfg) if pipe.config.default_cfg is not None else 7.0
     extra = {} if args.sampler is None else {"sampler": args.sampler}
+    complete = getattr(args, "complete_prompt", True)
     base = GenerationParams(steps=args.steps, cfg_scale=args.cfg, cfg_start=getattr(args, "cfg_start", 0.0),
-                            width=args.size, height=args.size, **extra)
+                            width=args.size, height=args.size, complete_prompt=complete, **extra)
+    args.prompt_completion = pipe.config.prompt_completion if complete else None  # for the report
 
     # Large batches pay on a GPU; on the CPU, 256² decodes of 32 images at once ran 2-3× slower per image than 8.
     batch = 32 if pipe.device.type == "cuda" else 8
@@ -189,7 +194,8 @@ def _cmd_compositional(args: argparse.Namespace) -> int:
     report = evaluate(generate, judge, prompts, args.images_per_prompt, args.seed, progress=True)
     report["model"] = args.model
     report["generation"] = {"steps": args.steps, "cfg": args.cfg, "cfg_start": args.cfg_start,
-                            "sampler": args.sampler, "size": args.size}
+                            "sampler": args.sampler, "size": args.size,
+                            "prompt_completion": getattr(args, "prompt_completion", None)}
     print(format_report(report))
     _write_json(args.out, report)
     return 0
@@ -220,6 +226,9 @@ def _add_fid(esub: argparse._SubParsersAction) -> None:
     p.add_argument("--cfg", type=float, default=None, help=CFG_HELP)
     p.add_argument("--cfg-start", type=float, default=0.0, metavar="F", help=CFG_START_HELP)
     p.add_argument("--sampler", default=None)
+    p.add_argument("--no-prompt-completion", dest="complete_prompt", action="store_false",
+                   help="model:SRC: draw each caption as written, without the completion the model's file may ask "
+                   "for (the result records the completion used)")
     p.add_argument("--size", type=int, default=None, help="render / generation size (default 256 / native)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -289,6 +298,7 @@ def _image_set(spec: str, args: argparse.Namespace, seed: int, n_default: int | 
             raise EstableError("with --fake model:SRC pass --count N (or a shapes:N reference)")
         model_args = argparse.Namespace(**{**vars(args), "model": spec.split(":", 1)[1]})
         generate = model_generator(model_args)
+        args.prompt_completion = model_args.prompt_completion  # for the report
         world = ShapesWorld(args.split, FID_PROMPT_SEED)
 
         def stream() -> Iterator[Any]:
@@ -337,6 +347,7 @@ def _cmd_fid(args: argparse.Namespace) -> int:
         "fake": args.fake,
         "n_real": n_real,
         "n_fake": n_fake,
+        "prompt_completion": getattr(args, "prompt_completion", None),
     }
     if not args.no_floor:
         if args.real.startswith("shapes:"):
@@ -463,7 +474,8 @@ def _cmd_clipscore(args: argparse.Namespace) -> int:
     report["model"] = args.model
     report["clip"] = str(args.clip)
     report["generation"] = {"steps": args.steps, "cfg": args.cfg, "cfg_start": args.cfg_start,
-                            "sampler": args.sampler, "size": args.size}
+                            "sampler": args.sampler, "size": args.size,
+                            "prompt_completion": getattr(args, "prompt_completion", None)}
     print(format_clipscore(report))
     _write_json(args.out, report)
     return 0
@@ -583,7 +595,9 @@ def _cmd_guidance_sweep(args: argparse.Namespace) -> int:
     )
     result.update(model=args.model, fid_split=args.fid_split,
                   generation={"steps": args.steps, "cfg_start": args.cfg_start, "sampler": args.sampler,
-                              "size": args.size})
+                              "size": args.size,
+                              "prompt_completion": pipe.config.prompt_completion
+                              if pipe is not None and args.complete_prompt else None})
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

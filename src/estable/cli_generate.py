@@ -46,6 +46,7 @@ _PARAM_FLAGS = {
     "hires_upscaler": "hires_upscaler",
     "hires_steps": "hires_steps",
     "tile_vae": "tile_vae",
+    "complete_prompt": "complete_prompt",
 }
 
 
@@ -148,6 +149,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="text-encoder layer: 1 = last, 2 = penultimate (default: the model's, 1 for SD 1.x)")
     p.add_argument("--no-weighting", dest="weighting", action="store_const", const=False, default=None,
                    help="take the prompt literally: no (word:1.2) emphasis syntax")
+    p.add_argument("--no-prompt-completion", dest="complete_prompt", action="store_const", const=False, default=None,
+                   help="txt2img: draw the prompt as written, without the completion the model's file may ask for "
+                   "(the built-in model names the grey background of a prompt that names none; `estable info` shows "
+                   "a file's completion)")
     p.add_argument("--eta", type=float, metavar="F", help=f"DDIM stochasticity, 0..1 (default {d.eta:g})")
     p.add_argument("--out", metavar="PATH",
                    help=f"a .png file (several images: name-0.png, name-1.png, …) or a folder, where files are "

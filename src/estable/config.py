@@ -246,10 +246,19 @@ class ModelConfig(_Config):
     # The sampler to use when none is asked for (our name, e.g. "dpmpp_2m": the built-in model breaks up with Karras
     # sigmas at few steps). None: GenerationParams' default.
     default_sampler: str | None = None
+    # A rewrite of the prompt the pipeline applies before encoding (a name in estable.prompt_completion.COMPLETIONS,
+    # e.g. "shapes-grey-background" for a model trained on captions that name their grey background). None: none.
+    prompt_completion: str | None = None
 
     def __post_init__(self) -> None:
         if self.default_cfg is not None and not 0.0 <= float(self.default_cfg) <= 100.0:
             raise ValueError(f"ModelConfig.default_cfg must be between 0 and 100, not {self.default_cfg!r}")
+        if self.prompt_completion is not None:
+            from .prompt_completion import COMPLETIONS
+
+            if self.prompt_completion not in COMPLETIONS:
+                raise ValueError(f"ModelConfig.prompt_completion: unknown completion {self.prompt_completion!r}; "
+                                 f"known: {', '.join(sorted(COMPLETIONS))}")
         if self.default_sampler is not None:
             from .sampling.samplers import get_sampler
 

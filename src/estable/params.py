@@ -42,8 +42,9 @@ def _check_types(p: GenerationParams) -> None:
         v = getattr(p, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
             raise EstableError(f"{name.replace('_', ' ')} must be a whole number, not {v!r}")
-    if not isinstance(p.weighting, bool):
-        raise EstableError(f"weighting must be true or false, not {p.weighting!r}")
+    for name in ("weighting", "complete_prompt"):
+        if not isinstance(getattr(p, name), bool):
+            raise EstableError(f"{name.replace('_', ' ')} must be true or false, not {getattr(p, name)!r}")
     if not isinstance(p.sampler, str):
         raise EstableError(f"sampler must be a name, not {p.sampler!r}")
 
@@ -75,6 +76,9 @@ class GenerationParams:
     hires_upscaler: str = "latent"  # "latent" (bilinear latents, A1111's "Latent") or "pixel" (Lanczos)
     hires_steps: int = 0  # steps of the second pass's schedule (hr_second_pass_steps); 0 = steps
     tile_vae: bool = False  # decode / encode in blended tiles (estable.tiled_vae): large images in less memory
+    # txt2img: let the model's file complete the prompt (ModelConfig.prompt_completion, estable.prompt_completion);
+    # off = the prompt is drawn as written. Models that name no completion ignore it.
+    complete_prompt: bool = True
 
     def __post_init__(self) -> None:
         self.validate()

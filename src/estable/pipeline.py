@@ -69,6 +69,7 @@ from .images import as_mask, as_rgb, check_mask_has_area, mask_to_tensor, resize
 from .nn.cuda_graph import GraphedEncoder, GraphedForward
 from .outputs import OutputPlan, next_index  # noqa: F401  (next_index: re-exported)
 from .params import GenerationParams
+from .prompt_completion import complete_prompt
 from .prompts import apply_weights, build_chunks, match_chunk_counts
 from .results import (  # noqa: F401  (RECORD_FORMAT, a1111_sampler_label, params_from_record, save_result: re-exported)
     RECORD_FORMAT,
@@ -293,6 +294,13 @@ class Pipeline:
             changes["sampler"] = self.config.default_sampler
         return dataclasses.replace(params, **changes) if changes else params
 
+    def completed_prompt(self, params: GenerationParams, seed: int) -> str:
+        """The prompt image ``seed`` of a txt2img request is drawn from: ``params.prompt`` completed as this model's
+        file asks (``ModelConfig.prompt_completion``; estable.prompt_completion), or as written when the file asks
+        for none or ``params.complete_prompt`` is off."""
+        name = self.config.prompt_completion if params.complete_prompt else None
+        return complete_prompt(name, params.prompt, seed)
+
     def swap_vae(self, path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
         """Load a separate VAE file (LDM or diffusers naming; estable.checkpoints.vae_file) into this pipeline's
         autoencoder in place; a VAE that does not fit is a CheckpointError and leaves the autoencoder as it was."""
@@ -369,6 +377,7 @@ class Pipeline:
         params = dataclasses.replace(params, prompt=prompts[0] if prompts else "", batch_size=1, batch_count=1)
         params, spec, plan, width, height, clip_skip = self._setup("txt2img", params, None)
         self.prepare_networks("")  # self.loras only
+        prompts = [self.completed_prompt(dataclasses.replace(params, prompt=p), s) for p, s in zip(prompts, seeds)]
         contexts = [self.encode_prompts(p, params.negative_prompt, clip_skip=clip_skip, weighting=params.weighting)
                     for p in prompts]
         images: list[Image.Image] = []
@@ -488,8 +497,8 @@ class Pipeline:
                 )
             plan = _slice_plan(plan, t_start)
 
-        cond, uncond = self.encode_prompts(self.prepare_networks(params.prompt), params.negative_prompt,
-                                           clip_skip=clip_skip, weighting=params.weighting)
+        contexts = {params.prompt: self.encode_prompts(self.prepare_networks(params.prompt), params.negative_prompt,
+                                                       clip_skip=clip_skip, weighting=params.weighting)}
         pixels = masks = None
         notes: list[str] = []
         if image is not None:
@@ -510,6 +519,16 @@ class Pipeline:
         for b in range(params.batch_count):
             batch_seeds = [params.seed + b * params.batch_size + k for k in range(params.batch_size)]
             offset = b * (plan.steps + hires)
+            # each image's own prompt: the model's completion of the request's (estable.prompt_completion)
+            prompts = [self.completed_prompt(params, s) if mode == "txt2img" else params.prompt for s in batch_seeds]
+            for text in prompts:
+                if text not in contexts:  # a completed prompt of the caption grammar: no LoRA tags, one window
+                    contexts[text] = self.encode_prompts(text, params.negative_prompt, clip_skip=clip_skip,
+                                                         weighting=params.weighting)
+            cond, uncond = contexts[params.prompt]
+            if any(text != params.prompt for text in prompts):
+                cond = torch.cat([contexts[text][0] for text in prompts])  # (B, T, D)
+                uncond = torch.cat([contexts[text][1] for text in prompts])
 
             def step_cb(i: int, n: int, x: torch.Tensor, d: torch.Tensor, offset: int = offset) -> None:
                 if callback is not None:
@@ -526,9 +545,10 @@ class Pipeline:
                 notes.append(note)
             batch_images = to_pil(decoded)
             first = len(images)
-            batch_texts = [self.infotext(params, seed, mode, width, height) for seed in batch_seeds]
-            batch_records = [self.record(params, seed, mode, width, height, {**run, "index": first + k})
-                             for k, seed in enumerate(batch_seeds)]
+            owns = [dataclasses.replace(params, prompt=text) for text in prompts]
+            batch_texts = [self.infotext(own, seed, mode, width, height) for own, seed in zip(owns, batch_seeds)]
+            batch_records = [self.record(own, seed, mode, width, height, {**run, "index": first + k})
+                             for k, (own, seed) in enumerate(zip(owns, batch_seeds))]
             images.extend(batch_images)
             seeds.extend(batch_seeds)
             if control:

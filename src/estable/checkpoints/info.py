@@ -94,6 +94,7 @@ def _config_summary(config: ModelConfig) -> dict[str, Any]:
         "clip_skip": config.clip_skip,
         "default_cfg": config.default_cfg,
         "default_sampler": config.default_sampler,
+        "prompt_completion": config.prompt_completion,
     }
 
 
@@ -344,6 +345,9 @@ def format_info(info: dict[str, Any]) -> str:
         row("guidance", f"CFG {info['default_cfg']:g} by default (recorded in the file)")
     if info.get("default_sampler") is not None:
         row("sampler", f"{info['default_sampler']} by default (recorded in the file)")
+    if info.get("prompt_completion") is not None:
+        row("prompts", f"completed by {info['prompt_completion']} in txt2img (recorded in the file; "
+            "off with --no-prompt-completion)")
     if info.get("tokenizer"):
         row("tokenizer", str(info["tokenizer"]))
     if "file_size" in info:

@@ -51,6 +51,7 @@ class JobRequest(BaseModel):
     hires_strength: float | None = None
     hires_upscaler: Literal["latent", "pixel"] | None = None
     hires_steps: int | None = None
+    complete_prompt: bool | None = None  # false: the prompt as written, without the model file's completion
     init_image: str | None = None
     mask: str | None = None
     model: str | None = None
@@ -73,7 +74,8 @@ def make_job(request: Request, req: JobRequest) -> Job:
         mask = fit_mask(decode_image(req.mask, "mask", limits, mode="L"), image)  # type: ignore[arg-type]
     values = req.model_dump(include={"prompt", "negative_prompt", "sampler", "steps", "cfg_scale", "cfg_start", "seed",
                                      "width", "height", "batch_size", "batch_count", "strength", "clip_skip", "eta",
-                                     "hires_scale", "hires_strength", "hires_upscaler", "hires_steps"})
+                                     "hires_scale", "hires_strength", "hires_upscaler", "hires_steps",
+                                     "complete_prompt"})
     params = build_params(values, limits)
     state.admit(params.prompt)  # the prompt filter, the <lora:…> tags
     control = v1_control(state.networks, req.control, image, limits)
