@@ -21,6 +21,8 @@
 #   recipes/default/train_gpu.sh grow32    OUT  # issue 11: the shipped model with attention at 32², with a
 #                                               # shape-contrast term, and plain (control), side by side, scored
 #                                               # every EVERY steps (resumable)
+#   recipes/default/train_gpu.sh score     OUT  # issue 11's protocol on MODEL (default runs/model.safetensors):
+#                                               # compositional 500 × 4, paraphrases, FID 10k, the demo's seeds 1–8
 #   recipes/default/train_gpu.sh greyname  OUT  # issue 11, the FID: the shipped model fine-tuned with half the
 #                                               # silent captions naming their grey (unet_grey_named.json), then
 #                                               # scored with and without naming it at generation (FRONT: options)
@@ -283,16 +285,25 @@ wait)
   cp runs/long.log "$out/long.log"; cp runs/long/log.jsonl "$out/long_log.jsonl"
   estable train export runs/long runs/model.safetensors --dtype fp16 --overwrite
   split -b 15M runs/model.safetensors "$out/model.part-"
-  m=runs/model.safetensors
-  e() { python3 -m estable.cli eval "$@"; }
-  e compositional --model $m --cfg "${CFG:-5}" --out "$out/compositional.json" ${COMP:-} 2>&1 | grep -v '%|' | tail -n 12
+  CFG=${CFG:-5} "$0" score "$out"
+  ;;
+score)
+  # Issue 11's protocol on MODEL (default runs/model.safetensors), at CFG (default: the file's) and with the prompt
+  # completion its file names (EXTRA_EVAL=--no-prompt-completion: captions as written): compositional 500 × 4,
+  # paraphrases 200 × 2, FID 10k (FID_COUNT) against held-out renders, and the demo prompt at seeds 1–8 (its grid).
+  m=${MODEL:-runs/model.safetensors}
+  cfg=(); [ -n "${CFG:-}" ] && cfg=(--cfg "$CFG")
+  e() { python3 -m estable.cli eval "$@" "${cfg[@]}" ${EXTRA_EVAL:-}; }
+  e compositional --model "$m" --out "$out/compositional.json" ${COMP:-} 2>&1 | grep -v '%|' | tail -n 12
   stamp "compositional done"
-  e compositional --model $m --cfg "${CFG:-5}" --kinds pair --paraphrase --prompts 200 \
+  e compositional --model "$m" --kinds pair --paraphrase --prompts 200 \
       --out "$out/paraphrase.json" ${COMP:-} 2>&1 | grep -v '%|' | tail -n 12
   stamp "paraphrase done"
-  e fid --cfg "${CFG:-5}" --fake model:$m --real "shapes:${FID_COUNT:-10000}" --split heldout --batch-size 256 \
+  e fid --fake "model:$m" --real "shapes:${FID_COUNT:-10000}" --split heldout --batch-size 256 \
       --out "$out/fid.json" ${FID:-} 2>&1 | grep -v '%|' | tail -n 3
   stamp "fid done"
+  python3 "$here/../../benchmarks/demo_seeds.py" "$m" --device "${DEVICE:-cuda}" --out "$out/demo_seeds.png" | tail -n 3
+  stamp "demo seeds done"
   ;;
 *)
   echo "unknown stage $stage" >&2; exit 2 ;;
