@@ -32,8 +32,9 @@ from estable.training.config import PRESETS  # noqa: E402
 TINY = 32  # the tiny model's native size in pixels (latents 8×8, VAE factor 4)
 
 
-def make_tiny_model(path: Path, seed: int = 0) -> Path:
-    """A tiny whole model (tiny-unet's U-Net, VAE, text encoder and shapes tokenizer), random weights, fp32."""
+def make_tiny_model(path: Path, seed: int = 0, **config: Any) -> Path:
+    """A tiny whole model (tiny-unet's U-Net, VAE, text encoder and shapes tokenizer), random weights, fp32;
+    ``config``: more ModelConfig fields (e.g. prompt_completion)."""
     p = PRESETS["tiny-unet"]
     torch.manual_seed(seed)
     unet = UNet(p.model)
@@ -41,7 +42,8 @@ def make_tiny_model(path: Path, seed: int = 0) -> Path:
     vae = build_vae(p.vae, seed)
     cfg = ModelConfig(family="estable", unet=p.model, vae=p.vae.config, text=text.config,
                       tokenizer=TokenizerConfig(max_length=tok.max_length, pad_token_id=tok.pad_token_id,
-                                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+                                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
+                      **config)
     save_model(LoadedModel(cfg, unet, vae, text, tok, source=path, format="estable"), path, to="estable")
     return path
 

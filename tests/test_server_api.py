@@ -151,7 +151,7 @@ def test_models_samplers_config(server):
     assert {"name": "dpmpp_2m_karras", "label": "DPM++ 2M Karras"} in samplers
     cfg = server.client.get("/v1/config").json()
     assert cfg["defaults"] == {"steps": 25, "cfg_scale": 7.0, "width": TINY, "height": TINY,
-                               "sampler": "dpmpp_2m_karras"}
+                               "sampler": "dpmpp_2m_karras", "prompt_completion": None}
     assert cfg["limits"] == {"max_width": 256, "max_height": 256, "max_steps": 60, "max_batch_size": 8,
                              "max_prompt_length": 4000}
     assert cfg["auth"] is False

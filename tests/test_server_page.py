@@ -327,6 +327,36 @@ def test_a_rejection_by_the_server_is_shown_on_its_field(server, browser):
 
 
 @needs_browser
+def test_prompt_completion_checkbox(server, tmp_path, browser):
+    """A model whose file names a prompt completion gets a checkbox (on by default) that goes out as the job's
+    complete_prompt; the image's record holds the prompt as completed, or as written with the box cleared. The other
+    tests' model names none: no checkbox, and jobs leave the field to the server."""
+    _open(browser, server.url + "/")
+    assert not browser.find_element("id", "complete-prompt").is_displayed()
+    name = "shapes-grey-background"
+    s = LiveServer(settings(tmp_path / "data", make_tiny_model(tmp_path / "c.safetensors", prompt_completion=name),
+                            warmup=False), worker_class=PageWorker)
+    try:
+        _open(browser, s.url + "/")
+        box = browser.find_element("id", "complete-prompt")
+        assert box.is_displayed() and box.is_selected()
+        assert name in browser.find_element("id", "complete-prompt-row").text
+        records = []
+        for checked in (True, False):
+            if box.is_selected() != checked:
+                box.click()
+            job_id = _generate(browser, "a red circle", seed=4)
+            job = json.loads(_get(s, f"v1/jobs/{job_id}"))
+            assert job["params"]["complete_prompt"] is checked
+            png = Image.open(io.BytesIO(_get(s, job["images"][0]["url"])))
+            records.append(json.loads(png.text["estable"])["params"]["prompt"])
+        assert records[0].startswith("a red circle on a ") and records[0].endswith("grey background")
+        assert records[1] == "a red circle"
+    finally:
+        s.stop()
+
+
+@needs_browser
 def test_api_key_is_asked_once_and_sent(tmp_path, model, browser):
     s = LiveServer(settings(tmp_path / "data", model, api_key=API_KEY, warmup=False))
     try:

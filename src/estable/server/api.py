@@ -196,10 +196,11 @@ async def config(request: Request) -> dict[str, Any]:
     state = get_state(request)
     d = GenerationParams()
     pipe = state.worker.pipe
-    width = height = None
+    width = height = completion = None
     if pipe is not None:
         width, height = pipe.native_size
         d = pipe.with_model_defaults(d)  # the guidance scale and sampler the model's file recommends
+        completion = pipe.config.prompt_completion  # the txt2img prompt rewrite its file names (complete_prompt)
     return {"defaults": {"steps": d.steps, "cfg_scale": d.cfg_scale, "width": width, "height": height,
-                         "sampler": d.sampler},
+                         "sampler": d.sampler, "prompt_completion": completion},
             "limits": state.settings.limits.as_config(), "auth": state.settings.auth_required}

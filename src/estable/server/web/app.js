@@ -160,6 +160,7 @@
       if (key === 'sampler') selectSampler(p[key]);
       else $(id).value = p[key];
     }
+    if (typeof p.complete_prompt === 'boolean') $('complete-prompt').checked = p.complete_prompt;
     $('strength-value').textContent = Number($('strength').value).toFixed(2);
     if (p.mode) setMode(p.mode);
   }
@@ -198,6 +199,8 @@
       height: intField('height', 'Height', 8, lim.max_height || 2048),
       batch_size: intField('batch-size', 'Batch', 1, lim.max_batch_size || 16),
     };
+    // the model file's prompt completion (shown only for a model that names one): off = the prompt as written
+    if (!$('complete-prompt-row').hidden) body.complete_prompt = $('complete-prompt').checked;
     if (!Number.isFinite(body.cfg_scale)) throw fieldError('cfg-scale', 'Guidance must be a number');
     if (!(body.cfg_start >= 0 && body.cfg_start < 1)) {
       throw fieldError('cfg-start', 'CFG start must be at least 0 and below 1');
@@ -797,6 +800,9 @@
       if (lim.max_height) $('height').max = lim.max_height;
       if (lim.max_batch_size) $('batch-size').max = lim.max_batch_size;
       if (lim.max_prompt_length) $('prompt').maxLength = lim.max_prompt_length;
+      const completion = (config.defaults || {}).prompt_completion;
+      $('complete-prompt-row').hidden = !completion;
+      $('complete-prompt-name').textContent = completion ? `(${completion})` : '';
       applyParams(config.defaults || {});
     } catch (err) {
       status(`Could not reach the server: ${err.message}`, 'error');
