@@ -275,3 +275,22 @@ def test_discovery_routes_a1111_clients_call(server):
     assert server.client.get("/sdapi/v1/cmd-flags").json()["api"] is True
     mem = server.client.get("/sdapi/v1/memory").json()
     assert mem["ram"]["total"] > mem["ram"]["free"] > 0 and "cuda" in mem
+
+
+def test_all_prompts_are_the_images_own_with_a_prompt_completion(tmp_path):
+    """A model whose file names a prompt completion: info's all_prompts and infotexts hold each image's completed
+    prompt (seed by seed), its prompt field the request's."""
+    from estable.prompt_completion import complete_prompt
+
+    name = "shapes-grey-background"
+    make_tiny_model(tmp_path / "models" / "grey.safetensors", prompt_completion=name)
+    s = LiveServer(settings(tmp_path / "data", "grey", models_dir=tmp_path / "models", warmup=False))
+    try:
+        r = txt2img(s, batch_size=3, width=TINY, height=TINY)
+        assert r.status_code == 200, r.text
+        info = json.loads(r.json()["info"])
+        assert info["prompt"] == "a red circle"
+        assert info["all_prompts"] == [complete_prompt(name, "a red circle", seed) for seed in (7, 8, 9)]
+        assert [parse_infotext(t)["prompt"] for t in info["infotexts"]] == info["all_prompts"]
+    finally:
+        s.stop()

@@ -189,7 +189,8 @@ def _info(job: Job) -> dict[str, Any]:
     n = len(job.images)
     seeds = [im["seed"] for im in job.images]
     return {
-        "prompt": p.prompt, "all_prompts": [p.prompt] * n,
+        # each image's own prompt, as its infotext holds it (the model file's prompt completion may have added to it)
+        "prompt": p.prompt, "all_prompts": [parse_infotext(im["infotext"])["prompt"] for im in job.images],
         "negative_prompt": p.negative_prompt, "all_negative_prompts": [p.negative_prompt] * n,
         "seed": p.seed, "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * n, "subseed_strength": 0,
         "width": p.width, "height": p.height, "sampler_name": label, "cfg_scale": p.cfg_scale, "steps": p.steps,
