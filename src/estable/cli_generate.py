@@ -151,7 +151,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="take the prompt literally: no (word:1.2) emphasis syntax")
     p.add_argument("--no-prompt-completion", dest="complete_prompt", action="store_const", const=False, default=None,
                    help="txt2img: draw the prompt as written, without the completion the model's file may ask for "
-                   "(the built-in model names the grey background of a prompt that names none; `estable info` shows "
+                   "(e.g. a shapes-world model's grey background for a prompt that names none; `estable info` shows "
                    "a file's completion)")
     p.add_argument("--eta", type=float, metavar="F", help=f"DDIM stochasticity, 0..1 (default {d.eta:g})")
     p.add_argument("--out", metavar="PATH",

@@ -1,11 +1,11 @@
 """Prompt completion: a rewrite of the prompt that a model's file asks for and the pipeline applies before encoding.
 
 A model trained on captions that always say some things can be asked for them when a prompt leaves them out. The
-built-in model is one: its world draws a grey background (plain, gradient or textured) behind every caption that
-names none, and guidance pushes such a prompt towards the likeliest background of the training set, plain, in
-whatever colour. Fine-tuned with half of those captions naming their grey ("… on a textured grey background"),
-it draws the world's backgrounds when the prompt is completed the same way
-(``estable.training.shapes.captions.name_grey_background``).
+shapes world is a case: it draws a grey background (plain, gradient or textured) behind every caption that names
+none, and guidance pushes such a prompt towards the likeliest background of the training set, plain, in whatever
+colour. A model of that world fine-tuned with half of those captions naming their grey ("… on a textured grey
+background"; ``data.shapes_grey_named``) draws the world's backgrounds when the prompt is completed the same way
+(``estable.training.shapes.captions.name_grey_background``; benchmarks/RESULTS.md, "a word for the unnamed grey").
 
 A completion is the pipeline's doing, not the network's: it is named in the model's file
 (``ModelConfig.prompt_completion``, written by ``estable convert --prompt-completion``), it is off for a request
