@@ -497,8 +497,17 @@ class Pipeline:
                 )
             plan = _slice_plan(plan, t_start)
 
-        contexts = {params.prompt: self.encode_prompts(self.prepare_networks(params.prompt), params.negative_prompt,
-                                                       clip_skip=clip_skip, weighting=params.weighting)}
+        request_text = self.prepare_networks(params.prompt)  # the request's LoRAs merged; its text without their tags
+        contexts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def context(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+            """(cond, uncond) of one image's prompt, encoded once per distinct prompt of the request."""
+            if prompt not in contexts:  # a completed prompt is of the caption grammar: no LoRA tags
+                contexts[prompt] = self.encode_prompts(request_text if prompt == params.prompt else prompt,
+                                                       params.negative_prompt, clip_skip=clip_skip,
+                                                       weighting=params.weighting)
+            return contexts[prompt]
+
         pixels = masks = None
         notes: list[str] = []
         if image is not None:
@@ -521,14 +530,11 @@ class Pipeline:
             offset = b * (plan.steps + hires)
             # each image's own prompt: the model's completion of the request's (estable.prompt_completion)
             prompts = [self.completed_prompt(params, s) if mode == "txt2img" else params.prompt for s in batch_seeds]
-            for text in prompts:
-                if text not in contexts:  # a completed prompt of the caption grammar: no LoRA tags, one window
-                    contexts[text] = self.encode_prompts(text, params.negative_prompt, clip_skip=clip_skip,
-                                                         weighting=params.weighting)
-            cond, uncond = contexts[params.prompt]
-            if any(text != params.prompt for text in prompts):
-                cond = torch.cat([contexts[text][0] for text in prompts])  # (B, T, D)
-                uncond = torch.cat([contexts[text][1] for text in prompts])
+            if len(set(prompts)) == 1:
+                cond, uncond = context(prompts[0])  # (1, T, D): one prompt for the batch
+            else:  # (B, T, D); the completions of one caption have its number of token windows
+                cond = torch.cat([context(p)[0] for p in prompts])
+                uncond = torch.cat([context(p)[1] for p in prompts])
 
             def step_cb(i: int, n: int, x: torch.Tensor, d: torch.Tensor, offset: int = offset) -> None:
                 if callback is not None:
@@ -545,7 +551,7 @@ class Pipeline:
                 notes.append(note)
             batch_images = to_pil(decoded)
             first = len(images)
-            owns = [dataclasses.replace(params, prompt=text) for text in prompts]
+            owns = [dataclasses.replace(params, prompt=p) for p in prompts]
             batch_texts = [self.infotext(own, seed, mode, width, height) for own, seed in zip(owns, batch_seeds)]
             batch_records = [self.record(own, seed, mode, width, height, {**run, "index": first + k})
                              for k, (own, seed) in enumerate(zip(owns, batch_seeds))]
