@@ -14,7 +14,8 @@ a phrase to every caption that names no background (e.g. "on a textured backgrou
 which the world's grammar never says), to see whether naming the kind at generation time could give silent captions
 the world's kinds — the judged colours of those backgrounds say whether they stay the world's grey; ``--name-grey``
 names instead the grey background the world would draw (``shapes.captions.name_grey_background``, seeded by the
-image's seed), for a model trained with ``data.shapes_grey_named``. Writes
+image's seed), for a model trained with ``data.shapes_grey_named`` (a completion the model's file names is turned
+off: the captions are as written unless ``--name-grey``). Writes
 DIR/background_kinds.json and a grid of the first images (renders above, the model's below).
 """
 

@@ -14,7 +14,8 @@ of DPM++ 2M Karras, the evaluations' sampler. One pipeline per config; rows are 
 images of that kind's captions and renders of that kind's scenes (worlds that draw only that kind).
 ``--name-grey`` completes every caption that names no background, in both measures, with the grey background the
 world would draw for it (``shapes.captions.name_grey_background``, seeded by the image's seed): for a model trained
-with ``data.shapes_grey_named`` > 0, which knows the word.
+with ``data.shapes_grey_named`` > 0, which knows the word. A completion the model's file names
+(``estable.prompt_completion``) is turned off, so the captions are as written unless ``--name-grey``.
 """
 
 from __future__ import annotations
