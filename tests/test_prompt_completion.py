@@ -133,3 +133,13 @@ def test_cli_info_generate_and_bulk(models, tmp_path, capsys):
     assert cli.main(["convert", str(plain_file), str(tmp_path / "d"), "--to", "diffusers",
                      "--prompt-completion", NAME]) == 2
     assert "--prompt-completion is recorded in Estable files only" in capsys.readouterr().err
+
+
+def test_evaluation_reports_name_the_completion_used(models, tmp_path):
+    _, completing_file = models
+    for extra, expected in (([], NAME), (["--no-prompt-completion"], None)):
+        out = tmp_path / f"sweep{len(extra)}"
+        assert cli.main(["eval", "guidance-sweep", "--model", str(completing_file), "--cfg", "1,3", "--prompts", "2",
+                         "--images-per-prompt", "1", "--fid-count", "2", "--steps", "2", "--device", "cpu",
+                         "--out", str(out), *extra]) == 0
+        assert json.loads((out / "sweep.json").read_text())["generation"]["prompt_completion"] == expected

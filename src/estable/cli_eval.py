@@ -84,6 +84,11 @@ def load_model_pipeline(args: argparse.Namespace) -> Any:
         raise EstableError(f"{exc.filename or args.model}: {exc.strerror or exc}") from exc
 
 
+def completion_used(args: argparse.Namespace, pipe: Any) -> str | None:
+    """The prompt completion an evaluation's images are drawn with: the model file's, unless --no-prompt-completion."""
+    return pipe.config.prompt_completion if getattr(args, "complete_prompt", True) else None
+
+
 def model_generator(args: argparse.Namespace, pipe: Any = None) -> Callable[[list[str], list[int]], list[Any]]:
     """A ``generate(prompts, seeds) -> images`` for ``args.model``: real renders for 'shapes', else a pipeline
     (``pipe`` when given, so that one loaded model serves several settings, else loaded from ``args.model``).
@@ -102,10 +107,10 @@ def model_generator(args: argparse.Namespace, pipe: Any = None) -> Callable[[lis
     if args.cfg is None:  # the model's recommended scale; the report records the one used
         args.cfg = float(pipe.config.default_cfg) if pipe.config.default_cfg is not None else 7.0
     extra = {} if args.sampler is None else {"sampler": args.sampler}
-    complete = getattr(args, "complete_prompt", True)
     base = GenerationParams(steps=args.steps, cfg_scale=args.cfg, cfg_start=getattr(args, "cfg_start", 0.0),
-                            width=args.size, height=args.size, complete_prompt=complete, **extra)
-    args.prompt_completion = pipe.config.prompt_completion if complete else None  # for the report
+                            width=args.size, height=args.size, complete_prompt=getattr(args, "complete_prompt", True),
+                            **extra)
+    args.prompt_completion = completion_used(args, pipe)  # for the report
 
     # Large batches pay on a GPU; on the CPU, 256² decodes of 32 images at once ran 2-3× slower per image than 8.
     batch = 32 if pipe.device.type == "cuda" else 8
@@ -596,8 +601,7 @@ def _cmd_guidance_sweep(args: argparse.Namespace) -> int:
     result.update(model=args.model, fid_split=args.fid_split,
                   generation={"steps": args.steps, "cfg_start": args.cfg_start, "sampler": args.sampler,
                               "size": args.size,
-                              "prompt_completion": pipe.config.prompt_completion
-                              if pipe is not None and args.complete_prompt else None})
+                              "prompt_completion": None if pipe is None else completion_used(args, pipe)})
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -294,12 +294,12 @@ class Pipeline:
             changes["sampler"] = self.config.default_sampler
         return dataclasses.replace(params, **changes) if changes else params
 
-    def completed_prompt(self, params: GenerationParams, seed: int) -> str:
-        """The prompt image ``seed`` of a txt2img request is drawn from: ``params.prompt`` completed as this model's
-        file asks (``ModelConfig.prompt_completion``; estable.prompt_completion), or as written when the file asks
-        for none or ``params.complete_prompt`` is off."""
+    def completed_prompt(self, params: GenerationParams, seed: int, prompt: str | None = None) -> str:
+        """The prompt image ``seed`` of a txt2img request is drawn from: ``prompt`` (default ``params.prompt``)
+        completed as this model's file asks (``ModelConfig.prompt_completion``; estable.prompt_completion), or as
+        written when the file asks for none or ``params.complete_prompt`` is off."""
         name = self.config.prompt_completion if params.complete_prompt else None
-        return complete_prompt(name, params.prompt, seed)
+        return complete_prompt(name, params.prompt if prompt is None else prompt, seed)
 
     def swap_vae(self, path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
         """Load a separate VAE file (LDM or diffusers naming; estable.checkpoints.vae_file) into this pipeline's
@@ -377,7 +377,7 @@ class Pipeline:
         params = dataclasses.replace(params, prompt=prompts[0] if prompts else "", batch_size=1, batch_count=1)
         params, spec, plan, width, height, clip_skip = self._setup("txt2img", params, None)
         self.prepare_networks("")  # self.loras only
-        prompts = [self.completed_prompt(dataclasses.replace(params, prompt=p), s) for p, s in zip(prompts, seeds)]
+        prompts = [self.completed_prompt(params, s, p) for p, s in zip(prompts, seeds)]
         contexts = [self.encode_prompts(p, params.negative_prompt, clip_skip=clip_skip, weighting=params.weighting)
                     for p in prompts]
         images: list[Image.Image] = []
