@@ -71,6 +71,9 @@ def _one_line_error(status: int, err: str, needle: str) -> None:
     (("params", "steps"), True, "steps must be a whole number, not True"),  # was read as 1 step
     (("params", "weighting"), "no", "weighting must be true or false"),  # was read as on
     (("params", "eta"), None, "eta must be a number"),
+    (("params", "tile_vae"), "yes", "tile vae must be true or false"),  # was read as on
+    (("params", "hires_scale"), "2", "hires scale must be a number, not '2'"),  # was read as 2
+    (("params", "hires_steps"), 2.5, "hires steps must be a whole number"),
     (("model",), "abc", "'model' must be an object"),
     (("model", "source"), 5, "model.source must be text, not 5"),
 ])

@@ -23,8 +23,8 @@ def hires_side(side: int, scale: float) -> int:
     return max(8, int(side * float(scale)) // 8 * 8)
 
 
-_INT_FIELDS = ("steps", "seed", "batch_size", "batch_count")
-_NUMBER_FIELDS = ("cfg_scale", "cfg_start", "strength", "eta")
+_INT_FIELDS = ("steps", "seed", "batch_size", "batch_count", "hires_steps")
+_NUMBER_FIELDS = ("cfg_scale", "cfg_start", "strength", "eta", "hires_scale", "hires_strength")
 
 
 def _check_types(p: GenerationParams) -> None:
@@ -33,7 +33,7 @@ def _check_types(p: GenerationParams) -> None:
     for name in _INT_FIELDS:
         v = getattr(p, name)
         if isinstance(v, bool) or not isinstance(v, int):
-            raise EstableError(f"{name} must be a whole number, not {v!r}")
+            raise EstableError(f"{name.replace('_', ' ')} must be a whole number, not {v!r}")
     for name in _NUMBER_FIELDS:
         v = getattr(p, name)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
@@ -42,7 +42,7 @@ def _check_types(p: GenerationParams) -> None:
         v = getattr(p, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
             raise EstableError(f"{name.replace('_', ' ')} must be a whole number, not {v!r}")
-    for name in ("weighting", "complete_prompt"):
+    for name in ("weighting", "complete_prompt", "tile_vae"):
         if not isinstance(getattr(p, name), bool):
             raise EstableError(f"{name.replace('_', ' ')} must be true or false, not {getattr(p, name)!r}")
     if not isinstance(p.sampler, str):
