@@ -160,8 +160,8 @@ def test_compiled_blocks_equal_eager(tmp_path, monkeypatch):
     with torch.no_grad():
         got, expected = unet(sample, t, ctx), ref(sample, t, ctx)
         assert rel(got, expected) < 1e-5
-        sample4, t4, ctx4 = _inputs(4, 6)  # a new batch size recompiles and still agrees
-        assert rel(unet(sample4, t4, ctx4), ref(sample4, t4, ctx4)) < 1e-5
+    # (A new batch size is a new compile of the same blocks — torch's guards, checked without Inductor's minutes in
+    # test_dynamic_shapes_with_an_image_by_image_decode_compile_nothing_for_a_new_batch.)
 
 
 @pytest.mark.heavy

@@ -49,10 +49,11 @@ def test_channels_last_trains_the_same_numbers(tmp_path):
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("scope, layout", [("whole", "false"), ("blocks", "false"), ("whole", "true")])
+@pytest.mark.parametrize("scope, layout", [("blocks", "false"), ("whole", "true")])
 def test_compiled_step_gives_the_eager_losses(tmp_path, monkeypatch, scope, layout):
-    """Compiled, and compiled with channels_last (its convolutions pinned: nn/layout.py), the step trains the
-    eager numbers."""
+    """Compiled block by block, and compiled whole with channels_last (its convolutions pinned: nn/layout.py), the
+    step trains the eager numbers. (Whole without channels_last, a third Inductor compile of 1.5 minutes on the CI's
+    2 cores, differs from the second only by the layout, which test_channels_last_trains_the_same_numbers covers.)"""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     eager = _losses(tmp_path, "eager")
     compiled = _losses(tmp_path, "compiled", "compile=true", f"compile_scope={scope}", f"channels_last={layout}")
