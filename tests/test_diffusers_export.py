@@ -72,18 +72,20 @@ def exports(models, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     return out
 
 
-def _estable_pixels(path: Path, size: int) -> np.ndarray:
+def _estable_pixels(path: Path, size: int) -> tuple[np.ndarray, str]:
+    """The image and the prompt it was drawn from: the request's, completed as the model's file asks (the built-in
+    model's names its grey background; estable.prompt_completion), which is what diffusers is then given."""
     pipe = load_pipeline(path, dtype="fp32")
     params = GenerationParams(prompt=PROMPT, negative_prompt="", sampler="dpmpp_2m_karras", steps=STEPS,
                               cfg_scale=CFG, seed=SEED, width=size, height=size)
-    return np.asarray(pipe.txt2img(params)[0].convert("RGB"))
+    return np.asarray(pipe.txt2img(params)[0].convert("RGB")), pipe.completed_prompt(params, SEED)
 
 
-def _diffusers_pixels(pipe, size: int) -> np.ndarray:
+def _diffusers_pixels(pipe, size: int, prompt: str) -> np.ndarray:
     pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        image = pipe(PROMPT, negative_prompt="", num_inference_steps=STEPS, guidance_scale=CFG, width=size,
+        image = pipe(prompt, negative_prompt="", num_inference_steps=STEPS, guidance_scale=CFG, width=size,
                      height=size, generator=[torch.Generator("cpu").manual_seed(SEED)], output_type="np").images[0]
     return (image * 255).round().astype(np.uint8)
 
@@ -99,8 +101,9 @@ def test_exports_run_in_diffusers_unchanged(models, exports, name, layout):
         pipe = diffusers.StableDiffusionPipeline.from_single_file(single, config=str(folder))
     assert type(pipe.text_encoder) is transformers.CLIPTextModel
     assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
-    ref = _diffusers_pixels(pipe, size)
-    ours = _estable_pixels(path, size)
+    ours, prompt = _estable_pixels(path, size)
+    assert (prompt != PROMPT) == (name == "default")  # only the built-in model's file names a completion
+    ref = _diffusers_pixels(pipe, size, prompt)
     assert ref.std() > 5, "degenerate image: the comparison would mean nothing"
     diff = int(np.abs(ref.astype(np.int16) - ours.astype(np.int16)).max())
     assert diff <= TOL, f"{name} {layout}: max pixel difference {diff} > {TOL}"

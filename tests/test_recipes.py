@@ -78,18 +78,25 @@ def test_reproduce_chain_runs_every_stage_in_order(tmp_path):
 
     out = _reproduce(tmp_path, *DRY_RUN)
     commands = [line[2:].split() for line in out.splitlines() if line.startswith("$ ")]
-    stages = ["vae", "clip", "part1", "part2", "part3", "part4", "part5", "decoder", "part6", "fifth", "part7", "model"]
+    stages = ["vae", "clip", "part1", "part2", "part3", "part4", "part5", "decoder", "part6", "fifth", "part7", "sixth",
+              "part8", "model"]
     training = {c[c.index("--run-dir") + 1].split("/")[-1]: c for c in commands if "--run-dir" in c}
-    assert list(training) == [s for s in stages if s not in ("fifth", "model")]
+    assert list(training) == [s for s in stages if s not in ("fifth", "sixth", "model")]
     part3, part7 = training["part3"], training["part7"]
     assert f"init_from={tmp_path / 'part2.safetensors'}" in part3 and "text.train=true" in part3
     assert f"init_from={tmp_path / 'fifth.safetensors'}" in part7
     assert part7[part7.index("--until") + 1] == "2"  # min(3,100, the dry run's max_steps)
     assert part7[-1] == "max_minutes=null"  # unet_mix.json's 6-minute budget is the shipped run's, not the chain's
+    part8 = training["part8"]
+    sixth_file = tmp_path / "sixth.safetensors"
+    assert f"init_from={sixth_file}" in part8 and f"text.source={sixth_file}" in part8
     times = [json.loads(line) for line in (tmp_path / "times.jsonl").read_text().splitlines()]
     assert len(times) == len(commands) and all(t["status"] == 0 and t["seconds"] > 0 for t in times)
     model = load_model(tmp_path / "model.safetensors")
     assert model.config.default_cfg == 4 and model.config.default_sampler == "dpmpp_2m"
+    assert model.config.prompt_completion == "shapes-grey-background"
+    sixth = load_model(tmp_path / "sixth.safetensors").config
+    assert sixth.default_cfg == 4 and sixth.prompt_completion is None
     decoder, _ = read_safetensors(tmp_path / "decoder" / "checkpoints" / "step_0000002" / "ema.safetensors")
     fifth = load_model(tmp_path / "fifth.safetensors", dtype="fp32").vae.state_dict()
     key = next(k for k in decoder if k.startswith("decoder.") and k.endswith("weight"))

@@ -1,10 +1,11 @@
-"""The shipped built-in model from nothing, on one GPU: its twelve stages in order, one `estable` command each.
+"""The shipped built-in model from nothing, on one GPU: its fourteen stages in order, one `estable` command each.
 
     python3 recipes/default/reproduce.py [STAGE ...] [--dir runs/repro] [--minutes M] [KEY=VALUE ...]
 
 The stages are the chain that made ``src/estable/assets/default_model.safetensors`` (recipes/default/README.md, "How
-the shipped model was made"): the VAE and the CLIP pair, seven U-Net parts each starting from the one before, the
-decoder fine-tune, and the two conversions that put the decoder in and the recommended settings on. Runs that
+the shipped model was made"): the VAE and the CLIP pair, eight U-Net parts each starting from the one before, the
+decoder fine-tune, and the conversions that put the decoder in (the fifth shipped model), the recommended settings
+on (the sixth) and, after part 8, the prompt completion the shipped file names (the seventh). Runs that
 stopped by their time budget on the machines they ran on stop at the same step here (``--until``), on the schedule
 they were planned with; runs made on two GPUs train their global batch on one.
 
@@ -61,7 +62,11 @@ STAGES = (
     Stage("part6", "unet", "unet_count.json", start="part5", until=1750),
     Stage("fifth", "convert", start="part6", convert=("--default-cfg", "5", "--vae", "{decoder}")),
     Stage("part7", "unet", "unet_mix.json", start="fifth", until=3100),
-    Stage("model", "convert", start="part7", convert=("--default-cfg", "4", "--default-sampler", "dpmpp_2m")),
+    Stage("sixth", "convert", start="part7", convert=("--default-cfg", "4", "--default-sampler", "dpmpp_2m")),
+    # part 8: half the captions that name no background name its grey; the file completes silent prompts so
+    Stage("part8", "unet", "unet_grey_named.json", start="sixth"),
+    Stage("model", "convert", start="part8", convert=("--default-cfg", "4", "--default-sampler", "dpmpp_2m",
+                                                      "--prompt-completion", "shapes-grey-background")),
 )
 BY_NAME = {s.name: s for s in STAGES}
 
