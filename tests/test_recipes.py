@@ -93,7 +93,7 @@ def test_reproduce_chain_runs_every_stage_in_order(tmp_path):
     times = [json.loads(line) for line in (tmp_path / "times.jsonl").read_text().splitlines()]
     assert len(times) == len(commands) and all(t["status"] == 0 and t["seconds"] > 0 for t in times)
     model = load_model(tmp_path / "model.safetensors")
-    assert model.config.default_cfg == 4 and model.config.default_sampler == "dpmpp_2m"
+    assert model.config.default_cfg == 3.5 and model.config.default_sampler == "dpmpp_2m"
     assert model.config.prompt_completion == "shapes-grey-background"
     sixth = load_model(tmp_path / "sixth.safetensors").config
     assert sixth.default_cfg == 4 and sixth.prompt_completion is None

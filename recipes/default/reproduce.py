@@ -65,7 +65,7 @@ STAGES = (
     Stage("sixth", "convert", start="part7", convert=("--default-cfg", "4", "--default-sampler", "dpmpp_2m")),
     # part 8: half the captions that name no background name its grey; the file completes silent prompts so
     Stage("part8", "unet", "unet_grey_named.json", start="sixth"),
-    Stage("model", "convert", start="part8", convert=("--default-cfg", "4", "--default-sampler", "dpmpp_2m",
+    Stage("model", "convert", start="part8", convert=("--default-cfg", "3.5", "--default-sampler", "dpmpp_2m",
                                                       "--prompt-completion", "shapes-grey-background")),
 )
 BY_NAME = {s.name: s for s in STAGES}
