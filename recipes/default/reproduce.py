@@ -63,7 +63,7 @@ STAGES = (
     Stage("fifth", "convert", start="part6", convert=("--default-cfg", "5", "--vae", "{decoder}")),
     Stage("part7", "unet", "unet_mix.json", start="fifth", until=3100),
     Stage("sixth", "convert", start="part7", convert=("--default-cfg", "4", "--default-sampler", "dpmpp_2m")),
-    # part 8: half the captions that name no background name its grey; the file completes silent prompts so
+    # part 8: half the captions that name no background name its grey; the model's file then completes such prompts
     Stage("part8", "unet", "unet_grey_named.json", start="sixth"),
     Stage("model", "convert", start="part8", convert=("--default-cfg", "3.5", "--default-sampler", "dpmpp_2m",
                                                       "--prompt-completion", "shapes-grey-background")),
