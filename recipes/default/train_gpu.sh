@@ -21,6 +21,9 @@
 #   recipes/default/train_gpu.sh grow32    OUT  # issue 11: the shipped model with attention at 32², with a
 #                                               # shape-contrast term, and plain (control), side by side, scored
 #                                               # every EVERY steps (resumable)
+#   recipes/default/train_gpu.sh capacity  OUT  # issue 11, the 30 MB split: U-Nets of three widths trained from
+#                                               # nothing side by side (unet_capacity.json), scored every EVERY
+#                                               # steps; their models into OUT, tarred and split
 #   recipes/default/train_gpu.sh score     OUT  # issue 11's protocol on MODEL (default runs/model.safetensors):
 #                                               # compositional 500 × 4, paraphrases, FID 10k, the demo's seeds 1–8
 #   recipes/default/train_gpu.sh greyname  OUT  # issue 11, the FID: the shipped model fine-tuned with half the
@@ -253,6 +256,40 @@ grow32)
   if [ -f runs/grow32-grow/model.safetensors ]; then
     split -b 15M runs/grow32-grow/model.safetensors "$out/grow32-model.part-"
   fi
+  ;;
+capacity)
+  # Issue 11, the split of the 30 MB budget: is the U-Net's width what keeps shapes (and so pairs and counts) wrong?
+  # From nothing, on the shipped model's frozen text tower and VAE, three U-Nets side by side on one GPU, the same in
+  # all but their widths: "base" the shipped (40, 80, 160), 6.65 M; "wide" (56, 112, 168) with 56-channel heads,
+  # 8.48 M; "top" (80, 80, 160), 7.42 M, the width at 32² where outlines are drawn. Each scored on pair and count
+  # prompts unguided (CFG 1) and at CFG 3.5 every EVERY steps; a call stops starting segments after ABL_MINUTES and
+  # calling the stage again continues the runs. The arms' latest models go to OUT as one tar in 15 MB parts.
+  cfg=$here/unet_capacity.json
+  declare -A arms=([base]="" [wide]="model.block_channels=[56,112,168] model.head_channels=56"
+                   [top]="model.block_channels=[80,80,160]")
+  names=(${CAPACITY_ARMS:-base wide top}) logs=(capacity-cache.log)
+  for name in "${names[@]}"; do
+    [ -n "${arms[$name]+set}" ] || { echo "unknown arm $name (base, wide, top)" >&2; exit 2; }
+  done
+  [ -f runs/capacity-cache/latents_cache.0-of-1.safetensors ] || estable train unet --config "$cfg" \
+      --run-dir runs/capacity-cache --no-progress max_steps=1 ${EXTRA:-} >runs/capacity-cache.log 2>&1
+  stamp "capacity: latents cached"
+  a=(python3 "$here/relations_ablation.py" --config "$cfg" --every "${EVERY:-1500}" --minutes "${ABL_MINUTES:-14}"
+     --kinds pair,count --cfg 1 --cfg 3.5 ${ABL_EVAL:-})
+  for name in "${names[@]}"; do
+    mkdir -p "runs/capacity-$name"; logs+=("capacity-$name/log.jsonl" "capacity-$name.jsonl" "capacity-$name.log")
+    ln -sf "$PWD/runs/capacity-cache/latents_cache.0-of-1.safetensors" "runs/capacity-$name/"
+    # shellcheck disable=SC2086
+    "${a[@]}" --run-dir "runs/capacity-$name" --out "runs/capacity-$name.jsonl" data.num_workers=4 \
+        ${arms[$name]} ${EXTRA:-} >"runs/capacity-$name.log" 2>&1 &
+  done
+  wait
+  stamp "capacity: the arms stopped"
+  tar czf "$out/capacity-logs.tgz" -C runs "${logs[@]}"
+  models=(); for name in "${names[@]}"; do
+    [ -f "runs/capacity-$name/model.safetensors" ] && models+=("capacity-$name/model.safetensors")
+  done
+  [ ${#models[@]} -eq 0 ] || tar cf - -C runs "${models[@]}" | split -b 15M - "$out/capacity-models.part-"
   ;;
 greyname)
   # Issue 11, the FID: guidance draws the backgrounds a caption leaves unnamed plain, and the world's grammar has no
