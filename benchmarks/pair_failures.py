@@ -6,8 +6,8 @@ and shape), whether an object of its colour was drawn as another shape, of its s
 The held-out pair prompts and seeds of ``estable eval compositional --kinds pair --images-per-prompt 1``, 25 steps
 of DPM++ 2M Karras (the evaluations' protocol; ``--sampler`` for another), scored by the shipped judge. Prints, per
 guidance scale, how many images have an object wrong, what happened to each missed object, how many objects the
-judge saw per image, and the commonest shape confusions ("star drawn as diamond": the star's colour is there, on
-another shape).
+judge saw per image, the commonest shape confusions ("star drawn as diamond": the star's colour is there, on
+another shape), and the objects asked and missed per shape and per size word ("-": none).
 """
 
 from __future__ import annotations
@@ -42,6 +42,22 @@ def missed_objects(spec: PromptSpec, detections: list[Detection]) -> list[tuple[
     return out
 
 
+def object_tally(specs: list[PromptSpec], detections: list[list[Detection]]) -> dict[str, dict[str, list[int]]]:
+    """{"shape": {shape: [asked, missed]}, "size": {size word or "-": [asked, missed]}} over the named objects; an
+    object is missed when no detection has its colour and shape."""
+    asked: Counter = Counter()
+    missed: Counter = Counter()
+    for spec, found in zip(specs, detections):
+        seen = {(d.colour, d.shape) for d in found}
+        for o in spec.objects:
+            keys = [("shape", o.shape), ("size", o.size or "-")]
+            asked.update(keys)
+            if (o.colour, o.shape) not in seen:
+                missed.update(keys)
+    return {axis: {name: [asked[(a, name)], missed[(a, name)]] for a, name in sorted(asked) if a == axis}
+            for axis in ("shape", "size")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default="default")
@@ -63,7 +79,8 @@ def main() -> None:
         images = pipe.txt2img_each([p.caption for p in prompts], seeds, base, batch=32 if args.device == "cuda" else 8)
         what, confusions, per_image = Counter(), Counter(), Counter()
         wrong = 0
-        for spec, found in zip(specs, judge.detect(images)):
+        detections = judge.detect(images)
+        for spec, found in zip(specs, detections):
             per_image[len(found)] += 1
             if score_image(spec, found)["colour_binding"]:
                 continue
@@ -72,13 +89,17 @@ def main() -> None:
                 what[kind] += 1
                 if instead is not None:
                     confusions[f"{shape} drawn as {instead}"] += 1
+        per = object_tally(specs, detections)
         row = {"cfg": cfg, "sampler": args.sampler, "images": len(prompts), "objects_wrong": wrong,
                "missed": dict(what), "detections_per_image": dict(sorted(per_image.items())),
-               "confusions": confusions.most_common()}
+               "confusions": confusions.most_common(), "asked_missed": per}
         rows.append(row)
         print(f"CFG {cfg:g}: {wrong} of {len(prompts)} images with an object wrong; missed objects: {dict(what)}; "
               f"objects seen per image: {row['detections_per_image']}", flush=True)
         print("  commonest confusions:", ", ".join(f"{k} {n}" for k, n in confusions.most_common(10)), flush=True)
+        for axis, tally in per.items():
+            print(f"  missed of asked, per {axis}:", ", ".join(f"{k} {m}/{n}" for k, (n, m) in tally.items()),
+                  flush=True)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
 

@@ -296,3 +296,21 @@ def test_pair_failures_sorts_missed_objects():
     assert missed_objects(spec, [det("red", "hexagon"), det("green", "square")]) == [
         ("circle", "right colour, wrong shape", "hexagon"), ("square", "right shape, wrong colour", None)]
     assert missed_objects(spec, [det("red", "circle")]) == [("square", "missing", None)]
+
+
+def test_pair_failures_tallies_objects_per_shape_and_size():
+    from pair_failures import object_tally
+
+    from estable.evaluation.judge import Detection
+    from estable.training.shapes.captions import parse_caption
+
+    def det(colour, shape):
+        return Detection(colour, shape, "medium", (0.5, 0.5))
+
+    specs = [parse_caption("a small red circle above a blue square"),
+             parse_caption("a red hexagon to the left of a red circle")]
+    found = [[det("red", "circle")], [det("red", "circle"), det("red", "hexagon")]]
+    tally = object_tally(specs, found)
+    assert tally["shape"] == {"circle": [2, 0], "hexagon": [1, 0], "square": [1, 1]}
+    assert tally["size"] == {"-": [3, 1], "small": [1, 0]}
+
