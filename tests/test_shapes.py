@@ -151,6 +151,32 @@ def test_relations_in_captions_hold_geometrically():
         assert relation_holds(cents[0], cents[1], rel, margin=RELATION_MARGIN - 0.03), (rel, cents)
 
 
+def test_relation_axis_ratio_keeps_training_pairs_off_the_diagonal():
+    # "A left of B" with B 0.2 to the right and 0.12 down: the judge's rule (ratio 1) and 1.5 hold, 2 does not
+    assert relation_holds((0.5, 0.5), (0.7, 0.62), "left of")
+    assert relation_holds((0.5, 0.5), (0.7, 0.62), "left of", axis_ratio=1.5)
+    assert not relation_holds((0.5, 0.5), (0.7, 0.62), "left of", axis_ratio=2.0)
+
+    def ratios(world):  # the relation's axis over the other, per pair scene
+        out = []
+        for index in range(200):
+            scene = world.scene(index)
+            a, b = scene.objects
+            dx, dy = abs(b.center[0] - a.center[0]), abs(b.center[1] - a.center[1])
+            along, across = (dx, dy) if scene.relation in ("left of", "right of") else (dy, dx)
+            out.append(along / max(across, 1e-9))
+        return np.array(out)
+
+    plain = ratios(ShapesWorld("train", seed=5, kind_weights={"pair": 1.0}))
+    strict = ratios(ShapesWorld("train", seed=5, kind_weights={"pair": 1.0}, relation_axis_ratio=1.5))
+    assert plain.min() >= 1.0 and (plain < 1.5).mean() > 0.2  # the world's own pairs come near the diagonal
+    assert strict.min() >= 1.5
+    same = ShapesWorld("train", seed=5, kind_weights={"pair": 1.0}, relation_axis_ratio=1.0)
+    assert same.scene(3) == ShapesWorld("train", seed=5, kind_weights={"pair": 1.0}).scene(3)
+    with pytest.raises(ValueError, match="at least 1"):
+        ShapesWorld("train", relation_axis_ratio=0.5)
+
+
 def test_layout_rules_inside_image_overlap_bound():
     world = ShapesWorld("train", seed=11)
     for index in range(300):

@@ -98,3 +98,11 @@ def test_shapes_grey_named_reaches_the_world():
     assert all(s.background is not None for s in specs) and any(s.background.colour == "grey" for s in specs)
     with pytest.raises(ValueError, match="shapes_grey_named"):
         cfg.data.replace(shapes_grey_named=-0.1)
+
+
+def test_shapes_relation_axis_ratio_reaches_the_world():
+    cfg = load_config("unet", "tiny-unet", [*QUIET, "data.shapes_relation_axis_ratio=1.5"])
+    train, _ = build_datasets(cfg, 0, 1)
+    assert train.world.relation_axis_ratio == 1.5
+    with pytest.raises(ValueError, match="shapes_relation_axis_ratio"):
+        cfg.data.replace(shapes_relation_axis_ratio=0.8)

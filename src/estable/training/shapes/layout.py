@@ -87,11 +87,13 @@ def scene_from_prompt(
     *,
     max_overlap: float = MAX_OVERLAP,
     max_attempts: int = 200,
+    axis_ratio: float = 1.0,
 ) -> Scene:
     """Sample a layout that makes ``spec`` true: sizes, positions, rotations, background (``phrasing`` 0).
 
     Rejection sampling: objects are placed one by one at uniform positions that keep them inside the image,
-    keep same-coloured objects apart, bound the overlap of the others and satisfy the relation.
+    keep same-coloured objects apart, bound the overlap of the others and satisfy the relation (its axis at least
+    ``axis_ratio`` times the other: above 1, pairs further from the diagonal than the relation needs).
     """
     rng = _as_rng(rng)
     if spec.kind == "count":
@@ -114,7 +116,8 @@ def scene_from_prompt(
                     float(rng.uniform(ey + EDGE_MARGIN, 1 - ey - EDGE_MARGIN)),
                 )
                 cand = SceneObject(o.shape, o.colour, size, center, radius, rotation, o.size is not None)
-                if spec.relation is not None and placed and not relation_holds(placed[0].center, center, spec.relation):
+                if spec.relation is not None and placed and not relation_holds(
+                        placed[0].center, center, spec.relation, axis_ratio=axis_ratio):
                     continue
                 if all(
                     _boxes_apart(p, cand, SAME_COLOUR_GAP)

@@ -100,22 +100,23 @@ def _extent(shape: str, radius: float, rotation: float) -> tuple[float, float]:
 
 
 def relation_holds(
-    a: tuple[float, float], b: tuple[float, float], relation: str, margin: float = RELATION_MARGIN
+    a: tuple[float, float], b: tuple[float, float], relation: str, margin: float = RELATION_MARGIN,
+    axis_ratio: float = 1.0,
 ) -> bool:
     """Whether "A <relation> B" is true of centres a and b (x right, y down).
 
-    The offset along the relation's axis must be at least ``margin`` and must dominate the other axis, so a
-    pair satisfies at most one relation.
+    The offset along the relation's axis must be at least ``margin`` and must dominate the other axis (be at least
+    ``axis_ratio`` times it; 1, the judge's rule: a pair satisfies at most one relation).
     """
     dx, dy = b[0] - a[0], b[1] - a[1]  # B relative to A
     if relation == "left of":
-        return dx >= margin and abs(dx) >= abs(dy)
+        return dx >= margin and abs(dx) >= axis_ratio * abs(dy)
     if relation == "right of":
-        return -dx >= margin and abs(dx) >= abs(dy)
+        return -dx >= margin and abs(dx) >= axis_ratio * abs(dy)
     if relation == "above":
-        return dy >= margin and abs(dy) >= abs(dx)
+        return dy >= margin and abs(dy) >= axis_ratio * abs(dx)
     if relation == "below":
-        return -dy >= margin and abs(dy) >= abs(dx)
+        return -dy >= margin and abs(dy) >= axis_ratio * abs(dx)
     raise ValueError(f"unknown relation {relation!r}; choose one of {', '.join(RELATIONS)}")
 
 

@@ -90,6 +90,7 @@ class ShapesWorld:
         background_mention_p: float = BACKGROUND_MENTION_P,
         named_background_kinds: dict[str, float] | None = None,
         grey_named_p: float = 0.0,
+        relation_axis_ratio: float = 1.0,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
@@ -117,6 +118,11 @@ class ShapesWorld:
         if not 0.0 <= grey_named_p <= 1.0:
             raise ValueError(f"grey_named_p must be between 0 and 1, not {grey_named_p!r}")
         self.grey_named_p = float(grey_named_p)
+        # pair layouts with the relation's axis at least this many times the other (1: any layout the judge reads as
+        # the relation; more keeps the training scenes away from the diagonal)
+        if not relation_axis_ratio >= 1.0:
+            raise ValueError(f"relation_axis_ratio must be at least 1, not {relation_axis_ratio!r}")
+        self.relation_axis_ratio = float(relation_axis_ratio)
 
     def rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng(_hash_int("estable-shapes", self.seed, self.split, int(index)))
@@ -155,7 +161,7 @@ class ShapesWorld:
         """The scene at ``index`` (no rendering)."""
         rng = self.rng(index)
         spec = self._sample_spec(rng)
-        scene = scene_from_prompt(spec, rng)
+        scene = scene_from_prompt(spec, rng, axis_ratio=self.relation_axis_ratio)
         phrasing = int(rng.integers(4))
         return Scene(scene.kind, scene.objects, scene.background, scene.relation, phrasing)
 
