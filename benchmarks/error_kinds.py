@@ -11,8 +11,11 @@ category scores "found of the asked shape = asked". A pair image is right when s
 shapes and colours and the relation holds (the position category); otherwise its error is, in this order: an
 object wrong or missing (no two detections with the asked shapes and colours), swapped (the relation holds with the
 objects' roles exchanged), other axis (the offset is mostly along the other axis), or too close (the right
-direction, under the relation margin). Writes ``OUT/errors.json`` (every image's detections and verdict) and
-``OUT/errors.png`` (up to 4 wrong images of each error, the commonest first, 8 at most).
+direction, under the relation margin). For pairs it also prints how far from the diagonal the layouts are — the
+offset across the relation's axis over the offset along it, for the images with both objects found, against the
+same prompts' layouts in the world (10 each, ``scene_from_prompt``): 1 is the diagonal, the judge's line. Writes
+``OUT/errors.json`` (every image's detections and verdict) and ``OUT/errors.png`` (up to 4 wrong images of each
+error, the commonest first, 8 at most).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import itertools
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -30,6 +34,7 @@ from estable.evaluation.compositional import image_seed, make_prompts
 from estable.evaluation.judge import Detection, load_default_judge
 from estable.params import GenerationParams
 from estable.pipeline import load_pipeline
+from estable.training.shapes.layout import scene_from_prompt
 from estable.training.shapes.scene import PromptSpec, relation_holds
 from estable.training.shapes.vocab import RELATION_MARGIN
 
@@ -64,6 +69,29 @@ def pair_verdict(spec: PromptSpec, dets: list[Detection], margin: float = RELATI
     return "too close"
 
 
+def across_over_along(relation: str, a: tuple[float, float], b: tuple[float, float]) -> float:
+    """The offset between centres a and b across the relation's axis over the offset along it (1: the diagonal)."""
+    dx, dy = abs(b[0] - a[0]), abs(b[1] - a[1])
+    along, across = (dx, dy) if relation in ("left of", "right of") else (dy, dx)
+    return across / max(along, 1e-9)
+
+
+def drawn_layout(spec: PromptSpec, dets: list[Detection]) -> float | None:
+    """``across_over_along`` of the likeliest two detections with the asked shapes and colours (None: not both)."""
+    a, b = spec.objects
+    pairs = [(p, q) for p, q in itertools.permutations(dets, 2)
+             if (p.shape, p.colour) == (a.shape, a.colour) and (q.shape, q.colour) == (b.shape, b.colour)]
+    if not pairs:
+        return None
+    p, q = max(pairs, key=lambda pq: pq[0].score * pq[1].score)
+    return across_over_along(spec.relation, p.center, q.center)
+
+
+def layout_summary(ratios: list[float]) -> str:
+    r = np.asarray(ratios)
+    return f"median {np.median(r):.3f}, above 0.8: {(r > 0.8).mean():.1%}, past the diagonal: {(r > 1).mean():.1%}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
@@ -79,7 +107,7 @@ def main() -> None:
     verdict = count_verdict if args.kind == "count" else pair_verdict
     prompts = [p for p in make_prompts(500) if p.kind == args.kind][: args.prompts]
     table: collections.Counter = collections.Counter()
-    rows, wrong = [], []
+    rows, wrong, layouts = [], [], []
     for p in prompts:
         for k in range(2):
             seed = image_seed(p.index, k, 0, 4)
@@ -87,6 +115,7 @@ def main() -> None:
                 image = pipe.txt2img(GenerationParams(prompt=p.caption, seed=seed, steps=25, cfg_scale=cfg)).images[0]
             dets = judge.detect([image])[0]
             v = verdict(p.spec, dets)
+            layouts.append((p, dets))
             group = p.spec.count if args.kind == "count" else p.spec.relation
             table[(group, v)] += 1
             rows.append({"prompt": p.caption, "seed": seed, "verdict": v,
@@ -109,6 +138,13 @@ def main() -> None:
             grid.paste(im, ((i % 4) * side, (i // 4) * side))
         grid.save(args.out / "errors.png")
         print("errors.png, in order: " + ", ".join(v for v, _ in shown))
+    if args.kind == "pair":
+        drawn = [r for r in (drawn_layout(p.spec, d) for p, d in layouts) if r is not None]
+        rng = np.random.default_rng(0)
+        world = [across_over_along(p.spec.relation, *(o.center for o in scene_from_prompt(p.spec, rng).objects))
+                 for p in prompts for _ in range(10)]
+        print(f"layouts, across the relation's axis over along it: drawn ({len(drawn)} images with both objects) "
+              f"{layout_summary(drawn)}; the world's ({len(world)}) {layout_summary(world)}")
     verdicts = sorted({v for _, v in table})
     print(f"| {'asked' if args.kind == 'count' else 'relation'} | images | " + " | ".join(verdicts) + " |")
     print("|---|---|" + "---|" * len(verdicts))
