@@ -50,16 +50,25 @@ def count_verdict(spec: PromptSpec, dets: list[Detection]) -> str:
     return "too few, another shape found" if len(dets) > same else "too few, missing"
 
 
-def pair_verdict(spec: PromptSpec, dets: list[Detection], margin: float = RELATION_MARGIN) -> str:
+def asked_pairs(spec: PromptSpec, dets: list[Detection]) -> list[tuple[Detection, Detection]]:
+    """Every two detections with the shapes and colours of the pair's first and second object."""
     a, b = spec.objects
+    return [(p, q) for p, q in itertools.permutations(dets, 2)
+            if (p.shape, p.colour) == (a.shape, a.colour) and (q.shape, q.colour) == (b.shape, b.colour)]
+
+
+def likeliest(pairs: list[tuple[Detection, Detection]]) -> tuple[Detection, Detection]:
+    return max(pairs, key=lambda pq: pq[0].score * pq[1].score)
+
+
+def pair_verdict(spec: PromptSpec, dets: list[Detection], margin: float = RELATION_MARGIN) -> str:
     assert spec.relation is not None
-    pairs = [(p, q) for p, q in itertools.permutations(dets, 2)
-             if (p.shape, p.colour) == (a.shape, a.colour) and (q.shape, q.colour) == (b.shape, b.colour)]
+    pairs = asked_pairs(spec, dets)
     if not pairs:
         return "object wrong or missing"
     if any(relation_holds(p.center, q.center, spec.relation, margin) for p, q in pairs):
         return "right"
-    p, q = max(pairs, key=lambda pq: pq[0].score * pq[1].score)
+    p, q = likeliest(pairs)
     if relation_holds(p.center, q.center, OPPOSITE[spec.relation], margin):
         return "swapped"
     dx, dy = q.center[0] - p.center[0], q.center[1] - p.center[1]
@@ -78,12 +87,10 @@ def across_over_along(relation: str, a: tuple[float, float], b: tuple[float, flo
 
 def drawn_layout(spec: PromptSpec, dets: list[Detection]) -> float | None:
     """``across_over_along`` of the likeliest two detections with the asked shapes and colours (None: not both)."""
-    a, b = spec.objects
-    pairs = [(p, q) for p, q in itertools.permutations(dets, 2)
-             if (p.shape, p.colour) == (a.shape, a.colour) and (q.shape, q.colour) == (b.shape, b.colour)]
+    pairs = asked_pairs(spec, dets)
     if not pairs:
         return None
-    p, q = max(pairs, key=lambda pq: pq[0].score * pq[1].score)
+    p, q = likeliest(pairs)
     return across_over_along(spec.relation, p.center, q.center)
 
 
