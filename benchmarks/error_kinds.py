@@ -15,7 +15,8 @@ direction, under the relation margin). For pairs it also prints how far from the
 offset across the relation's axis over the offset along it, for the images with both objects found, against the
 same prompts' layouts in the world (10 each, ``scene_from_prompt``): 1 is the diagonal, the judge's line. Writes
 ``OUT/errors.json`` (every image's detections and verdict) and ``OUT/errors.png`` (up to 4 wrong images of each
-error, the commonest first, 8 at most).
+error, the commonest first, 8 at most). ``--summary-of OUT/errors.json`` prints the table and the layout line of a
+run already made (its detections' centres as saved, to 3 decimals), generating nothing.
 """
 
 from __future__ import annotations
@@ -99,22 +100,64 @@ def layout_summary(ratios: list[float]) -> str:
     return f"median {np.median(r):.3f}, above 0.8: {(r > 0.8).mean():.1%}, past the diagonal: {(r > 1).mean():.1%}"
 
 
+def detections_of(row: dict) -> list[Detection]:
+    """A saved image's detections (``errors.json``'s rows) as the judge's ``Detection`` (its size word not saved)."""
+    return [Detection(colour=c, shape=s, size="", center=(x, y), score=score)
+            for s, c, (x, y), score in row["detections"]]
+
+
+def report(kind: str, prompts: list, rows: list[dict]) -> None:
+    """Print the verdicts per count or relation and, for pairs, the layout line (``rows``: two images per prompt)."""
+    if [r["prompt"] for r in rows] != [p.caption for p in prompts for _ in range(2)]:
+        raise ValueError("the images are not two per prompt of the evaluation's held-out prompts, in order")
+    table = collections.Counter((p.spec.count if kind == "count" else p.spec.relation, r["verdict"])
+                                for p, r in zip((p for p in prompts for _ in range(2)), rows))
+    if kind == "pair":
+        drawn = [d for d in (drawn_layout(p.spec, detections_of(r)) for p, r in
+                             zip((p for p in prompts for _ in range(2)), rows)) if d is not None]
+        rng = np.random.default_rng(0)
+        world = [across_over_along(p.spec.relation, *(o.center for o in scene_from_prompt(p.spec, rng).objects))
+                 for p in prompts for _ in range(10)]
+        print(f"layouts, across the relation's axis over along it: drawn ({len(drawn)} images with both objects) "
+              f"{layout_summary(drawn)}; the world's ({len(world)}) {layout_summary(world)}")
+    verdicts = sorted({v for _, v in table})
+    print(f"| {'asked' if kind == 'count' else 'relation'} | images | " + " | ".join(verdicts) + " |")
+    print("|---|---|" + "---|" * len(verdicts))
+    for group in sorted({g for g, _ in table}, key=str):
+        n = sum(c for (g, _), c in table.items() if g == group)
+        print(f"| {group} | {n} | " + " | ".join(str(table[(group, v)]) for v in verdicts) + " |")
+    print(f"| all | {len(rows)} | " + " | ".join(str(sum(c for (_, vv), c in table.items() if vv == v))
+                                             for v in verdicts) + " |")
+
+
+def held_out(kind: str, n: int) -> list:
+    return [p for p in make_prompts(500) if p.kind == kind][:n]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model")
+    ap.add_argument("model", nargs="?")
     ap.add_argument("--kind", choices=("count", "pair"), default="count")
     ap.add_argument("--prompts", type=int, default=40)
     ap.add_argument("--cfg", type=float, help="guidance scale (default: the model's recommended one, else 5)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--summary-of", type=Path, metavar="ERRORS_JSON",
+                    help="print the table and layout line of a saved run's errors.json instead of generating")
     args = ap.parse_args()
+    if args.summary_of is not None:
+        saved = json.loads(args.summary_of.read_text())
+        print(f"{saved['model']}, {saved['kind']} prompts, CFG {saved['cfg']}")
+        report(saved["kind"], held_out(saved["kind"], len(saved["images"]) // 2), saved["images"])
+        return
+    if args.model is None or args.out is None:
+        ap.error("a model and --out are needed (or --summary-of a saved errors.json)")
     pipe = load_pipeline(args.model, device=args.device)
     judge = load_default_judge(args.device)
     cfg = args.cfg if args.cfg is not None else float(pipe.config.default_cfg or 5.0)
     verdict = count_verdict if args.kind == "count" else pair_verdict
-    prompts = [p for p in make_prompts(500) if p.kind == args.kind][: args.prompts]
-    table: collections.Counter = collections.Counter()
-    rows, wrong, layouts = [], [], []
+    prompts = held_out(args.kind, args.prompts)
+    rows, wrong = [], []
     for p in prompts:
         for k in range(2):
             seed = image_seed(p.index, k, 0, 4)
@@ -122,9 +165,6 @@ def main() -> None:
                 image = pipe.txt2img(GenerationParams(prompt=p.caption, seed=seed, steps=25, cfg_scale=cfg)).images[0]
             dets = judge.detect([image])[0]
             v = verdict(p.spec, dets)
-            layouts.append((p, dets))
-            group = p.spec.count if args.kind == "count" else p.spec.relation
-            table[(group, v)] += 1
             rows.append({"prompt": p.caption, "seed": seed, "verdict": v,
                          "detections": [[d.shape, d.colour, [round(c, 3) for c in d.center], round(float(d.score), 3)]
                                         for d in dets]})
@@ -145,21 +185,7 @@ def main() -> None:
             grid.paste(im, ((i % 4) * side, (i // 4) * side))
         grid.save(args.out / "errors.png")
         print("errors.png, in order: " + ", ".join(v for v, _ in shown))
-    if args.kind == "pair":
-        drawn = [r for r in (drawn_layout(p.spec, d) for p, d in layouts) if r is not None]
-        rng = np.random.default_rng(0)
-        world = [across_over_along(p.spec.relation, *(o.center for o in scene_from_prompt(p.spec, rng).objects))
-                 for p in prompts for _ in range(10)]
-        print(f"layouts, across the relation's axis over along it: drawn ({len(drawn)} images with both objects) "
-              f"{layout_summary(drawn)}; the world's ({len(world)}) {layout_summary(world)}")
-    verdicts = sorted({v for _, v in table})
-    print(f"| {'asked' if args.kind == 'count' else 'relation'} | images | " + " | ".join(verdicts) + " |")
-    print("|---|---|" + "---|" * len(verdicts))
-    for group in sorted({g for g, _ in table}, key=str):
-        n = sum(c for (g, _), c in table.items() if g == group)
-        print(f"| {group} | {n} | " + " | ".join(str(table[(group, v)]) for v in verdicts) + " |")
-    print(f"| all | {len(rows)} | " + " | ".join(str(sum(c for (_, vv), c in table.items() if vv == v))
-                                             for v in verdicts) + " |")
+    report(args.kind, prompts, rows)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
+
+import pytest
 
 from estable.evaluation.judge import Detection
 from estable.training.shapes import parse_caption
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from error_kinds import count_verdict, drawn_layout, layout_summary, pair_verdict  # noqa: E402
+import error_kinds  # noqa: E402
+from error_kinds import count_verdict, drawn_layout, held_out, layout_summary, pair_verdict  # noqa: E402
 
 
 def det(colour: str, shape: str, x: float, y: float, score: float = 0.9) -> Detection:
@@ -48,3 +52,28 @@ def test_drawn_layouts_measure_the_distance_from_the_diagonal():
     assert drawn_layout(spec, [det(*circle, 0.5, 0.2)]) is None
     assert layout_summary([0.2, 0.5, 0.9, 1.5]) == "median 0.700, above 0.8: 50.0%, past the diagonal: 25.0%"
 
+
+
+def test_a_saved_run_is_summarised_from_its_detections(tmp_path, capsys, monkeypatch):
+    prompts = held_out("pair", 2)
+    rows = []
+    for p in prompts:  # per prompt: one image right on the asked axis, one with the objects across it
+        a, b = p.spec.objects
+        horizontal = p.spec.relation in ("left of", "right of")
+        sign = 1 if p.spec.relation in ("right of", "below") else -1
+        first = (0.5 + 0.3 * sign, 0.5) if horizontal else (0.5, 0.5 + 0.3 * sign)
+        across = (0.5, 0.5 + 0.3) if horizontal else (0.5 + 0.3, 0.5)
+        for centre in (first, across):
+            dets = [det(a.colour, a.shape, *centre), det(b.colour, b.shape, 0.5, 0.5)]
+            rows.append({"prompt": p.caption, "seed": 0, "verdict": pair_verdict(p.spec, dets),
+                         "detections": [[d.shape, d.colour, list(d.center), d.score] for d in dets]})
+    saved = tmp_path / "errors.json"
+    saved.write_text(json.dumps({"model": "m", "kind": "pair", "cfg": 3.5, "images": rows}))
+    monkeypatch.setattr(sys, "argv", ["error_kinds.py", "--summary-of", str(saved)])
+    error_kinds.main()
+    out = capsys.readouterr().out
+    # half the layouts on the axis (ratio 0), half across it (no offset along: past the diagonal)
+    assert "drawn (4 images with both objects) median " in out and "past the diagonal: 50.0%" in out
+    assert "| all | 4 | 2 | 2 |" in out and "| relation | images | other axis | right |" in out
+    with pytest.raises(ValueError, match="two per prompt"):
+        error_kinds.report("pair", prompts, rows[:3])

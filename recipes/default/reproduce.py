@@ -1,13 +1,14 @@
-"""The shipped built-in model from nothing, on one GPU: its fourteen stages in order, one `estable` command each.
+"""The shipped built-in model from nothing, on one GPU: its sixteen stages in order, one `estable` command each.
 
     python3 recipes/default/reproduce.py [STAGE ...] [--dir runs/repro] [--minutes M] [KEY=VALUE ...]
 
 The stages are the chain that made ``src/estable/assets/default_model.safetensors`` (recipes/default/README.md, "How
-the shipped model was made"): the VAE and the CLIP pair, eight U-Net parts each starting from the one before, the
+the shipped model was made"): the VAE and the CLIP pair, nine U-Net parts each starting from the one before, the
 decoder fine-tune, and the conversions that put the decoder in (the fifth shipped model), the recommended settings
-on (the sixth) and, after part 8, the prompt completion the shipped file names (the seventh). Runs that
-stopped by their time budget on the machines they ran on stop at the same step here (``--until``), on the schedule
-they were planned with; runs made on two GPUs train their global batch on one.
+on (the sixth) and, after part 8, the prompt completion the shipped file names (the seventh; part 9 made the
+eighth, with the same settings). Runs that stopped by their time budget on the machines they ran on stop at the same
+step here (``--until``), on the schedule they were planned with; runs made on two GPUs train their global batch on
+one.
 
 Each command is printed as it starts, and its log goes to ``DIR/<stage>.log``. A stage whose output is in ``DIR``
 is skipped, so calling the script again continues the chain; ``--minutes`` is a budget for this call (for
@@ -47,6 +48,10 @@ class Stage:
     convert: tuple[str, ...] = ()  # for "convert": the options after --to estable
 
 
+# what the shipped file records: its guidance scale and sampler, and the completion of prompts that name no background
+SHIPPED_SETTINGS = ("--default-cfg", "3.5", "--default-sampler", "dpmpp_2m", "--prompt-completion",
+                    "shapes-grey-background")
+
 STAGES = (
     # part 1 ran on two H100s: the VAE at 2 × 64, the U-Net at 2 × 128 for 1,050 steps
     Stage("vae", "vae", "vae.json", overrides=("batch_size=128", "val_every=500", "sample_every=0")),
@@ -65,8 +70,10 @@ STAGES = (
     Stage("sixth", "convert", start="part7", convert=("--default-cfg", "4", "--default-sampler", "dpmpp_2m")),
     # part 8: half the captions that name no background name its grey; the model's file then completes such prompts
     Stage("part8", "unet", "unet_grey_named.json", start="sixth"),
-    Stage("model", "convert", start="part8", convert=("--default-cfg", "3.5", "--default-sampler", "dpmpp_2m",
-                                                      "--prompt-completion", "shapes-grey-background")),
+    Stage("seventh", "convert", start="part8", convert=SHIPPED_SETTINGS),
+    # part 9: pairs laid out further from the diagonal than the relation needs (data.shapes_relation_axis_ratio 1.5)
+    Stage("part9", "unet", "unet_axis.json", start="seventh"),
+    Stage("model", "convert", start="part9", convert=SHIPPED_SETTINGS),
 )
 BY_NAME = {s.name: s for s in STAGES}
 

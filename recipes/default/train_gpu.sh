@@ -301,7 +301,9 @@ axis)
   # pairs whose relation's axis is at least 1.5 times the other (data.shapes_relation_axis_ratio), "control" the same
   # run with the world's layouts. Each then exported with the shipped file's settings and scored: the pair errors
   # (error_kinds.py, 150 prompts × 2) and compositional 500 × 4; the axis arm also paraphrases, FID 10k and the demo
-  # seeds (the score stage). A stopped run resumes when the stage is called again.
+  # seeds (the score stage). A stopped run resumes when the stage is called again. Its axis arm, run from the seventh
+  # model, shipped as the eighth (part 9); to run it as it ran, give EXTRA the seventh model as init_from and the
+  # text and VAE sources (recipes/default/README.md, part 9).
   cfg=$here/unet_axis.json
   declare -A arms=([axis]="" [control]="data.shapes_relation_axis_ratio=1.0")
   pids=()
