@@ -6,7 +6,10 @@ those of fp32. Measured on the 2-core CPU with the third built-in model (256², 
 1–4): bf16 vs fp32 mean |Δ| 0.15–0.41 levels of 255 per image, while the fp32 images of two seeds differ by 20.
 At 128², a size the model never trained at, bf16 flipped the composition of seeds 3 and 4 (7.9 and 35.8 levels),
 so the test runs at the native size. On one H200 (256², 25 steps,
-4 seeds, measured while reviewing issue 16) fp16 vs fp32 differed by 0.18 on average.
+4 seeds, measured while reviewing issue 16) fp16 vs fp32 differed by 0.18 on average. The eighth built-in model
+(same CPU, seeds 1–4): 1.75, 0.40, 0.47, 0.43 — at seed 1 its circle touches the square, and the seam and the
+circle's outline move by about a pixel (2 % of the pixels off by more than 32 levels; another seed's image: 17 %);
+the fp32 images of seeds 1 and 3 differ by 16.9. Hence a bound of 2.5 on the CPU, still far under a flip.
 """
 
 from __future__ import annotations
@@ -37,12 +40,12 @@ def _check(low: list[np.ndarray], full: list[np.ndarray], bound: float) -> None:
     for k, (x, y) in enumerate(zip(low, full, strict=True)):
         assert _mean_abs(x, y) <= bound, f"image {k}: mean |Δ| {_mean_abs(x, y):.2f} > {bound}"
     # the bound means something: another seed's image is far outside it
-    assert _mean_abs(full[0], full[1]) > 10 * bound
+    assert _mean_abs(full[0], full[1]) > 5 * bound
 
 
 def test_bf16_on_the_cpu_stays_the_fp32_image():
     seeds, size, steps = [1, 3], 256, 25
-    _check(_images("cpu", "bf16", seeds, size, steps), _images("cpu", "fp32", seeds, size, steps), bound=1.5)
+    _check(_images("cpu", "bf16", seeds, size, steps), _images("cpu", "fp32", seeds, size, steps), bound=2.5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 is checked on a GPU")
