@@ -108,13 +108,13 @@ def detections_of(row: dict) -> list[Detection]:
 
 def report(kind: str, prompts: list, rows: list[dict]) -> None:
     """Print the verdicts per count or relation and, for pairs, the layout line (``rows``: two images per prompt)."""
-    if [r["prompt"] for r in rows] != [p.caption for p in prompts for _ in range(2)]:
+    asked = [p for p in prompts for _ in range(2)]  # the prompt of each image
+    if [r["prompt"] for r in rows] != [p.caption for p in asked]:
         raise ValueError("the images are not two per prompt of the evaluation's held-out prompts, in order")
     table = collections.Counter((p.spec.count if kind == "count" else p.spec.relation, r["verdict"])
-                                for p, r in zip((p for p in prompts for _ in range(2)), rows))
+                                for p, r in zip(asked, rows))
     if kind == "pair":
-        drawn = [d for d in (drawn_layout(p.spec, detections_of(r)) for p, r in
-                             zip((p for p in prompts for _ in range(2)), rows)) if d is not None]
+        drawn = [d for d in (drawn_layout(p.spec, detections_of(r)) for p, r in zip(asked, rows)) if d is not None]
         rng = np.random.default_rng(0)
         world = [across_over_along(p.spec.relation, *(o.center for o in scene_from_prompt(p.spec, rng).objects))
                  for p in prompts for _ in range(10)]

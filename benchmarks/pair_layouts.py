@@ -14,6 +14,7 @@ import argparse
 import collections
 
 import numpy as np
+from error_kinds import across_over_along  # benchmarks/error_kinds.py, beside this file
 
 from estable.evaluation.compositional import make_prompts
 from estable.training.shapes.layout import overlap_fraction, scene_from_prompt
@@ -27,10 +28,8 @@ def layout_stats(specs: list, layouts: int, ratio: float, seed: int = 0) -> dict
     for spec in specs:
         for _ in range(layouts):
             a, b = scene_from_prompt(spec, rng, axis_ratio=ratio).objects
-            dx, dy = abs(b.center[0] - a.center[0]), abs(b.center[1] - a.center[1])
-            along, other = (dx, dy) if spec.relation in ("left of", "right of") else (dy, dx)
-            across.append(other / max(along, 1e-9))
-            distance.append(float(np.hypot(dx, dy)))
+            across.append(across_over_along(spec.relation, a.center, b.center))
+            distance.append(float(np.hypot(b.center[0] - a.center[0], b.center[1] - a.center[1])))
             overlap.append(overlap_fraction(a, b))
             for o in (a, b):
                 edge.append(min(o.center[0], o.center[1], 1 - o.center[0], 1 - o.center[1]))
