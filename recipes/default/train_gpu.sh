@@ -305,7 +305,9 @@ axis)
   # model, shipped as the eighth (part 9); to run it as it ran, give EXTRA the seventh model as init_from and the
   # text and VAE sources (recipes/default/README.md, part 9).
   cfg=$here/unet_axis.json
-  declare -A arms=([axis]="" [control]="data.shapes_relation_axis_ratio=1.0")
+  # AXIS_RATIO: the axis arm's ratio (default: the config's 1.5); EXTRA goes to both arms
+  declare -A arms=([axis]="${AXIS_RATIO:+data.shapes_relation_axis_ratio=$AXIS_RATIO}"
+                   [control]="data.shapes_relation_axis_ratio=1.0")
   pids=()
   for name in axis control; do
     r=(); [ -d "runs/axis-$name/checkpoints" ] && r=(--resume)
@@ -323,7 +325,7 @@ axis)
   stamp "axis: both runs done"
   mkdir -p runs/axis-out
   ek() { python3 "$here/../../benchmarks/error_kinds.py" "$1" --kind pair --prompts "${EK_PROMPTS:-150}" \
-      --device "${DEVICE:-cuda}" --out "runs/axis-out/$2" | tail -n 6; }
+      --device "${DEVICE:-cuda}" --out "runs/axis-out/$2" | tail -n 8; }  # the layout line and the table
   for name in axis control; do
     m=runs/axis-$name-model.safetensors
     estable train export "runs/axis-$name" "runs/axis-$name-raw.safetensors" --dtype fp16 --overwrite
