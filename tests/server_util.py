@@ -70,16 +70,18 @@ class SlowWorker(Worker):
 
 
 class LiveServer:
-    """The app under a real uvicorn on 127.0.0.1 (a free port), in a thread; ``stop()`` shuts it down cleanly."""
+    """The app under a real uvicorn on 127.0.0.1 (a free port), in a thread, configured as ``estable serve`` runs it
+    (``estable.server.run.uvicorn_config``); ``stop()`` shuts it down cleanly."""
 
     def __init__(self, s: ServerSettings, worker_class: type[Worker] = Worker, wait_ready: bool = True):
         import uvicorn
 
+        from estable.server.run import uvicorn_config
+
         self.settings = s
         self.app = create_app(s, worker_class=worker_class)
         self.state = self.app.state.estable
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", access_log=False,
-                                lifespan="on", timeout_graceful_shutdown=5)
+        config = uvicorn_config(self.app, s, host="127.0.0.1", port=0, timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

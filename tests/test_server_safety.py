@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import time
 import zlib
 
 import pytest
@@ -52,7 +53,8 @@ LIMITS = Limits(max_width=128, max_height=128, max_steps=20, max_batch_size=2, m
 @pytest.fixture(scope="module")
 def locked(model, tmp_path_factory, access_lines):
     s = LiveServer(settings(tmp_path_factory.mktemp("d"), model, api_key=KEY, api_auth=("ann", "pw-of-ann"),
-                            cors_origins=("http://good.example",), limits=LIMITS, warmup=False))
+                            cors_origins=("http://good.example",), limits=LIMITS, warmup=False,
+                            auth_failure_limit=1000))  # this module's tests are refused often; one test throttles
     yield s
     s.stop()
 
@@ -275,13 +277,14 @@ def test_serve_flags_become_settings(tmp_path):
     key = tmp_path / "key"
     key.write_text("  a-long-enough-key  \nignored\n")
     args = build_parser().parse_args(["serve", "--host", "0.0.0.0", "--api-key-file", str(key), "--api-auth",
-                                      "u:p:w", "--cors-origin", "https://a.example", "--max-body-mb", "1",
-                                      "--max-size", "512", "--max-steps", "30", "--queue", "3", "--timeout", "9"])
+                                      "u:pass:word", "--cors-origin", "https://a.example", "--max-body-mb", "1",
+                                      "--max-size", "512", "--max-steps", "30", "--queue", "3", "--timeout", "9",
+                                      "--max-connections-per-client", "0"])
     s = settings_from_args(args)
     s.check()
-    assert s.api_key == "a-long-enough-key" and s.api_auth == ("u", "p:w") and s.cors_origins == ("https://a.example",)
+    assert s.api_key == "a-long-enough-key" and s.api_auth == ("u", "pass:word") and s.cors_origins == ("https://a.example",)
     assert s.limits.max_body_bytes == 2**20 and s.limits.max_width == s.limits.max_height == 512
-    assert s.limits.max_steps == 30 and s.queue_size == 3 and s.job_timeout == 9
+    assert s.limits.max_steps == 30 and s.queue_size == 3 and s.job_timeout == 9 and s.max_client_connections == 0
     defaults = settings_from_args(build_parser().parse_args(["serve"]))
     assert (defaults.host, defaults.port, defaults.model, defaults.api_key) == ("127.0.0.1", 7860, "default", None)
     assert defaults.limits.max_body_bytes == 32 * 2**20
@@ -292,3 +295,127 @@ def test_serve_flags_become_settings(tmp_path):
         settings_from_args(build_parser().parse_args(["serve", "--api-key-file", str(tmp_path / "nope")]))
     with pytest.raises(EstableError, match="cors-origin"):
         settings_from_args(build_parser().parse_args(["serve", "--cors-origin", "example.org"])).check()
+    with pytest.raises(EstableError, match="needs an API key"):
+        settings_from_args(build_parser().parse_args(["serve", "--cors-origin", "*"])).check()
+    with pytest.raises(EstableError, match="password must be at least 8"):
+        settings_from_args(build_parser().parse_args(["serve", "--api-auth", "a:b"])).check()
+    with pytest.raises(EstableError, match="connections-per-client"):
+        settings_from_args(build_parser().parse_args(["serve", "--max-connections-per-client", "-1"])).check()
+
+
+# ------------------------------------------------------------------------------------------------- connections
+
+
+def _idle(port: int, source: str = "127.0.0.1"):
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+    sock.settimeout(0.05)
+    return sock
+
+
+def _closed_by_server(sock, within: float) -> bool:
+    """True when the server closes ``sock`` (EOF) within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if sock.recv(1024) == b"":
+                return True
+        except TimeoutError:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+def test_idle_connections_cannot_lock_others_out(model, tmp_path, monkeypatch):
+    """A client holding connections open without requests gets its own past the cap closed, and each one it keeps
+    is closed after the head timeout; another address is served all along; a request that runs long is not cut."""
+    import httpx
+
+    from estable.server import middleware, run
+
+    monkeypatch.setattr(run.GuardedProtocol, "head_timeout", 2.0)
+    monkeypatch.setattr(middleware, "BODY_TIMEOUT", 1.0)
+    from server_util import SlowWorker
+
+    s = LiveServer(settings(tmp_path, model, max_client_connections=4), worker_class=SlowWorker)
+    try:
+        s.client.close()  # its keep-alive connection would count against 127.0.0.1's four
+        time.sleep(0.3)
+        socks = [_idle(s.port) for _ in range(6)]
+        closed_at_once = [_closed_by_server(sock, 0.15) for sock in socks]  # 0.9 s in all: before the timeout
+        assert sum(closed_at_once) == 2, closed_at_once  # the fifth and sixth
+        other = httpx.Client(base_url=s.url, transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=30)
+        assert other.get("/health/live").status_code == 200  # another address is not locked out
+        kept = [sock for sock, gone in zip(socks, closed_at_once) if not gone]
+        assert all(_closed_by_server(sock, 3.0) for sock in kept)  # the head timeout
+        half = _idle(s.port)
+        half.sendall(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # a head that never ends
+        assert _closed_by_server(half, 3.0)
+        slow_body = _idle(s.port)
+        slow_body.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 100\r\n\r\n{\"prompt\":")  # a body that never ends
+        slow_body.settimeout(5)
+        assert slow_body.recv(4096).startswith(b"HTTP/1.1 408")
+        for sock in (*socks, half, slow_body):
+            sock.close()
+        SlowWorker.delay = 0.3  # 15 steps: a request running 4.5 s, twice the head timeout
+        r = other.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 15})
+        assert r.status_code == 200 and len(r.json()["images"]) == 1
+        other.close()
+    finally:
+        SlowWorker.delay = 0.05
+        s.stop()
+
+
+def test_host_origin_checks_and_security_headers(open_server, locked):
+    c = open_server.client
+    assert c.get("/v1/config", headers={"Host": "rebind.attacker.example"}).status_code == 403
+    assert c.get("/v1/config", headers={"Host": f"localhost:{open_server.port}"}).status_code == 200
+    assert c.get("/v1/config", headers={"Host": f"[::1]:{open_server.port}"}).status_code == 200
+    evil = {"Origin": "https://evil.example", "Content-Type": "text/plain"}
+    r = c.post("/sdapi/v1/interrupt", headers=evil)
+    assert r.status_code == 403 and "another origin" in r.json()["detail"]
+    assert c.post("/sdapi/v1/interrupt", headers={"Origin": open_server.url}).status_code == 200
+    assert c.post("/sdapi/v1/interrupt").status_code == 200  # no Origin: not a web page (curl, scripts)
+    assert c.get("/v1/config", headers={"Origin": "https://evil.example"}).status_code == 200  # reading: CORS's job
+    auth = {"Authorization": f"Bearer {KEY}"}
+    assert locked.client.post("/sdapi/v1/interrupt", headers={**auth, "Origin": "http://good.example"}).status_code \
+        == 200  # a --cors-origin may
+    assert locked.client.post("/sdapi/v1/interrupt", headers={**auth, "Origin": "http://evil.example"}).status_code \
+        == 403
+    # a server with a key answers to any Host (it may be reached by any name)
+    assert locked.client.get("/v1/config", headers={**auth, "Host": "gpu-box.lan"}).status_code == 200
+    page = c.get("/")
+    policy = page.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in policy and "default-src 'self'" in policy
+    assert page.headers["x-frame-options"] == "DENY"
+    for r in (c.get("/v1/config"), locked.client.get("/v1/config"), c.get("/web/app.js")):
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert "content-security-policy" not in r.headers or r.headers["content-type"].startswith("text/html")
+
+
+def test_refused_attempts_are_throttled_per_address(model, tmp_path):
+    import httpx
+
+    s = LiveServer(settings(tmp_path, model, api_key=KEY, auth_failure_limit=3, warmup=False))
+    try:
+        for _ in range(3):
+            assert s.client.get("/v1/config", headers={"Authorization": "Bearer wrong-key"}).status_code == 401
+        r = s.client.get("/v1/config", headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
+        assert s.client.get("/health/live").status_code == 200  # public routes stay open
+        other = httpx.Client(base_url=s.url, transport=httpx.HTTPTransport(local_address="127.0.0.2"))
+        assert other.get("/v1/config", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        other.close()
+    finally:
+        s.stop()
+
+
+def test_odd_methods_share_one_metrics_label(locked):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for k in range(5):
+        locked.client.request(f"M{k:04d}X", "/v1/jobs", headers=auth)
+    text = locked.client.get("/metrics", headers=auth).text
+    assert "M0001X" not in text and 'method="other"' in text

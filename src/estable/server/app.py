@@ -1,8 +1,9 @@
 """The FastAPI application: :func:`create_app` wires settings, model catalog, job store, worker and metrics, the two
 APIs (:mod:`.a1111`, :mod:`.api`), health and metrics routes, offline docs and the web page's static files.
 
-Middleware, outermost first: :class:`~.middleware.Observe` (body cap, log line, metrics), CORS (only with
-``--cors-origin``), :class:`~.middleware.Auth` (only with an API key or ``--api-auth``).
+Middleware, outermost first: :class:`~.middleware.Observe` (body cap, log line, metrics),
+:class:`~.middleware.Guard` (Host and Origin checks, security headers), CORS (only with ``--cors-origin``),
+:class:`~.middleware.Auth` (only with an API key or ``--api-auth``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..errors import EstableError
 from . import a1111, api, extras
 from .catalog import ModelCatalog, ModelNameError
 from .metrics import Metrics
-from .middleware import Auth, Observe
+from .middleware import Auth, Guard, Observe
 from .settings import ServerSettings
 from .state import ServerState
 from .store import JobStore
@@ -75,6 +76,7 @@ def create_app(settings: ServerSettings, *, worker_class: type[Worker] = Worker,
 
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
                            allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(Guard, settings=settings)
     app.add_middleware(Observe, max_body=settings.limits.max_body_bytes, routes=lambda: app.router.routes,
                        metrics=metrics)
     return app

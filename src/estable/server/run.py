@@ -1,8 +1,14 @@
-"""Running the app under uvicorn, with a graceful drain on SIGTERM / Ctrl-C.
+"""Running the app under uvicorn, with a graceful drain on SIGTERM / Ctrl-C, and guarded connections.
 
 The first SIGTERM (or SIGINT) does not stop the server at once: new jobs are refused with 503 and /health/ready
 turns 503, admitted jobs run on for up to ``grace`` seconds (then they are interrupted, their finished images
 kept), waiting A1111 calls get their answers, and the process exits with status 0. A second signal hurries it.
+
+uvicorn counts every open connection against its cap (``limit_concurrency``, over → 503 for everyone), including
+connections that never send a request, so a client holding a few hundred idle sockets would lock every other
+client out. :class:`GuardedProtocol` closes a connection that has not sent a whole request head within
+``HEAD_TIMEOUT`` seconds of opening (or of its previous response), and refuses a client's connections past
+``settings.max_client_connections`` at once.
 """
 
 from __future__ import annotations
@@ -17,15 +23,67 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import EstableError
 from .app import create_app
 from .settings import ServerSettings
 
-__all__ = ["run_server", "setup_logging"]
+__all__ = ["GuardedProtocol", "run_server", "setup_logging", "uvicorn_config"]
 
 log = logging.getLogger("estable.server")
 MAX_CONNECTIONS = 256  # open connections and tasks at once; more are answered 503 by uvicorn
+HEAD_TIMEOUT = 10.0  # seconds a connection may stay open without a whole request head (nor a request running)
+
+
+class GuardedProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with two guards against clients that hold connections without using them: a
+    deadline for each request head, and a cap on one client address's open connections (0: no cap; a reverse
+    proxy in front makes every connection come from one address)."""
+
+    head_timeout = HEAD_TIMEOUT
+    per_client = 32
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_timer: Any = None
+        address = self.client[0] if self.client else None
+        if self.per_client and address is not None:
+            same = sum(1 for c in self.connections if getattr(c, "client", None) and c.client[0] == address)
+            if same > self.per_client:
+                transport.close()
+                return
+        self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        waiting_after = self.cycle  # the request that was last answered (None: none yet)
+        self._head_timer = self.loop.call_later(self.head_timeout, self._head_expired, waiting_after)
+
+    def _head_expired(self, waiting_after: Any) -> None:
+        idle = self.cycle is waiting_after and (self.cycle is None or self.cycle.response_complete)
+        if idle and not self.transport.is_closing():  # no new request began: drop the connection
+            self.transport.close()
+
+    def on_response_complete(self) -> None:
+        self._arm_head_timer()  # before the base class starts a pipelined request, which then counts as begun
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if getattr(self, "_head_timer", None) is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+
+
+def uvicorn_config(app: Any, settings: ServerSettings, **overrides: Any) -> uvicorn.Config:
+    """The uvicorn configuration ``estable serve`` runs ``app`` with (``overrides``: uvicorn.Config's arguments)."""
+    protocol = type("GuardedProtocol", (GuardedProtocol,), {"per_client": settings.max_client_connections})
+    options: dict[str, Any] = dict(host=settings.host, port=settings.port, log_level="warning", access_log=False,
+                                   lifespan="on", timeout_graceful_shutdown=int(settings.grace) + 10,
+                                   limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5, http=protocol)
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
 
 
 class _JSONLines(logging.Formatter):
@@ -84,10 +142,7 @@ def run_server(settings: ServerSettings) -> int:
     """Serve until SIGTERM / Ctrl-C (status 0), or fail on a model that cannot be loaded (EstableError)."""
     setup_logging()
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=int(settings.grace) + 10,
-                            limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5)
-    server = DrainingServer(config, app, settings.grace)
+    server = DrainingServer(uvicorn_config(app, settings), app, settings.grace)
     worker = app.state.estable.worker
 
     def watch() -> None:

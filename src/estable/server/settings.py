@@ -65,6 +65,8 @@ class ServerSettings:
     job_timeout: float = 600.0  # seconds a job may run before it fails
     grace: float = 30.0  # seconds SIGTERM waits for admitted jobs before interrupting them
     cors_origins: tuple[str, ...] = ()
+    max_client_connections: int = 32  # one client address's open connections (0: no cap, e.g. behind a proxy)
+    auth_failure_limit: int = 60  # refused authentications per client address per minute, then 429
     device: str = "auto"
     dtype: str = "auto"
     cuda_graphs: bool = True
@@ -98,8 +100,18 @@ class ServerSettings:
                 "machine; pass --api-key KEY (or --api-key-file F, or --api-auth USER:PASS), or bind 127.0.0.1")
         if self.api_key is not None and len(self.api_key) < 8:
             raise EstableError("the API key must be at least 8 characters long")
+        if self.api_auth is not None and len(self.api_auth[1]) < 8:
+            raise EstableError("the --api-auth password must be at least 8 characters long")
+        if "*" in self.cors_origins and not self.auth_required:
+            raise EstableError("--cors-origin '*' lets every web site use this server; it needs an API key "
+                               "(--api-key or --api-auth)")
         if not 0 <= self.port <= 65535:
             raise EstableError(f"--port must be 0..65535, not {self.port}")
+        if self.max_client_connections < 0:
+            raise EstableError(f"--max-connections-per-client must be 0 (no cap) or more, not "
+                               f"{self.max_client_connections}")
+        if self.auth_failure_limit < 1:
+            raise EstableError(f"auth_failure_limit must be at least 1, not {self.auth_failure_limit}")
         if self.queue_size < 1:
             raise EstableError(f"--queue must be at least 1, not {self.queue_size}")
         if self.job_timeout <= 0 or self.grace < 0:
