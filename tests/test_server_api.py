@@ -153,7 +153,7 @@ def test_models_samplers_config(server):
     assert cfg["defaults"] == {"steps": 25, "cfg_scale": 7.0, "width": TINY, "height": TINY,
                                "sampler": "dpmpp_2m_karras", "prompt_completion": None}
     assert cfg["limits"] == {"max_width": 256, "max_height": 256, "max_steps": 60, "max_batch_size": 8,
-                             "max_prompt_length": 4000}
+                             "max_prompt_length": 4000, "max_job_pixels": 8 * 2**20}
     assert cfg["auth"] is False
 
 

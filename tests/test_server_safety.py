@@ -279,12 +279,13 @@ def test_serve_flags_become_settings(tmp_path):
     args = build_parser().parse_args(["serve", "--host", "0.0.0.0", "--api-key-file", str(key), "--api-auth",
                                       "u:pass:word", "--cors-origin", "https://a.example", "--max-body-mb", "1",
                                       "--max-size", "512", "--max-steps", "30", "--queue", "3", "--timeout", "9",
-                                      "--max-connections-per-client", "0"])
+                                      "--max-connections-per-client", "0", "--max-megapixels", "0.5"])
     s = settings_from_args(args)
     s.check()
     assert s.api_key == "a-long-enough-key" and s.api_auth == ("u", "pass:word") and s.cors_origins == ("https://a.example",)
     assert s.limits.max_body_bytes == 2**20 and s.limits.max_width == s.limits.max_height == 512
     assert s.limits.max_steps == 30 and s.queue_size == 3 and s.job_timeout == 9 and s.max_client_connections == 0
+    assert s.limits.max_job_pixels == 2**19
     defaults = settings_from_args(build_parser().parse_args(["serve"]))
     assert (defaults.host, defaults.port, defaults.model, defaults.api_key) == ("127.0.0.1", 7860, "default", None)
     assert defaults.limits.max_body_bytes == 32 * 2**20
@@ -419,3 +420,53 @@ def test_odd_methods_share_one_metrics_label(locked):
         locked.client.request(f"M{k:04d}X", "/v1/jobs", headers=auth)
     text = locked.client.get("/metrics", headers=auth).text
     assert "M0001X" not in text and 'method="other"' in text
+
+
+# ------------------------------------------------------------------------------------------------- job size
+
+
+def test_check_job_size_counts_what_is_drawn():
+    from estable.params import GenerationParams
+    from estable.server.inputs import FieldError, check_job_size
+
+    lim = Limits(max_width=512, max_height=512, max_job_pixels=512 * 512 * 2)
+    check_job_size(GenerationParams(width=512, height=512, batch_size=2), None, lim)
+    with pytest.raises(FieldError, match="batch_size: 3 image.*786432 pixels"):
+        check_job_size(GenerationParams(width=512, height=512, batch_size=3), None, lim)
+    with pytest.raises(FieldError, match="hr_scale: width 256 × 4 is 1024"):
+        check_job_size(GenerationParams(width=256, height=256, hires_scale=4), None, lim, names={"hires_scale":
+                                                                                                "hr_scale"})
+    check_job_size(GenerationParams(), None, lim)  # the model's size not known yet: not checked here
+    with pytest.raises(FieldError, match="width: is not given, and the model draws 768; at most 512"):
+        check_job_size(GenerationParams(), (768, 768), lim)
+    with pytest.raises(FieldError, match="hires_scale: width 384 × 2 is 768"):
+        check_job_size(GenerationParams(hires_scale=2), (384, 384), lim)
+    image = Image.new("RGB", (600, 400))  # img2img: the image's size, and no hires fix
+    with pytest.raises(FieldError, match="width: is not given, and the model draws 600"):
+        check_job_size(GenerationParams(hires_scale=2), None, lim, image)
+    check_job_size(GenerationParams(width=256, height=256, hires_scale=2), None, lim, image)
+
+
+def test_steps_and_size_limits_cannot_be_walked_around(model, tmp_path):
+    lim = Limits(max_width=24, max_height=24, max_steps=5, max_job_pixels=16 * 16 * 2)
+    s = LiveServer(settings(tmp_path, model, limits=lim, warmup=False))  # the tiny model draws 32x32
+    try:
+        c = s.client
+        r = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2})
+        assert r.status_code == 422 and r.json()["detail"].startswith("width: is not given, and the model draws 32")
+        r = c.post("/v1/jobs", json={"prompt": "x", "steps": 2})
+        assert r.status_code == 422 and "the model draws 32" in r.json()["detail"]
+        r = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 16, "height": 16,
+                                              "enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 1000})
+        assert r.status_code == 422 and r.json()["detail"].startswith("hr_second_pass_steps: must be between 0 and 5")
+        r = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 16, "height": 16,
+                                              "enable_hr": True, "hr_scale": 2})
+        assert r.status_code == 422 and r.json()["detail"].startswith("hr_scale: width 16 × 2 is 32; at most 24")
+        r = c.post("/v1/jobs", json={"prompt": "x", "steps": 2, "width": 16, "height": 16, "batch_size": 3})
+        assert r.status_code == 422 and r.json()["detail"].startswith("batch_size: 3 image(s) of 16x16")
+        r = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 16, "height": 16,
+                                              "batch_size": 2})
+        assert r.status_code == 200 and len(r.json()["images"]) == 2
+        assert c.get("/v1/config").json()["limits"]["max_job_pixels"] == 512
+    finally:
+        s.stop()

@@ -61,6 +61,9 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
                    help=f"most sampling steps a request may ask for (default {lim.max_steps})")
     p.add_argument("--max-batch", type=int, default=lim.max_batch_size, metavar="N",
                    help=f"largest batch size a request may ask for (default {lim.max_batch_size})")
+    p.add_argument("--max-megapixels", type=float, default=lim.max_job_pixels / 2**20, metavar="MPX",
+                   help="most pixels one batch may draw, width × height × batch size (hires size included), in "
+                        f"units of 1024×1024 (default {lim.max_job_pixels / 2**20:g})")
     p.add_argument("--preview-interval", type=float, default=1.0, metavar="S",
                    help="seconds between progress previews of a running job (default 1; 0 = none)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -109,11 +112,14 @@ def settings_from_args(args: argparse.Namespace):
         if not sep or not user or not password:
             raise EstableError("--api-auth must be USER:PASS")
         auth = (user, password)
-    if args.max_body_mb <= 0 or args.max_size < 8 or args.max_steps < 1 or args.max_batch < 1:
-        raise EstableError("--max-body-mb, --max-size, --max-steps and --max-batch must be positive")
+    if (args.max_body_mb <= 0 or args.max_size < 8 or args.max_steps < 1 or args.max_batch < 1
+            or not args.max_megapixels > 0):
+        raise EstableError("--max-body-mb, --max-size, --max-steps, --max-batch and --max-megapixels must be "
+                           "positive")
     limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
                     max_batch_size=args.max_batch, max_body_bytes=int(args.max_body_mb * 2**20),
-                    max_image_pixels=max(args.max_size, 2048) ** 2)
+                    max_image_pixels=max(args.max_size, 2048) ** 2,
+                    max_job_pixels=int(args.max_megapixels * 2**20))
     return ServerSettings(
         host=args.host, port=args.port, model=args.model, models_dir=args.models_dir, api_key=_api_key(args),
         api_auth=auth, data_dir=args.data_dir or default_data_dir(), queue_size=args.queue,

@@ -161,6 +161,7 @@ def _job(state: ServerState, req: _Request, mode: str, image: Image.Image | None
             model = state.catalog.resolve(str(model)).name
         except ModelNameError as exc:
             raise HTTPException(400, str(exc)) from None
+    state.check_size(params, image, model)
     return Job(mode=mode, params=params.resolved(), image=image, mask=mask, model=model,
                cfg_given=req.cfg_scale is not None, sampler_given=(req.sampler_name or req.sampler_index) is not None,
                origin="a1111", control=control)

@@ -85,6 +85,7 @@ def make_job(request: Request, req: JobRequest) -> Job:
             model = state.catalog.resolve(req.model).name
         except ModelNameError as exc:
             raise HTTPException(400, str(exc)) from None
+    state.check_size(params, image, model)
     return Job(mode=req.mode, params=params.resolved(), image=image, mask=mask, model=model,
                cfg_given=req.cfg_scale is not None, sampler_given=req.sampler is not None, origin="api",
                control=control)

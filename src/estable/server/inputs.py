@@ -21,7 +21,7 @@ from ..errors import EstableError
 from ..params import GenerationParams
 from .settings import Limits
 
-__all__ = ["BadRequest", "FieldError", "build_params", "check_image_side", "decode_image", "fit_mask"]
+__all__ = ["BadRequest", "FieldError", "build_params", "check_image_side", "check_job_size", "decode_image", "fit_mask"]
 
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
 _URL = re.compile(r"^\s*[a-z][a-z0-9+.-]*://", re.IGNORECASE)
@@ -122,7 +122,8 @@ def build_params(values: dict[str, Any], limits: Limits, names: dict[str, str] |
             if len(v[key]) > limits.max_prompt_length:
                 raise FieldError(name(key), f"is {len(v[key])} characters long; at most {limits.max_prompt_length}")
     bounds = {"width": (8, limits.max_width), "height": (8, limits.max_height), "steps": (1, limits.max_steps),
-              "batch_size": (1, limits.max_batch_size), "batch_count": (1, limits.max_batch_count)}
+              "batch_size": (1, limits.max_batch_size), "batch_count": (1, limits.max_batch_count),
+              "hires_steps": (0, limits.max_steps)}
     for key, (lo, hi) in bounds.items():
         if key in v:
             v[key] = _int(name(key), v[key])
@@ -147,23 +148,47 @@ def build_params(values: dict[str, Any], limits: Limits, names: dict[str, str] |
         raise FieldError(_guess_field(str(exc), v, name), str(exc)) from None
     except TypeError as exc:
         raise FieldError("body", str(exc)) from None
-    if params.hires_scale > 1:  # the hires fix's second pass is the image the limits are about
-        from ..params import hires_side
-
-        for key, limit in (("width", limits.max_width), ("height", limits.max_height)):
-            side = getattr(params, key)
-            if side is not None and hires_side(side, params.hires_scale) > limit:
-                raise FieldError(name("hires_scale"), f"{key} {side} × {params.hires_scale:g} is "
-                                 f"{hires_side(side, params.hires_scale)}; at most {limit}")
+    check_job_size(params, None, limits, names=names)
     return params
+
+
+def check_job_size(params: GenerationParams, native: tuple[int, int] | None, limits: Limits,
+                   image: Image.Image | None = None, names: dict[str, str] | None = None) -> None:
+    """The size a job really draws — its width and height, else the input image's, else the model's ``native``
+    size (None: not known yet, those sides are not checked), times the hires fix's scale — within the limits, and
+    that size times the batch within ``limits.max_job_pixels`` (a FieldError naming the field to change)."""
+    from ..params import hires_side
+
+    names = names or {}
+    scale = params.hires_scale if image is None else 1.0  # the hires fix is txt2img's
+    sides = []
+    for k, (key, limit) in enumerate((("width", limits.max_width), ("height", limits.max_height))):
+        side = getattr(params, key)
+        given = side is not None
+        if side is None:
+            side = image.size[k] if image is not None else native[k] if native is not None else None
+        if side is None:
+            return
+        final = hires_side(side, scale) if scale > 1 else side
+        if final > limit:
+            if scale > 1:
+                raise FieldError(names.get("hires_scale", "hires_scale"),
+                                 f"{key} {side} × {scale:g} is {final}; at most {limit}")
+            raise FieldError(names.get(key, key), f"{'is' if given else 'is not given, and the model draws'} "
+                             f"{side}; at most {limit}")
+        sides.append(final)
+    pixels = sides[0] * sides[1] * params.batch_size
+    if pixels > limits.max_job_pixels:
+        raise FieldError(names.get("batch_size", "batch_size"),
+                         f"{params.batch_size} image(s) of {sides[0]}x{sides[1]} are {pixels} pixels at once; at "
+                         f"most {limits.max_job_pixels} (a smaller batch, or more batches)")
 
 
 def _guess_field(message: str, values: dict[str, Any], name: Any) -> str:
     """The request field a GenerationParams message is about (its messages start with the field's words)."""
     low = message.lower()
-    for key in ("negative_prompt", "prompt", "width", "height", "steps", "cfg_scale", "cfg_start", "batch_size",
-                "strength",
-                "eta", "clip_skip", "seed"):
+    for key in ("hires_scale", "hires_strength", "hires_steps", "hires_upscaler", "negative_prompt", "prompt", "width",
+                "height", "steps", "cfg_scale", "cfg_start", "batch_size", "strength", "eta", "clip_skip", "seed"):
         if low.startswith(key.replace("_", " ")) or low.startswith(key):
             return name(key)
     return "body"

@@ -46,10 +46,12 @@ class Limits:
     max_prompt_length: int = 4000  # characters, prompt and negative prompt each
     max_body_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 2048 * 2048  # an uploaded image's width × height, read from its header
+    max_job_pixels: int = 8 * 1024 * 1024  # width × height × batch size of one batch (hires size included)
 
     def as_config(self) -> dict[str, int]:
         return {"max_width": self.max_width, "max_height": self.max_height, "max_steps": self.max_steps,
-                "max_batch_size": self.max_batch_size, "max_prompt_length": self.max_prompt_length}
+                "max_batch_size": self.max_batch_size, "max_prompt_length": self.max_prompt_length,
+                "max_job_pixels": self.max_job_pixels}
 
 
 @dataclass

@@ -56,6 +56,15 @@ class ServerState:
         if self.networks is not None:
             self.networks.check_prompt(prompt)
 
+    def check_size(self, params: Any, image: Any = None, model: str | None = None) -> None:
+        """The size the job will draw within the limits (422), the model's native size used where the request
+        gives none — known once the model is loaded; the worker checks again before it runs the job."""
+        from .inputs import check_job_size
+
+        pipe, entry = self.worker.pipe, self.worker.entry
+        current = pipe is not None and (model is None or (entry is not None and entry.name == model))
+        check_job_size(params, pipe.native_size if current else None, self.settings.limits, image)
+
     def submit(self, job: Job) -> Job:
         try:
             return self.worker.submit(job)

@@ -31,6 +31,7 @@ from PIL import Image
 from ..errors import EstableError
 from ..params import GenerationParams
 from .catalog import ModelCatalog, ModelEntry
+from .inputs import check_job_size
 from .settings import ServerSettings
 from .store import FINAL_STATES, JobStore, new_id
 
@@ -413,6 +414,7 @@ class Worker:
     def _run_batches(self, job: Job) -> None:
         p = job.params
         p = job.params = self.pipe.with_model_defaults(p, cfg=not job.cfg_given, sampler=not job.sampler_given)
+        check_job_size(p, self.pipe.native_size, self.settings.limits, job.image if job.mode != "txt2img" else None)
         job.model_name = self.pipe.model_name
         job.model_hash = self.pipe.model_hash
         policy = self.provenance.for_mode(job.mode)  # the CLI's filter, marks, record and signature
