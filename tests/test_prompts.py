@@ -361,3 +361,18 @@ def test_apply_weights_prompt_and_none_normalisation():
         apply_weights(ctx, weights[:, :10])
     with pytest.raises(ValueError):
         apply_weights(ctx, weights, normalize="mean")
+
+
+def test_weights_that_would_overflow_are_refused():
+    from estable.errors import EstableError
+    from estable.prompts import MAX_WEIGHT, check_weights
+
+    check_weights("a (red:1000) circle, [blue] ((square)) BREAK (x:-3)")
+    with pytest.raises(EstableError, match="prompt weight 1e\\+39 of 'red circle' is out of range"):
+        check_weights(f"(red circle:1{'0' * 39})")
+    with pytest.raises(EstableError, match="out of range"):
+        check_weights("(((x:900)))")  # nesting multiplies: 900 × 1.1 × 1.1 = 1089
+    with pytest.raises(EstableError, match="out of range"):
+        check_weights(f"(x:{MAX_WEIGHT * 2:g})")
+    ids = build_chunks(f"(x:{'9' * 40})", lambda t: [1] * len(t.split()), bos=0, eos=2, pad=2, weighting=False)[0]
+    assert ids.shape[0] == 1  # with weighting off the brackets are words: nothing to refuse

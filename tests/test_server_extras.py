@@ -247,6 +247,13 @@ def test_lora_listing_and_errors(server):
     assert r.status_code == 422 and r.json()["detail"].startswith("prompt: ") and "nothere" in r.json()["detail"]
     r = server.client.post("/v1/jobs", json={"prompt": "a cat <lora:style:strong>"})
     assert r.status_code == 422 and "not a number" in r.json()["detail"]
+    lora_dir = str(server.settings.lora_dir)
+    r = server.client.post("/v1/jobs", json={"prompt": "a cat <lora:nothere:1>"})
+    detail = r.json()["detail"]
+    assert r.status_code == 422 and lora_dir not in detail and "the LoRA folder" in detail, detail
+    many = " ".join(f"<lora:n{k}:1>" for k in range(17))  # each name is a folder lookup: bounded
+    r = server.client.post("/sdapi/v1/txt2img", json={**BASE, "prompt": f"a cat {many}"})
+    assert r.status_code == 422 and r.json()["detail"] == "prompt: names 17 LoRAs; at most 16"
 
 
 # ------------------------------------------------------------------------------------------ textual inversion
@@ -312,11 +319,14 @@ def test_controlnet_extension_api_matches_library(server, world):
 @pytest.mark.parametrize("change, field", [
     ({"model": "nope"}, "args.0.model"), ({"model": "../cn/cn_edges"}, "args.0.model"),
     ({"module": "depth_midas"}, "args.0.module"), ({"control_mode": 1}, "args.0.control_mode"),
-    ({"weight": 20}, "args.0"), ({"image": None}, "args.0.image"),
+    ({"weight": 20}, "args.0"), ({"image": None}, "args.0.image"), ({"threshold_a": float("inf")}, "args.0"),
+    ({"threshold_a": 250, "threshold_b": 100}, "args.0"),
 ])
 def test_controlnet_bad_units_are_422(server, world, change, field):
     unit = {"image": png_b64(world["control_image"]), "module": "canny", "model": "cn_edges", **change}
-    r = server.client.post("/sdapi/v1/txt2img", json={**BASE, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+    body = {**BASE, "alwayson_scripts": {"controlnet": {"args": [unit]}}}
+    r = server.client.post("/sdapi/v1/txt2img", content=json.dumps(body),  # json.dumps: Infinity passes as clients
+                           headers={"Content-Type": "application/json"})  # such as Python's json send it
     assert r.status_code == 422, r.text
     assert r.json()["detail"].startswith(f"alwayson_scripts.controlnet.{field}"), r.text
     r = server.client.post("/v1/jobs", json={"prompt": "x", "control": [{"type": "canny", "model": "nope",
@@ -350,8 +360,12 @@ def test_controlnet_detect_makes_the_librarys_control_images(server, world):
                                   ({"controlnet_input_images": []}, 422, "controlnet_input_images"),
                                   ({"controlnet_input_images": [png_b64(source)] * 9}, 422, "controlnet_input_images"),
                                   ({"controlnet_processor_res": 10_000}, 422, "controlnet_processor_res"),
+                                  ({"controlnet_threshold_a": float("inf")}, 422, "controlnet_threshold_a"),
+                                  ({"controlnet_threshold_a": 150, "controlnet_threshold_b": 100}, 422,
+                                   "controlnet_threshold_a"),
                                   ({"controlnet_input_images": [not_an_image]}, 400, "controlnet_input_images.0")):
-        r = server.client.post("/controlnet/detect", json={**body, **change})
+        r = server.client.post("/controlnet/detect", content=json.dumps({**body, **change}),
+                               headers={"Content-Type": "application/json"})
         assert r.status_code == status and r.json()["detail"].startswith(field), (change, r.text)
 
 

@@ -470,3 +470,28 @@ def test_steps_and_size_limits_cannot_be_walked_around(model, tmp_path):
         assert c.get("/v1/config").json()["limits"]["max_job_pixels"] == 512
     finally:
         s.stop()
+
+
+def test_what_the_library_would_refuse_is_a_422_before_any_job(open_server):
+    c = open_server.client
+    before = c.get("/v1/jobs").json()["total"]
+    layers = open_server.state.worker.pipe.config.text.layers
+    base = {"prompt": "x", "steps": 2}
+    image = png_b64(Image.new("RGB", (TINY, TINY), "red"))
+    for route, body, field in (
+            ("/sdapi/v1/txt2img", {**base, "prompt": f"(red circle:1{'0' * 39})"}, "prompt"),  # 1e39: inf
+            ("/v1/jobs", {**base, "negative_prompt": "((x:100000))"}, "negative_prompt"),
+            ("/sdapi/v1/txt2img", {**base, "override_settings": {"CLIP_stop_at_last_layers": layers + 1}},
+             "override_settings.CLIP_stop_at_last_layers"),
+            ("/v1/jobs", {**base, "clip_skip": layers + 1}, "clip_skip"),
+            ("/sdapi/v1/img2img", {**base, "init_images": [image], "denoising_strength": 1e-9}, "denoising_strength"),
+            ("/v1/jobs", {**base, "mode": "img2img", "init_image": image, "strength": 0.1}, "strength"),
+            ("/sdapi/v1/txt2img", {**base, "width": 16, "height": 16, "enable_hr": True, "hr_scale": 2,
+                                   "denoising_strength": 0.01}, "denoising_strength")):
+        r = c.post(route, json=body)
+        assert r.status_code == 422 and r.json()["detail"].startswith(f"{field}: "), (route, body, r.text)
+    assert c.get("/v1/jobs").json()["total"] == before  # nothing was queued
+    r = c.get("/v1/jobs", params={"offset": 10**20})
+    assert r.status_code == 422 and r.json()["detail"].startswith("offset")
+    r = c.post("/v1/jobs", json={"mode": "img2img", "init_image": "aGVsbG8="})
+    assert r.status_code == 400 and "0x" not in r.json()["detail"] and "BytesIO" not in r.json()["detail"]

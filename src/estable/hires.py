@@ -106,10 +106,8 @@ def run_hires(
         plan = make_sigmas(spec, pipe.config.schedule, steps)
     except ValueError as exc:
         raise EstableError(str(exc)) from None
-    t_start = max(steps - min(int(steps * float(params.hires_strength)), steps), 0)
-    if t_start >= steps:
-        raise EstableError(f"hires strength {params.hires_strength} with {steps} steps leaves no step to run; "
-                           "raise the strength or the steps")
+    params.check_runs_a_step("txt2img")
+    t_start = steps - min(int(steps * float(params.hires_strength)), steps)
     z_up = upscale_latents(pipe, z, params, w2, h2).to(pipe.device)
     return pipe._sample("img2img", params, spec, _slice_plan(plan, t_start), seeds, cond, uncond, None, None,
                         w2, h2, callback, control, init_latents=z_up)

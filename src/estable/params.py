@@ -141,6 +141,18 @@ class GenerationParams:
                 raise EstableError(f"{name} {v} × hires scale {self.hires_scale:g} is larger than the maximum "
                                    f"{MAX_SIDE}")
 
+    def check_runs_a_step(self, mode: str) -> None:
+        """Refuse (EstableError) a strength that leaves no step of the schedule to run: img2img and inpaint run
+        the last ``int(steps × strength)`` steps, the hires fix's second pass the last ``int(hires steps ×
+        hires strength)``."""
+        if mode != "txt2img" and min(int(self.steps * self.strength), self.steps) < 1:
+            raise EstableError(f"strength {self.strength} with {self.steps} steps leaves no step to run; raise the "
+                               "strength or the steps")
+        steps = self.hires_steps or self.steps
+        if mode == "txt2img" and self.hires_scale > 1 and min(int(steps * float(self.hires_strength)), steps) < 1:
+            raise EstableError(f"hires strength {self.hires_strength} with {steps} steps leaves no step to run; "
+                               "raise the strength or the steps")
+
     def resolved(self) -> GenerationParams:
         """A copy with a concrete seed (a random one replaces -1)."""
         if self.seed != -1:

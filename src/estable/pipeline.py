@@ -488,13 +488,8 @@ class Pipeline:
             check_units(control, self.config.unet, dtype=self.dtype, device=self.device)
         if mode != "txt2img":
             # SDEdit entry point, as diffusers' get_timesteps: the last init_timestep steps of the schedule.
-            init_timestep = min(int(params.steps * params.strength), params.steps)
-            t_start = max(params.steps - init_timestep, 0)
-            if t_start >= params.steps:
-                raise EstableError(
-                    f"strength {params.strength} with {params.steps} steps leaves no step to run; "
-                    "raise the strength or the steps"
-                )
+            params.check_runs_a_step(mode)
+            t_start = params.steps - min(int(params.steps * params.strength), params.steps)
             plan = _slice_plan(plan, t_start)
 
         request_text = self.prepare_networks(params.prompt)  # the request's LoRAs merged; its text without their tags

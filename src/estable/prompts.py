@@ -38,6 +38,7 @@ __all__ = [
     "BREAK",
     "CHUNK_LEN",
     "apply_weights",
+    "check_weights",
     "build_chunks",
     "chunk_tokens",
     "empty_window",
@@ -150,6 +151,20 @@ def _is_float(s: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+MAX_WEIGHT = 1000.0  # the largest |weight| a prompt may give: beyond, fp16/fp32 embeddings overflow to inf/NaN
+
+
+def check_weights(text: str) -> None:
+    """Refuse (EstableError) a prompt whose weights, nesting included, exceed ``MAX_WEIGHT`` in size — such as
+    ``(word:1e39)``, which would turn its embeddings into infinities and the image into NaN."""
+    from .errors import EstableError
+
+    for seg in _parse(text):
+        if not seg.is_break and not abs(seg.weight) <= MAX_WEIGHT:
+            raise EstableError(f"the prompt weight {seg.weight:g} of {seg.text.strip()[:40]!r} is out of range: at "
+                               f"most {MAX_WEIGHT:g} in size")
 
 
 def parse_weights(text: str) -> list[tuple[str, float]]:
@@ -285,6 +300,8 @@ def build_chunks(
             "encode('') returned tokens; pass a function that encodes without special tokens "
             "(e.g. tokenizer.encode(text, add_special_tokens=False))"
         )
+    if weighting:
+        check_weights(text)
     segments = tokenize_weighted(text, encode, weighting=weighting)
     chunks = chunk_tokens(segments, max_chunk, comma_id, comma_padding_backtrack)
 

@@ -65,8 +65,8 @@ def _sobel(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def canny_mask(image: Image.Image, low: float = 100, high: float = 200, sigma: float = 0.0) -> np.ndarray:
     """Boolean (H, W) Canny edge map (see the module docstring for the steps and the threshold scale)."""
-    if not 0 <= low <= high:
-        raise EstableError(f"Canny thresholds must satisfy 0 ≤ low ≤ high, got low={low}, high={high}")
+    if not (math.isfinite(low) and math.isfinite(high) and 0 <= low <= high):
+        raise EstableError(f"Canny thresholds must be numbers with 0 ≤ low ≤ high, got low={low}, high={high}")
     a = _gaussian(np.asarray(image.convert("RGB"), dtype=np.float32), sigma)  # (H, W, 3)
     gx, gy = _sobel(a)
     mag = np.abs(gx) + np.abs(gy)  # (H, W, 3), L1

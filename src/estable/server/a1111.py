@@ -149,10 +149,10 @@ def _job(state: ServerState, req: _Request, mode: str, image: Image.Image | None
         values["strength"] = req.denoising_strength if req.denoising_strength is not None else 0.75
     elif getattr(req, "enable_hr", False):
         values.update(_hires(req))
-    params = build_params(values, state.settings.limits, {"batch_count": "n_iter", "strength": "denoising_strength",
-                                                          "sampler": "sampler_name", "hires_scale": "hr_scale",
-                                                          "hires_steps": "hr_second_pass_steps",
-                                                          "hires_strength": "denoising_strength"})
+    names = {"batch_count": "n_iter", "strength": "denoising_strength", "sampler": "sampler_name",
+             "hires_scale": "hr_scale", "hires_steps": "hr_second_pass_steps", "hires_strength": "denoising_strength",
+             "clip_skip": "override_settings.CLIP_stop_at_last_layers"}
+    params = build_params(values, state.settings.limits, names)
     state.admit(params.prompt)  # the prompt filter, the <lora:…> tags
     control = a1111_control(state.networks, req.alwayson_scripts, image, state.settings.limits)
     model = over.get("sd_model_checkpoint")
@@ -161,7 +161,7 @@ def _job(state: ServerState, req: _Request, mode: str, image: Image.Image | None
             model = state.catalog.resolve(str(model)).name
         except ModelNameError as exc:
             raise HTTPException(400, str(exc)) from None
-    state.check_size(params, image, model)
+    state.check_job(params, mode, image, model, names)
     return Job(mode=mode, params=params.resolved(), image=image, mask=mask, model=model,
                cfg_given=req.cfg_scale is not None, sampler_given=(req.sampler_name or req.sampler_index) is not None,
                origin="a1111", control=control)
@@ -231,15 +231,11 @@ async def _generate(request: Request, req: _Request, job: Job, echo: dict[str, A
 
 @router.post("/txt2img", summary="Generate images from a prompt (A1111)")
 async def txt2img(request: Request, req: Txt2ImgRequest) -> Any:
-    job = _job(get_state(request), req, "txt2img")
+    job = await asyncio.to_thread(_job, get_state(request), req, "txt2img")  # LoRA lookups off the loop
     return await _generate(request, req, job, req.model_dump())
 
 
-@router.post("/img2img", summary="Re-draw init_images[0], or inpaint its white mask area (A1111)")
-async def img2img(request: Request, req: Img2ImgRequest) -> Any:
-    state = get_state(request)
-    if not req.init_images:
-        raise HTTPException(404, "Init image not found")
+def _img2img_job(state: ServerState, req: Img2ImgRequest) -> Job:
     limits = state.settings.limits
     image = decode_image(req.init_images[0], "init_images", limits)
     mask = None
@@ -247,7 +243,14 @@ async def img2img(request: Request, req: Img2ImgRequest) -> Any:
         mask = fit_mask(decode_image(req.mask, "mask", limits, mode="L"), image, bool(req.inpainting_mask_invert))
     if req.width is None or req.height is None:
         check_image_side(image, "init_images", limits)
-    job = _job(state, req, "inpaint" if mask is not None else "img2img", image, mask)
+    return _job(state, req, "inpaint" if mask is not None else "img2img", image, mask)
+
+
+@router.post("/img2img", summary="Re-draw init_images[0], or inpaint its white mask area (A1111)")
+async def img2img(request: Request, req: Img2ImgRequest) -> Any:
+    if not req.init_images:
+        raise HTTPException(404, "Init image not found")
+    job = await asyncio.to_thread(_img2img_job, get_state(request), req)  # image decoding off the loop
     echo = req.model_dump()
     if not req.include_init_images:
         echo["init_images"] = None

@@ -85,7 +85,7 @@ def make_job(request: Request, req: JobRequest) -> Job:
             model = state.catalog.resolve(req.model).name
         except ModelNameError as exc:
             raise HTTPException(400, str(exc)) from None
-    state.check_size(params, image, model)
+    state.check_job(params, req.mode, image, model)
     return Job(mode=req.mode, params=params.resolved(), image=image, mask=mask, model=model,
                cfg_given=req.cfg_scale is not None, sampler_given=req.sampler is not None, origin="api",
                control=control)
@@ -93,13 +93,13 @@ def make_job(request: Request, req: JobRequest) -> Job:
 
 @router.post("/jobs", status_code=202, summary="Queue a generation; returns the job at once")
 async def create_job(request: Request, req: JobRequest) -> dict[str, Any]:
-    job = get_state(request).submit(make_job(request, req))
+    job = get_state(request).submit(await asyncio.to_thread(make_job, request, req))  # decoding off the loop
     return job_view(job)
 
 
 @router.get("/jobs", summary="The job history, newest first")
 async def list_jobs(request: Request, limit: int = Query(20, ge=1, le=200),
-                    offset: int = Query(0, ge=0)) -> dict[str, Any]:
+                    offset: int = Query(0, ge=0, le=2**31)) -> dict[str, Any]:
     state = get_state(request)
     rows, total = await asyncio.to_thread(state.store.list_jobs, limit, offset)
     jobs = []

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import threading
 import weakref
 from pathlib import Path
@@ -48,6 +49,7 @@ MODULES = {"none": "none", "canny": "canny", "scribble": "scribble", "invert": "
 CONTROL_MODES = {0: False, 2: True, "balanced": False, "controlnet is more important": True}
 MAX_UNITS = 4
 MAX_DETECT_IMAGES = 8
+MAX_PROMPT_LORAS = 16  # distinct <lora:…> names in one prompt (each is looked up in the folder)
 
 
 class Networks:
@@ -83,12 +85,19 @@ class Networks:
     # -- LoRA ------------------------------------------------------------------------------------------------
     def check_prompt(self, prompt: str, field: str = "prompt") -> None:
         """Every ``<lora:…>`` tag of ``prompt`` names a LoRA of the folder (else a 422 naming the field)."""
-        from ..extra_networks import resolve_prompt_loras
+        from ..extra_networks import parse_prompt_networks, resolve_prompt_loras
 
         try:
+            names = {tag.name for tag in parse_prompt_networks(prompt)[1]}
+            if len(names) > MAX_PROMPT_LORAS:
+                raise FieldError(field, f"names {len(names)} LoRAs; at most {MAX_PROMPT_LORAS}")
             resolve_prompt_loras(prompt, self.lora_dir)
+        except FieldError:
+            raise
         except EstableError as exc:
             message = str(exc).replace("(--lora-dir DIR)", "(estable serve --lora-dir DIR)")
+            if self.lora_dir is not None:  # the client needs the name, not where the server keeps its files
+                message = message.replace(str(self.lora_dir.expanduser()), "the LoRA folder")
             raise FieldError(field, message) from None
 
     def loras(self) -> list[dict[str, Any]]:
@@ -258,18 +267,28 @@ def a1111_control(networks: Networks, scripts: dict[str, Any], init_image: Image
         image = decode_image(raw, f"{field}.image", limits) if raw else init_image
         if image is None:
             raise FieldError(f"{field}.image", "a ControlNet unit needs an image (base64) in txt2img")
-        options: dict[str, float] = {}
-        if kind == "canny":
-            for key, opt in (("threshold_a", "low"), ("threshold_b", "high")):
-                value = unit.get(key)
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-                    options[opt] = float(value)
+        options = _canny_options(unit.get("threshold_a"), unit.get("threshold_b"), field) if kind == "canny" else {}
         end = unit.get("guidance_end", unit.get("guidance", 1.0))
         out.append(_spec(networks, field, kind, image, unit.get("model"), unit.get("weight", 1.0),
                          unit.get("guidance_start", 0.0), end, CONTROL_MODES[mode], options))
     if len(out) > MAX_UNITS:
         raise FieldError(base, f"at most {MAX_UNITS} enabled ControlNet units, not {len(out)}")
     return out
+
+
+def _canny_options(low: Any, high: Any, field: str) -> dict[str, float]:
+    """Canny's thresholds from A1111's threshold_a / threshold_b (absent, not a number or ≤ 0: the default); a
+    value that is not finite, or low above high, is a 422."""
+    options: dict[str, float] = {}
+    for value, opt in ((low, "low"), (high, "high")):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            if not math.isfinite(value):
+                raise FieldError(field, f"the Canny threshold {value} is not a finite number")
+            options[opt] = float(value)
+    if options.get("low", 100.0) > options.get("high", 200.0):
+        raise FieldError(field, f"the Canny thresholds must have low ≤ high, not {options.get('low', 100.0):g} > "
+                         f"{options.get('high', 200.0):g}")
+    return options
 
 
 class DetectRequest(BaseModel):
@@ -304,9 +323,7 @@ def detect(req: DetectRequest, limits: Limits) -> list[Image.Image]:
         raise FieldError("controlnet_processor_res", f"must be between 64 and {longest}, not {res}")
     options: dict[str, float] = {}
     if MODULES[module] == "canny":
-        for value, opt in ((req.controlnet_threshold_a, "low"), (req.controlnet_threshold_b, "high")):
-            if value is not None and value > 0:
-                options[opt] = float(value)
+        options = _canny_options(req.controlnet_threshold_a, req.controlnet_threshold_b, "controlnet_threshold_a")
     out = []
     for k, data in enumerate(req.controlnet_input_images):
         image = decode_image(data, f"controlnet_input_images.{k}", limits)
@@ -363,10 +380,18 @@ async def model_list(request: Request, update: bool = True) -> dict[str, list[st
     return {"model_list": networks.controlnet_names()}
 
 
+_DETECTING = threading.Semaphore(1)  # one detect request at a time: each can take seconds of CPU and a GB
+
+
+def _detect_encoded(req: DetectRequest, limits: Limits) -> list[str]:
+    with _DETECTING:
+        return [base64.b64encode(png_bytes(im)).decode() for im in detect(req, limits)]
+
+
 @router.post("/controlnet/detect", tags=["ControlNet"], summary="Make control images from images (extension API)")
 async def detect_route(request: Request, req: DetectRequest) -> dict[str, Any]:
-    images = await asyncio.to_thread(detect, req, request.app.state.estable.settings.limits)
-    return {"images": [base64.b64encode(png_bytes(im)).decode() for im in images], "info": "Success"}
+    images = await asyncio.to_thread(_detect_encoded, req, request.app.state.estable.settings.limits)
+    return {"images": images, "info": "Success"}
 
 
 @router.get("/controlnet/module_list", tags=["ControlNet"], summary="Control-image makers (extension API)")

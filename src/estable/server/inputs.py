@@ -70,7 +70,9 @@ def decode_image(data: Any, field: str, limits: Limits, mode: str = "RGB") -> Im
             return im.convert(mode)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadRequest(f"{field} declares more pixels than any accepted image (a decompression bomb?)") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:
+        raise BadRequest(f"{field} is not a PNG, JPEG or WebP image") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # a damaged file; PIL's message names no object or path
         raise BadRequest(f"{field} is not a readable PNG, JPEG or WebP image ({exc})") from None
 
 

@@ -56,14 +56,35 @@ class ServerState:
         if self.networks is not None:
             self.networks.check_prompt(prompt)
 
-    def check_size(self, params: Any, image: Any = None, model: str | None = None) -> None:
-        """The size the job will draw within the limits (422), the model's native size used where the request
-        gives none — known once the model is loaded; the worker checks again before it runs the job."""
-        from .inputs import check_job_size
+    def check_job(self, params: Any, mode: str, image: Any = None, model: str | None = None,
+                  names: dict[str, str] | None = None) -> None:
+        """What the library would refuse once the job ran, refused now (422 naming the request's field): the size
+        the job draws within the limits (the model's native size where the request gives none), prompt weights
+        in range, a strength that leaves a step to run, a clip skip the text encoder has. What needs the model is
+        checked once it is loaded (the worker checks the size again before it runs the job)."""
+        from ..errors import EstableError
+        from ..prompts import check_weights
+        from .inputs import FieldError, check_job_size
 
+        names = names or {}
         pipe, entry = self.worker.pipe, self.worker.entry
         current = pipe is not None and (model is None or (entry is not None and entry.name == model))
-        check_job_size(params, pipe.native_size if current else None, self.settings.limits, image)
+        check_job_size(params, pipe.native_size if current else None, self.settings.limits,
+                       image if mode != "txt2img" else None, names)
+        for key in ("prompt", "negative_prompt"):
+            try:
+                check_weights(getattr(params, key))
+            except EstableError as exc:
+                raise FieldError(names.get(key, key), str(exc)) from None
+        try:
+            params.check_runs_a_step(mode)
+        except EstableError as exc:
+            key = "hires_strength" if str(exc).startswith("hires") else "strength"
+            raise FieldError(names.get(key, key), str(exc)) from None
+        layers = pipe.config.text.layers if current else None
+        if layers is not None and params.clip_skip is not None and params.clip_skip > layers:
+            raise FieldError(names.get("clip_skip", "clip_skip"), f"is {params.clip_skip}; this model's text "
+                             f"encoder has {layers} layers")
 
     def submit(self, job: Job) -> Job:
         try:

@@ -392,7 +392,7 @@ class Worker:
                                         f"{p.width or 'native'}x{p.height or 'native'} size; lower the size or the "
                                         "batch size")
         except EstableError as exc:
-            self._finish(job, "failed", str(exc))
+            self._finish(job, "failed", self._public(str(exc)))
         except Exception as exc:  # a bug: the job fails, the worker lives on
             log.exception(json.dumps({"event": "job_error", "job": job.id}))
             self._finish(job, "failed", f"internal error: {type(exc).__name__}: {exc}")
@@ -401,6 +401,15 @@ class Worker:
                 self._finish(job, "done", None)
         finally:
             self.durations.append(time.monotonic() - t0)
+
+    def _public(self, message: str) -> str:
+        """``message`` with the model's path on this machine replaced by the name clients know it by."""
+        sources = {str(self.entry.path)} if self.entry is not None else set()
+        if self.pipe is not None and getattr(self.pipe.model, "source", None) is not None:
+            sources.add(str(self.pipe.model.source))
+        for source in sorted(sources, key=len, reverse=True):
+            message = message.replace(source, f"the model {self.entry.name if self.entry else 'file'}")
+        return message
 
     def _stopped(self, job: Job, reason: str) -> None:
         if reason == "cancel":
