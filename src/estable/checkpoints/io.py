@@ -22,6 +22,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,8 @@ _MAX_HEADER_BYTES = 100_000_000
 
 _PICKLE_RISK = (
     "pickle checkpoints can run arbitrary code when loaded. Convert it to .safetensors, or, if you trust "
-    "its source, opt in with allow_pickle=True (CLI: --allow-pickle); even then only tensors are loaded "
+    "its source, opt in with allow_pickle=True (--allow-pickle, where a command has it); even then only tensors "
+    "are loaded "
     "(torch.load with weights_only=True)"
 )
 
@@ -267,13 +269,27 @@ def load_pickle_object(path: str | os.PathLike[str], *, allow_pickle: bool = Fal
     if not allow_pickle:
         raise CheckpointError(f"refusing to load {path.name}: {_PICKLE_RISK} ({path})")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing the file
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"{path.name} could not be loaded safely: it is damaged or holds objects other than tensors "
-            f"(code, classes), which the safe loader refuses to run ({first_line}) ({path})"
+            f"(code, classes), which the safe loader refuses to run ({_unpickler_reason(exc)}) ({path})"
         ) from None
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """The reason in torch's refusal, without its advice to load the file unsafely (which Estable never does)."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        reason = text.split(marker, 1)[1].split("Check the documentation", 1)[0]
+        return " ".join(reason.split())[:200] or type(exc).__name__
+    if "weights_only" in text:  # torch's advice with no reason in it
+        return type(exc).__name__
+    lines = text.strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
 
 
 def read_pickle(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
