@@ -468,6 +468,12 @@ def test_steps_and_size_limits_cannot_be_walked_around(model, tmp_path):
                                               "batch_size": 2})
         assert r.status_code == 200 and len(r.json()["images"]) == 2
         assert c.get("/v1/config").json()["limits"]["max_job_pixels"] == 512
+        from estable.params import GenerationParams
+        from estable.server.worker import Job
+
+        job = s.state.worker.submit(Job(mode="txt2img", params=GenerationParams(prompt="x", steps=2, seed=1)))
+        assert job.done.wait(30) and job.state == "failed"  # admitted past the checks: the worker checks again
+        assert job.error.startswith("width: is not given, and the model draws 32") and not job.images
     finally:
         s.stop()
 
