@@ -279,13 +279,14 @@ def test_serve_flags_become_settings(tmp_path):
     args = build_parser().parse_args(["serve", "--host", "0.0.0.0", "--api-key-file", str(key), "--api-auth",
                                       "u:pass:word", "--cors-origin", "https://a.example", "--max-body-mb", "1",
                                       "--max-size", "512", "--max-steps", "30", "--queue", "3", "--timeout", "9",
-                                      "--max-connections-per-client", "0", "--max-megapixels", "0.5"])
+                                      "--max-connections-per-client", "0", "--max-megapixels", "0.5",
+                                      "--keep-jobs", "5"])
     s = settings_from_args(args)
     s.check()
     assert s.api_key == "a-long-enough-key" and s.api_auth == ("u", "pass:word") and s.cors_origins == ("https://a.example",)
     assert s.limits.max_body_bytes == 2**20 and s.limits.max_width == s.limits.max_height == 512
     assert s.limits.max_steps == 30 and s.queue_size == 3 and s.job_timeout == 9 and s.max_client_connections == 0
-    assert s.limits.max_job_pixels == 2**19
+    assert s.limits.max_job_pixels == 2**19 and s.keep_jobs == 5
     defaults = settings_from_args(build_parser().parse_args(["serve"]))
     assert (defaults.host, defaults.port, defaults.model, defaults.api_key) == ("127.0.0.1", 7860, "default", None)
     assert defaults.limits.max_body_bytes == 32 * 2**20
@@ -501,3 +502,15 @@ def test_what_the_library_would_refuse_is_a_422_before_any_job(open_server):
     assert r.status_code == 422 and r.json()["detail"].startswith("offset")
     r = c.post("/v1/jobs", json={"mode": "img2img", "init_image": "aGVsbG8="})
     assert r.status_code == 400 and "0x" not in r.json()["detail"] and "BytesIO" not in r.json()["detail"]
+
+
+def test_keep_jobs_prunes_the_oldest_finished_jobs_and_their_files(model, tmp_path):
+    s = LiveServer(settings(tmp_path, model, keep_jobs=2, warmup=False))
+    try:
+        for seed in range(4):
+            assert s.client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "seed": seed}).status_code == 200
+        jobs = s.client.get("/v1/jobs").json()
+        assert jobs["total"] == 2 and [j["params"]["seed"] for j in jobs["jobs"]] == [3, 2]
+        assert len(list((tmp_path / "images").glob("*.png"))) == 2  # the pruned jobs' images are gone too
+    finally:
+        s.stop()

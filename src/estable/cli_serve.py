@@ -44,6 +44,8 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
                    help=f"where the job store (jobs.sqlite3) and images are kept (default {default_data_dir()})")
     p.add_argument("--queue", type=int, default=16, metavar="N",
                    help="jobs that may wait; more get 503 with Retry-After (default 16)")
+    p.add_argument("--keep-jobs", type=int, default=0, metavar="N",
+                   help="keep only the N newest finished jobs and their images in --data-dir (default 0: keep all)")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="seconds a job may run (default 600)")
     p.add_argument("--grace", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds admitted jobs may still run before they are interrupted (default 30)")
@@ -122,7 +124,7 @@ def settings_from_args(args: argparse.Namespace):
                     max_job_pixels=int(args.max_megapixels * 2**20))
     return ServerSettings(
         host=args.host, port=args.port, model=args.model, models_dir=args.models_dir, api_key=_api_key(args),
-        api_auth=auth, data_dir=args.data_dir or default_data_dir(), queue_size=args.queue,
+        api_auth=auth, data_dir=args.data_dir or default_data_dir(), queue_size=args.queue, keep_jobs=args.keep_jobs,
         job_timeout=args.timeout, grace=args.grace, cors_origins=tuple(args.cors_origin), device=args.device,
         max_client_connections=args.max_connections_per_client,
         dtype=args.dtype, cuda_graphs=args.cuda_graphs, preview_interval=args.preview_interval, limits=limits,

@@ -64,6 +64,7 @@ class ServerSettings:
     api_auth: tuple[str, str] | None = None  # (user, password) for HTTP basic auth, as A1111's --api-auth
     data_dir: Path = field(default_factory=default_data_dir)
     queue_size: int = 16  # jobs waiting (the running one not counted); full → 503
+    keep_jobs: int = 0  # finished jobs kept with their images, the newest first (0: all)
     job_timeout: float = 600.0  # seconds a job may run before it fails
     grace: float = 30.0  # seconds SIGTERM waits for admitted jobs before interrupting them
     cors_origins: tuple[str, ...] = ()
@@ -114,6 +115,8 @@ class ServerSettings:
                                f"{self.max_client_connections}")
         if self.auth_failure_limit < 1:
             raise EstableError(f"auth_failure_limit must be at least 1, not {self.auth_failure_limit}")
+        if self.keep_jobs < 0:
+            raise EstableError(f"--keep-jobs must be 0 (keep all) or more, not {self.keep_jobs}")
         if self.queue_size < 1:
             raise EstableError(f"--queue must be at least 1, not {self.queue_size}")
         if self.job_timeout <= 0 or self.grace < 0:

@@ -511,3 +511,5 @@ class Worker:
                 self.jobs.pop(job.id, None)
                 self._cond.notify_all()
             job._set_done()
+        if self.settings.keep_jobs:  # the oldest finished jobs beyond --keep-jobs go, with their images
+            self.store.prune(self.settings.keep_jobs)
