@@ -79,7 +79,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantize", choices=("int8",),
                    help="int8: store every Linear/Conv weight as int8 with one scale per output channel "
                    "(about 0.26x the fp32 size; --to estable only)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST if it exists (a folder only when it is a diffusers model, with model_index.json)")
     p.set_defaults(func=_cmd_convert)
 
 
@@ -129,6 +130,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                                  allow_pickle=args.allow_pickle)
         print(f"wrote {out} ({args.to} ControlNet)")
         return 0
+    if args.to == "diffusers":
+        from .checkpoints.store import check_replaceable_folder
+
+        check_replaceable_folder(dst)  # before the model loads: --overwrite replaces only a diffusers model folder
     bar = tqdm(total=LOAD_STAGES + SAVE_STAGES, unit="stage", file=sys.stderr, leave=False, disable=None,
                bar_format="{desc:<32} {bar} {n_fmt}/{total_fmt} [{elapsed}]")
     started = False
@@ -209,7 +214,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--split", choices=("train", "heldout"), default="train",
                    help="train, or held-out attribute combinations never seen in training (default train)")
     s.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
-    s.add_argument("--overwrite", action="store_true", help="replace the images and metadata already in OUT")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace the images and metadata an earlier `estable data shapes` wrote in OUT (other files "
+                   "are kept)")
     s.add_argument("--append", action="store_true",
                    help="add COUNT new images (the next scenes of the same world) after those already in OUT")
     s.set_defaults(func=_cmd_data_shapes)
@@ -220,6 +227,8 @@ def _cmd_data_shapes(args: argparse.Namespace) -> int:
 
     if args.overwrite and args.append:
         raise EstableError("--overwrite and --append exclude each other")
+    if args.count < 1:
+        raise EstableError(f"--count must be at least 1, not {args.count}")
     existing = "overwrite" if args.overwrite else "append" if args.append else "refuse"
     try:
         meta = write_folder(args.out, args.count, args.size, args.split, args.seed, progress=True, existing=existing)

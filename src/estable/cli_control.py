@@ -11,6 +11,7 @@ ranges).
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -132,14 +133,18 @@ def add_control_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", metavar="OUT", help="the control image to write (.png)")
     p.add_argument("--low", type=float, metavar="F", help="Canny low threshold, 0..2040 (canny 100, scribble 40)")
     p.add_argument("--high", type=float, metavar="F", help="Canny high threshold (canny 200, scribble 80)")
-    p.add_argument("--sigma", type=float, metavar="F", help="Gaussian smoothing before Canny (canny 0, scribble 2)")
-    p.add_argument("--thickness", type=int, metavar="N", help="stroke width in pixels (scribble 3, lines 1)")
+    p.add_argument("--sigma", type=float, metavar="F",
+                   help="Gaussian smoothing before Canny, 0..50 (canny 0, scribble 2)")
+    p.add_argument("--thickness", type=int, metavar="N", help="stroke width in pixels, 1..64 (scribble 3, lines 1)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT (the input image is never replaced)")
     p.set_defaults(func=_cmd_control_image)
 
 
 def _cmd_control_image(args: argparse.Namespace) -> int:
-    from .control.preprocess import make_control_image
+    from .control.preprocess import MAX_SIGMA, MAX_THICKNESS, make_control_image
     from .images import load_image
+    from .outputs import check_new_file, same_file
 
     allowed = {"canny": ("low", "high", "sigma"), "scribble": ("low", "high", "sigma", "thickness"),
                "lines": ("thickness",), "seg": (), "none": ()}[args.type]
@@ -150,10 +155,21 @@ def _cmd_control_image(args: argparse.Namespace) -> int:
             if name not in allowed:
                 raise EstableError(f"--{name} does not apply to control type {args.type}")
             options[name] = value
+    if args.thickness is not None and not 1 <= args.thickness <= MAX_THICKNESS:
+        raise EstableError(f"--thickness must be from 1 to {MAX_THICKNESS} pixels, not {args.thickness}")
+    if args.sigma is not None and not (math.isfinite(args.sigma) and 0 <= args.sigma <= MAX_SIGMA):
+        raise EstableError(f"--sigma must be a number from 0 to {MAX_SIGMA:g}, not {args.sigma:g}")
+    picture = load_image(args.image)  # a missing or unreadable input is reported first
     out = Path(args.out)
+    if same_file(out, args.image):
+        raise EstableError(f"OUT {out} is the input image {args.image}; choose another output name "
+                           "(an input is never written over)")
     if str(out.parent) and not out.parent.is_dir():
         raise EstableError(f"cannot write {out}: folder {out.parent} does not exist")
-    image = make_control_image(args.type, load_image(args.image), **options)
+    if out.is_dir():
+        raise EstableError(f"OUT {out} is a folder; name the .png file to write")
+    check_new_file(out, overwrite=args.overwrite, inputs=[args.image])
+    image = make_control_image(args.type, picture, **options)
     try:
         image.save(out)
     except (OSError, ValueError) as exc:

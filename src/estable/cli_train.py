@@ -71,9 +71,11 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .outputs import check_writable_folder
     from .training import distributed
     from .training.config import load_config
     from .training.registry import make_trainer
+    from .training.runs import read_run_config
 
     kind = args.trainer_kind
     if args.run_dir:
@@ -87,7 +89,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config_file = run_dir / "config.json"
         if not config_file.is_file():
             raise EstableError(f"{run_dir} has no config.json; pass --config")
-        base = json.loads(config_file.read_text(encoding="utf-8"))
+        base = read_run_config(config_file)
     if base is None:
         raise EstableError("--config is required (a JSON file or a preset name)")
     for item in args.overrides:
@@ -102,6 +104,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config.to_json())
         return 0
+    if run_dir.exists() and not run_dir.is_dir():
+        raise EstableError(f"--run-dir {run_dir} is a file; choose a folder name")
+    check_writable_folder(run_dir, create=True)  # before the models are built
     trainer = make_trainer(kind, config, run_dir, resume=args.resume, progress=False if args.no_progress else None)
     if trainer.dist.is_main:
         start = f" (resuming at step {trainer.step})" if trainer.step else ""
@@ -128,5 +133,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .training.assemble import assemble_model
 
+    _check_export_out(Path(args.run), Path(args.out))
     print(f"wrote {assemble_model(args.run, args.out, dtype=args.dtype, overwrite=args.overwrite)}")
     return 0
+
+
+def _check_export_out(run: Path, out: Path) -> None:
+    """EstableError when ``out`` would write over what the export reads: the run's checkpoints or config.json, or
+    the VAE, text encoder or tokenizer its config names."""
+    from .training.config import load_config
+
+    reads = [run / "checkpoints", run / "config.json"]
+    if (run / "config.json").is_file():
+        try:
+            cfg = load_config("unet", run / "config.json")
+        except EstableError:
+            cfg = None  # assemble_model reports it
+        for source in (getattr(cfg, "vae", None), getattr(cfg, "text", None)):
+            for name in (getattr(source, "source", None), getattr(source, "tokenizer", None)):
+                if isinstance(name, str) and name and Path(name).exists():
+                    reads.append(Path(name))
+    target = out.resolve()
+    for path in reads:
+        resolved = path.resolve()
+        if target == resolved or resolved in target.parents:
+            raise EstableError(f"OUT {out} would write over {path}, which the export reads; choose a name outside it")

@@ -627,6 +627,8 @@ def save_model(
         raise EstableError(f"{dst}: an {to} checkpoint is a single .safetensors file; name it *.safetensors")
     if to != "diffusers" and dst.is_dir():
         raise CheckpointError(f"{dst} is a folder; an {to} checkpoint is a single file")
+    if to == "diffusers":
+        check_replaceable_folder(dst)
     stage(f"converting to {to}")
     comps = {name: _cast(sd, torch_dtype, "cpu") for name, sd in model.state_dicts().items()}
     config = model.config
@@ -661,11 +663,25 @@ def save_model(
     return dst
 
 
+def check_replaceable_folder(dst: str | os.PathLike[str]) -> Path:
+    """``dst`` resolved, after checking that writing a diffusers model there may replace it: it does not exist, or
+    it is a diffusers model folder (has ``model_index.json``). Anything else (a folder of other files, ``.``, ``/``)
+    is an EstableError, so replacing never deletes a folder that is not a model."""
+    dst = Path(dst).resolve()
+    if not dst.name:
+        raise EstableError(f"cannot write a diffusers model as {dst}; name a new folder")
+    if dst.is_dir() and not (dst / "model_index.json").is_file():
+        raise EstableError(f"{dst} is a folder but not a diffusers model (no model_index.json); not replacing it "
+                           "(it would be deleted): choose a new folder name")
+    return dst
+
+
 def _save_diffusers(model: LoadedModel, comps: dict[str, dict[str, torch.Tensor]], dst: Path, *,
                     overwrite: bool) -> None:
     from . import diffusers_config as dc
     from . import ldm
 
+    dst = check_replaceable_folder(dst)
     if dst.exists() and not dst.is_dir():
         raise CheckpointError(f"{dst} is a file; a diffusers model is a folder")
     comps, config = _converted(ldm.trim_text_layers, comps, model.config, where=str(dst))
@@ -710,11 +726,13 @@ def _save_diffusers(model: LoadedModel, comps: dict[str, dict[str, torch.Tensor]
 
 
 def _replace_folder(new: Path, dst: Path, *, overwrite: bool) -> None:
-    """Move the finished folder ``new`` to ``dst``; an existing ``dst`` is swapped out, then deleted."""
+    """Move the finished folder ``new`` to ``dst``; an existing ``dst`` (a diffusers model folder only) is swapped
+    out, then deleted."""
     old = None
     if dst.exists():
         if not overwrite:
             raise CheckpointError(f"{dst} already exists")
+        dst = check_replaceable_folder(dst)
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
         os.replace(dst, old)
     try:

@@ -33,6 +33,25 @@ CONTROL_TYPES: dict[str, str] = {
 }
 
 
+#: The largest stroke width (pixels) and Gaussian σ the makers accept: beyond them the work (a disc of
+#: thickness² shifts, a kernel of 6σ taps) grows without making a more useful control image.
+MAX_THICKNESS = 64
+MAX_SIGMA = 50.0
+
+
+def _check_thickness(thickness: int) -> None:
+    whole = isinstance(thickness, (int, np.integer)) and not isinstance(thickness, bool)
+    if not whole or not 1 <= thickness <= MAX_THICKNESS:
+        raise EstableError(f"stroke thickness must be a whole number of pixels from 1 to {MAX_THICKNESS}, "
+                           f"not {thickness!r}")
+
+
+def _check_sigma(sigma: float) -> None:
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.number)) or not math.isfinite(sigma) \
+            or not 0 <= sigma <= MAX_SIGMA:
+        raise EstableError(f"Gaussian sigma must be a number from 0 to {MAX_SIGMA:g}, not {sigma!r}")
+
+
 def _gaussian(a: np.ndarray, sigma: float) -> np.ndarray:
     """Separable Gaussian blur of (H, W) or (H, W, C) float32, radius ⌈3σ⌉, reflected borders."""
     if sigma <= 0:
@@ -67,6 +86,7 @@ def canny_mask(image: Image.Image, low: float = 100, high: float = 200, sigma: f
     """Boolean (H, W) Canny edge map (see the module docstring for the steps and the threshold scale)."""
     if not (math.isfinite(low) and math.isfinite(high) and 0 <= low <= high):
         raise EstableError(f"Canny thresholds must be numbers with 0 ≤ low ≤ high, got low={low}, high={high}")
+    _check_sigma(sigma)
     a = _gaussian(np.asarray(image.convert("RGB"), dtype=np.float32), sigma)  # (H, W, 3)
     gx, gy = _sobel(a)
     mag = np.abs(gx) + np.abs(gy)  # (H, W, 3), L1
@@ -135,11 +155,13 @@ def scribble(image: Image.Image, thickness: int = 3, sigma: float = 2.0, low: fl
              high: float = 80) -> Image.Image:
     """A scribble-like map: edges of the smoothed image (only the main contours survive), thickened to strokes
     about ``thickness`` pixels wide, white on black (what scribble ControlNets are trained on)."""
+    _check_thickness(thickness)
     return _white_on_black(_dilate(canny_mask(image, low, high, sigma), max(0, (thickness - 1) // 2)))
 
 
 def lines(image: Image.Image, thickness: int = 1, threshold: int = 128) -> Image.Image:
     """A drawing (dark strokes on light paper) as white strokes on black; ``thickness`` > 1 thickens them."""
+    _check_thickness(thickness)
     dark = np.asarray(image.convert("L")) < threshold
     return _white_on_black(_dilate(dark, max(0, (thickness - 1) // 2)))
 

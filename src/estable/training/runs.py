@@ -215,6 +215,20 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
 # ---------------------------------------------------------------------------------------------------------
 
 
+def read_run_config(path: str | Path) -> dict[str, Any]:
+    """A run's ``config.json`` as a dict; EstableError when it cannot be read or is not a JSON object."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise EstableError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EstableError(f"{path} is damaged (not valid JSON: {exc}); pass --config to give the config") from None
+    if not isinstance(data, dict):
+        raise EstableError(f"{path} is damaged (not a JSON object); pass --config to give the config")
+    return data
+
+
 class Run:
     """A run folder. Only the main process writes (``is_main``); on other ranks the writers are no-ops."""
 
@@ -226,8 +240,13 @@ class Run:
         self.log_path = self.root / "log.jsonl"
         self._tb: Any = None
         if is_main:
+            if self.root.exists() and not self.root.is_dir():
+                raise EstableError(f"the run folder {self.root} is a file; choose another --run-dir")
             for d in (self.root, self.samples_dir, self.checkpoints_dir):
-                d.mkdir(parents=True, exist_ok=True)
+                try:
+                    d.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise EstableError(f"cannot create the run folder {d}: {exc.strerror or exc}") from None
             if tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
@@ -245,7 +264,7 @@ class Run:
         path = self.root / "config.json"
         if not path.is_file():
             raise EstableError(f"{self.root} has no config.json; is it a run folder?")
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_run_config(path)
 
     # -- logging ---------------------------------------------------------------------------------------------
     def log(self, record: dict[str, Any]) -> None:

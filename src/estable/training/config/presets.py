@@ -23,6 +23,7 @@ from estable.training.config.trainers import (
     UNetTrainConfig,
     VAESource,
     VAETrainConfig,
+    check_sampler,
 )
 
 _TINY_VAE = VAEConfig(block_channels=(16, 32, 32), layers_per_block=1, norm_groups=8, latent_channels=4,
@@ -157,6 +158,7 @@ def load_config(kind: str, base: str | Path | dict[str, Any] | None = None,
             cfg = cls.from_dict(data)
         if overrides:
             cfg = cls.from_dict(apply_overrides(cfg.to_dict(), overrides))
+        check_sampler(cfg)
     except ValueError as exc:
         raise EstableError(str(exc)) from None
     return cfg

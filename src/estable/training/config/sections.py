@@ -107,7 +107,7 @@ class TrainConfig(_Plain):
     max_steps: int = 1000
     # Wall-clock budget of this invocation, in minutes, counted from the trainer's start (building a latent cache
     # included): the run stops at the next log step after it and saves a checkpoint, and ``--resume`` continues it
-    # (for time-limited jobs). None: no limit.
+    # (for time-limited jobs). None: no limit; 0: stop at the first log step.
     max_minutes: float | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema_decay: float | None = 0.9999  # None: no EMA
@@ -167,6 +167,8 @@ class TrainConfig(_Plain):
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}")
+        if self.max_minutes is not None:  # 0: stop at the first log step (after set-up), with a checkpoint
+            _positive("max_minutes", self.max_minutes, allow_zero=True)
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) or null (no EMA), got {self.ema_decay!r}")
 

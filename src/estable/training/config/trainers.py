@@ -91,10 +91,28 @@ class SampleConfig(_Plain):
     cfg_scale: float = 4.0
     seed: int = 1234
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # the sampler's name is checked by check_sampler (it needs torch)
         _positive_int("sample.steps", self.steps)
         if not self.prompts:
             raise ValueError("sample.prompts needs at least one prompt")
+        if isinstance(self.cfg_scale, bool) or not isinstance(self.cfg_scale, (int, float)) \
+                or not math.isfinite(self.cfg_scale):
+            raise ValueError(f"sample.cfg_scale must be a finite number, got {self.cfg_scale!r}")
+
+
+def check_sampler(config: Any) -> None:
+    """ValueError (listing the valid names) unless ``config.sample.sampler``, where the config has a sample section,
+    is a sampler :func:`estable.sampling.samplers.get_sampler` knows. Kept out of ``SampleConfig`` itself: the
+    sampler registry imports torch, and the presets are built when the CLI starts."""
+    sample = getattr(config, "sample", None)
+    if sample is None:
+        return
+    from estable.sampling.samplers import get_sampler
+
+    try:
+        get_sampler(sample.sampler)
+    except ValueError as exc:
+        raise ValueError(f"sample.sampler: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -282,6 +300,9 @@ class ImageTowerConfig(_Plain):
     blocks_per_stage: int = 2
     stem_stride: int = 2  # 1, 2 or 4
     norm_groups: int = 8
+
+    def __post_init__(self) -> None:  # the rest is checked by estable.models.clip.ImageEncoderConfig
+        _positive_int("model.image.norm_groups", self.norm_groups)
 
 
 def _clip_text() -> TextConfig:
@@ -477,8 +498,10 @@ class TITrainConfig(TrainConfig):
         super().__post_init__()
         if not isinstance(self.base, str) or not self.base:
             raise ValueError("base must be a checkpoint path (SD file, diffusers folder, Estable file) or 'default'")
-        if not isinstance(self.token, str) or not self.token.strip() or any(c in self.token for c in ":,<>"):
-            raise ValueError(f"token must be a word without ':' ',' '<' '>', got {self.token!r}")
+        bad = not isinstance(self.token, str) or not self.token or ".." in self.token
+        if bad or any(c in ':,<>/\\' or c.isspace() or not c.isprintable() for c in self.token):
+            raise ValueError(f"token must be one word (it names the file RUN/<token>.safetensors): no spaces, '..', "
+                             f"or ':' ',' '<' '>' '/' '\\', got {self.token!r}")
         _positive_int("num_vectors", self.num_vectors)
         if len(self.colour) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in self.colour):
             raise ValueError(f"colour must be three integers 0..255, got {self.colour!r}")

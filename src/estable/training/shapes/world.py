@@ -202,6 +202,12 @@ class ShapesWorld:
 MAX_FOLDER_COUNT = 100_000_000  # file names have 8 digits
 
 
+def _is_own_image(name: str) -> bool:
+    """Whether ``name`` is one of :func:`write_folder`'s image names (``NNNNNNNN.png``, 8 digits)."""
+    stem, dot, ext = name.partition(".")
+    return dot == "." and ext == "png" and len(stem) == 8 and stem.isascii() and stem.isdigit()
+
+
 def write_folder(
     out_dir: str | Path,
     count: int,
@@ -220,11 +226,13 @@ def write_folder(
     the split, seed and index. A ``shapes_world.json`` records the vocabulary and reserved combinations.
     Returns the path of ``metadata.jsonl``.
 
-    A folder that already holds images or a metadata.jsonl is refused (``existing="refuse"``), emptied of them
-    (``"overwrite"``), or extended (``"append"``: the next scene indices of the same world, new file names,
-    new metadata lines after the old). Every PNG is written under a temporary name and renamed into place, and
-    its metadata line is written (and flushed) only after that, so an interrupted run leaves complete images
-    that all have their line. The disk's free space is checked first against the first image's size.
+    A folder that already holds images or a metadata.jsonl is refused (``existing="refuse"``), emptied of the
+    files this function writes (``"overwrite"``: its numbered images and metadata only, other files stay; a
+    non-empty folder without a shapes_world.json is refused), or extended (``"append"``: the next scene indices of
+    the same world, new file names, new metadata lines after the old). Every PNG is written under a temporary
+    name and renamed into place, and its metadata line is written (and flushed) only after that, so an
+    interrupted run leaves complete images that all have their line. The disk's free space is checked first
+    against the first image's size.
     """
     import shutil
 
@@ -244,6 +252,9 @@ def write_folder(
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file, not a folder")
     first = 0 if start is None else start
+    if existing == "overwrite" and out.is_dir() and not info_file.is_file() and any(out.iterdir()):
+        raise ValueError(f"{out} was not written by `estable data shapes` (it has no shapes_world.json); not "
+                         "replacing anything there: choose a new or empty folder")
     if old_images or meta.exists():
         if existing == "refuse":
             raise ValueError(f"{out} already holds {len(old_images)} image(s) and "
@@ -273,9 +284,13 @@ def write_folder(
         if need > free:
             raise ValueError(f"{count:,} images of {size}x{size} need about {need / 2**30:.1f} GiB (from the first "
                              f"image's size), but {out} has {free / 2**30:.1f} GiB free")
-    if existing == "overwrite":  # only now that every check has passed
+    if existing == "overwrite":  # only now that every check has passed, and only the files this function writes
         for f in old_images:
-            f.unlink()
+            if _is_own_image(f.name):
+                f.unlink()
+        for f in out.glob(".*.png.tmp"):
+            if _is_own_image(f.name[1:-4]):
+                f.unlink()
     base = int(old.get("start", first)) if old_lines else first  # the first index of the whole folder
     info = {"split": split, "seed": seed, "size": size, "start": base, "count": len(old_lines) + count,
             **world.vocabulary()}

@@ -1,0 +1,254 @@
+"""Bad input gets a clear error and loses nothing: control-image, convert --overwrite, data shapes, training configs,
+train export and run folders."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from estable.cli import main
+from estable.errors import EstableError
+
+
+def _run(capsys, *argv) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    if code == 2:
+        assert err.startswith("estable: error:") and "Traceback" not in err and err.count("\n") == 1, err
+    return code, err
+
+
+def _picture(path: Path) -> bytes:
+    a = np.zeros((48, 48, 3), dtype=np.uint8)
+    a[12:36, 12:36] = (200, 40, 40)
+    Image.fromarray(a).save(path)
+    return path.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------- control-image
+
+
+def test_control_image_never_writes_over_its_input(tmp_path, capsys, monkeypatch):
+    base = tmp_path / "base.png"
+    data = _picture(base)
+    code, err = _run(capsys, "control-image", "canny", base, base)
+    assert code == 2 and "input image" in err
+    code, err = _run(capsys, "control-image", "canny", base, base, "--overwrite")
+    assert code == 2 and "input image" in err
+    monkeypatch.chdir(tmp_path)
+    code, err = _run(capsys, "control-image", "canny", "base.png", "./sub/../base.png", "--overwrite")
+    assert code == 2 and "input image" in err
+    assert base.read_bytes() == data
+
+
+def test_control_image_refuses_an_existing_output_without_overwrite(tmp_path, capsys):
+    base, out = tmp_path / "base.png", tmp_path / "out.png"
+    _picture(base)
+    out.write_bytes(b"keep me")
+    code, err = _run(capsys, "control-image", "canny", base, out)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    assert out.read_bytes() == b"keep me"
+    assert _run(capsys, "control-image", "canny", base, out, "--overwrite")[0] == 0
+    assert Image.open(out).size == (48, 48)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--thickness", "100000"], "--thickness"), (["--thickness", "0"], "--thickness"),
+    (["--thickness", "-3"], "--thickness"), (["--sigma", "1e9"], "--sigma"), (["--sigma", "-1"], "--sigma"),
+    (["--sigma", "nan"], "--sigma"), (["--sigma", "inf"], "--sigma"),
+])
+def test_control_image_range_checks(tmp_path, capsys, flags, needle):
+    base = tmp_path / "base.png"
+    _picture(base)
+    code, err = _run(capsys, "control-image", "scribble", base, tmp_path / "t.png", *flags)
+    assert code == 2 and needle in err
+    assert not (tmp_path / "t.png").exists()
+
+
+def test_control_makers_check_thickness_and_sigma():
+    from estable.control.preprocess import canny, lines, make_control_image, scribble
+
+    image = Image.new("RGB", (16, 16))
+    for bad in (0, -3, 100_000, 2.5):
+        with pytest.raises(EstableError, match="thickness"):
+            scribble(image, thickness=bad)
+        with pytest.raises(EstableError, match="thickness"):
+            lines(image, thickness=bad)
+    for bad in (-1.0, 1e9, math.nan, math.inf):
+        with pytest.raises(EstableError, match="sigma"):
+            canny(image, sigma=bad)
+        with pytest.raises(EstableError, match="sigma"):
+            make_control_image("scribble", image, sigma=bad)
+    assert scribble(image, thickness=64, sigma=50).size == (16, 16)
+
+
+# ---------------------------------------------------------------------------------------------- convert
+
+
+def test_convert_overwrite_replaces_only_a_diffusers_folder(tmp_path, capsys, monkeypatch):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("x")
+    code, err = _run(capsys, "convert", "default", precious, "--to", "diffusers", "--overwrite")
+    assert code == 2 and "model_index.json" in err
+    assert (precious / "thesis.txt").read_text() == "x"
+    monkeypatch.chdir(precious)
+    code, err = _run(capsys, "convert", "default", ".", "--to", "diffusers", "--overwrite")
+    assert code == 2 and "model_index.json" in err
+    assert (precious / "thesis.txt").read_text() == "x"
+    code, err = _run(capsys, "convert", "default", "/", "--to", "diffusers", "--overwrite")
+    assert code == 2
+
+
+def test_replace_folder_keeps_a_folder_that_is_not_a_model(tmp_path):
+    from estable.checkpoints.store import _replace_folder
+
+    new, dst = tmp_path / "new", tmp_path / "dst"
+    new.mkdir()
+    (new / "model_index.json").write_text("{}")
+    dst.mkdir()
+    (dst / "thesis.txt").write_text("x")
+    with pytest.raises(EstableError, match="not a diffusers model"):
+        _replace_folder(new, dst, overwrite=True)
+    assert (dst / "thesis.txt").read_text() == "x" and new.is_dir()
+    (dst / "model_index.json").write_text("{}")  # a model folder: replaced
+    _replace_folder(new, dst, overwrite=True)
+    assert not (dst / "thesis.txt").exists() and (dst / "model_index.json").is_file() and not new.exists()
+
+
+# ---------------------------------------------------------------------------------------------- data shapes
+
+
+def test_data_shapes_count_must_be_positive(tmp_path, capsys):
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    (pics / "mine.png").write_bytes(b"mine")
+    code, err = _run(capsys, "data", "shapes", pics, "--count", "0", "--overwrite")
+    assert code == 2 and "--count" in err
+    assert (pics / "mine.png").read_bytes() == b"mine"
+
+
+def test_data_shapes_overwrite_refuses_a_folder_it_did_not_write(tmp_path, capsys):
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    (pics / "mine.png").write_bytes(b"mine")
+    (pics / "00000000.png").write_bytes(b"also mine")
+    code, err = _run(capsys, "data", "shapes", pics, "--count", "1", "--size", "32", "--overwrite")
+    assert code == 2 and "shapes_world.json" in err
+    assert (pics / "mine.png").read_bytes() == b"mine" and (pics / "00000000.png").read_bytes() == b"also mine"
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.txt").write_text("x")
+    code, err = _run(capsys, "data", "shapes", notes, "--count", "1", "--size", "32", "--overwrite")
+    assert code == 2 and sorted(p.name for p in notes.iterdir()) == ["thesis.txt"]
+
+
+def test_data_shapes_overwrite_deletes_only_its_own_files(tmp_path, capsys):
+    out = tmp_path / "shapes"
+    assert _run(capsys, "data", "shapes", out, "--count", "3", "--size", "32")[0] == 0
+    (out / "mine.png").write_bytes(b"mine")
+    (out / "0001.png").write_bytes(b"not one of its names")
+    assert _run(capsys, "data", "shapes", out, "--count", "1", "--size", "32", "--overwrite")[0] == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["00000000.png", "0001.png", "mine.png"]
+    assert (out / "mine.png").read_bytes() == b"mine"
+    assert len((out / "metadata.jsonl").read_text().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------- training configs
+
+
+@pytest.mark.parametrize("token", ["../../pwn_ti", "a/b", "a\\b", "..", "two words", "tab\there", "nul\0x", "x\ny"])
+def test_ti_token_must_be_a_plain_name(tmp_path, capsys, token):
+    from estable.training.config import load_config
+
+    with pytest.raises(EstableError, match="token"):
+        load_config("ti", "tiny-ti", [f"token={json.dumps(token)}"])
+    code, err = _run(capsys, "train", "ti", "--config", "tiny-ti", "--run-dir", tmp_path / "ti1",
+                     f"token={json.dumps(token)}", "max_steps=2", "--print-config")
+    assert code == 2 and "token" in err
+    assert load_config("ti", "tiny-ti", ["token=my-teal_2"]).token == "my-teal_2"
+
+
+@pytest.mark.parametrize("kind, override, needle", [
+    ("unet", "sample.sampler=bogus", "euler"),  # the message lists the valid samplers
+    ("ti", "sample.sampler=bogus", "unknown sampler"),
+    ("unet", "sample.cfg_scale=NaN", "cfg_scale"),
+    ("unet", "sample.cfg_scale=Infinity", "cfg_scale"),
+    ("unet", "max_minutes=-1", "max_minutes"),
+    ("unet", "max_minutes=NaN", "max_minutes"),
+    ("clip", "model.image.norm_groups=0", "norm_groups"),
+])
+def test_training_config_rejects(kind, override, needle):
+    from estable.training.config import load_config
+
+    with pytest.raises(EstableError, match=needle):
+        load_config(kind, f"tiny-{kind}", [override])
+
+
+def test_training_config_accepts_valid_values():
+    from estable.training.config import load_config
+
+    cfg = load_config("unet", "tiny-unet", ["sample.sampler=dpmpp_2m", "max_minutes=0", "sample.cfg_scale=0"])
+    assert cfg.sample.sampler == "dpmpp_2m" and cfg.max_minutes == 0
+
+
+# ---------------------------------------------------------------------------------------------- train export
+
+
+def test_train_export_never_writes_over_the_run(tmp_path, capsys):
+    from estable.training.config import load_config
+
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step_0000004"
+    ckpt.mkdir(parents=True)
+    (run / "config.json").write_text(load_config("unet", "tiny-unet").to_json())
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    for out in (ckpt / "model.safetensors", run / "config.json", run / "checkpoints" / "x.safetensors"):
+        before = out.read_bytes() if out.exists() else None
+        code, err = _run(capsys, "train", "export", run, out, "--overwrite")
+        assert code == 2 and "export reads" in err
+        assert (out.read_bytes() if out.exists() else None) == before
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+
+
+def test_run_dir_that_is_a_file(tmp_path, capsys):
+    base = tmp_path / "base.png"
+    data = _picture(base)
+    code, err = _run(capsys, "train", "unet", "--config", "tiny-unet", "--run-dir", base, "max_steps=1")
+    assert code == 2 and "is a file" in err
+    code, err = _run(capsys, "train", "unet", "--config", "tiny-unet", "--run-dir", base / "run", "max_steps=1")
+    assert code == 2 and "is a file" in err
+    assert base.read_bytes() == data
+
+
+def test_run_folder_errors_are_estable_errors(tmp_path, monkeypatch):
+    from estable.training.runs import Run
+
+    base = tmp_path / "base.png"
+    base.write_bytes(b"x")
+    with pytest.raises(EstableError, match="is a file"):
+        Run(base, tensorboard=False)
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(EstableError, match="Permission denied"):
+        Run(tmp_path / "locked" / "run", tensorboard=False)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", "\udcff"])
+def test_resume_with_a_damaged_config(tmp_path, capsys, text):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    code, err = _run(capsys, "train", "unet", "--run-dir", run, "--resume")
+    assert code == 2 and "config.json" in err and "damaged" in err
