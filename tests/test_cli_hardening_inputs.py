@@ -252,3 +252,19 @@ def test_resume_with_a_damaged_config(tmp_path, capsys, text):
     (run / "config.json").write_bytes(text.encode("utf-8", "surrogateescape"))
     code, err = _run(capsys, "train", "unet", "--run-dir", run, "--resume")
     assert code == 2 and "config.json" in err and "damaged" in err
+
+
+def test_run_log_with_a_half_written_last_line(tmp_path):
+    from estable.training.runs import Run
+
+    run = Run(tmp_path / "run")
+    run.log({"step": 1, "loss": 0.5})
+    run.log({"step": 2, "loss": 0.4})
+    with open(run.log_path, "a", encoding="utf-8") as f:
+        f.write('{"step": 3, "lo')  # killed while appending
+    assert [r["step"] for r in run.read_log()] == [1, 2]
+    run.truncate_log(2)
+    assert [r["step"] for r in run.read_log()] == [1, 2]
+    run.log_path.write_text('{"step": 1}\nnot json\n{"step": 3}\n', encoding="utf-8")
+    with pytest.raises(EstableError, match="damaged at line 2"):
+        run.read_log()

@@ -280,9 +280,25 @@ class Run:
                     self._tb.add_scalar(f"{kind}/{k}", v, record["step"])
 
     def read_log(self) -> list[dict[str, Any]]:
+        """The log's records. A damaged last line (a run killed while appending it) is dropped; a damaged line
+        before it is an EstableError."""
         if not self.log_path.is_file():
             return []
-        return [json.loads(line) for line in self.log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line for line in self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+                 if line.strip()]
+        records = []
+        for k, line in enumerate(lines):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict):
+                if k == len(lines) - 1:
+                    break
+                raise EstableError(f"{self.log_path} is damaged at line {k + 1} (not a JSON object); move the "
+                                   "file aside to go on without the log")
+            records.append(record)
+        return records
 
     def truncate_log(self, step: int) -> None:
         """On resume: drop records past ``step`` that a killed run wrote after its last checkpoint."""
