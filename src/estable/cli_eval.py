@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -125,15 +126,28 @@ def _add_overwrite_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Checks made before any work: ``args.size`` within what renders and generation allow, and ``args.out`` (a file
-    written at the end) not an existing file unless --overwrite, not a folder, in a folder that accepts files."""
+def check_args(args: argparse.Namespace, *, out_file: bool = True) -> None:
+    """Checks made before any work: ``args.size`` within what renders and generation allow, ``args.seed`` not
+    negative, ``args.batch_size`` positive, ``args.device`` known, and ``args.out`` (a file written at the end) not
+    an existing file unless --overwrite, not a folder, in a folder that accepts files (unless ``out_file`` is
+    false: ``args.out`` is then a folder)."""
     from .params import MAX_SIDE
 
     size = getattr(args, "size", None)
     if size is not None and not 8 <= size <= MAX_SIDE:
         raise EstableError(f"--size {size} is out of range: 8 to {MAX_SIDE} pixels")
-    if getattr(args, "out", None):
+    seed = getattr(args, "seed", None)
+    if seed is not None and seed < 0:
+        raise EstableError(f"--seed must be 0 or more, not {seed}")
+    batch_size = getattr(args, "batch_size", None)
+    if batch_size is not None and batch_size < 1:
+        raise EstableError(f"--batch-size must be at least 1, not {batch_size}")
+    device = getattr(args, "device", None)
+    if device is not None:  # an unknown device (or cuda without a GPU) fails before any work
+        from .pipeline import _resolve_device
+
+        _resolve_device(device)
+    if out_file and getattr(args, "out", None):
         from .outputs import check_new_file
 
         check_new_file(args.out, overwrite=bool(getattr(args, "overwrite", False)))
@@ -395,7 +409,8 @@ def _cmd_train_judge(args: argparse.Namespace) -> int:
     from .evaluation.judge import format_accuracy, judge_accuracy, save_judge, train_judge
 
     check_args(args)
-
+    if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
+        raise EstableError(f"--minutes must be a positive number, not {args.minutes:g}")
     try:
         judge = train_judge(args.steps, args.batch, args.size, args.device, args.seed, workers=args.workers,
                             time_limit_s=None if args.minutes is None else 60 * args.minutes)
@@ -425,6 +440,7 @@ def _add_judge_accuracy(esub: argparse._SubParsersAction) -> None:
 def _cmd_judge_accuracy(args: argparse.Namespace) -> int:
     from .evaluation.judge import EVAL_SEED, format_accuracy, judge_accuracy, load_judge_or_default, resolve_device
 
+    check_args(args)
     if args.count < 1:
         raise EstableError("--count must be positive")
     judge = load_judge_or_default(args.judge, resolve_device(args.device))
@@ -573,6 +589,7 @@ def _cmd_guidance_sweep(args: argparse.Namespace) -> int:
         cfgs = parse_cfgs(args.cfg)
     except ValueError as exc:
         raise EstableError(str(exc)) from None
+    check_args(args, out_file=False)
     if args.prompts < 1 or args.images_per_prompt < 1 or args.fid_count < 0 or args.fid_count == 1:
         raise EstableError("--prompts and --images-per-prompt must be positive and --fid-count 0 or at least 2")
     out = Path(args.out)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -259,7 +260,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .pipeline import load_pipeline, resolve_sampler
     from .provenance.infotext import read_png_metadata
     from .provenance.reuse import check_same_model
+    from .tokenizer import check_unicode
 
+    for what, text in (("the PROMPT", args.prompt), ("--negative", args.negative)):
+        if text is not None:
+            check_unicode(text, what)
     if getattr(args, "prompts", None) is not None:
         from .cli_bulk import cmd_bulk
 
@@ -269,7 +274,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         _, record = read_png_metadata(args.from_png)
         if record is None:
             raise EstableError(f"{args.from_png} has no Estable record (only images made by Estable can be reused)")
+        _check_record(record, args.from_png)
     params = _params(args, record)
+    check_unicode(params.prompt, "the prompt")  # a record's text (JSON may hold lone surrogates)
+    check_unicode(params.negative_prompt or "", "the negative prompt")
     resolve_sampler(params.sampler)  # an unknown sampler fails before the model is loaded
     provenance = GenerationProvenance.from_args(args, params.prompt, record)  # prompt filter, keys
 
@@ -347,6 +355,37 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     warn(result.warnings)
     provenance.finish()  # images refused by the output check: an error, after the others are written
     return 0
+
+
+def _check_record(record: dict[str, Any], source: str) -> None:
+    """EstableError naming the first field of a ``--from-png`` record (LoRAs, VAE, embeddings) of the wrong type."""
+    def bad(field: str, value: Any, want: str) -> EstableError:
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return EstableError(f"{source}: the Estable record's {field} must be {want}, not {shown}")
+
+    vae = record.get("vae")
+    if vae is not None and not isinstance(vae, dict):
+        raise bad("vae", vae, "an object")
+    if vae is not None and vae.get("path") is not None and not isinstance(vae["path"], str):
+        raise bad("vae.path", vae["path"], "text")
+    for key in ("loras", "embeddings"):
+        items = record.get(key)
+        if items is not None and not isinstance(items, list):
+            raise bad(key, items, "a list")
+        for i, item in enumerate(items or []):
+            if not isinstance(item, dict):
+                raise bad(f"{key}[{i}]", item, "an object")
+            path = item.get("path")
+            if path is not None and not isinstance(path, str):
+                raise bad(f"{key}[{i}].path", path, "text")
+            if key == "loras" and item.get("source") in ("flag", "prompt") and not path:
+                raise bad(f"{key}[{i}].path", path, "a file name")
+            if key == "loras" and item.get("source") == "flag":
+                for net in ("te", "unet"):
+                    value = item.get(net)
+                    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                        raise bad(f"{key}[{i}].{net}", value, "a finite number")
 
 
 def _loras(args: argparse.Namespace, record: dict[str, Any] | None, params: GenerationParams) -> tuple[list, Any]:

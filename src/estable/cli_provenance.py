@@ -195,6 +195,8 @@ def _p(p: float) -> str:
 def _cmd_verify(args: argparse.Namespace) -> int:
     if args.steps < 2:
         raise EstableError("--steps must be at least 2")
+    if args.key is not None and not args.key:
+        raise EstableError("--key is empty; give the watermark key's text, or leave --key out")
     if args.reproduce:
         return _verify_reproduce(args)
     from .provenance.verify import check_image

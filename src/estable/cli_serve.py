@@ -7,6 +7,7 @@ Wire it into ``estable.cli.build_parser`` with ``add_serve_command(sub)``.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from .errors import EstableError
@@ -105,6 +106,13 @@ def _api_key(args: argparse.Namespace) -> str | None:
     return args.api_key
 
 
+def _check_seconds(flag: str, value: float, *, zero: bool) -> None:
+    """EstableError unless ``value`` is a finite number of seconds, above 0 (or at least 0 when ``zero``)."""
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise EstableError(f"{flag} must be a finite number of seconds, {'0 or more' if zero else 'above 0'}, "
+                           f"not {value:g}")
+
+
 def settings_from_args(args: argparse.Namespace):
     from .server.settings import Limits, ServerSettings, default_data_dir
 
@@ -114,10 +122,13 @@ def settings_from_args(args: argparse.Namespace):
         if not sep or not user or not password:
             raise EstableError("--api-auth must be USER:PASS")
         auth = (user, password)
-    if (args.max_body_mb <= 0 or args.max_size < 8 or args.max_steps < 1 or args.max_batch < 1
-            or not args.max_megapixels > 0):
+    if (not 0 < args.max_body_mb < math.inf or args.max_size < 8 or args.max_steps < 1 or args.max_batch < 1
+            or not 0 < args.max_megapixels < math.inf):
         raise EstableError("--max-body-mb, --max-size, --max-steps, --max-batch and --max-megapixels must be "
-                           "positive")
+                           "positive (and finite)")
+    _check_seconds("--timeout", args.timeout, zero=False)
+    _check_seconds("--grace", args.grace, zero=True)
+    _check_seconds("--preview-interval", args.preview_interval, zero=True)
     limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
                     max_batch_size=args.max_batch, max_body_bytes=int(args.max_body_mb * 2**20),
                     max_image_pixels=max(args.max_size, 2048) ** 2,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -98,6 +99,8 @@ class UNetConfig(_Config):
                 f"UNetConfig.attention_levels has {len(self.attention_levels)} entries but there are "
                 f"{n} levels (block_channels={self.block_channels}); give one True/False per level"
             )
+        if self.norm_groups < 1:
+            raise ValueError(f"UNetConfig.norm_groups must be at least 1, not {self.norm_groups}")
         for c in self.block_channels:
             if c % self.norm_groups:
                 raise ValueError(
@@ -153,6 +156,10 @@ class VAEConfig(_Config):
         object.__setattr__(self, "block_channels", _tuple(self.block_channels))
         if not self.block_channels:
             raise ValueError("VAEConfig.block_channels needs at least one level")
+        if self.norm_groups < 1:
+            raise ValueError(f"VAEConfig.norm_groups must be at least 1, not {self.norm_groups}")
+        if not (math.isfinite(self.scaling_factor) and self.scaling_factor > 0):
+            raise ValueError(f"VAEConfig.scaling_factor must be a positive finite number, not {self.scaling_factor!r}")
         for c in self.block_channels:
             if c % self.norm_groups:
                 raise ValueError(
@@ -182,6 +189,8 @@ class TextConfig(_Config):
     eos_token_id: int = 49407  # the pooled output is read at the first EOS token
 
     def __post_init__(self) -> None:
+        if self.heads < 1:
+            raise ValueError(f"TextConfig.heads must be at least 1, not {self.heads}")
         if self.width % self.heads:
             raise ValueError(f"TextConfig.width={self.width} is not divisible by heads={self.heads}")
         if self.activation not in ("quick_gelu", "gelu"):
@@ -217,6 +226,15 @@ class ScheduleConfig(_Config):
             )
         if self.timestep_spacing not in (None, "leading", "trailing", "linspace"):
             raise ValueError(f"unsupported timestep_spacing {self.timestep_spacing!r}")
+        if self.num_train_timesteps < 1:
+            raise ValueError(f"ScheduleConfig.num_train_timesteps must be at least 1, not {self.num_train_timesteps}")
+        for name in ("beta_start", "beta_end"):
+            beta = getattr(self, name)
+            if not 0.0 < beta < 1.0:  # also false for NaN
+                raise ValueError(f"ScheduleConfig.{name} must be between 0 and 1 (exclusive), not {beta!r}")
+        if self.beta_start > self.beta_end:
+            raise ValueError(f"ScheduleConfig.beta_start ({self.beta_start}) must not exceed beta_end "
+                             f"({self.beta_end})")
 
 
 @dataclass(frozen=True)

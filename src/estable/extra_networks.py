@@ -172,10 +172,19 @@ class LoRASpec:
 def parse_lora_arg(text: str) -> LoRASpec:
     """``--lora FILE[:WEIGHT]``: a trailing ``:number`` is the multiplier (of both networks), else 1."""
     path, sep, weight = text.rpartition(":")
-    if sep and path and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", weight):
-        w = float(weight)
+    w = 1.0
+    if sep and path:
+        try:
+            w = float(weight)
+        except ValueError:  # no weight, unless the part before the colon names a file (a colon in a name is kept)
+            if Path(path).expanduser().is_file() and not Path(text).expanduser().is_file():
+                raise EstableError(f"--lora {text}: the weight {weight!r} is not a number (FILE:WEIGHT, e.g. "
+                                   f"{path}:0.8)") from None
+            path = text
+        if not math.isfinite(w):
+            raise EstableError(f"--lora {text}: the weight must be a finite number, not {weight.strip()!r}")
     else:
-        path, w = text, 1.0
+        path = text
     p = Path(path).expanduser()
     if not p.is_file():
         raise EstableError(f"--lora {text}: no such file {p}")

@@ -24,7 +24,12 @@ from typing import Any
 
 from .errors import EstableError
 
-__all__ = ["OutputPlan", "check_new_file", "check_writable_folder", "next_index", "same_file"]
+__all__ = ["OutputPlan", "check_name_lengths", "check_new_file", "check_writable_folder", "next_index", "same_file"]
+
+NAME_MAX = 255  # bytes in one file or folder name (ext4, XFS, btrfs, APFS, NTFS in characters)
+# Image formats that are not written: ``--out a.jpg`` would otherwise be taken for a folder name.
+_OTHER_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".gif", ".bmp", ".tif", ".tiff",
+                                   ".avif", ".heic", ".jxl", ".jp2", ".tga", ".ppm"})
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -47,10 +52,21 @@ def _nearest_existing(folder: Path) -> Path:
     return p
 
 
+def check_name_lengths(path: str | os.PathLike) -> None:
+    """EstableError when a part of ``path`` is longer than a file system allows for one name (``NAME_MAX`` bytes),
+    which the operating system would refuse only when the file is written."""
+    for part in Path(path).parts:
+        size = len(os.fsencode(part))
+        if size > NAME_MAX:
+            raise EstableError(f"--out: the name {part[:24]}…{part[-8:]} is {size} bytes long; a file or folder "
+                               f"name can have at most {NAME_MAX}")
+
+
 def check_writable_folder(folder: str | os.PathLike, *, create: bool = False) -> None:
     """EstableError unless a new file can be created in ``folder`` (or, for a folder still to be made, in its
     nearest existing ancestor, which must be a folder). Tried for real: a probe file is created and removed."""
     folder = Path(folder) if str(folder) else Path(".")
+    check_name_lengths(folder)
     base = _nearest_existing(folder)
     if not base.is_dir():
         raise EstableError(f"cannot write into {folder}: {base} is a file, not a folder")
@@ -70,6 +86,7 @@ def check_new_file(path: str | os.PathLike, *, overwrite: bool = False,
     """EstableError unless ``path`` may be written: not an input, not a folder, not an existing file (unless
     ``overwrite``), in a folder that exists and accepts new files."""
     path = Path(path)
+    check_name_lengths(path)
     for given in inputs:
         if given is not None and same_file(path, given):
             raise EstableError(f"--out {path} is the input image {given}; choose another output name "
@@ -96,7 +113,8 @@ class OutputPlan:
     """Where the ``count`` images of one run go, checked at construction (before any work).
 
     ``out`` ending in ``.png``: one image is that file, several are ``name-0.png``, ``name-1.png``, … (every one
-    of them checked). Anything else is a folder (created at the first save) where files are numbered
+    of them checked). Another image suffix (``.jpg``, ``.webp``, …) is refused: only PNG is written. Anything
+    else is a folder (created at the first save) where files are numbered
     ``NNNNN-SEED.png`` after the highest number there. ``inputs`` are files that must never be written over.
     """
 
@@ -113,6 +131,11 @@ class OutputPlan:
             for path in self.file_names():
                 check_new_file(path, overwrite=overwrite, inputs=self.inputs)
         else:
+            check_name_lengths(self.out)
+            if self.out.suffix.lower() in _OTHER_IMAGE_SUFFIXES and not self.out.is_dir():
+                raise EstableError(f"--out {self.out}: only PNG files are written (they carry the generation "
+                                   f"parameters); give a .png name such as {self.out.with_suffix('.png')}, "
+                                   "or a folder")
             if self.out.exists() and not self.out.is_dir():
                 raise EstableError(f"--out {self.out} is an existing file that is not a .png; give a folder or a "
                                    ".png name")

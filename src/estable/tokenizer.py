@@ -119,6 +119,19 @@ _BYTE_ENCODER = bytes_to_unicode()
 _BYTE_DECODER = {c: b for b, c in _BYTE_ENCODER.items()}
 
 
+def check_unicode(text: str, what: str = "the text") -> None:
+    """EstableError when ``text`` cannot be written as UTF-8: a byte that was not valid UTF-8 (kept by Python as a
+    surrogate escape, e.g. from a command-line argument in another encoding) or a lone surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        code = ord(bad)
+        found = f"the byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate U+{code:04X}"
+        raise EstableError(f"{what} is not valid UTF-8 text: {found} at character {exc.start + 1}; write it in "
+                           "UTF-8 (e.g. café, not a Latin-1 byte)") from None
+
+
 def normalize(text: str) -> str:
     """Step 2 of the module docstring: NFC, whitespace runs to one space, per-character lower case."""
     if not unicodedata.is_normalized("NFC", text):
@@ -560,6 +573,7 @@ class CLIPTokenizer:
         """BPE ids of ``text``: no bos / eos, no truncation."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        check_unicode(text)
         out: list[int] = []
         for segment, special in self._split(text, self._raw_special, None):
             if special:

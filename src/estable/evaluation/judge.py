@@ -466,9 +466,11 @@ class _Pool(torch.utils.data.Dataset):
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """``auto`` → cuda if present, else cpu; EstableError for an unknown device or cuda without a GPU (the same
+    check as the generation pipeline's)."""
+    from ..pipeline import _resolve_device
+
+    return _resolve_device(device)
 
 
 def train_judge(
@@ -496,6 +498,8 @@ def train_judge(
     """
     if steps < 1 or batch < 1:
         raise ValueError(f"steps and batch must be positive, got {steps} and {batch}")
+    if time_limit_s is not None and not (math.isfinite(time_limit_s) and time_limit_s > 0):
+        raise ValueError(f"the time limit must be a positive number of seconds, not {time_limit_s!r}")
     dev = resolve_device(device)
     torch.manual_seed(seed)
     cfg = config or JudgeConfig(image_size=size)

@@ -195,7 +195,8 @@ def write_png(path: str | os.PathLike, image: Image.Image, *, parameters: str, r
         raise EstableError(f"cannot write {path}: folder {directory} does not exist")
     # A fresh name beside the destination (same file system, so the rename is atomic); open() rather than
     # mkstemp() so that the file gets the usual permissions (mkstemp makes it private to the owner).
-    tmp = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    # The destination's name is cut short in it, so that a name near the file system's limit still fits.
+    tmp = directory / f".{path.name[:32]}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         with open(tmp, "xb") as f:
             image.save(f, format="PNG", pnginfo=info)

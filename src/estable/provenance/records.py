@@ -97,16 +97,23 @@ def new_keypair(out: str | os.PathLike, *, overwrite: bool = False) -> tuple[Pat
         for p in (private, public):
             if p.exists():
                 raise EstableError(f"{p} already exists; pass --overwrite to replace the key pair")
+    from ..outputs import check_writable_folder
+
+    check_writable_folder(folder)  # tried with a probe file: a read-only folder or /proc fails here, before any key
     key = ed25519.Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     pub = key.public_key()
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    fd = os.open(private, flags, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    os.chmod(private, 0o600)
-    public.write_bytes(pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    try:
+        fd = os.open(private, flags, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        os.chmod(private, 0o600)
+        public.write_bytes(pub.public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo))
+    except OSError as exc:
+        raise EstableError(f"cannot write the key pair into {folder}: {exc.strerror or exc}") from None
     raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return private, public, raw.hex()
 

@@ -157,6 +157,9 @@ def invert(pipe: Pipeline, image: Image.Image, steps: int = INVERSION_STEPS) -> 
 
     f = pipe.factor
     width, height = image.width // f * f, image.height // f * f
+    if not width or not height:
+        raise ValueError(f"the image ({image.width}x{image.height}) is too small for the Tree-Ring test: it needs at "
+                         f"least {f}x{f} pixels")
     if (width, height) != image.size:
         image = image.crop((0, 0, width, height))
     schedule = pipe.config.schedule

@@ -34,7 +34,8 @@ def open_image(path: str | Path) -> tuple[Image.Image, dict[str, Any] | None]:
         with Image.open(p) as im:
             fmt = im.format
             image = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,  # ValueError: an oversized text chunk
+            Image.DecompressionBombError) as exc:
         raise EstableError(f"cannot read image {p}: {exc}") from None
     record = read_png_metadata(p)[1] if fmt == "PNG" else None
     return image, record
