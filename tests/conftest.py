@@ -37,3 +37,14 @@ def run(capsys):
         return status, out, err
 
     return call
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if the model is loaded: the checks under test must come first."""
+    import estable.pipeline
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(estable.pipeline, "load_pipeline", refuse)

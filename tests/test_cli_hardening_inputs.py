@@ -11,17 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from estable.cli import main
+from cli_util import run_cli as _run
 from estable.errors import EstableError
-
-
-def _run(capsys, *argv) -> tuple[int, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    if code == 2:
-        assert err.startswith("estable: error:") and "Traceback" not in err and err.count("\n") == 1, err
-    return code, err
 
 
 def _picture(path: Path) -> bytes:

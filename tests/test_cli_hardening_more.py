@@ -11,19 +11,10 @@ from pathlib import Path
 import pytest
 from PIL import Image, PngImagePlugin
 
-import estable.pipeline
+from cli_util import run_cli as _run
 from estable.cli import build_parser, main
 from estable.errors import EstableError
 from estable.provenance.infotext import read_png_metadata, write_png
-
-
-def _run(capsys, *argv) -> tuple[int, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    if code == 2:
-        assert err.startswith("estable: error:") and "Traceback" not in err and err.count("\n") == 1, err
-    return code, err
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +25,6 @@ def made(tmp_path_factory) -> Path:
                  "--out", str(out)]) == 0
     return out
 
-
-@pytest.fixture
-def no_model(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("the model was loaded before the input was checked")
-
-    monkeypatch.setattr(estable.pipeline, "load_pipeline", refuse)
 
 
 # ------------------------------------------------------------------------------------------------- --out names

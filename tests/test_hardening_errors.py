@@ -13,7 +13,6 @@ import pytest
 from PIL import Image
 
 import estable.cli as cli
-import estable.pipeline
 from estable.provenance.infotext import read_png_metadata, write_png
 
 
@@ -50,13 +49,6 @@ def _tampered(made: Path, tmp: Path, path: tuple[str, ...], value) -> Path:
     write_png(out, Image.open(made), parameters=text, record=record)
     return out
 
-
-@pytest.fixture
-def no_model(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("the model was loaded before the input was checked")
-
-    monkeypatch.setattr(estable.pipeline, "load_pipeline", refuse)
 
 
 def _one_line_error(status: int, err: str, needle: str) -> None:

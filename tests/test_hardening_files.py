@@ -12,22 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import estable.pipeline
 from estable.pipeline import Pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = ["--steps", "2", "--size", "64", "--seed", "3", "--device", "cpu"]
 
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fail the test if the model is loaded: the checks under test must come first."""
-
-    def refuse(*a, **k):
-        raise AssertionError("the model was loaded before the output was checked")
-
-    monkeypatch.setattr(estable.pipeline, "load_pipeline", refuse)
 
 
 def _one_line_error(status: int, err: str, needle: str) -> None:
