@@ -210,6 +210,13 @@ def test_generate_verify_reproduce(tmp_path, keyfile, capsys):
     text = capsys.readouterr().out
     assert "PIXELS EDITED" in text and "max |Δ|" in text and "re-made image has the recorded pixels" in text
 
+    # a record naming a LoRA: not re-made from the model alone (that would match for the wrong reason)
+    with_lora = tmp_path / "with_lora.png"
+    write_png(with_lora, im, parameters=text_chunk, record={**record, "loras": [{"name": "x", "path": "x.safetensors",
+                                                                               "te": 1.0, "unet": 1.0}]})
+    assert main(["verify", "--reproduce", str(with_lora)]) == 2
+    assert "made with LoRAs" in capsys.readouterr().err
+
     # a changed record: the signature no longer verifies
     forged = tmp_path / "forged.png"
     write_png(forged, im, parameters=text_chunk, record={**record, "params": {**record["params"], "seed": 8}})

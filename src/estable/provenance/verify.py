@@ -116,6 +116,12 @@ def reproduce(path: str | Path, load: Callable[[dict[str, Any]], Pipeline]) -> d
     if mode != "txt2img":
         raise EstableError(f"{path} was made by {mode}, whose input image is not stored in the record; only "
                            "text-to-image generations can be reproduced from the record alone")
+    extras = [what for what, key in (("LoRAs", "loras"), ("a separate VAE", "vae"),
+                                      ("textual-inversion embeddings", "embeddings"), ("ControlNet", "control"))
+              if record.get(key)]
+    if extras:  # re-made without them the image would differ, or, with a forged entry, match for the wrong reason
+        raise EstableError(f"{path} was made with {' and '.join(extras)} (its record says so); --reproduce re-makes "
+                           "an image from its model alone and does not apply them")
     params = params_from_record(record)
     settings, message = settings_from_record(record)
     pipe = load(record)
