@@ -376,6 +376,11 @@ def test_host_origin_checks_and_security_headers(open_server, locked):
     assert c.get("/v1/config", headers={"Host": "rebind.attacker.example"}).status_code == 403
     assert c.get("/v1/config", headers={"Host": f"localhost:{open_server.port}"}).status_code == 200
     assert c.get("/v1/config", headers={"Host": f"[::1]:{open_server.port}"}).status_code == 200
+    raw = _idle(open_server.port)
+    raw.settimeout(5)
+    raw.sendall(b"GET /v1/config HTTP/1.0\r\n\r\n")  # HTTP/1.0 without Host: not a browser
+    assert raw.recv(100).startswith(b"HTTP/1.1 200")
+    raw.close()
     evil = {"Origin": "https://evil.example", "Content-Type": "text/plain"}
     r = c.post("/sdapi/v1/interrupt", headers=evil)
     assert r.status_code == 403 and "another origin" in r.json()["detail"]

@@ -206,11 +206,11 @@ class Guard:
 
     def refusal(self, scope: Scope) -> str | None:
         host = _header(scope, b"host") or ""
-        if self.check_host:
+        if self.check_host and host:  # no Host at all (HTTP/1.0 tools) is not a browser, which always sends one
             name = host_name(host)
             if not (self._is_loopback(name) or name == self.bind_host):
                 return (f"this server has no API key and answers only to loopback names (127.0.0.1, localhost), "
-                        f"not Host {host_name(host)[:100]!r}")
+                        f"not Host {name[:100]!r}")
         origin = _header(scope, b"origin")
         if scope.get("method") in self.WRITES and origin is not None and not self.any_origin:
             origin = origin.rstrip("/").lower()
