@@ -298,3 +298,9 @@ def test_a_lora_weight_that_is_not_a_number(tmp_path, capsys, monkeypatch, no_mo
     os.mkdir("sub")
     Path("sub/a:b.safetensors").write_bytes(b"\0" * 16)  # a colon in the file's own name
     assert parse_lora_arg("sub/a:b.safetensors").path == Path("sub/a:b.safetensors")
+
+
+def test_a_lora_dir_that_is_not_a_folder(tmp_path, capsys, no_model):
+    code, err = _run(capsys, "generate", "a red circle", "--lora-dir", tmp_path / "nowhere", "--out",
+                     tmp_path / "a.png")
+    assert code == 2 and "--lora-dir" in err and "is not a folder" in err

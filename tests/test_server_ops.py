@@ -189,6 +189,24 @@ def test_sigterm_drains_and_exits_0_with_the_builtin_model(tmp_path):
     assert store.count_by_state()["done"] == 1  # the refused job was never stored
 
 
+def test_port_0_prints_the_port_it_got(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "estable.cli", "serve", "--port", "0", "--data-dir", str(tmp_path),
+                             "--device", "cpu"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "serving on" not in line:
+            line = proc.stderr.readline()
+            assert line, "the server exited before it said where it serves"
+        port = int(line.split("http://127.0.0.1:", 1)[1].split("/", 1)[0])
+        assert port > 0 and httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=30).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_builtin_model_through_a1111(tmp_path):
     if not DEFAULT_MODEL_PATH.is_file():
         pytest.skip("no built-in model in this checkout")

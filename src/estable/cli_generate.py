@@ -404,6 +404,8 @@ def _loras(args: argparse.Namespace, record: dict[str, Any] | None, params: Gene
                     raise EstableError(f"the PNG was made with the LoRA {r['path']}, which is not there; pass --lora")
                 loras.append(LoRASpec(path=Path(r["path"]), te=float(r["te"]), unet=float(r["unet"])))
     lora_dir = args.lora_dir
+    if lora_dir is not None and not Path(lora_dir).expanduser().is_dir():
+        raise EstableError(f"--lora-dir {lora_dir} is not a folder")
     tagged = [Path(r["path"]).parent for r in recorded if r.get("source") == "prompt"]
     if lora_dir is None and tagged:
         lora_dir = os.path.commonpath([str(p) for p in tagged])

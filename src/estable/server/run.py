@@ -149,7 +149,8 @@ def run_server(settings: ServerSettings) -> int:
         while not server.started and not server.should_exit:
             time.sleep(0.05)
         if server.started:
-            print(f"estable: serving on http://{_url_host(settings.host)}:{settings.port}/ (model {settings.model}, "
+            port = server.servers[0].sockets[0].getsockname()[1] if server.servers else settings.port  # --port 0
+            print(f"estable: serving on http://{_url_host(settings.host)}:{port}/ (model {settings.model} loading, "
                   f"jobs in {settings.data_dir}){'' if settings.auth_required else '; no API key'}",
                   file=sys.stderr, flush=True)
         while not worker.ready.is_set() and worker.load_error is None and not server.should_exit:
