@@ -204,6 +204,21 @@ def test_atomic_write_leaves_no_temporary_file(tmp_path, good_file):
     assert io.read_safetensors(good_file)[0].keys() == {"x"}
 
 
+def test_atomic_write_gives_the_usual_permissions_and_takes_long_names(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        io.write_safetensors(tmp_path / "m.safetensors", {"x": torch.ones(2)})
+        assert ((tmp_path / "m.safetensors").stat().st_mode & 0o777) == 0o644  # not the writer's owner-only 0600
+    finally:
+        os.umask(umask)
+    long = tmp_path / ("y" * 240 + ".safetensors")  # 252 bytes: a temporary name with all of it would not fit
+    io.write_safetensors(long, {"x": torch.ones(2)})
+    assert io.read_safetensors(long)[0].keys() == {"x"} and sorted(p.name for p in tmp_path.iterdir()) == \
+        sorted([long.name, "m.safetensors"])
+
+
 def test_interrupted_write_keeps_previous_file(tmp_path, good_file, monkeypatch):
     before = good_file.read_bytes()
 

@@ -21,7 +21,7 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import secrets
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -349,15 +349,19 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
+    # A fresh name (the destination's cut short, so that a long name still fits), created with open(): its mode is
+    # the usual one (the umask's), which the finished file gets too (safetensors' writer makes files owner-only).
+    tmp = folder / f".{path.name[:32]}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        with open(tmp, "xb"):
+            pass
+        mode = tmp.stat().st_mode & 0o777
     except OSError as exc:
         raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    os.close(fd)
-    tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             f.flush()
             os.fsync(f.fileno())
