@@ -259,3 +259,26 @@ def test_run_log_with_a_half_written_last_line(tmp_path):
     run.log_path.write_text('{"step": 1}\nnot json\n{"step": 3}\n', encoding="utf-8")
     with pytest.raises(EstableError, match="damaged at line 2"):
         run.read_log()
+
+
+def test_train_overrides_may_follow_options(run):
+    status, out, err = run("train", "unet", "--config", "tiny-unet", "max_steps=3", "--print-config", "optim.lr=0.125")
+    assert status == 0, err
+    printed = json.loads(out)
+    assert printed["max_steps"] == 3 and printed["optim"]["lr"] == 0.125
+    status, out, err = run("train", "unet", "--config", "tiny-unet", "--print-config", "--nonsense")
+    assert status == 2 and "unrecognized arguments: --nonsense" in err
+    status, out, err = run("info", "default", "max_steps=3")  # a command without overrides
+    assert status == 2 and "unrecognized arguments: max_steps=3" in err
+
+
+def test_a_folder_given_for_a_file_is_named_a_folder(run, tmp_path):
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    for argv, words in ((("img2img", "x", "--image", folder, "--out", tmp_path / "o.png"), "is a folder, not an image"),
+                        (("png-info", folder), "is a folder, not a PNG"),
+                        (("train", "unet", "--config", folder, "--print-config"), "is a folder")):
+        status, _, err = run(*argv)
+        assert status == 2 and words in err, (argv, err)
+    status, _, err = run("verify", "--steps", "100000", folder)
+    assert status == 2 and "--steps must be from 2 to 1000" in err

@@ -301,6 +301,9 @@ def test_serve_flags_become_settings(tmp_path):
         settings_from_args(build_parser().parse_args(["serve", "--cors-origin", "*"])).check()
     with pytest.raises(EstableError, match="password must be at least 8"):
         settings_from_args(build_parser().parse_args(["serve", "--api-auth", "a:b"])).check()
+    for size in ("7", "100000"):
+        with pytest.raises(EstableError, match=f"--max-size must be from 8 to 2048 pixels, not {size}"):
+            settings_from_args(build_parser().parse_args(["serve", "--max-size", size]))
     with pytest.raises(EstableError, match="connections-per-client"):
         settings_from_args(build_parser().parse_args(["serve", "--max-connections-per-client", "-1"])).check()
 

@@ -193,8 +193,8 @@ def _p(p: float) -> str:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    if args.steps < 2:
-        raise EstableError("--steps must be at least 2")
+    if not 2 <= args.steps <= 1000:
+        raise EstableError(f"--steps must be from 2 to 1000 (the schedule's length), not {args.steps}")
     if args.key is not None and not args.key:
         raise EstableError("--key is empty; give the watermark key's text, or leave --key out")
     if args.reproduce:

@@ -122,10 +122,14 @@ def settings_from_args(args: argparse.Namespace):
         if not sep or not user or not password:
             raise EstableError("--api-auth must be USER:PASS")
         auth = (user, password)
-    if (not 0 < args.max_body_mb < math.inf or args.max_size < 8 or args.max_steps < 1 or args.max_batch < 1
+    from .params import MAX_SIDE
+
+    if not 8 <= args.max_size <= MAX_SIDE:
+        raise EstableError(f"--max-size must be from 8 to {MAX_SIDE} pixels, not {args.max_size}")
+    if (not 0 < args.max_body_mb < math.inf or args.max_steps < 1 or args.max_batch < 1
             or not 0 < args.max_megapixels < math.inf):
-        raise EstableError("--max-body-mb, --max-size, --max-steps, --max-batch and --max-megapixels must be "
-                           "positive (and finite)")
+        raise EstableError("--max-body-mb, --max-steps, --max-batch and --max-megapixels must be positive (and "
+                           "finite)")
     _check_seconds("--timeout", args.timeout, zero=False)
     _check_seconds("--grace", args.grace, zero=True)
     _check_seconds("--preview-interval", args.preview_interval, zero=True)

@@ -31,7 +31,7 @@ def load_image(path: str | Path, *, mode: str = "RGB") -> Image.Image:
     (:func:`as_mask`: the alpha channel when only it carries the mask); any other mode is a Pillow mode."""
     p = Path(path)
     if not p.is_file():
-        raise EstableError(f"image not found: {p}")
+        raise EstableError(f"{p} is a folder, not an image" if p.is_dir() else f"image not found: {p}")
     return decode_image(p, mode=mode, name=str(p))
 
 

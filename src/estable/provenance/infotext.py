@@ -216,7 +216,7 @@ def read_png_metadata(path: str | os.PathLike) -> tuple[str | None, dict[str, An
     """
     path = Path(path)
     if not path.is_file():
-        raise EstableError(f"no such file: {path}")
+        raise EstableError(f"{path} is a folder, not a PNG" if path.is_dir() else f"no such file: {path}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -148,6 +148,8 @@ def load_config(kind: str, base: str | Path | dict[str, Any] | None = None,
             cfg = PRESETS[str(base)]
         else:
             path = Path(base)
+            if path.is_dir():
+                raise EstableError(f"config {str(base)!r} is a folder; give a JSON file or a preset name")
             if not path.is_file():
                 names = ", ".join(n for n, k in _PRESET_KIND.items() if k == kind)
                 raise EstableError(f"config {str(base)!r} is neither a file nor a preset (presets: {names})")
