@@ -282,3 +282,13 @@ def test_a_folder_given_for_a_file_is_named_a_folder(run, tmp_path):
         assert status == 2 and words in err, (argv, err)
     status, _, err = run("verify", "--steps", "100000", folder)
     assert status == 2 and "--steps must be from 2 to 1000" in err
+
+
+def test_resize_note_says_what_happened():
+    from estable.images import resize_note
+
+    up = resize_note((1, 1), (8, 8))
+    assert "resized (stretched with Lanczos, not cropped) to 8x8: its sides are not multiples of 8" in up
+    assert "below" not in up  # 1x1 went up to 8x8, not down
+    assert "the generation size differs" in resize_note((64, 64), (128, 128))
+    assert "pass --size" not in resize_note((64, 64), (128, 128))  # the user may have passed it

@@ -217,6 +217,9 @@ def test_verify_skips_the_tree_ring_test_of_a_tiny_image(made, tmp_path, capsys)
     assert main(["verify", str(one), "--steps", "2", "--device", "cpu"]) == 1
     out = capsys.readouterr().out
     assert "Tree-Ring: not tested" in out and "too small for the Tree-Ring test" in out
+    assert "noise-residue detector: not run" in out and "too small for the noise-residue detector" in out
+    code, err = _run(capsys, "detect", one)
+    assert code == 2 and "too small for the noise-residue detector" in err
 
 
 def test_verify_refuses_an_empty_key(made, capsys):

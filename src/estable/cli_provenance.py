@@ -226,8 +226,11 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                       f"with {t['model']}, {t['steps']} DDIM steps)")
             else:
                 print(f"  Tree-Ring: not tested ({t.get('note')})")
-        if "residue_detector" in report:
-            print(f"  noise-residue detector: P(generated) = {report['residue_detector']['p_generated']:.3f} "
+        residue = report.get("residue_detector")
+        if residue is not None and residue["p_generated"] is None:
+            print(f"  noise-residue detector: not run ({residue['note']})")
+        elif residue is not None:
+            print(f"  noise-residue detector: P(generated) = {residue['p_generated']:.3f} "
                   "(knows the built-in model's images and shapes renders only)")
         r = report["record"]
         if not r["present"]:

@@ -36,6 +36,7 @@ FORMAT = "estable-residual-detector/1"
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "residual_detector.safetensors"
 SIZE = 256
 POOL = 4  # 256 / 4 = 64 bins a side
+MIN_SIDE = 64
 
 
 def residual_spectrum(image: Image.Image) -> torch.Tensor:
@@ -43,6 +44,9 @@ def residual_spectrum(image: Image.Image) -> torch.Tensor:
     im = image.convert("L")
     w, h = im.size
     side = min(w, h)
+    if side < MIN_SIDE:  # upscaled to SIZE, a tiny image's residue is the interpolation's, not the image's
+        raise EstableError(f"the image is {w}x{h}: too small for the noise-residue detector (its shorter side needs "
+                           f"at least {MIN_SIDE} pixels)")
     im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
     if side != SIZE:
         im = im.resize((SIZE, SIZE), Image.Resampling.BICUBIC)

@@ -75,7 +75,10 @@ def check_image(path: str | Path, *, key: str | None = None,
     from .detector import DEFAULT_WEIGHTS, load_detector
 
     if DEFAULT_WEIGHTS.is_file():  # informative only: it does not enter ``found``
-        report["residue_detector"] = {"p_generated": load_detector(DEFAULT_WEIGHTS).probability([image])[0]}
+        try:
+            report["residue_detector"] = {"p_generated": load_detector(DEFAULT_WEIGHTS).probability([image])[0]}
+        except EstableError as exc:  # an image too small for it
+            report["residue_detector"] = {"p_generated": None, "note": str(exc)}
     report["record"] = check_record(image, record)
     report["found"] = found
     return report
