@@ -146,8 +146,10 @@ def _describe_file(path: Path, fmt: str, *, hashes: bool, allow_pickle: bool) ->
         scalars = _read_scalars(path, [k for k, i in infos.items() if i.numel == 1])
 
     if infos is not None and fmt == "estable":
-        config = _estable_config(path, meta)
+        config, problem = _estable_config(path, meta)
         out["family"] = config.family if config else None
+        if problem:
+            out["note"] = problem
         out["components"] = _summarise(infos, lambda k: k.partition(".")[0])
         out["format_version"] = meta.get("format_version")
         out["tokenizer"] = "standard CLIP" if meta.get("tokenizer", "clip") == "clip" else "embedded"
@@ -165,11 +167,14 @@ def _describe_file(path: Path, fmt: str, *, hashes: bool, allow_pickle: bool) ->
     return out
 
 
-def _estable_config(path: Path, meta: dict[str, str]) -> ModelConfig | None:
+def _estable_config(path: Path, meta: dict[str, str]) -> tuple[ModelConfig | None, str | None]:
+    """The file's recorded config, or None and why it cannot be used (loading the file would refuse it)."""
+    if "config" not in meta:
+        return None, "the file's metadata records no model config (it cannot be loaded as an Estable model)"
     try:
-        return ModelConfig.from_dict(json.loads(meta["config"]))
-    except (KeyError, ValueError, TypeError):
-        return None
+        return ModelConfig.from_dict(json.loads(meta["config"])), None
+    except (ValueError, TypeError, KeyError) as exc:
+        return None, f"the file's recorded config is invalid, so it cannot be loaded: {exc}"
 
 
 def _read_scalars(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
