@@ -292,3 +292,9 @@ def test_resize_note_says_what_happened():
     assert "below" not in up  # 1x1 went up to 8x8, not down
     assert "the generation size differs" in resize_note((64, 64), (128, 128))
     assert "pass --size" not in resize_note((64, 64), (128, 128))  # the user may have passed it
+
+
+def test_ema_is_refused_for_a_file_without_ema_weights(run, tmp_path):
+    status, _, err = run("convert", "default", tmp_path / "x.safetensors", "--to", "estable", "--ema")
+    assert status == 2 and "--ema takes the EMA weights of an SD single file" in err
+    assert not (tmp_path / "x.safetensors").exists()

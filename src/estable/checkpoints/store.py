@@ -355,6 +355,9 @@ def load_model(
         raise EstableError(f"unknown prediction type {prediction_type!r}; use epsilon or v_prediction")
     path = Path(source)
     fmt = detect_format(path)
+    if ema and fmt in ("diffusers", "estable"):
+        raise EstableError(f"--ema takes the EMA weights of an SD single file; {path.name} is a {fmt} "
+                           f"{'folder' if fmt == 'diffusers' else 'file'}, which holds one set of U-Net weights")
     stage(f"reading {path.name}")
     if fmt == "diffusers":
         config, comps, tok, tok_err = _read_diffusers(path, allow_pickle=allow_pickle)
