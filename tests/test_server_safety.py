@@ -505,6 +505,11 @@ def test_what_the_library_would_refuse_is_a_422_before_any_job(open_server):
                                    "denoising_strength": 0.01}, "denoising_strength")):
         r = c.post(route, json=body)
         assert r.status_code == 422 and r.json()["detail"].startswith(f"{field}: "), (route, body, r.text)
+    for route, body, field in (("/sdapi/v1/txt2img", {**base, "steps": True}, "steps"),
+                               ("/v1/jobs", {**base, "cfg_scale": False}, "cfg_scale"),
+                               ("/controlnet/detect", {"controlnet_processor_res": True}, "controlnet_processor_res")):
+        r = c.post(route, json=body)  # pydantic alone would read true as 1
+        assert r.status_code == 422 and r.json()["detail"].startswith(f"{field}: must be a number"), (route, r.text)
     assert c.get("/v1/jobs").json()["total"] == before  # nothing was queued
     r = c.get("/v1/jobs", params={"offset": 10**20})
     assert r.status_code == 422 and r.json()["detail"].startswith("offset")

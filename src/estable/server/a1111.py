@@ -24,7 +24,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from .. import __version__
 from ..provenance.infotext import PARAMETERS_KEY, parse_infotext, to_a1111_fields
@@ -32,7 +32,7 @@ from ..results import a1111_sampler_label
 from ..sampling.samplers import get_sampler, list_samplers
 from .catalog import ModelNameError
 from .extras import a1111_control
-from .inputs import BadRequest, FieldError, build_params, check_image_side, decode_image, fit_mask
+from .inputs import BadRequest, FieldError, RequestModel, build_params, check_image_side, decode_image, fit_mask
 from .state import ServerState, get_state
 from .worker import Job
 
@@ -50,8 +50,7 @@ SCHEDULERS = [
 # ------------------------------------------------------------------------------------------------- schemas
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class _Request(RequestModel):
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -108,8 +107,7 @@ class Img2ImgRequest(_Request):
     include_init_images: bool = False
 
 
-class PNGInfoRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class PNGInfoRequest(RequestModel):
     image: str = ""
 
 

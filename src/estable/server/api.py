@@ -11,13 +11,12 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
 
 from ..params import GenerationParams
 from ..sampling.samplers import list_samplers
 from .catalog import ModelNameError
 from .extras import ControlRequest, v1_control
-from .inputs import FieldError, build_params, check_image_side, decode_image, fit_mask
+from .inputs import FieldError, RequestModel, build_params, check_image_side, decode_image, fit_mask
 from .state import get_state, job_view, stored_job_view
 from .worker import Job
 
@@ -27,10 +26,9 @@ router = APIRouter(prefix="/v1", tags=["Estable"])
 _IMAGE_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-class JobRequest(BaseModel):
+class JobRequest(RequestModel):
     """A generation request; fields left out take the model's defaults."""
 
-    model_config = ConfigDict(extra="ignore")
 
     mode: Literal["txt2img", "img2img", "inpaint"] = "txt2img"
     prompt: str = ""

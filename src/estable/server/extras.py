@@ -32,10 +32,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from PIL import Image
-from pydantic import BaseModel, ConfigDict
 
 from ..errors import EstableError
-from .inputs import FieldError, decode_image
+from .inputs import FieldError, RequestModel, decode_image
 from .settings import Limits, ServerSettings
 from .worker import png_bytes
 
@@ -184,10 +183,9 @@ class Networks:
 # ------------------------------------------------------------------------------------------- request parsing
 
 
-class ControlRequest(BaseModel):
+class ControlRequest(RequestModel):
     """One ControlNet unit of ``POST /v1/jobs``'s ``control`` list."""
 
-    model_config = ConfigDict(extra="ignore")
 
     type: str = "none"
     image: str | None = None
@@ -291,10 +289,9 @@ def _canny_options(low: Any, high: Any, field: str) -> dict[str, float]:
     return options
 
 
-class DetectRequest(BaseModel):
+class DetectRequest(RequestModel):
     """``POST /controlnet/detect`` of the ControlNet extension: control images made from input images."""
 
-    model_config = ConfigDict(extra="ignore")
 
     controlnet_module: str = "none"
     controlnet_input_images: list[str] = []

@@ -12,16 +12,19 @@ import base64
 import binascii
 import io
 import re
+import typing
 import warnings
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from ..errors import EstableError
 from ..params import GenerationParams
 from .settings import Limits
 
-__all__ = ["BadRequest", "FieldError", "build_params", "check_image_side", "check_job_size", "decode_image", "fit_mask"]
+__all__ = ["BadRequest", "FieldError", "RequestModel", "build_params", "check_image_side", "check_job_size",
+           "decode_image", "fit_mask"]
 
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
 _URL = re.compile(r"^\s*[a-z][a-z0-9+.-]*://", re.IGNORECASE)
@@ -38,6 +41,23 @@ class FieldError(EstableError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+class RequestModel(BaseModel):
+    """The base of every request body: unknown fields ignored, and ``true``/``false`` refused where a number is
+    meant (pydantic would read ``"steps": true`` as 1)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, info in cls.model_fields.items():
+                kinds = typing.get_args(info.annotation) or (info.annotation,)
+                if isinstance(data.get(name), bool) and bool not in kinds and {int, float} & set(kinds):
+                    raise FieldError(name, f"must be a number, not {str(data[name]).lower()}")
+        return data
 
 
 def decode_image(data: Any, field: str, limits: Limits, mode: str = "RGB") -> Image.Image:
