@@ -2,8 +2,9 @@
 on size, steps, batch and prompt length, and the sampler. Both APIs (A1111's and Estable's) build their
 :class:`~estable.params.GenerationParams` here, so they accept and refuse exactly the same things.
 
-Errors carry the HTTP status they map to: :class:`FieldError` (422, the message names the field) and
-:class:`BadRequest` (400: an image that is not one, a URL, an unknown sampler or model).
+Errors carry the HTTP status they map to: :class:`FieldError` (422, the message names the field; an unknown
+sampler here too — A1111's routes answer one with their own 400 "Sampler not found" before this) and
+:class:`BadRequest` (400: an image that is not one, a URL, an unknown model).
 """
 
 from __future__ import annotations
