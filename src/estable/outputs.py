@@ -58,8 +58,8 @@ def check_name_lengths(path: str | os.PathLike) -> None:
     for part in Path(path).parts:
         size = len(os.fsencode(part))
         if size > NAME_MAX:
-            raise EstableError(f"--out: the name {part[:24]}…{part[-8:]} is {size} bytes long; a file or folder "
-                               f"name can have at most {NAME_MAX}")
+            raise EstableError(f"the name {part[:24]}…{part[-8:]} is {size} bytes long; a file or folder name can "
+                               f"have at most {NAME_MAX}")
 
 
 def check_writable_folder(folder: str | os.PathLike, *, create: bool = False) -> None:

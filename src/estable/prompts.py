@@ -158,7 +158,8 @@ MAX_WEIGHT = 1000.0  # the largest |weight| a prompt may give: beyond, fp16/fp32
 
 def check_weights(text: str) -> None:
     """Refuse (EstableError) a prompt whose weights, nesting included, exceed ``MAX_WEIGHT`` in size — such as
-    ``(word:1e39)``, which would turn its embeddings into infinities and the image into NaN."""
+    ``(word:`` followed by a 40-digit number, which would turn its embeddings into infinities and the image into
+    NaN."""
     from .errors import EstableError
 
     for seg in _parse(text):
