@@ -288,7 +288,7 @@ def test_resize_note_says_what_happened():
     from estable.images import resize_note
 
     up = resize_note((1, 1), (8, 8))
-    assert "resized (stretched with Lanczos, not cropped) to 8x8: its sides are not multiples of 8" in up
+    assert "resized (stretched with Lanczos, not cropped) to 8x8: 1x1 is not a multiple of 8" in up
     assert "below" not in up  # 1x1 went up to 8x8, not down
     assert "the generation size differs" in resize_note((64, 64), (128, 128))
     assert "pass --size" not in resize_note((64, 64), (128, 128))  # the user may have passed it

@@ -116,7 +116,7 @@ def check_mask_has_area(mask: Image.Image) -> None:
 def resize_note(size: tuple[int, int], target: tuple[int, int], factor: int = 8) -> str:
     """The note a run adds when it resizes its input image."""
     (w, h), (tw, th) = size, target
-    why = (f"its sides are not multiples of {factor}" if (w % factor or h % factor) and (tw, th) == (
+    why = (f"{w}x{h} is not a multiple of {factor}" if (w % factor or h % factor) and (tw, th) == (
         max(factor, w // factor * factor), max(factor, h // factor * factor)) else "the generation size differs")
     return (f"the input image is {w}x{h} and was resized (stretched with Lanczos, not cropped) to {tw}x{th}: "
             f"{why} (--size sets the generation size)")
