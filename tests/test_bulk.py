@@ -137,6 +137,12 @@ def test_bulk_errors(capsys, tmp_path, model, prompts):
         status, _, err = _run(capsys, "generate", *argv, "--model", model, "--device", "cpu")
         assert status == 2, err
         assert words in err and "Traceback" not in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n{"prompt": "y", "sampler": "bogus"}\n')
+    status, _, err = _run(capsys, "generate", "--prompts", bad, "--out", tmp_path / "new", "--model", model,
+                          "--device", "cpu")
+    assert status == 2 and "line 2: unknown sampler 'bogus'" in err
+    assert not (tmp_path / "new").exists()  # refused before the folder was made (and before the model loaded)
 
 
 WORKER = textwrap.dedent("""

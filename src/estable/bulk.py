@@ -311,11 +311,17 @@ def run_bulk(
         raise EstableError(f"--out {out}: with --prompts, --out must be a folder")
     lines = read_prompt_file(prompts, defaults, base_seed)
     policy = policy if policy is not None else ProvenancePolicy()
-    for line in lines:  # every prompt through the filter before anything loads
+    from .sampling.samplers import get_sampler
+
+    for line in lines:  # every prompt through the filter, every sampler known, before anything loads or is made
         try:
             policy.check_prompt(line.params.prompt)
         except PromptRefused as exc:
             raise PromptRefused(f"{prompts}, line {line.number}: {exc}") from None
+        try:
+            get_sampler(line.params.sampler)
+        except ValueError as exc:
+            raise EstableError(f"{prompts}, line {line.number}: {exc}") from None
     info = _join_group(device, D)
     try:
         mine = shard(lines, info.rank, info.world_size)
