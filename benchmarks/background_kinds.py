@@ -32,7 +32,8 @@ from PIL import Image
 
 from estable.cli_eval import FID_PROMPT_SEED, FID_REAL_SEED, load_model_pipeline, model_generator
 from estable.evaluation.fid import extract_features, feature_stats, frechet_distance
-from estable.evaluation.judge import JudgeFeatures, load_judge_or_default, resolve_device
+from estable.evaluation.judge import JudgeFeatures, load_judge_or_default
+from estable.pipeline import resolve_device
 from estable.training.shapes import ShapesWorld, render
 from estable.training.shapes.captions import name_grey_background
 from estable.training.shapes.vocab import BACKGROUND_KINDS, DEFAULT_BACKGROUND

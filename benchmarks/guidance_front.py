@@ -32,9 +32,9 @@ from guidance_variants import describe, guidance_variant, parse_config  # beside
 from estable.cli_eval import FID_PROMPT_SEED, FID_REAL_SEED
 from estable.evaluation.compositional import PROMPT_KINDS, evaluate, make_prompts
 from estable.evaluation.fid import extract_features, feature_stats, frechet_distance
-from estable.evaluation.judge import JudgeFeatures, load_judge_or_default, resolve_device
+from estable.evaluation.judge import JudgeFeatures, load_judge_or_default
 from estable.params import GenerationParams
-from estable.pipeline import load_pipeline
+from estable.pipeline import load_pipeline, resolve_device
 from estable.training.shapes import ShapesWorld, render
 from estable.training.shapes.captions import name_grey_background
 

@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 from estable.cli_eval import FID_FLOOR_SEED, FID_REAL_SEED
 from estable.evaluation.fid import extract_features, feature_stats, frechet_distance
-from estable.evaluation.judge import JudgeFeatures, load_judge_or_default, resolve_device, score_detections
+from estable.evaluation.judge import JudgeFeatures, load_judge_or_default, score_detections
 from estable.evaluation.recon import reconstruct
-from estable.pipeline import load_pipeline
+from estable.pipeline import load_pipeline, resolve_device
 from estable.training.shapes import ShapesWorld, render
 
 ROWS = (("object_object", "objects, all attributes"), ("count", "count"), ("relation", "relation (pairs)"),

@@ -144,9 +144,9 @@ def check_args(args: argparse.Namespace, *, out_file: bool = True) -> None:
         raise EstableError(f"--batch-size must be at least 1, not {batch_size}")
     device = getattr(args, "device", None)
     if device is not None:  # an unknown device (or cuda without a GPU) fails before any work
-        from .pipeline import _resolve_device
+        from .pipeline import resolve_device
 
-        _resolve_device(device)
+        resolve_device(device)
     if out_file and getattr(args, "out", None):
         from .outputs import check_new_file
 
@@ -198,7 +198,8 @@ def parse_kinds(text: str | None) -> dict[str, float] | None:
 
 def _cmd_compositional(args: argparse.Namespace) -> int:
     from .evaluation.compositional import evaluate, format_report, make_prompts
-    from .evaluation.judge import load_judge_or_default, resolve_device
+    from .evaluation.judge import load_judge_or_default
+    from .pipeline import resolve_device
 
     check_args(args)
 
@@ -335,7 +336,7 @@ def _image_set(spec: str, args: argparse.Namespace, seed: int, n_default: int | 
 
 def _cmd_fid(args: argparse.Namespace) -> int:
     from .evaluation.fid import extract_features, feature_stats, frechet_distance
-    from .evaluation.judge import resolve_device
+    from .pipeline import resolve_device
 
     check_args(args)
 
@@ -438,7 +439,8 @@ def _add_judge_accuracy(esub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_judge_accuracy(args: argparse.Namespace) -> int:
-    from .evaluation.judge import EVAL_SEED, format_accuracy, judge_accuracy, load_judge_or_default, resolve_device
+    from .evaluation.judge import EVAL_SEED, format_accuracy, judge_accuracy, load_judge_or_default
+    from .pipeline import resolve_device
 
     check_args(args)
     if args.count < 1:
@@ -479,7 +481,7 @@ def _prompt_set(n: int) -> Any:
 
 def _cmd_clipscore(args: argparse.Namespace) -> int:
     from .evaluation.clipscore import evaluate_clipscore, format_clipscore, load_clip
-    from .evaluation.judge import resolve_device
+    from .pipeline import resolve_device
 
     check_args(args)
 
@@ -581,8 +583,9 @@ def _add_guidance_sweep(esub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_guidance_sweep(args: argparse.Namespace) -> int:
-    from .evaluation.judge import JudgeFeatures, load_judge_or_default, resolve_device
+    from .evaluation.judge import JudgeFeatures, load_judge_or_default
     from .evaluation.sweep import parse_cfgs, run_sweep, sweep_markdown, sweep_plot
+    from .pipeline import resolve_device
     from .training.shapes import ShapesWorld
 
     try:

@@ -117,7 +117,9 @@ DEFAULT_MODEL_CARD = DEFAULT_MODEL_PATH.with_name("MODEL_CARD.md")
 # ------------------------------------------------------------------------------------------------- loading
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` → cuda if present, else cpu; EstableError for an unknown device or cuda without a GPU (every
+    command's one device check)."""
     if isinstance(device, torch.device):
         return device
     name = str(device).lower()
@@ -165,7 +167,7 @@ def load_pipeline(
         source = default_model_path()
     from .checkpoints.store import load_model
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     dt = _resolve_dtype(dtype, dev)
     model = load_model(source, dtype=dt, device=dev, **load_kwargs)
     return Pipeline(model, device=dev, dtype=dt, cuda_graphs=cuda_graphs, speed=speed)

@@ -465,14 +465,6 @@ class _Pool(torch.utils.data.Dataset):
         return self.items[index]
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` → cuda if present, else cpu; EstableError for an unknown device or cuda without a GPU (the same
-    check as the generation pipeline's)."""
-    from ..pipeline import _resolve_device
-
-    return _resolve_device(device)
-
-
 def train_judge(
     steps: int = 8000,
     batch: int = 128,
@@ -500,6 +492,8 @@ def train_judge(
         raise ValueError(f"steps and batch must be positive, got {steps} and {batch}")
     if time_limit_s is not None and not (math.isfinite(time_limit_s) and time_limit_s > 0):
         raise ValueError(f"the time limit must be a positive number of seconds, not {time_limit_s!r}")
+    from ..pipeline import resolve_device
+
     dev = resolve_device(device)
     torch.manual_seed(seed)
     cfg = config or JudgeConfig(image_size=size)
@@ -592,6 +586,8 @@ def load_judge(path: str | Path, device: str | torch.device = "cpu") -> Judge:
         raise CheckpointError(
             f"{path}: judge weights do not match (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
+    from ..pipeline import resolve_device
+
     return judge.to(resolve_device(device)).eval()
 
 
