@@ -220,6 +220,21 @@ def test_run_dir_that_is_a_file(tmp_path, capsys):
     assert base.read_bytes() == data
 
 
+@pytest.mark.parametrize("override", ["data.source={tmp}/no-data", "text.source={tmp}/missing.safetensors"])
+def test_a_failed_set_up_leaves_no_new_run_folder(tmp_path, capsys, override):
+    override = override.format(tmp=tmp_path)  # both fail while the networks and data are built, after Run()
+    run = tmp_path / "runs" / "new"
+    code, err = _run(capsys, "train", "unet", "--config", "tiny-unet", "--run-dir", run, "max_steps=1", override)
+    assert code == 2 and ("no-data" in err or "missing.safetensors" in err)
+    assert not run.exists() and (tmp_path / "runs").is_dir()  # the folder it made is gone, its parent stays
+    # a folder that was there before is left as it was, with whatever it held
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    code, err = _run(capsys, "train", "unet", "--config", "tiny-unet", "--run-dir", kept, "max_steps=1", override)
+    assert code == 2 and (kept / "notes.txt").read_text() == "mine" and (kept / "checkpoints").is_dir()
+
+
 def test_run_folder_errors_are_estable_errors(tmp_path, monkeypatch):
     from estable.training.runs import Run
 

@@ -177,12 +177,23 @@ class Trainer:
         cfg = self.config
         if resume and not Path(run_dir).is_dir():  # before Run() creates it: a typo must not start a fresh run
             raise EstableError(f"cannot resume: the run folder {run_dir} does not exist")
+        self.progress = progress
+        fresh = not Path(run_dir).exists()
         self.run = Run(run_dir, is_main=self.dist.is_main, tensorboard=cfg.tensorboard)
+        try:
+            self.set_up(resume)
+        except BaseException:
+            if fresh:  # a failed set-up leaves no empty run folder behind
+                self.run.remove_if_unused()
+            raise
+
+    def set_up(self, resume: bool) -> None:
+        """Build the networks, the EMA, the optimizer and the RNGs (from the checkpoint when resuming)."""
+        cfg = self.config
         found = self.run.latest_checkpoint()
         if found is not None and not resume:
             raise EstableError(f"{self.run.root} already holds checkpoints; pass --resume to continue that run "
                                "or choose another --run-dir")
-        self.progress = progress
         self.extra_networks: dict[str, nn.Module] = {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seeded(cfg.seed, SEED_INIT))

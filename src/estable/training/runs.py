@@ -324,6 +324,17 @@ class Run:
             self._tb.close()
             self._tb = None
 
+    def remove_if_unused(self) -> None:
+        """Remove the folder when it holds nothing a user could want: no files outside ``tensorboard/`` (for a run
+        whose set-up failed right after this folder was made for it)."""
+        self.close()
+        if not self.is_main or not self.root.is_dir():
+            return
+        tb = self.root / "tensorboard"
+        if any(f.is_file() and tb not in f.parents for f in self.root.rglob("*")):
+            return
+        shutil.rmtree(self.root, ignore_errors=True)
+
 
 def make_grid(images: list[Image.Image], columns: int | None = None, pad: int = 2) -> Image.Image:
     """Tile equally sized images into one (row-major, ``columns`` per row, ``pad`` pixels of grey between)."""
