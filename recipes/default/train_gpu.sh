@@ -324,7 +324,8 @@ axis)
   done
   stamp "axis: both runs done"
   mkdir -p runs/axis-out
-  ek() { python3 "$here/../../benchmarks/error_kinds.py" "$1" --kind pair --prompts "${EK_PROMPTS:-150}" \
+  ek() { [ "${EK_PROMPTS:-150}" = 0 ] && return 0  # EK_PROMPTS=0: no pair-error analysis
+    python3 "$here/../../benchmarks/error_kinds.py" "$1" --kind pair --prompts "${EK_PROMPTS:-150}" \
       --device "${DEVICE:-cuda}" --out "runs/axis-out/$2" | tail -n 8; }  # the layout line and the table
   for name in axis control; do
     m=runs/axis-$name-model.safetensors
@@ -384,19 +385,30 @@ score)
   # Issue 11's protocol on MODEL (default runs/model.safetensors), at CFG (default: the file's) and with the prompt
   # completion its file names (EXTRA_EVAL=--no-prompt-completion: captions as written): compositional 500 × 4,
   # paraphrases 200 × 2, FID 10k (FID_COUNT) against held-out renders, and the demo prompt at seeds 1–8 (its grid).
+  # SCORE_PARTS picks the parts (default all four; the paraphrases and the demo seeds also run on a CPU)
   m=${MODEL:-runs/model.safetensors}
+  parts=" ${SCORE_PARTS:-compositional paraphrase fid demo} "
   cfg=(); [ -n "${CFG:-}" ] && cfg=(--cfg "$CFG")
   e() { python3 -m estable.cli eval "$@" "${cfg[@]}" ${EXTRA_EVAL:-}; }
-  e compositional --model "$m" --out "$out/compositional.json" ${COMP:-} 2>&1 | grep -v '%|' | tail -n 12
-  stamp "compositional done"
-  e compositional --model "$m" --kinds pair --paraphrase --prompts 200 \
-      --out "$out/paraphrase.json" ${COMP:-} 2>&1 | grep -v '%|' | tail -n 12
-  stamp "paraphrase done"
-  e fid --fake "model:$m" --real "shapes:${FID_COUNT:-10000}" --split heldout --batch-size 256 \
-      --out "$out/fid.json" ${FID:-} 2>&1 | grep -v '%|' | tail -n 3
-  stamp "fid done"
-  python3 "$here/../../benchmarks/demo_seeds.py" "$m" --device "${DEVICE:-cuda}" --out "$out/demo_seeds.png" | tail -n 3
-  stamp "demo seeds done"
+  if [[ $parts == *" compositional "* ]]; then
+    e compositional --model "$m" --out "$out/compositional.json" ${COMP:-} 2>&1 | grep -v '%|' | tail -n 12
+    stamp "compositional done"
+  fi
+  if [[ $parts == *" paraphrase "* ]]; then
+    e compositional --model "$m" --kinds pair --paraphrase --prompts 200 \
+        --out "$out/paraphrase.json" ${COMP:-} 2>&1 | grep -v '%|' | tail -n 12
+    stamp "paraphrase done"
+  fi
+  if [[ $parts == *" fid "* ]]; then
+    e fid --fake "model:$m" --real "shapes:${FID_COUNT:-10000}" --split heldout --batch-size 256 \
+        --out "$out/fid.json" ${FID:-} 2>&1 | grep -v '%|' | tail -n 3
+    stamp "fid done"
+  fi
+  if [[ $parts == *" demo "* ]]; then
+    python3 "$here/../../benchmarks/demo_seeds.py" "$m" --device "${DEVICE:-cuda}" --out "$out/demo_seeds.png" |
+        tail -n 3
+    stamp "demo seeds done"
+  fi
   ;;
 *)
   echo "unknown stage $stage" >&2; exit 2 ;;
