@@ -1,14 +1,14 @@
-"""The shipped built-in model from nothing, on one GPU: its sixteen stages in order, one `estable` command each.
+"""The shipped built-in model from nothing, on one GPU: its eighteen stages in order, one `estable` command each.
 
     python3 recipes/default/reproduce.py [STAGE ...] [--dir runs/repro] [--minutes M] [KEY=VALUE ...]
 
 The stages are the chain that made ``src/estable/assets/default_model.safetensors`` (recipes/default/README.md, "How
-the shipped model was made"): the VAE and the CLIP pair, nine U-Net parts each starting from the one before, the
+the shipped model was made"): the VAE and the CLIP pair, ten U-Net parts each starting from the one before, the
 decoder fine-tune, and the conversions that put the decoder in (the fifth shipped model), the recommended settings
-on (the sixth) and, after part 8, the prompt completion the shipped file names (the seventh; part 9 made the
-eighth, with the same settings). Runs that stopped by their time budget on the machines they ran on stop at the same
-step here (``--until``), on the schedule they were planned with; runs made on two GPUs train their global batch on
-one.
+on (the sixth) and, after part 8, the prompt completion the shipped file names (the seventh; parts 9 and 10 made
+the eighth and the ninth, with the same settings). Runs that stopped by their time budget on the machines they ran
+on stop at the same step here (``--until``), on the schedule they were planned with; runs made on two GPUs train
+their global batch on one.
 
 Each command is printed as it starts, and its log goes to ``DIR/<stage>.log``. A stage whose output is in ``DIR``
 is skipped, so calling the script again continues the chain; ``--minutes`` is a budget for this call (for
@@ -73,7 +73,11 @@ STAGES = (
     Stage("seventh", "convert", start="part8", convert=SHIPPED_SETTINGS),
     # part 9: pairs laid out further from the diagonal than the relation needs (data.shapes_relation_axis_ratio 1.5)
     Stage("part9", "unet", "unet_axis.json", start="seventh"),
-    Stage("model", "convert", start="part9", convert=SHIPPED_SETTINGS),
+    Stage("eighth", "convert", start="part9", convert=SHIPPED_SETTINGS),
+    # part 10: a second round from the eighth, new scenes (world seed 61) at ratio 2
+    Stage("part10", "unet", "unet_axis.json", start="eighth",
+          overrides=("data.shapes_seed=61", "data.shapes_relation_axis_ratio=2")),
+    Stage("model", "convert", start="part10", convert=SHIPPED_SETTINGS),
 )
 BY_NAME = {s.name: s for s in STAGES}
 

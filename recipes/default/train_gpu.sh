@@ -302,8 +302,9 @@ axis)
   # run with the world's layouts. Each then exported with the shipped file's settings and scored: the pair errors
   # (error_kinds.py, 150 prompts × 2) and compositional 500 × 4; the axis arm also paraphrases, FID 10k and the demo
   # seeds (the score stage). A stopped run resumes when the stage is called again. Its axis arm, run from the seventh
-  # model, shipped as the eighth (part 9); to run it as it ran, give EXTRA the seventh model as init_from and the
-  # text and VAE sources (recipes/default/README.md, part 9).
+  # model, shipped as the eighth (part 9), and run from the eighth with EXTRA="data.shapes_seed=61" AXIS_RATIO=2, as
+  # the ninth (part 10); to run either as it ran, give EXTRA the model it started from as init_from and the text and
+  # VAE sources (recipes/default/README.md, parts 9 and 10).
   cfg=$here/unet_axis.json
   # AXIS_RATIO: the axis arm's ratio (default: the config's 1.5); EXTRA goes to both arms
   declare -A arms=([axis]="${AXIS_RATIO:+data.shapes_relation_axis_ratio=$AXIS_RATIO}"
