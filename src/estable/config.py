@@ -29,6 +29,30 @@ def _tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+# Bounds that no real model comes near (SD: 4 levels, 2 layers per block, 12 to 32 text layers, 1000 timesteps). A
+# config beyond them comes from a corrupt or hostile file: building its network would take hours (1000 layers per
+# block: 10 s on the meta device), and its schedule terabytes.
+MAX_DEPTH = 100
+MAX_TIMESTEPS = 100_000
+
+
+def _check_ints(owner: str, low: int | None = 1, high: int | None = None, **values: Any) -> None:
+    """ValueError unless every value is an int (not a bool) in [low, high]; a tuple's entries are checked one by one.
+    Configs come from files as JSON: a string or a negative width would otherwise fail deep inside torch."""
+    for name, value in values.items():
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, bool) or not isinstance(v, int) or (low is not None and v < low) or \
+                    (high is not None and v > high):
+                what = "an integer" + (f" between {low} and {high}" if high is not None and low is not None
+                                       else f" of at least {low}" if low is not None else "")
+                raise ValueError(f"{owner}.{name} must be {what}, not {value!r}")
+
+
+def _check_eps(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{owner}.{name} must be a small positive number, not {value!r}")
+
+
 class _Config:
     """Shared helpers for the config dataclasses (JSON round trip, replace)."""
 
@@ -54,6 +78,8 @@ class _Config:
             sub = _NESTED.get((cls.__name__, name))
             if sub is not None and isinstance(value, dict):
                 value = sub.from_dict(value)
+            elif sub is not None and not isinstance(value, sub):
+                raise ValueError(f"{cls.__name__}.{name} must be an object of {sub.__name__} fields, not {value!r}")
             kwargs[name] = _tuple(value)
         return cls(**kwargs)
 
@@ -91,9 +117,16 @@ class UNetConfig(_Config):
         object.__setattr__(self, "block_channels", _tuple(self.block_channels))
         object.__setattr__(self, "attention_levels", _tuple(self.attention_levels))
         object.__setattr__(self, "num_heads", _tuple(self.num_heads))
-        n = len(self.block_channels)
+        n = len(self.block_channels) if isinstance(self.block_channels, tuple) else 0
         if n < 1:
             raise ValueError("UNetConfig.block_channels needs at least one level")
+        _check_ints("UNetConfig", in_channels=self.in_channels, out_channels=self.out_channels,
+                    block_channels=self.block_channels, context_dim=self.context_dim, sample_size=self.sample_size)
+        if n > MAX_DEPTH:
+            raise ValueError(f"UNetConfig.block_channels has {n} levels; at most {MAX_DEPTH} are supported")
+        _check_ints("UNetConfig", None, None, norm_groups=self.norm_groups, freq_shift=self.freq_shift,
+                    layers_per_block=self.layers_per_block, transformer_layers=self.transformer_layers)
+        _check_eps("UNetConfig", "norm_eps", self.norm_eps)
         if len(self.attention_levels) != n:
             raise ValueError(
                 f"UNetConfig.attention_levels has {len(self.attention_levels)} entries but there are "
@@ -108,6 +141,10 @@ class UNetConfig(_Config):
                 )
         if (self.num_heads is None) == (self.head_channels is None):
             raise ValueError("UNetConfig: set exactly one of num_heads and head_channels")
+        if self.num_heads is not None:
+            _check_ints("UNetConfig", None, None, num_heads=self.num_heads)
+        if self.head_channels is not None:
+            _check_ints("UNetConfig", None, None, head_channels=self.head_channels)
         if self.head_channels is not None and self.head_channels < 1:
             raise ValueError(f"UNetConfig.head_channels must be at least 1, not {self.head_channels}")
         if isinstance(self.num_heads, tuple) and len(self.num_heads) != n:
@@ -121,6 +158,8 @@ class UNetConfig(_Config):
                     raise ValueError(f"UNetConfig: level {level} has {c} channels, which do not split into {what}")
         if self.layers_per_block < 1 or self.transformer_layers < 1:
             raise ValueError("UNetConfig.layers_per_block and transformer_layers must be at least 1")
+        _check_ints("UNetConfig", 1, MAX_DEPTH, layers_per_block=self.layers_per_block,
+                    transformer_layers=self.transformer_layers)
 
     @property
     def time_embed_dim(self) -> int:
@@ -154,8 +193,16 @@ class VAEConfig(_Config):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_channels", _tuple(self.block_channels))
-        if not self.block_channels:
+        if not self.block_channels or not isinstance(self.block_channels, tuple):
             raise ValueError("VAEConfig.block_channels needs at least one level")
+        _check_ints("VAEConfig", in_channels=self.in_channels, out_channels=self.out_channels,
+                    latent_channels=self.latent_channels, block_channels=self.block_channels,
+                    sample_size=self.sample_size)
+        if len(self.block_channels) > MAX_DEPTH:
+            raise ValueError(f"VAEConfig.block_channels has {len(self.block_channels)} levels; at most {MAX_DEPTH} "
+                             "are supported")
+        _check_ints("VAEConfig", None, None, norm_groups=self.norm_groups, layers_per_block=self.layers_per_block)
+        _check_eps("VAEConfig", "norm_eps", self.norm_eps)
         if self.norm_groups < 1:
             raise ValueError(f"VAEConfig.norm_groups must be at least 1, not {self.norm_groups}")
         if not (math.isfinite(self.scaling_factor) and self.scaling_factor > 0):
@@ -167,6 +214,7 @@ class VAEConfig(_Config):
                 )
         if self.layers_per_block < 1:
             raise ValueError("VAEConfig.layers_per_block must be at least 1")
+        _check_ints("VAEConfig", 1, MAX_DEPTH, layers_per_block=self.layers_per_block)
 
     @property
     def downsample_factor(self) -> int:
@@ -189,6 +237,12 @@ class TextConfig(_Config):
     eos_token_id: int = 49407  # the pooled output is read at the first EOS token
 
     def __post_init__(self) -> None:
+        _check_ints("TextConfig", vocab_size=self.vocab_size, max_positions=self.max_positions, width=self.width,
+                    mlp_width=self.mlp_width)
+        _check_ints("TextConfig", None, None, heads=self.heads, layers=self.layers, eos_token_id=self.eos_token_id)
+        if self.projection_dim is not None:
+            _check_ints("TextConfig", projection_dim=self.projection_dim)
+        _check_eps("TextConfig", "layer_norm_eps", self.layer_norm_eps)
         if self.heads < 1:
             raise ValueError(f"TextConfig.heads must be at least 1, not {self.heads}")
         if self.width % self.heads:
@@ -197,6 +251,7 @@ class TextConfig(_Config):
             raise ValueError(f"TextConfig.activation must be 'quick_gelu' or 'gelu', not {self.activation!r}")
         if self.layers < 1:
             raise ValueError("TextConfig.layers must be at least 1")
+        _check_ints("TextConfig", 1, MAX_DEPTH, layers=self.layers)
 
 
 @dataclass(frozen=True)
@@ -226,8 +281,11 @@ class ScheduleConfig(_Config):
             )
         if self.timestep_spacing not in (None, "leading", "trailing", "linspace"):
             raise ValueError(f"unsupported timestep_spacing {self.timestep_spacing!r}")
+        _check_ints("ScheduleConfig", None, None, num_train_timesteps=self.num_train_timesteps,
+                    steps_offset=self.steps_offset)
         if self.num_train_timesteps < 1:
             raise ValueError(f"ScheduleConfig.num_train_timesteps must be at least 1, not {self.num_train_timesteps}")
+        _check_ints("ScheduleConfig", 1, MAX_TIMESTEPS, num_train_timesteps=self.num_train_timesteps)
         for name in ("beta_start", "beta_end"):
             beta = getattr(self, name)
             if not 0.0 < beta < 1.0:  # also false for NaN
@@ -243,6 +301,10 @@ class TokenizerConfig(_Config):
     pad_token_id: int = 49407  # SD 1.x pads with EOS; SD 2.x pads with 0 ("!")
     bos_token_id: int = 49406
     eos_token_id: int = 49407
+
+    def __post_init__(self) -> None:
+        _check_ints("TokenizerConfig", 0, None, max_length=self.max_length, pad_token_id=self.pad_token_id,
+                    bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id)
 
 
 @dataclass(frozen=True)
@@ -269,6 +331,7 @@ class ModelConfig(_Config):
     prompt_completion: str | None = None
 
     def __post_init__(self) -> None:
+        _check_ints("ModelConfig", None, None, clip_skip=self.clip_skip)
         if self.default_cfg is not None and not 0.0 <= float(self.default_cfg) <= 100.0:
             raise ValueError(f"ModelConfig.default_cfg must be between 0 and 100, not {self.default_cfg!r}")
         if self.prompt_completion is not None:
@@ -316,6 +379,11 @@ class ControlNetConfig(_Config):
         object.__setattr__(self, "hint_channels", _tuple(self.hint_channels))
         if not self.hint_channels or any(int(c) < 1 for c in self.hint_channels):
             raise ValueError("ControlNetConfig.hint_channels needs at least one positive width")
+        _check_ints("ControlNetConfig", hint_channels=self.hint_channels)
+        _check_ints("ControlNetConfig", None, None, conditioning_channels=self.conditioning_channels)
+        if len(self.hint_channels) > MAX_DEPTH:
+            raise ValueError(f"ControlNetConfig.hint_channels has {len(self.hint_channels)} stages; at most "
+                             f"{MAX_DEPTH} are supported")
         if self.conditioning_channels < 1:
             raise ValueError(
                 f"ControlNetConfig.conditioning_channels must be positive, not {self.conditioning_channels}"

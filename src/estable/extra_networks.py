@@ -324,11 +324,14 @@ class LoRAStack:
                                     source=state.source)
                     applied = apply_lora(model if component == "unet" else None,
                                          model if component == "text_encoder" else None, sub, scale=weight)
-                    for layer in applied.values():
+                    for path, layer in applied.items():
                         w = layer.weight
                         if id(w) not in self._saved:
                             self._saved[id(w)] = (w, w.detach().to("cpu", copy=True))
                         layer.merge()
+                        if not bool(torch.isfinite(w).all()) and bool(torch.isfinite(self._saved[id(w)][1]).all()):
+                            raise EstableError(f"LoRA {spec.name} at weight {weight:g} makes the weights of {path} "
+                                               "overflow to infinity or NaN; use a smaller weight")
                     remove_lora(model, merge=True)
         except BaseException:
             remove_lora(self.unet, merge=False)  # adapters applied but not merged yet, if any

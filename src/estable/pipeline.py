@@ -706,10 +706,12 @@ class Pipeline:
 
         Non-finite values that survive (a corrupt model, not a precision problem) are an error: they would
         otherwise become a black PNG."""
+        loras = ", ".join(spec.name for spec in self.lora_stack.active)
+        weights = f"the model's weights or a LoRA in use ({loras})" if loras else "the model's weights"
         if not bool(torch.isfinite(z).all()):
             hint = "" if self.dtype == torch.float32 else ", or run in fp32 (--dtype fp32)"
             raise EstableError(
-                "the U-Net produced NaN or infinite latents; the model's weights may be corrupt "
+                f"the U-Net produced NaN or infinite latents; {weights} may be corrupt "
                 f"(check {self.model.source} with `estable info`){hint}"
             )
         vae_dtype = next(self.vae.parameters()).dtype
@@ -736,9 +738,10 @@ class Pipeline:
                 finally:
                     self.vae.to(vae_dtype)
         if not bool(torch.isfinite(image).all()):
+            vae = self.vae_info["path"] if self.vae_info else self.model.source
             raise EstableError(
-                "the VAE decoder produced NaN or infinite values from finite latents; the model's weights "
-                f"may be corrupt (check {self.model.source} with `estable info`)"
+                f"the VAE decoder produced NaN or infinite values from finite latents; "
+                f"{'the VAE file' if self.vae_info else weights} may be corrupt (check {vae} with `estable info`)"
             )
         return image, note
 

@@ -457,7 +457,7 @@ class CLIPTokenizer:
             return {}
         try:
             data = json.loads(_read_text(path))
-        except json.JSONDecodeError as e:
+        except (ValueError, RecursionError) as e:  # also a 5000-digit number, or nesting too deep
             raise EstableError(f"{path} is not valid JSON: {e}") from e
         if not isinstance(data, dict):
             if required:

@@ -36,7 +36,7 @@ from torch import Tensor
 from ..config import ControlNetConfig, UNetConfig
 from ..errors import CheckpointError, EstableError, UnsupportedModelError
 from . import diffusers_config as dc
-from .io import load_tensors, read_safetensors_header, write_safetensors
+from .io import json_error, load_tensors, read_safetensors_header, write_safetensors
 from .ldm import (
     LDM_EXTRAS,
     SD1_UNET_HEADS,
@@ -294,10 +294,14 @@ def read_controlnet(path: str | os.PathLike[str], *, base: UNetConfig | None = N
     if fmt == "diffusers":
         folder = path if path.is_dir() else path.parent
         cfg_path = folder / "config.json"
+        if cfg_path.exists() and not cfg_path.is_file():  # a link to /dev/zero or a pipe: reading would never end
+            raise CheckpointError(f"{cfg_path} is not a regular file")
         try:
             raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{cfg_path}: cannot read the ControlNet config ({exc})") from None
+        except (OSError, ValueError, RecursionError) as exc:
+            raise CheckpointError(f"{cfg_path}: cannot read the ControlNet config ({json_error(exc)})") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{cfg_path}: the ControlNet config should hold a JSON object")
         if raw.get("_class_name", _CLASS) != _CLASS:
             raise UnsupportedModelError(f"{cfg_path}: a {raw.get('_class_name')}, not a {_CLASS}")
         try:
@@ -313,8 +317,9 @@ def read_controlnet(path: str | os.PathLike[str], *, base: UNetConfig | None = N
     if fmt == "estable":
         try:
             cfg = ControlNetConfig.from_dict(json.loads(meta["config"]))
-        except (KeyError, ValueError, TypeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}: the ControlNet config in the metadata is invalid ({exc})") from None
+        except (KeyError, ValueError, TypeError, RecursionError) as exc:
+            raise CheckpointError(f"{path}: the ControlNet config in the metadata is invalid ({json_error(exc)})") \
+                from None
         return cfg, dict(sd), fmt
     cfg = _recorded_config(meta) or infer_controlnet_config(sd, base, where=str(path))
     return cfg, ldm_to_controlnet(sd, cfg, where=str(path)), fmt
@@ -324,7 +329,7 @@ def _recorded_config(meta: Mapping[str, str]) -> ControlNetConfig | None:
     """The config Estable writes into the metadata of the single files it makes."""
     try:
         return ControlNetConfig.from_dict(json.loads(meta[LDM_CONFIG_KEY]))
-    except (KeyError, ValueError, TypeError):
+    except (KeyError, ValueError, TypeError, RecursionError):
         return None
 
 
@@ -412,7 +417,7 @@ def is_controlnet(path: str | os.PathLike[str]) -> bool:
             header, meta = read_safetensors_header(path)
             return meta.get("format") == FORMAT_NAME or "controlnet_cond_embedding.conv_in.weight" in header or any(
                 k.startswith(f"{CONTROL_PREFIX}input_hint_block.") or k.startswith("input_hint_block.") for k in header)
-    except (OSError, ValueError, EstableError):
+    except (OSError, ValueError, AttributeError, RecursionError, EstableError):  # AttributeError: not a JSON object
         return False
     return False
 
@@ -449,8 +454,8 @@ def describe_controlnet(path: str | os.PathLike[str], *, hashes: bool = True) ->
         out["family"] = {768: "sd1", 1024: "sd2"}.get(u.context_dim, "estable")
         out["hint"] = {"channels": list(cfg.hint_channels), "factor": cfg.hint_factor,
                        "conditioning_channels": cfg.conditioning_channels, "bgr": cfg.bgr}
-    except (EstableError, ValueError, KeyError, TypeError) as exc:
-        out["note"] = str(exc)
+    except (EstableError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        out["note"] = json_error(exc) if isinstance(exc, (ValueError, RecursionError)) else str(exc)
     if hashes:
         digest = sha256_file(weights)
         out["sha256"], out["short_hash"] = digest, digest[:10]

@@ -173,7 +173,7 @@ def _estable_config(path: Path, meta: dict[str, str]) -> tuple[ModelConfig | Non
         return None, "the file's metadata records no model config (it cannot be loaded as an Estable model)"
     try:
         return ModelConfig.from_dict(json.loads(meta["config"])), None
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
         return None, f"the file's recorded config is invalid, so it cannot be loaded: {exc}"
 
 
@@ -227,7 +227,7 @@ def _recorded(meta: dict[str, str]) -> ModelConfig | None:
     """The config Estable writes into the metadata of its LDM files."""
     try:
         return ModelConfig.from_dict(json.loads(meta[LDM_CONFIG_KEY]))
-    except (KeyError, ValueError, TypeError):
+    except (KeyError, ValueError, TypeError, RecursionError):
         return None
 
 

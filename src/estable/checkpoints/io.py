@@ -116,6 +116,16 @@ def _check_file(path: Path) -> int:
         raise CheckpointError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
 
 
+def json_error(exc: Exception) -> str:
+    """Why ``json.loads`` failed, in words for a file's reader: besides syntax errors, a hostile file can nest
+    too deeply (RecursionError) or hold a number longer than Python converts (ValueError)."""
+    if isinstance(exc, RecursionError):
+        return "it is nested too deeply"
+    if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
+        return str(exc)
+    return "it holds a number with too many digits" if "digits" in str(exc) else str(exc)
+
+
 def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Read and validate a safetensors header; return ``(tensors, metadata)`` without reading any data.
 
@@ -149,10 +159,10 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Ten
         raise CheckpointError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CheckpointError(
             f"{name} is not a safetensors file (or its header is corrupt): the header is not valid JSON "
-            f"({exc}) ({path})"
+            f"({json_error(exc)}) ({path})"
         ) from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{name} has a corrupt header: expected a JSON object ({path})")

@@ -162,6 +162,8 @@ def _check_supported(keys: list[str], source: str) -> None:
 def _alpha_value(t: Tensor, key: str, source: str) -> float:
     if t.numel() != 1:
         raise CheckpointError(f"{source}: {key!r} should hold one number (α), it has shape {list(t.shape)}")
+    if t.is_complex():
+        raise CheckpointError(f"{source}: {key!r} should hold a real number (α), it is {t.dtype}")
     return float(t.float().item())
 
 
@@ -177,7 +179,17 @@ def _pair(source: str, name: str, down: Tensor, up: Tensor, alpha: float | None)
         raise CheckpointError(
             f"{source}: {name}: rank mismatch, lora_down has {down.shape[0]} rows but lora_up {up.shape[1]} columns"
         )
+    if not (down.is_floating_point() and up.is_floating_point()):
+        raise CheckpointError(f"{source}: {name}: LoRA factors must be floating-point tensors, got down {down.dtype} "
+                              f"and up {up.dtype}")
     rank = int(down.shape[0])
+    if rank < 1:
+        raise CheckpointError(f"{source}: {name}: the LoRA has rank 0 (empty factors)")
+    # A NaN or infinite α or factor would turn the merged weights into NaN: a black image blamed on the model.
+    if (alpha is not None and not math.isfinite(alpha)) or not all(
+            bool(torch.isfinite(t.float()).all()) for t in (down, up)):  # float(): isfinite has no fp8 kernel
+        raise CheckpointError(f"{source}: {name}: the LoRA holds NaN or infinite values (α = {alpha}); the file is "
+                              "corrupt")
     # kohya / A1111: a missing or zero alpha means α = r (scaling 1).
     return LoRAWeights(down=down, up=up, alpha=alpha if alpha else float(rank))
 
@@ -218,7 +230,7 @@ def _peft_alphas(metadata: Mapping[str, str], source: str) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(raw)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:
         raise CheckpointError(f"{source}: metadata {PEFT_METADATA_KEY!r} is not valid JSON ({exc})") from None
     return data if isinstance(data, dict) else {}
 
@@ -227,10 +239,17 @@ def _peft_alpha(cfg: Mapping[str, Any], component: Component, path: str, rank: i
     """α of one module from diffusers' LoRA config (``<component>.lora_alpha`` / ``.alpha_pattern``)."""
     alpha = cfg.get(f"{component}.lora_alpha")
     pattern = cfg.get(f"{component}.alpha_pattern") or {}
+    if not isinstance(pattern, dict):
+        raise ValueError(f"{component}.alpha_pattern should map module names to numbers, not {pattern!r}")
     for key, value in pattern.items():  # PEFT matches pattern keys as suffixes of the module path
-        if re.fullmatch(rf"(.*\.)?{key}", path):
-            alpha = value
-            break
+        try:
+            if re.fullmatch(rf"(.*\.)?{key}", path):
+                alpha = value
+                break
+        except re.error as exc:
+            raise ValueError(f"{component}.alpha_pattern key {key!r} is not a valid pattern ({exc})") from None
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
+        raise ValueError(f"the α of {component}.{path} should be a number, not {alpha!r}")
     alpha = float(rank) if alpha is None else float(alpha)
     if cfg.get(f"{component}.use_rslora"):  # rank-stabilised LoRA scales by α/√r; express it as α'/r
         alpha *= math.sqrt(rank)
@@ -256,7 +275,11 @@ def _read_peft(
         if "lora_A" not in g or "lora_B" not in g:
             raise CheckpointError(f"{source}: {component}.{path} has only {', '.join(g)}")
         down, up = g["lora_A"], g["lora_B"]
-        weights = _pair(source, path, down, up, _peft_alpha(cfg, component, path, int(down.shape[0])))
+        try:
+            alpha = _peft_alpha(cfg, component, path, int(down.shape[0]) if down.ndim else 1)
+        except ValueError as exc:
+            raise CheckpointError(f"{source}: metadata {PEFT_METADATA_KEY!r}: {exc}") from None
+        weights = _pair(source, path, down, up, alpha)
         parts[component][path] = weights
     return parts["unet"], parts["text_encoder"]
 

@@ -46,6 +46,7 @@ from .io import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
     atomic_write_text,
+    json_error,
     load_tensors,
     read_safetensors,
     read_safetensors_header,
@@ -145,11 +146,16 @@ def check_state_dict(module: nn.Module, sd: Mapping[str, torch.Tensor], *, where
     ``where`` names the file (or folder) the tensors came from; the message lists the first few offending
     keys of each kind and how many there are in total.
     """
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    own = module.state_dict()
+    expected = {k: tuple(v.shape) for k, v in own.items()}
     unexpected = [k for k in sd if k not in expected]
     missing = [k for k in expected if k not in sd]
     wrong = [k for k in sd if k in expected and tuple(sd[k].shape) != expected[k]]
-    if not (unexpected or missing or wrong):
+    # floating point where the model holds floats (not integers, booleans or complex numbers), else the exact dtype
+    # (the int8 layers' weights)
+    kinds = [k for k in sd if k in own and not (sd[k].is_floating_point() if own[k].is_floating_point()
+                                                 else sd[k].dtype == own[k].dtype)]
+    if not (unexpected or missing or wrong or kinds):
         return
     parts = []
     if unexpected:
@@ -162,6 +168,14 @@ def check_state_dict(module: nn.Module, sd: Mapping[str, torch.Tensor], *, where
         )
         more = f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""
         parts.append(f"{len(wrong)} shape mismatch(es): {shown}{more}")
+    if kinds:
+        shown = "; ".join(
+            f"{k!r} is {str(sd[k].dtype).removeprefix('torch.')} but the model expects "
+            f"{'floating point' if own[k].is_floating_point() else str(own[k].dtype).removeprefix('torch.')}"
+            for k in kinds[:5]
+        )
+        more = f" and {len(kinds) - 5} more" if len(kinds) > 5 else ""
+        parts.append(f"{len(kinds)} tensor(s) of the wrong type: {shown}{more}")
     raise CheckpointError(f"{where}: the {component} weights do not match its config: " + "; ".join(parts))
 
 
@@ -191,12 +205,14 @@ def _fill(module: nn.Module, sd: dict[str, torch.Tensor], where: str) -> nn.Modu
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    if path.exists() and not path.is_file():  # a folder, or a link to /dev/zero or a pipe: reading would never end
+        raise CheckpointError(f"{path} is not a regular file")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not a readable JSON file ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8 or JSON, a 5000-digit number
+        raise CheckpointError(f"{path} is not a readable JSON file ({json_error(exc)})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} should hold a JSON object")
     return data
@@ -297,12 +313,16 @@ def tokenizer_from_metadata(
         texts = {name: files[name] for name in _TOKENIZER_FILES}
         if not all(isinstance(t, str) for t in texts.values()):
             raise TypeError
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (ValueError, RecursionError, KeyError, TypeError):
         raise CheckpointError(f"{where}: the tokenizer embedded in the metadata is corrupt") from None
     with tempfile.TemporaryDirectory(prefix="estable-tok-") as tmp:
         for name, text in texts.items():
             (Path(tmp) / name).write_text(text, encoding="utf-8")
-        return _tokenizer_from_folder(Path(tmp), max_length=max_length), None
+        try:
+            return _tokenizer_from_folder(Path(tmp), max_length=max_length), None
+        except CheckpointError as exc:  # its message names the temporary folder, gone by now
+            why = str(exc).replace(f"{tmp}{os.sep}", "").replace(f"{tmp}: ", "")
+            raise CheckpointError(f"{where}: the tokenizer embedded in the metadata is corrupt ({why})") from None
 
 
 # ---------------------------------------------------------------- format detection
@@ -368,6 +388,11 @@ def load_model(
                                                 prediction_type=prediction_type)
     if prediction_type is not None and config.schedule.prediction_type != prediction_type:
         config = config.replace(schedule=config.schedule.replace(prediction_type=prediction_type))
+    why = _vocabulary_misfit(tok, config.text.vocab_size, str(path)) if tok is not None else None
+    if why and fmt == "ldm":  # the standard vocabulary, not part of the file: the weights still load and convert
+        tok, tok_err = None, why
+    elif why:
+        raise CheckpointError(why)
 
     from ..models.text import TextEncoder
     from ..models.unet import UNet
@@ -417,6 +442,16 @@ def load_model(
 Components = dict[str, tuple[dict[str, torch.Tensor], str]]  # name -> (state dict, where it came from)
 
 
+def _vocabulary_misfit(tok: CLIPTokenizer, vocab_size: int, where: str) -> str | None:
+    """Why ``tok`` does not fit a text encoder of ``vocab_size`` token embeddings (a token id without a row: the first
+    prompt would fail with an IndexError), or None when it fits."""
+    top = max(tok.encoder.values(), default=0)
+    if top < vocab_size and min(tok.encoder.values(), default=0) >= 0:
+        return None
+    return (f"{where}: the tokenizer has token ids up to {top}, but the text encoder has only {vocab_size} token "
+            "embeddings: the tokenizer (for single files: the standard CLIP vocabulary) does not belong to this model")
+
+
 def _read_ldm(
     path: Path, *, allow_pickle: bool, ema: bool, prediction_type: str | None
 ) -> tuple[ModelConfig, Components, Any, str | None]:
@@ -449,7 +484,7 @@ def _recorded_config(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str]) ->
     try:
         config = ModelConfig.from_dict(json.loads(raw))
         family = ldm_infer.detect_family(sd.keys())
-    except (ValueError, TypeError, EstableError):
+    except (ValueError, TypeError, RecursionError, EstableError):
         return None
     if config.family in ("sd1", "sd2") and config.family != family:
         return None
@@ -468,8 +503,8 @@ def _read_estable(path: Path) -> tuple[ModelConfig, Components, Any, str | None]
         config = ModelConfig.from_dict(json.loads(meta["config"]))
     except KeyError:
         raise CheckpointError(f"{path}: the Estable metadata has no 'config' entry") from None
-    except (json.JSONDecodeError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: the model config in the metadata is invalid ({exc})") from None
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: the model config in the metadata is invalid ({json_error(exc)})") from None
     comps: dict[str, dict[str, torch.Tensor]] = {name: {} for name in COMPONENTS}
     stray = []
     for key, t in tensors.items():
@@ -563,6 +598,12 @@ def _read_diffusers(path: Path, *, allow_pickle: bool) -> tuple[ModelConfig, Com
         comps[name] = (sd, str(files[0] if len(files) == 1 else path / name))
 
     tok = _tokenizer_from_folder(path / "tokenizer")
+    if tok.max_length > text_cfg.max_positions:  # the prompt encoder would fail at the first prompt
+        raise CheckpointError(
+            f"{path / 'tokenizer'}: the tokenizer pads prompts to {tok.max_length} tokens, but the text encoder has "
+            f"only {text_cfg.max_positions} positions; set model_max_length to {text_cfg.max_positions} in "
+            "tokenizer_config.json"
+        )
     family = "sd2" if text_cfg.activation == "gelu" else "sd1"
     default_tok = TokenizerConfig(pad_token_id=0) if family == "sd2" else TokenizerConfig()
     try:

@@ -116,7 +116,10 @@ def read_vae_file(
         out = _from_ldm(sd, cfg, where)
     else:
         out = _from_diffusers(sd, expected, where)
-    return {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
+    odd = [f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in out.items() if not v.is_floating_point()]
+    if odd:  # integers or complex numbers where the autoencoder holds floats: a silently wrong image
+        raise CheckpointError(f"{where} is corrupt: {len(odd)} tensor(s) are not floating point: {', '.join(odd[:3])}")
+    return {k: v.float() for k, v in out.items()}
 
 
 def vae_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
