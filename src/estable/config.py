@@ -41,11 +41,12 @@ def _check_ints(owner: str, low: int | None = 1, high: int | None = None, **valu
     Configs come from files as JSON: a string or a negative width would otherwise fail deep inside torch."""
     for name, value in values.items():
         for v in value if isinstance(value, tuple) else (value,):
-            if isinstance(v, bool) or not isinstance(v, int) or (low is not None and v < low) or \
-                    (high is not None and v > high):
-                what = "an integer" + (f" between {low} and {high}" if high is not None and low is not None
-                                       else f" of at least {low}" if low is not None else "")
-                raise ValueError(f"{owner}.{name} must be {what}, not {value!r}")
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{owner}.{name} must be an integer, not {value!r}")
+            if low is not None and v < low:
+                raise ValueError(f"{owner}.{name} must be at least {low}, not {value!r}")
+            if high is not None and v > high:
+                raise ValueError(f"{owner}.{name} must be at most {high}, not {value!r}")
 
 
 def _check_eps(owner: str, name: str, value: Any) -> None:
@@ -124,16 +125,16 @@ class UNetConfig(_Config):
                     block_channels=self.block_channels, context_dim=self.context_dim, sample_size=self.sample_size)
         if n > MAX_DEPTH:
             raise ValueError(f"UNetConfig.block_channels has {n} levels; at most {MAX_DEPTH} are supported")
-        _check_ints("UNetConfig", None, None, norm_groups=self.norm_groups, freq_shift=self.freq_shift,
-                    layers_per_block=self.layers_per_block, transformer_layers=self.transformer_layers)
+        _check_ints("UNetConfig", norm_groups=self.norm_groups)
+        _check_ints("UNetConfig", None, None, freq_shift=self.freq_shift)
+        _check_ints("UNetConfig", 1, MAX_DEPTH, layers_per_block=self.layers_per_block,
+                    transformer_layers=self.transformer_layers)
         _check_eps("UNetConfig", "norm_eps", self.norm_eps)
         if len(self.attention_levels) != n:
             raise ValueError(
                 f"UNetConfig.attention_levels has {len(self.attention_levels)} entries but there are "
                 f"{n} levels (block_channels={self.block_channels}); give one True/False per level"
             )
-        if self.norm_groups < 1:
-            raise ValueError(f"UNetConfig.norm_groups must be at least 1, not {self.norm_groups}")
         for c in self.block_channels:
             if c % self.norm_groups:
                 raise ValueError(
@@ -142,11 +143,9 @@ class UNetConfig(_Config):
         if (self.num_heads is None) == (self.head_channels is None):
             raise ValueError("UNetConfig: set exactly one of num_heads and head_channels")
         if self.num_heads is not None:
-            _check_ints("UNetConfig", None, None, num_heads=self.num_heads)
+            _check_ints("UNetConfig", num_heads=self.num_heads)
         if self.head_channels is not None:
-            _check_ints("UNetConfig", None, None, head_channels=self.head_channels)
-        if self.head_channels is not None and self.head_channels < 1:
-            raise ValueError(f"UNetConfig.head_channels must be at least 1, not {self.head_channels}")
+            _check_ints("UNetConfig", head_channels=self.head_channels)
         if isinstance(self.num_heads, tuple) and len(self.num_heads) != n:
             raise ValueError(f"UNetConfig.num_heads has {len(self.num_heads)} entries for {n} levels")
         for level, c in enumerate(self.block_channels):
@@ -156,10 +155,6 @@ class UNetConfig(_Config):
                 if heads < 1 or c % heads or (per_head is not None and c % per_head):
                     what = f"heads of {per_head} channels" if per_head is not None else f"{heads} heads"
                     raise ValueError(f"UNetConfig: level {level} has {c} channels, which do not split into {what}")
-        if self.layers_per_block < 1 or self.transformer_layers < 1:
-            raise ValueError("UNetConfig.layers_per_block and transformer_layers must be at least 1")
-        _check_ints("UNetConfig", 1, MAX_DEPTH, layers_per_block=self.layers_per_block,
-                    transformer_layers=self.transformer_layers)
 
     @property
     def time_embed_dim(self) -> int:
@@ -201,10 +196,9 @@ class VAEConfig(_Config):
         if len(self.block_channels) > MAX_DEPTH:
             raise ValueError(f"VAEConfig.block_channels has {len(self.block_channels)} levels; at most {MAX_DEPTH} "
                              "are supported")
-        _check_ints("VAEConfig", None, None, norm_groups=self.norm_groups, layers_per_block=self.layers_per_block)
+        _check_ints("VAEConfig", norm_groups=self.norm_groups)
+        _check_ints("VAEConfig", 1, MAX_DEPTH, layers_per_block=self.layers_per_block)
         _check_eps("VAEConfig", "norm_eps", self.norm_eps)
-        if self.norm_groups < 1:
-            raise ValueError(f"VAEConfig.norm_groups must be at least 1, not {self.norm_groups}")
         if not (math.isfinite(self.scaling_factor) and self.scaling_factor > 0):
             raise ValueError(f"VAEConfig.scaling_factor must be a positive finite number, not {self.scaling_factor!r}")
         for c in self.block_channels:
@@ -212,9 +206,6 @@ class VAEConfig(_Config):
                 raise ValueError(
                     f"VAEConfig.block_channels entry {c} is not divisible by norm_groups={self.norm_groups}"
                 )
-        if self.layers_per_block < 1:
-            raise ValueError("VAEConfig.layers_per_block must be at least 1")
-        _check_ints("VAEConfig", 1, MAX_DEPTH, layers_per_block=self.layers_per_block)
 
     @property
     def downsample_factor(self) -> int:
@@ -239,19 +230,16 @@ class TextConfig(_Config):
     def __post_init__(self) -> None:
         _check_ints("TextConfig", vocab_size=self.vocab_size, max_positions=self.max_positions, width=self.width,
                     mlp_width=self.mlp_width)
-        _check_ints("TextConfig", None, None, heads=self.heads, layers=self.layers, eos_token_id=self.eos_token_id)
+        _check_ints("TextConfig", heads=self.heads)
+        _check_ints("TextConfig", 1, MAX_DEPTH, layers=self.layers)
+        _check_ints("TextConfig", None, None, eos_token_id=self.eos_token_id)
         if self.projection_dim is not None:
             _check_ints("TextConfig", projection_dim=self.projection_dim)
         _check_eps("TextConfig", "layer_norm_eps", self.layer_norm_eps)
-        if self.heads < 1:
-            raise ValueError(f"TextConfig.heads must be at least 1, not {self.heads}")
         if self.width % self.heads:
             raise ValueError(f"TextConfig.width={self.width} is not divisible by heads={self.heads}")
         if self.activation not in ("quick_gelu", "gelu"):
             raise ValueError(f"TextConfig.activation must be 'quick_gelu' or 'gelu', not {self.activation!r}")
-        if self.layers < 1:
-            raise ValueError("TextConfig.layers must be at least 1")
-        _check_ints("TextConfig", 1, MAX_DEPTH, layers=self.layers)
 
 
 @dataclass(frozen=True)
@@ -281,10 +269,7 @@ class ScheduleConfig(_Config):
             )
         if self.timestep_spacing not in (None, "leading", "trailing", "linspace"):
             raise ValueError(f"unsupported timestep_spacing {self.timestep_spacing!r}")
-        _check_ints("ScheduleConfig", None, None, num_train_timesteps=self.num_train_timesteps,
-                    steps_offset=self.steps_offset)
-        if self.num_train_timesteps < 1:
-            raise ValueError(f"ScheduleConfig.num_train_timesteps must be at least 1, not {self.num_train_timesteps}")
+        _check_ints("ScheduleConfig", None, None, steps_offset=self.steps_offset)
         _check_ints("ScheduleConfig", 1, MAX_TIMESTEPS, num_train_timesteps=self.num_train_timesteps)
         for name in ("beta_start", "beta_end"):
             beta = getattr(self, name)
