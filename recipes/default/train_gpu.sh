@@ -306,9 +306,10 @@ axis)
   # the ninth (part 10); to run either as it ran, give EXTRA the model it started from as init_from and the text and
   # VAE sources (recipes/default/README.md, parts 9 and 10).
   cfg=$here/unet_axis.json
-  # AXIS_RATIO: the axis arm's ratio (default: the config's 1.5); EXTRA goes to both arms
+  # AXIS_RATIO: the axis arm's ratio (default: the config's 1.5); CONTROL_RATIO the control's (default 1, the world's
+  # layouts); CONTROL_MODEL=1 also puts the control's model into OUT; EXTRA goes to both arms
   declare -A arms=([axis]="${AXIS_RATIO:+data.shapes_relation_axis_ratio=$AXIS_RATIO}"
-                   [control]="data.shapes_relation_axis_ratio=1.0")
+                   [control]="data.shapes_relation_axis_ratio=${CONTROL_RATIO:-1.0}")
   pids=()
   for name in axis control; do
     r=(); [ -d "runs/axis-$name/checkpoints" ] && r=(--resume)
@@ -343,6 +344,7 @@ axis)
       # shellcheck disable=SC2086
       estable eval compositional --model "$m" --out runs/axis-out/control/compositional.json ${COMP:-} 2>&1 |
           grep -v '%|' | tail -n 12
+      [ -z "${CONTROL_MODEL:-}" ] || split -b 15M "$m" "$out/control-model.part-"
     fi
   done
   ek src/estable/assets/default_model.safetensors pairs-shipped
