@@ -19,7 +19,8 @@ from estable.models.unet import UNet
 from estable.models.vae import AutoencoderKL
 from estable.nn.attention import Attention, SpatialSelfAttention
 from estable.nn.lora import inject_lora
-from estable.speed import SpeedOptions, compile_blocks, fuse_projections, resolve_speed, unfuse_projections
+from estable.nn.resnet import Upsample
+from estable.speed import SpeedOptions, compile_blocks, fuse_phases, fuse_projections, resolve_speed, unfuse_projections
 from tiny_model import tiny_model_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -126,6 +127,118 @@ def test_fused_unet_with_channels_last_equals_eager_and_lora_still_applies():
     assert rel(a, b) < 1e-5 and rel(a, expected) > 1e-3
 
 
+def _plain_upsample(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    return conv(torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 5, 7), (1, 8, 4, 4), (3, 4, 1, 1)])
+def test_upsample_by_phases_is_upsample_then_conv(shape):
+    torch.manual_seed(2)
+    up = Upsample(shape[1]).double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    keys = {k: v.clone() for k, v in up.state_dict().items()}
+    with torch.no_grad():
+        want = _plain_upsample(x, up.conv)
+        assert up.fuse_phases() and not up.fuse_phases()  # the second call finds it fused
+        assert up.phase_weight.shape == (4 * shape[1], shape[1], 2, 2)
+        assert (up(x) - want).abs().max() < 1e-12
+        assert up.state_dict().keys() == keys.keys()  # the phase kernels are derived, not saved
+        # channels_last in, channels_last out, the same numbers
+        up.to(memory_format=torch.channels_last)
+        up.unfuse_phases()
+        up.fuse_phases()
+        got = up(x.contiguous(memory_format=torch.channels_last))
+        assert got.is_contiguous(memory_format=torch.channels_last) and (got - want).abs().max() < 1e-12
+        # a size that is not 2× (the U-Net's odd skips) takes the interpolating path
+        odd = (2 * shape[2] - 1, 2 * shape[3] + 1)
+        want_odd = up.conv(torch.nn.functional.interpolate(x, size=odd, mode="nearest"))
+        assert torch.equal(up(x, odd), want_odd)
+        # a weight changed in place is seen once refreshed, and not before (the kernels are a derived copy)
+        up.conv.weight.mul_(-0.5)
+        assert (up(x) - _plain_upsample(x, up.conv)).abs().max() > 1e-3
+        up.refresh_phases()
+        assert (up(x) - _plain_upsample(x, up.conv)).abs().max() < 1e-12
+
+
+def test_phases_leave_a_quantised_or_wrapped_conv_alone():
+    up = Upsample(4)
+    up.conv = torch.nn.Sequential(up.conv)  # stands for an int8 or LoRA-wrapped convolution
+    assert not up.fuse_phases() and up.phase_weight is None
+
+
+def test_phase_upsample_in_the_unet_and_decoder_equals_eager_in_fp32():
+    unet, vae = _unet(4), AutoencoderKL(VAE).eval()
+    sample, t, ctx = _inputs()
+    z = torch.randn(2, 4, 4, 4)
+    with torch.no_grad():
+        want_unet, want_vae = unet(sample, t, ctx), vae.decode(z)
+        assert fuse_phases(unet) == 1 and fuse_phases(vae.decoder) == 1
+        got_unet, got_vae = unet(sample, t, ctx), vae.decode(z)
+    assert rel(got_unet, want_unet) < 1e-6 and rel(got_vae, want_vae) < 1e-6
+
+
+def _upsampler_lora(path: Path, channels: int) -> Path:
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(9)
+    name = "lora_unet_up_blocks_0_upsamplers_0_conv"
+    save_file({f"{name}.lora_down.weight": 0.2 * torch.randn(2, channels, 3, 3, generator=g),
+               f"{name}.lora_up.weight": 0.2 * torch.randn(channels, 2, 1, 1, generator=g),
+               f"{name}.alpha": torch.tensor(2.0)}, str(path))
+    return path
+
+
+def test_pipeline_phase_upsample_same_pixels_and_follows_a_lora_on_the_upsampler(tmp_path):
+    """The fastest mode's phase kernels are derived from the weights: a LoRA merged into an upsampler's
+    convolution (and taken out again) must reach them, as it reaches the eager path."""
+    from estable import GenerationParams, load_pipeline
+    from estable.extra_networks import LoRASpec
+
+    model = tiny_model_file(tmp_path)
+    params = GenerationParams(prompt="a red circle", steps=3, seed=5, width=32, height=32, batch_size=2)
+    eager = load_pipeline(model, device="cpu", dtype="fp32")
+    fast = load_pipeline(model, device="cpu", dtype="fp32",
+                         speed=SpeedOptions(compile=False, phase_upsample=True))
+    assert fast.unet.up_blocks[0].upsamplers[0].phase_weight is not None
+    assert all(m.phase_weight is not None for m in fast.vae.modules() if isinstance(m, Upsample))
+
+    def pixels(pipe) -> np.ndarray:
+        return np.stack([np.asarray(im, dtype=np.int16) for im in pipe.txt2img(params).images])
+
+    base = pixels(eager)
+    assert np.abs(pixels(fast) - base).max() <= 1
+    lora = _upsampler_lora(tmp_path / "up.safetensors", eager.unet.up_blocks[0].upsamplers[0].conv.in_channels)
+    for pipe in (eager, fast):
+        pipe.loras = [LoRASpec(lora, unet=3.0)]
+    with_lora = pixels(eager)
+    assert np.abs(with_lora - base).max() > 10  # the LoRA changes the image
+    assert np.abs(pixels(fast) - with_lora).max() <= 1
+    for pipe in (eager, fast):
+        pipe.loras = []
+    assert np.abs(pixels(fast) - base).max() <= 1  # taken out again
+
+
+def test_pipeline_phase_upsample_follows_a_vae_loaded_in_place(tmp_path, monkeypatch):
+    from estable import load_pipeline
+    from estable.checkpoints import vae_file
+
+    def fake_load(vae, path, allow_pickle=False):  # what a real load does to the module: weights changed in place
+        with torch.no_grad():
+            for p in vae.decoder.parameters():
+                p.mul_(1.5)
+        return {"path": str(path)}
+
+    monkeypatch.setattr(vae_file, "load_vae_into", fake_load)
+    model = tiny_model_file(tmp_path)
+    eager = load_pipeline(model, device="cpu", dtype="fp32")
+    fast = load_pipeline(model, device="cpu", dtype="fp32", speed=SpeedOptions(compile=False, phase_upsample=True))
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    for pipe in (eager, fast):
+        pipe.swap_vae(tmp_path / "other.safetensors")
+    with torch.no_grad():
+        assert rel(fast.vae.decode(z), eager.vae.decode(z)) < 1e-5
+
+
 def test_compile_blocks_marks_every_repeated_block():
     unet, vae = _unet(), AutoencoderKL(VAE)
     n = compile_blocks(unet)
@@ -162,6 +275,21 @@ def test_compiled_blocks_equal_eager(tmp_path, monkeypatch):
         assert rel(got, expected) < 1e-5
     # (A new batch size is a new compile of the same blocks — torch's guards, checked without Inductor's minutes in
     # test_dynamic_shapes_with_an_image_by_image_decode_compile_nothing_for_a_new_batch.)
+
+
+@pytest.mark.heavy
+def test_compiled_upsample_by_phases_equals_eager(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch.manual_seed(6)
+    up = Upsample(16).eval()
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = _plain_upsample(x, up.conv)
+        up.to(memory_format=torch.channels_last)
+        up.fuse_phases()
+        up.compile()
+        got = up(x)
+    assert got.is_contiguous(memory_format=torch.channels_last) and rel(got, want) < 1e-6
 
 
 @pytest.mark.heavy

@@ -81,7 +81,7 @@ from .results import (  # noqa: F401  (RECORD_FORMAT, a1111_sampler_label, param
     save_result,
 )
 from .sampling.samplers import SamplerSpec, SigmaPlan, get_sampler, make_sigmas, vp_denoiser
-from .speed import SpeedOptions, accelerate, resolve_speed
+from .speed import SpeedOptions, accelerate, refresh_derived, resolve_speed
 from .tiled_vae import tiled_decode, tiled_encode
 
 if TYPE_CHECKING:
@@ -309,14 +309,20 @@ class Pipeline:
         from .checkpoints.vae_file import load_vae_into
 
         self.vae_info = load_vae_into(self.vae, path, allow_pickle=allow_pickle)
+        refresh_derived(self.vae)
         return self.vae_info
 
     # -- prompts -------------------------------------------------------------------------------------------
     def prepare_networks(self, prompt: str) -> str:
         """Merge ``self.loras`` and the prompt's ``<lora:…>`` LoRAs into the model; return the text to encode."""
         text, tagged = resolve_prompt_loras(prompt, self.lora_dir)
-        if self.lora_stack.activate([*self.loras, *tagged]):
-            self.reset_graphs()
+        changed = True  # a LoRA that fails half-way has put the weights back: derive from them again too
+        try:
+            changed = self.lora_stack.activate([*self.loras, *tagged])
+        finally:
+            if changed:
+                refresh_derived(self.unet)
+                self.reset_graphs()
         return text
 
     def reset_graphs(self) -> None:
