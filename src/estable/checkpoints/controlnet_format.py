@@ -36,7 +36,7 @@ from torch import Tensor
 from ..config import ControlNetConfig, UNetConfig
 from ..errors import CheckpointError, EstableError, UnsupportedModelError
 from . import diffusers_config as dc
-from .io import json_error, load_tensors, read_safetensors_header, write_safetensors
+from .io import json_error, load_tensors, read_json_object, read_safetensors_header, write_safetensors
 from .ldm import (
     LDM_EXTRAS,
     SD1_UNET_HEADS,
@@ -294,14 +294,7 @@ def read_controlnet(path: str | os.PathLike[str], *, base: UNetConfig | None = N
     if fmt == "diffusers":
         folder = path if path.is_dir() else path.parent
         cfg_path = folder / "config.json"
-        if cfg_path.exists() and not cfg_path.is_file():  # a link to /dev/zero or a pipe: reading would never end
-            raise CheckpointError(f"{cfg_path} is not a regular file")
-        try:
-            raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError) as exc:
-            raise CheckpointError(f"{cfg_path}: cannot read the ControlNet config ({json_error(exc)})") from None
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{cfg_path}: the ControlNet config should hold a JSON object")
+        raw = read_json_object(cfg_path)
         if raw.get("_class_name", _CLASS) != _CLASS:
             raise UnsupportedModelError(f"{cfg_path}: a {raw.get('_class_name')}, not a {_CLASS}")
         try:

@@ -19,12 +19,19 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import EstableError
-from .io import PICKLE_SUFFIXES, TensorInfo, human_bytes, read_pickle, read_safetensors_header, sha256_file
+from .io import (
+    PICKLE_SUFFIXES,
+    TensorInfo,
+    human_bytes,
+    read_json_object,
+    read_pickle,
+    read_safetensors_header,
+    sha256_file,
+)
 from .store import (
     COMPONENTS,
     LDM_CONFIG_KEY,
     WEIGHT_STEMS,
-    _read_json,
     _weights_file,
     detect_format,
     diffusers_missing,
@@ -260,7 +267,7 @@ def _describe_diffusers(path: Path, *, hashes: bool, allow_pickle: bool) -> dict
         summary = _summarise(infos, lambda _key: "all")
         out["components"][name] = summary.get("all", {"parameters": 0, "tensors": 0, "dtypes": {}})
         if (folder / "config.json").is_file():
-            configs[name] = _read_json(folder / "config.json")
+            configs[name] = read_json_object(folder / "config.json")
     out["file_size"] = total
     out["files"] = files
     out["tokenizer"] = "present" if (path / "tokenizer").is_dir() else "missing"
@@ -272,7 +279,7 @@ def _describe_diffusers(path: Path, *, hashes: bool, allow_pickle: bool) -> dict
         if "text_encoder" in configs:
             out["family"] = "sd2" if dc.text_from_diffusers(configs["text_encoder"]).activation == "gelu" else "sd1"
         if sched_file.is_file():
-            out["prediction_type"] = dc.schedule_from_diffusers(_read_json(sched_file)).prediction_type
+            out["prediction_type"] = dc.schedule_from_diffusers(read_json_object(sched_file)).prediction_type
             out["prediction_type_source"] = "scheduler/scheduler_config.json"
         if "unet" in configs and "vae" in configs:
             unet = dc.unet_from_diffusers(configs["unet"])

@@ -126,6 +126,23 @@ def json_error(exc: Exception) -> str:
     return "it holds a number with too many digits" if "digits" in str(exc) else str(exc)
 
 
+def read_json_object(path: Path) -> dict:
+    """The JSON object in ``path`` (a config.json, a shard index); any way the file can be wrong is a one-line
+    CheckpointError naming it: missing, not a regular file (a folder, a link to /dev/zero or a pipe, whose reading
+    would never end), not JSON, hostile JSON (json_error), or JSON that is not an object."""
+    if path.exists() and not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8 or JSON, a 5000-digit number
+        raise CheckpointError(f"{path} is not a readable JSON file ({json_error(exc)})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} should hold a JSON object")
+    return data
+
+
 def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Read and validate a safetensors header; return ``(tensors, metadata)`` without reading any data.
 

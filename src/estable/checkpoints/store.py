@@ -48,6 +48,7 @@ from .io import (
     atomic_write_text,
     json_error,
     load_tensors,
+    read_json_object,
     read_safetensors,
     read_safetensors_header,
     write_safetensors,
@@ -202,20 +203,6 @@ def _fill(module: nn.Module, sd: dict[str, torch.Tensor], where: str) -> nn.Modu
     if leftovers:  # a buffer the file does not store (should not happen with the current models)
         raise CheckpointError(f"{where}: tensors left without data after loading: {_list(leftovers)}")
     return module.eval()
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if path.exists() and not path.is_file():  # a folder, or a link to /dev/zero or a pipe: reading would never end
-        raise CheckpointError(f"{path} is not a regular file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8 or JSON, a 5000-digit number
-        raise CheckpointError(f"{path} is not a readable JSON file ({json_error(exc)})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} should hold a JSON object")
-    return data
 
 
 def _converted(fn: Callable[..., Any], *args: Any, where: str, **kwargs: Any) -> Any:
@@ -529,7 +516,7 @@ def _weights_file(folder: Path, stem: str, allow_pickle: bool) -> list[Path]:
         return [single]
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no 'weight_map' in the shard index")
         names = sorted(set(weight_map.values()))
@@ -568,10 +555,10 @@ def _read_diffusers(path: Path, *, allow_pickle: bool) -> tuple[ModelConfig, Com
     missing = diffusers_missing(path)
     if missing:
         raise CheckpointError(f"{path} is not a complete diffusers pipeline: missing {', '.join(missing)}")
-    _read_json(path / "model_index.json")
+    read_json_object(path / "model_index.json")
 
     def cfg(sub: str, name: str = "config.json") -> dict[str, Any]:
-        return _read_json(path / sub / name)
+        return read_json_object(path / sub / name)
 
     unet_cfg = _converted(dc.unet_from_diffusers, cfg("unet"), where=str(path / "unet" / "config.json"))
     vae_cfg = _converted(dc.vae_from_diffusers, cfg("vae"), where=str(path / "vae" / "config.json"))
