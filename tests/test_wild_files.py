@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from cli_util import run_cli
 from estable.checkpoints.io import read_safetensors, read_safetensors_header, write_safetensors
@@ -315,3 +316,21 @@ def test_a_controlnet_config_that_is_not_an_object(tmp_path, text, words):
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(CheckpointError, match=words):
         read_controlnet(tmp_path)
+
+
+def test_nan_latents_name_the_controlnet_in_use(tiny):
+    from estable import GenerationParams, load_pipeline
+    from estable.control.guidance import ControlUnit
+    from estable.models.controlnet import ControlNet
+
+    pipe = load_pipeline(tiny, device="cpu", dtype="fp32")
+    net = ControlNet.from_unet(pipe.unet).eval()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.startswith("controlnet_mid_block"):
+                p.fill_(math.nan)  # a broken file: the residual it adds to the mid block is NaN
+    params = GenerationParams(prompt="a red circle", steps=2, seed=1, width=32, height=32)
+    unit = ControlUnit(net=net, image=Image.new("RGB", (32, 32)), name="broken-edges")
+    with pytest.raises(EstableError, match=r"a ControlNet in use \(broken-edges\) may be corrupt"):
+        pipe.txt2img(params, control=[unit])
+    assert pipe.txt2img(params).images  # the same pipeline without it draws

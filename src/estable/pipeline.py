@@ -549,7 +549,8 @@ class Pipeline:
                 z = run_hires(self, z, params, spec, batch_seeds, cond, uncond, width, height,
                               lambda i, n, x, d, o=offset + plan.steps: callback and callback(o + i, total, x, d),
                               control)
-            decoded, note = self._decode(z, tile=params.tile_vae)
+            decoded, note = self._decode(z, tile=params.tile_vae,
+                                         controlnets=[u.name or u.source or "unnamed" for u in control])
             if note:
                 notes.append(note)
             batch_images = to_pil(decoded)
@@ -706,14 +707,20 @@ class Pipeline:
         parts = [mean + std * torch.randn(mean.shape, generator=g, dtype=torch.float32).to(mean.device) for g in gens]
         return torch.cat(parts) * self.config.vae.scaling_factor
 
-    def _decode(self, z: torch.Tensor, *, tile: bool = False) -> tuple[torch.Tensor, str | None]:
+    def _decode(self, z: torch.Tensor, *, tile: bool = False,
+                controlnets: Sequence[str] = ()) -> tuple[torch.Tensor, str | None]:
         """Images in [-1, 1] from scaled latents, with the fp32 retry of reduced-precision decodes; ``tile``:
         in blended tiles (:mod:`estable.tiled_vae`).
 
         Non-finite values that survive (a corrupt model, not a precision problem) are an error: they would
-        otherwise become a black PNG."""
+        otherwise become a black PNG. The message names the LoRAs and ``controlnets`` that took part."""
         loras = ", ".join(spec.name for spec in self.lora_stack.active)
-        weights = f"the model's weights or a LoRA in use ({loras})" if loras else "the model's weights"
+        suspects = ["the model's weights"]
+        if loras:
+            suspects.append(f"a LoRA in use ({loras})")
+        if controlnets:
+            suspects.append(f"a ControlNet in use ({', '.join(controlnets)})")
+        weights = " or ".join(suspects)
         if not bool(torch.isfinite(z).all()):
             hint = "" if self.dtype == torch.float32 else ", or run in fp32 (--dtype fp32)"
             raise EstableError(
