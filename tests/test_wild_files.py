@@ -251,7 +251,10 @@ A, B = torch.full((2, 4), 0.1), torch.full((4, 2), 0.1)
     ({"unet.x.lora_A.weight": A, "unet.x.lora_B.weight": B}, {"lora_adapter_metadata": '{"unet.alpha_pattern": [1]}'},
      "alpha_pattern should map"),
     ({"unet.x.lora_A.weight": A, "unet.x.lora_B.weight": B},
-     {"lora_adapter_metadata": '{"unet.alpha_pattern": {"(": 1}}'}, "not a valid pattern"),
+     {"lora_adapter_metadata": '{"unet.alpha_pattern": {"(": 1}}'}, "is not a module name"),
+    ({"unet.aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.lora_A.weight": A,
+      "unet.aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.lora_B.weight": B},
+     {"lora_adapter_metadata": '{"unet.alpha_pattern": {"(a|aa)+x": 1}}'}, "is not a module name"),  # ReDoS
     ({"unet.x.lora_A.weight": torch.tensor(1.0), "unet.x.lora_B.weight": B}, {}, "must be 2-D"),
 ])
 def test_lora_files_with_bad_values(tensors, meta, words):

@@ -242,12 +242,14 @@ def _peft_alpha(cfg: Mapping[str, Any], component: Component, path: str, rank: i
     if not isinstance(pattern, dict):
         raise ValueError(f"{component}.alpha_pattern should map module names to numbers, not {pattern!r}")
     for key, value in pattern.items():  # PEFT matches pattern keys as suffixes of the module path
-        try:
-            if re.fullmatch(rf"(.*\.)?{key}", path):
-                alpha = value
-                break
-        except re.error as exc:
-            raise ValueError(f"{component}.alpha_pattern key {key!r} is not a valid pattern ({exc})") from None
+        # Files written by diffusers and PEFT hold module names here. PEFT would also take any regular expression;
+        # one from a file could take exponential time to match ("(a|aa)+x"), so only names are read.
+        if not re.fullmatch(r"[\w.]+", key):
+            raise ValueError(f"{component}.alpha_pattern key {key!r} is not a module name (Estable does not "
+                             "evaluate regular expressions from files)")
+        if path == key or path.endswith("." + key):
+            alpha = value
+            break
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
         raise ValueError(f"the α of {component}.{path} should be a number, not {alpha!r}")
     alpha = float(rank) if alpha is None else float(alpha)
