@@ -61,7 +61,7 @@ from speed_side_by_side import estable_call, fp32_reference, free, unet_inputs  
 VARIANTS: dict[str, dict[str, Any]] = {
     "max": {},  # what speed="max" turns on
     "max-nographs": {"cuda_graphs": False},
-    "phases": {"phase_upsample": True},  # upsamplers by phases (Upsample.fuse_phases)
+    "no-phases": {"phase_upsample": False},  # upsamplers as interpolation + 3×3 convolution (the fifteenth run's "max")
     "cudnn": {"sdpa": "cudnn"},
     "flash": {"sdpa": "flash"},
     "efficient": {"sdpa": "efficient"},

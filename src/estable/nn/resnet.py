@@ -88,8 +88,12 @@ class Upsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
-        self.phase_weight: torch.Tensor | None = None  # (4·C, C, 2, 2) once fused; not in the state dict
-        self.phase_bias: torch.Tensor | None = None
+        # (4·C, C, 2, 2) once fused. Buffers, not saved: torch.compile then takes their shapes as fixed, as it does
+        # the parameters' (plain tensor attributes get symbolic sizes under dynamic=True, and its guards on them
+        # pinned the batch size), and they follow the module's .to().
+        self.register_buffer("phase_weight", None, persistent=False)
+        self.register_buffer("phase_bias", None, persistent=False)
+        self.phase_channels_last = False  # the output's layout by phases: the weights' when fused
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | torch.Size | None = None) -> torch.Tensor:
         out_size = (2 * x.shape[-2], 2 * x.shape[-1]) if size is None else tuple(size)
@@ -113,7 +117,7 @@ class Upsample(nn.Module):
         taps = torch.tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], dtype=exact, device=w.device)
         k = torch.einsum("ark,oikl,bsl->aboirs", taps, w.detach().to(exact), taps)  # (2, 2, C, C, 2, 2)
         k = k.reshape(-1, *w.shape[1:2], 2, 2).to(w.dtype)  # output channel (2a + b)·C + o
-        if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
+        if self._channels_last():
             k = k.contiguous(memory_format=torch.channels_last)
         bias = self.conv.bias.detach().repeat(4) if self.conv.bias is not None else None
         return k, bias
@@ -121,12 +125,17 @@ class Upsample(nn.Module):
     def fuse_phases(self) -> bool:
         """Compute upsampling and convolution by phases from now on (see the class); returns whether it fused.
         The phase kernels are derived from ``conv``'s weight: after changing it in place (merging a LoRA, loading
-        a VAE) call :meth:`refresh_phases`; after moving or casting the module, :meth:`unfuse_phases` and fuse
-        again. A quantised or wrapped ``conv`` (not a plain Conv2d) is left as it is."""
+        a VAE) call :meth:`refresh_phases` (they are buffers, so they follow ``.to()``). A quantised or wrapped
+        ``conv`` (not a plain Conv2d) is left as it is."""
         if self.phase_weight is not None or type(self.conv) is not nn.Conv2d:
             return False
         self.phase_weight, self.phase_bias = self._phase_kernels()
+        self.phase_channels_last = self._channels_last()
         return True
+
+    def _channels_last(self) -> bool:
+        w = self.conv.weight
+        return w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
 
     def refresh_phases(self) -> None:
         """Derive the phase kernels from ``conv`` again, in place (recorded CUDA graphs keep seeing them)."""
@@ -147,6 +156,6 @@ class Upsample(nn.Module):
         y = F.conv2d(x, self.phase_weight, self.phase_bias, padding=1).unflatten(1, (2, 2, c))  # (B, 2, 2, C, ·, ·)
         rows = [torch.stack([y[:, a, s, :, a:a + h, s:s + w] for s in (0, 1)], dim=-1) for a in (0, 1)]
         out = torch.stack(rows, dim=-3).reshape(b, c, 2 * h, 2 * w)  # (B, C, H, 2, W, 2) → (B, C, 2H, 2W)
-        if x.is_contiguous(memory_format=torch.channels_last):  # the layout it came in (either, when 1×1)
+        if self.phase_channels_last:  # the model's layout, fixed when fused
             out = out.contiguous(memory_format=torch.channels_last)
         return out
