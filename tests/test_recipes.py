@@ -79,9 +79,9 @@ def test_reproduce_chain_runs_every_stage_in_order(tmp_path):
     out = _reproduce(tmp_path, *DRY_RUN)
     commands = [line[2:].split() for line in out.splitlines() if line.startswith("$ ")]
     stages = ["vae", "clip", "part1", "part2", "part3", "part4", "part5", "decoder", "part6", "fifth", "part7", "sixth",
-              "part8", "seventh", "part9", "eighth", "part10", "model"]
+              "part8", "seventh", "part9", "eighth", "part10", "ninth", "part11", "model"]
     training = {c[c.index("--run-dir") + 1].split("/")[-1]: c for c in commands if "--run-dir" in c}
-    assert list(training) == [s for s in stages if s not in ("fifth", "sixth", "seventh", "eighth", "model")]
+    assert list(training) == [s for s in stages if s not in ("fifth", "sixth", "seventh", "eighth", "ninth", "model")]
     part3, part7 = training["part3"], training["part7"]
     assert f"init_from={tmp_path / 'part2.safetensors'}" in part3 and "text.train=true" in part3
     assert f"init_from={tmp_path / 'fifth.safetensors'}" in part7
@@ -100,6 +100,10 @@ def test_reproduce_chain_runs_every_stage_in_order(tmp_path):
     assert f"init_from={eighth_file}" in part10 and f"text.source={eighth_file}" in part10
     assert "data.shapes_seed=61" in part10 and "data.shapes_relation_axis_ratio=2" in part10
     assert load_model(eighth_file).config.default_sampler == "dpmpp_2m"
+    part11 = training["part11"]
+    ninth_file = tmp_path / "ninth.safetensors"
+    assert f"init_from={ninth_file}" in part11 and f"vae.source={ninth_file}" in part11
+    assert "data.shapes_seed=63" in part11 and "data.shapes_relation_axis_ratio=2.5" in part11
     times = [json.loads(line) for line in (tmp_path / "times.jsonl").read_text().splitlines()]
     assert len(times) == len(commands) and all(t["status"] == 0 and t["seconds"] > 0 for t in times)
     model = load_model(tmp_path / "model.safetensors")
