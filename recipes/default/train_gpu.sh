@@ -23,7 +23,8 @@
 #                                               # every EVERY steps (resumable)
 #   recipes/default/train_gpu.sh capacity  OUT  # issue 11, the 30 MB split: U-Nets of three widths trained from
 #                                               # nothing side by side (unet_capacity.json), scored every EVERY
-#                                               # steps; their models into OUT, tarred and split
+#                                               # steps; their models into OUT, tarred and split (CAP_COMP="3.5 1":
+#                                               # each then on 500 held-out prompts × 2 at those scales)
 #   recipes/default/train_gpu.sh axis      OUT  # issue 11, diagonal pair layouts: the shipped model fine-tuned on
 #                                               # pairs kept off the diagonal (unet_axis.json) beside a control,
 #                                               # then scored (pair errors, compositional; FID etc. for the arm)
@@ -288,6 +289,15 @@ capacity)
   done
   wait
   stamp "capacity: the arms stopped"
+  # CAP_COMP="3.5 1": each arm's model on the issue's 500 held-out prompts × 2 at those scales (RESULTS.md's tables)
+  for name in "${names[@]}"; do for c in ${CAP_COMP:-}; do
+    if [ -f "runs/capacity-$name/model.safetensors" ]; then
+      # shellcheck disable=SC2086
+      estable eval compositional --model "runs/capacity-$name/model.safetensors" --cfg "$c" --images-per-prompt 2 \
+          --out "runs/capacity-$name-comp-$c.json" ${COMP:-} 2>&1 | grep -v '%|' | tail -n 3
+      logs+=("capacity-$name-comp-$c.json")
+    fi
+  done; done
   tar czf "$out/capacity-logs.tgz" -C runs "${logs[@]}"
   models=(); for name in "${names[@]}"; do
     [ -f "runs/capacity-$name/model.safetensors" ] && models+=("capacity-$name/model.safetensors")
