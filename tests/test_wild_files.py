@@ -337,3 +337,11 @@ def test_nan_latents_name_the_controlnet_in_use(tiny):
     with pytest.raises(EstableError, match=r"a ControlNet in use \(broken-edges\) may be corrupt"):
         pipe.txt2img(params, control=[unit])
     assert pipe.txt2img(params).images  # the same pipeline without it draws
+
+
+def test_a_header_of_too_many_tensors_is_refused_at_once(tmp_path):
+    header = json.dumps({f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(250_000)})
+    path = tmp_path / "many.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header.encode())
+    with _within(20), pytest.raises(CheckpointError, match="lists 250,000 tensors"):
+        read_safetensors_header(path)

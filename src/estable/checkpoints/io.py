@@ -57,6 +57,9 @@ _DTYPE_BYTES: dict[str, int] = {
 
 # safetensors itself refuses headers above 100 MB; a larger length field means the file is not safetensors.
 _MAX_HEADER_BYTES = 100_000_000
+# Real files hold thousands of tensors (an SD 1.5 checkpoint about 1,100; an SDXL LoRA about 7,000); a header of a
+# million (empty) entries passes every other check and then keeps the loader busy for tens of seconds.
+_MAX_TENSORS = 200_000
 
 _PICKLE_RISK = (
     "pickle checkpoints can run arbitrary code when loaded. Convert it to .safetensors, or, if you trust "
@@ -184,6 +187,8 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Ten
     if not isinstance(header, dict):
         raise CheckpointError(f"{name} has a corrupt header: expected a JSON object ({path})")
 
+    if len(header) > _MAX_TENSORS:
+        raise CheckpointError(f"{name} lists {len(header):,} tensors, more than any model or LoRA file holds ({path})")
     metadata_raw = header.pop("__metadata__", None) or {}
     if not isinstance(metadata_raw, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata_raw.items()
