@@ -279,3 +279,36 @@ def test_kinds_and_paraphrased_prompts() -> None:
         phrase = next(k for k in PARAPHRASES if k in p.caption)
         assert q.caption == p.caption.replace(phrase, PARAPHRASES[phrase])
         assert not any(k in q.caption for k in PARAPHRASES)
+
+
+def test_pair_position_is_reported_by_relation_phrase() -> None:
+    """A paraphrase test that fails for one phrase only shows it: position per phrase, grammar's or synonym."""
+    from estable.cli_eval import parse_kinds
+    from estable.evaluation.compositional import PARAPHRASES, make_prompts
+
+    said = make_prompts(24, mix=parse_kinds("pair"), paraphrased=True)
+    plain = make_prompts(24, mix=parse_kinds("pair"))
+    specs = {p.caption: p.spec for p in said}
+
+    def generate(prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        # a perfect drawing, except that "beneath" is drawn as "above" (the objects' roles swapped)
+        out = []
+        for text, s in zip(prompts, seeds):
+            spec = specs.get(text) or parse_caption(text)
+            if " beneath " in text:
+                spec = parse_caption(text.replace(" beneath ", " above "))
+            scene = scene_from_prompt(spec, s)
+            image = render(scene, SIZE)
+            image.info["scene"] = scene
+            out.append(image)
+        return out
+
+    report = evaluate(generate, OracleJudge(), said, images_per_prompt=1)
+    relations = report["by_relation"]
+    assert set(relations) <= {v.strip() for v in PARAPHRASES.values()} and "beneath" in relations
+    assert relations["beneath"]["position"] == 0.0
+    assert all(r["position"] == 1.0 for phrase, r in relations.items() if phrase != "beneath")
+    assert sum(r["images"] for r in relations.values()) == report["by_kind"]["pair"]["images"]
+    assert "beneath 0.0 %" in format_report(report)
+    grammar = evaluate(_generator(), OracleJudge(), plain, images_per_prompt=1)["by_relation"]
+    assert set(grammar) <= {k.strip() for k in PARAPHRASES} and all(r["position"] == 1.0 for r in grammar.values())

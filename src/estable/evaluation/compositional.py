@@ -90,6 +90,14 @@ PARAPHRASES = {" above ": " on top of ", " below ": " beneath ", " to the left o
                " to the right of ": " on the right of "}
 
 
+def relation_phrase(caption: str) -> str | None:
+    """The relation phrase a pair prompt says it with (the grammar's or a paraphrase's), e.g. "beneath"."""
+    for phrase in (*PARAPHRASES, *PARAPHRASES.values()):
+        if phrase in caption:
+            return phrase.strip()
+    return None
+
+
 def paraphrase(caption: str) -> str:
     """``caption`` with its relation phrase replaced by a held-out synonym (unchanged when it has none)."""
     for phrase, synonym in PARAPHRASES.items():
@@ -277,10 +285,17 @@ def summarise(per_prompt: list[dict[str, Any]], **info: Any) -> dict[str, Any]:
         for k in PROMPT_KINDS
         if any(p["kind"] == k for p in per_prompt)
     }
+    # Pair prompts by the phrase they say the relation with: a paraphrase can fail for one phrase only.
+    phrases: dict[str, list[dict[str, bool]]] = {}
+    for p in per_prompt:
+        phrase = relation_phrase(p["prompt"]) if p["kind"] == "pair" else None
+        if phrase is not None:
+            phrases.setdefault(phrase, []).extend(p["images"])
     return {
         "prompts": len(per_prompt),
         "overall": acc(all_rows),
         "by_kind": by_kind,
+        "by_relation": {phrase: acc(rows) for phrase, rows in sorted(phrases.items())},
         "per_prompt": per_prompt,
         **info,
     }
@@ -303,6 +318,11 @@ def format_report(report: dict[str, Any]) -> str:
             cells.append(f"{'-':>{width}}" if v is None else f"{100 * v:>{width - 2}.1f} %")
         lines.append(f"{cat:<16}" + "".join(cells))
     lines.append(f"{'images':<16}" + "".join(f"{table[c]['images']:>{width}}" for c in cols))
+    relations = report.get("by_relation") or {}
+    if relations:
+        lines.append("pair position by relation: " + ", ".join(
+            f"{phrase} {100 * r['position']:.1f} % ({r['images']})" for phrase, r in relations.items()
+            if r["position"] is not None))
     return "\n".join(lines)
 
 
