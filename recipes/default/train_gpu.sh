@@ -317,8 +317,9 @@ axis)
   # VAE sources (recipes/default/README.md, parts 9 and 10).
   cfg=$here/unet_axis.json
   # AXIS_RATIO: the axis arm's ratio (default: the config's 1.5); CONTROL_RATIO the control's (default 1, the world's
-  # layouts); CONTROL_MODEL=1 also puts the control's model into OUT; EXTRA goes to both arms
-  declare -A arms=([axis]="${AXIS_RATIO:+data.shapes_relation_axis_ratio=$AXIS_RATIO}"
+  # layouts); CONTROL_MODEL=1 also puts the control's model into OUT; EXTRA goes to both arms, AXIS_EXTRA to the axis
+  # arm only (e.g. another mix of prompt kinds: data.shapes_kinds={"single":0.1,"count":0.5,...}, no spaces)
+  declare -A arms=([axis]="${AXIS_RATIO:+data.shapes_relation_axis_ratio=$AXIS_RATIO} ${AXIS_EXTRA:-}"
                    [control]="data.shapes_relation_axis_ratio=${CONTROL_RATIO:-1.0}")
   pids=()
   for name in axis control; do
