@@ -79,9 +79,10 @@ def test_reproduce_chain_runs_every_stage_in_order(tmp_path):
     out = _reproduce(tmp_path, *DRY_RUN)
     commands = [line[2:].split() for line in out.splitlines() if line.startswith("$ ")]
     stages = ["vae", "clip", "part1", "part2", "part3", "part4", "part5", "decoder", "part6", "fifth", "part7", "sixth",
-              "part8", "seventh", "part9", "eighth", "part10", "ninth", "part11", "model"]
+              "part8", "seventh", "part9", "eighth", "part10", "ninth", "part11", "tenth", "part12", "model"]
     training = {c[c.index("--run-dir") + 1].split("/")[-1]: c for c in commands if "--run-dir" in c}
-    assert list(training) == [s for s in stages if s not in ("fifth", "sixth", "seventh", "eighth", "ninth", "model")]
+    conversions = ("fifth", "sixth", "seventh", "eighth", "ninth", "tenth", "model")
+    assert list(training) == [s for s in stages if s not in conversions]
     part3, part7 = training["part3"], training["part7"]
     assert f"init_from={tmp_path / 'part2.safetensors'}" in part3 and "text.train=true" in part3
     assert f"init_from={tmp_path / 'fifth.safetensors'}" in part7
@@ -104,6 +105,12 @@ def test_reproduce_chain_runs_every_stage_in_order(tmp_path):
     ninth_file = tmp_path / "ninth.safetensors"
     assert f"init_from={ninth_file}" in part11 and f"vae.source={ninth_file}" in part11
     assert "data.shapes_seed=63" in part11 and "data.shapes_relation_axis_ratio=2.5" in part11
+    part12 = training["part12"]
+    tenth_file = tmp_path / "tenth.safetensors"
+    assert f"init_from={tenth_file}" in part12 and f"text.source={tenth_file}" in part12
+    assert "data.shapes_seed=67" in part12 and "data.shapes_relation_axis_ratio=2.5" in part12
+    kinds = [json.loads(a.strip("'").split("=", 1)[1]) for a in part12 if "data.shapes_kinds=" in a]
+    assert kinds == [{"single": 0.1, "count": 0.5, "pair": 0.3, "colour_binding": 0.1}]
     times = [json.loads(line) for line in (tmp_path / "times.jsonl").read_text().splitlines()]
     assert len(times) == len(commands) and all(t["status"] == 0 and t["seconds"] > 0 for t in times)
     model = load_model(tmp_path / "model.safetensors")

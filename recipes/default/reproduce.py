@@ -1,13 +1,13 @@
-"""The shipped built-in model from nothing, on one GPU: its twenty stages in order, one `estable` command each.
+"""The shipped built-in model from nothing, on one GPU: its twenty-two stages in order, one `estable` command each.
 
     python3 recipes/default/reproduce.py [STAGE ...] [--dir runs/repro] [--minutes M] [KEY=VALUE ...]
 
 The stages are the chain that made ``src/estable/assets/default_model.safetensors`` (recipes/default/README.md, "How
-the shipped model was made"): the VAE and the CLIP pair, eleven U-Net parts each starting from the one before, the
+the shipped model was made"): the VAE and the CLIP pair, twelve U-Net parts each starting from the one before, the
 decoder fine-tune, and the conversions that put the decoder in (the fifth shipped model), the recommended settings
-on (the sixth) and, after part 8, the prompt completion the shipped file names (the seventh; parts 9, 10 and 11
-made the eighth, the ninth and the tenth, with the same settings). Runs that stopped by their time budget on the
-machines they ran on stop at the same step here (``--until``), on the schedule they were planned with; runs made on
+on (the sixth) and, after part 8, the prompt completion the shipped file names (the seventh; parts 9 to 12 made the
+eighth to the eleventh, with the same settings). Runs that stopped by their time budget on the machines they ran on
+stop at the same step here (``--until``), on the schedule they were planned with; runs made on
 two GPUs train their global batch on one.
 
 Each command is printed as it starts, and its log goes to ``DIR/<stage>.log``. A stage whose output is in ``DIR``
@@ -81,7 +81,12 @@ STAGES = (
     # part 11: a third round from the ninth, new scenes (world seed 63) at ratio 2.5
     Stage("part11", "unet", "unet_axis.json", start="ninth",
           overrides=("data.shapes_seed=63", "data.shapes_relation_axis_ratio=2.5")),
-    Stage("model", "convert", start="part11", convert=SHIPPED_SETTINGS),
+    Stage("tenth", "convert", start="part11", convert=SHIPPED_SETTINGS),
+    # part 12: a fourth round from the tenth, new scenes (world seed 67) at ratio 2.5, half the prompts counts
+    Stage("part12", "unet", "unet_axis.json", start="tenth",
+          overrides=("data.shapes_seed=67", "data.shapes_relation_axis_ratio=2.5",
+                     'data.shapes_kinds={"single":0.1,"count":0.5,"pair":0.3,"colour_binding":0.1}')),
+    Stage("model", "convert", start="part12", convert=SHIPPED_SETTINGS),
 )
 BY_NAME = {s.name: s for s in STAGES}
 
