@@ -7,8 +7,8 @@ the shipped model was made"): the VAE and the CLIP pair, twelve U-Net parts each
 decoder fine-tune, and the conversions that put the decoder in (the fifth shipped model), the recommended settings
 on (the sixth) and, after part 8, the prompt completion the shipped file names (the seventh; parts 9 to 12 made the
 eighth to the eleventh, with the same settings). Runs that stopped by their time budget on the machines they ran on
-stop at the same step here (``--until``), on the schedule they were planned with; runs made on
-two GPUs train their global batch on one.
+stop at the same step here (``--until``), on the schedule they were planned with; runs made on two GPUs train their
+global batch on one.
 
 Each command is printed as it starts, and its log goes to ``DIR/<stage>.log``. A stage whose output is in ``DIR``
 is skipped, so calling the script again continues the chain; ``--minutes`` is a budget for this call (for
