@@ -312,3 +312,25 @@ def test_pair_position_is_reported_by_relation_phrase() -> None:
     assert "beneath 0.0 %" in format_report(report)
     grammar = evaluate(_generator(), OracleJudge(), plain, images_per_prompt=1)["by_relation"]
     assert set(grammar) <= {k.strip() for k in PARAPHRASES} and all(r["position"] == 1.0 for r in grammar.values())
+
+
+def test_count_is_reported_by_number_asked() -> None:
+    """A model that draws one object too many for "three" only shows it: count accuracy per number asked."""
+    from estable.cli_eval import parse_kinds
+
+    prompts = make_prompts(36, mix=parse_kinds("count"))
+
+    def one_too_many(spec, scene):  # noqa: ANN001, ANN202 - test helper
+        if spec.count != 3:
+            return scene
+        return scene_from_prompt(dataclasses.replace(spec, count=4), 0)
+
+    report = evaluate(_generator(one_too_many), OracleJudge(), prompts, images_per_prompt=1)
+    numbers = report["by_count"]
+    asked = Counter(p.spec.count for p in prompts)
+    assert list(numbers) == [w for n, w in ((2, "two"), (3, "three"), (4, "four")) if asked[n]] and asked[3] > 0
+    assert numbers["three"]["count"] == 0.0 and numbers["three"]["images"] == asked[3]
+    assert all(r["count"] == 1.0 for word, r in numbers.items() if word != "three")
+    assert "three 0.0 %" in format_report(report)
+    pairs = make_prompts(8, mix=parse_kinds("pair"))
+    assert evaluate(_generator(), OracleJudge(), pairs, images_per_prompt=1)["by_count"] == {}

@@ -39,6 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..training.shapes import (
+    COUNT_WORDS,
     KIND_WEIGHTS,
     PROMPT_KINDS,
     RELATION_MARGIN,
@@ -96,6 +97,12 @@ def relation_phrase(caption: str) -> str | None:
         if phrase in caption:
             return phrase.strip()
     return None
+
+
+def count_word(caption: str) -> str | None:
+    """The number a count prompt asks for, as its caption says it ("three"), or None."""
+    first = caption.split(" ", 1)[0]
+    return first if first in COUNT_WORDS.values() else None
 
 
 def paraphrase(caption: str) -> str:
@@ -291,11 +298,19 @@ def summarise(per_prompt: list[dict[str, Any]], **info: Any) -> dict[str, Any]:
         phrase = relation_phrase(p["prompt"]) if p["kind"] == "pair" else None
         if phrase is not None:
             phrases.setdefault(phrase, []).extend(p["images"])
+    # Count prompts by the number they ask for: the misses are seldom spread evenly over two, three and four.
+    numbers: dict[str, list[dict[str, bool]]] = {}
+    for p in per_prompt:
+        word = count_word(p["prompt"]) if p["kind"] == "count" else None
+        if word is not None:
+            numbers.setdefault(word, []).extend(p["images"])
+    order = list(COUNT_WORDS.values())
     return {
         "prompts": len(per_prompt),
         "overall": acc(all_rows),
         "by_kind": by_kind,
         "by_relation": {phrase: acc(rows) for phrase, rows in sorted(phrases.items())},
+        "by_count": {word: acc(numbers[word]) for word in order if word in numbers},
         "per_prompt": per_prompt,
         **info,
     }
@@ -323,6 +338,11 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("pair position by relation: " + ", ".join(
             f"{phrase} {100 * r['position']:.1f} % ({r['images']})" for phrase, r in relations.items()
             if r["position"] is not None))
+    numbers = report.get("by_count") or {}
+    if numbers:
+        lines.append("count by number asked: " + ", ".join(
+            f"{word} {100 * r['count']:.1f} % ({r['images']})" for word, r in numbers.items()
+            if r["count"] is not None))
     return "\n".join(lines)
 
 
