@@ -292,25 +292,26 @@ def summarise(per_prompt: list[dict[str, Any]], **info: Any) -> dict[str, Any]:
         for k in PROMPT_KINDS
         if any(p["kind"] == k for p in per_prompt)
     }
-    # Pair prompts by the phrase they say the relation with: a paraphrase can fail for one phrase only.
-    phrases: dict[str, list[dict[str, bool]]] = {}
-    for p in per_prompt:
-        phrase = relation_phrase(p["prompt"]) if p["kind"] == "pair" else None
-        if phrase is not None:
-            phrases.setdefault(phrase, []).extend(p["images"])
-    # Count prompts by the number they ask for: the misses are seldom spread evenly over two, three and four.
-    numbers: dict[str, list[dict[str, bool]]] = {}
-    for p in per_prompt:
-        word = count_word(p["prompt"]) if p["kind"] == "count" else None
-        if word is not None:
-            numbers.setdefault(word, []).extend(p["images"])
-    order = list(COUNT_WORDS.values())
+
+    def grouped(kind: str, word: Callable[[str], str | None]) -> dict[str, list[dict[str, bool]]]:
+        """The images of one kind of prompt, by what ``word`` reads off each caption."""
+        groups: dict[str, list[dict[str, bool]]] = {}
+        for p in per_prompt:
+            key = word(p["prompt"]) if p["kind"] == kind else None
+            if key is not None:
+                groups.setdefault(key, []).extend(p["images"])
+        return groups
+
+    # Pair prompts by the phrase they say the relation with (a paraphrase can fail for one phrase only), and count
+    # prompts by the number they ask for (the misses are seldom spread evenly over two, three and four).
+    phrases = grouped("pair", relation_phrase)
+    numbers = grouped("count", count_word)
     return {
         "prompts": len(per_prompt),
         "overall": acc(all_rows),
         "by_kind": by_kind,
         "by_relation": {phrase: acc(rows) for phrase, rows in sorted(phrases.items())},
-        "by_count": {word: acc(numbers[word]) for word in order if word in numbers},
+        "by_count": {word: acc(numbers[word]) for word in COUNT_WORDS.values() if word in numbers},
         "per_prompt": per_prompt,
         **info,
     }
@@ -333,16 +334,12 @@ def format_report(report: dict[str, Any]) -> str:
             cells.append(f"{'-':>{width}}" if v is None else f"{100 * v:>{width - 2}.1f} %")
         lines.append(f"{cat:<16}" + "".join(cells))
     lines.append(f"{'images':<16}" + "".join(f"{table[c]['images']:>{width}}" for c in cols))
-    relations = report.get("by_relation") or {}
-    if relations:
-        lines.append("pair position by relation: " + ", ".join(
-            f"{phrase} {100 * r['position']:.1f} % ({r['images']})" for phrase, r in relations.items()
-            if r["position"] is not None))
-    numbers = report.get("by_count") or {}
-    if numbers:
-        lines.append("count by number asked: " + ", ".join(
-            f"{word} {100 * r['count']:.1f} % ({r['images']})" for word, r in numbers.items()
-            if r["count"] is not None))
+    for key, cat, label in (("by_relation", "position", "pair position by relation"),
+                            ("by_count", "count", "count by number asked")):
+        groups = {name: r for name, r in (report.get(key) or {}).items() if r[cat] is not None}
+        if groups:
+            lines.append(f"{label}: " + ", ".join(
+                f"{name} {100 * r[cat]:.1f} % ({r['images']})" for name, r in groups.items()))
     return "\n".join(lines)
 
 
