@@ -26,7 +26,7 @@
 #                                               # steps; their models into OUT, tarred and split (CAP_COMP="3.5 1":
 #                                               # each then on 500 held-out prompts × 2 at those scales)
 #   recipes/default/train_gpu.sh wide      OUT  # issue 11, counts: the capacity stage's wide U-Net from nothing for
-#                                               # 20,000 steps (unet_wide.json, about 21 minutes of one H100), its
+#                                               # 9,000 steps (unet_wide.json, about 21 minutes of one H100), its
 #                                               # model exported as the shipped file's (parts into OUT) and scored
 #   recipes/default/train_gpu.sh axis      OUT  # issue 11, diagonal pair layouts: the shipped model fine-tuned on
 #                                               # pairs kept off the diagonal (unet_axis.json) beside a control,
@@ -313,7 +313,7 @@ wide)
   # Issue 11, counts: five rounds of fine-tuning the shipped U-Net stopped gaining counts, and in two runs from nothing
   # the capacity stage's wide U-Net (56, 112, 168; 8.48 M parameters, a 28.7 MB file) counted better than the shipped
   # width (RESULTS.md, "the U-Net's width, a second run"). This trains it from nothing on the shipped text tower and
-  # VAE (frozen), the capacity recipe planned over 20,000 steps on 320,000 cached scenes of a new world (seed 73), in
+  # VAE (frozen), the capacity recipe planned over 9,000 steps on 320,000 cached scenes of a new world (seed 73), in
   # one call of WIDE_MINUTES (default: the config's 21; calling again resumes while the machine still holds runs/),
   # then exports it with the shipped file's settings, puts it into OUT in 15 MB parts and scores it (SCORE_PARTS,
   # default compositional; COMP and the score stage's other variables apply). The rounds off the diagonal then start
