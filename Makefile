@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[dev,server]"
+	$(PY) -m pip install -q -e ".[dev,server,plot]"
 	# torch-fidelity's FID Inception is a test oracle (tests/test_fid.py); --no-deps: it lists torchvision,
 	# which does not import beside this torch build, and the test imports the one module it needs without it.
 	$(PY) -m pip install -q --no-deps "torch-fidelity==0.4.0"

@@ -264,9 +264,20 @@ def test_guidance_sweep_with_real_renders(tmp_path, capsys):
     md = (out / "sweep.md").read_text()
     assert md.count("\n| ") == 4 and "Recommended default CFG: **1**" in md
     with Image.open(out / "sweep.png") as im:
-        assert im.size == (960, 360) and im.mode == "RGB"
-        assert len(im.getcolors(1 << 16) or []) > 3  # something was drawn
+        assert im.size == (960, 360)  # two 480 × 360 panels
+        assert len(im.convert("RGB").getcolors(1 << 16) or []) > 3  # something was drawn
     assert "recommended default CFG: 1" in capsys.readouterr().out
+
+
+def test_guidance_sweep_without_matplotlib_says_so_and_keeps_its_table(tmp_path, capsys, monkeypatch):
+    import estable.evaluation.plot as plot
+
+    monkeypatch.setattr(plot, "plotting_available", lambda: False)
+    out = tmp_path / "sweep"
+    assert run_cli("guidance-sweep", "--model", "shapes", "--cfg", "1", "--prompts", "2", "--images-per-prompt", "1",
+                   "--fid-count", "0", "--size", "64", "--device", "cpu", "--out", str(out)) == 0
+    assert "sweep.png will not be drawn" in capsys.readouterr().err and "estable[plot]" in plot.INSTALL_HINT
+    assert sorted(p.name for p in out.iterdir()) == ["sweep.json", "sweep.md"]
 
 
 def test_guidance_sweep_uses_each_scale(tmp_path, monkeypatch):
@@ -346,17 +357,34 @@ def test_recommendation_and_cfg_parsing():
             parse_cfgs(bad)
 
 
-def test_plot_helper_ticks_and_size():
-    from estable.evaluation.plot import Panel, Series, line_plot, nice_ticks
+def test_line_plot_draws_panels_side_by_side_with_gaps(tmp_path):
+    from estable.evaluation.plot import HLine, Panel, Series, line_plot
 
-    assert nice_ticks(1, 10) == [0.0, 2.5, 5.0, 7.5, 10.0]
-    assert nice_ticks(0, 100) == [0.0, 25.0, 50.0, 75.0, 100.0]
-    ticks = nice_ticks(3.7, 3.7)  # flat data still gets a range
-    assert ticks[0] < 3.7 < ticks[-1]
-    image = line_plot([Panel("t", "x", "y", [Series("s", [1, 2, 3], [1.0, None, 2.0])])], panel_size=(300, 200))
-    assert image.size == (300, 200)
+    path = line_plot([Panel("t", "x", "y", [Series("s", [1, 2, 3], [1.0, None, 2.0])], [HLine("floor", 0.5)]),
+                      Panel("u", "x", "y", [Series("s", [1, 2], [3.0, 4.0])], ylim=(0, 5))],
+                     tmp_path / "p.png", panel_size=(300, 200))
+    with Image.open(path) as im:
+        assert im.size == (600, 200)
+        assert len(im.convert("RGB").getcolors(1 << 16) or []) > 3
     with pytest.raises(ValueError):
-        line_plot([])
+        line_plot([], tmp_path / "q.png")
+
+
+def test_line_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
+    import builtins
+
+    from estable.evaluation.plot import Panel, line_plot
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(EstableError, match=r"pip install 'estable\[plot\]'"):
+        line_plot([Panel("t", "x", "y")], tmp_path / "p.png")
 
 
 # ------------------------------------------------------------------------------------------ default model

@@ -565,7 +565,8 @@ def _add_guidance_sweep(esub: argparse._SubParsersAction) -> None:
     p = esub.add_parser("guidance-sweep", help="compositional accuracy and FID for several CFG scales",
                         description="For each CFG scale: whole-prompt compositional accuracy (per prompt kind) and "
                         "judge-feature FID against real renders (with the real-vs-real floor). Writes sweep.json, "
-                        "sweep.md and sweep.png to --out and recommends the default CFG.")
+                        "sweep.md and sweep.png (with matplotlib: pip install 'estable[plot]') to --out and recommends "
+                        "the default CFG.")
     add_model_flags(p, cfg=False)
     _add_judge_flag(p)
     p.add_argument("--cfg", default="1,3,5,7.5,10", metavar="LIST",
@@ -584,6 +585,7 @@ def _add_guidance_sweep(esub: argparse._SubParsersAction) -> None:
 
 def _cmd_guidance_sweep(args: argparse.Namespace) -> int:
     from .evaluation.judge import JudgeFeatures, load_judge_or_default
+    from .evaluation.plot import INSTALL_HINT, plotting_available
     from .evaluation.sweep import parse_cfgs, run_sweep, sweep_markdown, sweep_plot
     from .pipeline import resolve_device
     from .training.shapes import ShapesWorld
@@ -598,6 +600,9 @@ def _cmd_guidance_sweep(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise EstableError(f"--out {out} is a file; give a folder")
+    plot = plotting_available()
+    if not plot:  # said before the long part: the sweep still writes its table and JSON
+        print(f"sweep.png will not be drawn ({INSTALL_HINT})", file=sys.stderr)
     device = resolve_device(args.device)
     judge = load_judge_or_default(args.judge, device)
     prompts = _prompt_set(args.prompts)
@@ -631,9 +636,10 @@ def _cmd_guidance_sweep(args: argparse.Namespace) -> int:
     md = sweep_markdown(result, title=f"Guidance sweep: {args.model}")
     _write_json(str(out / "sweep.json"), result)
     atomic_write_text(out / "sweep.md", md)
-    sweep_plot(result, out / "sweep.png")
+    if plot:
+        sweep_plot(result, out / "sweep.png")
     print(md)
-    print(f"wrote {out / 'sweep.md'} and {out / 'sweep.png'}", file=sys.stderr)
+    print(f"wrote {out / 'sweep.md'}" + (f" and {out / 'sweep.png'}" if plot else ""), file=sys.stderr)
     print(f"recommended default CFG: {result['recommended_cfg']:g}")
     return 0
 

@@ -159,9 +159,9 @@ def sweep_markdown(result: dict[str, Any], title: str = "Guidance sweep") -> str
     return "\n".join(lines) + "\n"
 
 
-def sweep_plot(result: dict[str, Any], path: str | Path | None = None, *,
-               panel_size: tuple[int, int] = (480, 360)) -> Image.Image:
-    """Two panels: accuracy (%) vs CFG (overall and per kind), FID vs CFG with the floor dashed."""
+def sweep_plot(result: dict[str, Any], path: str | Path, *, panel_size: tuple[int, int] = (480, 360)) -> Path:
+    """Two panels into ``path`` (matplotlib, the ``plot`` extra): accuracy (%) vs CFG (overall and per kind), FID vs
+    CFG with the floor dashed."""
     rows = result["rows"]
     xs = [r["cfg"] for r in rows]
     kinds = list(dict.fromkeys(k for r in rows for k in r["by_kind"]))
@@ -176,7 +176,4 @@ def sweep_plot(result: dict[str, Any], path: str | Path | None = None, *,
         if "floor" in result["fid"]:
             fid_panel.hlines.append(HLine("real vs real", result["fid"]["floor"]))
         panels.append(fid_panel)
-    image = line_plot(panels, panel_size=panel_size)
-    if path is not None:
-        image.save(path)
-    return image
+    return line_plot(panels, path, panel_size=panel_size)
