@@ -15,7 +15,7 @@ from pathlib import Path
 
 from estable.errors import EstableError
 
-__all__ = ["HLine", "Panel", "Series", "line_plot", "plotting_available"]
+__all__ = ["INSTALL_HINT", "HLine", "Panel", "Series", "line_plot", "plotting_available"]
 
 INSTALL_HINT = "drawing plots needs matplotlib: pip install 'estable[plot]'"
 
