@@ -318,9 +318,17 @@ wide)
   # then exports it with the shipped file's settings, puts it into OUT in 15 MB parts and scores it (SCORE_PARTS,
   # default compositional; COMP and the score stage's other variables apply). The rounds off the diagonal then start
   # from it: EXTRA="init_from=M text.source=M vae.source=M" recipes/default/train_gpu.sh axis OUT, M the model.
-  r=(); [ -d runs/wide/checkpoints ] && r=(--resume)
+  # The cache is rendered by 14 workers in a run of its own (as the capacity stage does); training reads it with the
+  # config's 4 (the faster of the two rates measured alone, RESULTS.md).
+  cfg=$here/unet_wide.json cache=runs/wide-cache/latents_cache.0-of-1.safetensors
   # shellcheck disable=SC2086
-  estable train unet --config "$here/unet_wide.json" --run-dir runs/wide "${r[@]}" --no-progress \
+  [ -f "$cache" ] || estable train unet --config "$cfg" --run-dir runs/wide-cache --no-progress ${EXTRA:-} \
+      max_steps=1 data.num_workers=14 >runs/wide-cache.log 2>&1
+  mkdir -p runs/wide && ln -sf "$PWD/$cache" runs/wide/
+  stamp "wide: latents cached"
+  r=(); [ -f runs/wide/checkpoints/latest ] && r=(--resume)
+  # shellcheck disable=SC2086
+  estable train unet --config "$cfg" --run-dir runs/wide "${r[@]}" --no-progress \
       ${WIDE_MINUTES:+max_minutes=$WIDE_MINUTES} ${EXTRA:-} >"$out/wide.log" 2>&1
   cp runs/wide/log.jsonl "$out/wide_log.jsonl"
   stamp "wide: $(tail -n 1 "$out/wide.log")"
