@@ -26,7 +26,7 @@
 #                                               # steps; their models into OUT, tarred and split (CAP_COMP="3.5 1":
 #                                               # each then on 500 held-out prompts × 2 at those scales)
 #   recipes/default/train_gpu.sh wide      OUT  # issue 11, counts: the capacity stage's wide U-Net from nothing for
-#                                               # 9,000 steps (unet_wide.json, about 21 minutes of one H100), its
+#                                               # 9,000 steps (unet_wide.json, 10 to 21 minutes of one H100), its
 #                                               # model exported as the shipped file's (parts into OUT) and scored
 #   recipes/default/train_gpu.sh axis      OUT  # issue 11, diagonal pair layouts: the shipped model fine-tuned on
 #                                               # pairs kept off the diagonal (unet_axis.json) beside a control,
