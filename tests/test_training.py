@@ -329,6 +329,31 @@ def test_ema_one_update_by_hand():
     assert torch.equal(net.weight, live)
 
 
+def test_ema_update_is_the_per_tensor_arithmetic_exactly():
+    """The multi-tensor update (float32 parameters) gives the bits of one mul_ and add_ per tensor, and parameters of
+    another dtype (a bf16 network) still average into their float32 shadows."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Linear(5, 6))
+    ema = EMA(net, 0.995, warmup=False)
+    by_hand = {k: v.clone() for k, v in ema.shadow.items()}
+    for step in range(1, 4):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(net, step)
+        for name, p in net.named_parameters():
+            by_hand[name].mul_(0.995).add_(p.detach(), alpha=1 - 0.995)
+            assert torch.equal(ema.shadow[name], by_hand[name]), name
+    half = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    ema16 = EMA(half, 0.5, warmup=False)
+    before = ema16.shadow["weight"].clone()
+    with torch.no_grad():
+        half.weight.add_(1)
+    ema16.update(half, 1)
+    assert ema16.shadow["weight"].dtype == torch.float32
+    torch.testing.assert_close(ema16.shadow["weight"], 0.5 * before + 0.5 * half.weight.float(), rtol=0, atol=1e-6)
+
+
 def test_lr_schedule():
     from estable.training.config import OptimConfig
 
