@@ -116,7 +116,7 @@ class ControlNetObjective(UNetObjective):
         z0 = self.clean_latents(batch, draws["posterior"])  # (B, C, h, w)
         ctx = self.context(batch["input_ids"], draws.get("drop"))  # (B, L, d)
         t = draws["t"]
-        ab = self.alphas_cumprod[t.cpu()].to(z0.device)  # (B,) float64
+        ab = self.alpha_bar(t)  # (B,) float64
         z_t, target = noisy_latents_and_target(z0, self.noise(draws), ab, self.objective)
         down, mid = self.controlnet(z_t, t, ctx, batch["control"])
         pred = self.unet(z_t, t, ctx, down, mid).float()  # (B, C, h, w)

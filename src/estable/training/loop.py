@@ -297,7 +297,15 @@ class Trainer:
 
     def _slice(self, draws: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         b, r = self.config.batch_size, self.dist.rank
-        return {k: v[r * b:(r + 1) * b].to(self.device) for k, v in draws.items()}
+        return {k: self.to_device(v[r * b:(r + 1) * b]) for k, v in draws.items()}
+
+    def to_device(self, v: torch.Tensor) -> torch.Tensor:
+        """A host tensor of the step onto the run's device. On a GPU through pinned memory, asynchronously: a copy
+        from pageable memory would wait for the GPU to finish its queue, and the host could not prepare the next
+        step while the GPU works on this one."""
+        if self.device.type == "cuda":
+            return v.pin_memory().to(self.device, non_blocking=True)
+        return v.to(self.device)
 
     def batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's prepared micro-batches from the current data position on (endless)."""

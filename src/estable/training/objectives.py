@@ -173,7 +173,10 @@ class UNetObjective(nn.Module):
         self.train_text = train_text  # the text encoder learns jointly with the U-Net, or stays frozen
         self.text_encoder = text_encoder.requires_grad_(train_text).train(train_text)
         self.register_buffer("empty_ids", empty_ids.reshape(1, -1).long(), persistent=False)  # (1, L)
-        self.alphas_cumprod = alphas_cumprod(schedule)  # (T,) float64, CPU: indexed with CPU draws
+        self.alphas_cumprod = alphas_cumprod(schedule)  # (T,) float64, CPU: what the draws' timesteps come from
+        # the same table on the run's device (it moves with the objective): ᾱ_t is looked up where t is, with no copy
+        # back to the host (which would wait for the GPU every step)
+        self.register_buffer("ab_table", self.alphas_cumprod.clone(), persistent=False)
         self.objective, self.min_snr_gamma = objective, min_snr_gamma
         self.offset_noise, self.caption_dropout, self.clip_skip = offset_noise, caption_dropout, clip_skip
         self.latent_shape = (vae.config.latent_channels, latent_size, latent_size)
@@ -222,6 +225,10 @@ class UNetObjective(nn.Module):
         with torch.set_grad_enabled(self.train_text and torch.is_grad_enabled()):
             return self.text_encoder.encode(input_ids, clip_skip=self.clip_skip)  # (B, L, d)
 
+    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """ᾱ_t for timesteps ``t`` (B,), float64, on the objective's device."""
+        return self.ab_table[t.to(self.ab_table.device)]
+
     def noise(self, draws: dict[str, torch.Tensor]) -> torch.Tensor:
         eps = draws["noise"]
         if self.offset_noise > 0:
@@ -232,7 +239,7 @@ class UNetObjective(nn.Module):
         z0 = self.clean_latents(batch, draws["posterior"])  # (B, C, h, w)
         ctx = self.context(batch["input_ids"], draws.get("drop"))  # (B, L, d)
         t = draws["t"]  # (B,) int64
-        ab = self.alphas_cumprod[t.cpu()].to(z0.device)  # (B,) float64
+        ab = self.alpha_bar(t)  # (B,) float64
         z_t, target = noisy_latents_and_target(z0, self.noise(draws), ab, self.objective)
         pred = self.unet(z_t, t, ctx).float()  # (B, C, h, w)
         per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))  # (B,)

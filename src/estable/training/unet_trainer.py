@@ -202,13 +202,13 @@ class UNetTrainer(Trainer):
 
     def prepare(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        out["input_ids"] = self.tokenizer(batch["text"]).to(self.device)  # (B, L)
+        out["input_ids"] = self.to_device(self.tokenizer(batch["text"]))  # (B, L)
         contrast = getattr(self.config, "role_contrast", None)
         if contrast and contrast.weight > 0:
             swap = swap_shape if contrast.kind == "shapes" else swap_pair_roles
             swapped = [swap(text) for text in batch["text"]]  # None where there is nothing to contrast
             out["swapped"] = torch.tensor([s is not None for s in swapped], device=self.device)  # (B,)
-            out["swapped_ids"] = self.tokenizer([s or text for s, text in zip(swapped, batch["text"])]).to(self.device)
+            out["swapped_ids"] = self.to_device(self.tokenizer([s or text for s, text in zip(swapped, batch["text"])]))
         return out
 
     def draw(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
