@@ -137,3 +137,44 @@ def test_reproduce_budget_stops_a_stage_and_the_next_call_resumes_it(tmp_path):
     assert (tmp_path / "vae" / "checkpoints" / "step_0000003").is_dir()
     out = _reproduce(tmp_path, "clip", "--minutes", "1", *over)  # 1 minute left is under --min-start's 5
     assert "clip not started" in out and not (tmp_path / "clip").exists()
+
+
+@pytest.mark.heavy
+def test_wide_stages_train_continue_export_and_score(tmp_path):
+    """train_gpu.sh's wide stage, then wide-more from its model, as CPU dry runs in a folder of their own: each
+    model comes into OUT in parts that join into a file with the shipped settings and is scored into OUT/NAME-score;
+    wide-more starts from the wide model (at a learning rate of 1e-12 its U-Net comes out as the wide one's)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from estable.checkpoints.io import read_safetensors
+    from estable.checkpoints.store import load_model
+
+    repo = RECIPES.parents[1]
+    for name in ("src", "recipes", "benchmarks"):
+        (tmp_path / name).symlink_to(repo / name)
+    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "OMP_NUM_THREADS": "2",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "COMP": "--prompts 2 --images-per-prompt 1 --steps 2 --device cpu"}
+    tiny = " ".join(DRY_RUN + ["model.sample_size=8", "compile=false"])
+
+    def stage(name, extra):
+        proc = subprocess.run(["bash", "recipes/default/train_gpu.sh", name, "out"], cwd=tmp_path,
+                              env={**env, "EXTRA": f"{tiny} {extra}"}, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        parts = sorted((tmp_path / "out").glob(f"{name}-model.part-*"))
+        joined = tmp_path / f"{name}.safetensors"
+        joined.write_bytes(b"".join(p.read_bytes() for p in parts))
+        model = load_model(joined)
+        assert model.config.default_cfg == 3.5 and model.config.prompt_completion == "shapes-grey-background"
+        score = json.loads((tmp_path / "out" / f"{name}-score" / "compositional.json").read_text())
+        assert score["images_per_prompt"] == 1 and len(score["per_prompt"]) == 2
+        return read_safetensors(joined)[0]
+
+    wide = stage("wide", "optim.lr=1e-2 optim.warmup_steps=0")  # far from its initialisation in two steps
+    more = stage("wide-more", "optim.lr=1e-12 optim.warmup_steps=0")
+    assert (tmp_path / "runs" / "wide-more-cache" / "latents_cache.0-of-1.safetensors").is_file()
+    unet = [k for k in wide if k.startswith("unet.")]
+    assert unet and all(torch.allclose(wide[k].float(), more[k].float(), atol=1e-3) for k in unet)
