@@ -348,10 +348,12 @@ wide)
 wide-more)
   # Issue 11: the wide U-Net trained on from FROM (default: the wide stage's runs/wide-model.safetensors), compiled
   # and replayed in CUDA graphs (2.8 times the eager steps/s on an H200, RESULTS.md "the wide U-Net from nothing"),
-  # 20,000 steps on 320,000 cached scenes of another world (seed 79), lr 2e-4 on a cosine; otherwise as the wide
+  # 20,000 steps on 320,000 cached scenes of another world (seed 79) whose pairs keep the relation's axis at least 2.5
+  # times the other (as the shipped chain's last rounds), lr 2e-4 on a cosine; otherwise as the wide
   # stage (WIDE_MINUTES, EXTRA, SCORE_PARTS; the model is runs/wide-more-model.safetensors, its parts
   # wide-more-model.part-* in OUT). The wide model's first continuation (RESULTS.md) was this stage with
-  # EXTRA="data.shapes_seed=73 max_steps=4000 max_minutes=6.2 optim.lr=2e-4 optim.warmup_steps=100 compile=false".
+  # EXTRA="data.shapes_seed=73 data.shapes_relation_axis_ratio=1 max_steps=4000 max_minutes=6.2 optim.lr=2e-4
+  # optim.warmup_steps=100 compile=false".
   wide_run wide-more "$here/unet_wide_more.json" "init_from=${FROM:-runs/wide-model.safetensors}"
   ;;
 axis)
