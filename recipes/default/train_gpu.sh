@@ -28,7 +28,7 @@
 #   recipes/default/train_gpu.sh wide      OUT  # issue 11, counts: the capacity stage's wide U-Net from nothing for
 #                                               # 9,000 steps (unet_wide.json, 10 to 21 minutes of one H100), its
 #                                               # model exported as the shipped file's (parts into OUT) and scored
-#   recipes/default/train_gpu.sh wide-more OUT  # issue 11: the wide model (FROM) trained on, compiled, 20,000 steps
+#   recipes/default/train_gpu.sh wide-more OUT  # issue 11: the wide model (FROM) trained on, compiled, 26,000 steps
 #                                               # of another world (unet_wide_more.json); exported and scored
 #   recipes/default/train_gpu.sh axis      OUT  # issue 11, diagonal pair layouts: the shipped model fine-tuned on
 #                                               # pairs kept off the diagonal (unet_axis.json) beside a control,
@@ -348,7 +348,7 @@ wide)
 wide-more)
   # Issue 11: the wide U-Net trained on from FROM (default: the wide stage's runs/wide-model.safetensors), compiled
   # and replayed in CUDA graphs (2.8 times the eager steps/s on an H200, RESULTS.md "the wide U-Net from nothing"),
-  # 20,000 steps on 320,000 cached scenes of another world (seed 79) whose pairs keep the relation's axis at least 2.5
+  # 26,000 steps on 320,000 cached scenes of another world (seed 79) whose pairs keep the relation's axis at least 2.5
   # times the other (as the shipped chain's last rounds), lr 2e-4 on a cosine; otherwise as the wide
   # stage (WIDE_MINUTES, EXTRA, SCORE_PARTS; the model is runs/wide-more-model.safetensors, its parts
   # wide-more-model.part-* in OUT). The wide model's first continuation (RESULTS.md) was this stage with
