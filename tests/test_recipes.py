@@ -127,6 +127,38 @@ def test_reproduce_chain_runs_every_stage_in_order(tmp_path):
     assert "$ " not in again and again.count("done already") == len(stages)
 
 
+@pytest.mark.heavy
+def test_reproduce_wide_stages_run_only_by_name_from_the_shipped_text_encoder(tmp_path):
+    """The wide U-Net's stages (not shipped) start after the chain's model: wide1 from nothing on that file's text
+    encoder and VAE, each later one from the one before; named, they run alone, and the last file carries the
+    shipped settings and the chain's text encoder."""
+    import shutil
+
+    from estable.checkpoints.io import read_safetensors
+    from estable.checkpoints.store import load_model
+    from estable.pipeline import default_model_path
+
+    chain_model = tmp_path / "model.safetensors"  # stands for the chain's last stage
+    shutil.copy(default_model_path(), chain_model)
+    out = _reproduce(tmp_path, "wide1", "wide2", "wide3", "wide", *DRY_RUN, "model.sample_size=8", "compile=false")
+    commands = [line[2:].split() for line in out.splitlines() if line.startswith("$ ")]
+    training = {c[c.index("--run-dir") + 1].split("/")[-1]: c for c in commands if "--run-dir" in c}
+    assert list(training) == ["wide1", "wide2", "wide3"]
+    wide1, wide2, wide3 = training["wide1"], training["wide2"], training["wide3"]
+    assert f"text.source={chain_model}" in wide1 and f"vae.source={chain_model}" in wide1
+    assert not any(a.startswith("init_from=") for a in wide1)
+    assert f"init_from={tmp_path / 'wide1.safetensors'}" in wide2 and "optim.lr=2e-4" in wide2
+    assert f"init_from={tmp_path / 'wide2.safetensors'}" in wide3
+    assert wide3[wide3.index("--until") + 1] == "2"  # min(10,700, the dry run's max_steps)
+    wide = load_model(tmp_path / "wide.safetensors")
+    assert wide.config.default_cfg == 3.5 and wide.config.prompt_completion == "shapes-grey-background"
+    assert wide.unet.config.block_channels == (56, 112, 168)
+    ours, theirs = read_safetensors(tmp_path / "wide.safetensors")[0], read_safetensors(chain_model)[0]
+    text = [k for k in theirs if k.startswith("text_encoder.")]
+    assert text and all(torch.equal(ours[k], theirs[k]) for k in text)
+    assert f"{tmp_path / 'wide.safetensors'}: sha256" in out
+
+
 def test_reproduce_budget_stops_a_stage_and_the_next_call_resumes_it(tmp_path):
     over = [*DRY_RUN, "max_steps=3", "log_every=1"]
     # 0.4 minutes, half a minute kept for the export: the stage starts with none and stops at its first check

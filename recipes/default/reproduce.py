@@ -18,6 +18,10 @@ configs' own ``max_minutes``, the shipped runs' budgets, are lifted). Every comm
 is appended to ``DIR/times.jsonl``. ``KEY=VALUE`` overrides go to every training command after the stage's own (a
 CPU dry run: ``max_steps=2 batch_size=2 device=cpu precision=fp32 data.num_workers=0 data.size=64
 data.shapes_length=8``). The model ends as ``DIR/model.safetensors``.
+
+After the chain come the stages of a model not shipped yet, run only when named: the wide U-Net from nothing on the
+shipped model's text encoder and VAE (``wide1``, ``wide2``, ``wide3``, as run so far), put into ``DIR/wide.safetensors``
+with the shipped settings (``wide``): ``reproduce.py wide1 wide2 wide3 wide`` after the chain.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ class Stage:
     overrides: tuple[str, ...] = ()
     until: int | None = None  # the step the shipped run stopped at by its time budget (None: its max_steps)
     convert: tuple[str, ...] = ()  # for "convert": the options after --to estable
+    text_from: str = ""  # a U-Net from nothing whose text encoder and VAE are this stage's file's
+    shipped: bool = True  # False: a stage of a model not shipped yet, run only when named
 
 
 # what the shipped file records: its guidance scale and sampler, and the completion of prompts that name no background
@@ -87,6 +93,14 @@ STAGES = (
           overrides=("data.shapes_seed=67", "data.shapes_relation_axis_ratio=2.5",
                      'data.shapes_kinds={"single":0.1,"count":0.5,"pair":0.3,"colour_binding":0.1}')),
     Stage("model", "convert", start="part12", convert=SHIPPED_SETTINGS),
+    # Not shipped (yet): the wide U-Net (56, 112, 168) from nothing on the shipped text encoder and VAE, as run so far
+    # (RESULTS.md, "the wide U-Net from nothing" and "the wide U-Net trained on"); run by name, after the chain above
+    Stage("wide1", "unet", "unet_wide.json", text_from="model", shipped=False),
+    Stage("wide2", "unet", "unet_wide.json", start="wide1", shipped=False,
+          overrides=("max_steps=4000", "optim.lr=2e-4", "optim.warmup_steps=100")),
+    Stage("wide3", "unet", "unet_wide_more.json", start="wide2", shipped=False, overrides=("max_steps=11000",),
+          until=10700),
+    Stage("wide", "convert", start="wide3", convert=SHIPPED_SETTINGS, shipped=False),
 )
 BY_NAME = {s.name: s for s in STAGES}
 
@@ -113,6 +127,9 @@ class Chain:
         own = list(stage.overrides)
         if stage.name == "part1":
             own += [f"text.source={self.dir / 'clip'}", f"vae.source={self.dir / 'vae'}"]
+        elif stage.text_from:
+            model = self.output(BY_NAME[stage.text_from])
+            own += [f"text.source={model}", f"vae.source={model}"]
         elif stage.start and stage.kind == "unet":
             model = self.output(BY_NAME[stage.start])
             own += [f"init_from={model}", f"text.source={model}", f"vae.source={model}"]
@@ -174,7 +191,8 @@ class Chain:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("stages", nargs="*", metavar="STAGE|KEY=VALUE",
-                    help=f"stages to run, in the chain's order (default: all): {', '.join(BY_NAME)}; then overrides")
+                    help="stages to run, in the chain's order (default: the shipped model's): "
+                         f"{', '.join(BY_NAME)}; then overrides")
     ap.add_argument("--dir", type=Path, default=Path("runs/repro"), help="the chain's folder (default runs/repro)")
     ap.add_argument("--minutes", type=float, help="this call's time budget (default: none)")
     ap.add_argument("--min-start", type=float, default=5.0,
@@ -187,7 +205,8 @@ def main() -> int:
         ap.error(f"unknown stage {unknown[0]!r}; the stages are {', '.join(BY_NAME)}")
     args.dir.mkdir(parents=True, exist_ok=True)
     chain = Chain(args.dir, extra, args.minutes)
-    for stage in (s for s in STAGES if not names or s.name in names):
+    chosen = [s for s in STAGES if s.name in names or (not names and s.shipped)]
+    for stage in chosen:
         if chain.finished(stage):
             print(f"{stage.name}: done already", flush=True)
             continue
@@ -200,7 +219,8 @@ def main() -> int:
                   flush=True)
             return 0
         print(f"{stage.name}: done", flush=True)
-    model = chain.output(BY_NAME["model"])
+    made = [s for s in chosen if s.kind == "convert"]
+    model = chain.output(made[-1] if made else BY_NAME["model"])
     if model.is_file():
         print(f"{model}: sha256 {hashlib.sha256(model.read_bytes()).hexdigest()}")
     return 0
