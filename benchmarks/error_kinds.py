@@ -3,6 +3,10 @@ as another shape; for pairs, an object wrong or missing, the two swapped, placed
 
     PYTHONPATH=src python benchmarks/error_kinds.py default --kind count --prompts 40 --out runs/count_errors
     PYTHONPATH=src python benchmarks/error_kinds.py default --kind pair --prompts 40 --out runs/pair_errors
+    PYTHONPATH=src python benchmarks/error_kinds.py default --kind pair --paraphrased --prompts 40 --out runs/p
+
+``--paraphrased`` says the pair prompts with the paraphrase test's held-out relation words ("on top of", "beneath",
+"on the left of", "on the right of"): the same scenes asked and the same seeds as without it, so images pair up.
 
 The first ``--prompts`` prompts of that kind in the compositional evaluation's held-out set (``make_prompts(500)``),
 two images each with that evaluation's seeds, 25 steps of DPM++ 2M Karras at the model's guidance scale, read by the
@@ -96,6 +100,8 @@ def drawn_layout(spec: PromptSpec, dets: list[Detection]) -> float | None:
 
 
 def layout_summary(ratios: list[float]) -> str:
+    if not ratios:
+        return "none"
     r = np.asarray(ratios)
     return f"median {np.median(r):.3f}, above 0.8: {(r > 0.8).mean():.1%}, past the diagonal: {(r > 1).mean():.1%}"
 
@@ -130,8 +136,8 @@ def report(kind: str, prompts: list, rows: list[dict]) -> None:
                                              for v in verdicts) + " |")
 
 
-def held_out(kind: str, n: int) -> list:
-    return [p for p in make_prompts(500) if p.kind == kind][:n]
+def held_out(kind: str, n: int, paraphrased: bool = False) -> list:
+    return [p for p in make_prompts(500, paraphrased=paraphrased) if p.kind == kind][:n]
 
 
 def main() -> None:
@@ -139,6 +145,8 @@ def main() -> None:
     ap.add_argument("model", nargs="?")
     ap.add_argument("--kind", choices=("count", "pair"), default="count")
     ap.add_argument("--prompts", type=int, default=40)
+    ap.add_argument("--paraphrased", action="store_true",
+                    help="pair prompts said with the paraphrase test's held-out relation words (\"on top of\", ...)")
     ap.add_argument("--cfg", type=float, help="guidance scale (default: the model's recommended one, else 5)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path)
@@ -148,15 +156,18 @@ def main() -> None:
     if args.summary_of is not None:
         saved = json.loads(args.summary_of.read_text())
         print(f"{saved['model']}, {saved['kind']} prompts, CFG {saved['cfg']}")
-        report(saved["kind"], held_out(saved["kind"], len(saved["images"]) // 2), saved["images"])
+        report(saved["kind"], held_out(saved["kind"], len(saved["images"]) // 2, saved.get("paraphrased", False)),
+               saved["images"])
         return
     if args.model is None or args.out is None:
         ap.error("a model and --out are needed (or --summary-of a saved errors.json)")
+    if args.paraphrased and args.kind != "pair":
+        ap.error("--paraphrased says pair prompts' relations in other words; use it with --kind pair")
     pipe = load_pipeline(args.model, device=args.device)
     judge = load_default_judge(args.device)
     cfg = args.cfg if args.cfg is not None else float(pipe.config.default_cfg or 5.0)
     verdict = count_verdict if args.kind == "count" else pair_verdict
-    prompts = held_out(args.kind, args.prompts)
+    prompts = held_out(args.kind, args.prompts, args.paraphrased)
     rows, wrong = [], []
     for p in prompts:
         for k in range(2):
@@ -172,7 +183,7 @@ def main() -> None:
                 wrong.append((v, image))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "errors.json").write_text(json.dumps({"model": args.model, "kind": args.kind, "cfg": cfg,
-                                                      "images": rows}, indent=1))
+                                                      "paraphrased": args.paraphrased, "images": rows}, indent=1))
     # up to 4 images of each error, the commonest error first, 8 at most
     by_verdict = collections.defaultdict(list)
     for v, im in wrong:

@@ -77,3 +77,23 @@ def test_a_saved_run_is_summarised_from_its_detections(tmp_path, capsys, monkeyp
     assert "| all | 4 | 2 | 2 |" in out and "| relation | images | other axis | right |" in out
     with pytest.raises(ValueError, match="two per prompt"):
         error_kinds.report("pair", prompts, rows[:3])
+
+
+def test_paraphrased_prompts_ask_the_same_scenes_in_held_out_words(tmp_path, capsys, monkeypatch):
+    plain, said = held_out("pair", 6), held_out("pair", 6, paraphrased=True)
+    assert [p.spec for p in said] == [p.spec for p in plain] and [p.index for p in said] == [p.index for p in plain]
+    held_out_words = ("on top of", "beneath", "on the left of", "on the right of")
+    assert all(any(w in p.caption for w in held_out_words) for p in said)
+    assert not any(any(w in p.caption for w in held_out_words) for p in plain)
+    # a saved paraphrased run is read back against the paraphrased prompts (its captions would not match otherwise)
+    rows = [{"prompt": p.caption, "seed": 0, "verdict": "object wrong or missing", "detections": []}
+            for p in said[:2] for _ in range(2)]
+    saved = tmp_path / "errors.json"
+    saved.write_text(json.dumps({"model": "m", "kind": "pair", "cfg": 3.5, "paraphrased": True, "images": rows}))
+    monkeypatch.setattr(sys, "argv", ["error_kinds.py", "--summary-of", str(saved)])
+    error_kinds.main()
+    out = capsys.readouterr().out
+    assert "| all | 4 | 4 |" in out and "drawn (0 images with both objects) none;" in out
+    monkeypatch.setattr(sys, "argv", ["error_kinds.py", "m", "--kind", "count", "--paraphrased", "--out", "x"])
+    with pytest.raises(SystemExit):
+        error_kinds.main()
