@@ -1,6 +1,6 @@
 """Does the text tower carry the relation? Linear probes and swapped-caption similarity (issue 11).
 
-    PYTHONPATH=src python benchmarks/relations_probe.py default runs/model.safetensors [--out probe.json]
+    PYTHONPATH=src python benchmarks/relations_probe.py default runs/model.safetensors [--out F] [--paraphrased]
 
 For each model: the per-token context the U-Net cross-attends to (``text_encoder.encode(ids, clip_skip)``) of
 shapes-world pair captions. A logistic-regression probe (trained on 3,000 train-split captions, scored on 1,000
@@ -10,6 +10,9 @@ held-out-split captions) reads the relation (4 classes, chance 25 %) from
 * the mean over the second object's tokens (after the relation word),
 
 and the cosine similarity of whole flattened contexts of caption pairs with the same or the opposite meaning.
+With ``--paraphrased`` the probes, trained on the grammar's words, also read the held-out captions said with the
+paraphrase test's words ("on top of", "beneath", "on the left of", "on the right of"): for each relation asked, how
+often each relation is read — what the text tower makes of a word it never saw.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import sys
 import torch
 
 from estable import load_pipeline
+from estable.evaluation.compositional import paraphrase
 from estable.training.shapes import RELATION_PHRASES, RELATIONS, ShapesWorld, caption_for
 
 PAIRS = [  # (caption a, caption b, do they mean the same?)
@@ -57,9 +61,10 @@ def features(pipe, rows: list[tuple[str, str, str]]) -> tuple[torch.Tensor, torc
     return last, torch.stack(second)
 
 
-def probe(x_tr: torch.Tensor, y_tr: torch.Tensor, x_te: torch.Tensor, y_te: torch.Tensor) -> float:
+def fit(x_tr: torch.Tensor, y_tr: torch.Tensor):
+    """A 4-class logistic regression on standardised features; returns its predict function."""
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
-    x_tr, x_te = (x_tr - mu) / sd, (x_te - mu) / sd
+    x_tr = (x_tr - mu) / sd
     w = torch.zeros(x_tr.shape[1], 4, requires_grad=True)
     b = torch.zeros(4, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
@@ -71,13 +76,26 @@ def probe(x_tr: torch.Tensor, y_tr: torch.Tensor, x_te: torch.Tensor, y_te: torc
         return loss
 
     opt.step(closure)
-    return float(((x_te @ w + b).argmax(1) == y_te).float().mean())
+    return lambda x: (((x - mu) / sd) @ w + b).argmax(1).detach()
+
+
+def probe(x_tr: torch.Tensor, y_tr: torch.Tensor, x_te: torch.Tensor, y_te: torch.Tensor) -> float:
+    return float((fit(x_tr, y_tr)(x_te) == y_te).float().mean())
+
+
+def read_as(predict, x: torch.Tensor, y: torch.Tensor) -> dict[str, dict[str, int]]:
+    """For each relation asked, how many captions the probe reads as each relation."""
+    got = predict(x)
+    return {asked: {RELATIONS[k]: int(((y == i) & (got == k)).sum()) for k in range(len(RELATIONS))}
+            for i, asked in enumerate(RELATIONS)}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+")
     ap.add_argument("--out")
+    ap.add_argument("--paraphrased", action="store_true",
+                    help="also read held-out captions said in the paraphrase test's words with the probes")
     args = ap.parse_args()
     train, test = captions("train", 3000, 5), captions("heldout", 1000, 6)
     y_tr = torch.tensor([RELATIONS.index(r[1]) for r in train])
@@ -95,11 +113,21 @@ def main() -> int:
                              "cosine": float(torch.nn.functional.cosine_similarity(ca, cb, dim=0))})
         report[src] = {"probe_last_position": probe(l_tr, y_tr, l_te, y_te),
                        "probe_second_object": probe(s_tr, y_tr, s_te, y_te), "cosines": sims}
+        if args.paraphrased:
+            said = [(paraphrase(text), relation, tail) for text, relation, tail in test]
+            l_pa, s_pa = features(pipe, said)
+            report[src]["paraphrased_read_as"] = {"last_position": read_as(fit(l_tr, y_tr), l_pa, y_te),
+                                                  "second_object": read_as(fit(s_tr, y_tr), s_pa, y_te)}
         r = report[src]
         print(f"{src}: relation probe, last position {100 * r['probe_last_position']:.1f} %, second object "
               f"{100 * r['probe_second_object']:.1f} % (chance 25 %)")
         for s in sims:
             print(f"  {s['cosine']:.3f}  {'same    ' if s['same_meaning'] else 'opposite'}  {s['a']!r} vs {s['b']!r}")
+        for where, table in r.get("paraphrased_read_as", {}).items():
+            print(f"  held-out words, read at the {where.replace('_', ' ')} as " + ", ".join(RELATIONS) + ":")
+            for asked, row in table.items():
+                print(f"    {paraphrase(f' {RELATION_PHRASES[asked]} ').strip()!r:>18}: "
+                      + " ".join(f"{row[k]:4d}" for k in RELATIONS))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
