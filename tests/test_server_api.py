@@ -121,6 +121,34 @@ def test_events_stream_progress_until_done(server):
     assert server.client.get("/v1/jobs/nope/events").status_code == 404
 
 
+def test_events_stream_sends_the_end_of_a_job_that_ends_while_its_view_is_made(server, monkeypatch):
+    """The worker may finish a job between the stream's look at it and the view it sends: the stream must then
+    still send the ended job before it closes, not close on a view that says running."""
+    import estable.server.api as api
+    from estable.params import GenerationParams
+    from estable.server.worker import Job
+
+    job = Job(mode="txt2img", params=GenerationParams(prompt="x", steps=2, seed=1), state="running")
+    real_view = api.job_view
+    calls = []
+
+    def view_then_finish(j, **kw):  # the first view in the stream says running; the job ends right after it
+        v = real_view(j, **kw)
+        calls.append(v["state"])
+        if len(calls) == 2:
+            j.state = "done"
+        return v
+
+    server.state.worker.jobs[job.id] = job
+    monkeypatch.setattr(api, "job_view", view_then_finish)
+    try:
+        with server.client.stream("GET", f"/v1/jobs/{job.id}/events") as r:
+            events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: ")]
+    finally:
+        server.state.worker.jobs.pop(job.id, None)
+    assert [e["state"] for e in events] == ["running", "done"]
+
+
 def test_cancel_running_and_queued_then_delete(server):
     running = server.client.post("/v1/jobs", json={"prompt": "x", "steps": 50}).json()
     queued = server.client.post("/v1/jobs", json={"prompt": "y", "steps": 50}).json()

@@ -18,6 +18,7 @@ from .catalog import ModelNameError
 from .extras import ControlRequest, v1_control
 from .inputs import FieldError, RequestModel, build_params, check_image_side, decode_image, fit_mask
 from .state import get_state, job_view, stored_job_view
+from .store import FINAL_STATES
 from .worker import Job
 
 __all__ = ["router"]
@@ -135,10 +136,14 @@ async def job_events(request: Request, job_id: str) -> StreamingResponse:
             return
         last = -1
         while True:
-            if live.version != last or live.final:
-                last = live.version
-                yield f"data: {json.dumps(job_view(live))}\n\n"
-                if live.final:
+            # read before the view is made: a job that ends in between is sent as ended (its view shows it) and
+            # closes the stream; reading `final` after the view could close it on a view that still says running
+            version, final = live.version, live.final
+            if version != last or final:
+                last = version
+                view = job_view(live)
+                yield f"data: {json.dumps(view)}\n\n"
+                if view["state"] in FINAL_STATES:
                     return
             if await request.is_disconnected():
                 return
