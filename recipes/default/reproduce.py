@@ -219,10 +219,9 @@ def main() -> int:
                   flush=True)
             return 0
         print(f"{stage.name}: done", flush=True)
-    made = [s for s in chosen if s.kind == "convert"]
-    model = chain.output(made[-1] if made else BY_NAME["model"])
-    if model.is_file():
-        print(f"{model}: sha256 {hashlib.sha256(model.read_bytes()).hexdigest()}")
+    made = [chain.output(s) for s in chosen if s.kind == "convert"]  # the last model file this call asked for
+    if made and made[-1].is_file():
+        print(f"{made[-1]}: sha256 {hashlib.sha256(made[-1].read_bytes()).hexdigest()}")
     return 0
 
 
