@@ -79,10 +79,6 @@ def fit(x_tr: torch.Tensor, y_tr: torch.Tensor):
     return lambda x: (((x - mu) / sd) @ w + b).argmax(1).detach()
 
 
-def probe(x_tr: torch.Tensor, y_tr: torch.Tensor, x_te: torch.Tensor, y_te: torch.Tensor) -> float:
-    return float((fit(x_tr, y_tr)(x_te) == y_te).float().mean())
-
-
 def read_as(predict, x: torch.Tensor, y: torch.Tensor) -> dict[str, dict[str, int]]:
     """For each relation asked, how many captions the probe reads as each relation."""
     got = predict(x)
@@ -111,13 +107,14 @@ def main() -> int:
                 ca, cb = enc.encode(tok([a, b]), clip_skip=pipe.model.config.clip_skip).flatten(1)
                 sims.append({"a": a, "b": b, "same_meaning": same,
                              "cosine": float(torch.nn.functional.cosine_similarity(ca, cb, dim=0))})
-        report[src] = {"probe_last_position": probe(l_tr, y_tr, l_te, y_te),
-                       "probe_second_object": probe(s_tr, y_tr, s_te, y_te), "cosines": sims}
+        read_last, read_second = fit(l_tr, y_tr), fit(s_tr, y_tr)  # each probe fitted once, used for both
+        report[src] = {"probe_last_position": float((read_last(l_te) == y_te).float().mean()),
+                       "probe_second_object": float((read_second(s_te) == y_te).float().mean()), "cosines": sims}
         if args.paraphrased:
             said = [(paraphrase(text), relation, tail) for text, relation, tail in test]
             l_pa, s_pa = features(pipe, said)
-            report[src]["paraphrased_read_as"] = {"last_position": read_as(fit(l_tr, y_tr), l_pa, y_te),
-                                                  "second_object": read_as(fit(s_tr, y_tr), s_pa, y_te)}
+            report[src]["paraphrased_read_as"] = {"last_position": read_as(read_last, l_pa, y_te),
+                                                  "second_object": read_as(read_second, s_pa, y_te)}
         r = report[src]
         print(f"{src}: relation probe, last position {100 * r['probe_last_position']:.1f} %, second object "
               f"{100 * r['probe_second_object']:.1f} % (chance 25 %)")
