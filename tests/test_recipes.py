@@ -210,3 +210,54 @@ def test_wide_stages_train_continue_export_and_score(tmp_path):
     assert (tmp_path / "runs" / "wide-more-cache" / "latents_cache.0-of-1.safetensors").is_file()
     unet = [k for k in wide if k.startswith("unet.")]
     assert unet and all(torch.allclose(wide[k].float(), more[k].float(), atol=1e-3) for k in unet)
+
+
+@pytest.mark.heavy
+def test_spikefree_stage_picks_a_vae_trains_the_unet_on_it_and_scores(tmp_path):
+    """train_gpu.sh's spikefree stage as a CPU dry run: both VAE arms are measured, the one with the smaller error
+    near the shipped spikes is baked into the model (its weights and the scaling factor its run measured), and the
+    model and the shipped one are scored into OUT."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from estable.checkpoints.io import read_safetensors
+    from estable.checkpoints.store import load_model
+    from estable.training.builders import load_network
+
+    repo = RECIPES.parents[1]
+    for name in ("src", "recipes", "benchmarks"):
+        (tmp_path / name).symlink_to(repo / name)
+    comp = "--prompts 2 --images-per-prompt 1 --steps 2 --device cpu"
+    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "OMP_NUM_THREADS": "2",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "COMP": comp, "VAE_EXTRA": " ".join(DRY_RUN), "EXTRA": " ".join(DRY_RUN + ["compile=false"]),
+           "SCORE_PARTS": "compositional", "SPIKES": "--images 2 --psnr-images 2 --crops 2",
+           "GRID": "--rows 1 --columns 1 --cell 32"}
+    proc = subprocess.run(["bash", "recipes/default/train_gpu.sh", "spikefree", "out"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    errors = {}
+    for arm in ("vae-sf-plain", "vae-sf-droplet"):
+        text = (out / f"{arm}-spikes.txt").read_text()
+        errors[arm] = float(re.search(r"^model: mean error near the reference's spikes ([\d.]+)", text, re.M)[1])
+        assert (out / f"{arm}-crops.png").is_file()
+    best = min(errors, key=errors.get)
+    assert f"the U-Net on {best}'s latents" in (out / "progress.txt").read_text()
+    joined = tmp_path / "spikefree.safetensors"
+    joined.write_bytes(b"".join(p.read_bytes() for p in sorted(out.glob("spikefree-model.part-*"))))
+    model = load_model(joined)
+    assert model.config.default_cfg == 3.5 and model.config.prompt_completion == "shapes-grey-background"
+    vae_cfg, vae_sd = load_network("vae", tmp_path / "runs" / best)
+    assert model.config.vae.scaling_factor == pytest.approx(vae_cfg.scaling_factor)
+    weights = read_safetensors(joined)[0]
+    key = next(k for k in vae_sd if "decoder" in k and k.endswith("weight"))
+    assert torch.allclose(weights[f"vae.{key}"].float(), vae_sd[key].half().float())
+    for name in ("spikefree-score", "shipped-score"):
+        score = json.loads((out / name / "compositional.json").read_text())
+        assert score["images_per_prompt"] == 1 and len(score["per_prompt"]) == 2
+    assert "generated, 'a red circle above a blue square'" in (out / "spikefree-spikes.txt").read_text()
+    assert (out / "spikefree-samples.png").is_file()
