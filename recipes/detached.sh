@@ -6,6 +6,8 @@
 #                                                         # goes to runs/detached/NAME/log, its exit status to .../rc
 #   recipes/detached.sh poll NAME [SECONDS] [FILE ...]    # wait up to SECONDS (default 540) for NAME to end, print
 #                                                         # its state and the log's last lines, copy FILEs into $OUT
+#                                                         # (quote a pattern, 'runs/x/*.part-*': it is expanded
+#                                                         # after the wait, when the files may have been made)
 #   recipes/detached.sh state NAME
 #
 # `start` makes every folder it needs (a fresh machine has no runs/) and does nothing when NAME was started before,
@@ -14,7 +16,7 @@
 # machine was not the one that started it).
 set -u
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 [ $# -ge 2 ] || usage
 action=$1 name=$2
 shift 2
@@ -56,8 +58,12 @@ poll)
       echo "detached.sh: OUT is not set; nothing copied" >&2
     else
       mkdir -p "$OUT"
-      for f in "$@"; do
-        if [ -f "$f" ]; then cp "$f" "$OUT/"; else echo "detached.sh: $f: not there (yet)" >&2; fi
+      for pattern in "$@"; do  # a quoted pattern is expanded now, after the wait, not when the line was read
+        found=0
+        for f in $pattern; do
+          if [ -f "$f" ]; then cp "$f" "$OUT/"; found=1; fi
+        done
+        [ $found = 1 ] || echo "detached.sh: $pattern: not there (yet)" >&2
       done
     fi
   fi

@@ -19,16 +19,19 @@ def run(cwd: Path, *args: str, out: Path | None = None) -> subprocess.CompletedP
 
 def test_start_on_a_fresh_folder_then_poll_until_it_ends_and_copy(tmp_path):
     assert not (tmp_path / "runs").exists()  # as on a fresh machine
-    job = ["bash", "-c", "sleep 1; mkdir -p runs/o; echo made > runs/o/a.txt; echo said"]
+    job = ["bash", "-c", "sleep 1; mkdir -p runs/o; echo made > runs/o/a.txt; echo b > runs/o/m.part-aa; "
+           "echo said"]
     started = run(tmp_path, "start", "j", "--", *job)
     assert started.returncode == 0 and "j: started" in started.stdout
     again = run(tmp_path, "start", "j", "--", *job)  # every poll call may carry the start: it runs once
     assert again.returncode == 0 and "started before" in again.stdout
     out = tmp_path / "out"
-    polled = run(tmp_path, "poll", "j", "30", "runs/o/a.txt", "runs/o/missing.txt", out=out)
+    # a pattern is expanded after the wait (the files are made by then), not by the shell that read the line
+    polled = run(tmp_path, "poll", "j", "30", "runs/o/a.txt", "runs/o/missing.txt", "runs/o/*.part-*", out=out)
     assert polled.returncode == 0, polled.stdout + polled.stderr
     assert "j: ended, status 0" in polled.stdout and "said" in polled.stdout
     assert (out / "a.txt").read_text() == "made\n" and "missing.txt: not there" in polled.stderr
+    assert (out / "m.part-aa").read_text() == "b\n" and "part-*" not in polled.stderr
     assert (tmp_path / "runs" / "detached" / "j" / "rc").read_text().strip() == "0"
 
 

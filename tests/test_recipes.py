@@ -261,3 +261,42 @@ def test_spikefree_stage_picks_a_vae_trains_the_unet_on_it_and_scores(tmp_path):
         assert score["images_per_prompt"] == 1 and len(score["per_prompt"]) == 2
     assert "generated, 'a red circle above a blue square'" in (out / "spikefree-spikes.txt").read_text()
     assert (out / "spikefree-samples.png").is_file()
+
+
+@pytest.mark.heavy
+def test_decoders_stage_trains_three_decoders_bakes_each_in_and_scores(tmp_path):
+    """train_gpu.sh's decoders stage as a CPU dry run (SF: the shipped file, to run the third arm): each decoder
+    comes out of its run's EMA into a model whose encoder is its base's, measured, drawn and scored into OUT."""
+    import os
+    import subprocess
+    import sys
+
+    from estable.checkpoints.io import read_safetensors
+
+    repo = RECIPES.parents[1]
+    for name in ("src", "recipes", "benchmarks"):
+        (tmp_path / name).symlink_to(repo / name)
+    asset = "src/estable/assets/default_model.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "OMP_NUM_THREADS": "2", "SF": asset,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "COMP": "--prompts 2 --images-per-prompt 1 --steps 2 --device cpu",
+           "FID": "--steps 2 --device cpu", "FID_COUNT": "8",
+           "VAE_EXTRA": " ".join(DRY_RUN + ["save_every=2", "val_every=0", "sample_every=0"]),
+           "SPIKES": "--images 2 --psnr-images 2 --crops 2", "GRID": "--rows 1 --columns 1 --cell 32"}
+    proc = subprocess.run(["bash", "recipes/default/train_gpu.sh", "decoders", "out"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    shipped = read_safetensors(tmp_path / asset)[0]
+    for name in ("worst", "gan", "sfworst"):
+        weights = read_safetensors(tmp_path / "runs" / f"dec-{name}-model.safetensors")[0]
+        encoder = [k for k in shipped if k.startswith("vae.encoder.")]
+        decoder = [k for k in shipped if k.startswith("vae.decoder.")]
+        assert encoder and all(torch.equal(weights[k], shipped[k]) for k in encoder)
+        assert any(not torch.equal(weights[k], shipped[k]) for k in decoder)  # the fine-tuned decoder is in
+        assert "model: mean error near" in (out / f"dec-{name}-spikes.txt").read_text()
+        assert (out / f"dec-{name}-samples.png").is_file() and (out / f"dec-{name}-crops.png").is_file()
+        for part in ("compositional", "fid"):
+            assert (out / f"dec-{name}-score" / f"{part}.json").is_file()
+    log = (out / "dec-worst_log.jsonl").read_text()
+    assert '"worst"' in log and '"g_adv"' in (out / "dec-gan_log.jsonl").read_text()

@@ -15,7 +15,7 @@ from estable.errors import EstableError
 from estable.models.vae import AutoencoderKL
 from estable.training.builders import load_network
 from estable.training.config import load_config
-from estable.training.objectives import VAEObjective, droplet_terms, latent_norm_ratios, outlier_penalty
+from estable.training.objectives import VAEObjective, droplet_terms, latent_norm_ratios, outlier_penalty, worst_pixels
 from estable.training.vae_trainer import VAETrainer
 from test_train_lora import make_base
 
@@ -113,6 +113,9 @@ def test_anchor_is_zero_at_the_start_and_grows_as_the_encoder_moves(base, tmp_pa
     (["outlier_ratio=0"], "outlier_ratio must be"),
     (["droplet_weight=-1"], "droplet_weight must be"),
     (["droplet_ratio=0"], "droplet_ratio must be"),
+    (["worst_weight=-1"], "worst_weight must be"),
+    (["worst_fraction=0"], "worst_fraction is a share"),
+    (["worst_fraction=1.5"], "worst_fraction is a share"),
     (["init_from=x.safetensors", "train_encoder=false", "outlier_weight=1"], "need train_encoder=true"),
     (["init_from=x.safetensors", "train_encoder=false", "anchor_weight=1"], "need train_encoder=true"),
 ])
@@ -189,3 +192,32 @@ def test_train_vae_decoder_with_the_droplet_term(base, tmp_path):
     train = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     train = [r for r in train if r["type"] == "train"]
     assert len(train) == 2 and all(math.isfinite(r["droplet"]) and r["decoder_peak"] > 1 for r in train)
+
+
+def test_worst_pixels_weighs_a_small_spot_as_the_image_does_not():
+    x = torch.zeros(2, 3, 32, 32)
+    x_hat = x + 0.01  # a small error everywhere
+    x_hat[1, :, 4:6, 7:9] = 1.0  # and one 2 × 2 spot of large error in the second image
+    assert worst_pixels(x, x, 0.01).item() == 0
+    spot = worst_pixels(x, x_hat, 4 / 1024)  # each image's 4 worst pixels: the spot, and 0.01 in the first
+    assert spot.item() == pytest.approx((0.01 + 1.0) / 2)
+    assert (x_hat - x).abs().mean().item() < 0.02  # where the mean L1 hardly sees it
+    assert worst_pixels(x, x_hat, 1.0).item() == pytest.approx((x_hat - x).abs().mean().item())
+
+
+def test_train_vae_decoder_with_the_worst_pixel_term(base, tmp_path):
+    cfg = load_config("vae", "tiny-vae", [*QUIET, f"init_from={base}", "train_encoder=false", "kl_weight=0",
+                                          "worst_weight=2", "worst_fraction=0.05", "save_every=0"])
+    tr = VAETrainer(cfg, tmp_path / "vae", progress=False)
+    batch = tr.prepare({"pixel_values": torch.stack([it["pixel_values"] for it in tr.val_items])})
+    draws = tr.objective.draw(len(tr.val_items), torch.Generator().manual_seed(0), 32)
+    loss, metrics = tr.objective(batch, draws)
+    plain = VAEObjective(tr.objective.vae, kl_weight=0, train_encoder=False)
+    torch.testing.assert_close(loss, plain(batch, draws)[0] + 2 * metrics["worst"])
+    assert metrics["worst"].item() > metrics["l1"].item() > 0
+    run = tmp_path / "run"
+    assert main(["train", "vae", "--config", "tiny-vae", "--run-dir", str(run), "--no-progress", *QUIET,
+                 f"init_from={base}", "train_encoder=false", "kl_weight=0", "worst_weight=1", "max_steps=2",
+                 "save_every=2"]) == 0
+    train = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [math.isfinite(r["worst"]) for r in train if r["type"] == "train"] == [True, True]

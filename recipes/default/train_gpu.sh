@@ -468,6 +468,50 @@ spikefree)
   python3 "$bench/sample_grid.py" --model "$m" --out "$out/spikefree-samples.png" ${GRID:-} >/dev/null
   stamp "spikefree: scored"
   ;;
+decoders)
+  # Issue 11, the stray spots: a latent without spikes leaves them (the spikefree stage), so they are the decoder's
+  # own. Decoder-only fine-tunes (vae_decoder.json: the encoder and the latents stay, the U-Net applies unchanged)
+  # side by side for DEC_MINUTES (default 4.5): "worst" adds the error of each image's worst pixels (worst_weight
+  # WORST, default 0.1), "gan" the PatchGAN discriminator from the first step (disc.weight GAN, default 0.1), both on
+  # the shipped file; "sfworst" is "worst" on SF's (the spikefree stage's model, default
+  # runs/spikefree-model.safetensors; skipped when it is not there). Each decoder baked into its base, measured on
+  # held-out renders against the shipped VAE (vae_spikes.py: errors near the shipped spikes, crops), drawn
+  # (sample_grid.py; the demo prompt's latent norms), then scored (compositional, then FID 10k; OUT/NAME-score).
+  asset=src/estable/assets/default_model.safetensors bench=$here/../../benchmarks sf=${SF:-runs/spikefree-model.safetensors}
+  declare -A base=([worst]=$asset [gan]=$asset [sfworst]=$sf)
+  declare -A over=([worst]="worst_weight=${WORST:-0.1}" [gan]="disc.enabled=true disc.start=0 disc.weight=${GAN:-0.1}"
+                   [sfworst]="worst_weight=${WORST:-0.1}")
+  names=(worst gan); [ -f "$sf" ] && names+=(sfworst)
+  pids=()
+  for name in "${names[@]}"; do
+    [ -f "runs/dec-$name/trained" ] && continue
+    # shellcheck disable=SC2086
+    (estable train vae --config "$here/vae_decoder.json" --run-dir "runs/dec-$name" --no-progress \
+        init_from="${base[$name]}" max_minutes="${DEC_MINUTES:-4.5}" ${over[$name]} ${VAE_EXTRA:-} \
+        >"runs/dec-$name.log" 2>&1 && touch "runs/dec-$name/trained") &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || { stamp "decoders: a run failed"; tail -n 5 runs/dec-*.log; exit 1; }; done
+  for name in "${names[@]}"; do
+    m=runs/dec-$name-model.safetensors
+    cp "runs/dec-$name.log" "$out/"; cp "runs/dec-$name/log.jsonl" "$out/dec-${name}_log.jsonl"
+    ck=runs/dec-$name/checkpoints/$(cat "runs/dec-$name/checkpoints/latest")
+    estable convert "${base[$name]}" "$m" --to estable --vae "$ck/ema.safetensors" --overwrite >/dev/null
+    # shellcheck disable=SC2086
+    python3 "$bench/vae_spikes.py" "$m" --reference default --prompt "a red circle above a blue square" \
+        --out "$out/dec-$name-crops.png" ${SPIKES:-} >"$out/dec-$name-spikes.txt"
+    # shellcheck disable=SC2086
+    python3 "$bench/sample_grid.py" --model "$m" --out "$out/dec-$name-samples.png" ${GRID:-} >/dev/null
+    stamp "decoders: $name $(tail -n 1 "runs/dec-$name.log" | sed "s/;.*//"); $(grep '^model: mean error' \
+        "$out/dec-$name-spikes.txt")"
+  done
+  for part in compositional fid; do
+    for name in "${names[@]}"; do
+      MODEL=runs/dec-$name-model.safetensors SCORE_PARTS=$part "$0" score "$out/dec-$name-score"
+    done
+  done
+  stamp "decoders: scored"
+  ;;
 greyname)
   # Issue 11, the FID: guidance draws the backgrounds a caption leaves unnamed plain, and the world's grammar has no
   # word for their grey. Fine-tune the shipped model with half of those captions naming it ("on a textured grey

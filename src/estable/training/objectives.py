@@ -316,6 +316,14 @@ def outlier_penalty(mean: torch.Tensor, ratio: float) -> torch.Tensor:
     return F.relu(n - ratio * median).pow(2).mean()
 
 
+def worst_pixels(x: torch.Tensor, x_hat: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The mean absolute error (over channels) of each image's worst ``fraction`` of pixels, averaged over the
+    batch: a small spot of large error weighs in it as much as it does in the image, where the mean L1 dilutes it."""
+    e = (x_hat.float() - x.float()).abs().mean(dim=1).flatten(1)  # (B, H·W)
+    k = max(1, round(fraction * e.shape[1]))
+    return e.topk(k, dim=1).values.mean()
+
+
 def droplet_terms(activations: list[torch.Tensor], ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(penalty, peak) over feature maps (B, C, H, W): the penalty is the mean over maps of mean relu(‖a‖ / median
     ‖a‖ − ratio)² over images and positions (norm over channels, each image's median not differentiated), 0 unless
@@ -340,7 +348,8 @@ class VAEObjective(nn.Module):
                  ssim_weight: float = 0.2, discriminator: PatchDiscriminator | None = None,
                  disc_start: int = 0, disc_weight: float = 0.5, train_encoder: bool = True,
                  outlier_weight: float = 0.0, outlier_ratio: float = 3.0, anchor_weight: float = 0.0,
-                 droplet_weight: float = 0.0, droplet_ratio: float = 16.0) -> None:
+                 droplet_weight: float = 0.0, droplet_ratio: float = 16.0, worst_weight: float = 0.0,
+                 worst_fraction: float = 0.005) -> None:
         super().__init__()
         self.vae = vae
         self.train_encoder = train_encoder
@@ -353,6 +362,7 @@ class VAEObjective(nn.Module):
             frozen = nn.Sequential(copy.deepcopy(vae.encoder), copy.deepcopy(vae.quant_conv))
             self.anchor = frozen.requires_grad_(False).eval()
         self.droplet_weight, self.droplet_ratio = droplet_weight, droplet_ratio
+        self.worst_weight, self.worst_fraction = worst_weight, worst_fraction
         self._norm_inputs: list[torch.Tensor] | None = None  # filled while forward decodes
         if droplet_weight > 0:
             for m in vae.decoder.modules():
@@ -393,7 +403,11 @@ class VAEObjective(nn.Module):
         kl = kl_sum.float().mean() / (x[0].numel())  # KL summed over each latent, per image element
         s = ssim(x_hat.float(), x.float()).mean()
         total = self.l1_weight * l1 + self.kl_weight * kl + self.ssim_weight * (1 - s)
-        return {"loss": total, "l1": l1, "kl": kl, "ssim": s}
+        terms = {"loss": total, "l1": l1, "kl": kl, "ssim": s}
+        if self.worst_weight > 0:
+            terms["worst"] = worst_pixels(x, x_hat, self.worst_fraction)
+            terms["loss"] = total + self.worst_weight * terms["worst"]
+        return terms
 
     def forward(self, batch: dict[str, torch.Tensor], draws: dict[str, torch.Tensor],
                 step: int = 0) -> tuple[torch.Tensor, dict]:

@@ -60,7 +60,8 @@ class VAETrainer(Trainer):
                                       disc_weight=cfg.disc.weight, train_encoder=cfg.train_encoder,
                                       outlier_weight=cfg.outlier_weight, outlier_ratio=cfg.outlier_ratio,
                                       anchor_weight=cfg.anchor_weight,  # anchor: a copy of the init_from encoder
-                                      droplet_weight=cfg.droplet_weight, droplet_ratio=cfg.droplet_ratio)
+                                      droplet_weight=cfg.droplet_weight, droplet_ratio=cfg.droplet_ratio,
+                                      worst_weight=cfg.worst_weight, worst_fraction=cfg.worst_fraction)
         self.train_data, self.val_items = build_datasets(cfg, self.dist.rank, self.dist.world_size)
 
     def param_groups(self) -> list[dict[str, Any]]:

@@ -262,14 +262,21 @@ class VAETrainConfig(TrainConfig):
     # frozen encoder. 0: off.
     droplet_weight: float = 0.0
     droplet_ratio: float = 16.0
+    # Against the spots themselves (issue 11): worst_weight × the mean absolute error of each image's worst
+    # worst_fraction of pixels, where a few pixels of large error count as much as the rest of the image. 0: off.
+    worst_weight: float = 0.0
+    worst_fraction: float = 0.005
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.train_encoder and not self.init_from:
             raise ValueError("train_encoder=false fine-tunes a decoder: it needs init_from (the VAE whose "
                              "encoder is kept)")
-        for name in ("l1_weight", "kl_weight", "ssim_weight", "outlier_weight", "anchor_weight", "droplet_weight"):
+        for name in ("l1_weight", "kl_weight", "ssim_weight", "outlier_weight", "anchor_weight", "droplet_weight",
+                     "worst_weight"):
             _positive(name, getattr(self, name), allow_zero=True)
+        if not 0 < self.worst_fraction <= 1:
+            raise ValueError(f"worst_fraction is a share of the pixels, in (0, 1], not {self.worst_fraction}")
         _positive("outlier_ratio", self.outlier_ratio)
         _positive("droplet_ratio", self.droplet_ratio)
         if self.anchor_weight > 0 and not self.init_from:
