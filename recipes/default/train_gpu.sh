@@ -476,7 +476,8 @@ decoders)
   # the shipped file; "sfworst" is "worst" on SF's (the spikefree stage's model, default
   # runs/spikefree-model.safetensors; skipped when it is not there). Each decoder baked into its base, measured on
   # held-out renders against the shipped VAE (vae_spikes.py: errors near the shipped spikes, crops), drawn
-  # (sample_grid.py; the demo prompt's latent norms), then scored (compositional, then FID 10k; OUT/NAME-score).
+  # (sample_grid.py; the demo prompt's latent norms), then scored (DEC_PARTS, default compositional, then FID 10k;
+  # OUT/NAME-score).
   asset=src/estable/assets/default_model.safetensors bench=$here/../../benchmarks sf=${SF:-runs/spikefree-model.safetensors}
   declare -A base=([worst]=$asset [gan]=$asset [sfworst]=$sf)
   declare -A over=([worst]="worst_weight=${WORST:-0.1}" [gan]="disc.enabled=true disc.start=0 disc.weight=${GAN:-0.1}"
@@ -505,7 +506,7 @@ decoders)
     stamp "decoders: $name $(tail -n 1 "runs/dec-$name.log" | sed "s/;.*//"); $(grep '^model: mean error' \
         "$out/dec-$name-spikes.txt")"
   done
-  for part in compositional fid; do
+  for part in ${DEC_PARTS:-compositional fid}; do
     for name in "${names[@]}"; do
       MODEL=runs/dec-$name-model.safetensors SCORE_PARTS=$part "$0" score "$out/dec-$name-score"
     done
