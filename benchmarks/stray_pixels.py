@@ -1,0 +1,131 @@
+"""The card's stray coloured pixels, counted: pixels whose colour no render of the prompt could hold (issue 11).
+
+    PYTHONPATH=src python benchmarks/stray_pixels.py default OTHER.safetensors [--grid] [--renders 32]
+
+A render of the shapes world holds its objects' colours and its background's colour (the named one, else grey),
+each made lighter or darker by a texture or a gradient, and blends of two of these where anti-aliased edges meet.
+A pixel further than ``--threshold`` levels (Euclidean RGB) from every such colour is stray: the spots the decoder
+draws at shape rims are (yellow, green or magenta on a red circle over grey), a slightly off red is not.
+
+Per model: the generated images of the demo prompt at seeds 1–8 (``--grid``: the sample grid's eight prompts at
+seeds 1–4), the model's own sampler and guidance scale unless ``--sampler`` / ``--cfg``, 256², CPU fp32 by default;
+and with ``--renders N`` the first N held-out renders (world seed 3) encoded and decoded by the model's VAE. The
+renders themselves are counted once as the measure's own floor. Prints stray pixels per image (median, mean, the
+share of images with ``--min-spot`` or more) and writes the figures as JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from estable.images import to_pil, to_tensor
+from estable.params import GenerationParams
+from estable.pipeline import load_pipeline
+from estable.training.shapes import BACKGROUND_COLOURS, COLOURS, DEFAULT_BACKGROUND, parse_caption
+from estable.training.shapes.render import render
+from estable.training.shapes.world import ShapesWorld
+
+DEMO = ["a red circle above a blue square"]
+GRID = ["a red circle above a blue square", "two green triangles on a yellow background", "a small purple star",
+        "a white hexagon to the left of a black cross", "a large blue square", "three orange hearts",
+        "a red square and a blue circle", "a yellow star on a textured purple background"]
+
+
+def allowed_segments(colours: list[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(S, 3) starts and ends of the colour segments a render may hold: each colour towards black and towards
+    white (shading by a texture or gradient), and between every two colours (anti-aliased edges)."""
+    pts = [np.array(c, dtype=np.float64) for c in dict.fromkeys(colours)]  # each colour once
+    ends = [np.zeros(3), np.full(3, 255.0)]
+    segs = [(p, e) for p in pts for e in ends]
+    segs += [(pts[i], pts[j]) for i in range(len(pts)) for j in range(i + 1, len(pts))]
+    a, b = zip(*segs)
+    return np.stack(a), np.stack(b)
+
+
+def stray_mask(image: np.ndarray, colours: list[tuple[int, int, int]], threshold: float) -> np.ndarray:
+    """(H, W) bool: the pixels of an (H, W, 3) uint8 image further than ``threshold`` from every allowed segment."""
+    a, b = allowed_segments(colours)
+    p = image.reshape(-1, 1, 3).astype(np.float64)  # (N, 1, 3)
+    ab = b - a  # (S, 3)
+    t = np.clip(((p - a) * ab).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-9), 0.0, 1.0)  # (N, S)
+    d = np.linalg.norm(p - (a + t[..., None] * ab), axis=-1).min(axis=1)
+    return (d > threshold).reshape(image.shape[:2])
+
+
+def prompt_colours(prompt: str) -> list[tuple[int, int, int]]:
+    spec = parse_caption(prompt)
+    bg = spec.background.colour if spec.background is not None else DEFAULT_BACKGROUND
+    return [COLOURS[o.colour] for o in spec.objects] + [BACKGROUND_COLOURS[bg]]
+
+
+def scene_colours(scene) -> list[tuple[int, int, int]]:
+    return [COLOURS[o.colour] for o in scene.objects] + [BACKGROUND_COLOURS[scene.background.colour]]
+
+
+def count_renders(images, scenes, threshold: float) -> list[int]:
+    """Stray pixels in each image of a scene (a render, or its reconstruction)."""
+    return [int(stray_mask(np.asarray(im), scene_colours(s), threshold).sum()) for im, s in zip(images, scenes)]
+
+
+def summary(counts: list[int], min_spot: int) -> dict:
+    return {"images": len(counts), "median": statistics.median(counts), "mean": round(statistics.fmean(counts), 2),
+            f"share_with_{min_spot}_or_more": round(sum(c >= min_spot for c in counts) / len(counts), 4),
+            "per_image": counts}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--grid", action="store_true", help="the sample grid's eight prompts at seeds 1-4")
+    ap.add_argument("--seeds", type=int, help="seeds 1..N (default 8, with --grid 4)")
+    ap.add_argument("--renders", type=int, default=0, help="also N held-out renders through each model's VAE")
+    ap.add_argument("--threshold", type=float, default=40.0)
+    ap.add_argument("--min-spot", type=int, default=4)
+    ap.add_argument("--sampler")
+    ap.add_argument("--cfg", type=float)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    prompts = GRID if args.grid else DEMO
+    seeds = range(1, (args.seeds or (4 if args.grid else 8)) + 1)
+    scenes = [ShapesWorld("heldout", 3).scene(i) for i in range(args.renders)]
+    renders = [render(s, 256) for s in scenes]
+    result: dict = {"threshold": args.threshold, "prompts": prompts, "seeds": list(seeds), "models": {}}
+    if renders:
+        result["renders"] = summary(count_renders(renders, scenes, args.threshold), args.min_spot)
+        print(f"renders themselves: stray pixels per image median {result['renders']['median']}, "
+              f"mean {result['renders']['mean']}")
+    for src in args.models:
+        pipe = load_pipeline(src, device=args.device)
+        counts = []
+        for prompt in prompts:
+            colours = prompt_colours(prompt)
+            for seed in seeds:
+                chosen = {k: v for k, v in (("sampler", args.sampler), ("cfg_scale", args.cfg)) if v is not None}
+                params = pipe.with_model_defaults(GenerationParams(prompt=prompt, seed=seed, **chosen),
+                                                  cfg=args.cfg is None, sampler=args.sampler is None)
+                image = pipe.txt2img(params).images[0]
+                counts.append(int(stray_mask(np.asarray(image.convert("RGB")), colours, args.threshold).sum()))
+        row = {"generated": summary(counts, args.min_spot)}
+        if renders:
+            with torch.no_grad():
+                x = torch.cat([to_tensor(r) for r in renders]).to(pipe.device, next(pipe.vae.parameters()).dtype)
+                recon = to_pil(pipe.vae.decode(pipe.vae.encode(x).mean).float().cpu())
+            row["reconstructed"] = summary(count_renders(recon, scenes, args.threshold), args.min_spot)
+        result["models"][src] = row
+        line = ", ".join(f"{k}: median {v['median']}, mean {v['mean']}, {args.min_spot}+ in "
+                         f"{100 * v[f'share_with_{args.min_spot}_or_more']:.0f} %" for k, v in row.items())
+        print(f"{src}: stray pixels per image — {line}", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""benchmarks/stray_pixels.py: a render holds no stray pixel; a spot of a colour the scene cannot hold is counted
+pixel by pixel; shading and anti-aliased blends are not; a tiny model's run writes its figures."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from stray_pixels import main, prompt_colours, scene_colours, stray_mask  # noqa: E402
+
+from estable.training.shapes import COLOURS  # noqa: E402
+from estable.training.shapes.render import render  # noqa: E402
+from estable.training.shapes.world import ShapesWorld  # noqa: E402
+
+
+def test_renders_hold_none_and_a_spot_is_counted_pixel_by_pixel():
+    world = ShapesWorld("heldout", 3)
+    for i in range(12):  # textured and gradient backgrounds, anti-aliased edges, every kind of scene
+        scene = world.scene(i)
+        assert stray_mask(np.asarray(render(scene, 128)), scene_colours(scene), 40).sum() == 0
+    colours = prompt_colours("a red circle above a blue square")
+    assert colours == [COLOURS["red"], COLOURS["blue"], (140, 140, 140)]
+    image = np.full((32, 32, 3), 140, np.uint8)
+    image[:16] = COLOURS["red"]
+    image[16, :] = (np.array(COLOURS["red"]) * 0.5 + 140 * 0.5).astype(np.uint8)  # an edge's blend
+    image[20:24, 20:24] = 70  # a darker grey: shading
+    assert stray_mask(image, colours, 40).sum() == 0
+    image[5:8, 10:13] = COLOURS["yellow"]  # a 3 × 3 yellow spot on the red circle
+    mask = stray_mask(image, colours, 40)
+    assert mask.sum() == 9 and mask[5:8, 10:13].all()
+    assert stray_mask(image, colours + [COLOURS["yellow"]], 40).sum() == 0  # where yellow is named, it is no spot
+    black = [COLOURS["black"], COLOURS["black"], COLOURS["black"]]  # one colour named thrice: still a spot
+    assert stray_mask(image[5:8, 10:13], black, 40).all()
+
+
+def test_a_tiny_run_writes_its_figures(tmp_path, capsys, monkeypatch):
+    from tiny_model import tiny_model_file
+
+    model = tiny_model_file(tmp_path)
+    out = tmp_path / "stray.json"
+    monkeypatch.setattr(sys, "argv", ["stray_pixels.py", str(model), "--seeds", "2", "--renders", "2",
+                                      "--out", str(out)])
+    main()
+    result = json.loads(out.read_text())
+    row = result["models"][str(model)]
+    assert result["renders"]["per_image"] == [0, 0] and len(row["generated"]["per_image"]) == 2
+    assert len(row["reconstructed"]["per_image"]) == 2 and "stray pixels per image" in capsys.readouterr().out
