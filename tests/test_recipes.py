@@ -265,8 +265,9 @@ def test_spikefree_stage_picks_a_vae_trains_the_unet_on_it_and_scores(tmp_path):
 
 @pytest.mark.heavy
 def test_decoders_stage_trains_three_decoders_bakes_each_in_and_scores(tmp_path):
-    """train_gpu.sh's decoders stage as a CPU dry run (SF: the shipped file, to run the third arm): each decoder
+    """train_gpu.sh's decoders stage as a CPU dry run (SF: the shipped file, to run the sfworst arm): each decoder
     comes out of its run's EMA into a model whose encoder is its base's, measured, drawn and scored into OUT."""
+    import json
     import os
     import subprocess
     import sys
@@ -282,13 +283,22 @@ def test_decoders_stage_trains_three_decoders_bakes_each_in_and_scores(tmp_path)
            "COMP": "--prompts 2 --images-per-prompt 1 --steps 2 --device cpu",
            "FID": "--steps 2 --device cpu", "FID_COUNT": "8",
            "VAE_EXTRA": " ".join(DRY_RUN + ["save_every=2", "val_every=0", "sample_every=0"]),
-           "SPIKES": "--images 2 --psnr-images 2 --crops 2", "GRID": "--rows 1 --columns 1 --cell 32"}
+           "SPIKES": "--images 2 --psnr-images 2 --crops 2", "GRID": "--rows 1 --columns 1 --cell 32",
+           "DEVICE": "cpu", "STRAY": "--seeds 1 --renders 2", "ARMS": "worst3 gan sfworst"}
+    bad = subprocess.run(["bash", "recipes/default/train_gpu.sh", "decoders", "out"], cwd=tmp_path,
+                         env={**env, "ARMS": "worst wurst"}, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "no arm 'wurst'" in bad.stderr and not (tmp_path / "runs" / "dec-worst").exists()
     proc = subprocess.run(["bash", "recipes/default/train_gpu.sh", "decoders", "out"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "out"
     shipped = read_safetensors(tmp_path / asset)[0]
-    for name in ("worst", "gan", "sfworst"):
+    stray = json.loads((out / "stray.json").read_text())
+    arms = ("worst3", "gan", "sfworst")
+    assert set(stray["models"]) == {"default"} | {f"runs/dec-{n}-model.safetensors" for n in arms}
+    assert len(stray["models"]["default"]["generated"]["per_image"]) == 8  # the grid's prompts at seed 1
+    assert '"worst_weight": 0.3' in (tmp_path / "runs" / "dec-worst3" / "config.json").read_text()
+    for name in arms:
         weights = read_safetensors(tmp_path / "runs" / f"dec-{name}-model.safetensors")[0]
         encoder = [k for k in shipped if k.startswith("vae.encoder.")]
         decoder = [k for k in shipped if k.startswith("vae.decoder.")]
@@ -298,5 +308,5 @@ def test_decoders_stage_trains_three_decoders_bakes_each_in_and_scores(tmp_path)
         assert (out / f"dec-{name}-samples.png").is_file() and (out / f"dec-{name}-crops.png").is_file()
         for part in ("compositional", "fid"):
             assert (out / f"dec-{name}-score" / f"{part}.json").is_file()
-    log = (out / "dec-worst_log.jsonl").read_text()
+    log = (out / "dec-worst3_log.jsonl").read_text()
     assert '"worst"' in log and '"g_adv"' in (out / "dec-gan_log.jsonl").read_text()

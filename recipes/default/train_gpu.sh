@@ -471,18 +471,24 @@ spikefree)
 decoders)
   # Issue 11, the stray spots: a latent without spikes leaves them (the spikefree stage), so they are the decoder's
   # own. Decoder-only fine-tunes (vae_decoder.json: the encoder and the latents stay, the U-Net applies unchanged)
-  # side by side for DEC_MINUTES (default 4.5): "worst" adds the error of each image's worst pixels (worst_weight
-  # WORST, default 0.1), "gan" the PatchGAN discriminator from the first step (disc.weight GAN, default 0.1), both on
-  # the shipped file; "sfworst" is "worst" on SF's (the spikefree stage's model, default
-  # runs/spikefree-model.safetensors; skipped when it is not there). Each decoder baked into its base, measured on
-  # held-out renders against the shipped VAE (vae_spikes.py: errors near the shipped spikes, crops), drawn
-  # (sample_grid.py; the demo prompt's latent norms), then scored (DEC_PARTS, default compositional, then FID 10k;
-  # OUT/NAME-score).
+  # side by side for DEC_MINUTES (default 4.5), the arms named in ARMS (default "worst gan sfworst"): "worst" adds the
+  # error of each image's worst pixels (worst_weight WORST, default 0.1), "worst3" the same at WORST3 (default 0.3),
+  # "gan" the PatchGAN discriminator from the first step (disc.weight GAN, default 0.1), all on the shipped file;
+  # "sfworst" is "worst" on SF's (the spikefree stage's model, default runs/spikefree-model.safetensors; skipped when
+  # it is not there). Each decoder baked into its base, measured on held-out renders against the shipped VAE
+  # (vae_spikes.py: errors near the shipped spikes, crops), drawn (sample_grid.py),
+  # its stray pixels counted beside the shipped file's (stray_pixels.py --grid --renders 32, on DEVICE, default cuda:
+  # OUT/stray.json), then scored (DEC_PARTS, default compositional, then FID 10k; OUT/NAME-score).
   asset=src/estable/assets/default_model.safetensors bench=$here/../../benchmarks sf=${SF:-runs/spikefree-model.safetensors}
-  declare -A base=([worst]=$asset [gan]=$asset [sfworst]=$sf)
-  declare -A over=([worst]="worst_weight=${WORST:-0.1}" [gan]="disc.enabled=true disc.start=0 disc.weight=${GAN:-0.1}"
-                   [sfworst]="worst_weight=${WORST:-0.1}")
-  names=(worst gan); [ -f "$sf" ] && names+=(sfworst)
+  declare -A base=([worst]=$asset [worst3]=$asset [gan]=$asset [sfworst]=$sf)
+  declare -A over=([worst]="worst_weight=${WORST:-0.1}" [worst3]="worst_weight=${WORST3:-0.3}"
+                   [gan]="disc.enabled=true disc.start=0 disc.weight=${GAN:-0.1}" [sfworst]="worst_weight=${WORST:-0.1}")
+  names=()
+  for name in ${ARMS:-worst gan sfworst}; do
+    [ -n "${base[$name]+x}" ] || { echo "decoders: no arm '$name' (worst, worst3, gan, sfworst)" >&2; exit 2; }
+    [ "$name" = sfworst ] && [ ! -f "$sf" ] && continue
+    names+=("$name")
+  done
   pids=()
   for name in "${names[@]}"; do
     [ -f "runs/dec-$name/trained" ] && continue
@@ -499,13 +505,17 @@ decoders)
     ck=runs/dec-$name/checkpoints/$(cat "runs/dec-$name/checkpoints/latest")
     estable convert "${base[$name]}" "$m" --to estable --vae "$ck/ema.safetensors" --overwrite >/dev/null
     # shellcheck disable=SC2086
-    python3 "$bench/vae_spikes.py" "$m" --reference default --prompt "a red circle above a blue square" \
-        --out "$out/dec-$name-crops.png" ${SPIKES:-} >"$out/dec-$name-spikes.txt"
+    python3 "$bench/vae_spikes.py" "$m" --reference default --out "$out/dec-$name-crops.png" ${SPIKES:-} \
+        >"$out/dec-$name-spikes.txt"
     # shellcheck disable=SC2086
     python3 "$bench/sample_grid.py" --model "$m" --out "$out/dec-$name-samples.png" ${GRID:-} >/dev/null
     stamp "decoders: $name $(tail -n 1 "runs/dec-$name.log" | sed "s/;.*//"); $(grep '^model: mean error' \
         "$out/dec-$name-spikes.txt")"
   done
+  models=(); for name in "${names[@]}"; do models+=("runs/dec-$name-model.safetensors"); done
+  # shellcheck disable=SC2086
+  python3 "$bench/stray_pixels.py" default "${models[@]}" --grid --renders 32 --device "${DEVICE:-cuda}" \
+      --out "$out/stray.json" ${STRAY:-} | tail -n "$((${#models[@]} + 1))"
   for part in ${DEC_PARTS:-compositional fid}; do
     for name in "${names[@]}"; do
       MODEL=runs/dec-$name-model.safetensors SCORE_PARTS=$part "$0" score "$out/dec-$name-score"

@@ -44,6 +44,11 @@ a network can grow one activation very large to set a normalised feature map's s
 decoder grows one to 100–360 × the median at the latent spike before its last GroupNorms, where it draws the spot):
 
     droplet = mean over the decoder's GroupNorm inputs a of mean_{b,h,w} relu(‖a_bhw‖ / median_hw ‖a_b‖ − k)²
+
+One optional reconstruction term against the spots themselves, which the mean L1 and SSIM spread over the whole
+image (a 3 × 3 spot is 9 of 65,536 pixels at 256²):
+
+    worst = mean over images of the mean of the largest round(f · H·W) (at least one) per-pixel errors mean_c |x − x̂|
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@ PatchGAN discriminator after a warm-up (trained beside it, saved as an extra net
 latent ``scaling_factor`` measured on the validation images. With ``train_encoder=false`` only the decoder is
 trained (from ``init_from``): the encoder, its latents and their scaling factor stay as they were. ``outlier_weight``
 and ``anchor_weight`` fine-tune a whole VAE against latent spikes while holding its other latents in place;
-``droplet_weight`` penalises the decoder's internal peaks (its normalisation droplet).
+``droplet_weight`` penalises the decoder's internal peaks (its normalisation droplet), ``worst_weight`` the error of
+each image's worst pixels.
 """
 
 from __future__ import annotations
