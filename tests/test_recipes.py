@@ -159,6 +159,20 @@ def test_reproduce_wide_stages_run_only_by_name_from_the_shipped_text_encoder(tm
     assert f"{tmp_path / 'wide.safetensors'}: sha256" in out
 
 
+def stage_folder(tmp_path: Path, **env: str) -> dict:
+    """A folder where recipes/default/train_gpu.sh runs as on a lent machine (src, recipes and benchmarks linked in),
+    and the environment for a CPU dry run of a stage: this Python first on PATH, tiny evaluations, ``env`` added."""
+    import os
+    import sys
+
+    repo = RECIPES.parents[1]
+    for name in ("src", "recipes", "benchmarks"):
+        (tmp_path / name).symlink_to(repo / name)
+    return {**os.environ, "PYTHONPATH": str(repo / "src"), "OMP_NUM_THREADS": "2",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "COMP": "--prompts 2 --images-per-prompt 1 --steps 2 --device cpu", **env}
+
+
 def test_reproduce_budget_stops_a_stage_and_the_next_call_resumes_it(tmp_path):
     over = [*DRY_RUN, "max_steps=3", "log_every=1"]
     # 0.4 minutes, half a minute kept for the export: the stage starts with none and stops at its first check
@@ -177,19 +191,12 @@ def test_wide_stages_train_continue_export_and_score(tmp_path):
     model comes into OUT in parts that join into a file with the shipped settings and is scored into OUT/NAME-score;
     wide-more starts from the wide model (at a learning rate of 1e-12 its U-Net comes out as the wide one's)."""
     import json
-    import os
     import subprocess
-    import sys
 
     from estable.checkpoints.io import read_safetensors
     from estable.checkpoints.store import load_model
 
-    repo = RECIPES.parents[1]
-    for name in ("src", "recipes", "benchmarks"):
-        (tmp_path / name).symlink_to(repo / name)
-    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "OMP_NUM_THREADS": "2",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "COMP": "--prompts 2 --images-per-prompt 1 --steps 2 --device cpu"}
+    env = stage_folder(tmp_path)
     tiny = " ".join(DRY_RUN + ["model.sample_size=8", "compile=false"])
 
     def stage(name, extra):
@@ -218,24 +225,16 @@ def test_spikefree_stage_picks_a_vae_trains_the_unet_on_it_and_scores(tmp_path):
     near the shipped spikes is baked into the model (its weights and the scaling factor its run measured), and the
     model and the shipped one are scored into OUT."""
     import json
-    import os
     import re
     import subprocess
-    import sys
 
     from estable.checkpoints.io import read_safetensors
     from estable.checkpoints.store import load_model
     from estable.training.builders import load_network
 
-    repo = RECIPES.parents[1]
-    for name in ("src", "recipes", "benchmarks"):
-        (tmp_path / name).symlink_to(repo / name)
-    comp = "--prompts 2 --images-per-prompt 1 --steps 2 --device cpu"
-    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "OMP_NUM_THREADS": "2",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "COMP": comp, "VAE_EXTRA": " ".join(DRY_RUN), "EXTRA": " ".join(DRY_RUN + ["compile=false"]),
-           "SCORE_PARTS": "compositional", "SPIKES": "--images 2 --psnr-images 2 --crops 2",
-           "GRID": "--rows 1 --columns 1 --cell 32"}
+    env = stage_folder(tmp_path, VAE_EXTRA=" ".join(DRY_RUN), EXTRA=" ".join(DRY_RUN + ["compile=false"]),
+                       SCORE_PARTS="compositional", SPIKES="--images 2 --psnr-images 2 --crops 2",
+                       GRID="--rows 1 --columns 1 --cell 32")
     proc = subprocess.run(["bash", "recipes/default/train_gpu.sh", "spikefree", "out"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -268,23 +267,15 @@ def test_decoders_stage_trains_its_decoders_bakes_each_in_and_scores(tmp_path):
     """train_gpu.sh's decoders stage as a CPU dry run (SF: the shipped file, to run the sfworst arm): each decoder
     comes out of its run's EMA into a model whose encoder is its base's, measured, drawn and scored into OUT."""
     import json
-    import os
     import subprocess
-    import sys
 
     from estable.checkpoints.io import read_safetensors
 
-    repo = RECIPES.parents[1]
-    for name in ("src", "recipes", "benchmarks"):
-        (tmp_path / name).symlink_to(repo / name)
     asset = "src/estable/assets/default_model.safetensors"
-    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "OMP_NUM_THREADS": "2", "SF": asset,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "COMP": "--prompts 2 --images-per-prompt 1 --steps 2 --device cpu",
-           "FID": "--steps 2 --device cpu", "FID_COUNT": "8",
-           "VAE_EXTRA": " ".join(DRY_RUN + ["save_every=2", "val_every=0", "sample_every=0"]),
-           "SPIKES": "--images 2 --psnr-images 2 --crops 2", "GRID": "--rows 1 --columns 1 --cell 32",
-           "DEVICE": "cpu", "STRAY": "--seeds 1 --renders 2", "ARMS": "worst3 sfworst"}
+    env = stage_folder(tmp_path, SF=asset, FID="--steps 2 --device cpu", FID_COUNT="8",
+                       VAE_EXTRA=" ".join(DRY_RUN + ["save_every=2", "val_every=0", "sample_every=0"]),
+                       SPIKES="--images 2 --psnr-images 2 --crops 2", GRID="--rows 1 --columns 1 --cell 32",
+                       DEVICE="cpu", STRAY="--seeds 1 --renders 2", ARMS="worst3 sfworst")
     bad = subprocess.run(["bash", "recipes/default/train_gpu.sh", "decoders", "out"], cwd=tmp_path,
                          env={**env, "ARMS": "worst wurst"}, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "no arm 'wurst'" in bad.stderr and not (tmp_path / "runs" / "dec-worst").exists()
