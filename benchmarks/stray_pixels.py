@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sample_grid import PROMPTS as GRID  # benchmarks/sample_grid.py, beside this script
 
 from estable.images import to_pil, to_tensor
 from estable.params import GenerationParams
@@ -32,9 +33,6 @@ from estable.training.shapes.render import render
 from estable.training.shapes.world import ShapesWorld
 
 DEMO = ["a red circle above a blue square"]
-GRID = ["a red circle above a blue square", "two green triangles on a yellow background", "a small purple star",
-        "a white hexagon to the left of a black cross", "a large blue square", "three orange hearts",
-        "a red square and a blue circle", "a yellow star on a textured purple background"]
 
 
 def allowed_segments(colours: list[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
