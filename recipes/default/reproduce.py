@@ -1,4 +1,4 @@
-"""The shipped built-in model from nothing, on one GPU: its twenty-two stages in order, one `estable` command each.
+"""The shipped built-in model from nothing, on one GPU: its twenty-four stages in order, one `estable` command each.
 
     python3 recipes/default/reproduce.py [STAGE ...] [--dir runs/repro] [--minutes M] [KEY=VALUE ...]
 
@@ -6,9 +6,10 @@ The stages are the chain that made ``src/estable/assets/default_model.safetensor
 the shipped model was made"): the VAE and the CLIP pair, twelve U-Net parts each starting from the one before, the
 decoder fine-tune, and the conversions that put the decoder in (the fifth shipped model), the recommended settings
 on (the sixth) and, after part 8, the prompt completion the shipped file names (the seventh; parts 9 to 12 made the
-eighth to the eleventh, with the same settings). Runs that stopped by their time budget on the machines they ran on
-stop at the same step here (``--until``), on the schedule they were planned with; runs made on two GPUs train their
-global batch on one.
+eighth to the eleventh, with the same settings); last, the eleventh's decoder fine-tuned again against stray pixels
+(``decoder2``) and put into the shipped file (the twelfth). Runs that stopped by their time budget on the machines
+they ran on stop at the same step here (``--until``), on the schedule they were planned with; runs made on two GPUs
+train their global batch on one.
 
 Each command is printed as it starts, and its log goes to ``DIR/<stage>.log``. A stage whose output is in ``DIR``
 is skipped, so calling the script again continues the chain; ``--minutes`` is a budget for this call (for
@@ -92,7 +93,10 @@ STAGES = (
     Stage("part12", "unet", "unet_axis.json", start="tenth",
           overrides=("data.shapes_seed=67", "data.shapes_relation_axis_ratio=2.5",
                      'data.shapes_kinds={"single":0.1,"count":0.5,"pair":0.3,"colour_binding":0.1}')),
-    Stage("model", "convert", start="part12", convert=SHIPPED_SETTINGS),
+    Stage("eleventh", "convert", start="part12", convert=SHIPPED_SETTINGS),
+    # the decoder fine-tuned again with the error of each image's worst pixels (the stray spots), encoder frozen
+    Stage("decoder2", "vae", "vae_decoder.json", start="eleventh", overrides=("worst_weight=0.3",), until=3100),
+    Stage("model", "convert", start="eleventh", convert=(*SHIPPED_SETTINGS, "--vae", "{decoder2}")),
     # Not shipped (yet): the wide U-Net (56, 112, 168) from nothing on the shipped text encoder and VAE, as run so far
     # (RESULTS.md, "the wide U-Net from nothing" and "the wide U-Net trained on"); run by name, after the chain above
     Stage("wide1", "unet", "unet_wide.json", text_from="model", shipped=False),
@@ -103,6 +107,7 @@ STAGES = (
     Stage("wide", "convert", start="wide3", convert=SHIPPED_SETTINGS, shipped=False),
 )
 BY_NAME = {s.name: s for s in STAGES}
+DECODERS = ("decoder", "decoder2")  # decoder-only fine-tunes: their output is the EMA weights a conversion puts in
 
 
 class Chain:
@@ -118,9 +123,9 @@ class Chain:
         """What a later stage reads: a run folder (VAE, CLIP), the decoder's EMA weights, or a model file."""
         if stage.name in ("vae", "clip"):
             return self.dir / stage.name
-        if stage.name == "decoder":
-            found = latest_checkpoint(self.dir / "decoder" / "checkpoints")
-            return (found if found is not None else self.dir / "decoder" / "missing") / "ema.safetensors"
+        if stage.name in DECODERS:
+            found = latest_checkpoint(self.dir / stage.name / "checkpoints")
+            return (found if found is not None else self.dir / stage.name / "missing") / "ema.safetensors"
         return self.dir / f"{stage.name}.safetensors"
 
     def training_overrides(self, stage: Stage) -> list[str]:
@@ -168,7 +173,8 @@ class Chain:
         """Run ``stage`` (or what is left of it); False when this call's budget stopped it."""
         if stage.kind == "convert":
             source = self.output(BY_NAME[stage.start])
-            options = [o.format(decoder=self.output(BY_NAME["decoder"])) for o in stage.convert]
+            decoders = {name: self.output(BY_NAME[name]) for name in DECODERS}
+            options = [o.format(**decoders) for o in stage.convert]
             self.run(stage, ["convert", str(source), str(self.output(stage)), "--to", "estable", *options])
             return True
         run_dir = self.dir / stage.name
