@@ -117,8 +117,11 @@ def test_vae_spikes_reports_the_shipped_autoencoder_spike(tmp_path, capsys, monk
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line[:2] in ("0 ", "1 ")]
     peak, median = (float(v) for v in rows[0][1].split(" / "))
     assert peak > 6 * median  # measured 11.4 / 1.27 on the sixth model's VAE (RESULTS.md)
+    # the largest reconstruction error near the spike and elsewhere, in levels: the decoders shipped until the
+    # eleventh model drew their spot there (152 / 70 on the sixth's); with the worst-pixel decoders since, either
+    # can be the larger (the twelfth's: 60 / 64; the thirteenth's: 59 / 52)
     near, elsewhere = (int(v) for v in rows[0][2].split(" / "))
-    assert near > elsewhere  # the largest reconstruction error sits at the spike (152 / 70)
+    assert 0 < near <= 255 and 0 < elsewhere <= 255
     assert out.is_file()
 
 
@@ -149,18 +152,19 @@ def test_cap_norms_caps_only_the_outliers():
     assert torch.equal(capped[0][:, keep], z[0][:, keep])
 
 
-def test_vae_activations_finds_the_decoders_droplet_at_the_spike(capsys, monkeypatch):
+def test_vae_activations_finds_the_decoders_droplet(capsys, monkeypatch):
     import vae_activations
 
     monkeypatch.setattr(sys, "argv", ["vae_activations.py", "--images", "8"])
     vae_activations.main()
     rows = {line.split(" | ")[0]: line.split(" | ") for line in capsys.readouterr().out.splitlines() if " | " in line}
     ratio, at = float(rows["decoder.conv_norm_out"][2]), rows["decoder.conv_norm_out"][3]
-    # the shipped decoder's last GroupNorm sees one position at hundreds of times the median norm (312 over these 8
-    # renders, 338 over 16: RESULTS.md), and in most images it sits at the latent spike (4 of the 6 with one)
+    # the shipped decoder's last GroupNorm sees one position at hundreds of times the median norm (the eleventh
+    # model's: 312 over these 8 renders, 338 over 16, RESULTS.md; the thirteenth's: 288); the eleventh's sat at the
+    # latent spike in 4 of the 6 images with one, the thirteenth's (trained against the spots) in 2
     assert ratio > 50
     hits, of = (int(v) for v in at.split(" of "))
-    assert of >= 4 and hits > of // 2
+    assert of == 6 and 0 <= hits <= of  # six spikes: the encoder is frozen in every decoder fine-tune
 
 
 def test_autoguidance_against_itself_is_plain_guidance_and_against_another_model_is_not(tmp_path):

@@ -80,9 +80,9 @@ def test_reproduce_chain_runs_every_stage_in_order(tmp_path):
     commands = [line[2:].split() for line in out.splitlines() if line.startswith("$ ")]
     stages = ["vae", "clip", "part1", "part2", "part3", "part4", "part5", "decoder", "part6", "fifth", "part7", "sixth",
               "part8", "seventh", "part9", "eighth", "part10", "ninth", "part11", "tenth", "part12", "eleventh",
-              "decoder2", "model"]
+              "decoder2", "twelfth", "decoder3", "model"]
     training = {c[c.index("--run-dir") + 1].split("/")[-1]: c for c in commands if "--run-dir" in c}
-    conversions = ("fifth", "sixth", "seventh", "eighth", "ninth", "tenth", "eleventh", "model")
+    conversions = ("fifth", "sixth", "seventh", "eighth", "ninth", "tenth", "eleventh", "twelfth", "model")
     assert list(training) == [s for s in stages if s not in conversions]
     part3, part7 = training["part3"], training["part7"]
     assert f"init_from={tmp_path / 'part2.safetensors'}" in part3 and "text.train=true" in part3
@@ -124,19 +124,18 @@ def test_reproduce_chain_runs_every_stage_in_order(tmp_path):
     key = next(k for k in decoder if k.startswith("decoder.") and k.endswith("weight"))
     assert torch.allclose(fifth[key], decoder[key].float(), atol=1e-3)  # fp16 in the file
     assert load_model(tmp_path / "fifth.safetensors").config.default_cfg == 5
-    decoder2 = training["decoder2"]  # the eleventh's decoder with the worst-pixel term, put into the last file
-    eleventh_file = tmp_path / "eleventh.safetensors"
-    assert f"init_from={eleventh_file}" in decoder2 and "worst_weight=0.3" in decoder2
-    assert decoder2[decoder2.index("--until") + 1] == "2"  # min(3,100, the dry run's max_steps)
-    ours, eleventh = read_safetensors(tmp_path / "model.safetensors")[0], read_safetensors(eleventh_file)[0]
-    last = next(c for c in commands if c[1] == "convert" and c[3] == str(tmp_path / "model.safetensors"))
-    assert last[2] == str(eleventh_file)
-    ema2 = tmp_path / "decoder2" / "checkpoints" / "step_0000002" / "ema.safetensors"
-    new_decoder, _ = read_safetensors(ema2)
-    assert last[last.index("--vae") + 1] == str(ema2)
-    assert torch.allclose(ours[f"vae.{key}"].float(), new_decoder[key].float(), atol=1e-3)
-    decoder_side = ("vae.decoder.", "vae.post_quant")
-    assert all(torch.equal(ours[k], eleventh[k]) for k in ours if not k.startswith(decoder_side))
+    # the eleventh's decoder with the worst-pixel term put into the twelfth, the twelfth's once more into the last file
+    for name, base, made in (("decoder2", "eleventh", "twelfth"), ("decoder3", "twelfth", "model")):
+        run, base_file, made_file = training[name], tmp_path / f"{base}.safetensors", tmp_path / f"{made}.safetensors"
+        assert f"init_from={base_file}" in run and "worst_weight=0.3" in run
+        assert run[run.index("--until") + 1] == "2"  # min(3,100, the dry run's max_steps)
+        ours, theirs = read_safetensors(made_file)[0], read_safetensors(base_file)[0]
+        conversion = next(c for c in commands if c[1] == "convert" and c[3] == str(made_file))
+        ema = tmp_path / name / "checkpoints" / "step_0000002" / "ema.safetensors"
+        assert conversion[2] == str(base_file) and conversion[conversion.index("--vae") + 1] == str(ema)
+        assert torch.allclose(ours[f"vae.{key}"].float(), read_safetensors(ema)[0][key].float(), atol=1e-3)
+        decoder_side = ("vae.decoder.", "vae.post_quant")
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours if not k.startswith(decoder_side))
     again = _reproduce(tmp_path, *DRY_RUN)
     assert "$ " not in again and again.count("done already") == len(stages)
 
