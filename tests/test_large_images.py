@@ -157,11 +157,13 @@ def test_tile_vae_flag_decodes_in_tiles(pipe, monkeypatch):
     real = pl.tiled_decode
     monkeypatch.setattr(pl, "tiled_decode",
                         lambda vae, lat: calls.append(lat.shape) or real(vae, lat, tile=24, overlap=8))
-    plain = pipe.txt2img(_base(steps=3, width=384, height=384))
-    tiled = pipe.txt2img(_base(steps=3, width=384, height=384, tile_vae=True))
+    plain = pipe.txt2img(_base(steps=25, width=384, height=384))
+    tiled = pipe.txt2img(_base(steps=25, width=384, height=384, tile_vae=True))
     assert calls == [torch.Size([1, 4, 48, 48])]
     d = np.abs(np.asarray(plain.images[0], dtype=np.int16) - np.asarray(tiled.images[0], dtype=np.int16))
-    assert 0 < d.mean() <= 10.0  # sixth built-in model: 2.3 (3 steps: noisier than the rendered scene above)
+    # a finished image: the thirteenth built-in model 2.0, the eleventh 1.35. After 3 steps (unfinished, far from
+    # any latent the decoder was trained on) the worst-pixel decoders differ more: 15.8 (the eleventh: 3.2)
+    assert 0 < d.mean() <= 4.0
 
 
 @pytest.mark.parametrize("kw, words", [
