@@ -11,7 +11,8 @@ Per model: the generated images of the demo prompt at seeds 1–8 (``--grid``: t
 seeds 1–4), the model's own sampler and guidance scale unless ``--sampler`` / ``--cfg``, 256², CPU fp32 by default;
 and with ``--renders N`` the first N held-out renders (world seed 3) encoded and decoded by the model's VAE. The
 renders themselves are counted once as the measure's own floor. Prints stray pixels per image (median, mean, the
-share of images with ``--min-spot`` or more) and writes the figures as JSON (``--out``).
+share of images with ``--min-spot`` or more) and writes the figures as JSON (``--out``); ``--show DIR`` saves each
+generated image beside a copy with its stray pixels painted magenta, to see where they lie.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from sample_grid import PROMPTS as GRID  # benchmarks/sample_grid.py, beside this script
 
 from estable.images import to_pil, to_tensor
@@ -66,6 +68,14 @@ def scene_colours(scene) -> list[tuple[int, int, int]]:
     return [COLOURS[o.colour] for o in scene.objects] + [BACKGROUND_COLOURS[scene.background.colour]]
 
 
+def marked(image: np.ndarray, mask: np.ndarray, scale: int = 2) -> Image.Image:
+    """The image and, to its right, a copy with the ``mask`` pixels magenta; both enlarged ``scale`` times."""
+    painted = image.copy()
+    painted[mask] = (255, 0, 255)
+    pair = np.concatenate([image, np.full((image.shape[0], 4, 3), 255, np.uint8), painted], axis=1)
+    return Image.fromarray(pair).resize((pair.shape[1] * scale, pair.shape[0] * scale), Image.NEAREST)
+
+
 def count_renders(images, scenes, threshold: float) -> list[int]:
     """Stray pixels in each image of a scene (a render, or its reconstruction)."""
     return [int(stray_mask(np.asarray(im), scene_colours(s), threshold).sum()) for im, s in zip(images, scenes)]
@@ -89,7 +99,10 @@ def main() -> None:
     ap.add_argument("--cfg", type=float)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--show", type=Path, help="save each generated image with its stray pixels marked in this folder")
     args = ap.parse_args()
+    if args.show:
+        args.show.mkdir(parents=True, exist_ok=True)
     prompts = GRID if args.grid else DEMO
     seeds = range(1, (args.seeds or (4 if args.grid else 8)) + 1)
     scenes = [ShapesWorld("heldout", 3).scene(i) for i in range(args.renders)]
@@ -99,17 +112,20 @@ def main() -> None:
         result["renders"] = summary(count_renders(renders, scenes, args.threshold), args.min_spot)
         print(f"renders themselves: stray pixels per image median {result['renders']['median']}, "
               f"mean {result['renders']['mean']}")
-    for src in args.models:
+    for m, src in enumerate(args.models):
         pipe = load_pipeline(src, device=args.device)
         counts = []
-        for prompt in prompts:
+        for p, prompt in enumerate(prompts):
             colours = prompt_colours(prompt)
             for seed in seeds:
                 chosen = {k: v for k, v in (("sampler", args.sampler), ("cfg_scale", args.cfg)) if v is not None}
                 params = pipe.with_model_defaults(GenerationParams(prompt=prompt, seed=seed, **chosen),
                                                   cfg=args.cfg is None, sampler=args.sampler is None)
-                image = pipe.txt2img(params).images[0]
-                counts.append(int(stray_mask(np.asarray(image.convert("RGB")), colours, args.threshold).sum()))
+                image = np.asarray(pipe.txt2img(params).images[0].convert("RGB"))
+                mask = stray_mask(image, colours, args.threshold)
+                counts.append(int(mask.sum()))
+                if args.show:
+                    marked(image, mask).save(args.show / f"model{m}_prompt{p}_seed{seed}_{counts[-1]}.png")
         row = {"generated": summary(counts, args.min_spot)}
         if renders:
             with torch.no_grad():

@@ -59,7 +59,7 @@ def _reproduce(folder, *args):
     import subprocess
     import sys
 
-    env = {**os.environ, "PYTHONPATH": str(RECIPES.parents[1] / "src"), "OMP_NUM_THREADS": "2"}
+    env = {"OMP_NUM_THREADS": "2", **os.environ, "PYTHONPATH": str(RECIPES.parents[1] / "src")}  # make test: 1
     proc = subprocess.run([sys.executable, str(RECIPES / "reproduce.py"), "--dir", str(folder), *args], env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -181,7 +181,7 @@ def stage_folder(tmp_path: Path, **env: str) -> dict:
     repo = RECIPES.parents[1]
     for name in ("src", "recipes", "benchmarks"):
         (tmp_path / name).symlink_to(repo / name)
-    return {**os.environ, "PYTHONPATH": str(repo / "src"), "OMP_NUM_THREADS": "2",
+    return {"OMP_NUM_THREADS": "2", **os.environ, "PYTHONPATH": str(repo / "src"),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
             "COMP": "--prompts 2 --images-per-prompt 1 --steps 2 --device cpu", **env}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from stray_pixels import main, prompt_colours, scene_colours, stray_mask  # noqa: E402
+from stray_pixels import main, marked, prompt_colours, scene_colours, stray_mask  # noqa: E402
 
 from estable.training.shapes import COLOURS  # noqa: E402
 from estable.training.shapes.render import render  # noqa: E402
@@ -43,9 +43,20 @@ def test_a_tiny_run_writes_its_figures(tmp_path, capsys, monkeypatch):
     model = tiny_model_file(tmp_path)
     out = tmp_path / "stray.json"
     monkeypatch.setattr(sys, "argv", ["stray_pixels.py", str(model), "--seeds", "2", "--renders", "2",
-                                      "--out", str(out)])
+                                      "--out", str(out), "--show", str(tmp_path / "show")])
     main()
     result = json.loads(out.read_text())
     row = result["models"][str(model)]
     assert result["renders"]["per_image"] == [0, 0] and len(row["generated"]["per_image"]) == 2
     assert len(row["reconstructed"]["per_image"]) == 2 and "stray pixels per image" in capsys.readouterr().out
+    shown = sorted(f.name for f in (tmp_path / "show").iterdir())  # named by model, prompt, seed and count
+    assert shown == [f"model0_prompt0_seed{s}_{n}.png" for s, n in zip((1, 2), row["generated"]["per_image"])]
+
+
+def test_marked_paints_the_stray_pixels_beside_the_image():
+    image = np.full((8, 8, 3), 140, np.uint8)
+    mask = np.zeros((8, 8), bool)
+    mask[2, 3] = True
+    pair = np.asarray(marked(image, mask, scale=1))
+    assert pair.shape == (8, 20, 3) and (pair[:, :8] == 140).all()  # the image untouched on the left
+    assert tuple(pair[2, 12 + 3]) == (255, 0, 255) and (pair[:, 12:] == 140).all(axis=-1).sum() == 63
