@@ -9,10 +9,12 @@ draws at shape rims are (yellow, green or magenta on a red circle over grey), a 
 
 Per model: the generated images of the demo prompt at seeds 1–8 (``--grid``: the sample grid's eight prompts at
 seeds 1–4), the model's own sampler and guidance scale unless ``--sampler`` / ``--cfg``, 256², CPU fp32 by default;
-and with ``--renders N`` the first N held-out renders (world seed 3) encoded and decoded by the model's VAE. The
-renders themselves are counted once as the measure's own floor. Prints stray pixels per image (median, mean, the
-share of images with ``--min-spot`` or more) and writes the figures as JSON (``--out``); ``--show DIR`` saves each
-generated image beside a copy with its stray pixels painted magenta, to see where they lie.
+and with ``--renders N`` the first N held-out renders (world seed 3; ``--contact``: the first N where two objects of
+different colours overlap) encoded and decoded by the model's VAE. The renders themselves are counted once as the
+measure's own floor. Prints stray pixels per image (median, mean, the share of images with ``--min-spot`` or more)
+and, over all images of each kind, where they lie: where two of the objects' colours are near (``contact``: two
+objects meet), where one is (``rim``: an object's edge) or where none is; writes the figures as JSON (``--out``).
+``--show DIR`` saves each generated image beside a copy with its stray pixels painted magenta.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from sample_grid import PROMPTS as GRID  # benchmarks/sample_grid.py, beside thi
 from estable.images import to_pil, to_tensor
 from estable.params import GenerationParams
 from estable.pipeline import load_pipeline
-from estable.training.shapes import BACKGROUND_COLOURS, COLOURS, DEFAULT_BACKGROUND, parse_caption
+from estable.training.shapes import BACKGROUND_COLOURS, COLOURS, DEFAULT_BACKGROUND, overlap_fraction, parse_caption
 from estable.training.shapes.render import render
 from estable.training.shapes.world import ShapesWorld
 
@@ -58,14 +60,33 @@ def stray_mask(image: np.ndarray, colours: list[tuple[int, int, int]], threshold
     return (d > threshold).reshape(image.shape[:2])
 
 
+def object_colours(prompt: str) -> list[tuple[int, int, int]]:
+    return [COLOURS[o.colour] for o in parse_caption(prompt).objects]
+
+
 def prompt_colours(prompt: str) -> list[tuple[int, int, int]]:
     spec = parse_caption(prompt)
     bg = spec.background.colour if spec.background is not None else DEFAULT_BACKGROUND
-    return [COLOURS[o.colour] for o in spec.objects] + [BACKGROUND_COLOURS[bg]]
+    return object_colours(prompt) + [BACKGROUND_COLOURS[bg]]
 
 
 def scene_colours(scene) -> list[tuple[int, int, int]]:
     return [COLOURS[o.colour] for o in scene.objects] + [BACKGROUND_COLOURS[scene.background.colour]]
+
+
+def where(image: np.ndarray, mask: np.ndarray, objects: list[tuple[int, int, int]], radius: int = 4,
+          tolerance: float = 60.0) -> dict[str, int]:
+    """The ``mask``'s stray pixels by what lies within ``radius`` pixels: ``contact`` where pixels of two or more of
+    the prompt's object colours (each within ``tolerance``) are near (two objects meet), ``rim`` where one is (an
+    object's edge on the background), ``elsewhere`` where none is."""
+    near = []
+    for colour in dict.fromkeys(objects):
+        hit = np.linalg.norm(image.astype(np.float64) - np.array(colour, dtype=np.float64), axis=-1) < tolerance
+        grown = torch.nn.functional.max_pool2d(torch.from_numpy(hit).float()[None, None], 2 * radius + 1, 1, radius)
+        near.append(grown[0, 0].numpy() > 0)
+    objects_near = np.sum(near, axis=0) if near else np.zeros(mask.shape, int)
+    return {"contact": int((mask & (objects_near >= 2)).sum()), "rim": int((mask & (objects_near == 1)).sum()),
+            "elsewhere": int((mask & (objects_near == 0)).sum())}
 
 
 def marked(image: np.ndarray, mask: np.ndarray, scale: int = 2) -> Image.Image:
@@ -76,9 +97,33 @@ def marked(image: np.ndarray, mask: np.ndarray, scale: int = 2) -> Image.Image:
     return Image.fromarray(pair).resize((pair.shape[1] * scale, pair.shape[0] * scale), Image.NEAREST)
 
 
-def count_renders(images, scenes, threshold: float) -> list[int]:
-    """Stray pixels in each image of a scene (a render, or its reconstruction)."""
-    return [int(stray_mask(np.asarray(im), scene_colours(s), threshold).sum()) for im, s in zip(images, scenes)]
+def has_contact(scene) -> bool:
+    """Whether two objects of different colours overlap in ``scene`` (the world allows a little overlap)."""
+    objs = scene.objects
+    return any(a.colour != b.colour and overlap_fraction(a, b) > 0 for i, a in enumerate(objs) for b in objs[i + 1:])
+
+
+def held_out_scenes(n: int, contact: bool = False) -> list:
+    """The first ``n`` held-out scenes (world seed 3); with ``contact``, the first ``n`` that have a contact."""
+    world, found, i = ShapesWorld("heldout", 3), [], 0
+    while len(found) < n:
+        scene = world.scene(i)
+        i += 1
+        if not contact or has_contact(scene):
+            found.append(scene)
+    return found
+
+
+def count_renders(images, scenes, threshold: float, min_spot: int) -> dict:
+    """Stray pixels in each image of a scene (a render, or its reconstruction), summarised, and where they lie."""
+    counts, kinds = [], {"contact": 0, "rim": 0, "elsewhere": 0}
+    for im, s in zip(images, scenes):
+        image = np.asarray(im)
+        mask = stray_mask(image, scene_colours(s), threshold)
+        counts.append(int(mask.sum()))
+        for kind, n in where(image, mask, [COLOURS[o.colour] for o in s.objects]).items():
+            kinds[kind] += n
+    return {**summary(counts, min_spot), "where": kinds}
 
 
 def summary(counts: list[int], min_spot: int) -> dict:
@@ -93,6 +138,8 @@ def main() -> None:
     ap.add_argument("--grid", action="store_true", help="the sample grid's eight prompts at seeds 1-4")
     ap.add_argument("--seeds", type=int, help="seeds 1..N (default 8, with --grid 4)")
     ap.add_argument("--renders", type=int, default=0, help="also N held-out renders through each model's VAE")
+    ap.add_argument("--contact", action="store_true",
+                    help="the renders: only scenes where two objects of different colours overlap")
     ap.add_argument("--threshold", type=float, default=40.0)
     ap.add_argument("--min-spot", type=int, default=4)
     ap.add_argument("--sampler")
@@ -105,16 +152,16 @@ def main() -> None:
         args.show.mkdir(parents=True, exist_ok=True)
     prompts = GRID if args.grid else DEMO
     seeds = range(1, (args.seeds or (4 if args.grid else 8)) + 1)
-    scenes = [ShapesWorld("heldout", 3).scene(i) for i in range(args.renders)]
+    scenes = held_out_scenes(args.renders, args.contact)
     renders = [render(s, 256) for s in scenes]
     result: dict = {"threshold": args.threshold, "prompts": prompts, "seeds": list(seeds), "models": {}}
     if renders:
-        result["renders"] = summary(count_renders(renders, scenes, args.threshold), args.min_spot)
+        result["renders"] = count_renders(renders, scenes, args.threshold, args.min_spot)
         print(f"renders themselves: stray pixels per image median {result['renders']['median']}, "
               f"mean {result['renders']['mean']}")
     for m, src in enumerate(args.models):
         pipe = load_pipeline(src, device=args.device)
-        counts = []
+        counts, kinds = [], {"contact": 0, "rim": 0, "elsewhere": 0}
         for p, prompt in enumerate(prompts):
             colours = prompt_colours(prompt)
             for seed in seeds:
@@ -124,18 +171,21 @@ def main() -> None:
                 image = np.asarray(pipe.txt2img(params).images[0].convert("RGB"))
                 mask = stray_mask(image, colours, args.threshold)
                 counts.append(int(mask.sum()))
+                for kind, n in where(image, mask, object_colours(prompt)).items():
+                    kinds[kind] += n
                 if args.show:
                     marked(image, mask).save(args.show / f"model{m}_prompt{p}_seed{seed}_{counts[-1]}.png")
-        row = {"generated": summary(counts, args.min_spot)}
+        row = {"generated": {**summary(counts, args.min_spot), "where": kinds}}
         if renders:
             with torch.no_grad():
                 x = torch.cat([to_tensor(r) for r in renders]).to(pipe.device, next(pipe.vae.parameters()).dtype)
                 recon = to_pil(pipe.vae.decode(pipe.vae.encode(x).mean).float().cpu())
-            row["reconstructed"] = summary(count_renders(recon, scenes, args.threshold), args.min_spot)
+            row["reconstructed"] = count_renders(recon, scenes, args.threshold, args.min_spot)
         result["models"][src] = row
         line = ", ".join(f"{k}: median {v['median']}, mean {v['mean']}, {args.min_spot}+ in "
                          f"{100 * v[f'share_with_{args.min_spot}_or_more']:.0f} %" for k, v in row.items())
-        print(f"{src}: stray pixels per image — {line}", flush=True)
+        where_line = "; ".join(f"{k}: " + ", ".join(f"{w} {n}" for w, n in v["where"].items()) for k, v in row.items())
+        print(f"{src}: stray pixels per image — {line}; where (all images) — {where_line}", flush=True)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.out}")

@@ -10,7 +10,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from stray_pixels import main, marked, prompt_colours, scene_colours, stray_mask  # noqa: E402
+from stray_pixels import (  # noqa: E402
+    has_contact,
+    held_out_scenes,
+    main,
+    marked,
+    object_colours,
+    prompt_colours,
+    scene_colours,
+    stray_mask,
+    where,
+)
 
 from estable.training.shapes import COLOURS  # noqa: E402
 from estable.training.shapes.render import render  # noqa: E402
@@ -43,14 +53,41 @@ def test_a_tiny_run_writes_its_figures(tmp_path, capsys, monkeypatch):
     model = tiny_model_file(tmp_path)
     out = tmp_path / "stray.json"
     monkeypatch.setattr(sys, "argv", ["stray_pixels.py", str(model), "--seeds", "2", "--renders", "2",
-                                      "--out", str(out), "--show", str(tmp_path / "show")])
+                                      "--out", str(out), "--show", str(tmp_path / "show"), "--contact"])
     main()
     result = json.loads(out.read_text())
     row = result["models"][str(model)]
     assert result["renders"]["per_image"] == [0, 0] and len(row["generated"]["per_image"]) == 2
     assert len(row["reconstructed"]["per_image"]) == 2 and "stray pixels per image" in capsys.readouterr().out
+    for kind in ("generated", "reconstructed"):
+        assert sum(row[kind]["where"].values()) == sum(row[kind]["per_image"])
     shown = sorted(f.name for f in (tmp_path / "show").iterdir())  # named by model, prompt, seed and count
     assert shown == [f"model0_prompt0_seed{s}_{n}.png" for s, n in zip((1, 2), row["generated"]["per_image"])]
+
+
+def test_where_tells_a_contact_from_a_rim_and_from_nowhere_near():
+    image = np.full((40, 40, 3), 140, np.uint8)
+    image[5:15, 5:15] = COLOURS["red"]  # a red square whose right edge touches a blue one
+    image[5:15, 15:25] = COLOURS["blue"]
+    mask = np.zeros((40, 40), bool)
+    mask[4, 14:16] = True  # 2 where the two meet
+    mask[16, 6] = True  # 1 under the red square only
+    mask[35, 35] = mask[30, 2] = mask[2, 38] = True  # 3 far from both
+    objects = object_colours("a red square to the left of a blue square")
+    assert objects == [COLOURS["red"], COLOURS["blue"]]
+    assert where(image, mask, objects) == {"contact": 2, "rim": 1, "elsewhere": 3}
+    assert where(image, mask, [COLOURS["red"], COLOURS["red"]]) == {"contact": 0, "rim": 3, "elsewhere": 3}
+
+
+def test_contact_scenes_are_the_held_out_ones_where_two_colours_overlap():
+    from estable.training.shapes import overlap_fraction
+
+    plain, contact = held_out_scenes(40), held_out_scenes(3, contact=True)
+    assert plain[:3] == held_out_scenes(3) and len(contact) == 3
+    assert any(not has_contact(s) for s in plain) and sum(map(has_contact, plain)) < 40
+    for s in contact:
+        pairs = [(a, b) for i, a in enumerate(s.objects) for b in s.objects[i + 1:] if a.colour != b.colour]
+        assert any(overlap_fraction(a, b) > 0 for a, b in pairs)
 
 
 def test_marked_paints_the_stray_pixels_beside_the_image():
