@@ -288,7 +288,7 @@ def test_decoders_stage_trains_its_decoders_bakes_each_in_and_scores(tmp_path):
     env = stage_folder(tmp_path, SF=asset, FID="--steps 2 --device cpu", FID_COUNT="8",
                        VAE_EXTRA=" ".join(DRY_RUN + ["save_every=2", "val_every=0", "sample_every=0"]),
                        SPIKES="--images 2 --psnr-images 2 --crops 2", GRID="--rows 1 --columns 1 --cell 32",
-                       DEVICE="cpu", STRAY="--seeds 1 --renders 2", ARMS="worst3 sfworst")
+                       DEVICE="cpu", STRAY="--seeds 1 --renders 2", ARMS="contact sfworst")
     bad = subprocess.run(["bash", "recipes/default/train_gpu.sh", "decoders", "out"], cwd=tmp_path,
                          env={**env, "ARMS": "worst wurst"}, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "no arm 'wurst'" in bad.stderr and not (tmp_path / "runs" / "dec-worst").exists()
@@ -298,10 +298,11 @@ def test_decoders_stage_trains_its_decoders_bakes_each_in_and_scores(tmp_path):
     out = tmp_path / "out"
     shipped = read_safetensors(tmp_path / asset)[0]
     stray = json.loads((out / "stray.json").read_text())
-    arms = ("worst3", "sfworst")  # the gan arm's trainer path is test_training's
+    arms = ("contact", "sfworst")  # the gan arm's trainer path is test_training's
     assert set(stray["models"]) == {"default"} | {f"runs/dec-{n}-model.safetensors" for n in arms}
     assert len(stray["models"]["default"]["generated"]["per_image"]) == 8  # the grid's prompts at seed 1
-    assert '"worst_weight": 0.3' in (tmp_path / "runs" / "dec-worst3" / "config.json").read_text()
+    contact = json.loads((tmp_path / "runs" / "dec-contact" / "config.json").read_text())
+    assert contact["worst_weight"] == 0.3 and contact["data"]["shapes_contact"] == 0.5
     for name in arms:
         weights = read_safetensors(tmp_path / "runs" / f"dec-{name}-model.safetensors")[0]
         encoder = [k for k in shipped if k.startswith("vae.encoder.")]
@@ -312,5 +313,5 @@ def test_decoders_stage_trains_its_decoders_bakes_each_in_and_scores(tmp_path):
         assert (out / f"dec-{name}-samples.png").is_file() and (out / f"dec-{name}-crops.png").is_file()
         for part in ("compositional", "fid"):
             assert (out / f"dec-{name}-score" / f"{part}.json").is_file()
-    log = (out / "dec-worst3_log.jsonl").read_text()
+    log = (out / "dec-contact_log.jsonl").read_text()
     assert '"worst"' in log and '"worst"' in (out / "dec-sfworst_log.jsonl").read_text()

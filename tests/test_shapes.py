@@ -403,3 +403,45 @@ def test_grey_named_captions_name_the_unnamed_grey_and_leave_the_default_world_a
     assert name_grey_background("Three green triangles.", 3) == name_grey_background("three green triangles", 3)
     assert name_grey_background("a red circle on a white background", 1) == "a red circle on a white background"
     assert name_grey_background("a photo of a cat", 1) == "a photo of a cat"
+
+
+def test_contact_layouts_put_two_colours_against_each_other_and_leave_other_scenes_alone():
+    from estable.training.shapes import overlap_fraction
+
+    plain = ShapesWorld("train", seed=9)
+    world = ShapesWorld("train", seed=9, contact_p=1.0)
+    touching = two = 0
+    for index in range(300):
+        scene = world.scene(index)
+        objs = scene.objects
+        if len({o.colour for o in objs}) < 2:  # one colour: no draw is made, so the scene is the plain world's
+            assert scene == plain.scene(index)
+            continue
+        two += 1
+        a, b = objs[0], objs[1]
+        touching += a.colour != b.colour and overlap_fraction(a, b) > 0
+        assert overlap_fraction(a, b) <= MAX_OVERLAP  # the world's bound on a contact
+        assert _overlap_hi(a, b) <= MAX_OVERLAP + 0.05  # and on a finer raster
+        if scene.relation is not None:
+            assert relation_holds(a.center, b.center, scene.relation)
+    assert two > 100 and touching / two > 0.95, (touching, two)
+    # the plain world's scenes with two colours touch far less often
+    plain_touching = sum(
+        overlap_fraction(s.objects[0], s.objects[1]) > 0
+        for s in (plain.scene(i) for i in range(300)) if len({o.colour for o in s.objects}) > 1)
+    assert plain_touching / two < 0.5
+    assert ShapesWorld("train", seed=9, contact_p=0.0).scene(7) == plain.scene(7)
+    with pytest.raises(ValueError, match="contact_p"):
+        ShapesWorld("train", contact_p=1.5)
+
+
+def test_shapes_contact_reaches_the_training_world():
+    from estable.errors import EstableError
+    from estable.training.builders import build_datasets
+    from estable.training.config import load_config
+
+    cfg = load_config("vae", "tiny-vae", ["data.shapes_contact=0.5", "data.val_size=1", "data.shapes_length=4"])
+    train, _ = build_datasets(cfg, 0, 1)
+    assert train.world.contact_p == 0.5
+    with pytest.raises(EstableError, match="data.shapes_contact must be between 0 and 1"):
+        load_config("vae", "tiny-vae", ["data.shapes_contact=2"])

@@ -75,7 +75,7 @@ def build_datasets(cfg: TrainConfig, rank: int, world_size: int) -> tuple[Any, l
     if src == "shapes":
         world = ShapesWorld("train", data.shapes_seed, size=data.size, kind_weights=data.shapes_kinds,
                             named_background_kinds=data.shapes_named_backgrounds, grey_named_p=data.shapes_grey_named,
-                            relation_axis_ratio=data.shapes_relation_axis_ratio)
+                            relation_axis_ratio=data.shapes_relation_axis_ratio, contact_p=data.shapes_contact)
         train = ShapesDataset(world, data.size, data.shapes_length)
         val_world = ShapesWorld("train", seeded(data.shapes_seed, SEED_VAL_DATA) % (2**31), size=data.size)
         val = [ShapesDataset(val_world, data.size, max(1, data.val_size))[i] for i in range(data.val_size)]

@@ -66,6 +66,9 @@ class DataConfig(_Plain):
     # Pair layouts with the relation's axis at least this many times the other (1, the world's default: any layout
     # the judge reads as the relation; 1.5 keeps training pairs further from the diagonal). Captions are unchanged.
     shapes_relation_axis_ratio: float = 1.0
+    # The share of shapes scenes with objects of two colours laid out touching (the second against the first,
+    # overlapping by at most the world's 20 %): 0, the world's default, changes no scene.
+    shapes_contact: float = 0.0
     center_crop: bool = True
     random_flip: bool = False
     caption_column: str = "text"
@@ -81,6 +84,8 @@ class DataConfig(_Plain):
         _positive_int("data.val_size", self.val_size, allow_zero=True)
         if not isinstance(self.shapes_grey_named, (int, float)) or not 0 <= self.shapes_grey_named <= 1:
             raise ValueError(f"data.shapes_grey_named must be between 0 and 1, not {self.shapes_grey_named!r}")
+        if not isinstance(self.shapes_contact, (int, float)) or not 0 <= self.shapes_contact <= 1:
+            raise ValueError(f"data.shapes_contact must be between 0 and 1, not {self.shapes_contact!r}")
         if not isinstance(self.shapes_relation_axis_ratio, (int, float)) or not self.shapes_relation_axis_ratio >= 1:
             raise ValueError("data.shapes_relation_axis_ratio must be a number of at least 1, not "
                              f"{self.shapes_relation_axis_ratio!r}")

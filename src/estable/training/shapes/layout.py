@@ -88,12 +88,15 @@ def scene_from_prompt(
     max_overlap: float = MAX_OVERLAP,
     max_attempts: int = 200,
     axis_ratio: float = 1.0,
+    touch: bool = False,
 ) -> Scene:
     """Sample a layout that makes ``spec`` true: sizes, positions, rotations, background (``phrasing`` 0).
 
     Rejection sampling: objects are placed one by one at uniform positions that keep them inside the image,
     keep same-coloured objects apart, bound the overlap of the others and satisfy the relation (its axis at least
-    ``axis_ratio`` times the other: above 1, pairs further from the diagonal than the relation needs).
+    ``axis_ratio`` times the other: above 1, pairs further from the diagonal than the relation needs). With
+    ``touch``, a second object of another colour than the first is placed against it (their centres 0.55–0.95 of
+    their radii's sum apart, in any direction the relation allows) and must overlap it, by at most ``max_overlap``.
     """
     rng = _as_rng(rng)
     if spec.kind == "count":
@@ -110,14 +113,26 @@ def scene_from_prompt(
             radius = float(rng.uniform(lo, hi))
             rotation = 0.0 if o.shape == "circle" else float(rng.uniform(-15.0, 15.0))
             ex, ey = _extent(o.shape, radius, rotation)
+            against = placed[0] if touch and len(placed) == 1 and placed[0].colour != o.colour else None
             for _try in range(30):
-                center = (
-                    float(rng.uniform(ex + EDGE_MARGIN, 1 - ex - EDGE_MARGIN)),
-                    float(rng.uniform(ey + EDGE_MARGIN, 1 - ey - EDGE_MARGIN)),
-                )
+                if against is None:
+                    center = (
+                        float(rng.uniform(ex + EDGE_MARGIN, 1 - ex - EDGE_MARGIN)),
+                        float(rng.uniform(ey + EDGE_MARGIN, 1 - ey - EDGE_MARGIN)),
+                    )
+                else:
+                    distance = (against.radius + radius) * float(rng.uniform(0.55, 0.95))
+                    angle = float(rng.uniform(0.0, 2 * np.pi))
+                    ax, ay = against.center
+                    center = (ax + distance * float(np.cos(angle)), ay + distance * float(np.sin(angle)))
+                    if not (ex + EDGE_MARGIN <= center[0] <= 1 - ex - EDGE_MARGIN
+                            and ey + EDGE_MARGIN <= center[1] <= 1 - ey - EDGE_MARGIN):
+                        continue
                 cand = SceneObject(o.shape, o.colour, size, center, radius, rotation, o.size is not None)
                 if spec.relation is not None and placed and not relation_holds(
                         placed[0].center, center, spec.relation, axis_ratio=axis_ratio):
+                    continue
+                if against is not None and overlap_fraction(against, cand) == 0:
                     continue
                 if all(
                     _boxes_apart(p, cand, SAME_COLOUR_GAP)
