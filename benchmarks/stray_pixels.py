@@ -71,7 +71,21 @@ def prompt_colours(prompt: str) -> list[tuple[int, int, int]]:
 
 
 def scene_colours(scene) -> list[tuple[int, int, int]]:
-    return [COLOURS[o.colour] for o in scene.objects] + [BACKGROUND_COLOURS[scene.background.colour]]
+    return scene_objects(scene) + [BACKGROUND_COLOURS[scene.background.colour]]
+
+
+def scene_objects(scene) -> list[tuple[int, int, int]]:
+    return [COLOURS[o.colour] for o in scene.objects]
+
+
+def tally(image: np.ndarray, colours, objects, threshold: float, counts: list[int], kinds: dict[str, int]
+          ) -> np.ndarray:
+    """Count ``image``'s stray pixels into ``counts`` and where they lie into ``kinds``; returns the mask."""
+    mask = stray_mask(image, colours, threshold)
+    counts.append(int(mask.sum()))
+    for kind, n in where(image, mask, objects).items():
+        kinds[kind] += n
+    return mask
 
 
 def where(image: np.ndarray, mask: np.ndarray, objects: list[tuple[int, int, int]], radius: int = 4,
@@ -79,9 +93,9 @@ def where(image: np.ndarray, mask: np.ndarray, objects: list[tuple[int, int, int
     """The ``mask``'s stray pixels by what lies within ``radius`` pixels: ``contact`` where pixels of two or more of
     the prompt's object colours (each within ``tolerance``) are near (two objects meet), ``rim`` where one is (an
     object's edge on the background), ``elsewhere`` where none is."""
-    near = []
+    near, pixels = [], image.astype(np.float64)
     for colour in dict.fromkeys(objects):
-        hit = np.linalg.norm(image.astype(np.float64) - np.array(colour, dtype=np.float64), axis=-1) < tolerance
+        hit = np.linalg.norm(pixels - np.array(colour, dtype=np.float64), axis=-1) < tolerance
         grown = torch.nn.functional.max_pool2d(torch.from_numpy(hit).float()[None, None], 2 * radius + 1, 1, radius)
         near.append(grown[0, 0].numpy() > 0)
     objects_near = np.sum(near, axis=0) if near else np.zeros(mask.shape, int)
@@ -118,11 +132,7 @@ def count_renders(images, scenes, threshold: float, min_spot: int) -> dict:
     """Stray pixels in each image of a scene (a render, or its reconstruction), summarised, and where they lie."""
     counts, kinds = [], {"contact": 0, "rim": 0, "elsewhere": 0}
     for im, s in zip(images, scenes):
-        image = np.asarray(im)
-        mask = stray_mask(image, scene_colours(s), threshold)
-        counts.append(int(mask.sum()))
-        for kind, n in where(image, mask, [COLOURS[o.colour] for o in s.objects]).items():
-            kinds[kind] += n
+        tally(np.asarray(im), scene_colours(s), scene_objects(s), threshold, counts, kinds)
     return {**summary(counts, min_spot), "where": kinds}
 
 
@@ -163,16 +173,13 @@ def main() -> None:
         pipe = load_pipeline(src, device=args.device)
         counts, kinds = [], {"contact": 0, "rim": 0, "elsewhere": 0}
         for p, prompt in enumerate(prompts):
-            colours = prompt_colours(prompt)
+            colours, objects = prompt_colours(prompt), object_colours(prompt)
             for seed in seeds:
                 chosen = {k: v for k, v in (("sampler", args.sampler), ("cfg_scale", args.cfg)) if v is not None}
                 params = pipe.with_model_defaults(GenerationParams(prompt=prompt, seed=seed, **chosen),
                                                   cfg=args.cfg is None, sampler=args.sampler is None)
                 image = np.asarray(pipe.txt2img(params).images[0].convert("RGB"))
-                mask = stray_mask(image, colours, args.threshold)
-                counts.append(int(mask.sum()))
-                for kind, n in where(image, mask, object_colours(prompt)).items():
-                    kinds[kind] += n
+                mask = tally(image, colours, objects, args.threshold, counts, kinds)
                 if args.show:
                     marked(image, mask).save(args.show / f"model{m}_prompt{p}_seed{seed}_{counts[-1]}.png")
         row = {"generated": {**summary(counts, args.min_spot), "where": kinds}}

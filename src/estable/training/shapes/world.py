@@ -168,8 +168,8 @@ class ShapesWorld:
         """The scene at ``index`` (no rendering)."""
         rng = self.rng(index)
         spec = self._sample_spec(rng)
-        two_colours = len({o.colour for o in spec.objects}) > 1
-        touch = self.contact_p > 0 and two_colours and rng.random() < self.contact_p
+        touch = (self.contact_p > 0 and len({o.colour for o in spec.objects}) > 1  # no draw otherwise
+                 and rng.random() < self.contact_p)
         try:
             scene = scene_from_prompt(spec, rng, axis_ratio=self.relation_axis_ratio, touch=touch)
         except ValueError:
