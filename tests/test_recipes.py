@@ -288,7 +288,7 @@ def test_decoders_stage_trains_its_decoders_bakes_each_in_and_scores(tmp_path):
     env = stage_folder(tmp_path, SF=asset, FID="--steps 2 --device cpu", FID_COUNT="8",
                        VAE_EXTRA=" ".join(DRY_RUN + ["save_every=2", "val_every=0", "sample_every=0"]),
                        SPIKES="--images 2 --psnr-images 2 --crops 2", GRID="--rows 1 --columns 1 --cell 32",
-                       DEVICE="cpu", STRAY="--seeds 1 --renders 2", ARMS="contact sfworst")
+                       DEVICE="cpu", STRAY="--seeds 1 --renders 2", ARMS="contact sfworst", DEC_UNTIL="1")
     bad = subprocess.run(["bash", "recipes/default/train_gpu.sh", "decoders", "out"], cwd=tmp_path,
                          env={**env, "ARMS": "worst wurst"}, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "no arm 'wurst'" in bad.stderr and not (tmp_path / "runs" / "dec-worst").exists()
@@ -301,6 +301,8 @@ def test_decoders_stage_trains_its_decoders_bakes_each_in_and_scores(tmp_path):
     arms = ("contact", "sfworst")  # the gan arm's trainer path is test_training's
     assert set(stray["models"]) == {"default"} | {f"runs/dec-{n}-model.safetensors" for n in arms}
     assert len(stray["models"]["default"]["generated"]["per_image"]) == 8  # the grid's prompts at seed 1
+    for name in arms:  # DEC_UNTIL stops each run at that step, before its max_steps (2)
+        assert (tmp_path / "runs" / f"dec-{name}" / "checkpoints" / "latest").read_text().strip() == "step_0000001"
     contact = json.loads((tmp_path / "runs" / "dec-contact" / "config.json").read_text())
     assert contact["worst_weight"] == 0.3 and contact["data"]["shapes_contact"] == 0.5
     for name in arms:

@@ -471,7 +471,7 @@ spikefree)
 decoders)
   # Issue 11, the stray spots: a latent without spikes leaves them (the spikefree stage), so they are the decoder's
   # own. Decoder-only fine-tunes (vae_decoder.json: the encoder and the latents stay, the U-Net applies unchanged)
-  # side by side for DEC_MINUTES (default 4.5), the arms named in ARMS (default "worst gan sfworst"): "worst" adds the
+  # side by side for DEC_MINUTES (default 4.5; DEC_UNTIL=STEP also stops each at that step), the arms named in ARMS (default "worst gan sfworst"): "worst" adds the
   # error of each image's worst pixels (worst_weight WORST, default 0.1), "worst3" the same at WORST3 (default 0.3),
   # "gan" the PatchGAN discriminator from the first step (disc.weight GAN, default 0.1), "contact" the worst3 arm on a
   # world where CONTACT (default 0.5) of the two-colour scenes have their objects touching, all on the shipped file;
@@ -496,7 +496,8 @@ decoders)
     [ -f "runs/dec-$name/trained" ] && continue
     # shellcheck disable=SC2086
     (estable train vae --config "$here/vae_decoder.json" --run-dir "runs/dec-$name" --no-progress \
-        init_from="${base[$name]}" max_minutes="${DEC_MINUTES:-4.5}" ${over[$name]} ${VAE_EXTRA:-} \
+        ${DEC_UNTIL:+--until "$DEC_UNTIL"} init_from="${base[$name]}" max_minutes="${DEC_MINUTES:-4.5}" \
+        ${over[$name]} ${VAE_EXTRA:-} \
         >"runs/dec-$name.log" 2>&1 && touch "runs/dec-$name/trained") &
     pids+=($!)
   done
