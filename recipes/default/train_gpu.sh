@@ -471,15 +471,16 @@ spikefree)
 decoders)
   # Issue 11, the stray spots: a latent without spikes leaves them (the spikefree stage), so they are the decoder's
   # own. Decoder-only fine-tunes (vae_decoder.json: the encoder and the latents stay, the U-Net applies unchanged)
-  # side by side for DEC_MINUTES (default 4.5; DEC_UNTIL=STEP also stops each at that step), the arms named in ARMS (default "worst gan sfworst"): "worst" adds the
-  # error of each image's worst pixels (worst_weight WORST, default 0.1), "worst3" the same at WORST3 (default 0.3),
-  # "gan" the PatchGAN discriminator from the first step (disc.weight GAN, default 0.1), "contact" the worst3 arm on a
-  # world where CONTACT (default 0.5) of the two-colour scenes have their objects touching, all on the shipped file;
-  # "sfworst" is "worst" on SF's (the spikefree stage's model, default runs/spikefree-model.safetensors; skipped when
-  # it is not there). Each decoder baked into its base, measured on held-out renders against the shipped VAE
-  # (vae_spikes.py: errors near the shipped spikes, crops), drawn (sample_grid.py),
-  # its stray pixels counted beside the shipped file's (stray_pixels.py --grid --renders 32, on DEVICE, default cuda:
-  # OUT/stray.json), then scored (DEC_PARTS, default compositional, then FID 10k; OUT/NAME-score).
+  # side by side for DEC_MINUTES (default 4.5; DEC_UNTIL=STEP also stops each at that step), the arms named in ARMS
+  # (default "worst gan sfworst"): "worst" adds the error of each image's worst pixels (worst_weight WORST, default
+  # 0.1), "worst3" the same at WORST3 (default 0.3), "gan" the PatchGAN discriminator from the first step (disc.weight
+  # GAN, default 0.1), "contact" the worst3 arm on a world where CONTACT (default 0.5) of the two-colour scenes have
+  # their objects touching, all on the shipped file; "sfworst" is "worst" on SF's (the spikefree stage's model,
+  # default runs/spikefree-model.safetensors; skipped when it is not there). Each decoder baked into its base,
+  # measured on held-out renders against the shipped VAE (vae_spikes.py: errors near the shipped spikes, crops), drawn
+  # (sample_grid.py), its stray pixels counted beside the shipped file's (stray_pixels.py --grid --renders 32, on
+  # DEVICE, default cuda: OUT/stray.json), then scored (DEC_PARTS, default compositional, then FID 10k; a blank one
+  # scores nothing; OUT/NAME-score).
   asset=src/estable/assets/default_model.safetensors bench=$here/../../benchmarks sf=${SF:-runs/spikefree-model.safetensors}
   declare -A base=([worst]=$asset [worst3]=$asset [gan]=$asset [contact]=$asset [sfworst]=$sf)
   declare -A over=([worst]="worst_weight=${WORST:-0.1}" [worst3]="worst_weight=${WORST3:-0.3}"
