@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         print(f"epoch {epoch + 1}: loss {total / len(train):.4f}", file=sys.stderr, flush=True)
     model.eval()
 

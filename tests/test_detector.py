@@ -66,15 +66,23 @@ def test_detect_cli(tmp_path, capsys):
 
 @pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason="the shipped detector is not there")
 def test_shipped_detector_tells_the_built_in_model_from_renders():
+    """Eight built-in images against eight held-out renders: the shipped detector ranks a made image above a render
+    in most pairs (ROC AUC; 0.83 with the fourteenth model and its detector, 0.5 for a constant one). Its held-out
+    AUC is about 0.9 (RESULTS.md), so perfect separation of a handful is luck, not a property: the two-against-two
+    check this replaced failed on the fourteenth model (a render at 0.81, a made image at 0.77)."""
     from estable.params import GenerationParams
     from estable.pipeline import load_pipeline
     from estable.training.shapes import ShapesWorld, render
 
     torch.set_num_threads(1)
     pipe = load_pipeline("default", device="cpu")
-    made = pipe.txt2img_each(["a red circle above a blue square", "a large green star"], [90001, 90002],
+    prompts = ["a red circle above a blue square", "a large green star", "two yellow hearts",
+               "a small white cross on a blue background"]
+    made = pipe.txt2img_each([prompts[i % 4] for i in range(8)], [90001 + i for i in range(8)],
                              GenerationParams(steps=25, cfg_scale=pipe.config.default_cfg or 7.0))
     world = ShapesWorld("heldout", 77)  # renders the detector never saw
-    renders = [render(world.scene(i), 256) for i in range(2)]
+    renders = [render(world.scene(i), 256) for i in range(8)]
     model = load_detector(DEFAULT_WEIGHTS)
-    assert min(model.probability(made)) > max(model.probability(renders))
+    p_made, p_renders = model.probability(made), model.probability(renders)
+    auc = sum(float(a > b) + 0.5 * float(a == b) for a in p_made for b in p_renders) / 64
+    assert auc >= 0.75, (auc, p_made, p_renders)

@@ -1,4 +1,4 @@
-"""The shipped built-in model from nothing, on one GPU: its twenty-six stages in order, one `estable` command each.
+"""The shipped built-in model from nothing, on one GPU: its twenty-eight stages in order, one `estable` command each.
 
     python3 recipes/default/reproduce.py [STAGE ...] [--dir runs/repro] [--minutes M] [KEY=VALUE ...]
 
@@ -7,7 +7,8 @@ the shipped model was made"): the VAE and the CLIP pair, twelve U-Net parts each
 decoder fine-tune, and the conversions that put the decoder in (the fifth shipped model), the recommended settings
 on (the sixth) and, after part 8, the prompt completion the shipped file names (the seventh; parts 9 to 12 made the
 eighth to the eleventh, with the same settings); last, the eleventh's decoder fine-tuned again against stray pixels
-(``decoder2``, the twelfth) and once more from there (``decoder3``, the thirteenth, the shipped file). Runs that
+(``decoder2``, the twelfth), once more from there (``decoder3``, the thirteenth) and once more on a world whose
+two-colour scenes touch half the time (``contact``, the fourteenth, the shipped file). Runs that
 stopped by their time budget on the machines they ran on stop at the same step here (``--until``), on the schedule
 they were planned with; runs made on two GPUs train their global batch on one.
 
@@ -99,7 +100,12 @@ STAGES = (
     Stage("twelfth", "convert", start="eleventh", convert=(*SHIPPED_SETTINGS, "--vae", "{decoder2}")),
     # the same again from the twelfth's decoder (its schedule started anew), alone on the card
     Stage("decoder3", "vae", "vae_decoder.json", start="twelfth", overrides=("worst_weight=0.3",), until=3100),
-    Stage("model", "convert", start="twelfth", convert=(*SHIPPED_SETTINGS, "--vae", "{decoder3}")),
+    Stage("thirteenth", "convert", start="twelfth", convert=(*SHIPPED_SETTINGS, "--vae", "{decoder3}")),
+    # the same term from the thirteenth's decoder on a world where half the two-colour scenes have their objects
+    # touching (the colour blends where they meet), alone on the card
+    Stage("contact", "vae", "vae_decoder.json", start="thirteenth",
+          overrides=("worst_weight=0.3", "data.shapes_contact=0.5"), until=3000),
+    Stage("model", "convert", start="thirteenth", convert=(*SHIPPED_SETTINGS, "--vae", "{contact}")),
     # Not shipped (yet): the wide U-Net (56, 112, 168) from nothing on the shipped text encoder and VAE, as run so far
     # (RESULTS.md, "the wide U-Net from nothing" and "the wide U-Net trained on"); run by name, after the chain above
     Stage("wide1", "unet", "unet_wide.json", text_from="model", shipped=False),
@@ -111,7 +117,7 @@ STAGES = (
 )
 BY_NAME = {s.name: s for s in STAGES}
 # decoder-only fine-tunes: their output is the EMA weights a conversion puts in
-DECODERS = ("decoder", "decoder2", "decoder3")
+DECODERS = ("decoder", "decoder2", "decoder3", "contact")
 
 
 class Chain:
