@@ -80,10 +80,11 @@ def test_reproduce_chain_runs_every_stage_in_order(tmp_path):
     commands = [line[2:].split() for line in out.splitlines() if line.startswith("$ ")]
     stages = ["vae", "clip", "part1", "part2", "part3", "part4", "part5", "decoder", "part6", "fifth", "part7", "sixth",
               "part8", "seventh", "part9", "eighth", "part10", "ninth", "part11", "tenth", "part12", "eleventh",
-              "decoder2", "twelfth", "decoder3", "thirteenth", "contact", "model"]
+              "decoder2", "twelfth", "decoder3", "thirteenth", "contact", "fourteenth", "contact2", "contact2_model",
+              "contact3", "model"]
     training = {c[c.index("--run-dir") + 1].split("/")[-1]: c for c in commands if "--run-dir" in c}
     conversions = ("fifth", "sixth", "seventh", "eighth", "ninth", "tenth", "eleventh", "twelfth", "thirteenth",
-                   "model")
+                   "fourteenth", "contact2_model", "model")
     assert list(training) == [s for s in stages if s not in conversions]
     part3, part7 = training["part3"], training["part7"]
     assert f"init_from={tmp_path / 'part2.safetensors'}" in part3 and "text.train=true" in part3
@@ -126,12 +127,13 @@ def test_reproduce_chain_runs_every_stage_in_order(tmp_path):
     assert torch.allclose(fifth[key], decoder[key].float(), atol=1e-3)  # fp16 in the file
     assert load_model(tmp_path / "fifth.safetensors").config.default_cfg == 5
     # the eleventh's decoder with the worst-pixel term put into the twelfth, the twelfth's once more into the
-    # thirteenth, the thirteenth's on touching objects into the last file
+    # thirteenth, the thirteenth's on touching objects into the fourteenth, and twice more from there
     for name, base, made in (("decoder2", "eleventh", "twelfth"), ("decoder3", "twelfth", "thirteenth"),
-                             ("contact", "thirteenth", "model")):
+                             ("contact", "thirteenth", "fourteenth"), ("contact2", "fourteenth", "contact2_model"),
+                             ("contact3", "contact2_model", "model")):
         run, base_file, made_file = training[name], tmp_path / f"{base}.safetensors", tmp_path / f"{made}.safetensors"
         assert f"init_from={base_file}" in run and "worst_weight=0.3" in run
-        assert ("data.shapes_contact=0.5" in run) == (name == "contact")
+        assert ("data.shapes_contact=0.5" in run) == name.startswith("contact")
         assert run[run.index("--until") + 1] == "2"  # min(3,000 or 3,100, the dry run's max_steps)
         ours, theirs = read_safetensors(made_file)[0], read_safetensors(base_file)[0]
         conversion = next(c for c in commands if c[1] == "convert" and c[3] == str(made_file))

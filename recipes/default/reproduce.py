@@ -1,4 +1,4 @@
-"""The shipped built-in model from nothing, on one GPU: its twenty-eight stages in order, one `estable` command each.
+"""The shipped built-in model from nothing, on one GPU: its thirty-two stages in order, one `estable` command each.
 
     python3 recipes/default/reproduce.py [STAGE ...] [--dir runs/repro] [--minutes M] [KEY=VALUE ...]
 
@@ -7,8 +7,9 @@ the shipped model was made"): the VAE and the CLIP pair, twelve U-Net parts each
 decoder fine-tune, and the conversions that put the decoder in (the fifth shipped model), the recommended settings
 on (the sixth) and, after part 8, the prompt completion the shipped file names (the seventh; parts 9 to 12 made the
 eighth to the eleventh, with the same settings); last, the eleventh's decoder fine-tuned again against stray pixels
-(``decoder2``, the twelfth), once more from there (``decoder3``, the thirteenth) and once more on a world whose
-two-colour scenes touch half the time (``contact``, the fourteenth, the shipped file). Runs that
+(``decoder2``, the twelfth), once more from there (``decoder3``, the thirteenth), then three times on a world whose
+two-colour scenes touch half the time (``contact``, the fourteenth; ``contact2``, not shipped; ``contact3``, the
+fifteenth, the shipped file). Runs that
 stopped by their time budget on the machines they ran on stop at the same step here (``--until``), on the schedule
 they were planned with; runs made on two GPUs train their global batch on one.
 
@@ -105,7 +106,15 @@ STAGES = (
     # touching (the colour blends where they meet), alone on the card
     Stage("contact", "vae", "vae_decoder.json", start="thirteenth",
           overrides=("worst_weight=0.3", "data.shapes_contact=0.5"), until=3000),
-    Stage("model", "convert", start="thirteenth", convert=(*SHIPPED_SETTINGS, "--vae", "{contact}")),
+    Stage("fourteenth", "convert", start="thirteenth", convert=(*SHIPPED_SETTINGS, "--vae", "{contact}")),
+    # twice more from there, each from the last one's decoder (the schedule started anew); the second file was not
+    # shipped (its demo median rose) but its decoder is where the third started
+    Stage("contact2", "vae", "vae_decoder.json", start="fourteenth",
+          overrides=("worst_weight=0.3", "data.shapes_contact=0.5"), until=3000),
+    Stage("contact2_model", "convert", start="fourteenth", convert=(*SHIPPED_SETTINGS, "--vae", "{contact2}")),
+    Stage("contact3", "vae", "vae_decoder.json", start="contact2_model",
+          overrides=("worst_weight=0.3", "data.shapes_contact=0.5"), until=3000),
+    Stage("model", "convert", start="contact2_model", convert=(*SHIPPED_SETTINGS, "--vae", "{contact3}")),
     # Not shipped (yet): the wide U-Net (56, 112, 168) from nothing on the shipped text encoder and VAE, as run so far
     # (RESULTS.md, "the wide U-Net from nothing" and "the wide U-Net trained on"); run by name, after the chain above
     Stage("wide1", "unet", "unet_wide.json", text_from="model", shipped=False),
@@ -117,7 +126,7 @@ STAGES = (
 )
 BY_NAME = {s.name: s for s in STAGES}
 # decoder-only fine-tunes: their output is the EMA weights a conversion puts in
-DECODERS = ("decoder", "decoder2", "decoder3", "contact")
+DECODERS = ("decoder", "decoder2", "decoder3", "contact", "contact2", "contact3")
 
 
 class Chain:
