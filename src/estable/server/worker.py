@@ -506,10 +506,10 @@ class Worker:
         try:
             self.store.update_job(job.id, state=state, error=error, finished=job.finished, step=job.step,
                                   steps=job.steps, params=self._params_view(job), model=job.model_name or job.model)
+            if self.settings.keep_jobs:  # the oldest finished jobs beyond --keep-jobs go, with their images,
+                self.store.prune(self.settings.keep_jobs)  # before anyone waiting on this job is woken
         finally:
             with self._cond:
                 self.jobs.pop(job.id, None)
                 self._cond.notify_all()
             job._set_done()
-        if self.settings.keep_jobs:  # the oldest finished jobs beyond --keep-jobs go, with their images
-            self.store.prune(self.settings.keep_jobs)
