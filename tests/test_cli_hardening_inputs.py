@@ -174,6 +174,14 @@ def test_ti_token_must_be_a_plain_name(tmp_path, capsys, token):
     ("unet", "max_minutes=-1", "max_minutes"),
     ("unet", "max_minutes=NaN", "max_minutes"),
     ("clip", "model.image.norm_groups=0", "norm_groups"),
+    ("unet", "optim.lr=Infinity", "optim.lr must be a positive finite number"),  # JSON's Infinity passed > 0
+    ("unet", "optim.lr=1e999", "optim.lr must be a positive finite number"),
+    ("unet", "offset_noise=Infinity", "offset_noise"),
+    ("vae", "disc.weight=Infinity", "disc.weight"),
+    ("lora", "lora.alpha=Infinity", "lora.alpha"),
+    ("unet", "data.shapes_relation_axis_ratio=Infinity", "shapes_relation_axis_ratio"),  # no layout met it
+    ("unet", 'sample.prompts="a red circle"', "sample.prompts must be a list"),  # was one prompt per character
+    ("unet", "sample.prompts=[5]", "sample.prompts must be a list"),
 ])
 def test_training_config_rejects(kind, override, needle):
     from estable.training.config import load_config
@@ -297,6 +305,17 @@ def test_a_folder_given_for_a_file_is_named_a_folder(run, tmp_path):
         assert status == 2 and words in err, (argv, err)
     status, _, err = run("verify", "--steps", "100000", folder)
     assert status == 2 and "--steps must be from 2 to 1000" in err
+    status, _, err = run("verify", folder)
+    assert status == 2 and "is a folder, not an image" in err
+    status, _, err = run("generate", "x", "--lora", folder, "--out", tmp_path / "o.png")
+    assert status == 2 and "is a folder, not a LoRA file" in err
+
+
+def test_a_training_config_that_is_not_text(run, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_bytes(b"\xff\xfe{}")
+    status, _, err = run("train", "unet", "--config", config, "--print-config")
+    assert status == 2 and f"{config}: not a JSON text file (not UTF-8)" in err
 
 
 def test_resize_note_says_what_happened():

@@ -184,12 +184,22 @@ def test_eval_refuses_an_unknown_device(tmp_path, capsys, no_model, argv):
     (["train-judge", "--minutes", "0", "--steps", "2", "--workers", "0"], "--minutes must be a positive number"),
     (["train-judge", "--minutes", "-1", "--steps", "2", "--workers", "0"], "--minutes must be a positive number"),
     (["train-judge", "--minutes", "nan", "--steps", "2", "--workers", "0"], "--minutes must be a positive number"),
+    (["fid", "--fake", "model:", "--real", "shapes:4", "--count", "2"], "'model:' names no model"),
 ])
 def test_eval_refuses_bad_numbers(tmp_path, capsys, no_model, argv, words):
     extra = ["--out", tmp_path / "j.safetensors"] if argv[0] == "train-judge" else []
     code, err = _run(capsys, "eval", *argv, *extra)
     assert code == 2 and words in err
     assert not (tmp_path / "j.safetensors").exists()
+
+
+@pytest.mark.parametrize("count", ["-1", "0", "1"])
+def test_fid_refuses_a_count_below_two_for_folders(tmp_path, capsys, no_model, count):
+    for k in range(3):  # --count -1 took files[:-1]: two of the three images, silently
+        Image.new("RGB", (16, 16), (k * 80, 0, 0)).save(tmp_path / f"{k}.png")
+    code, err = _run(capsys, "eval", "fid", "--real", tmp_path, "--fake", tmp_path, "--count", count, "--no-floor",
+                     "--device", "cpu")
+    assert code == 2 and f"--count must be at least 2 (FID needs 2 images per set), not {count}" in err
 
 
 def test_train_judge_refuses_a_zero_time_limit():
@@ -273,6 +283,15 @@ def test_serve_refuses_infinite_limits(flag):
     for value in ("inf", "nan"):
         with pytest.raises(EstableError, match="positive"):
             settings_from_args(build_parser().parse_args(["serve", flag, value]))
+
+
+def test_serve_refuses_an_api_key_file_that_is_not_text(tmp_path):
+    from estable.cli_serve import settings_from_args
+
+    key = tmp_path / "key.png"
+    key.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(EstableError, match="is not a text file"):
+        settings_from_args(build_parser().parse_args(["serve", "--api-key-file", str(key)]))
 
 
 def test_serve_accepts_zero_grace_and_preview_interval():

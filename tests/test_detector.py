@@ -53,6 +53,26 @@ def test_save_load_round_trip(tmp_path):
         load_detector(tmp_path / "missing.safetensors")
 
 
+@pytest.mark.parametrize("config, words", [
+    (None, "no 'config' entry"), ("{bad", "Expecting property name"), ('{"width": 4}', "no 'channels' entry"),
+    ('{"channels": [4, 16]}', "size mismatch"),  # the weights are of channels (4, 8)
+])
+def test_a_detector_file_with_damaged_metadata_is_a_one_line_error(tmp_path, capsys, config, words):
+    from estable.checkpoints.io import write_safetensors
+
+    meta = {"format": "estable-residual-detector/1"} | ({} if config is None else {"config": config})
+    path = tmp_path / "d.safetensors"
+    write_safetensors(path, ResidualDetector(DetectorConfig(channels=(4, 8))).state_dict(), meta)
+    with pytest.raises(EstableError, match="the detector's config or weights are invalid") as info:
+        load_detector(path)
+    assert words in str(info.value) and "\n" not in str(info.value)
+    image = tmp_path / "x.png"
+    _noise(1, 64).save(image)
+    capsys.readouterr()
+    assert main(["detect", str(image), "--weights", str(path)]) == 2
+    assert capsys.readouterr().err.startswith("estable: error:")
+
+
 def test_detect_cli(tmp_path, capsys):
     torch.manual_seed(0)
     weights = save_detector(ResidualDetector(), tmp_path / "d.safetensors")

@@ -285,6 +285,28 @@ def test_inception_needs_a_weight_file(tmp_path) -> None:
         load_fid_inception(wrong)
 
 
+class _Touch:  # a pickle that would run code when loaded unsafely
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_an_inception_file_holding_code_is_refused_on_one_line(tmp_path) -> None:
+    from estable.errors import CheckpointError
+    from estable.evaluation.inception import load_fid_inception
+
+    evil, marker = tmp_path / "pt_inception.pth", tmp_path / "pwned"
+    torch.save({"w": _Touch(marker)}, evil)
+    with pytest.raises(CheckpointError, match="could not be loaded safely") as info:
+        load_fid_inception(evil)
+    assert "\n" not in str(info.value) and "weights_only` set to `False`" not in str(info.value)
+    assert not marker.exists()
+
+
 def test_cli_fid_on_real_renders(tmp_path, capsys) -> None:
     import argparse
     import json

@@ -175,6 +175,25 @@ def test_load_errors(tmp_path, monkeypatch) -> None:
         load_default_judge()
 
 
+@pytest.mark.parametrize("meta, words", [
+    ({"format_version": "abc"}, "format version 'abc' is not a number"),
+    ({"config": None}, "has no 'config' entry"),
+    ({"config": "{not json"}, "the judge config in the metadata is invalid"),
+    ({"config": "[1, 2]"}, "the judge config in the metadata is invalid"),
+    ({"config": '{"image_size": 64}'}, "invalid (no 'widths' field)"),
+    ({"config": JudgeConfig(64, (8, 16, 16, 24)).to_json()}, "judge weights do not match its config"),  # shapes
+])
+def test_a_judge_file_with_damaged_metadata_is_a_checkpoint_error(tmp_path, meta, words) -> None:
+    from estable.checkpoints.io import write_safetensors
+
+    full = {"format": "estable-judge", "format_version": "1", "config": TINY.to_json(), **meta}
+    path = tmp_path / "judge.safetensors"
+    write_safetensors(path, Judge(TINY).state_dict(), {k: v for k, v in full.items() if v is not None})
+    with pytest.raises(CheckpointError) as info:
+        load_judge(path)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
 def test_judge_features_shape() -> None:
     judge = Judge(TINY)
     feats = JudgeFeatures(judge)(torch.rand(3, 3, 128, 128))

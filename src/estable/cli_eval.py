@@ -316,6 +316,8 @@ def _image_set(spec: str, args: argparse.Namespace, seed: int, n_default: int | 
         n = args.count or n_default
         if not n or n < 2:
             raise EstableError("with --fake model:SRC pass --count N (or a shapes:N reference)")
+        if not spec.split(":", 1)[1]:
+            raise EstableError(f"{spec!r} names no model: give model:SRC, e.g. model:default or model:FILE")
         model_args = argparse.Namespace(**{**vars(args), "model": spec.split(":", 1)[1]})
         generate = model_generator(model_args)
         args.prompt_completion = model_args.prompt_completion  # for the report
@@ -339,6 +341,8 @@ def _cmd_fid(args: argparse.Namespace) -> int:
     from .pipeline import resolve_device
 
     check_args(args)
+    if args.count is not None and args.count < 2:  # files[:count] would silently drop files for a negative count
+        raise EstableError(f"--count must be at least 2 (FID needs 2 images per set), not {args.count}")
 
     device = resolve_device(args.device)
     if args.features == "inception":

@@ -96,9 +96,12 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
 def _api_key(args: argparse.Namespace) -> str | None:
     if args.api_key_file is not None:
         try:
-            lines = args.api_key_file.read_text().splitlines()
+            lines = args.api_key_file.read_text(encoding="utf-8").splitlines()
         except OSError as exc:
             raise EstableError(f"cannot read --api-key-file {args.api_key_file}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise EstableError(f"--api-key-file {args.api_key_file} is not a text file (not UTF-8); its first line "
+                               "should be the key") from None
         key = lines[0].strip() if lines else ""
         if not key:
             raise EstableError(f"--api-key-file {args.api_key_file} is empty")

@@ -187,7 +187,8 @@ def parse_lora_arg(text: str) -> LoRASpec:
         path = text
     p = Path(path).expanduser()
     if not p.is_file():
-        raise EstableError(f"--lora {text}: no such file {p}")
+        raise EstableError(f"--lora {text}: {p} is a folder, not a LoRA file" if p.is_dir() else
+                           f"--lora {text}: no such file {p}")
     if p.suffix.lower() != ".safetensors":
         raise EstableError(f"--lora {text}: LoRAs are read from .safetensors files only (pickles can run code)")
     return LoRASpec(path=p, te=w, unet=w, source="flag")

@@ -212,10 +212,11 @@ def load_fid_inception(path: str | Path | None, device: str | torch.device = "cp
     path = Path(path)
     if not path.is_file():
         raise EstableError(f"no Inception weight file at {path}; pass --inception-weights FILE ({FID_WEIGHTS_NAME})")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a pickle that is not a plain tensor dict, or a corrupt file
-        raise CheckpointError(f"{path} could not be read as a PyTorch state dict: {exc}") from exc
+    from ..checkpoints.io import load_pickle_object
+
+    # Naming the file is the opt-in; the safe loader refuses code in it, with a one-line reason (torch's own
+    # message runs over several lines and advises loading the file unsafely).
+    state = load_pickle_object(path, allow_pickle=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -570,7 +570,7 @@ def save_judge(judge: Judge, path: str | Path, extra: dict[str, Any] | None = No
 
 def load_judge(path: str | Path, device: str | torch.device = "cpu") -> Judge:
     """Load a judge written by ``save_judge`` (strict: every key must match)."""
-    from ..checkpoints.io import read_safetensors
+    from ..checkpoints.io import json_error, read_safetensors
 
     path = Path(path)
     if not path.is_file():
@@ -578,10 +578,23 @@ def load_judge(path: str | Path, device: str | torch.device = "cpu") -> Judge:
     tensors, meta = read_safetensors(path)
     if meta.get("format") != JUDGE_FORMAT:
         raise CheckpointError(f"{path} is not an Estable judge file (metadata format {meta.get('format')!r})")
-    if int(meta.get("format_version", "0")) > JUDGE_FORMAT_VERSION:
-        raise CheckpointError(f"{path} has judge format version {meta['format_version']}; upgrade Estable")
-    judge = Judge(JudgeConfig.from_json(meta["config"]))
-    missing, unexpected = judge.load_state_dict(tensors, strict=False)
+    version = meta.get("format_version", "0")
+    if not version.isdigit():
+        raise CheckpointError(f"{path}: the judge format version {version!r} is not a number")
+    if int(version) > JUDGE_FORMAT_VERSION:
+        raise CheckpointError(f"{path} has judge format version {version}; upgrade Estable")
+    if "config" not in meta:
+        raise CheckpointError(f"{path}: the judge metadata has no 'config' entry")
+    try:
+        judge = Judge(JudgeConfig.from_json(meta["config"]))
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
+        why = f"no {exc} field" if isinstance(exc, KeyError) else json_error(exc)
+        raise CheckpointError(f"{path}: the judge config in the metadata is invalid ({why})") from None
+    try:
+        missing, unexpected = judge.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:  # tensors of other shapes than the config's network (torch's message: many lines)
+        why = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"{path}: judge weights do not match its config ({why})") from None
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: judge weights do not match (missing {missing[:5]}, unexpected {unexpected[:5]})"

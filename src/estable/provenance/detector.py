@@ -114,7 +114,10 @@ def load_detector(path: str | Path) -> ResidualDetector:
         raise EstableError(f"{p} is not a readable safetensors file: {exc}") from None
     if meta.get("format") != FORMAT:
         raise EstableError(f"{p} is not an Estable residual detector (format {meta.get('format')!r})")
-    cfg = json.loads(meta["config"])
-    model = ResidualDetector(DetectorConfig(channels=tuple(cfg["channels"])))
-    model.load_state_dict(tensors, strict=True)
+    try:
+        model = ResidualDetector(DetectorConfig(channels=tuple(json.loads(meta["config"])["channels"])))
+        model.load_state_dict(tensors, strict=True)
+    except (KeyError, TypeError, ValueError, RecursionError, RuntimeError) as exc:  # a damaged or crafted file
+        why = f"no {exc} entry" if isinstance(exc, KeyError) else " ".join(str(exc).split())[:200]
+        raise EstableError(f"{p}: the detector's config or weights are invalid ({why})") from None
     return model.eval()

@@ -29,7 +29,7 @@ def open_image(path: str | Path) -> tuple[Image.Image, dict[str, Any] | None]:
     """The image (RGB) and its Estable record (None when the file has none, e.g. a JPEG)."""
     p = Path(path)
     if not p.is_file():
-        raise EstableError(f"no such file: {p}")
+        raise EstableError(f"{p} is a folder, not an image" if p.is_dir() else f"no such file: {p}")
     try:
         with Image.open(p) as im:
             fmt = im.format

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from typing import Any, TypeVar
 
@@ -86,9 +87,11 @@ class _Plain:
 
 
 def _positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (value >= 0 if allow_zero else value > 0))  # JSON's Infinity (or 1e999) is no learning rate
     if not ok:
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} finite number, got "
+                         f"{value!r}")
 
 
 def _positive_int(name: str, value: Any, *, allow_zero: bool = False) -> None:

@@ -157,6 +157,10 @@ def load_config(kind: str, base: str | Path | dict[str, Any] | None = None,
                 data = json.loads(path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as exc:
                 raise EstableError(f"{path}: not valid JSON ({exc})") from None
+            except UnicodeDecodeError:
+                raise EstableError(f"{path}: not a JSON text file (not UTF-8)") from None
+            except OSError as exc:
+                raise EstableError(f"cannot read the config {path}: {exc.strerror or exc}") from None
             cfg = cls.from_dict(data)
         if overrides:
             cfg = cls.from_dict(apply_overrides(cfg.to_dict(), overrides))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -86,9 +87,9 @@ class DataConfig(_Plain):
             raise ValueError(f"data.shapes_grey_named must be between 0 and 1, not {self.shapes_grey_named!r}")
         if not isinstance(self.shapes_contact, (int, float)) or not 0 <= self.shapes_contact <= 1:
             raise ValueError(f"data.shapes_contact must be between 0 and 1, not {self.shapes_contact!r}")
-        if not isinstance(self.shapes_relation_axis_ratio, (int, float)) or not self.shapes_relation_axis_ratio >= 1:
-            raise ValueError("data.shapes_relation_axis_ratio must be a number of at least 1, not "
-                             f"{self.shapes_relation_axis_ratio!r}")
+        ratio = self.shapes_relation_axis_ratio
+        if not isinstance(ratio, (int, float)) or not 1 <= ratio < math.inf:  # no pair layout meets an infinite one
+            raise ValueError(f"data.shapes_relation_axis_ratio must be a finite number of at least 1, not {ratio!r}")
         if not isinstance(self.source, str) or not self.source:
             raise ValueError("data.source must be 'shapes', a folder path or a tar-shard pattern")
         from estable.training.shapes import BACKGROUND_KINDS, PROMPT_KINDS

@@ -93,6 +93,8 @@ class SampleConfig(_Plain):
 
     def __post_init__(self) -> None:  # the sampler's name is checked by check_sampler (it needs torch)
         _positive_int("sample.steps", self.steps)
+        if not isinstance(self.prompts, (tuple, list)) or not all(isinstance(q, str) for q in self.prompts):
+            raise ValueError(f"sample.prompts must be a list of prompts, e.g. [\"a red circle\"], not {self.prompts!r}")
         if not self.prompts:
             raise ValueError("sample.prompts needs at least one prompt")
         if isinstance(self.cfg_scale, bool) or not isinstance(self.cfg_scale, (int, float)) \
