@@ -185,6 +185,8 @@ def test_eval_refuses_an_unknown_device(tmp_path, capsys, no_model, argv):
     (["train-judge", "--minutes", "-1", "--steps", "2", "--workers", "0"], "--minutes must be a positive number"),
     (["train-judge", "--minutes", "nan", "--steps", "2", "--workers", "0"], "--minutes must be a positive number"),
     (["fid", "--fake", "model:", "--real", "shapes:4", "--count", "2"], "'model:' names no model"),
+    (["fid", "--fake", "shapes:4", "--real", "shapes:4", "--inception-weights", "w.pth"],  # was silently unused
+     "--inception-weights is read with --features inception"),
 ])
 def test_eval_refuses_bad_numbers(tmp_path, capsys, no_model, argv, words):
     extra = ["--out", tmp_path / "j.safetensors"] if argv[0] == "train-judge" else []

@@ -108,3 +108,6 @@ def test_cli_refused_image_not_written(clip_file, tmp_path, capsys):
     assert files == [f"00000-{21 + 1 - hi}.png"]  # only the allowed image, nothing half-written
     assert main(["generate", "x", "--output-check", str(concepts)]) == 2
     assert "needs --output-clip" in capsys.readouterr().err
+    assert main(["generate", "x", "--output-threshold", "20", "--out", str(tmp_path / "x.png")]) == 2  # no check on
+    assert "--output-threshold is used by --output-check FILE, which is missing" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

@@ -343,6 +343,9 @@ def _cmd_fid(args: argparse.Namespace) -> int:
     check_args(args)
     if args.count is not None and args.count < 2:  # files[:count] would silently drop files for a negative count
         raise EstableError(f"--count must be at least 2 (FID needs 2 images per set), not {args.count}")
+    if args.inception_weights is not None and args.features != "inception":
+        raise EstableError("--inception-weights is read with --features inception (the default features are the "
+                           "judge's)")
 
     device = resolve_device(args.device)
     if args.features == "inception":

@@ -38,7 +38,7 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
                    "score ≥ --output-threshold; refused images are not written (needs --output-clip)")
     g.add_argument("--output-clip", metavar="CLIP",
                    help="the CLIP pair for --output-check (an Estable clip.safetensors or `estable train clip` run)")
-    g.add_argument("--output-threshold", type=float, default=30.0, metavar="F",
+    g.add_argument("--output-threshold", type=float, default=None, metavar="F",
                    help="CLIP score (100·cos) at which --output-check refuses an image (default 30)")
 
 
@@ -77,7 +77,7 @@ class GenerationProvenance:
             watermark=args.watermark, watermark_key=args.watermark_key, tree_ring=bool(tree_ring),
             sign_key=args.sign_key, blocklists=getattr(args, "blocklist", None) or (),
             output_check=getattr(args, "output_check", None), output_clip=getattr(args, "output_clip", None),
-            output_threshold=getattr(args, "output_threshold", 30.0))
+            output_threshold=getattr(args, "output_threshold", None))
         policy.check_prompt(prompt)
         return cls(policy)
 

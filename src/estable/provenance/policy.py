@@ -45,10 +45,11 @@ class ProvenancePolicy:
     def configure(cls, *, watermark: bool = True, watermark_key: str | None = None, tree_ring: bool = False,
                   sign_key: str | os.PathLike | None = None, blocklists: Sequence[str | os.PathLike] = (),
                   output_check: str | os.PathLike | None = None, output_clip: str | os.PathLike | None = None,
-                  output_threshold: float = 30.0) -> ProvenancePolicy:
+                  output_threshold: float | None = None) -> ProvenancePolicy:
         """The policy of these options (the CLI's flags of the same names), every file read and checked now.
 
-        ``watermark_key`` None takes ``$ESTABLE_WATERMARK_KEY``; ``sign_key`` None takes ``$ESTABLE_SIGN_KEY``."""
+        ``watermark_key`` None takes ``$ESTABLE_WATERMARK_KEY``; ``sign_key`` None takes ``$ESTABLE_SIGN_KEY``;
+        ``output_threshold`` None is the output check's default, 30."""
         from .records import SIGN_KEY_ENV, load_private_key
         from .watermark import WatermarkSettings
 
@@ -63,9 +64,10 @@ class ProvenancePolicy:
             if not output_clip:
                 raise EstableError("--output-check needs --output-clip CLIP (a CLIP pair file; the built-in model "
                                    "ships only its text tower)")
-            check = OutputCheck.load(output_clip, output_check, output_threshold)
-        elif output_clip:
-            raise EstableError("--output-clip is used by --output-check FILE, which is missing")
+            check = OutputCheck.load(output_clip, output_check, 30.0 if output_threshold is None else output_threshold)
+        elif output_clip or output_threshold is not None:  # a threshold alone would look like a check that is on
+            flag = "--output-clip" if output_clip else "--output-threshold"
+            raise EstableError(f"{flag} is used by --output-check FILE, which is missing")
         return cls(settings, load_private_key(key_path) if key_path else None, check, lists)
 
     def check_prompt(self, prompt: str) -> None:

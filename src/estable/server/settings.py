@@ -84,7 +84,7 @@ class ServerSettings:
     blocklists: tuple[Path, ...] = ()
     output_check: Path | None = None
     output_clip: Path | None = None
-    output_threshold: float = 30.0
+    output_threshold: float | None = None  # None: the output check's default, 30
     # models from the wild: folders searched by name (server.extras)
     lora_dir: Path | None = None
     embeddings_dir: Path | None = None
