@@ -126,6 +126,25 @@ def test_parse_a1111_modern_example():
     assert (r["width"], r["height"]) == (512, 768)
 
 
+def test_pairs_are_findall_in_linear_time():
+    import random
+    import time
+
+    from estable.provenance.infotext import _PAIR, _pairs
+
+    rng = random.Random(0)
+    for _ in range(20_000):  # the same pairs as the pattern's findall, on lines of the characters that matter
+        line = "".join(rng.choice('ab1 :,\t-/"\\x') for _ in range(rng.randrange(0, 24)))
+        assert _pairs(line) == _PAIR.findall(line), line
+    assert _pairs('Steps: 2, Sampler: Euler a, Lora hashes: "a: 1, b: 2"') == [
+        ("Steps", "2"), ("Sampler", "Euler a"), ("Lora hashes", '"a: 1, b: 2"')]
+    for line in ("a" * 40_000, "Steps: 2, Sampler: Euler, " + "\t" * 40_000 + "x", " " * 40_000 + ",",
+                 "a-" * 20_000):  # runs with no ':' after them: findall takes seconds on each
+        start = time.perf_counter()
+        r = parse_infotext(f"a prompt\n{line}, Steps: 2, Seed: 1, Size: 8x8")
+        assert time.perf_counter() - start < 0.5 and r["params"]["Size"] == "8x8"
+
+
 def test_parse_without_parameters_line():
     # fewer than three pairs: the last line is prompt text (A1111's rule)
     r = parse_infotext("a cat\nSteps: 20, Seed: 3")

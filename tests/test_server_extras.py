@@ -319,6 +319,7 @@ def test_controlnet_extension_api_matches_library(server, world):
 @pytest.mark.parametrize("change, field", [
     ({"model": "nope"}, "args.0.model"), ({"model": "../cn/cn_edges"}, "args.0.model"),
     ({"module": "depth_midas"}, "args.0.module"), ({"control_mode": 1}, "args.0.control_mode"),
+    ({"control_mode": [2]}, "args.0.control_mode"),  # not a name nor a number (was a TypeError, a 500)
     ({"weight": 20}, "args.0"), ({"image": None}, "args.0.image"), ({"threshold_a": float("inf")}, "args.0"),
     ({"threshold_a": 250, "threshold_b": 100}, "args.0"),
 ])

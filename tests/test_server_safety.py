@@ -4,6 +4,7 @@ escape the models folder, and a JSON log line per request that never holds the k
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import struct
@@ -11,7 +12,7 @@ import time
 import zlib
 
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from estable.cli import main
 from estable.errors import EstableError
@@ -202,6 +203,49 @@ def test_images_bombs_urls_and_garbage(open_server):
     assert r.status_code == 400
 
 
+def test_a_phone_jpeg_with_more_frames_is_read_and_a_gif_is_not():
+    import base64
+
+    from estable.server.inputs import BadRequest, decode_image
+
+    def b64(image, fmt, **kw):
+        buf = io.BytesIO()
+        image.save(buf, format=fmt, **kw)
+        return base64.b64encode(buf.getvalue()).decode()
+
+    red = Image.new("RGB", (16, 8), (255, 0, 0))
+    mpo = b64(red, "MPO", save_all=True, append_images=[Image.new("RGB", (16, 8))])  # as phone cameras write JPEGs
+    im = decode_image(mpo, "init_images", Limits())
+    assert im.size == (16, 8) and im.getpixel((3, 3))[0] > 240  # the first frame
+    with pytest.raises(BadRequest, match="init_images is a GIF image; send PNG, JPEG or WebP"):
+        decode_image(b64(red, "GIF"), "init_images", Limits())
+
+
+def test_png_info_text_bombs_are_refused_and_long_lines_read_quickly(open_server):
+    """A PNG of a few hundred bytes may hold megabytes of compressed text; a parameters line of letters without
+    punctuation took the infotext parser time quadratic in its length, holding the GIL."""
+    import base64
+
+    def png_info(**texts):
+        info = PngImagePlugin.PngInfo()
+        for key, text in texts.items():
+            info.add_text(key, text, zip=True)
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, format="PNG", pnginfo=info)
+        assert len(buf.getvalue()) < 10_000
+        return open_server.client.post("/sdapi/v1/png-info", json={"image": base64.b64encode(buf.getvalue()).decode()})
+
+    start = time.perf_counter()
+    r = png_info(parameters="a" * 30_000)  # 4 s of parsing once, every other request waiting
+    assert r.status_code == 200 and time.perf_counter() - start < 2, r.text[:300]
+    r = png_info(one="b" * 1_000_000, two="c" * 1_000_000)
+    assert r.status_code == 400 and "2000006 characters of text" in r.json()["detail"], r.text[:300]
+    prompt = ", ".join(f"word{k} in a long prompt" for k in range(150))  # 3,500 characters
+    r = png_info(parameters=f"{prompt}\nNegative prompt: {prompt}\nSteps: 20, Sampler: Euler a, CFG scale: 7, "
+                            f'Seed: 1, Size: 512x512, Hires prompt: "{prompt}", Version: v1.10.1')
+    assert r.status_code == 200 and r.json()["parameters"]["Hires prompt"] == prompt, r.text[:300]
+
+
 @pytest.mark.parametrize("route, body, field", [
     ("/sdapi/v1/txt2img", {"width": 1024}, "width"),
     ("/sdapi/v1/txt2img", {"height": 4}, "height"),
@@ -227,6 +271,40 @@ def test_bounds_are_422_naming_the_field(open_server, route, body, field):
     r = open_server.client.post(route, json={"prompt": "x", **body})
     assert r.status_code == 422, (body, r.text)
     assert isinstance(r.json()["detail"], str) and field in r.json()["detail"], r.json()
+
+
+def test_malformed_json_is_a_422_on_the_body(open_server):
+    r = open_server.client.post("/v1/jobs", content=b'{"prompt": "x",', headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"].startswith("body: not valid JSON: "), r.text
+    assert "at character 16" in r.json()["detail"]  # not "15: JSON decode error", a field named 15
+
+
+def test_text_that_is_not_utf8_and_deep_nesting_are_422_not_a_500_later(open_server):
+    """JSON's "\\ud800" is a lone surrogate in Python: pydantic took it, and the response that echoes it (A1111's
+    parameters, the job, GET /sdapi/v1/options) could not be written; so a 500 after the job was queued, and one
+    on every later GET /v1/jobs or GET /sdapi/v1/options. Nesting past what a response can echo likewise."""
+    c = open_server.client
+    before = c.get("/v1/jobs").json()["total"]
+
+    def post(route, raw):
+        return c.post(route, content=raw.encode(), headers={"Content-Type": "application/json"})
+
+    deep = "[" * 100 + "]" * 100
+    for route, raw, field in (
+            ("/v1/jobs", '{"prompt": "a \\ud800", "steps": 1}', "prompt"),
+            ("/sdapi/v1/txt2img", '{"prompt": "x", "negative_prompt": "\\udfff", "steps": 1}', "negative_prompt"),
+            ("/sdapi/v1/txt2img", '{"prompt": "x", "styles": ["\\ud800"], "steps": 1}', "styles.0"),
+            ("/sdapi/v1/txt2img", f'{{"prompt": "x", "script_args": {deep}, "steps": 1}}', "script_args: "),
+            ("/sdapi/v1/options", '{"an_option": "\\ud800"}', "an_option"),
+            ("/sdapi/v1/options", '{"\\ud800": 1}', "body"),
+            ("/sdapi/v1/options", f'{{"deep": {deep}}}', "deep: ")):
+        r = post(route, raw)
+        assert r.status_code == 422 and r.json()["detail"].startswith(f"{field}"), (route, raw[:60], r.text[:200])
+        assert "lone surrogate U+D" in r.json()["detail"] or "nested more than 64" in r.json()["detail"]
+    assert c.get("/v1/jobs").json()["total"] == before  # nothing was queued
+    assert c.get("/sdapi/v1/options").status_code == 200
+    r = post("/sdapi/v1/options", '{"an_option": "caf\\u00e9 \\ud83d\\udc31", "nested": [[1]]}')  # a whole pair
+    assert r.status_code == 200 and c.get("/sdapi/v1/options").json()["an_option"] == "café \U0001f431"
 
 
 def test_input_image_size_is_bounded_when_it_sets_the_size(open_server):
@@ -525,5 +603,25 @@ def test_keep_jobs_prunes_the_oldest_finished_jobs_and_their_files(model, tmp_pa
         jobs = s.client.get("/v1/jobs").json()
         assert jobs["total"] == 2 and [j["params"]["seed"] for j in jobs["jobs"]] == [3, 2]
         assert len(list((tmp_path / "images").glob("*.png"))) == 2  # the pruned jobs' images are gone too
+    finally:
+        s.stop()
+
+
+def test_keep_jobs_spares_a_job_whose_request_has_not_read_its_images(model, tmp_path):
+    """A synchronous A1111 call reads its job's images after the job finished; a newer job's pruning must not take
+    them first (several callers at once, more than --keep-jobs)."""
+    s = LiveServer(settings(tmp_path, model, keep_jobs=1, warmup=False))
+    try:
+        def seeds():
+            return [j["params"]["seed"] for j in s.client.get("/v1/jobs").json()["jobs"]]
+
+        assert s.client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "seed": 0}).status_code == 200
+        first = s.client.get("/v1/jobs").json()["jobs"][0]["id"]
+        s.state.worker.hold(first)  # as _generate holds it while its request waits and reads
+        r = s.client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "seed": 1})
+        assert r.status_code == 200 and len(r.json()["images"]) == 1
+        assert seeds() == [1, 0] and len(list((tmp_path / "images").glob("*.png"))) == 2  # spared while held
+        s.state.worker.release(first)
+        assert seeds() == [1] and len(list((tmp_path / "images").glob("*.png"))) == 1  # pruned once released
     finally:
         s.stop()

@@ -32,7 +32,17 @@ from ..results import a1111_sampler_label
 from ..sampling.samplers import get_sampler, list_samplers
 from .catalog import ModelNameError
 from .extras import a1111_control
-from .inputs import BadRequest, FieldError, RequestModel, build_params, check_image_side, decode_image, fit_mask
+from .inputs import (
+    BadRequest,
+    FieldError,
+    RequestModel,
+    build_params,
+    check_image_side,
+    check_json,
+    decode_image,
+    fit_mask,
+)
+from .settings import Limits
 from .state import ServerState, get_state
 from .worker import Job
 
@@ -206,6 +216,15 @@ def _info(job: Job) -> dict[str, Any]:
 
 async def _generate(request: Request, req: _Request, job: Job, echo: dict[str, Any]) -> Any:
     state = get_state(request)
+    state.worker.hold(job.id)  # its images stay until this request has read them, whatever --keep-jobs prunes
+    try:
+        return await _answer(request, req, job, echo)
+    finally:
+        await asyncio.to_thread(state.worker.release, job.id)
+
+
+async def _answer(request: Request, req: _Request, job: Job, echo: dict[str, Any]) -> Any:
+    state = get_state(request)
     state.submit(job)
     if not await state.wait(request, job):
         return JSONResponse({"detail": "the client disconnected; the job was cancelled"}, status_code=499)
@@ -259,21 +278,30 @@ async def img2img(request: Request, req: Img2ImgRequest) -> Any:
 # ------------------------------------------------------------------------------------------------- the rest
 
 
-@router.post("/png-info", summary="Read the generation parameters of a PNG (A1111)")
-async def png_info(request: Request, req: PNGInfoRequest) -> Any:
-    if not req.image.strip():
-        raise HTTPException(404, "Image not found")
-    data = decode_image(req.image, "image", get_state(request).settings.limits)  # checks size and format
-    del data
-    raw = base64.b64decode(req.image.split("base64,", 1)[-1])
+MAX_PNG_TEXT = 1_000_000  # characters of text chunks png-info sends back (Pillow reads 64 MB of them from a tiny file)
+
+
+def _png_info(image: str, limits: Limits) -> dict[str, Any]:
+    decode_image(image, "image", limits)  # checks size and format
+    raw = base64.b64decode(image.split("base64,", 1)[-1])
     try:
         with Image.open(io.BytesIO(raw)) as im:
             items = {k: v for k, v in getattr(im, "text", {}).items() if isinstance(v, str)}
     except (UnidentifiedImageError, OSError) as exc:
         raise BadRequest(f"image is not readable: {exc}") from None
+    size = sum(len(k) + len(v) for k, v in items.items())
+    if size > MAX_PNG_TEXT:
+        raise BadRequest(f"image holds {size} characters of text; at most {MAX_PNG_TEXT} are read")
     info = items.pop(PARAMETERS_KEY, "")
     parameters = to_a1111_fields(parse_infotext(info)) if info else {}
     return {"info": info, "items": items, "parameters": parameters}
+
+
+@router.post("/png-info", summary="Read the generation parameters of a PNG (A1111)")
+async def png_info(request: Request, req: PNGInfoRequest) -> Any:
+    if not req.image.strip():
+        raise HTTPException(404, "Image not found")
+    return await asyncio.to_thread(_png_info, req.image, get_state(request).settings.limits)  # decoding off the loop
 
 
 @router.get("/samplers", summary="Samplers, by A1111 label (our names as aliases)")
@@ -374,6 +402,7 @@ async def get_options(request: Request) -> dict[str, Any]:
 @router.post("/options", summary="Set options; sd_model_checkpoint loads that model from the models folder")
 async def set_options(request: Request, body: dict[str, Any]) -> None:
     state = get_state(request)
+    check_json(body)  # what is kept is sent back by GET: text it could not write would make every GET a 500
     name = body.get("sd_model_checkpoint")
     if name is not None:
         try:

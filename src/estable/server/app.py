@@ -96,6 +96,10 @@ def _handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
+        if err.get("type") == "json_invalid":  # loc ("body", offset) would read as a field: "15: JSON decode error"
+            at = err.get("loc", ())[-1]
+            return JSONResponse({"detail": f"body: not valid JSON: {err.get('ctx', {}).get('error', 'invalid')} "
+                                           f"(at character {at + 1 if isinstance(at, int) else at})"}, status_code=422)
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
         field = ".".join(loc) or "body"
         return JSONResponse({"detail": f"{field}: {err.get('msg', 'invalid')}"}, status_code=422)

@@ -256,7 +256,7 @@ def a1111_control(networks: Networks, scripts: dict[str, Any], init_image: Image
         kind = MODULES[module]
         mode = unit.get("control_mode", 0)
         mode = mode.strip().lower() if isinstance(mode, str) else mode
-        if isinstance(mode, bool) or mode not in CONTROL_MODES:
+        if isinstance(mode, bool) or not isinstance(mode, (int, float, str)) or mode not in CONTROL_MODES:
             raise FieldError(f"{field}.control_mode", f"{unit.get('control_mode')!r} is not supported; Estable runs "
                              "0 (Balanced) and 2 (ControlNet is more important, as guess mode)")
         raw = unit.get("image", unit.get("input_image"))

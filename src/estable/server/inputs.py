@@ -25,11 +25,12 @@ from ..params import GenerationParams
 from .settings import Limits
 
 __all__ = ["BadRequest", "FieldError", "RequestModel", "build_params", "check_image_side", "check_job_size",
-           "decode_image", "fit_mask"]
+           "check_json", "decode_image", "fit_mask"]
 
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
 _URL = re.compile(r"^\s*[a-z][a-z0-9+.-]*://", re.IGNORECASE)
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP")  # MPO: a JPEG with more frames after it (phone cameras); the first
+MAX_JSON_DEPTH = 64  # arrays and objects in a request body, one in another (the response echoing it fails past ~250)
 
 
 class BadRequest(EstableError):
@@ -44,15 +45,46 @@ class FieldError(EstableError):
         self.field = field
 
 
+def check_json(data: Any, field: str = "") -> None:
+    """Every text of a parsed JSON body (keys too) can be written as UTF-8, and its arrays and objects are at most
+    ``MAX_JSON_DEPTH`` deep; else a FieldError naming where. Python's JSON reader turns ``"\\ud800"`` into a lone
+    surrogate, which no response, PNG or job record can hold: A1111's echo of the request, the job list and
+    ``GET /sdapi/v1/options`` would answer 500 on it (the last two on every call after)."""
+    stack = [(data, field, 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, where or "body")
+        elif isinstance(value, (dict, list)):
+            if depth >= MAX_JSON_DEPTH:
+                raise FieldError(where.split(".", 1)[0] or "body", f"is nested more than {MAX_JSON_DEPTH} levels deep")
+            for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+                if isinstance(key, str):
+                    _check_text(key, where or "body", "a key")
+                stack.append((item, f"{where}.{key}" if where else str(key), depth + 1))
+
+
+def _check_text(text: str, field: str, what: str = "") -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise FieldError(field, f"{what + ' ' if what else ''}is not valid text: a lone surrogate "
+                         f"U+{ord(text[exc.start]):04X} at character {exc.start + 1} (half of a UTF-16 pair)") from None
+
+
 class RequestModel(BaseModel):
-    """The base of every request body: unknown fields ignored, and ``true``/``false`` refused where a number is
-    meant (pydantic would read ``"steps": true`` as 1)."""
+    """The base of every request body: unknown fields ignored, text that is not UTF-8 and nesting past
+    ``MAX_JSON_DEPTH`` refused (:func:`check_json`), and ``true``/``false`` refused where a number is meant (pydantic
+    would read ``"steps": true`` as 1)."""
 
     model_config = ConfigDict(extra="ignore")
 
     @model_validator(mode="before")
     @classmethod
-    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+    def _check_body(cls, data: Any) -> Any:
+        check_json(data)
         if isinstance(data, dict):
             for name, info in cls.model_fields.items():
                 kinds = typing.get_args(info.annotation) or (info.annotation,)

@@ -15,6 +15,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -129,13 +130,14 @@ class JobStore:
             (self.images_dir / name).unlink(missing_ok=True)
         return n > 0
 
-    def prune(self, keep: int) -> int:
-        """Delete every finished job (and its images) but the ``keep`` newest; returns how many went."""
+    def prune(self, keep: int, spare: Collection[str] = ()) -> int:
+        """Delete every finished job (and its images) but the ``keep`` newest and those in ``spare``; returns how many
+        went."""
         with self._lock:
             ids = [r[0] for r in self._db.execute(
                 f"SELECT id FROM jobs WHERE state IN ({', '.join('?' * len(FINAL_STATES))}) ORDER BY seq DESC "
                 "LIMIT -1 OFFSET ?", (*FINAL_STATES, keep))]
-        return sum(self.delete_job(job_id) for job_id in ids)
+        return sum(self.delete_job(job_id) for job_id in ids if job_id not in spare)
 
     def _job(self, row: sqlite3.Row | tuple) -> dict[str, Any]:
         cols = ("seq", "id", "state", "mode", "origin", "model", "params", "step", "steps", "error", "created",

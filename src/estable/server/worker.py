@@ -148,6 +148,7 @@ class Worker:
         self._queue: collections.deque[Job] = collections.deque()
         self._control: collections.deque[tuple[Callable[[], None], threading.Event]] = collections.deque()
         self.jobs: dict[str, Job] = {}  # queued and running jobs
+        self._held: set[str] = set()  # finished jobs whose images a waiting request has yet to read (spared by pruning)
         self.current: Job | None = None
         self.pipe: Any = None
         self.entry: ModelEntry | None = None
@@ -196,7 +197,24 @@ class Worker:
             while self.current is not None:
                 self._cond.wait(0.1)
 
+    def _prune(self) -> None:
+        """The oldest finished jobs beyond --keep-jobs go, with their images; held ones stay until released."""
+        if self.settings.keep_jobs:
+            with self._cond:
+                held = set(self._held)
+            self.store.prune(self.settings.keep_jobs, spare=held)
+
     # -- requests from the handlers ------------------------------------------------------------------------
+    def hold(self, job_id: str) -> None:
+        """Keep the job's images from --keep-jobs' pruning until :meth:`release` (a request that will read them)."""
+        with self._cond:
+            self._held.add(job_id)
+
+    def release(self, job_id: str) -> None:
+        with self._cond:
+            self._held.discard(job_id)
+        self._prune()
+
     def submit(self, job: Job) -> Job:
         with self._cond:
             if self.draining or self._stopping:
@@ -506,8 +524,7 @@ class Worker:
         try:
             self.store.update_job(job.id, state=state, error=error, finished=job.finished, step=job.step,
                                   steps=job.steps, params=self._params_view(job), model=job.model_name or job.model)
-            if self.settings.keep_jobs:  # the oldest finished jobs beyond --keep-jobs go, with their images,
-                self.store.prune(self.settings.keep_jobs)  # before anyone waiting on this job is woken
+            self._prune()  # before anyone waiting on this job is woken
         finally:
             with self._cond:
                 self.jobs.pop(job.id, None)
