@@ -73,9 +73,9 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .outputs import check_writable_folder
     from .training import distributed
-    from .training.config import load_config
+    from .training.config import config_kind, load_config
     from .training.registry import make_trainer
-    from .training.runs import read_run_config
+    from .training.runs import latest_checkpoint, read_run_config
 
     kind = args.trainer_kind
     if args.run_dir:
@@ -90,6 +90,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if not config_file.is_file():
             raise EstableError(f"{run_dir} has no config.json; pass --config")
         base = read_run_config(config_file)
+        other = config_kind(base)
+        if other is not None and other != kind:
+            raise EstableError(f"{run_dir} is a {other} run; continue it with `estable train {other}`")
     if base is None:
         raise EstableError("--config is required (a JSON file or a preset name)")
     for item in args.overrides:
@@ -97,6 +100,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise EstableError(f"unexpected argument {item!r}; overrides are KEY=VALUE (e.g. optim.lr=3e-4)")
     overrides = list(args.overrides)
     if args.data:
+        if any(item.partition("=")[0].strip() in ("data", "data.source") for item in overrides):
+            raise EstableError("--data and a data.source override both set the data source; give one of them")
         overrides.append(f"data.source={json.dumps(args.data)}")
     config = load_config(kind, base, overrides)
     if args.until is not None and args.until < 1:
@@ -106,6 +111,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     if run_dir.exists() and not run_dir.is_dir():
         raise EstableError(f"--run-dir {run_dir} is a file; choose a folder name")
+    found = latest_checkpoint(run_dir / "checkpoints") if args.resume else None
+    at = int(found.name.split("_")[1]) if found is not None and found.name[5:].isdigit() else 0  # step_0000500
+    if args.until is not None and args.until < at:  # before anything is built or written
+        raise EstableError(f"--until {args.until} is below the step the run is at ({at}); give a later step")
+    if config.max_steps < at:
+        raise EstableError(f"max_steps={config.max_steps} is below the step the run is at ({at}); give more steps")
     check_writable_folder(run_dir, create=True)  # before the models are built
     trainer = make_trainer(kind, config, run_dir, resume=args.resume, progress=False if args.no_progress else None)
     if trainer.dist.is_main:

@@ -16,6 +16,7 @@ from estable.errors import EstableError
 from estable.models.unet import UNet
 from estable.training.builders import build_text_encoder, build_vae, load_network
 from estable.training.config import UNetTrainConfig, load_config
+from estable.training.runs import latest_checkpoint
 
 
 def assemble_model(unet_run: str | Path, out: str | Path, *, dtype: str | None = "fp16",
@@ -27,6 +28,8 @@ def assemble_model(unet_run: str | Path, out: str | Path, *, dtype: str | None =
     cfg = load_config("unet", run / "config.json")
     if not isinstance(cfg, UNetTrainConfig):
         raise EstableError(f"{run} is not a U-Net training run")
+    if latest_checkpoint(run / "checkpoints") is None:  # else the folder would be taken for a diffusers model
+        raise EstableError(f"{run} is a training run without checkpoints")
     unet_cfg, weights = load_network("unet", run)
     assert isinstance(unet_cfg, UNetConfig)
     unet = UNet(unet_cfg)
@@ -53,7 +56,6 @@ def assemble_model(unet_run: str | Path, out: str | Path, *, dtype: str | None =
 def _trained_text_encoder(run: Path) -> dict:
     """The text-encoder weights in a U-Net run's latest checkpoint (text.train=true): EMA weights when kept."""
     from estable.checkpoints.io import read_safetensors
-    from estable.training.runs import latest_checkpoint
 
     found = latest_checkpoint(run / "checkpoints")
     if found is None:

@@ -53,6 +53,7 @@ from estable.training.runs import (
     Checkpoint,
     Run,
     capture_rng_state,
+    list_checkpoints,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -231,9 +232,22 @@ class Trainer:
         # one stream per rank, so that a run is a function of its config; a resume restores them instead.
         seed_global_rngs(seeded(cfg.seed, SEED_GLOBAL) + self.dist.rank)
         if resume and found is not None:
-            self.load_state(load_checkpoint(found))
-            self.run.truncate_log(self.step)
+            self.load_state(self.read_checkpoint(found))
+        # log records past the checkpoint's step (or all of them, when no checkpoint was reached) are of steps
+        # that a killed run did not keep: this run does them again
+        self.run.truncate_log(self.step)
         self.run.write_config(cfg.to_dict())
+
+    def read_checkpoint(self, found: Path) -> Checkpoint:
+        """The checkpoint to resume from; when it is damaged, the error names the one before it."""
+        try:
+            return load_checkpoint(found)
+        except CheckpointError as exc:
+            older = [p for p in list_checkpoints(self.run.checkpoints_dir) if p.name != found.name]
+            if not older:
+                raise
+            raise CheckpointError(f"{exc}; to resume from the checkpoint before it, {older[-1].name}, move "
+                                  f"{found.name} out of {self.run.checkpoints_dir}") from None
 
     # -- hooks -------------------------------------------------------------------------------------------------
     def resolve_config(self, config: TrainConfig) -> TrainConfig:
@@ -355,6 +369,8 @@ class Trainer:
         st = ckpt.state
         if st.get("kind") != self.kind:
             raise CheckpointError(f"{ckpt.path} is a {st.get('kind')!r} checkpoint, not {self.kind}")
+        if "model" not in ckpt.tensors:
+            raise CheckpointError(f"{ckpt.path} has no model.safetensors")
         model_sd = ckpt.tensors["model"]
         if self.sharded:  # full tensors from the file → this rank's shards
             model_sd = D.shard_like(model_sd, self.network.state_dict())
@@ -363,7 +379,10 @@ class Trainer:
             for name, module in self.extra_networks.items():
                 module.load_state_dict(ckpt.tensors[name], strict=True)
         except (RuntimeError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            lines = str(exc).strip().splitlines() or [repr(exc)]
+            # torch's first line only says "Error(s) in loading state_dict for UNet:"; the next says which tensor
+            first = " ".join((lines[1] if len(lines) > 1 and lines[0].startswith("Error(s)") else lines[0]).split())
+            first = first if len(first) <= 300 else first[:300] + " …"
             raise CheckpointError(f"{ckpt.path} does not fit the configured {self.kind} (was the model config or "
                                   f"the discriminator switch changed since the run started?): {first}") from None
         if self.ema is not None:

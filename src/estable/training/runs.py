@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -168,7 +169,9 @@ def list_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
     root = Path(checkpoints_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step_*") if p.is_dir() and (p / STATE_FILE).is_file()]
+    # step_ and digits only: a folder the user set aside (step_0000500.bad, a copy) is none of them
+    found = [p for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and p.is_dir()
+             and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
@@ -185,7 +188,7 @@ def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
     root = Path(checkpoints_dir)
     pointer = root / LATEST
     if pointer.is_file():
-        target = root / pointer.read_text(encoding="utf-8").strip()
+        target = root / pointer.read_text(encoding="utf-8", errors="replace").strip()  # damaged: no such folder
         if target.is_dir() and (target / STATE_FILE).is_file():
             return target
     found = list_checkpoints(root)
@@ -204,7 +207,11 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     try:
         state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path / STATE_FILE} cannot be read: {exc}") from None
+        # the first line of torch's reason; an EOFError (an empty file) has none
+        reason = (str(exc).strip().splitlines() or [f"{type(exc).__name__}, the file is empty or truncated"])[0]
+        raise CheckpointError(f"{path / STATE_FILE} cannot be read: {reason}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{path / STATE_FILE} is damaged: it holds no training state")
     if state.get("format_version") != CHECKPOINT_FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {state.get('format_version')!r} is not supported")
     return Checkpoint(path, int(state["step"]), tensors, metadata, state)

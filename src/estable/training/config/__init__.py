@@ -27,7 +27,7 @@ Every name importers use is re-exported here: ``from estable.training.config imp
 """
 
 from estable.training.config.plain import build_dataclass
-from estable.training.config.presets import PRESETS, apply_overrides, load_config, parse_value
+from estable.training.config.presets import PRESETS, apply_overrides, config_kind, load_config, parse_value
 from estable.training.config.sections import LR_SCHEDULES, PRECISIONS, STRATEGIES, DataConfig, OptimConfig, TrainConfig
 from estable.training.config.trainers import (
     CONFIG_CLASSES,
@@ -76,6 +76,7 @@ __all__ = [
     "VAETrainConfig",
     "apply_overrides",
     "build_dataclass",
+    "config_kind",
     "load_config",
     "parse_value",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,26 @@ _PRESET_KIND = {"tiny-unet": "unet", "tiny-vae": "vae", "tiny-clip": "clip", "ti
                 "tiny-controlnet": "controlnet", "tiny-ti": "ti"}
 
 
+def config_kind(data: Any) -> str | None:
+    """The trainer kind whose config has every top-level key of ``data`` (a run's config.json), when only one has."""
+    if not isinstance(data, dict):
+        return None
+    kinds = [k for k, c in CONFIG_CLASSES.items() if set(data) <= {f.name for f in dataclasses.fields(c)}]
+    return kinds[0] if len(kinds) == 1 else None
+
+
+def _from_dict(kind: str, data: Any, name: str) -> TrainConfig:
+    """``CONFIG_CLASSES[kind].from_dict(data)``; a config of another trainer (a VAE run's config.json given to the
+    U-Net trainer) is said to be one, not listed key by unknown key."""
+    try:
+        return CONFIG_CLASSES[kind].from_dict(data)
+    except ValueError:
+        other = config_kind(data)
+        if other is not None and other != kind:
+            raise EstableError(f"{name} is for the {other} trainer, not {kind}") from None
+        raise
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Apply ``key=value`` overrides (dotted keys) to a FULL config dict; returns a new dict.
 
@@ -141,7 +162,7 @@ def load_config(kind: str, base: str | Path | dict[str, Any] | None = None,
         if base is None:
             cfg = cls()
         elif isinstance(base, dict):
-            cfg = cls.from_dict(base)
+            cfg = _from_dict(kind, base, "the config")
         elif str(base) in PRESETS:
             if _PRESET_KIND[str(base)] != kind:
                 raise EstableError(f"preset {base!r} is for the {_PRESET_KIND[str(base)]} trainer, not {kind}")
@@ -161,7 +182,7 @@ def load_config(kind: str, base: str | Path | dict[str, Any] | None = None,
                 raise EstableError(f"{path}: not a JSON text file (not UTF-8)") from None
             except OSError as exc:
                 raise EstableError(f"cannot read the config {path}: {exc.strerror or exc}") from None
-            cfg = cls.from_dict(data)
+            cfg = _from_dict(kind, data, f"config {str(base)!r}")
         if overrides:
             cfg = cls.from_dict(apply_overrides(cfg.to_dict(), overrides))
         check_sampler(cfg)
