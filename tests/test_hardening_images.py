@@ -195,3 +195,17 @@ def test_to_pil_rounds_to_the_nearest_level_and_clamps():
     got = np.asarray(out[1])
     assert (got == want[None, :, None]).all()
     assert want[0] == 0 and want[255] == 255 and want[-2:].tolist() == [0, 255]
+
+
+def test_an_input_image_sets_a_size_that_is_a_multiple_of_8_for_a_model_that_shrinks_by_4(tmp_path):
+    """Without --size, img2img takes the input's size rounded down: to the model's factor alone it was 12x20 for a
+    VAE that shrinks by 4, which the image's record then refused (every size is a multiple of 8)."""
+    from estable.params import GenerationParams
+    from estable.pipeline import load_pipeline
+    from server_util import make_tiny_model
+
+    pipe = load_pipeline(make_tiny_model(tmp_path / "tiny.safetensors"), device="cpu")
+    assert pipe.factor == 4
+    result = pipe.img2img(Image.new("RGB", (13, 22), (200, 40, 40)),
+                          GenerationParams(prompt="x", steps=2, strength=0.5, seed=1))
+    assert result.images[0].size == (8, 16)

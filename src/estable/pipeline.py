@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -447,8 +448,9 @@ class Pipeline:
     # -- the loop ------------------------------------------------------------------------------------------
     def _size(self, params: GenerationParams, image: Image.Image | None) -> tuple[int, int]:
         f = self.factor
-        if image is not None:
-            default = (_round_down(image.width, f), _round_down(image.height, f))
+        if image is not None:  # a multiple of 8 as every size (GenerationParams), and of the model's factor
+            m = math.lcm(f, 8)
+            default = (_round_down(image.width, m), _round_down(image.height, m))
         else:
             default = self.native_size
         width = params.width or default[0]
