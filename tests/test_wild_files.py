@@ -292,6 +292,40 @@ def test_a_lora_weight_that_overflows_is_named_and_undone(tiny, lora_file):
     assert all(torch.equal(before[k], v) for k, v in model.unet.state_dict().items())
 
 
+def test_a_lora_naming_one_module_twice_is_refused(tiny):
+    from estable.checkpoints.lora_format import apply_lora
+    from estable.nn.lora import lora_modules
+
+    model = load_model(tiny)
+    down, up = torch.full((2, 4, 3, 3), 0.1), torch.full((32, 2, 1, 1), 0.1)
+    tensors = {}
+    for name in ("lora_unet_conv_in", "lora_unet_input_blocks_0_0"):  # conv_in, in diffusers and in LDM naming
+        tensors.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up})
+    state = lora_state_from_tensors(tensors, source="twice.safetensors")
+    with pytest.raises(CheckpointError, match=r"lora_unet_conv_in and lora_unet_input_blocks_0_0 are the same U-Net "
+                                              r"module \(conv_in\)"):  # one of the two was silently dropped
+        apply_lora(model.unet, None, state)
+    assert not lora_modules(model.unet)
+
+
+def test_a_lora_or_a_vae_on_an_int8_model_is_named_as_such(tiny, lora_file, tmp_path, capsys):
+    from estable.nn.int8 import quantize_model
+
+    model = load_model(tiny)
+    for net in (model.unet, model.vae, model.text_encoder):
+        quantize_model(net)
+    q = save_model(model, tmp_path / "q.safetensors", to="estable")
+    vae = {k.removeprefix("vae."): v for k, v in read_safetensors(tiny)[0].items() if k.startswith("vae.")}
+    write_safetensors(tmp_path / "vae.safetensors", vae)
+    # both were "made for a different model" / "46 missing: …weight_scale": the file is fine, the model is int8
+    for flag, path, words in (("--lora", lora_file, "U-Net is quantised to int8"),
+                              ("--vae", tmp_path / "vae.safetensors", "VAE is quantised to int8")):
+        code, err = run_cli(capsys, "generate", "a red circle", "--model", q, flag, path, *GEN,
+                            "--out", tmp_path / "o.png")
+        assert code == 2 and words in err and "different model" not in err and "missing" not in err
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_nan_latents_name_the_lora_or_vae_in_use(tiny, lora_file, tmp_path, capsys):
     tensors, meta = read_safetensors(lora_file)
     for k in tensors:
@@ -337,6 +371,32 @@ def test_nan_latents_name_the_controlnet_in_use(tiny):
     with pytest.raises(EstableError, match=r"a ControlNet in use \(broken-edges\) may be corrupt"):
         pipe.txt2img(params, control=[unit])
     assert pipe.txt2img(params).images  # the same pipeline without it draws
+
+
+def test_a_controlnet_reading_four_channel_hints_is_named(tiny):
+    from estable import GenerationParams, load_pipeline
+    from estable.control.guidance import ControlUnit
+    from estable.models.controlnet import ControlNet
+
+    pipe = load_pipeline(tiny, device="cpu", dtype="fp32")
+    net = ControlNet.from_unet(pipe.unet)
+    net = ControlNet(net.config.replace(conditioning_channels=4)).eval()  # diffusers allows any number
+    params = GenerationParams(prompt="a red circle", steps=1, seed=1, width=32, height=32)
+    unit = ControlUnit(net=net, image=Image.new("RGB", (32, 32)), name="rgba-hints")
+    with pytest.raises(EstableError, match="ControlNet rgba-hints reads 4-channel control images"):  # a ValueError
+        pipe.txt2img(params, control=[unit])
+
+
+@pytest.mark.parametrize("sample_size,side", [(100_000, 400_000), (7, 28)])
+def test_a_wild_sample_size_does_not_set_an_impossible_default_size(tiny_diffusers, tmp_path, capsys, sample_size,
+                                                                    side):
+    folder = _copy(tiny_diffusers, tmp_path)
+    _edit_json(folder / "unet" / "config.json", sample_size=sample_size)
+    args = ["generate", "a red circle", "--model", folder, "--steps", "1", "--device", "cpu", "--seed", "1"]
+    # 100000 tried to allocate 160 GB of noise (a traceback); 7 said "the autoencoder downsamples by 8" (it is 4)
+    code, err = run_cli(capsys, *args, "--out", tmp_path / "o.png")
+    assert code == 2 and f"default size of {side}x{side} (sample_size {sample_size} × 4)" in err and "--size" in err
+    assert run_cli(capsys, *args, "--size", "32", "--out", tmp_path / "o.png")[0] == 0
 
 
 def test_a_header_of_too_many_tensors_is_refused_at_once(tmp_path):

@@ -69,7 +69,7 @@ from .extra_networks import LoRASpec, LoRAStack, resolve_prompt_loras
 from .images import as_mask, as_rgb, check_mask_has_area, mask_to_tensor, resize_note, to_pil, to_tensor
 from .nn.cuda_graph import GraphedEncoder, GraphedForward
 from .outputs import OutputPlan, next_index  # noqa: F401  (next_index: re-exported)
-from .params import GenerationParams
+from .params import MAX_SIDE, GenerationParams
 from .prompt_completion import complete_prompt
 from .prompts import apply_weights, build_chunks, match_chunk_counts
 from .results import (  # noqa: F401  (RECORD_FORMAT, a1111_sampler_label, params_from_record, save_result: re-exported)
@@ -453,6 +453,13 @@ class Pipeline:
             default = (_round_down(image.width, m), _round_down(image.height, m))
         else:
             default = self.native_size
+            side = default[0]
+            if (params.width is None or params.height is None) and (side > MAX_SIDE or side % math.lcm(f, 8)):
+                # sample_size comes from the model's config: a wild value must not decide an impossible size
+                raise EstableError(
+                    f"this model's U-Net config gives a default size of {side}x{side} (sample_size "
+                    f"{self.config.unet.sample_size} × {f}), which is not a usable size (a multiple of "
+                    f"{math.lcm(f, 8)} up to {MAX_SIDE}); give the width and height (--size WxH)")
         width = params.width or default[0]
         height = params.height or default[1]
         if width % f or height % f:

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from ..config import UNetConfig
 from ..errors import CheckpointError, UnsupportedModelError
+from ..nn.int8 import Int8Conv2d, Int8Linear
 from ..nn.lora import LoRALayer, _candidates, _replace, lora_modules, wrap_layer
 from .io import read_safetensors, write_safetensors
 from .ldm import unet_key_map
@@ -393,8 +394,21 @@ def apply_lora(
         model = models[component]
         if model is None:
             raise ValueError(f"{state.source} has {component} weights ({len(weights)} modules); pass the {component}")
+        what = "U-Net" if component == "unet" else "text encoder"
+        if any(isinstance(m, (Int8Linear, Int8Conv2d)) for m in model.modules()):
+            raise UnsupportedModelError(
+                f"{state.source}: this model's {what} is quantised to int8 (estable convert --quantize int8); a LoRA "
+                "cannot be merged into int8 weights: use the model before quantisation"
+            )
         shape_errors: list[str] = []
+        named: dict[str, str] = {}  # module path -> the file's name for it
         for file_name, path, w in _resolve(state, component, model):
+            if path in named:  # e.g. one module under its diffusers and its LDM name: one would silently be lost
+                raise CheckpointError(
+                    f"{state.source}: {named[path]} and {file_name} are the same {what} module ({path}); the file "
+                    "names each module once"
+                )
+            named[path] = file_name
             layer = model.get_submodule(path)
             if isinstance(layer, LoRALayer):
                 raise ValueError(

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from ..config import VAEConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UnsupportedModelError
+from ..nn.int8 import is_quantized
 from .io import cached_sha256, load_tensors
 from .ldm import VAE_PREFIX, _ldm_to_ours, vae_key_map
 
@@ -132,6 +133,12 @@ def vae_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
 def load_vae_into(vae: torch.nn.Module, path: str | os.PathLike[str], *, allow_pickle: bool = False) -> dict[str, Any]:
     """Replace ``vae``'s weights (in place, keeping its dtype and device) by the file's; return its identity."""
     expected = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    if is_quantized(expected):  # its int8 layers hold weight_scale tensors no VAE file has
+        raise UnsupportedModelError(
+            f"--vae {Path(path).name}: this model's VAE is quantised to int8 (estable convert --quantize int8); a "
+            "separate VAE cannot be swapped into it: use the model before quantisation, or convert that one with "
+            "--vae FILE --quantize int8"
+        )
     sd = read_vae_file(path, vae.config, expected, allow_pickle=allow_pickle)
     with torch.no_grad():
         for k, t in vae.state_dict().items():

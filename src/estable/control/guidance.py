@@ -112,6 +112,11 @@ class ControlRun:
         self.images = []
         for u in self.units:
             f = u.net.config.hint_factor  # control-image pixels per latent cell (8 for SD)
+            channels = u.net.config.conditioning_channels
+            if channels not in (1, 3):  # control_tensor makes grey or RGB images only
+                which = f"ControlNet {u.name}" if u.name else "ControlNet"
+                raise EstableError(f"the {which} reads {channels}-channel control images; Estable makes grey "
+                                   "(1-channel) or RGB (3-channel) ones")
             img = control_tensor(u.image, w * f, h * f, u.net.config.conditioning_channels)
             img = img.repeat_interleave(batch, dim=0).to(device=device, dtype=dtype)  # (B, C, H, W)
             if guided and not u.guess_mode:
