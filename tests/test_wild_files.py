@@ -405,3 +405,30 @@ def test_a_header_of_too_many_tensors_is_refused_at_once(tmp_path):
     path.write_bytes(len(header).to_bytes(8, "little") + header.encode())
     with _within(20), pytest.raises(CheckpointError, match="lists 250,000 tensors"):
         read_safetensors_header(path)
+
+
+def test_two_embeddings_of_one_name_are_warned_about(tiny, tmp_path, capsys, caplog):
+    """Files are named by their stem, so sub/glow.safetensors and glow.safetensors are one word: the first found is
+    used, as before, and the user now hears which one and which not."""
+    from estable.embeddings import save_embedding
+
+    root = tmp_path / "emb"
+    (root / "sub").mkdir(parents=True)
+    save_embedding(root / "sub" / "glow.safetensors", torch.zeros(1, 32))
+    save_embedding(root / "glow.safetensors", torch.ones(1, 32))
+    save_embedding(root / "other.safetensors", torch.ones(1, 32))
+    code, err = run_cli(capsys, "generate", "a glow circle", "--model", tiny, *GEN, "--embeddings-dir", root,
+                        "--out", tmp_path / "o.png")
+    assert code == 0
+    warnings = [line for line in err.splitlines() if line.startswith("estable: warning: embedding")]
+    assert warnings == [f"estable: warning: embedding 'glow' is {root / 'glow.safetensors'}; "
+                        f"{root / 'sub' / 'glow.safetensors'} of the same name not used"], err
+
+    import logging
+
+    from estable.server.extras import Networks
+    from estable.server.settings import ServerSettings
+
+    with caplog.at_level(logging.WARNING, logger="estable.server"):  # the server says it in its log
+        Networks(ServerSettings(embeddings_dir=root))
+    assert [r.getMessage() for r in caplog.records] == [warnings[0].removeprefix("estable: warning: ")]

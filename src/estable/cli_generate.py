@@ -424,7 +424,12 @@ def _embeddings(args: argparse.Namespace, record: dict[str, Any] | None) -> Any:
     recorded = [Path(e["path"]).parent for e in (record or {}).get("embeddings") or [] if e.get("path")]
     if folder is None and recorded:
         folder = os.path.commonpath([str(p) for p in recorded])
-    return None if folder is None else EmbeddingLibrary(folder, allow_pickle=bool(args.allow_pickle))
+    if folder is None:
+        return None
+    library = EmbeddingLibrary(folder, allow_pickle=bool(args.allow_pickle))
+    for note in library.shadowed_notes():
+        print(f"estable: warning: {note}", file=sys.stderr)
+    return library
 
 
 class _progress:

@@ -155,6 +155,7 @@ class EmbeddingLibrary:
         self.allow_pickle = allow_pickle
         self._files: dict[str, Path] = {}
         self._loaded: dict[str, Embedding] = {}
+        self.shadowed: dict[str, list[Path]] = {}  # a name several files have -> them, the one used (found first) first
         if folder is not None:
             root = Path(folder).expanduser()
             if not root.is_dir():
@@ -163,8 +164,15 @@ class EmbeddingLibrary:
                 if p.is_file() and p.suffix.lower() in EMBEDDING_SUFFIXES:
                     if p.stem in DIFFUSERS_STEMS:
                         self.add(load_embedding(p, allow_pickle=allow_pickle))
+                    elif p.stem in self._files:
+                        self.shadowed.setdefault(p.stem, [self._files[p.stem]]).append(p)
                     else:
-                        self._files.setdefault(p.stem, p)
+                        self._files[p.stem] = p
+
+    def shadowed_notes(self) -> list[str]:
+        """One line per name that several files have: which file is used and which are not."""
+        return [f"embedding {name!r} is {used}; {', '.join(map(str, others))} of the same name not used"
+                for name, (used, *others) in self.shadowed.items()]
 
     def add(self, embedding: Embedding) -> None:
         self._loaded[embedding.name] = embedding

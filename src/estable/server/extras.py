@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import math
 import threading
 import weakref
@@ -37,6 +38,8 @@ from ..errors import EstableError
 from .inputs import FieldError, RequestModel, decode_image
 from .settings import Limits, ServerSettings
 from .worker import png_bytes
+
+log = logging.getLogger("estable.server")
 
 __all__ = ["ControlRequest", "DetectRequest", "Networks", "a1111_control", "detect", "router", "v1_control"]
 
@@ -121,7 +124,10 @@ class Networks:
             return None
         from ..embeddings import EmbeddingLibrary
 
-        return EmbeddingLibrary(self.embeddings_dir, allow_pickle=self.allow_pickle)
+        library = EmbeddingLibrary(self.embeddings_dir, allow_pickle=self.allow_pickle)
+        for note in library.shadowed_notes():
+            log.warning(note)
+        return library
 
     def refresh_embeddings(self) -> None:
         self.embeddings = self._library()
