@@ -66,6 +66,9 @@ class SpeedOptions:
     fuse_qkv: bool = True
     phase_upsample: bool = True  # upsampler + its convolution by phases (Upsample.fuse_phases)
     channels_last: bool = True
+    # Convolutions whose output has at most this many pixels over the batch (B·H·W) run as one matrix product over
+    # their gathered windows (estable.nn.conv_gemm); 0: never. Needs channels_last.
+    gemm_rows: int = 0
     compile: bool = True
     regional: bool = True  # compile each repeated block; False: the whole U-Net as one graph
     compile_vae: bool = True  # the VAE decoder's blocks too
@@ -92,6 +95,8 @@ class SpeedOptions:
         if self.resnet_mode is not None and not self.regional:
             raise EstableError("resnet_mode needs regional compilation (regional=True): the whole U-Net compiled "
                                "as one graph has one mode")
+        if self.gemm_rows < 0:
+            raise EstableError(f"gemm_rows must be 0 (off) or more, not {self.gemm_rows}")
         if self.decode_batch is not None and self.decode_batch < 1:
             raise EstableError(f"decode_batch must be 1 or more (or None: the whole batch), not {self.decode_batch}")
         for mode in (self.mode, self.resnet_mode):
@@ -305,6 +310,11 @@ def accelerate(unet: nn.Module, vae: nn.Module, device: torch.device, options: S
     if options.phase_upsample:
         fuse_phases(unet)
         fuse_phases(vae.decoder)
+    if options.gemm_rows:
+        from .nn.conv_gemm import gemm_convs
+
+        gemm_convs(unet, options.gemm_rows)
+        gemm_convs(vae.decoder, options.gemm_rows)
     if options.compile:
         root = compile_cache_dir(options)
         if root is not None:
