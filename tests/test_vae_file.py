@@ -138,3 +138,31 @@ def _open(path: Path):
     from PIL import Image
 
     return Image.open(path)
+
+
+def test_a_vae_folder_made_for_another_scaling_factor_is_warned_about(folder, vae_files, tmp_path, capsys):
+    """An SDXL VAE has SD 1.x's shapes and loads, but its config names another latent scaling factor; the model's
+    is kept (as A1111 does), and the user is told."""
+    import json
+    import shutil
+
+    from estable.checkpoints.vae_file import scaling_note
+
+    same = vae_files["diffusers"]
+    cfg = json.loads((same / "config.json").read_text())
+    model_vae = load_pipeline(folder, device="cpu", dtype="fp32").config.vae
+    ours_factor = model_vae.scaling_factor
+    assert cfg["scaling_factor"] == pytest.approx(ours_factor)
+    assert scaling_note(same, model_vae) is None
+    other = tmp_path / "sdxl_vae"
+    shutil.copytree(same, other)
+    (other / "config.json").write_text(json.dumps({**cfg, "scaling_factor": 0.13025}))
+    args = ["generate", PROMPT, "--model", str(folder), "--device", "cpu", "--steps", "1", "--seed", "5",
+            "--size", f"{SIZE}x{SIZE}", "--sampler", "euler"]
+    capsys.readouterr()
+    weights = other / "diffusion_pytorch_model.safetensors"
+    assert main([*args, "--vae", str(weights), "--out", str(tmp_path / "a.png")]) == 0
+    err = capsys.readouterr().err
+    assert "scaling_factor 0.13025" in err and f"{ours_factor:g}" in err
+    assert main([*args, "--vae", str(same), "--out", str(tmp_path / "b.png")]) == 0
+    assert "scaling_factor" not in capsys.readouterr().err

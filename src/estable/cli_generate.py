@@ -313,7 +313,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                          speed="max" if args.compile else None)
     pipe.loras, pipe.lora_dir, pipe.embeddings = loras, lora_dir, embeddings
     if vae is not None:
+        from .checkpoints.vae_file import scaling_note
+
         pipe.swap_vae(vae, allow_pickle=bool(args.allow_pickle))
+        note = scaling_note(vae, pipe.config.vae)
+        if note:
+            print(f"estable: warning: {note}", file=sys.stderr)
     if from_record:
         note = check_same_model(record, pipe.model_sha256,  # type: ignore[arg-type]
                                 allow_change=bool(getattr(args, "allow_model_change", False)))

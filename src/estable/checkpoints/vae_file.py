@@ -18,6 +18,8 @@ digits of the file's SHA-256) and ``VAE`` (the file's name).
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from ..nn.int8 import is_quantized
 from .io import cached_sha256, load_tensors
 from .ldm import VAE_PREFIX, _ldm_to_ours, vae_key_map
 
-__all__ = ["load_vae_into", "read_vae_file", "vae_identity"]
+__all__ = ["load_vae_into", "read_vae_file", "scaling_note", "vae_identity"]
 
 _IGNORED = ("model_ema.decay", "model_ema.num_updates")
 _OLD_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -144,3 +146,24 @@ def load_vae_into(vae: torch.nn.Module, path: str | os.PathLike[str], *, allow_p
         for k, t in vae.state_dict().items():
             t.copy_(sd[k].to(t.dtype))
     return vae_identity(path)
+
+
+def scaling_note(path: str | os.PathLike[str], cfg: VAEConfig) -> str | None:
+    """A warning when ``path`` is a diffusers VAE whose ``config.json`` (beside the file, or in the folder) names
+    another latent ``scaling_factor`` than the model's ``cfg``: the weights load (the shapes fit), but the U-Net
+    was trained on latents scaled by the model's factor, which is kept (as A1111 does) — an SDXL VAE (0.13025) in an
+    SD 1.x model (0.18215), say, draws wrong colours and contrast. None when no such config says otherwise."""
+    file = _file(Path(path))
+    config = file.parent / "config.json"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    factor = data.get("scaling_factor") if isinstance(data, dict) else None
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor):
+        return None
+    if math.isclose(factor, cfg.scaling_factor, rel_tol=1e-4):
+        return None
+    return (f"the VAE {file.parent.name}/ says scaling_factor {factor:g} in its config.json; this model's latents "
+            f"are scaled by {cfg.scaling_factor:g}, which is kept: a VAE made for another model family draws wrong "
+            "colours and contrast")
