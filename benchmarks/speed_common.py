@@ -43,14 +43,16 @@ class Settings:
     smoke: bool = False
     speed_dynamic: bool = False  # SpeedOptions.dynamic of the fastest mode (--dynamic: True)
     decode_batch: int | None = None  # SpeedOptions.decode_batch of the fastest mode (--decode-batch)
+    gemm_rows: int | None = None  # SpeedOptions.gemm_rows of the fastest mode (--gemm-rows); None: its default
     unet_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def fastest(self, **changes: Any) -> Any:
         """The fastest mode's SpeedOptions as this run asks for it (no compiling in a smoke run)."""
         from estable.speed import SpeedOptions
 
+        chosen = {} if self.gemm_rows is None else {"gemm_rows": self.gemm_rows}
         return SpeedOptions(**{"compile": not self.smoke, "dynamic": self.speed_dynamic,
-                               "decode_batch": self.decode_batch, **changes})
+                               "decode_batch": self.decode_batch, **chosen, **changes})
 
     @property
     def cuda(self) -> bool:
