@@ -72,6 +72,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "gemm-512": {"gemm_rows": 512},
     "gemm-2048": {"gemm_rows": 2048},
     "gemm-8192": {"gemm_rows": 8192},
+    "gemm-2048-whole": {"gemm_rows": 2048, "regional": False},  # and the U-Net compiled as one graph
 }
 KINDS = (  # kernel name → kind, first match wins
     ("attention", r"flash|fmha|sdpa|attention|fort_native|mha"),
