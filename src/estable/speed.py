@@ -10,6 +10,13 @@ What it does to a :class:`~estable.pipeline.Pipeline` (each step can be turned o
   (:meth:`Upsample.fuse_phases`): 16 instead of 36 multiply-adds per output pixel and channel pair, the same
   numbers up to rounding; the state dict is unchanged. On an H200 it took 15 % off the VAE decode and about 1 % off
   the U-Net call at batch 8 (RESULTS.md, fifteenth GPU run).
+* **Small convolutions as matrix products** (``gemm_rows``, off by default): a convolution whose output has at
+  most ``gemm_rows`` pixels over the batch runs as one matrix product of its gathered windows and its weight
+  (:mod:`estable.nn.conv_gemm`; with channels_last weights the weight's matrix is a view). At one image with
+  guidance the U-Net's 3×3 convolutions at 8² and 16² have 128 and 512 output rows against a reduction of 11,520,
+  too few output tiles for the convolution kernels to fill the GPU; the matrix-product library can split the
+  reduction. Same numbers up to rounding; not yet measured on a GPU (``benchmarks/conv_gemm_probe.py``,
+  ``speed_profile.py --variant gemm-2048``); no faster on the 2-core CPU.
 * **channels_last.** The convolutions' weights and the U-Net's input in NHWC layout, the layout the tensor-core
   convolution kernels read without transposing; the spatial transformer then flattens pixels to tokens with no
   copy.
