@@ -11,7 +11,7 @@ batch 2 and 8, fp16, channels_last:
 * ``cudnn``: ``F.conv2d`` (what the fastest mode runs now);
 * ``gemm``: the same convolution as a gather of the k·k shifted windows of the padded input into one
   (B·Hout·Wout, k·k·C) matrix, then one matrix product with the weight laid out as (Cout, k·k·C)
-  (:func:`estable.nn.conv_gemm.conv2d_as_gemm`), cuBLAS choosing its kernel (and whether to split the reduction);
+  (``speed_common.conv2d_as_gemm``), cuBLAS choosing its kernel (and whether to split the reduction);
 
 each as a CUDA graph of 20 calls, so that what is timed is the kernels (median of 7 replays), and the relative L2
 error of each against the fp32 convolution of the same fp16 inputs. Writes ``DIR/conv_gemm.json`` and ``.md``.
@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from estable.nn.conv_gemm import conv2d_as_gemm, gemm_weight  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed_common import WindowsAsProduct, conv2d_as_gemm, gemm_weight, windows_as_product  # noqa: E402
 
 # (name, in channels, side, out channels, kernel, stride, padding)
 UNET = [
@@ -110,13 +111,17 @@ def probe(shape, batch: int, device: torch.device, dtype: torch.dtype, timing: b
     return row
 
 
+# (max output pixels, max kernel): a convolution is a product where both hold
+RULES = ((0, 3), (512, 3), (2048, 3), (8192, 3), (10**9, 1))
+
+
 def unet_calls(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[dict]:
     """The SD 1.5-shaped U-Net (random weights; channels_last, fused projections, phase upsampling, uncompiled) called
-    as a CUDA graph at batch 2 and 8 (64² latents), with convolutions as products up to 0 / 512 / 2048 / 8192 output
-    pixels; and its relative error against the same weights in fp32, batch 2."""
+    as a CUDA graph at batch 2 and 8 (64² latents), with its convolutions as products by each of :data:`RULES` (the
+    last: every 1 × 1 convolution, none other; the upsamplers' phase convolutions are not modules and stay cuDNN's),
+    and its relative error against the same weights in fp32, batch 2."""
     from estable.config import UNetConfig
     from estable.models.unet import UNet
-    from estable.nn.conv_gemm import gemm_convs
     from estable.speed import fuse_phases, fuse_projections
 
     cfg = UNetConfig() if not smoke else UNetConfig(block_channels=(32, 64), attention_levels=(True, True),
@@ -130,6 +135,8 @@ def unet_calls(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[di
     unet.to(dtype=dtype, memory_format=torch.channels_last)
     fuse_projections(unet)
     fuse_phases(unet)
+    windows_as_product(unet, 0)
+    wrappers = [m for m in unet.modules() if isinstance(m, WindowsAsProduct)]
     rows = []
     g = torch.Generator(device="cpu").manual_seed(1)
     for batch in (2, 8) if not smoke else (2,):
@@ -139,9 +146,10 @@ def unet_calls(device: torch.device, dtype: torch.dtype, smoke: bool) -> list[di
         with torch.inference_mode():
             want = ref(x, t, c) if batch == 2 else None
             xl, cl = x.to(dtype).contiguous(memory_format=torch.channels_last), c.to(dtype)
-            for max_rows in (0, 512, 2048, 8192):
-                gemm_convs(unet, max_rows)
-                row = {"batch": batch, "gemm_rows": max_rows}
+            for max_rows, max_kernel in RULES:
+                for m in wrappers:
+                    m.max_rows, m.max_kernel = max_rows, max_kernel
+                row = {"batch": batch, "gemm_rows": max_rows, "max_kernel": max_kernel}
                 if want is not None:
                     row["fp16_error"] = rel(unet(xl, t, cl), want)
                 if not smoke:

@@ -43,16 +43,14 @@ class Settings:
     smoke: bool = False
     speed_dynamic: bool = False  # SpeedOptions.dynamic of the fastest mode (--dynamic: True)
     decode_batch: int | None = None  # SpeedOptions.decode_batch of the fastest mode (--decode-batch)
-    gemm_rows: int | None = None  # SpeedOptions.gemm_rows of the fastest mode (--gemm-rows); None: its default
     unet_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def fastest(self, **changes: Any) -> Any:
         """The fastest mode's SpeedOptions as this run asks for it (no compiling in a smoke run)."""
         from estable.speed import SpeedOptions
 
-        chosen = {} if self.gemm_rows is None else {"gemm_rows": self.gemm_rows}
         return SpeedOptions(**{"compile": not self.smoke, "dynamic": self.speed_dynamic,
-                               "decode_batch": self.decode_batch, **chosen, **changes})
+                               "decode_batch": self.decode_batch, **changes})
 
     @property
     def cuda(self) -> bool:
@@ -416,6 +414,53 @@ def pointwise_as_linear(model: torch.nn.Module) -> int:
     returns how many were swapped."""
     return swap_convolutions(model, PointwiseAsLinear, lambda c: c.kernel_size == (1, 1) and c.stride == (1, 1)
                              and c.padding == (0, 0) and c.groups == 1)
+
+
+def conv2d_as_gemm(x: torch.Tensor, weight2d: torch.Tensor, bias: torch.Tensor | None, kernel: int,
+                   stride: int = 1, padding: int = 0) -> torch.Tensor:
+    """``F.conv2d(x, w, bias, stride, padding)`` of a square kernel as one matrix product (im2col): the k·k shifted
+    windows of the padded input side by side, (B·Hout·Wout, k·k·C), times ``weight2d`` = (Cout, k·k·C) in the window
+    order (row, column, channel) — for a channels-last weight a view of it. Output channels-last. A probe
+    (conv_gemm_probe.py: slower than cuDNN for the U-Net's 3 × 3 convolutions on an H100), not a library path."""
+    b, c, h, w = x.shape
+    xh = x.permute(0, 2, 3, 1)  # (B, H, W, C): a view when x is channels-last
+    if padding:
+        xh = torch.nn.functional.pad(xh, (0, 0, padding, padding, padding, padding))
+    hout, wout = ((n + 2 * padding - kernel) // stride + 1 for n in (h, w))
+    views = [xh[:, dy:dy + stride * (hout - 1) + 1:stride, dx:dx + stride * (wout - 1) + 1:stride]
+             for dy in range(kernel) for dx in range(kernel)]
+    cols = torch.cat(views, dim=-1).reshape(b * hout * wout, kernel * kernel * c)
+    out = torch.nn.functional.linear(cols, weight2d, bias)  # (B·Hout·Wout, Cout)
+    return out.view(b, hout, wout, -1).permute(0, 3, 1, 2)
+
+
+def gemm_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(Cout, Cin, k, k) → (Cout, k·k·Cin), the window order of :func:`conv2d_as_gemm` (a view when channels-last)."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
+class WindowsAsProduct(torch.nn.Module):
+    """A square convolution computed by :func:`conv2d_as_gemm` when its output has at most ``max_rows`` pixels over
+    the batch and its kernel is at most ``max_kernel`` wide (else as itself); its parameters are the convolution's."""
+
+    def __init__(self, conv: torch.nn.Conv2d, max_rows: int, max_kernel: int = 3) -> None:
+        super().__init__()
+        self.conv, self.max_rows, self.max_kernel = conv, max_rows, max_kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        k, s, p = c.kernel_size[0], c.stride[0], c.padding[0]
+        hout, wout = ((n + 2 * p - k) // s + 1 for n in x.shape[2:])
+        if x.shape[0] * hout * wout > self.max_rows or k > self.max_kernel:
+            return c(x)
+        return conv2d_as_gemm(x, gemm_weight(c.weight), c.bias, k, s, p)
+
+
+def windows_as_product(model: torch.nn.Module, max_rows: int) -> int:
+    """Swap every square convolution of ``model`` (one group, zero padding) for :class:`WindowsAsProduct`."""
+    return swap_convolutions(model, lambda conv: WindowsAsProduct(conv, max_rows), lambda c: (
+        c.groups == 1 and c.padding_mode == "zeros" and c.dilation == (1, 1) and c.kernel_size[0] == c.kernel_size[1]
+        and c.stride[0] == c.stride[1] and isinstance(c.padding, tuple) and c.padding[0] == c.padding[1]))
 
 
 def concat_kernels():

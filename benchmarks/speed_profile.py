@@ -68,11 +68,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "whole": {"regional": False},  # the U-Net compiled as one graph
     "autotune-resnets": {"resnet_mode": "max-autotune-no-cudagraphs"},  # convolutions tuned, attention as "max"
     "autotune": {"mode": "max-autotune-no-cudagraphs"},
-    # convolutions with at most this many output pixels over the batch as one matrix product (estable.nn.conv_gemm)
-    "gemm-512": {"gemm_rows": 512},
-    "gemm-2048": {"gemm_rows": 2048},
-    "gemm-8192": {"gemm_rows": 8192},
-    "gemm-2048-whole": {"gemm_rows": 2048, "regional": False},  # and the U-Net compiled as one graph
 }
 KINDS = (  # kernel name → kind, first match wins
     ("attention", r"flash|fmha|sdpa|attention|fort_native|mha"),

@@ -331,7 +331,7 @@ def child_coldstart(args: argparse.Namespace) -> None:
     model = load_model(args.folder, dtype=s.dtype, device=s.device)
     s.sync()
     marks["weights_s"] = time.time() - args.t0
-    s.speed_dynamic, s.decode_batch, s.gemm_rows = bool(args.dynamic), args.decode_batch, args.gemm_rows
+    s.speed_dynamic, s.decode_batch = bool(args.dynamic), args.decode_batch
     speed = s.fastest(cache_dir=args.cache_dir)
     pipe = Pipeline(model, device=torch.device(s.device), dtype=s.dtype, speed=speed)  # loads the compile cache
     marks["load_s"] = time.time() - args.t0
@@ -379,7 +379,6 @@ def part_coldstart(folder: Path, s: Settings, res: dict[str, Any], args: argpars
             cmd += ["--smoke"] if s.smoke else []
             cmd += ["--dynamic"] if args.dynamic else []
             cmd += ["--decode-batch", str(args.decode_batch)] if args.decode_batch else []
-            cmd += ["--gemm-rows", str(args.gemm_rows)] if args.gemm_rows is not None else []
             cmd += ["--no-mega-cache"] if short == "warm-no-mega" else []
             cmd += ["--profile-out", str(args.out / f"start-profile-{short}.txt")] if args.profile_start else []
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
@@ -640,9 +639,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-batch", type=int, metavar="N",
                     help="fastest mode with SpeedOptions(decode_batch=N): the VAE decodes N images at a time (1: the "
                     "compiled decoder keeps one shape for every batch size)")
-    ap.add_argument("--gemm-rows", type=int, metavar="N",
-                    help="fastest mode with SpeedOptions(gemm_rows=N): convolutions with at most N output pixels over "
-                         "the batch as one matrix product (0: none; default: SpeedOptions' default)")
     ap.add_argument("--shape", action="append", metavar="SIDExBATCH",
                     help="inference parts: only this shape of the table (e.g. 512x1; repeatable; default all)")
     ap.add_argument("--report", type=Path, nargs="+", metavar="DIR", help="merge the part-*.json found in these "
@@ -670,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     s = smoke_settings() if args.smoke else full_settings(args.repeats)
-    s.speed_dynamic, s.decode_batch, s.gemm_rows = bool(args.dynamic), args.decode_batch, args.gemm_rows
+    s.speed_dynamic, s.decode_batch = bool(args.dynamic), args.decode_batch
     if args.shape:
         known = {f"{side}x{b}": (side, b) for side, b in s.shapes}
         if any(k not in known for k in args.shape):
@@ -698,9 +694,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"model folder ready: {folder}")
         for part in parts:
             res: dict[str, Any] = environment(s)
-            if s.speed_dynamic or s.decode_batch or s.gemm_rows is not None:  # not the default options' rows
+            if s.speed_dynamic or s.decode_batch:  # the fastest mode's rows are not the default options'
                 res.setdefault("notes", []).append(f"fastest mode: SpeedOptions(dynamic={s.speed_dynamic}, "
-                                                   f"decode_batch={s.decode_batch}, gemm_rows={s.gemm_rows})")
+                                                   f"decode_batch={s.decode_batch})")
             log(f"--- part {part} ---")
             t0 = time.perf_counter()
             _SAVE.append(lambda res=res, part=part: write_report(res, args.out, f"part-{part}", quiet=True))

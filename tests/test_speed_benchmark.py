@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -218,6 +219,34 @@ def test_pointwise_as_linear_is_the_convolution():
     others = sum(1 for m in unet.modules() if isinstance(m, torch.nn.Conv2d)) - ones
     assert ones > 0 and speed_common.pointwise_as_linear(unet) == ones
     assert sum(1 for m in unet.modules() if isinstance(m, torch.nn.Conv2d)) == others
+
+
+@pytest.mark.parametrize("c,h,w,o,k,s,p", [(8, 9, 7, 5, 3, 2, 1), (8, 8, 8, 6, 3, 1, 1), (4, 5, 6, 3, 1, 1, 0),
+                                            (4, 6, 6, 3, 2, 1, 1), (3, 7, 7, 2, 3, 2, 0), (4, 6, 5, 3, 1, 2, 0)])
+def test_convolution_as_one_product_of_its_windows_is_the_convolution(c, h, w, o, k, s, p):
+    """conv_gemm_probe.py's product (speed_common.conv2d_as_gemm): the convolution's numbers (fp64) for square kernels
+    of 1–3, strides 1–2, paddings 0–1, either memory format in, channels-last out; the U-Net wrapper computes it only
+    where its rule says, and as the convolution elsewhere."""
+    import torch
+    import torch.nn.functional as F
+
+    speed_common = _benchmark_module("speed_common")
+    g = torch.Generator().manual_seed(c * h + k)
+    weight = torch.randn(o, c, k, k, generator=g, dtype=torch.float64)
+    bias = torch.randn(o, generator=g, dtype=torch.float64)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, c, h, w, generator=g, dtype=torch.float64).contiguous(memory_format=fmt)
+        want = F.conv2d(x, weight, bias, s, p)
+        got = speed_common.conv2d_as_gemm(x, speed_common.gemm_weight(weight), bias, k, s, p)
+        assert got.shape == want.shape and (got - want).abs().max() < 1e-12
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    conv = torch.nn.Conv2d(c, o, k, s, p).double()
+    x = torch.randn(2, c, h, w, generator=g, dtype=torch.float64)
+    rows = 2 * ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1)
+    for max_rows, max_kernel, product in ((rows, k, True), (rows - 1, k, False), (rows, k - 1, False)):
+        with mock.patch.object(speed_common, "conv2d_as_gemm", wraps=speed_common.conv2d_as_gemm) as calls:
+            got = speed_common.WindowsAsProduct(conv, max_rows, max_kernel)(x)
+        assert (got - conv(x)).abs().max() < 1e-12 and calls.call_count == int(product)
 
 
 def test_idle_gaps_finds_the_longest_stretches_without_a_kernel():

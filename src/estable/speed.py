@@ -10,13 +10,6 @@ What it does to a :class:`~estable.pipeline.Pipeline` (each step can be turned o
   (:meth:`Upsample.fuse_phases`): 16 instead of 36 multiply-adds per output pixel and channel pair, the same
   numbers up to rounding; the state dict is unchanged. On an H200 it took 15 % off the VAE decode and about 1 % off
   the U-Net call at batch 8 (RESULTS.md, fifteenth GPU run).
-* **Small convolutions as matrix products** (``gemm_rows``, off by default): a convolution whose output has at
-  most ``gemm_rows`` pixels over the batch runs as one matrix product of its gathered windows and its weight
-  (:mod:`estable.nn.conv_gemm`; with channels_last weights the weight's matrix is a view). At one image with
-  guidance the U-Net's 3×3 convolutions at 8² and 16² have 128 and 512 output rows against a reduction of 11,520,
-  too few output tiles for the convolution kernels to fill the GPU; the matrix-product library can split the
-  reduction. Same numbers up to rounding; not yet measured on a GPU (``benchmarks/conv_gemm_probe.py``,
-  ``speed_profile.py --variant gemm-2048``); no faster on the 2-core CPU.
 * **channels_last.** The convolutions' weights and the U-Net's input in NHWC layout, the layout the tensor-core
   convolution kernels read without transposing; the spatial transformer then flattens pixels to tokens with no
   copy.
@@ -73,9 +66,6 @@ class SpeedOptions:
     fuse_qkv: bool = True
     phase_upsample: bool = True  # upsampler + its convolution by phases (Upsample.fuse_phases)
     channels_last: bool = True
-    # Convolutions whose output has at most this many pixels over the batch (B·H·W) run as one matrix product over
-    # their gathered windows (estable.nn.conv_gemm); 0: never. Needs channels_last.
-    gemm_rows: int = 0
     compile: bool = True
     regional: bool = True  # compile each repeated block; False: the whole U-Net as one graph
     compile_vae: bool = True  # the VAE decoder's blocks too
@@ -102,8 +92,6 @@ class SpeedOptions:
         if self.resnet_mode is not None and not self.regional:
             raise EstableError("resnet_mode needs regional compilation (regional=True): the whole U-Net compiled "
                                "as one graph has one mode")
-        if self.gemm_rows < 0:
-            raise EstableError(f"gemm_rows must be 0 (off) or more, not {self.gemm_rows}")
         if self.decode_batch is not None and self.decode_batch < 1:
             raise EstableError(f"decode_batch must be 1 or more (or None: the whole batch), not {self.decode_batch}")
         for mode in (self.mode, self.resnet_mode):
@@ -317,11 +305,6 @@ def accelerate(unet: nn.Module, vae: nn.Module, device: torch.device, options: S
     if options.phase_upsample:
         fuse_phases(unet)
         fuse_phases(vae.decoder)
-    if options.gemm_rows:
-        from .nn.conv_gemm import gemm_convs
-
-        gemm_convs(unet, options.gemm_rows)
-        gemm_convs(vae.decoder, options.gemm_rows)
     if options.compile:
         root = compile_cache_dir(options)
         if root is not None:

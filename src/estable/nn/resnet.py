@@ -12,8 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv_gemm import conv2d
-
 
 class ResnetBlock(nn.Module):
     """x + F(x) with F = conv(drop(SiLU(GN(conv(SiLU(GN(x))) + W·SiLU(temb))))).
@@ -96,7 +94,6 @@ class Upsample(nn.Module):
         self.register_buffer("phase_weight", None, persistent=False)
         self.register_buffer("phase_bias", None, persistent=False)
         self.phase_channels_last = False  # the output's layout by phases: the weights' when fused
-        self.gemm_rows = 0  # the phase convolution as a matrix product up to this many output pixels (gemm_convs)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | torch.Size | None = None) -> torch.Tensor:
         out_size = (2 * x.shape[-2], 2 * x.shape[-1]) if size is None else tuple(size)
@@ -156,8 +153,7 @@ class Upsample(nn.Module):
     def _by_phases(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         # padding 1 on a 2×2 kernel: (H+1)×(W+1) outputs; phase (a, b)'s pixel (i, j) is output (i+a, j+b)
-        y = conv2d(x, self.phase_weight, self.phase_bias, 1, 1, self.gemm_rows)  # as F.conv2d (gemm_convs)
-        y = y.unflatten(1, (2, 2, c))  # (B, 2, 2, C, ·, ·)
+        y = F.conv2d(x, self.phase_weight, self.phase_bias, padding=1).unflatten(1, (2, 2, c))  # (B, 2, 2, C, ·, ·)
         rows = [torch.stack([y[:, a, s, :, a:a + h, s:s + w] for s in (0, 1)], dim=-1) for a in (0, 1)]
         out = torch.stack(rows, dim=-3).reshape(b, c, 2 * h, 2 * w)  # (B, C, H, 2, W, 2) → (B, C, 2H, 2W)
         if self.phase_channels_last:  # the model's layout, fixed when fused
