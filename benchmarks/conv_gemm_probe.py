@@ -14,7 +14,10 @@ batch 2 and 8, fp16, channels_last:
   (``speed_common.conv2d_as_gemm``), cuBLAS choosing its kernel (and whether to split the reduction);
 
 each as a CUDA graph of 20 calls, so that what is timed is the kernels (median of 7 replays), and the relative L2
-error of each against the fp32 convolution of the same fp16 inputs. Writes ``DIR/conv_gemm.json`` and ``.md``.
+error of each against the fp32 convolution of the same fp16 inputs; first, the whole U-Net's call with its
+convolutions as products by each of :data:`RULES` (:func:`unet_calls`). Writes ``DIR/unet_calls.json``,
+``DIR/conv_gemm.json`` and ``.md``. Measured on an H100: benchmarks/RESULTS.md, "the small convolutions as matrix
+products".
 """
 
 from __future__ import annotations
