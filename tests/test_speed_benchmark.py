@@ -249,6 +249,20 @@ def test_convolution_as_one_product_of_its_windows_is_the_convolution(c, h, w, o
         assert (got - conv(x)).abs().max() < 1e-12 and calls.call_count == int(product)
 
 
+def test_conv_gemm_probe_smoke_writes_its_tables(tmp_path):
+    """conv_gemm_probe.py --smoke: the U-Net section by every rule and the per-shape table, in fp32 on the CPU,
+    where the products equal the convolutions far below fp16's error."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "conv_gemm_probe.py"), "--smoke", "--out",
+                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    calls = json.loads((tmp_path / "unet_calls.json").read_text())["rows"]
+    assert len(calls) == 5 and all(r["fp16_error"] < 1e-5 for r in calls)
+    shapes = json.loads((tmp_path / "conv_gemm.json").read_text())["rows"]
+    assert shapes and all(r["err_gemm"] < 1e-5 and r["gemm_channels_last"] for r in shapes)
+    assert "| shape | batch |" in (tmp_path / "conv_gemm.md").read_text()
+
+
 def test_idle_gaps_finds_the_longest_stretches_without_a_kernel():
     """speed_profile.idle_gaps: overlapping kernels close no gap; the gaps come longest first, placed after the
     first kernel's start, with the kernels on either side (the one that ended last before the gap)."""
