@@ -140,7 +140,7 @@ def _open(path: Path):
     return Image.open(path)
 
 
-def test_a_vae_folder_made_for_another_scaling_factor_is_warned_about(folder, vae_files, tmp_path, capsys):
+def test_a_vae_folder_made_for_another_scaling_factor_is_warned_about(folder, ours, vae_files, tmp_path, capsys):
     """An SDXL VAE has SD 1.x's shapes and loads, but its config names another latent scaling factor; the model's
     is kept (as A1111 does), and the user is told."""
     import json
@@ -150,7 +150,7 @@ def test_a_vae_folder_made_for_another_scaling_factor_is_warned_about(folder, va
 
     same = vae_files["diffusers"]
     cfg = json.loads((same / "config.json").read_text())
-    model_vae = load_pipeline(folder, device="cpu", dtype="fp32").config.vae
+    model_vae = ours.config.vae
     ours_factor = model_vae.scaling_factor
     assert cfg["scaling_factor"] == pytest.approx(ours_factor)
     assert scaling_note(same, model_vae) is None
