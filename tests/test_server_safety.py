@@ -358,16 +358,16 @@ def test_serve_flags_become_settings(tmp_path):
                                       "u:pass:word", "--cors-origin", "https://a.example", "--max-body-mb", "1",
                                       "--max-size", "512", "--max-steps", "30", "--queue", "3", "--timeout", "9",
                                       "--max-connections-per-client", "0", "--max-megapixels", "0.5",
-                                      "--keep-jobs", "5"])
+                                      "--keep-jobs", "5", "--forwarded-allow-ips", "10.0.0.0/8, ::1"])
     s = settings_from_args(args)
     s.check()
     assert s.api_key == "a-long-enough-key" and s.api_auth == ("u", "pass:word") and s.cors_origins == ("https://a.example",)
     assert s.limits.max_body_bytes == 2**20 and s.limits.max_width == s.limits.max_height == 512
     assert s.limits.max_steps == 30 and s.queue_size == 3 and s.job_timeout == 9 and s.max_client_connections == 0
-    assert s.limits.max_job_pixels == 2**19 and s.keep_jobs == 5
+    assert s.limits.max_job_pixels == 2**19 and s.keep_jobs == 5 and s.forwarded_allow_ips == "10.0.0.0/8, ::1"
     defaults = settings_from_args(build_parser().parse_args(["serve"]))
     assert (defaults.host, defaults.port, defaults.model, defaults.api_key) == ("127.0.0.1", 7860, "default", None)
-    assert defaults.limits.max_body_bytes == 32 * 2**20
+    assert defaults.limits.max_body_bytes == 32 * 2**20 and defaults.forwarded_allow_ips is None
     key.write_text("\n")
     with pytest.raises(EstableError, match="empty"):
         settings_from_args(build_parser().parse_args(["serve", "--api-key-file", str(key)]))
@@ -384,6 +384,10 @@ def test_serve_flags_become_settings(tmp_path):
             settings_from_args(build_parser().parse_args(["serve", "--max-size", size]))
     with pytest.raises(EstableError, match="connections-per-client"):
         settings_from_args(build_parser().parse_args(["serve", "--max-connections-per-client", "-1"])).check()
+    for ips in ("127.0.0.l", "", "10.0.0.1,"):
+        with pytest.raises(EstableError, match="forwarded-allow-ips"):
+            settings_from_args(build_parser().parse_args(["serve", "--forwarded-allow-ips", ips])).check()
+    settings_from_args(build_parser().parse_args(["serve", "--forwarded-allow-ips", "*"])).check()
 
 
 # ------------------------------------------------------------------------------------------------- connections
@@ -497,6 +501,33 @@ def test_refused_attempts_are_throttled_per_address(model, tmp_path):
         other = httpx.Client(base_url=s.url, transport=httpx.HTTPTransport(local_address="127.0.0.2"))
         assert other.get("/v1/config", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
         other.close()
+    finally:
+        s.stop()
+
+
+def test_a_client_cannot_name_another_address_to_dodge_the_throttle(model, tmp_path):
+    """X-Forwarded-For is trusted only from the proxies named by forwarded_allow_ips (default none): a local client
+    rotating the header is still one address to the throttle; behind a named proxy the header's address counts."""
+    s = LiveServer(settings(tmp_path / "a", model, api_key=KEY, auth_failure_limit=3, warmup=False))
+    try:
+        for k in range(3):
+            r = s.client.get("/v1/config", headers={"Authorization": "Bearer wrong-key",
+                                                    "X-Forwarded-For": f"10.0.0.{k + 1}"})
+            assert r.status_code == 401
+        r = s.client.get("/v1/config", headers={"Authorization": f"Bearer {KEY}", "X-Forwarded-For": "10.0.0.9"})
+        assert r.status_code == 429
+    finally:
+        s.stop()
+    s = LiveServer(settings(tmp_path / "b", model, api_key=KEY, auth_failure_limit=3, warmup=False,
+                            forwarded_allow_ips="127.0.0.1"))
+    try:
+        proxied = {"X-Forwarded-For": "10.0.0.1"}
+        for _ in range(3):
+            r = s.client.get("/v1/config", headers={"Authorization": "Bearer wrong-key", **proxied})
+            assert r.status_code == 401
+        assert s.client.get("/v1/config", headers={"Authorization": f"Bearer {KEY}", **proxied}).status_code == 429
+        r = s.client.get("/v1/config", headers={"Authorization": f"Bearer {KEY}", "X-Forwarded-For": "10.0.0.2"})
+        assert r.status_code == 200
     finally:
         s.stop()
 

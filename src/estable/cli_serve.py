@@ -56,6 +56,10 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-connections-per-client", type=int, default=32, metavar="N",
                    help="open connections one client address may hold (default 32; 0: no cap, for a reverse proxy "
                         "in front, whose connections all come from one address)")
+    p.add_argument("--forwarded-allow-ips", metavar="IPS",
+                   help="addresses of reverse proxies in front (comma-separated, or '*') whose X-Forwarded-For and "
+                        "X-Forwarded-Proto headers name the client (default: none; the connection's own address is "
+                        "the client, so a client cannot name another to dodge the per-address limits)")
     p.add_argument("--max-body-mb", type=float, default=lim.max_body_bytes / 2**20, metavar="MB",
                    help="largest request body accepted, in MiB (default 32; larger → 413)")
     p.add_argument("--max-size", type=int, default=lim.max_width, metavar="PX",
@@ -144,7 +148,7 @@ def settings_from_args(args: argparse.Namespace):
         host=args.host, port=args.port, model=args.model, models_dir=args.models_dir, api_key=_api_key(args),
         api_auth=auth, data_dir=args.data_dir or default_data_dir(), queue_size=args.queue, keep_jobs=args.keep_jobs,
         job_timeout=args.timeout, grace=args.grace, cors_origins=tuple(args.cors_origin), device=args.device,
-        max_client_connections=args.max_connections_per_client,
+        max_client_connections=args.max_connections_per_client, forwarded_allow_ips=args.forwarded_allow_ips,
         dtype=args.dtype, cuda_graphs=args.cuda_graphs, preview_interval=args.preview_interval, limits=limits,
         watermark=args.watermark, watermark_key=args.watermark_key, tree_ring=bool(args.tree_ring),
         sign_key=args.sign_key, blocklists=tuple(args.blocklist or ()), output_check=args.output_check,

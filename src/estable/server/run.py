@@ -81,7 +81,10 @@ def uvicorn_config(app: Any, settings: ServerSettings, **overrides: Any) -> uvic
     protocol = type("GuardedProtocol", (GuardedProtocol,), {"per_client": settings.max_client_connections})
     options: dict[str, Any] = dict(host=settings.host, port=settings.port, log_level="warning", access_log=False,
                                    lifespan="on", timeout_graceful_shutdown=int(settings.grace) + 10,
-                                   limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5, http=protocol)
+                                   limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5, http=protocol,
+                                   # uvicorn's own default trusts X-Forwarded-For from 127.0.0.1: off unless named
+                                   proxy_headers=settings.forwarded_allow_ips is not None,
+                                   forwarded_allow_ips=settings.forwarded_allow_ips)
     options.update(overrides)
     return uvicorn.Config(app, **options)
 

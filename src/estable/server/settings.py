@@ -70,6 +70,9 @@ class ServerSettings:
     cors_origins: tuple[str, ...] = ()
     max_client_connections: int = 32  # one client address's open connections (0: no cap, e.g. behind a proxy)
     auth_failure_limit: int = 60  # refused authentications per client address per minute, then 429
+    # reverse proxies whose X-Forwarded-For / -Proto name the client ("127.0.0.1", a comma-separated list, or "*");
+    # None: none, the connection's own address is the client (no client can name another to dodge the limits)
+    forwarded_allow_ips: str | None = None
     device: str = "auto"
     dtype: str = "auto"
     cuda_graphs: bool = True
@@ -127,6 +130,13 @@ class ServerSettings:
                              ("--controlnet-dir", self.controlnet_dir)):
             if folder is not None and not Path(folder).is_dir():
                 raise EstableError(f"{flag} {folder} is not a folder")
+        for entry in (self.forwarded_allow_ips.split(",") if self.forwarded_allow_ips is not None else ()):
+            try:
+                if entry.strip() != "*":
+                    ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise EstableError(f"--forwarded-allow-ips takes addresses or networks separated by commas, or '*'; "
+                                   f"{entry.strip()!r} is neither") from None
         for origin in self.cors_origins:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise EstableError(f"--cors-origin must be an origin such as https://example.org, not {origin!r}")
