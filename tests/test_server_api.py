@@ -121,6 +121,25 @@ def test_events_stream_progress_until_done(server):
     assert server.client.get("/v1/jobs/nope/events").status_code == 404
 
 
+def test_head_is_the_get_without_its_body(server):
+    """HEAD on every GET route answers GET's status and headers with no body (it was 405); on a running job's event
+    stream it answers at once, the stream ends and the job runs on."""
+    for path in ("/", "/health/live", "/v1/config", "/v1/jobs", "/sdapi/v1/samplers", "/web/app.js", "/metrics"):
+        get, head = server.client.get(path), server.client.head(path)
+        assert get.status_code == head.status_code == 200 and head.content == b"", path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+        if path != "/metrics":  # the metrics count the requests, so they grow between the two
+            assert head.headers["content-length"] == get.headers["content-length"], path
+    assert server.client.head("/v1/jobs/nope").status_code == 404
+    assert server.client.head("/sdapi/v1/txt2img").status_code == 405  # POST only
+    job = server.client.post("/v1/jobs", json={"prompt": "x", "steps": 40, "width": TINY, "height": TINY}).json()
+    head = server.client.head(f"/v1/jobs/{job['id']}/events")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-type"].startswith("text/event-stream")
+    assert server.client.get(f"/v1/jobs/{job['id']}").json()["state"] in ("queued", "running")
+    assert finished(server, job["id"])["state"] == "done"
+
+
 def test_events_stream_sends_the_end_of_a_job_that_ends_while_its_view_is_made(server, monkeypatch):
     """The worker may finish a job between the stream's look at it and the view it sends: the stream must then
     still send the ended job before it closes, not close on a view that says running."""

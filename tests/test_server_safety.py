@@ -532,6 +532,13 @@ def test_a_client_cannot_name_another_address_to_dodge_the_throttle(model, tmp_p
         s.stop()
 
 
+def test_head_needs_the_key_as_get_does(locked):
+    assert locked.client.head("/v1/config").status_code == 401
+    r = locked.client.head("/v1/config", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200 and r.content == b"" and r.headers["x-content-type-options"] == "nosniff"
+    assert locked.client.head("/health/live").status_code == 200
+
+
 def test_odd_methods_share_one_metrics_label(locked):
     auth = {"Authorization": f"Bearer {KEY}"}
     for k in range(5):

@@ -3,7 +3,8 @@ APIs (:mod:`.a1111`, :mod:`.api`), health and metrics routes, offline docs and t
 
 Middleware, outermost first: :class:`~.middleware.Observe` (body cap, log line, metrics),
 :class:`~.middleware.Guard` (Host and Origin checks, security headers), CORS (only with ``--cors-origin``),
-:class:`~.middleware.Auth` (only with an API key or ``--api-auth``).
+:class:`~.middleware.Auth` (only with an API key or ``--api-auth``), :class:`~.middleware.HeadAsGet` (HEAD as GET
+without the body).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..errors import EstableError
 from . import a1111, api, extras
 from .catalog import ModelCatalog, ModelNameError
 from .metrics import Metrics
-from .middleware import Auth, Guard, Observe
+from .middleware import Auth, Guard, HeadAsGet, Observe
 from .settings import ServerSettings
 from .state import ServerState
 from .store import JobStore
@@ -69,6 +70,7 @@ def create_app(settings: ServerSettings, *, worker_class: type[Worker] = Worker,
     app.include_router(extras.router)
     app.include_router(a1111.router)
     app.include_router(api.router)
+    app.add_middleware(HeadAsGet)  # each add_middleware wraps the ones before: the first added is the innermost
     if settings.auth_required:
         app.add_middleware(Auth, settings=settings)
     if settings.cors_origins:

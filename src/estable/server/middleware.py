@@ -1,4 +1,4 @@
-"""Three plain ASGI middlewares around the app, outermost first.
+"""Four plain ASGI middlewares around the app, outermost first.
 
 :class:`Observe`: caps the request body (Content-Length over the cap, or a streamed body that grows past it → 413;
 a body still arriving ``BODY_TIMEOUT`` seconds after the request began → 408), hashes the body as it streams in,
@@ -15,6 +15,9 @@ response (nosniff, no framing, no referrer; a Content-Security-Policy on HTML pa
 basic auth when ``--api-auth`` is set), compared in constant time (:func:`hmac.compare_digest`). A client address
 with ``settings.auth_failure_limit`` refused attempts in ``FAILURE_WINDOW`` seconds gets 429 until the window
 passes.
+
+:class:`HeadAsGet`: HEAD answered as the GET of the same path without its body (a general-purpose HTTP server supports
+HEAD wherever it supports GET, RFC 9110; the API's routes are declared for GET only, so HEAD got 405).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from starlette.routing import Match
 
 from .settings import ServerSettings
 
-__all__ = ["Auth", "Guard", "Observe", "access_log"]
+__all__ = ["Auth", "Guard", "HeadAsGet", "Observe", "access_log"]
 
 access_log = logging.getLogger("estable.server.access")
 BODY_TIMEOUT = 60.0  # seconds from a request's start for its whole body to arrive (slower → 408)
@@ -321,3 +324,32 @@ class Auth:
             challenge.append(b'Basic realm="estable"')
         await _send_json(send, 401, {"detail": "Not authenticated: send Authorization: Bearer <API key>"},
                          [(b"www-authenticate", c) for c in challenge])
+
+
+class HeadAsGet:
+    """Runs a HEAD request as GET and sends the response's start (status and headers, Content-Length included) with an
+    empty body. Once that is sent the app hears that the client left, so a stream (a job's events) ends."""
+
+    def __init__(self, app: ASGI):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[dict]],
+                       send: Callable[[dict], Awaitable[None]]) -> None:
+        if scope["type"] != "http" or scope.get("method") != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        done = False
+
+        async def head_send(message: dict) -> None:
+            nonlocal done
+            if done:
+                return
+            if message["type"] == "http.response.body":
+                done = True
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        async def head_receive() -> dict:
+            return {"type": "http.disconnect"} if done else await receive()
+
+        await self.app({**scope, "method": "GET"}, head_receive, head_send)
