@@ -62,6 +62,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "max": {},  # what speed="max" turns on
     "max-nographs": {"cuda_graphs": False},
     "no-phases": {"phase_upsample": False},  # upsamplers as interpolation + 3×3 convolution (the fifteenth run's "max")
+    "no-fused-qkv": {"fuse_qkv": False},  # each attention's projections as separate matrix products
+    "no-channels-last": {"channels_last": False},  # the networks in NCHW
     "cudnn": {"sdpa": "cudnn"},
     "flash": {"sdpa": "flash"},
     "efficient": {"sdpa": "efficient"},
