@@ -532,10 +532,13 @@ def test_a_client_cannot_name_another_address_to_dodge_the_throttle(model, tmp_p
         s.stop()
 
 
-def test_head_needs_the_key_as_get_does(locked):
+def test_head_needs_the_key_as_get_does(locked, access_lines):
     assert locked.client.head("/v1/config").status_code == 401
+    before = len(access_lines)
     r = locked.client.head("/v1/config", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 200 and r.content == b"" and r.headers["x-content-type-options"] == "nosniff"
+    line = wait_for(lambda: access_lines[before:] and json.loads(access_lines[-1]))
+    assert (line["method"], line["route"], line["status"]) == ("HEAD", "/v1/config", 200)
     assert locked.client.head("/health/live").status_code == 200
 
 

@@ -352,4 +352,9 @@ class HeadAsGet:
         async def head_receive() -> dict:
             return {"type": "http.disconnect"} if done else await receive()
 
-        await self.app({**scope, "method": "GET"}, head_receive, head_send)
+        inner = {**scope, "method": "GET"}
+        try:
+            await self.app(inner, head_receive, head_send)
+        finally:
+            if "route" in inner:  # set by the router: the access log and the metrics name the route, not "unmatched"
+                scope["route"] = inner["route"]
