@@ -56,7 +56,6 @@ def train_prompts(kind: str, n: int, seed: int) -> list:
 def make_pairs(pipe: Pipeline, judge, specs: list, seeds: int, base_seed: int, log) -> tuple[list, list]:
     """(pairs, verdicts): pairs are (winner, loser) dicts of latent (C, h, w) and context (1, L, D)."""
     params = GenerationParams(sampler="dpmpp_2m_karras", steps=25, cfg_scale=float(pipe.config.default_cfg or 7.0))
-    scale = pipe.vae.config.scaling_factor
     pairs, verdicts = [], []
     for i, spec in enumerate(specs):
         caption = caption_for(spec)
@@ -65,23 +64,27 @@ def make_pairs(pipe: Pipeline, judge, specs: list, seeds: int, base_seed: int, l
         dets, bgs = judge.detect(images), judge.classify_background(images)
         right = [score_image(spec, d, b)["whole_prompt"] for d, b in zip(dets, bgs)]
         verdicts.append({"prompt": caption, "seeds": image_seeds, "right": right})
-        if all(right) or not any(right):
-            continue
-        with torch.no_grad():
-            pixels = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)) for im in images])
-            pixels = (pixels.permute(0, 3, 1, 2) / 127.5 - 1).to(pipe.device, pipe.dtype)
-            latents = pipe.vae.encode(pixels).mean.float() * scale  # (K, C, h, w)
-        items = []
-        for k, s in enumerate(image_seeds):
-            cond, _ = pipe.encode_prompts(pipe.completed_prompt(params, s, caption), "",
-                                          clip_skip=pipe.config.clip_skip)
-            items.append({"latent": latents[k], "context": cond.float()})
-        winners = [items[k] for k in range(seeds) if right[k]]
-        for j, k in enumerate(k for k in range(seeds) if not right[k]):
-            pairs.append((winners[j % len(winners)], items[k]))
+        if any(right) and not all(right):
+            pairs += _pairs_of(pipe, params, caption, images, image_seeds, right)
         if (i + 1) % 10 == 0:
             log(f"{i + 1}/{len(specs)} prompts, {len(pairs)} pairs")
     return pairs, verdicts
+
+
+def _pairs_of(pipe: Pipeline, params: GenerationParams, caption: str, images: list, seeds: list[int],
+              right: list[bool]) -> list:
+    """Every wrong image paired with a right one (in turn), as VAE latents and completed prompts' contexts."""
+    with torch.no_grad():
+        pixels = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)) for im in images])
+        pixels = (pixels.permute(0, 3, 1, 2) / 127.5 - 1).to(pipe.device, pipe.dtype)
+        latents = pipe.vae.encode(pixels).mean.float() * pipe.vae.config.scaling_factor  # (K, C, h, w)
+    items = []
+    for k, s in enumerate(seeds):
+        cond, _ = pipe.encode_prompts(pipe.completed_prompt(params, s, caption), "", clip_skip=pipe.config.clip_skip)
+        items.append({"latent": latents[k], "context": cond.float()})
+    winners = [item for item, ok in zip(items, right) if ok]
+    losers = [item for item, ok in zip(items, right) if not ok]
+    return [(winners[j % len(winners)], loser) for j, loser in enumerate(losers)]
 
 
 def dpo_step(unet, ref, pairs, ac, objective: str, beta: float, generator: torch.Generator, device) -> dict:
