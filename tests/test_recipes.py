@@ -51,7 +51,8 @@ def test_relations_ablation_trains_in_segments_and_scores_each_scale(tmp_path):
 
 
 DRY_RUN = ["max_steps=2", "batch_size=2", "device=cpu", "precision=fp32", "data.num_workers=0", "data.size=64",
-           "data.shapes_length=8", "data.val_size=2", "tensorboard=false"]
+           "data.shapes_length=8", "data.val_size=2", "tensorboard=false", "preference.prompts=2", "preference.seeds=2",
+           "preference.steps=2", "preference.gen_batch=4", "preference.device=cpu"]
 
 
 def _reproduce(folder, *args):
@@ -81,11 +82,16 @@ def test_reproduce_chain_runs_every_stage_in_order(tmp_path):
     stages = ["vae", "clip", "part1", "part2", "part3", "part4", "part5", "decoder", "part6", "fifth", "part7", "sixth",
               "part8", "seventh", "part9", "eighth", "part10", "ninth", "part11", "tenth", "part12", "eleventh",
               "decoder2", "twelfth", "decoder3", "thirteenth", "contact", "fourteenth", "contact2", "contact2_model",
-              "contact3", "model"]
+              "contact3", "fifteenth", "model"]
     training = {c[c.index("--run-dir") + 1].split("/")[-1]: c for c in commands if "--run-dir" in c}
     conversions = ("fifth", "sixth", "seventh", "eighth", "ninth", "tenth", "eleventh", "twelfth", "thirteenth",
-                   "fourteenth", "contact2_model", "model")
+                   "fourteenth", "contact2_model", "fifteenth", "model")
     assert list(training) == [s for s in stages if s not in conversions]
+    # the last stage: the fifteenth's U-Net by preference, the dry run's options passed on, none of the trainers'
+    preference = next(c for c in commands if c[1:3] == ["train", "preference"])
+    assert preference[3:5] == [str(tmp_path / "fifteenth.safetensors"), str(tmp_path / "model.safetensors")]
+    assert preference[preference.index("--prompts") + 1] == "2" and "--gen-batch" in preference
+    assert not any(a.startswith("preference.") for c in training.values() for a in c)
     part3, part7 = training["part3"], training["part7"]
     assert f"init_from={tmp_path / 'part2.safetensors'}" in part3 and "text.train=true" in part3
     assert f"init_from={tmp_path / 'fifth.safetensors'}" in part7
@@ -130,7 +136,7 @@ def test_reproduce_chain_runs_every_stage_in_order(tmp_path):
     # thirteenth, the thirteenth's on touching objects into the fourteenth, and twice more from there
     for name, base, made in (("decoder2", "eleventh", "twelfth"), ("decoder3", "twelfth", "thirteenth"),
                              ("contact", "thirteenth", "fourteenth"), ("contact2", "fourteenth", "contact2_model"),
-                             ("contact3", "contact2_model", "model")):
+                             ("contact3", "contact2_model", "fifteenth")):
         run, base_file, made_file = training[name], tmp_path / f"{base}.safetensors", tmp_path / f"{made}.safetensors"
         assert f"init_from={base_file}" in run and "worst_weight=0.3" in run
         assert ("data.shapes_contact=0.5" in run) == name.startswith("contact")

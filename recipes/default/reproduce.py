@@ -1,4 +1,4 @@
-"""The shipped built-in model from nothing, on one GPU: its thirty-two stages in order, one `estable` command each.
+"""The shipped built-in model from nothing, on one GPU: its thirty-three stages in order, one `estable` command each.
 
     python3 recipes/default/reproduce.py [STAGE ...] [--dir runs/repro] [--minutes M] [KEY=VALUE ...]
 
@@ -9,7 +9,8 @@ on (the sixth) and, after part 8, the prompt completion the shipped file names (
 eighth to the eleventh, with the same settings); last, the eleventh's decoder fine-tuned again against stray pixels
 (``decoder2``, the twelfth), once more from there (``decoder3``, the thirteenth), then three times on a world whose
 two-colour scenes touch half the time (``contact``, the fourteenth; ``contact2``, not shipped; ``contact3``, the
-fifteenth, the shipped file). Runs that
+fifteenth); last, the fifteenth's U-Net fine-tuned on pairs of its own right and wrong images as the judge grades them
+(``model``: ``estable train preference``, the sixteenth, the shipped file). Runs that
 stopped by their time budget on the machines they ran on stop at the same step here (``--until``), on the schedule
 they were planned with; runs made on two GPUs train their global batch on one.
 
@@ -17,10 +18,11 @@ Each command is printed as it starts, and its log goes to ``DIR/<stage>.log``. A
 is skipped, so calling the script again continues the chain; ``--minutes`` is a budget for this call (for
 time-limited jobs): a training stage gets what is left as its ``max_minutes`` and stops with a checkpoint, the
 next call resumes it, and no stage starts with less than ``--min-start`` minutes left (without ``--minutes`` the
-configs' own ``max_minutes``, the shipped runs' budgets, are lifted). Every command's wall time
-is appended to ``DIR/times.jsonl``. ``KEY=VALUE`` overrides go to every training command after the stage's own (a
-CPU dry run: ``max_steps=2 batch_size=2 device=cpu precision=fp32 data.num_workers=0 data.size=64
-data.shapes_length=8``). The model ends as ``DIR/model.safetensors``.
+configs' own ``max_minutes``, the shipped runs' budgets, are lifted). Every command's wall time is appended to
+``DIR/times.jsonl``. ``KEY=VALUE`` overrides go to every training command after the stage's own, and
+``preference.KEY=VALUE`` to the preference stage as ``--KEY VALUE`` (a CPU dry run: ``max_steps=2 batch_size=2
+device=cpu precision=fp32 data.num_workers=0 data.size=64 data.shapes_length=8 preference.prompts=2
+preference.seeds=2 preference.steps=2 preference.device=cpu``). The model ends as ``DIR/model.safetensors``.
 
 After the chain come the stages of a model not shipped yet, run only when named: the wide U-Net from nothing on the
 shipped model's text encoder and VAE (``wide1``, ``wide2``, ``wide3``, as run so far), put into ``DIR/wide.safetensors``
@@ -47,7 +49,7 @@ HERE = Path(__file__).resolve().parent
 @dataclass(frozen=True)
 class Stage:
     name: str
-    kind: str  # a trainer (vae, clip, unet) or "convert"
+    kind: str  # a trainer (vae, clip, unet), "convert" or "preference" (estable train preference)
     config: str = ""  # the recipe's config file
     start: str = ""  # the stage whose model this one starts from (its weights, text encoder and VAE)
     overrides: tuple[str, ...] = ()
@@ -114,7 +116,11 @@ STAGES = (
     Stage("contact2_model", "convert", start="fourteenth", convert=(*SHIPPED_SETTINGS, "--vae", "{contact2}")),
     Stage("contact3", "vae", "vae_decoder.json", start="contact2_model",
           overrides=("worst_weight=0.3", "data.shapes_contact=0.5"), until=3000),
-    Stage("model", "convert", start="contact2_model", convert=(*SHIPPED_SETTINGS, "--vae", "{contact3}")),
+    Stage("fifteenth", "convert", start="contact2_model", convert=(*SHIPPED_SETTINGS, "--vae", "{contact3}")),
+    # the fifteenth's U-Net taught from its own images, graded by the judge: pairs of right and wrong images of 2,000
+    # count and 2,000 pair prompts of the train split, 8 seeds each; 150 DPO steps; half of the way from the fifteenth's
+    # weights to the fine-tuned ones (the command's defaults; estable.training.preference)
+    Stage("model", "preference", start="fifteenth"),
     # Not shipped (yet): the wide U-Net (56, 112, 168) from nothing on the shipped text encoder and VAE, as run so far
     # (RESULTS.md, "the wide U-Net from nothing" and "the wide U-Net trained on"); run by name, after the chain above
     Stage("wide1", "unet", "unet_wide.json", text_from="model", shipped=False),
@@ -131,7 +137,14 @@ DECODERS = ("decoder", "decoder2", "decoder3", "contact", "contact2", "contact3"
 
 class Chain:
     def __init__(self, folder: Path, extra: list[str], minutes: float | None) -> None:
-        self.dir, self.extra = folder, extra
+        self.dir = folder
+        # "preference.KEY=VALUE" goes to the preference stage as --KEY VALUE, the rest to every training command
+        self.extra = [e for e in extra if not e.startswith("preference.")]
+        self.preference_options: list[str] = []
+        for e in extra:
+            if e.startswith("preference."):
+                key, value = e[len("preference."):].split("=", 1)
+                self.preference_options += [f"--{key.replace('_', '-')}", value]
         self.deadline = None if minutes is None else time.monotonic() + 60 * minutes
 
     def left(self) -> float | None:
@@ -170,7 +183,7 @@ class Chain:
         return 0 if found is None else int(found.name.split("_")[-1])
 
     def finished(self, stage: Stage) -> bool:
-        if stage.kind == "convert" or stage.kind == "unet":
+        if stage.kind in ("convert", "unet", "preference"):
             return self.output(stage).is_file()
         return self.trained_to(stage) >= self.target(stage)
 
@@ -195,6 +208,10 @@ class Chain:
             decoders = {name: self.output(BY_NAME[name]) for name in DECODERS}
             options = [o.format(**decoders) for o in stage.convert]
             self.run(stage, ["convert", str(source), str(self.output(stage)), "--to", "estable", *options])
+            return True
+        if stage.kind == "preference":
+            self.run(stage, ["train", "preference", str(self.output(BY_NAME[stage.start])), str(self.output(stage)),
+                             "--work", str(self.dir / f"{stage.name}-pairs"), "--overwrite", *self.preference_options])
             return True
         run_dir = self.dir / stage.name
         target = self.target(stage)

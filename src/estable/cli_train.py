@@ -1,4 +1,5 @@
-"""``estable train {vae,unet,clip,lora,controlnet}``: the training commands (a thin shell over ``estable.training``).
+"""``estable train {vae,unet,clip,lora,controlnet,ti,preference}``: the training commands (a thin shell over
+``estable.training``).
 
     estable train unet --config tiny-unet --run-dir runs/try optim.lr=3e-4 max_steps=200
     estable train clip --config tiny-clip --run-dir runs/clip            (→ runs/clip/text_encoder.safetensors)
@@ -7,6 +8,7 @@
     estable train controlnet --config tiny-controlnet base=model.safetensors control=canny
                                                                        (→ RUN/controlnet.safetensors)
     estable train ti --config tiny-ti token=teal colour=[0,160,160]            (→ RUN/teal.safetensors)
+    estable train preference default out.safetensors --device cuda     (pairs judged, DPO, half-way mix)
     estable train unet --run-dir runs/try --resume max_steps=400       (config.json of the run is the base)
     torchrun --nproc_per_node 4 -m estable.cli train unet --config my.json --run-dir runs/big
 
@@ -68,6 +70,105 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="weights dtype (default fp16)")
     e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     e.set_defaults(func=_cmd_export)
+    _add_preference_command(sub)
+
+
+def _add_preference_command(sub: argparse._SubParsersAction) -> None:
+    from .training.preference import PAIR_KINDS
+
+    text = ("preference fine-tuning by the judge (Diffusion-DPO): a shapes-world model draws train-split prompts, the "
+            "compositional benchmark's judge grades each image, and the U-Net learns from pairs of one prompt's right "
+            "and wrong images (estable.training.preference)")
+    q = sub.add_parser("preference", help=text, description=text + ". The pairs of each kind are kept in --work and "
+                       "reused by a later call.")
+    q.add_argument("model", metavar="MODEL", help="the model to fine-tune (a file, or 'default' for the built-in one)")
+    q.add_argument("out", metavar="OUT", help="the .safetensors file to write (fp16, with MODEL's settings)")
+    q.add_argument("--kinds", default="count,pair",
+                   help=f"prompt kinds to draw pairs for, comma-separated ({', '.join(PAIR_KINDS)}; "
+                   "default count,pair)")
+    q.add_argument("--prompts", type=int, default=2000, help="distinct train-split prompts per kind (default 2000)")
+    q.add_argument("--seeds", type=int, default=8, help="images per prompt (default 8)")
+    q.add_argument("--gen-batch", type=int, default=64, help="images per sampler run while drawing (default 64)")
+    q.add_argument("--world-seed", type=int, default=101, help="the train-split world of the prompts (default 101)")
+    q.add_argument("--steps", type=int, default=150, help="optimizer steps (default 150)")
+    q.add_argument("--pairs-per-step", type=int, default=64, help="pairs per step (default 64)")
+    q.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (default 2e-5)")
+    q.add_argument("--beta", type=float, default=1000.0, help="DPO's β (default 1000)")
+    q.add_argument("--mix", type=float, default=0.5,
+                   help="how far OUT's U-Net goes from MODEL's weights to the fine-tuned ones (default 0.5; 1: all)")
+    q.add_argument("--work", metavar="DIR", help="pairs, verdicts and the loss log (default: OUT's name + '.work')")
+    q.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    q.set_defaults(func=_cmd_preference)
+
+
+def _cmd_preference(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoints.store import load_model, save_model
+    from .evaluation.judge import load_default_judge
+    from .pipeline import DEFAULT_MODEL, Pipeline, default_model_path, load_pipeline, resolve_device
+    from .training import preference as pref
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if not kinds or set(kinds) - set(pref.PAIR_KINDS):
+        raise EstableError(f"--kinds takes some of {', '.join(pref.PAIR_KINDS)}, not {args.kinds!r}")
+    if min(args.prompts, args.gen_batch, args.pairs_per_step) < 1 or args.seeds < 2 or args.steps < 0:
+        raise EstableError("--prompts, --gen-batch and --pairs-per-step must be at least 1, --seeds at least 2 (a "
+                           "pair needs two images of a prompt) and --steps not negative")
+    if not (args.lr > 0 and args.beta > 0 and 0 <= args.mix <= 1):
+        raise EstableError("--lr and --beta must be positive and --mix between 0 and 1")
+    source = default_model_path() if args.model == DEFAULT_MODEL else Path(args.model)
+    if not source.exists():
+        raise EstableError(f"no model at {source}")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise EstableError(f"{out} exists; pass --overwrite to replace it")
+    work = Path(args.work) if args.work else out.with_name(out.name + ".work")
+    if work.exists() and not work.is_dir():
+        raise EstableError(f"--work {work} is a file; give a folder for the pairs")
+    work.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    t0 = time.monotonic()
+
+    def log(msg: str) -> None:
+        print(f"[{time.monotonic() - t0:7.1f}s] {msg}", flush=True)
+
+    sets, drawer, judge = [], None, None
+    for kind in kinds:
+        path = work / f"pairs-{kind}.pt"
+        if path.is_file():
+            try:
+                sets.append(pref.PairSet.load(path))
+            except Exception as exc:  # truncated, not a pair set, or not torch's: say which file, keep it
+                raise EstableError(f"cannot read the pairs in {path} ({exc}); remove it to draw them again") from None
+            log(f"{kind}: {len(sets[-1].pairs)} pairs read from {path}")
+            continue
+        if drawer is None:  # drawn as `estable eval compositional` draws on this device (fp16 on a GPU)
+            drawer, judge = load_pipeline(source, device=device), load_default_judge(device)
+        specs = pref.train_prompts(kind, args.prompts, args.world_seed)
+        pairs = pref.draw_pairs(drawer, judge, specs, args.seeds, 10_000, args.gen_batch,
+                                lambda m, kind=kind: log(f"{kind}: {m}"))
+        right = sum(sum(v["right"]) for v in pairs.verdicts)
+        log(f"{kind}: {len(pairs.pairs)} pairs; {right} of {len(specs) * args.seeds} images right")
+        pairs.save(path)
+        sets.append(pairs)
+    del drawer, judge
+    pairs = pref.merge_pairs(sets)
+    model = load_model(source, dtype=torch.float32, device=device)
+    if pairs.pairs and args.steps > 0:
+        pipe = Pipeline(model, device=device, dtype=torch.float32, cuda_graphs=False)
+        ref = pref.fine_tune(pipe, pairs, steps=args.steps, pairs_per_step=args.pairs_per_step, lr=args.lr,
+                             beta=args.beta, log_file=work / "log.jsonl", log=log)
+        pref.mix_weights(model.unet, ref, args.mix)
+    else:
+        log("no prompt had both right and wrong images (or --steps 0): nothing to learn from; OUT is MODEL as it was")
+    (work / "summary.json").write_text(json.dumps({
+        "model": str(source), "kinds": kinds, "pairs": {k: len(s.pairs) for k, s in zip(kinds, sets)},
+        **{k: getattr(args, k) for k in ("prompts", "seeds", "world_seed", "steps", "pairs_per_step", "lr", "beta",
+                                         "mix")}}, indent=1))
+    log(f"wrote {save_model(model, out, to='estable', dtype='fp16', overwrite=args.overwrite)}")
+    return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
