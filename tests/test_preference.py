@@ -146,17 +146,20 @@ def test_train_preference_command_fine_tunes_on_kept_pairs_and_mixes(tmp_path, r
     """The command on a tiny model, with pairs already in its work folder (drawing them is draw_pairs' test): --mix 1
     writes the fine-tuned U-Net, --mix 0.5 the point half-way from MODEL's (the same run again: CPU steps repeat),
     and a pair set with no pairs writes MODEL unchanged."""
+    from estable.checkpoints.io import sha256_file
     from tiny_model import tiny_model_file
 
     model = tiny_model_file(tmp_path / "m")
+    drawn = {"model_sha256": sha256_file(model), "kind": "count", "prompts": 3, "seeds": 2, "world_seed": 101}
     g = torch.Generator().manual_seed(0)
     pairs = dpo.PairSet(torch.randn(6, 4, 8, 8, generator=g).half(), ["two red circles", "two red circles",
                         "three blue stars", "three blue stars", "four green hearts", "four green hearts"],
-                        [(0, 1), (3, 2), (4, 5)], [])
+                        [(0, 1), (3, 2), (4, 5)], [], drawn)
     for work in ("w1", "w05"):
         (tmp_path / work).mkdir()
         pairs.save(tmp_path / work / "pairs-count.pt")
-    common = ["--kinds", "count", "--steps", "3", "--pairs-per-step", "2", "--lr", "1e-3", "--device", "cpu"]
+    common = ["--kinds", "count", "--prompts", "3", "--seeds", "2", "--steps", "3", "--pairs-per-step", "2", "--lr",
+              "1e-3", "--device", "cpu"]
     code, out, _ = run("train", "preference", str(model), str(tmp_path / "full.safetensors"), "--mix", "1",
                        "--work", str(tmp_path / "w1"), *common)
     assert code == 0 and "3 pairs read from" in out and "step 3/3" in out
@@ -171,12 +174,16 @@ def test_train_preference_command_fine_tunes_on_kept_pairs_and_mixes(tmp_path, r
     log = (tmp_path / "w1" / "log.jsonl").read_text().splitlines()
     assert len(log) == 3 and json.loads((tmp_path / "w1" / "summary.json").read_text())["pairs"] == {"count": 3}
     (tmp_path / "w0").mkdir()
-    dpo.PairSet(torch.zeros(0), [], [], []).save(tmp_path / "w0" / "pairs-count.pt")
+    dpo.PairSet(torch.zeros(0), [], [], [], drawn).save(tmp_path / "w0" / "pairs-count.pt")
     code, out, _ = run("train", "preference", str(model), str(tmp_path / "same.safetensors"), "--work",
                        str(tmp_path / "w0"), *common)
     assert code == 0 and "nothing to learn from" in out
     same = _unet_weights(tmp_path / "same.safetensors")
     assert all(torch.allclose(same[k], base[k], atol=1e-3) for k in base)
+    # pairs kept from other settings (here: other seeds) are not reused
+    code, _, err = run("train", "preference", str(model), str(tmp_path / "other.safetensors"), "--work",
+                       str(tmp_path / "w1"), *common, "--seeds", "4")
+    assert code != 0 and "were drawn with" in err and not (tmp_path / "other.safetensors").exists()
 
 
 def test_train_preference_command_refuses_bad_options(tmp_path, run):

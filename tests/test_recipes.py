@@ -51,8 +51,10 @@ def test_relations_ablation_trains_in_segments_and_scores_each_scale(tmp_path):
 
 
 DRY_RUN = ["max_steps=2", "batch_size=2", "device=cpu", "precision=fp32", "data.num_workers=0", "data.size=64",
-           "data.shapes_length=8", "data.val_size=2", "tensorboard=false", "preference.prompts=2", "preference.seeds=2",
-           "preference.steps=2", "preference.gen_batch=4", "preference.device=cpu"]
+           "data.shapes_length=8", "data.val_size=2", "tensorboard=false"]
+# reproduce.py's last stage (estable train preference) takes its own options
+CHAIN_DRY_RUN = [*DRY_RUN, "preference.prompts=2", "preference.seeds=2", "preference.steps=2", "preference.gen_batch=4",
+                 "preference.device=cpu"]
 
 
 def _reproduce(folder, *args):
@@ -77,7 +79,7 @@ def test_reproduce_chain_runs_every_stage_in_order(tmp_path):
     from estable.checkpoints.io import read_safetensors
     from estable.checkpoints.store import load_model
 
-    out = _reproduce(tmp_path, *DRY_RUN)
+    out = _reproduce(tmp_path, *CHAIN_DRY_RUN)
     commands = [line[2:].split() for line in out.splitlines() if line.startswith("$ ")]
     stages = ["vae", "clip", "part1", "part2", "part3", "part4", "part5", "decoder", "part6", "fifth", "part7", "sixth",
               "part8", "seventh", "part9", "eighth", "part10", "ninth", "part11", "tenth", "part12", "eleventh",
@@ -148,7 +150,7 @@ def test_reproduce_chain_runs_every_stage_in_order(tmp_path):
         assert torch.allclose(ours[f"vae.{key}"].float(), read_safetensors(ema)[0][key].float(), atol=1e-3)
         decoder_side = ("vae.decoder.", "vae.post_quant")
         assert all(torch.equal(ours[k], theirs[k]) for k in ours if not k.startswith(decoder_side))
-    again = _reproduce(tmp_path, *DRY_RUN)
+    again = _reproduce(tmp_path, *CHAIN_DRY_RUN)
     assert "$ " not in again and again.count("done already") == len(stages)
 
 

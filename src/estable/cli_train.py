@@ -103,11 +103,7 @@ def _add_preference_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_preference(args: argparse.Namespace) -> int:
-    import torch
-
-    from .checkpoints.store import load_model, save_model
-    from .evaluation.judge import load_default_judge
-    from .pipeline import DEFAULT_MODEL, Pipeline, default_model_path, load_pipeline, resolve_device
+    from .pipeline import DEFAULT_MODEL, default_model_path, resolve_device
     from .training import preference as pref
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
@@ -127,47 +123,17 @@ def _cmd_preference(args: argparse.Namespace) -> int:
     work = Path(args.work) if args.work else out.with_name(out.name + ".work")
     if work.exists() and not work.is_dir():
         raise EstableError(f"--work {work} is a file; give a folder for the pairs")
-    work.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
     t0 = time.monotonic()
 
     def log(msg: str) -> None:
         print(f"[{time.monotonic() - t0:7.1f}s] {msg}", flush=True)
 
-    sets, drawer, judge = [], None, None
-    for kind in kinds:
-        path = work / f"pairs-{kind}.pt"
-        if path.is_file():
-            try:
-                sets.append(pref.PairSet.load(path))
-            except Exception as exc:  # truncated, not a pair set, or not torch's: say which file, keep it
-                raise EstableError(f"cannot read the pairs in {path} ({exc}); remove it to draw them again") from None
-            log(f"{kind}: {len(sets[-1].pairs)} pairs read from {path}")
-            continue
-        if drawer is None:  # drawn as `estable eval compositional` draws on this device (fp16 on a GPU)
-            drawer, judge = load_pipeline(source, device=device), load_default_judge(device)
-        specs = pref.train_prompts(kind, args.prompts, args.world_seed)
-        pairs = pref.draw_pairs(drawer, judge, specs, args.seeds, 10_000, args.gen_batch,
-                                lambda m, kind=kind: log(f"{kind}: {m}"))
-        right = sum(sum(v["right"]) for v in pairs.verdicts)
-        log(f"{kind}: {len(pairs.pairs)} pairs; {right} of {len(specs) * args.seeds} images right")
-        pairs.save(path)
-        sets.append(pairs)
-    del drawer, judge
-    pairs = pref.merge_pairs(sets)
-    model = load_model(source, dtype=torch.float32, device=device)
-    if pairs.pairs and args.steps > 0:
-        pipe = Pipeline(model, device=device, dtype=torch.float32, cuda_graphs=False)
-        ref = pref.fine_tune(pipe, pairs, steps=args.steps, pairs_per_step=args.pairs_per_step, lr=args.lr,
-                             beta=args.beta, log_file=work / "log.jsonl", log=log)
-        pref.mix_weights(model.unet, ref, args.mix)
-    else:
-        log("no prompt had both right and wrong images (or --steps 0): nothing to learn from; OUT is MODEL as it was")
-    (work / "summary.json").write_text(json.dumps({
-        "model": str(source), "kinds": kinds, "pairs": {k: len(s.pairs) for k, s in zip(kinds, sets)},
-        **{k: getattr(args, k) for k in ("prompts", "seeds", "world_seed", "steps", "pairs_per_step", "lr", "beta",
-                                         "mix")}}, indent=1))
-    log(f"wrote {save_model(model, out, to='estable', dtype='fp16', overwrite=args.overwrite)}")
+    written = pref.preference_fine_tune(
+        source, out, kinds=kinds, prompts=args.prompts, seeds=args.seeds, gen_batch=args.gen_batch,
+        world_seed=args.world_seed, steps=args.steps, pairs_per_step=args.pairs_per_step, lr=args.lr, beta=args.beta,
+        mix=args.mix, work=work, device=device, overwrite=args.overwrite, log=log)
+    log(f"wrote {written}")
     return 0
 
 

@@ -17,7 +17,8 @@ Diffusion-DPO (Wallace et al. 2023) on pairs the model drew itself:
    fine-tuned ones (1: the fine-tuned model). On the shipped model, half of the way kept most of the accuracy the
    pairs taught and most of the FID they cost (benchmarks/RESULTS.md).
 
-``estable train preference`` (cli_train.py) runs the three on a model file.
+:func:`preference_fine_tune` runs the three on a model file, keeping each kind's pairs in a work folder for a later
+call; ``estable train preference`` (cli_train.py) is its command.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from estable.errors import EstableError
 from estable.evaluation.compositional import score_image
 from estable.params import GenerationParams
 from estable.sampling.schedules import alphas_cumprod
@@ -45,21 +47,24 @@ PAIR_KINDS = ("single", "count", "pair", "colour_binding")
 @dataclass
 class PairSet:
     """Images of some prompts, and which of them pair up: ``latents`` (N, C, h, w) fp16 on the CPU, ``prompts`` the N
-    completed prompts, ``pairs`` (winner, loser) indices; ``verdicts`` per prompt (its caption, seeds and rights)."""
+    completed prompts, ``pairs`` (winner, loser) indices; ``verdicts`` per prompt (its caption, seeds and rights);
+    ``drawn`` what they were drawn from (the model's sha256, the kind, prompts, seeds and world seed)."""
 
     latents: torch.Tensor
     prompts: list[str]
     pairs: list[tuple[int, int]]
     verdicts: list[dict[str, Any]] = field(default_factory=list)
+    drawn: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         torch.save({"latents": self.latents, "prompts": self.prompts, "pairs": self.pairs,
-                    "verdicts": self.verdicts}, path)
+                    "verdicts": self.verdicts, "drawn": self.drawn}, path)
 
     @classmethod
     def load(cls, path: Path) -> PairSet:
         d = torch.load(path, weights_only=True)
-        return cls(d["latents"], list(d["prompts"]), [tuple(p) for p in d["pairs"]], list(d["verdicts"]))
+        return cls(d["latents"], list(d["prompts"]), [tuple(p) for p in d["pairs"]], list(d["verdicts"]),
+                   dict(d.get("drawn", {})))
 
 
 def train_prompts(kind: str, n: int, seed: int) -> list:
@@ -191,3 +196,64 @@ def mix_weights(unet: torch.nn.Module, ref: torch.nn.Module, share: float) -> No
     for name, value in unet.state_dict().items():
         if value.is_floating_point():
             value.copy_(theirs[name] + share * (value - theirs[name]))
+
+
+def preference_fine_tune(source: Path, out: Path, *, kinds: Sequence[str], prompts: int, seeds: int, gen_batch: int,
+                         world_seed: int, steps: int, pairs_per_step: int, lr: float, beta: float, mix: float,
+                         work: Path, device: torch.device, overwrite: bool = False,
+                         log: Callable[[str], None] = print) -> Path:
+    """The model file ``source`` fine-tuned by preference into ``out`` (fp16, with its file's settings).
+
+    Each kind's pairs are drawn into ``work/pairs-KIND.pt`` (with the image generation of ``estable eval
+    compositional`` on ``device``: fp16 in CUDA graphs on a GPU) unless a set drawn from the same model with the same
+    prompts, seeds and world is there; one drawn otherwise is an EstableError. With no pairs (or no steps) ``out``
+    is ``source``'s weights as they were. ``work/log.jsonl`` gets the loss, ``work/summary.json`` the settings."""
+    from estable.checkpoints.io import cached_sha256
+    from estable.checkpoints.store import load_model, save_model
+    from estable.evaluation.judge import load_default_judge
+    from estable.pipeline import Pipeline, load_pipeline
+
+    work.mkdir(parents=True, exist_ok=True)
+    model_sha = cached_sha256(source)
+    sets, drawer, judge = [], None, None
+    for kind in kinds:
+        path = work / f"pairs-{kind}.pt"
+        wanted = {"model_sha256": model_sha, "kind": kind, "prompts": prompts, "seeds": seeds,
+                  "world_seed": world_seed}
+        if path.is_file():
+            try:
+                kept = PairSet.load(path)
+            except Exception as exc:  # truncated, not a pair set, or not torch's: say which file, keep it
+                raise EstableError(f"cannot read the pairs in {path} ({exc}); remove it to draw them again") from None
+            if kept.drawn != wanted:
+                raise EstableError(f"the pairs in {path} were drawn with {kept.drawn or 'unknown settings'}, not "
+                                   f"{wanted}; remove the file or give another work folder")
+            sets.append(kept)
+            log(f"{kind}: {len(kept.pairs)} pairs read from {path}")
+            continue
+        if drawer is None:
+            drawer, judge = load_pipeline(source, device=device), load_default_judge(device)
+        specs = train_prompts(kind, prompts, world_seed)
+        drawn = draw_pairs(drawer, judge, specs, seeds, 10_000, gen_batch, lambda m, kind=kind: log(f"{kind}: {m}"))
+        drawn.drawn = wanted
+        right = sum(sum(v["right"]) for v in drawn.verdicts)
+        log(f"{kind}: {len(drawn.pairs)} pairs; {right} of {len(specs) * seeds} images right")
+        drawn.save(path)
+        sets.append(drawn)
+    del drawer, judge
+    pairs = merge_pairs(sets)
+    model = load_model(source, dtype=torch.float32, device=device)
+    if pairs.pairs and steps > 0:
+        pipe = Pipeline(model, device=device, dtype=torch.float32, cuda_graphs=False)
+        ref = fine_tune(pipe, pairs, steps=steps, pairs_per_step=pairs_per_step, lr=lr, beta=beta,
+                        log_file=work / "log.jsonl", log=log)
+        mix_weights(model.unet, ref, mix)
+    else:
+        log("no prompt had both right and wrong images (or no steps): nothing to learn from; the model is written as "
+            "it was")
+    summary = {"model": str(source), "model_sha256": model_sha, "kinds": list(kinds),
+               "pairs": {k: len(s.pairs) for k, s in zip(kinds, sets)}, "prompts": prompts, "seeds": seeds,
+               "world_seed": world_seed, "steps": steps, "pairs_per_step": pairs_per_step, "lr": lr, "beta": beta,
+               "mix": mix}
+    (work / "summary.json").write_text(json.dumps(summary, indent=1))
+    return save_model(model, out, to="estable", dtype="fp16", overwrite=overwrite)
