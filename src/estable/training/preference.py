@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from estable.errors import EstableError
 from estable.evaluation.compositional import score_image
+from estable.images import to_tensor
 from estable.params import GenerationParams
 from estable.sampling.schedules import alphas_cumprod
 from estable.training.objectives import noisy_latents_and_target
@@ -119,8 +119,7 @@ def draw_pairs(pipe: Any, judge: Any, specs: Sequence, seeds: int, base_seed: in
 
 @torch.no_grad()
 def _encode(pipe: Any, images: Sequence) -> torch.Tensor:
-    pixels = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)) for im in images])
-    pixels = (pixels.permute(0, 3, 1, 2) / 127.5 - 1).to(pipe.device, pipe.dtype)
+    pixels = torch.cat([to_tensor(im) for im in images]).to(pipe.device, pipe.dtype)  # (K, 3, H, W) in [-1, 1]
     return pipe.vae.encode(pixels).mean.float().cpu() * pipe.vae.config.scaling_factor
 
 
