@@ -2,10 +2,9 @@
 
     PYTHONPATH=src python benchmarks/stray_pixels.py default OTHER.safetensors [--grid] [--renders 32]
 
-A render of the shapes world holds its objects' colours and its background's colour (the named one, else grey),
-each made lighter or darker by a texture or a gradient, and blends of two of these where anti-aliased edges meet.
-A pixel further than ``--threshold`` levels (Euclidean RGB) from every such colour is stray: the spots the decoder
-draws at shape rims are (yellow, green or magenta on a red circle over grey), a slightly off red is not.
+A pixel further than ``--threshold`` levels (Euclidean RGB) from every colour a render of the prompt could hold is
+stray (``estable.evaluation.stray`` says which colours those are): the spots the decoder draws at shape rims are
+(yellow, green or magenta on a red circle over grey), a slightly off red is not.
 
 Per model: the generated images of the demo prompt at seeds 1–8 (``--grid``: the sample grid's eight prompts at
 seeds 1–4), the model's own sampler and guidance scale unless ``--sampler`` / ``--cfg``, 256², CPU fp32 by default;
@@ -29,45 +28,15 @@ import torch
 from PIL import Image
 from sample_grid import PROMPTS as GRID  # benchmarks/sample_grid.py, beside this script
 
+from estable.evaluation.stray import object_colours, prompt_colours, stray_mask
 from estable.images import to_pil, to_tensor
 from estable.params import GenerationParams
 from estable.pipeline import load_pipeline
-from estable.training.shapes import BACKGROUND_COLOURS, COLOURS, DEFAULT_BACKGROUND, overlap_fraction, parse_caption
+from estable.training.shapes import BACKGROUND_COLOURS, COLOURS, overlap_fraction
 from estable.training.shapes.render import render
 from estable.training.shapes.world import ShapesWorld
 
 DEMO = ["a red circle above a blue square"]
-
-
-def allowed_segments(colours: list[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """(S, 3) starts and ends of the colour segments a render may hold: each colour towards black and towards
-    white (shading by a texture or gradient), and between every two colours (anti-aliased edges)."""
-    pts = [np.array(c, dtype=np.float64) for c in dict.fromkeys(colours)]  # each colour once
-    ends = [np.zeros(3), np.full(3, 255.0)]
-    segs = [(p, e) for p in pts for e in ends]
-    segs += [(pts[i], pts[j]) for i in range(len(pts)) for j in range(i + 1, len(pts))]
-    a, b = zip(*segs)
-    return np.stack(a), np.stack(b)
-
-
-def stray_mask(image: np.ndarray, colours: list[tuple[int, int, int]], threshold: float) -> np.ndarray:
-    """(H, W) bool: the pixels of an (H, W, 3) uint8 image further than ``threshold`` from every allowed segment."""
-    a, b = allowed_segments(colours)
-    p = image.reshape(-1, 1, 3).astype(np.float64)  # (N, 1, 3)
-    ab = b - a  # (S, 3)
-    t = np.clip(((p - a) * ab).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-9), 0.0, 1.0)  # (N, S)
-    d = np.linalg.norm(p - (a + t[..., None] * ab), axis=-1).min(axis=1)
-    return (d > threshold).reshape(image.shape[:2])
-
-
-def object_colours(prompt: str) -> list[tuple[int, int, int]]:
-    return [COLOURS[o.colour] for o in parse_caption(prompt).objects]
-
-
-def prompt_colours(prompt: str) -> list[tuple[int, int, int]]:
-    spec = parse_caption(prompt)
-    bg = spec.background.colour if spec.background is not None else DEFAULT_BACKGROUND
-    return object_colours(prompt) + [BACKGROUND_COLOURS[bg]]
 
 
 def scene_colours(scene) -> list[tuple[int, int, int]]:

@@ -1,5 +1,5 @@
-"""estable.training.preference and `estable train preference` (issue 11): the DPO loss, the prompts, the pairs, the
-mix of weights and the command end to end, on tiny CPU networks."""
+"""estable.training.preference and `estable train preference` (issue 11): the DPO loss, the prompts, the judged
+images and their pairs by each grade, the mix of weights and the command end to end, on tiny CPU networks."""
 
 from __future__ import annotations
 
@@ -90,38 +90,60 @@ class _FakeJudge:
         return [None] * len(images)
 
 
-def test_make_pairs_pairs_each_wrong_image_with_a_right_one_of_its_prompt(monkeypatch):
-    """Sampler runs of whole prompts' images; an image is "right" here when its seed is not a multiple of 3."""
-    monkeypatch.setattr(dpo, "score_image",
-                        lambda spec, image, bg: {"whole_prompt": image.getpixel((0, 0))[0] % 3 != 0})
-    pipe, specs = _FakePipe(), dpo.train_prompts("count", 3, 101)
-    data = dpo.draw_pairs(pipe, _FakeJudge(), specs, 4, 10, 8)
-    verdicts = data.verdicts
-    assert pipe.runs == [8, 4]  # two prompts' four images per run, then the last prompt's
-    seeds = [v["seeds"] for v in verdicts]
-    assert seeds == [[10, 11, 12, 13], [14, 15, 16, 17], [18, 19, 20, 21]]
-    assert [v["right"] for v in verdicts] == [[True, True, False, True], [True, False, True, True],
-                                             [False, True, True, False]]
-    # every prompt had both kinds: all 12 images kept, one pair per wrong image
-    assert len(data.prompts) == 12 and data.latents.shape == (12, 1, 2, 2)
-    assert data.latents.dtype == torch.float16
-    pair_seeds = [(int(data.prompts[w].split("#")[1]), int(data.prompts[lo].split("#")[1]))
-                  for w, lo in data.pairs]
-    assert pair_seeds == [(10, 12), (14, 15), (19, 18), (20, 21)]
-    for w, lo in data.pairs:
+WRONG = {12, 15, 18, 21, 26, 27, 28, 29}  # by seed: prompts 0-2 mixed, prompt 3 (22-25) all right, 4 (26-29) all wrong
+STRAYS = {10: 40, 11: 3, 12: 9, 13: 3, 14: 0, 15: 50, 16: 10, 17: 20, 18: 1, 19: 8, 20: 2, 21: 1, 22: 5, 23: 30,
+          24: 0, 25: 12, 26: 0, 27: 0, 28: 0, 29: 0}
+
+
+def _seed_pairs(data, pairs):
+    return [(int(data.prompts[w].split("#")[1]), int(data.prompts[lo].split("#")[1])) for w, lo in pairs]
+
+
+def test_draw_images_judges_counts_strays_and_keeps_the_images_that_can_pair(monkeypatch):
+    """Sampler runs of whole prompts' images (the seed in the red channel); WRONG and STRAYS say, by seed, what the
+    judge and the stray count make of each."""
+    monkeypatch.setattr(dpo, "score_image", lambda spec, image, bg: {"whole_prompt": image.getpixel((0, 0))[0]
+                                                                     not in WRONG})
+    seen_colours = []
+
+    def count_stray(images, colours, device):
+        seen_colours.extend(colours)
+        return [STRAYS[im.getpixel((0, 0))[0]] for im in images]
+
+    monkeypatch.setattr(dpo, "count_stray", count_stray)
+    pipe, specs = _FakePipe(), dpo.train_prompts("count", 5, 101)
+    data = dpo.draw_images(pipe, _FakeJudge(), specs, 4, 10, 8)
+    assert pipe.runs == [8, 8, 4]  # two prompts' four images per run, then the last prompt's
+    assert seen_colours == [dpo.spec_colours(s) for s in specs for _ in range(4)]
+    v = data.verdicts
+    assert [x["seeds"] for x in v] == [list(range(10 + 4 * i, 14 + 4 * i)) for i in range(5)]
+    assert [x["right"] for x in v][2:] == [[False, True, True, False], [True] * 4, [False] * 4]
+    assert v[1]["strays"] == [0, 50, 10, 20]
+    # mixed prompts keep all four images; the all-right one its cleanest (24) and dirtiest (23); the all-wrong none
+    assert len(data.prompts) == 14 and data.latents.shape == (14, 1, 2, 2) and data.latents.dtype == torch.float16
+    assert v[3]["kept"] == [-1, 12, 13, -1] and v[4]["kept"] == [-1] * 4
+    assert _seed_pairs(data, dpo.choose_pairs(data, "judge")) == [(10, 12), (14, 15), (19, 18), (20, 21)]
+    assert _seed_pairs(data, dpo.choose_pairs(data, "strays")) == [(11, 10), (14, 17), (24, 23)]
+    assert _seed_pairs(data, dpo.choose_pairs(data, "strays", margin=25)) == [(11, 10), (24, 23)]
+    assert _seed_pairs(data, dpo.choose_pairs(data, "both")) == [(11, 12), (11, 10), (14, 15), (14, 17), (20, 18),
+                                                                 (19, 21), (24, 23)]
+    for w, lo in dpo.choose_pairs(data, "both"):
         assert data.prompts[w].split(" #")[0] == data.prompts[lo].split(" #")[0]
     # the latent is the encoder's mean times the scaling factor: the seed's red level, scaled to [-1, 1], halved
     assert torch.allclose(data.latents[2].float(), torch.full((1, 2, 2), (12 / 127.5 - 1) * 0.5), atol=1e-3)
+    with pytest.raises(ValueError, match="grade must be one of"):
+        dpo.choose_pairs(data, "colour")
 
 
-def test_merge_pairs_shifts_the_second_sets_indices():
-    a = dpo.PairSet(torch.zeros(3, 1, 2, 2), ["a", "b", "c"], [(0, 1), (2, 1)], [{"prompt": "x"}])
-    b = dpo.PairSet(torch.ones(2, 1, 2, 2), ["d", "e"], [(1, 0)], [{"prompt": "y"}])
-    m = dpo.merge_pairs([a, b])
-    assert m.prompts == ["a", "b", "c", "d", "e"] and m.pairs == [(0, 1), (2, 1), (4, 3)]
+def test_merge_sets_shifts_the_second_sets_indices():
+    a = dpo.PairSet(torch.zeros(3, 1, 2, 2), ["a", "b", "c"],
+                    [{"prompt": "x", "right": [True, False, True], "strays": [0, 0, 0], "kept": [0, 1, 2]}])
+    b = dpo.PairSet(torch.ones(2, 1, 2, 2), ["d", "e"],
+                    [{"prompt": "y", "right": [True, True, True], "strays": [0, 5, 30], "kept": [0, -1, 1]}])
+    m = dpo.merge_sets([a, b])
+    assert m.prompts == ["a", "b", "c", "d", "e"] and [x["kept"] for x in m.verdicts] == [[0, 1, 2], [3, -1, 4]]
     assert m.latents.shape == (5, 1, 2, 2) and m.latents[3:].eq(1).all() and m.latents[:3].eq(0).all()
-    assert [v["prompt"] for v in m.verdicts] == ["x", "y"]
-
+    assert dpo.choose_pairs(m) == [(0, 1)] and dpo.choose_pairs(m, "strays") == [(3, 4)]
 
 
 def test_mix_weights_puts_the_unet_part_of_the_way_from_the_reference():
@@ -152,17 +174,19 @@ def test_train_preference_command_fine_tunes_on_kept_pairs_and_mixes(tmp_path, r
     model = tiny_model_file(tmp_path / "m")
     drawn = {"model_sha256": sha256_file(model), "kind": "count", "prompts": 3, "seeds": 2, "world_seed": 101}
     g = torch.Generator().manual_seed(0)
-    pairs = dpo.PairSet(torch.randn(6, 4, 8, 8, generator=g).half(), ["two red circles", "two red circles",
-                        "three blue stars", "three blue stars", "four green hearts", "four green hearts"],
-                        [(0, 1), (3, 2), (4, 5)], [], drawn)
+    prompts = ["two red circles", "three blue stars", "four green hearts"]
+    verdicts = [{"prompt": p, "seeds": [1, 2], "right": r, "strays": [3, 3], "kept": [2 * i, 2 * i + 1]}
+                for i, (p, r) in enumerate(zip(prompts, ([True, False], [False, True], [True, False])))]
+    pairs = dpo.PairSet(torch.randn(6, 4, 8, 8, generator=g).half(), [p for p in prompts for _ in range(2)], verdicts,
+                        drawn)
     for work in ("w1", "w05"):
         (tmp_path / work).mkdir()
-        pairs.save(tmp_path / work / "pairs-count.pt")
+        pairs.save(tmp_path / work / "images-count.pt")
     common = ["--kinds", "count", "--prompts", "3", "--seeds", "2", "--steps", "3", "--pairs-per-step", "2", "--lr",
               "1e-3", "--device", "cpu"]
     code, out, _ = run("train", "preference", str(model), str(tmp_path / "full.safetensors"), "--mix", "1",
                        "--work", str(tmp_path / "w1"), *common)
-    assert code == 0 and "3 pairs read from" in out and "step 3/3" in out
+    assert code == 0 and "3 prompts' verdicts read from" in out and "3 pairs by judge" in out and "step 3/3" in out
     code, _, _ = run("train", "preference", str(model), str(tmp_path / "half.safetensors"), "--mix", "0.5",
                      "--work", str(tmp_path / "w05"), *common)
     assert code == 0
@@ -174,10 +198,15 @@ def test_train_preference_command_fine_tunes_on_kept_pairs_and_mixes(tmp_path, r
     log = (tmp_path / "w1" / "log.jsonl").read_text().splitlines()
     assert len(log) == 3 and json.loads((tmp_path / "w1" / "summary.json").read_text())["pairs"] == {"count": 3}
     (tmp_path / "w0").mkdir()
-    dpo.PairSet(torch.zeros(0), [], [], [], drawn).save(tmp_path / "w0" / "pairs-count.pt")
+    dpo.PairSet(torch.zeros(0), [], [], drawn).save(tmp_path / "w0" / "images-count.pt")
     code, out, _ = run("train", "preference", str(model), str(tmp_path / "same.safetensors"), "--work",
                        str(tmp_path / "w0"), *common)
-    assert code == 0 and "nothing to learn from" in out
+    assert code == 0 and "no pair to learn from" in out
+    # the same images graded by stray pixels: each prompt has one right image, so no pair either
+    code, out, _ = run("train", "preference", str(model), str(tmp_path / "strays.safetensors"), "--work",
+                       str(tmp_path / "w1"), *common, "--grade", "strays")
+    assert code == 0 and "0 pairs by strays" in out and "no pair to learn from" in out
+    assert json.loads((tmp_path / "w1" / "summary.json").read_text())["grade"] == "strays"
     same = _unet_weights(tmp_path / "same.safetensors")
     assert all(torch.allclose(same[k], base[k], atol=1e-3) for k in base)
     # pairs kept from other settings (here: other seeds) are not reused
@@ -189,16 +218,17 @@ def test_train_preference_command_fine_tunes_on_kept_pairs_and_mixes(tmp_path, r
 def test_train_preference_command_refuses_bad_options(tmp_path, run):
     out = tmp_path / "o.safetensors"
     for bad, says in ((["--kinds", "count,colour"], "--kinds takes"), (["--seeds", "1"], "--seeds at least 2"),
-                      (["--mix", "2"], "--mix between 0 and 1"), (["--beta", "0"], "--beta must be positive")):
+                      (["--mix", "2"], "--mix between 0 and 1"), (["--beta", "0"], "--beta must be positive"),
+                      (["--stray-margin", "0"], "--stray-margin at least 1"), (["--grade", "x"], "invalid choice")):
         code, _, err = run("train", "preference", "default", str(out), *bad)
         assert code != 0 and says in err, (bad, err)
     work = tmp_path / "w"
     work.mkdir()
-    (work / "pairs-count.pt").write_bytes(b"not a pair set")
+    (work / "images-count.pt").write_bytes(b"not an image set")
     code, _, err = run("train", "preference", "default", str(out), "--kinds", "count", "--work", str(work))
-    assert code != 0 and "cannot read the pairs in" in err and "remove it" in err
-    assert (work / "pairs-count.pt").read_bytes() == b"not a pair set" and not out.exists()
-    code, _, err = run("train", "preference", "default", str(out), "--work", str(work / "pairs-count.pt"))
+    assert code != 0 and "cannot read the images in" in err and "remove it" in err
+    assert (work / "images-count.pt").read_bytes() == b"not an image set" and not out.exists()
+    code, _, err = run("train", "preference", "default", str(out), "--work", str(work / "images-count.pt"))
     assert code != 0 and "is a file" in err
     code, _, err = run("train", "preference", str(tmp_path / "nothing.safetensors"), str(out))
     assert code != 0 and "no model at" in err

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from stray_pixels import (  # noqa: E402
@@ -22,6 +23,7 @@ from stray_pixels import (  # noqa: E402
     where,
 )
 
+from estable.evaluation.stray import count_stray  # noqa: E402
 from estable.training.shapes import COLOURS  # noqa: E402
 from estable.training.shapes.render import render  # noqa: E402
 from estable.training.shapes.world import ShapesWorld  # noqa: E402
@@ -45,6 +47,8 @@ def test_renders_hold_none_and_a_spot_is_counted_pixel_by_pixel():
     assert stray_mask(image, colours + [COLOURS["yellow"]], 40).sum() == 0  # where yellow is named, it is no spot
     black = [COLOURS["black"], COLOURS["black"], COLOURS["black"]]  # one colour named thrice: still a spot
     assert stray_mask(image[5:8, 10:13], black, 40).all()
+    # the library's count, image by image, each with its own prompt's colours (what the preference fine-tune uses)
+    assert count_stray([Image.fromarray(image)] * 2, [colours, colours + [COLOURS["yellow"]]]) == [9, 0]
 
 
 def test_a_tiny_run_writes_its_figures(tmp_path, capsys, monkeypatch):

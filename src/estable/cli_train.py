@@ -74,13 +74,13 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_preference_command(sub: argparse._SubParsersAction) -> None:
-    from .training.preference import PAIR_KINDS
+    from .training.preference import GRADES, PAIR_KINDS
 
     text = ("preference fine-tuning by the judge (Diffusion-DPO): a shapes-world model draws train-split prompts, the "
-            "compositional benchmark's judge grades each image, and the U-Net learns from pairs of one prompt's right "
-            "and wrong images (estable.training.preference)")
-    q = sub.add_parser("preference", help=text, description=text + ". The pairs of each kind are kept in --work and "
-                       "reused by a later call.")
+            "compositional benchmark's judge grades each image, and the U-Net learns from pairs of one prompt's "
+            "images: right against wrong, or fewer stray pixels against more (estable.training.preference)")
+    q = sub.add_parser("preference", help=text, description=text + ". The judged images of each kind are kept in "
+                       "--work and reused by a later call.")
     q.add_argument("model", metavar="MODEL", help="the model to fine-tune (a file, or 'default' for the built-in one)")
     q.add_argument("out", metavar="OUT", help="the .safetensors file to write (fp16, with MODEL's settings)")
     q.add_argument("--kinds", default="count,pair",
@@ -90,13 +90,21 @@ def _add_preference_command(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--seeds", type=int, default=8, help="images per prompt (default 8)")
     q.add_argument("--gen-batch", type=int, default=64, help="images per sampler run while drawing (default 64)")
     q.add_argument("--world-seed", type=int, default=101, help="the train-split world of the prompts (default 101)")
+    q.add_argument("--grade", choices=GRADES, default="judge",
+                   help="which pairs to learn from: judge (each wrong image with a right one of its prompt), strays "
+                   "(a prompt's right image with the fewest stray pixels against the one with the most, when they "
+                   "differ by --stray-margin or more) or both (the judge's, cleanest winners first, and the strays'); "
+                   "default judge")
+    q.add_argument("--stray-margin", type=int, default=16,
+                   help="stray pixels by which a strays pair's loser must exceed its winner (default 16)")
     q.add_argument("--steps", type=int, default=150, help="optimizer steps (default 150)")
     q.add_argument("--pairs-per-step", type=int, default=64, help="pairs per step (default 64)")
     q.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (default 2e-5)")
     q.add_argument("--beta", type=float, default=1000.0, help="DPO's β (default 1000)")
     q.add_argument("--mix", type=float, default=0.5,
                    help="how far OUT's U-Net goes from MODEL's weights to the fine-tuned ones (default 0.5; 1: all)")
-    q.add_argument("--work", metavar="DIR", help="pairs, verdicts and the loss log (default: OUT's name + '.work')")
+    q.add_argument("--work", metavar="DIR",
+                   help="judged images, verdicts and the loss log (default: OUT's name + '.work')")
     q.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     q.set_defaults(func=_cmd_preference)
@@ -112,8 +120,8 @@ def _cmd_preference(args: argparse.Namespace) -> int:
     if min(args.prompts, args.gen_batch, args.pairs_per_step) < 1 or args.seeds < 2 or args.steps < 0:
         raise EstableError("--prompts, --gen-batch and --pairs-per-step must be at least 1, --seeds at least 2 (a "
                            "pair needs two images of a prompt) and --steps not negative")
-    if not (args.lr > 0 and args.beta > 0 and 0 <= args.mix <= 1):
-        raise EstableError("--lr and --beta must be positive and --mix between 0 and 1")
+    if not (args.lr > 0 and args.beta > 0 and 0 <= args.mix <= 1 and args.stray_margin >= 1):
+        raise EstableError("--lr and --beta must be positive, --mix between 0 and 1 and --stray-margin at least 1")
     source = default_model_path() if args.model == DEFAULT_MODEL else Path(args.model)
     if not source.exists():
         raise EstableError(f"no model at {source}")
@@ -122,7 +130,7 @@ def _cmd_preference(args: argparse.Namespace) -> int:
         raise EstableError(f"{out} exists; pass --overwrite to replace it")
     work = Path(args.work) if args.work else out.with_name(out.name + ".work")
     if work.exists() and not work.is_dir():
-        raise EstableError(f"--work {work} is a file; give a folder for the pairs")
+        raise EstableError(f"--work {work} is a file; give a folder for the judged images")
     device = resolve_device(args.device)
     t0 = time.monotonic()
 
@@ -132,7 +140,8 @@ def _cmd_preference(args: argparse.Namespace) -> int:
     written = pref.preference_fine_tune(
         source, out, kinds=kinds, prompts=args.prompts, seeds=args.seeds, gen_batch=args.gen_batch,
         world_seed=args.world_seed, steps=args.steps, pairs_per_step=args.pairs_per_step, lr=args.lr, beta=args.beta,
-        mix=args.mix, work=work, device=device, overwrite=args.overwrite, log=log)
+        mix=args.mix, work=work, device=device, grade=args.grade, margin=args.stray_margin, overwrite=args.overwrite,
+        log=log)
     log(f"wrote {written}")
     return 0
 

@@ -2,22 +2,25 @@
 
 Diffusion-DPO (Wallace et al. 2023) on pairs the model drew itself:
 
-1. **Pairs** (:func:`draw_pairs`). Distinct prompts of one kind from the shapes world's *train* split (the
+1. **Images** (:func:`draw_images`). Distinct prompts of one kind from the shapes world's *train* split (the
    compositional benchmark's prompts are held out: each of them names a colour × shape the train split never draws),
    ``seeds`` images each, drawn as issue 11's protocol draws them — DPM++ 2M Karras, 25 steps, the file's guidance
-   scale and prompt completion. The judge scores each image as the benchmark does (the whole prompt); for each prompt
-   with right and wrong images, every wrong image is paired with a right one, in turn. A pair set keeps the images'
-   VAE latents (posterior mean × scaling factor) and the completed prompts they were drawn from.
-2. **Fine-tuning** (:func:`fine_tune`, fp32). The U-Net learns, against a frozen copy of itself (the reference), to
+   scale and prompt completion. The judge scores each image as the benchmark does (the whole prompt) and its stray
+   pixels are counted (``estable.evaluation.stray``). An image set keeps the verdicts and the VAE latents (posterior
+   mean × scaling factor) of the images that can be in a pair, with the completed prompts they were drawn from.
+2. **Pairs** (:func:`choose_pairs`), by a grade: ``judge`` pairs every wrong image of a prompt with a right one, in
+   turn; ``strays`` pairs a prompt's cleanest right image with its dirtiest when they differ by a margin of stray
+   pixels; ``both`` is the two, the judge's winners taken cleanest first.
+3. **Fine-tuning** (:func:`fine_tune`, fp32). The U-Net learns, against a frozen copy of itself (the reference), to
    denoise the right image of each pair better and the wrong one worse than the reference does: the loss is
    −log σ(−β·Δ), Δ = (e_w − e_w,ref) − (e_l − e_l,ref), e the mean squared error of the prediction (the file's
    objective, ε or v) for one noised latent; both images of a pair get the same timestep and noise. Text encoder and
    VAE stay frozen.
-3. **Mixing** (:func:`mix_weights`): the U-Net's weights are put ``share`` of the way from the reference to the
+4. **Mixing** (:func:`mix_weights`): the U-Net's weights are put ``share`` of the way from the reference to the
    fine-tuned ones (1: the fine-tuned model). On the shipped model, half of the way kept most of the accuracy the
    pairs taught and most of the FID they cost (benchmarks/RESULTS.md).
 
-:func:`preference_fine_tune` runs the three on a model file, keeping each kind's pairs in a work folder for a later
+:func:`preference_fine_tune` runs them on a model file, keeping each kind's images in a work folder for a later
 call; ``estable train preference`` (cli_train.py) is its command.
 """
 
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 
 from estable.errors import EstableError
 from estable.evaluation.compositional import score_image
+from estable.evaluation.stray import count_stray, spec_colours
 from estable.images import to_tensor
 from estable.params import GenerationParams
 from estable.sampling.schedules import alphas_cumprod
@@ -46,25 +50,25 @@ PAIR_KINDS = ("single", "count", "pair", "colour_binding")
 
 @dataclass
 class PairSet:
-    """Images of some prompts, and which of them pair up: ``latents`` (N, C, h, w) fp16 on the CPU, ``prompts`` the N
-    completed prompts, ``pairs`` (winner, loser) indices; ``verdicts`` per prompt (its caption, seeds and rights);
-    ``drawn`` what they were drawn from (the model's sha256, the kind, prompts, seeds and world seed)."""
+    """Images a model drew of some prompts, and what was said of them: ``latents`` (N, C, h, w) fp16 on the CPU, the
+    images kept (those that can be in a pair, :func:`draw_images`); ``prompts`` their N completed prompts;
+    ``verdicts`` one per prompt: its caption, ``seeds``, which images are ``right``, each image's ``strays`` (stray
+    pixels) and where its latent is (``kept``: an index into ``latents``, −1 when not kept); ``drawn`` what they were
+    drawn from (the model's sha256, the kind, prompts, seeds and world seed)."""
 
     latents: torch.Tensor
     prompts: list[str]
-    pairs: list[tuple[int, int]]
     verdicts: list[dict[str, Any]] = field(default_factory=list)
     drawn: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
-        torch.save({"latents": self.latents, "prompts": self.prompts, "pairs": self.pairs,
-                    "verdicts": self.verdicts, "drawn": self.drawn}, path)
+        torch.save({"latents": self.latents, "prompts": self.prompts, "verdicts": self.verdicts,
+                    "drawn": self.drawn}, path)
 
     @classmethod
     def load(cls, path: Path) -> PairSet:
         d = torch.load(path, weights_only=True)
-        return cls(d["latents"], list(d["prompts"]), [tuple(p) for p in d["pairs"]], list(d["verdicts"]),
-                   dict(d.get("drawn", {})))
+        return cls(d["latents"], list(d["prompts"]), list(d["verdicts"]), dict(d.get("drawn", {})))
 
 
 def train_prompts(kind: str, n: int, seed: int) -> list:
@@ -85,12 +89,28 @@ def protocol_params(pipe: Any) -> GenerationParams:
     return GenerationParams(sampler="dpmpp_2m_karras", steps=25, cfg_scale=float(pipe.config.default_cfg or 7.0))
 
 
-def draw_pairs(pipe: Any, judge: Any, specs: Sequence, seeds: int, base_seed: int, batch: int,
-               log: Callable[[str], None] = lambda msg: None) -> PairSet:
-    """The pairs of ``specs``' images: prompt i's have seeds base_seed + i·seeds + k, ``batch // seeds`` prompts per
-    sampler run (``pipe``: a :class:`estable.pipeline.Pipeline`; ``judge``: the compositional benchmark's)."""
+def _cleanest_and_dirtiest(right: Sequence[int], strays: Sequence[int]) -> tuple[int, int]:
+    return min(right, key=lambda k: strays[k]), max(right, key=lambda k: strays[k])
+
+
+def _kept(right: Sequence[bool], strays: Sequence[int]) -> list[int]:
+    """Which of a prompt's images can be in a pair: all of them when some are right and some wrong; of a prompt whose
+    images are all right, the cleanest and the dirtiest (fewest and most stray pixels); none when all are wrong."""
+    ok = [k for k, r in enumerate(right) if r]
+    if not ok:
+        return []
+    if len(ok) < len(right):
+        return list(range(len(right)))
+    return sorted(set(_cleanest_and_dirtiest(ok, strays)))
+
+
+def draw_images(pipe: Any, judge: Any, specs: Sequence, seeds: int, base_seed: int, batch: int,
+                log: Callable[[str], None] = lambda msg: None) -> PairSet:
+    """``specs``' images, judged and their stray pixels counted: prompt i's have seeds base_seed + i·seeds + k,
+    ``batch // seeds`` prompts per sampler run (``pipe``: a :class:`estable.pipeline.Pipeline`; ``judge``: the
+    compositional benchmark's). The latents of the images that can be in a pair are kept (:func:`_kept`)."""
     params = protocol_params(pipe)
-    out = PairSet(torch.zeros(0), [], [])
+    out = PairSet(torch.zeros(0), [])
     latents: list[torch.Tensor] = []
     per_run = max(1, batch // seeds)
     for start in range(0, len(specs), per_run):
@@ -99,22 +119,51 @@ def draw_pairs(pipe: Any, judge: Any, specs: Sequence, seeds: int, base_seed: in
         images = pipe.txt2img_each([caption_for(s) for s in chunk for _ in range(seeds)],
                                    [s for ss in seed_lists for s in ss], params, batch=batch)
         dets, bgs = judge.detect(images), judge.classify_background(images)
+        strays = count_stray(images, [spec_colours(s) for s in chunk for _ in range(seeds)], pipe.device)
         for i, spec in enumerate(chunk):
             own = slice(i * seeds, (i + 1) * seeds)
             right = [bool(score_image(spec, d, b)["whole_prompt"]) for d, b in zip(dets[own], bgs[own])]
-            out.verdicts.append({"prompt": caption_for(spec), "seeds": seed_lists[i], "right": right})
-            if any(right) and not all(right):
-                latents.append(_encode(pipe, images[own]))
-                first = len(out.prompts)
-                out.prompts += [pipe.completed_prompt(params, s, caption_for(spec)) for s in seed_lists[i]]
-                winners = [first + k for k, ok in enumerate(right) if ok]
-                losers = [first + k for k, ok in enumerate(right) if not ok]
-                out.pairs += [(winners[j % len(winners)], loser) for j, loser in enumerate(losers)]
+            keep = _kept(right, strays[own])
+            kept = [-1] * seeds
+            for k in keep:
+                kept[k] = len(out.prompts)
+                out.prompts.append(pipe.completed_prompt(params, seed_lists[i][k], caption_for(spec)))
+            if keep:
+                latents.append(_encode(pipe, [images[i * seeds + k] for k in keep]))
+            out.verdicts.append({"prompt": caption_for(spec), "seeds": seed_lists[i], "right": right,
+                                 "strays": strays[own], "kept": kept})
         done = start + len(chunk)
         if done // 100 != start // 100 or done == len(specs):
-            log(f"{done}/{len(specs)} prompts, {len(out.pairs)} pairs")
+            log(f"{done}/{len(specs)} prompts")
     out.latents = (torch.cat(latents) if latents else torch.zeros(0)).half().cpu()
     return out
+
+
+GRADES = ("judge", "strays", "both")
+
+
+def choose_pairs(images: PairSet, grade: str = "judge", margin: int = 16) -> list[tuple[int, int]]:
+    """(winner, loser) latent indices of ``images``' pairs, prompt by prompt.
+
+    ``judge``: each wrong image with a right one of its prompt, in turn (by seed). ``strays``: of a prompt's right
+    images, the cleanest with the dirtiest, when the dirtiest has ``margin`` or more stray pixels more. ``both``: the
+    judge's pairs with the right images taken cleanest first, and the stray pairs."""
+    if grade not in GRADES:
+        raise ValueError(f"grade must be one of {', '.join(GRADES)}, not {grade!r}")
+    pairs = []
+    for v in images.verdicts:
+        right = [k for k, r in enumerate(v["right"]) if r]
+        wrong = [k for k, r in enumerate(v["right"]) if not r]
+        local = []
+        if grade != "strays" and right and wrong:
+            winners = sorted(right, key=lambda k: v["strays"][k]) if grade == "both" else right
+            local += [(winners[j % len(winners)], lo) for j, lo in enumerate(wrong)]
+        if grade != "judge" and len(right) >= 2:
+            clean, dirty = _cleanest_and_dirtiest(right, v["strays"])
+            if v["strays"][dirty] - v["strays"][clean] >= margin:
+                local.append((clean, dirty))
+        pairs += [(v["kept"][w], v["kept"][lo]) for w, lo in local]
+    return pairs
 
 
 @torch.no_grad()
@@ -123,14 +172,13 @@ def _encode(pipe: Any, images: Sequence) -> torch.Tensor:
     return pipe.vae.encode(pixels).mean.float().cpu() * pipe.vae.config.scaling_factor
 
 
-def merge_pairs(sets: Sequence[PairSet]) -> PairSet:
-    """One pair set of several: latents, prompts and verdicts end to end, the indices shifted."""
-    merged = PairSet(torch.cat([s.latents for s in sets]), [], [], [])
+def merge_sets(sets: Sequence[PairSet]) -> PairSet:
+    """One image set of several: latents, prompts and verdicts end to end, the verdicts' latent indices shifted."""
+    merged = PairSet(torch.cat([s.latents for s in sets]), [], [])
     for s in sets:
         offset = len(merged.prompts)
-        merged.pairs += [(w + offset, lo + offset) for w, lo in s.pairs]
         merged.prompts += s.prompts
-        merged.verdicts += s.verdicts
+        merged.verdicts += [{**v, "kept": [k + offset if k >= 0 else -1 for k in v["kept"]]} for v in s.verdicts]
     return merged
 
 
@@ -154,16 +202,18 @@ def dpo_step(unet, ref, pairs: Sequence, ac: torch.Tensor, objective: str, beta:
     return {"loss": loss, "acc": float((delta < 0).float().mean()), "delta": float(delta.mean())}
 
 
-def fine_tune(pipe: Any, pairs: PairSet, *, steps: int, pairs_per_step: int, lr: float, beta: float,
-              log_file: Path | None = None, log: Callable[[str], None] = lambda msg: None,
+def fine_tune(pipe: Any, images: PairSet, pairs: Sequence[tuple[int, int]], *, steps: int, pairs_per_step: int,
+              lr: float, beta: float, log_file: Path | None = None, log: Callable[[str], None] = lambda msg: None,
               seed: int = 0) -> torch.nn.Module:
-    """Fine-tune ``pipe``'s U-Net (fp32) in place on ``pairs``; returns the frozen reference (the U-Net before)."""
+    """Fine-tune ``pipe``'s U-Net (fp32) in place on ``pairs`` of ``images``' latents; returns the frozen reference
+    (the U-Net before)."""
     model, device = pipe.model, pipe.device
+    used = sorted({i for pair in pairs for i in pair})
     with torch.no_grad():  # the contexts of the completed prompts, once each
         contexts = {p: pipe.encode_prompts(p, "", clip_skip=pipe.config.clip_skip)[0].float()
-                    for p in dict.fromkeys(pairs.prompts)}
-    items = [{"latent": z.float(), "context": contexts[p]} for z, p in zip(pairs.latents, pairs.prompts)]
-    pair_items = [(items[w], items[lo]) for w, lo in pairs.pairs]
+                    for p in dict.fromkeys(images.prompts[i] for i in used)}
+    items = {i: {"latent": images.latents[i].float(), "context": contexts[images.prompts[i]]} for i in used}
+    pair_items = [(items[w], items[lo]) for w, lo in pairs]
     unet = model.unet.train().requires_grad_(True)
     ref = copy.deepcopy(unet).eval().requires_grad_(False)
     objective = "v" if model.config.schedule.prediction_type == "v_prediction" else "eps"
@@ -199,14 +249,15 @@ def mix_weights(unet: torch.nn.Module, ref: torch.nn.Module, share: float) -> No
 
 def preference_fine_tune(source: Path, out: Path, *, kinds: Sequence[str], prompts: int, seeds: int, gen_batch: int,
                          world_seed: int, steps: int, pairs_per_step: int, lr: float, beta: float, mix: float,
-                         work: Path, device: torch.device, overwrite: bool = False,
-                         log: Callable[[str], None] = print) -> Path:
+                         work: Path, device: torch.device, grade: str = "judge", margin: int = 16,
+                         overwrite: bool = False, log: Callable[[str], None] = print) -> Path:
     """The model file ``source`` fine-tuned by preference into ``out`` (fp16, with its file's settings).
 
-    Each kind's pairs are drawn into ``work/pairs-KIND.pt`` (with the image generation of ``estable eval
+    Each kind's images are drawn and judged into ``work/images-KIND.pt`` (with the image generation of ``estable eval
     compositional`` on ``device``: fp16 in CUDA graphs on a GPU) unless a set drawn from the same model with the same
-    prompts, seeds and world is there; one drawn otherwise is an EstableError. With no pairs (or no steps) ``out``
-    is ``source``'s weights as they were. ``work/log.jsonl`` gets the loss, ``work/summary.json`` the settings."""
+    prompts, seeds and world is there; one drawn otherwise is an EstableError. The pairs are chosen from them by
+    ``grade`` and ``margin`` (:func:`choose_pairs`). With no pairs (or no steps) ``out`` is ``source``'s weights as
+    they were. ``work/log.jsonl`` gets the loss, ``work/summary.json`` the settings."""
     from estable.checkpoints.io import cached_sha256
     from estable.checkpoints.store import load_model, save_model
     from estable.evaluation.judge import load_default_judge
@@ -216,43 +267,47 @@ def preference_fine_tune(source: Path, out: Path, *, kinds: Sequence[str], promp
     model_sha = cached_sha256(source)
     sets, drawer, judge = [], None, None
     for kind in kinds:
-        path = work / f"pairs-{kind}.pt"
+        path = work / f"images-{kind}.pt"
         wanted = {"model_sha256": model_sha, "kind": kind, "prompts": prompts, "seeds": seeds,
                   "world_seed": world_seed}
         if path.is_file():
             try:
                 kept = PairSet.load(path)
-            except Exception as exc:  # truncated, not a pair set, or not torch's: say which file, keep it
-                raise EstableError(f"cannot read the pairs in {path} ({exc}); remove it to draw them again") from None
+            except Exception as exc:  # truncated, not an image set, or not torch's: say which file, keep it
+                raise EstableError(f"cannot read the images in {path} ({exc}); remove it to draw them again") from None
             if kept.drawn != wanted:
-                raise EstableError(f"the pairs in {path} were drawn with {kept.drawn or 'unknown settings'}, not "
+                raise EstableError(f"the images in {path} were drawn with {kept.drawn or 'unknown settings'}, not "
                                    f"{wanted}; remove the file or give another work folder")
             sets.append(kept)
-            log(f"{kind}: {len(kept.pairs)} pairs read from {path}")
+            log(f"{kind}: {len(kept.verdicts)} prompts' verdicts read from {path}")
             continue
         if drawer is None:
             drawer, judge = load_pipeline(source, device=device), load_default_judge(device)
         specs = train_prompts(kind, prompts, world_seed)
-        drawn = draw_pairs(drawer, judge, specs, seeds, 10_000, gen_batch, lambda m, kind=kind: log(f"{kind}: {m}"))
+        drawn = draw_images(drawer, judge, specs, seeds, 10_000, gen_batch, lambda m, kind=kind: log(f"{kind}: {m}"))
         drawn.drawn = wanted
-        right = sum(sum(v["right"]) for v in drawn.verdicts)
-        log(f"{kind}: {len(drawn.pairs)} pairs; {right} of {len(specs) * seeds} images right")
         drawn.save(path)
         sets.append(drawn)
     del drawer, judge
-    pairs = merge_pairs(sets)
+    counts = {}
+    for kind, s in zip(kinds, sets):
+        right = [r for v in s.verdicts for r in v["right"]]
+        strays = [n for v in s.verdicts for n in v["strays"]]
+        counts[kind] = len(choose_pairs(s, grade, margin))
+        log(f"{kind}: {sum(right)} of {len(right)} images right, {sum(strays) / max(len(strays), 1):.1f} stray "
+            f"pixels per image; {counts[kind]} pairs by {grade}")
+    images = merge_sets(sets)
+    pairs = choose_pairs(images, grade, margin)
     model = load_model(source, dtype=torch.float32, device=device)
-    if pairs.pairs and steps > 0:
+    if pairs and steps > 0:
         pipe = Pipeline(model, device=device, dtype=torch.float32, cuda_graphs=False)
-        ref = fine_tune(pipe, pairs, steps=steps, pairs_per_step=pairs_per_step, lr=lr, beta=beta,
+        ref = fine_tune(pipe, images, pairs, steps=steps, pairs_per_step=pairs_per_step, lr=lr, beta=beta,
                         log_file=work / "log.jsonl", log=log)
         mix_weights(model.unet, ref, mix)
     else:
-        log("no prompt had both right and wrong images (or no steps): nothing to learn from; the model is written as "
-            "it was")
-    summary = {"model": str(source), "model_sha256": model_sha, "kinds": list(kinds),
-               "pairs": {k: len(s.pairs) for k, s in zip(kinds, sets)}, "prompts": prompts, "seeds": seeds,
-               "world_seed": world_seed, "steps": steps, "pairs_per_step": pairs_per_step, "lr": lr, "beta": beta,
-               "mix": mix}
+        log("no pair to learn from (or no steps); the model is written as it was")
+    summary = {"model": str(source), "model_sha256": model_sha, "kinds": list(kinds), "grade": grade,
+               "margin": margin, "pairs": counts, "prompts": prompts, "seeds": seeds, "world_seed": world_seed,
+               "steps": steps, "pairs_per_step": pairs_per_step, "lr": lr, "beta": beta, "mix": mix}
     (work / "summary.json").write_text(json.dumps(summary, indent=1))
     return save_model(model, out, to="estable", dtype="fp16", overwrite=overwrite)
