@@ -14,14 +14,10 @@ import torch
 from PIL import Image
 
 import estable.pipeline
-from estable.checkpoints.store import LoadedModel, save_model
-from estable.config import ModelConfig, TextConfig, TokenizerConfig
+from estable.config import TextConfig
 from estable.errors import EstableError
 from estable.models.clip import CLIPPair, CLIPPairConfig, ImageEncoderConfig
-from estable.models.unet import UNet
 from estable.params import GenerationParams
-from estable.training.builders import build_text_encoder, build_vae
-from estable.training.config import load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,20 +34,9 @@ def run_cli(*argv: str) -> int:
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """An Estable model file with seeded random tiny networks (VAE factor 4, native size 32 px)."""
-    cfg = load_config("unet", "tiny-unet", [])
-    vae = build_vae(cfg.vae, 0)
-    text, tok = build_text_encoder(cfg.text, 0)
-    torch.manual_seed(0)
-    unet = UNet(cfg.model)
-    config = ModelConfig(
-        family="estable", unet=cfg.model, vae=vae.config, text=text.config,
-        tokenizer=TokenizerConfig(max_length=tok.max_length, pad_token_id=tok.pad_token_id,
-                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
-        schedule=cfg.schedule,
-    )
-    model = LoadedModel(config=config, unet=unet.eval(), vae=vae.eval(), text_encoder=text.eval(), tokenizer=tok,
-                        source=Path("tiny"), format="estable")
-    return save_model(model, tmp_path_factory.mktemp("model") / "tiny.safetensors", to="estable", dtype="fp32")
+    from tiny_model import tiny_model_file
+
+    return tiny_model_file(tmp_path_factory.mktemp("model"))
 
 
 # ------------------------------------------------------------------------------------------------ clipscore
