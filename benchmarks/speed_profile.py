@@ -64,6 +64,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-phases": {"phase_upsample": False},  # upsamplers as interpolation + 3×3 convolution (the fifteenth run's "max")
     "no-fused-qkv": {"fuse_qkv": False},  # each attention's projections as separate matrix products
     "no-channels-last": {"channels_last": False},  # the networks in NCHW
+    "vae-nchw": {"vae_channels_last": False},  # the U-Net channels_last, the VAE in NCHW
     "cudnn": {"sdpa": "cudnn"},
     "flash": {"sdpa": "flash"},
     "efficient": {"sdpa": "efficient"},

@@ -324,6 +324,25 @@ def test_decode_batch_decodes_image_by_image_with_the_same_pixels(tmp_path):
         assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 1
 
 
+@pytest.mark.parametrize(("vae_channels_last", "vae_layout"), [(None, True), (False, False)])
+def test_vae_layout_follows_the_unets_unless_told(tmp_path, vae_channels_last, vae_layout):
+    """The VAE goes channels_last with the U-Net, or stays NCHW beside it (``vae_channels_last=False``): same pixels."""
+    from estable import GenerationParams, load_pipeline
+
+    model = tiny_model_file(tmp_path)
+    params = GenerationParams(prompt="a red circle", steps=2, seed=3, width=32, height=32)
+    eager = load_pipeline(model, device="cpu", dtype="fp32").txt2img(params).images[0]
+    pipe = load_pipeline(model, device="cpu", dtype="fp32",
+                         speed=SpeedOptions(compile=False, vae_channels_last=vae_channels_last))
+    conv = pipe.vae.decoder.conv_in.weight
+    assert next(m.weight for m in pipe.unet.modules() if isinstance(m, torch.nn.Conv2d)).is_contiguous(
+        memory_format=torch.channels_last)
+    nhwc = conv.is_contiguous(memory_format=torch.channels_last)
+    assert nhwc if vae_layout else (conv.is_contiguous() and not nhwc)
+    got = pipe.txt2img(params).images[0]
+    assert np.abs(np.asarray(eager, dtype=np.int16) - np.asarray(got, dtype=np.int16)).max() <= 1
+
+
 @pytest.mark.parametrize(("decode_batch", "recompiles"), [(1, False), (None, True)])
 def test_dynamic_shapes_with_an_image_by_image_decode_compile_nothing_for_a_new_batch(tmp_path, monkeypatch,
                                                                                       decode_batch, recompiles):

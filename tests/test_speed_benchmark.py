@@ -134,10 +134,10 @@ def test_cold_start_rows_in_separate_calls_share_one_cache(tmp_path):
 
 
 def test_speed_profile_smoke_and_kernel_kinds(tmp_path):
-    """benchmarks/speed_profile.py --smoke: four variants end to end on tiny CPU networks (a few seconds), and the
+    """benchmarks/speed_profile.py --smoke: five variants end to end on tiny CPU networks (a few seconds), and the
     kernel names seen in the H200 profile (RESULTS.md, fifth GPU run) sorted into the right kinds."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    variants = ("max", "max-nographs", "no-fused-qkv", "no-channels-last")
+    variants = ("max", "max-nographs", "no-fused-qkv", "no-channels-last", "vae-nchw")
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed_profile.py"), "--smoke",
                            *(arg for name in variants for arg in ("--variant", name)), "--out", str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=300)

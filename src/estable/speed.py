@@ -66,6 +66,9 @@ class SpeedOptions:
     fuse_qkv: bool = True
     phase_upsample: bool = True  # upsampler + its convolution by phases (Upsample.fuse_phases)
     channels_last: bool = True
+    # the VAE's layout when it should differ from the U-Net's (None: as ``channels_last``); on an H100 the decode
+    # alone ran 1.2 ms faster in NCHW beside a channels_last U-Net (benchmarks/RESULTS.md; not yet measured whole)
+    vae_channels_last: bool | None = None
     compile: bool = True
     regional: bool = True  # compile each repeated block; False: the whole U-Net as one graph
     compile_vae: bool = True  # the VAE decoder's blocks too
@@ -298,6 +301,7 @@ def accelerate(unet: nn.Module, vae: nn.Module, device: torch.device, options: S
 
     if options.channels_last:
         unet.to(memory_format=torch.channels_last)
+    if options.channels_last if options.vae_channels_last is None else options.vae_channels_last:
         vae.to(memory_format=torch.channels_last)
     if options.fuse_qkv:
         fuse_projections(unet)
