@@ -136,9 +136,9 @@ def test_draw_images_judges_counts_strays_and_keeps_the_images_that_can_pair(mon
 
 
 def test_merge_sets_shifts_the_second_sets_indices():
-    a = dpo.PairSet(torch.zeros(3, 1, 2, 2), ["a", "b", "c"],
+    a = dpo.ImageSet(torch.zeros(3, 1, 2, 2), ["a", "b", "c"],
                     [{"prompt": "x", "right": [True, False, True], "strays": [0, 0, 0], "kept": [0, 1, 2]}])
-    b = dpo.PairSet(torch.ones(2, 1, 2, 2), ["d", "e"],
+    b = dpo.ImageSet(torch.ones(2, 1, 2, 2), ["d", "e"],
                     [{"prompt": "y", "right": [True, True, True], "strays": [0, 5, 30], "kept": [0, -1, 1]}])
     m = dpo.merge_sets([a, b])
     assert m.prompts == ["a", "b", "c", "d", "e"] and [x["kept"] for x in m.verdicts] == [[0, 1, 2], [3, -1, 4]]
@@ -164,10 +164,10 @@ def _unet_weights(path):
     return {k: v.float() for k, v in load_model(path, dtype="fp32").unet.state_dict().items()}
 
 
-def test_train_preference_command_fine_tunes_on_kept_pairs_and_mixes(tmp_path, run):
-    """The command on a tiny model, with pairs already in its work folder (drawing them is draw_pairs' test): --mix 1
-    writes the fine-tuned U-Net, --mix 0.5 the point half-way from MODEL's (the same run again: CPU steps repeat),
-    and a pair set with no pairs writes MODEL unchanged."""
+def test_train_preference_command_fine_tunes_on_kept_images_and_mixes(tmp_path, run):
+    """The command on a tiny model, with judged images already in its work folder (drawing them is draw_images'
+    test): --mix 1 writes the fine-tuned U-Net, --mix 0.5 the point half-way from MODEL's (the same run again: CPU
+    steps repeat), and an image set with no pairs writes MODEL unchanged."""
     from estable.checkpoints.io import sha256_file
     from tiny_model import tiny_model_file
 
@@ -177,11 +177,11 @@ def test_train_preference_command_fine_tunes_on_kept_pairs_and_mixes(tmp_path, r
     prompts = ["two red circles", "three blue stars", "four green hearts"]
     verdicts = [{"prompt": p, "seeds": [1, 2], "right": r, "strays": [3, 3], "kept": [2 * i, 2 * i + 1]}
                 for i, (p, r) in enumerate(zip(prompts, ([True, False], [False, True], [True, False])))]
-    pairs = dpo.PairSet(torch.randn(6, 4, 8, 8, generator=g).half(), [p for p in prompts for _ in range(2)], verdicts,
-                        drawn)
+    images = dpo.ImageSet(torch.randn(6, 4, 8, 8, generator=g).half(), [p for p in prompts for _ in range(2)],
+                          verdicts, drawn)
     for work in ("w1", "w05"):
         (tmp_path / work).mkdir()
-        pairs.save(tmp_path / work / "images-count.pt")
+        images.save(tmp_path / work / "images-count.pt")
     common = ["--kinds", "count", "--prompts", "3", "--seeds", "2", "--steps", "3", "--pairs-per-step", "2", "--lr",
               "1e-3", "--device", "cpu"]
     code, out, _ = run("train", "preference", str(model), str(tmp_path / "full.safetensors"), "--mix", "1",
@@ -198,7 +198,7 @@ def test_train_preference_command_fine_tunes_on_kept_pairs_and_mixes(tmp_path, r
     log = (tmp_path / "w1" / "log.jsonl").read_text().splitlines()
     assert len(log) == 3 and json.loads((tmp_path / "w1" / "summary.json").read_text())["pairs"] == {"count": 3}
     (tmp_path / "w0").mkdir()
-    dpo.PairSet(torch.zeros(0), [], [], drawn).save(tmp_path / "w0" / "images-count.pt")
+    dpo.ImageSet(torch.zeros(0), [], [], drawn).save(tmp_path / "w0" / "images-count.pt")
     code, out, _ = run("train", "preference", str(model), str(tmp_path / "same.safetensors"), "--work",
                        str(tmp_path / "w0"), *common)
     assert code == 0 and "no pair to learn from" in out

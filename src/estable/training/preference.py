@@ -12,7 +12,7 @@ Diffusion-DPO (Wallace et al. 2023) on pairs the model drew itself:
    turn; ``strays`` pairs a prompt's cleanest right image with its dirtiest when they differ by a margin of stray
    pixels; ``both`` is the two, the judge's winners taken cleanest first.
 3. **Fine-tuning** (:func:`fine_tune`, fp32). The U-Net learns, against a frozen copy of itself (the reference), to
-   denoise the right image of each pair better and the wrong one worse than the reference does: the loss is
+   denoise the winner of each pair better and the loser worse than the reference does: the loss is
    −log σ(−β·Δ), Δ = (e_w − e_w,ref) − (e_l − e_l,ref), e the mean squared error of the prediction (the file's
    objective, ε or v) for one noised latent; both images of a pair get the same timestep and noise. Text encoder and
    VAE stay frozen.
@@ -49,7 +49,7 @@ PAIR_KINDS = ("single", "count", "pair", "colour_binding")
 
 
 @dataclass
-class PairSet:
+class ImageSet:
     """Images a model drew of some prompts, and what was said of them: ``latents`` (N, C, h, w) fp16 on the CPU, the
     images kept (those that can be in a pair, :func:`draw_images`); ``prompts`` their N completed prompts;
     ``verdicts`` one per prompt: its caption, ``seeds``, which images are ``right``, each image's ``strays`` (stray
@@ -66,7 +66,7 @@ class PairSet:
                     "drawn": self.drawn}, path)
 
     @classmethod
-    def load(cls, path: Path) -> PairSet:
+    def load(cls, path: Path) -> ImageSet:
         d = torch.load(path, weights_only=True)
         return cls(d["latents"], list(d["prompts"]), list(d["verdicts"]), dict(d.get("drawn", {})))
 
@@ -105,12 +105,12 @@ def _kept(right: Sequence[bool], strays: Sequence[int]) -> list[int]:
 
 
 def draw_images(pipe: Any, judge: Any, specs: Sequence, seeds: int, base_seed: int, batch: int,
-                log: Callable[[str], None] = lambda msg: None) -> PairSet:
+                log: Callable[[str], None] = lambda msg: None) -> ImageSet:
     """``specs``' images, judged and their stray pixels counted: prompt i's have seeds base_seed + i·seeds + k,
     ``batch // seeds`` prompts per sampler run (``pipe``: a :class:`estable.pipeline.Pipeline`; ``judge``: the
     compositional benchmark's). The latents of the images that can be in a pair are kept (:func:`_kept`)."""
     params = protocol_params(pipe)
-    out = PairSet(torch.zeros(0), [])
+    out = ImageSet(torch.zeros(0), [])
     latents: list[torch.Tensor] = []
     per_run = max(1, batch // seeds)
     for start in range(0, len(specs), per_run):
@@ -142,7 +142,7 @@ def draw_images(pipe: Any, judge: Any, specs: Sequence, seeds: int, base_seed: i
 GRADES = ("judge", "strays", "both")
 
 
-def choose_pairs(images: PairSet, grade: str = "judge", margin: int = 16) -> list[tuple[int, int]]:
+def choose_pairs(images: ImageSet, grade: str = "judge", margin: int = 16) -> list[tuple[int, int]]:
     """(winner, loser) latent indices of ``images``' pairs, prompt by prompt.
 
     ``judge``: each wrong image with a right one of its prompt, in turn (by seed). ``strays``: of a prompt's right
@@ -172,9 +172,9 @@ def _encode(pipe: Any, images: Sequence) -> torch.Tensor:
     return pipe.vae.encode(pixels).mean.float().cpu() * pipe.vae.config.scaling_factor
 
 
-def merge_sets(sets: Sequence[PairSet]) -> PairSet:
+def merge_sets(sets: Sequence[ImageSet]) -> ImageSet:
     """One image set of several: latents, prompts and verdicts end to end, the verdicts' latent indices shifted."""
-    merged = PairSet(torch.cat([s.latents for s in sets]), [], [])
+    merged = ImageSet(torch.cat([s.latents for s in sets]), [], [])
     for s in sets:
         offset = len(merged.prompts)
         merged.prompts += s.prompts
@@ -202,7 +202,7 @@ def dpo_step(unet, ref, pairs: Sequence, ac: torch.Tensor, objective: str, beta:
     return {"loss": loss, "acc": float((delta < 0).float().mean()), "delta": float(delta.mean())}
 
 
-def fine_tune(pipe: Any, images: PairSet, pairs: Sequence[tuple[int, int]], *, steps: int, pairs_per_step: int,
+def fine_tune(pipe: Any, images: ImageSet, pairs: Sequence[tuple[int, int]], *, steps: int, pairs_per_step: int,
               lr: float, beta: float, log_file: Path | None = None, log: Callable[[str], None] = lambda msg: None,
               seed: int = 0) -> torch.nn.Module:
     """Fine-tune ``pipe``'s U-Net (fp32) in place on ``pairs`` of ``images``' latents; returns the frozen reference
@@ -272,7 +272,7 @@ def preference_fine_tune(source: Path, out: Path, *, kinds: Sequence[str], promp
                   "world_seed": world_seed}
         if path.is_file():
             try:
-                kept = PairSet.load(path)
+                kept = ImageSet.load(path)
             except Exception as exc:  # truncated, not an image set, or not torch's: say which file, keep it
                 raise EstableError(f"cannot read the images in {path} ({exc}); remove it to draw them again") from None
             if kept.drawn != wanted:
