@@ -1,6 +1,7 @@
 """The card's stray coloured pixels, counted: pixels whose colour no render of the prompt could hold (issue 11).
 
     PYTHONPATH=src python benchmarks/stray_pixels.py default OTHER.safetensors [--grid] [--renders 32]
+    PYTHONPATH=src python benchmarks/stray_pixels.py default --grid --seeds 0 --prompt-renders 8   # the VAE's floor
 
 A pixel further than ``--threshold`` levels (Euclidean RGB) from every colour a render of the prompt could hold is
 stray (``estable.evaluation.stray`` says which colours those are): the spots the decoder draws at shape rims are
@@ -9,9 +10,11 @@ stray (``estable.evaluation.stray`` says which colours those are): the spots the
 Per model: the generated images of the demo prompt at seeds 1–8 (``--grid``: the sample grid's eight prompts at
 seeds 1–4), the model's own sampler and guidance scale unless ``--sampler`` / ``--cfg``, 256², CPU fp32 by default;
 and with ``--renders N`` the first N held-out renders (world seed 3; ``--contact``: the first N where two objects of
-different colours overlap) encoded and decoded by the model's VAE. The renders themselves are counted once as the
-measure's own floor. Prints stray pixels per image (median, mean, the share of images with ``--min-spot`` or more)
-and, over all images of each kind, where they lie: where two of the objects' colours are near (``contact``: two
+different colours overlap) encoded and decoded by the model's VAE; with ``--prompt-renders N``, N layouts of each
+of the run's prompts (``scene_from_prompt`` at seeds 0..N-1) the same way, counted prompt by prompt: the
+autoencoder's own floor for those prompts. The renders themselves are counted once as the measure's own floor.
+Prints stray pixels per image (median, mean, the share of images with ``--min-spot`` or more) and, over all images
+of each kind, where they lie: where two of the objects' colours are near (``contact``: two
 objects meet), where one is (``rim``: an object's edge) or where none is; writes the figures as JSON (``--out``).
 ``--show DIR`` saves each generated image beside a copy with its stray pixels painted magenta.
 """
@@ -32,7 +35,7 @@ from estable.evaluation.stray import object_colours, prompt_colours, stray_mask
 from estable.images import to_pil, to_tensor
 from estable.params import GenerationParams
 from estable.pipeline import load_pipeline
-from estable.training.shapes import BACKGROUND_COLOURS, COLOURS, overlap_fraction
+from estable.training.shapes import BACKGROUND_COLOURS, COLOURS, overlap_fraction, parse_caption, scene_from_prompt
 from estable.training.shapes.render import render
 from estable.training.shapes.world import ShapesWorld
 
@@ -105,6 +108,18 @@ def count_renders(images, scenes, threshold: float, min_spot: int) -> dict:
     return {**summary(counts, min_spot), "where": kinds}
 
 
+def prompt_scenes(prompts: list[str], n: int) -> list:
+    """``n`` layouts of each prompt, prompt by prompt (the world's layout sampler at seeds 0..n-1)."""
+    return [scene_from_prompt(parse_caption(p), seed) for p in prompts for seed in range(n)]
+
+
+@torch.no_grad()
+def reconstruct(pipe, images) -> list:
+    """``images`` encoded and decoded by ``pipe``'s VAE (the posterior mean), as PIL images."""
+    x = torch.cat([to_tensor(r) for r in images]).to(pipe.device, next(pipe.vae.parameters()).dtype)
+    return to_pil(pipe.vae.decode(pipe.vae.encode(x).mean).float().cpu())
+
+
 def summary(counts: list[int], min_spot: int) -> dict:
     return {"images": len(counts), "median": statistics.median(counts), "mean": round(statistics.fmean(counts), 2),
             f"share_with_{min_spot}_or_more": round(sum(c >= min_spot for c in counts) / len(counts), 4),
@@ -115,10 +130,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+")
     ap.add_argument("--grid", action="store_true", help="the sample grid's eight prompts at seeds 1-4")
-    ap.add_argument("--seeds", type=int, help="seeds 1..N (default 8, with --grid 4)")
+    ap.add_argument("--seeds", type=int, help="seeds 1..N (default 8, with --grid 4; 0: generate none)")
     ap.add_argument("--renders", type=int, default=0, help="also N held-out renders through each model's VAE")
     ap.add_argument("--contact", action="store_true",
                     help="the renders: only scenes where two objects of different colours overlap")
+    ap.add_argument("--prompt-renders", type=int, default=0,
+                    help="also N renders of each prompt's layouts through each model's VAE, counted per prompt")
     ap.add_argument("--threshold", type=float, default=40.0)
     ap.add_argument("--min-spot", type=int, default=4)
     ap.add_argument("--sampler")
@@ -130,9 +147,11 @@ def main() -> None:
     if args.show:
         args.show.mkdir(parents=True, exist_ok=True)
     prompts = GRID if args.grid else DEMO
-    seeds = range(1, (args.seeds or (4 if args.grid else 8)) + 1)
+    seeds = range(1, (args.seeds if args.seeds is not None else (4 if args.grid else 8)) + 1)  # 0: none generated
     scenes = held_out_scenes(args.renders, args.contact)
     renders = [render(s, 256) for s in scenes]
+    own_scenes = prompt_scenes(prompts, args.prompt_renders)
+    own_renders = [render(s, 256) for s in own_scenes]
     result: dict = {"threshold": args.threshold, "prompts": prompts, "seeds": list(seeds), "models": {}}
     if renders:
         result["renders"] = count_renders(renders, scenes, args.threshold, args.min_spot)
@@ -151,12 +170,15 @@ def main() -> None:
                 mask = tally(image, colours, objects, args.threshold, counts, kinds)
                 if args.show:
                     marked(image, mask).save(args.show / f"model{m}_prompt{p}_seed{seed}_{counts[-1]}.png")
-        row = {"generated": {**summary(counts, args.min_spot), "where": kinds}}
+        row = {"generated": {**summary(counts, args.min_spot), "where": kinds}} if counts else {}
         if renders:
-            with torch.no_grad():
-                x = torch.cat([to_tensor(r) for r in renders]).to(pipe.device, next(pipe.vae.parameters()).dtype)
-                recon = to_pil(pipe.vae.decode(pipe.vae.encode(x).mean).float().cpu())
-            row["reconstructed"] = count_renders(recon, scenes, args.threshold, args.min_spot)
+            row["reconstructed"] = count_renders(reconstruct(pipe, renders), scenes, args.threshold, args.min_spot)
+        if own_renders:
+            row["prompts_reconstructed"] = count_renders(reconstruct(pipe, own_renders), own_scenes, args.threshold,
+                                                         args.min_spot)
+            n = args.prompt_renders
+            row["prompts_reconstructed"]["per_prompt"] = {
+                p: row["prompts_reconstructed"]["per_image"][i * n:(i + 1) * n] for i, p in enumerate(prompts)}
         result["models"][src] = row
         line = ", ".join(f"{k}: median {v['median']}, mean {v['mean']}, {args.min_spot}+ in "
                          f"{100 * v[f'share_with_{args.min_spot}_or_more']:.0f} %" for k, v in row.items())

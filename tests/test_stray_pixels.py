@@ -67,6 +67,15 @@ def test_a_tiny_run_writes_its_figures(tmp_path, capsys, monkeypatch):
         assert sum(row[kind]["where"].values()) == sum(row[kind]["per_image"])
     shown = sorted(f.name for f in (tmp_path / "show").iterdir())  # named by model, prompt, seed and count
     assert shown == [f"model0_prompt0_seed{s}_{n}.png" for s, n in zip((1, 2), row["generated"]["per_image"])]
+    # the autoencoder's floor alone: layouts of each grid prompt through the VAE, nothing generated
+    monkeypatch.setattr(sys, "argv", ["stray_pixels.py", str(model), "--grid", "--seeds", "0", "--prompt-renders", "2",
+                                      "--out", str(out)])
+    main()
+    row = json.loads(out.read_text())["models"][str(model)]
+    assert list(row) == ["prompts_reconstructed"]
+    per_prompt = row["prompts_reconstructed"]["per_prompt"]
+    assert len(per_prompt) == 8 and all(len(v) == 2 for v in per_prompt.values())
+    assert sum(map(sum, per_prompt.values())) == sum(row["prompts_reconstructed"]["per_image"])
 
 
 def test_where_tells_a_contact_from_a_rim_and_from_nowhere_near():
