@@ -144,3 +144,62 @@ def test_bad_inputs_raise_value_errors() -> None:
         model.encode(torch.zeros(1, 3, 10, 12))
     with pytest.raises(ValueError, match="latents"):
         model.decode(torch.zeros(1, 3, 4, 4))
+
+
+def test_centred_downsampling_is_mirror_equivariant_and_the_ldm_one_is_not() -> None:
+    """A 3×3 stride-2 convolution samples half a pixel off centre whichever side it pads; a 4×4 one padded all round
+    samples centred windows: with a mirror-symmetric kernel, mirroring the input mirrors the output."""
+    from estable.nn.resnet import Downsample
+
+    x = torch.randn(1, 2, 8, 16, generator=torch.Generator().manual_seed(0))
+    for kwargs, equivariant in (({"padding": 0}, False), ({"padding": 1}, False), ({"padding": 1, "kernel": 4}, True)):
+        down = Downsample(2, **kwargs)
+        with torch.no_grad():
+            down.conv.weight.copy_((down.conv.weight + down.conv.weight.flip(-1)) / 2)
+            out, mirrored = down(x), down(x.flip(-1)).flip(-1)
+        assert out.shape == (1, 2, 4, 8)
+        assert torch.allclose(out, mirrored, atol=1e-6) == equivariant, kwargs
+    with pytest.raises(ValueError, match="4×4 one padded all round"):
+        Downsample(2, padding=0, kernel=4)
+
+
+def test_a_vae_with_centred_downsampling_round_trips_in_estables_format_only(tmp_path) -> None:
+    from estable.checkpoints.diffusers_config import vae_to_diffusers
+    from estable.errors import UnsupportedModelError
+
+    cfg = VAEConfig(block_channels=(16, 32, 32), layers_per_block=1, norm_groups=8, downsample_kernel=4)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(cfg).eval()
+    assert vae.encoder.down_blocks[0].downsamplers[0].conv.weight.shape[-2:] == (4, 4)
+    x = image(cfg)
+    with torch.no_grad():
+        z = vae.encode(x).mean
+        assert z.shape[-2:] == (4, 6) and vae.decode(z).shape == x.shape
+    assert VAEConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(UnsupportedModelError, match="keep the model in Estable's format"):
+        vae_to_diffusers(cfg)
+    with pytest.raises(ValueError, match="downsample_kernel must be 3"):
+        VAEConfig(downsample_kernel=5)
+
+
+def test_a_model_with_centred_downsampling_saves_as_estable_and_refuses_the_sd_layouts(tmp_path) -> None:
+    import dataclasses
+
+    from estable.checkpoints.store import load_model, save_model
+    from estable.errors import UnsupportedModelError
+    from tiny_model import tiny_model_file
+
+    base = load_model(tiny_model_file(tmp_path), dtype="fp32")
+    cfg = base.config.vae.replace(downsample_kernel=4)
+    torch.manual_seed(1)
+    model = dataclasses.replace(base, config=base.config.replace(vae=cfg), vae=AutoencoderKL(cfg).eval())
+    path = save_model(model, tmp_path / "centred.safetensors", to="estable", dtype="fp32")
+    back = load_model(path, dtype="fp32")
+    assert back.config.vae.downsample_kernel == 4
+    x = image(cfg)
+    with torch.no_grad():
+        assert torch.equal(back.vae.encode(x).mean, model.vae.encode(x).mean)
+    for to, dst in (("ldm", tmp_path / "sd.safetensors"), ("diffusers", tmp_path / "folder")):
+        with pytest.raises(UnsupportedModelError, match="keep the model in Estable's format"):
+            save_model(model, dst, to=to)
+        assert not dst.exists()

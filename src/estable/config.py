@@ -182,6 +182,10 @@ class VAEConfig(_Config):
     norm_groups: int = 32
     norm_eps: float = 1e-6
     mid_attention: bool = True
+    # The encoder's downsamplings: 3, the LDM autoencoder's 3×3 stride-2 convolutions padded at the bottom and right
+    # (each level's grid half a pixel off centre); 4, 4×4 stride-2 convolutions padded all round (centred). Estable's
+    # own models only: SD and diffusers files hold 3.
+    downsample_kernel: int = 3
     # Latents are multiplied by this before diffusion so that they have roughly unit variance.
     scaling_factor: float = 0.18215
     sample_size: int = 512  # image side the model was trained at (informational)
@@ -196,6 +200,9 @@ class VAEConfig(_Config):
         if len(self.block_channels) > MAX_DEPTH:
             raise ValueError(f"VAEConfig.block_channels has {len(self.block_channels)} levels; at most {MAX_DEPTH} "
                              "are supported")
+        if self.downsample_kernel not in (3, 4):
+            raise ValueError(f"VAEConfig.downsample_kernel must be 3 (the LDM autoencoder's) or 4, not "
+                             f"{self.downsample_kernel!r}")
         _check_ints("VAEConfig", norm_groups=self.norm_groups)
         _check_ints("VAEConfig", 1, MAX_DEPTH, layers_per_block=self.layers_per_block)
         _check_eps("VAEConfig", "norm_eps", self.norm_eps)

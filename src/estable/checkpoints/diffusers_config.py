@@ -349,6 +349,10 @@ _VAE_DEFAULTS: dict[str, Any] = {
 _VAE_NORM_EPS = 1e-6
 
 
+CENTRED_VAE_UNSUPPORTED = ("this VAE's encoder downsamples with 4×4 kernels (VAEConfig.downsample_kernel=4); {layout} "
+                           "holds the LDM autoencoder's 3×3 ones only: keep the model in Estable's format")
+
+
 def vae_from_diffusers(cfg: Mapping[str, Any]) -> VAEConfig:
     """VAEConfig from a diffusers AutoencoderKL ``config.json`` dict."""
     _check_defaults(_VAE, cfg, _VAE_FIXED)
@@ -383,6 +387,8 @@ def vae_to_diffusers(cfg: VAEConfig) -> dict[str, Any]:
         raise UnsupportedModelError(
             f"VAEConfig.norm_eps={cfg.norm_eps} cannot be written as an AutoencoderKL config (fixed at 1e-6)"
         )
+    if cfg.downsample_kernel != 3:
+        raise UnsupportedModelError(CENTRED_VAE_UNSUPPORTED.format(layout="an AutoencoderKL config"))
     n = len(cfg.block_channels)
     return {
         "_class_name": _VAE,

@@ -37,7 +37,8 @@ import torch
 from torch import Tensor
 
 from ..config import ModelConfig, TextConfig, UNetConfig, VAEConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UnsupportedModelError
+from .diffusers_config import CENTRED_VAE_UNSUPPORTED
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -485,6 +486,8 @@ def components_to_ldm(components: Mapping[str, Mapping[str, Tensor]], config: Mo
     SD 2.x text encoders are written in open_clip layout (fused ``in_proj``); SD 1.x and Estable's own
     models in transformers layout. The EMA copy and the DDPM buffers are not written.
     """
+    if config.vae.downsample_kernel != 3:
+        raise UnsupportedModelError(CENTRED_VAE_UNSUPPORTED.format(layout="an SD single file"))
     maps = key_maps(config)
     unknown = sorted(set(components) - set(maps))
     if unknown:

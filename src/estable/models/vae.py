@@ -7,7 +7,8 @@ runs on z · scaling_factor (≈ unit variance), which ``encode_latents``/``deco
 
 Layout (the names are diffusers', so that its files load with ``strict=True``):
 
-    encoder: conv_in → per level L × ResnetBlock (+ Downsample with (0,1,0,1) padding, all but the last)
+    encoder: conv_in → per level L × ResnetBlock (+ Downsample with (0,1,0,1) padding, all but the last;
+             ``downsample_kernel=4``: 4×4 kernels padded all round, Estable's own)
              → mid (ResnetBlock, single-head attention, ResnetBlock) → GroupNorm → SiLU → conv_out (2·latent)
     quant_conv (1×1) → moments (μ, log σ²)
     post_quant_conv (1×1) → decoder: conv_in → mid → per level, deepest first, (L+1) × ResnetBlock
@@ -60,7 +61,9 @@ class EncoderDownBlock(nn.Module):
             for i in range(cfg.layers_per_block)
         )
         # LDM's asymmetric (0, 1, 0, 1) padding, then a stride-2 convolution without padding.
-        self.downsamplers = nn.ModuleList([Downsample(out_channels, padding=0)]) if downsample else None
+        k = cfg.downsample_kernel  # 3: LDM's, padded at the bottom and right; 4: centred, padded all round
+        self.downsamplers = (nn.ModuleList([Downsample(out_channels, padding=0 if k == 3 else 1, kernel=k)])
+                             if downsample else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:

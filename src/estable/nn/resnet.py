@@ -53,18 +53,22 @@ class ResnetBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve the resolution with a stride-2 3×3 convolution.
+    """Halve the resolution with a stride-2 convolution.
 
     ``padding=1`` is the U-Net's symmetric padding. ``padding=0`` is the LDM autoencoder's variant: the input
     is padded by one zero row/column on the bottom/right only, (0, 1, 0, 1), then convolved without padding.
+    Either way a 3×3 kernel of stride 2 on an even side samples every other pixel from one edge, half a pixel off
+    the centre. ``kernel=4`` (with ``padding=1``) samples centred windows: mirrored in, mirrored out.
     """
 
-    def __init__(self, channels: int, *, padding: int = 1) -> None:
+    def __init__(self, channels: int, *, padding: int = 1, kernel: int = 3) -> None:
         super().__init__()
         if padding not in (0, 1):
             raise ValueError(f"Downsample padding must be 0 (asymmetric, VAE) or 1 (U-Net), not {padding}")
+        if kernel not in (3, 4) or (kernel == 4 and padding != 1):
+            raise ValueError(f"Downsample takes a 3×3 kernel, or a 4×4 one padded all round; not {kernel}, {padding}")
         self.padding = padding
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=padding)
+        self.conv = nn.Conv2d(channels, channels, kernel_size=kernel, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding == 0:
