@@ -60,8 +60,9 @@ class EncoderDownBlock(nn.Module):
                         groups=cfg.norm_groups, eps=cfg.norm_eps)
             for i in range(cfg.layers_per_block)
         )
-        # LDM's asymmetric (0, 1, 0, 1) padding, then a stride-2 convolution without padding.
-        k = cfg.downsample_kernel  # 3: LDM's, padded at the bottom and right; 4: centred, padded all round
+        # 3: LDM's asymmetric (0, 1, 0, 1) padding, then a stride-2 3×3 convolution without padding;
+        # 4: a stride-2 4×4 convolution padded all round (centred windows)
+        k = cfg.downsample_kernel
         self.downsamplers = (nn.ModuleList([Downsample(out_channels, padding=0 if k == 3 else 1, kernel=k)])
                              if downsample else None)
 
