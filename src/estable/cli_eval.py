@@ -176,8 +176,10 @@ def _add_compositional(esub: argparse._SubParsersAction) -> None:
     p.add_argument("--kinds", metavar="KIND[,KIND...]",
                    help="only these prompt kinds, in equal shares (single, count, pair, colour_binding; default: "
                    "the shapes world's own mix)")
-    p.add_argument("--paraphrase", action="store_true",
-                   help="say the relations in words no training caption uses (on top of, beneath, ...)")
+    p.add_argument("--paraphrase", nargs="?", const="synonyms", choices=("synonyms", "unseen"), metavar="SET",
+                   help="say the relations in words no training caption uses: synonyms (on top of, beneath, on the "
+                   "left of, on the right of; the default set, which `estable train synonyms` can teach) or unseen "
+                   "(over, under, left of, right of: taught by no recipe)")
     p.add_argument("--out", metavar="FILE", help="write the full report (with per-image verdicts) as JSON")
     _add_overwrite_flag(p)
     p.set_defaults(func=_cmd_compositional)
@@ -207,12 +209,13 @@ def _cmd_compositional(args: argparse.Namespace) -> int:
         raise EstableError("--prompts and --images-per-prompt must be positive")
     judge = load_judge_or_default(args.judge, resolve_device(args.device))
     try:
-        prompts = make_prompts(args.prompts, mix=parse_kinds(args.kinds), paraphrased=args.paraphrase)
+        prompts = make_prompts(args.prompts, mix=parse_kinds(args.kinds), paraphrased=args.paraphrase or False)
     except ValueError as exc:
         raise EstableError(str(exc)) from None
     generate = model_generator(args)
     report = evaluate(generate, judge, prompts, args.images_per_prompt, args.seed, progress=True)
     report["model"] = args.model
+    report["paraphrase"] = args.paraphrase
     report["generation"] = {"steps": args.steps, "cfg": args.cfg, "cfg_start": args.cfg_start,
                             "sampler": args.sampler, "size": args.size,
                             "prompt_completion": getattr(args, "prompt_completion", None)}

@@ -1,4 +1,4 @@
-"""``estable train {vae,unet,clip,lora,controlnet,ti,preference}``: the training commands (a thin shell over
+"""``estable train {vae,unet,clip,lora,controlnet,ti,preference,synonyms}``: the training commands (a thin shell over
 ``estable.training``).
 
     estable train unet --config tiny-unet --run-dir runs/try optim.lr=3e-4 max_steps=200
@@ -9,6 +9,7 @@
                                                                        (→ RUN/controlnet.safetensors)
     estable train ti --config tiny-ti token=teal colour=[0,160,160]            (→ RUN/teal.safetensors)
     estable train preference default out.safetensors --device cuda     (pairs judged, DPO, half-way mix)
+    estable train synonyms default out.safetensors --synonym beneath=below   (the text tower taught a word)
     estable train unet --run-dir runs/try --resume max_steps=400       (config.json of the run is the base)
     torchrun --nproc_per_node 4 -m estable.cli train unet --config my.json --run-dir runs/big
 
@@ -71,6 +72,7 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     e.set_defaults(func=_cmd_export)
     _add_preference_command(sub)
+    _add_synonyms_command(sub)
 
 
 def _add_preference_command(sub: argparse._SubParsersAction) -> None:
@@ -143,6 +145,61 @@ def _cmd_preference(args: argparse.Namespace) -> int:
         mix=args.mix, work=work, device=device, grade=args.grade, margin=args.stray_margin, overwrite=args.overwrite,
         log=log)
     log(f"wrote {written}")
+    return 0
+
+
+def _add_synonyms_command(sub: argparse._SubParsersAction) -> None:
+    text = ("teach a model's text encoder phrases its captions never used, each as a synonym of one they did: the "
+            "U-Net's prediction from a caption said the new way is distilled to its prediction from the caption as "
+            "written, U-Net and VAE frozen, the model's own captions kept as they were (estable.training.synonyms)")
+    q = sub.add_parser("synonyms", help="teach the text encoder new phrases as synonyms of known ones",
+                       description=text + ". Shapes-world models only (it renders the world's pair scenes).")
+    q.add_argument("model", metavar="MODEL", help="the model to teach (a file, or 'default' for the built-in one)")
+    q.add_argument("out", metavar="OUT", help="the .safetensors file to write (fp16, with MODEL's settings)")
+    q.add_argument("--synonym", action="append", metavar="NEW=KNOWN",
+                   help="a new phrase and the known phrase it means, e.g. beneath=below (repeatable; default: the "
+                   "paraphrase test's four: on top of=above, beneath=below, on the left of=to the left of, on the "
+                   "right of=to the right of)")
+    q.add_argument("--scenes", type=int, default=512, help="train-split pair scenes rendered (default 512)")
+    q.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    q.add_argument("--batch", type=int, default=32, help="noised scenes per step (default 32)")
+    q.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    q.add_argument("--keep-weight", type=float, default=1.0,
+                   help="weight of keeping the known captions' contexts (default 1)")
+    q.add_argument("--world-seed", type=int, default=103, help="the world of the scenes (default 103)")
+    q.add_argument("--work", metavar="DIR", help="loss log and summary (default: OUT's name + '.work')")
+    q.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    q.set_defaults(func=_cmd_synonyms)
+
+
+def _cmd_synonyms(args: argparse.Namespace) -> int:
+    from .pipeline import DEFAULT_MODEL, default_model_path, resolve_device
+    from .training import synonyms as syn
+
+    pairs = syn.parse_synonyms(args.synonym) if args.synonym else dict(syn.PARAPHRASE_SYNONYMS)
+    if min(args.scenes, args.batch) < 1 or args.steps < 0:
+        raise EstableError("--scenes and --batch must be at least 1 and --steps not negative")
+    if not (args.lr > 0 and args.keep_weight >= 0):
+        raise EstableError("--lr must be positive and --keep-weight not negative")
+    source = default_model_path() if args.model == DEFAULT_MODEL else Path(args.model)
+    if not source.exists():
+        raise EstableError(f"no model at {source}")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise EstableError(f"{out} exists; pass --overwrite to replace it")
+    work = Path(args.work) if args.work else out.with_name(out.name + ".work")
+    if work.exists() and not work.is_dir():
+        raise EstableError(f"--work {work} is a file; give a folder for the log")
+    t0 = time.monotonic()
+
+    def log(msg: str) -> None:
+        print(f"[{time.monotonic() - t0:7.1f}s] {msg}", flush=True)
+
+    summary = syn.teach_synonyms(source, out, pairs, scenes=args.scenes, steps=args.steps, batch=args.batch,
+                                 lr=args.lr, keep_weight=args.keep_weight, world_seed=args.world_seed,
+                                 device=resolve_device(args.device), work=work, overwrite=args.overwrite, log=log)
+    log(f"held-out synonym loss {summary['val_before']:.5f} → {summary['val_after']:.5f}; wrote {out}")
     return 0
 
 

@@ -86,14 +86,19 @@ def _quotas(n: int, mix: dict[str, float]) -> dict[str, int]:
     return q
 
 
-# Relation phrases of the caption grammar → synonyms no training caption contains (the paraphrase test).
+# Relation phrases of the caption grammar → synonyms no training caption contains (the paraphrase test). A model can
+# be taught these as synonyms (``estable train synonyms``); the "unseen" set is never taught by any Estable recipe,
+# and says what a word outside everything the model read does.
 PARAPHRASES = {" above ": " on top of ", " below ": " beneath ", " to the left of ": " on the left of ",
                " to the right of ": " on the right of "}
+UNSEEN_PARAPHRASES = {" above ": " over ", " below ": " under ", " to the left of ": " left of ",
+                      " to the right of ": " right of "}
+PARAPHRASE_SETS = {"synonyms": PARAPHRASES, "unseen": UNSEEN_PARAPHRASES}
 
 
 def relation_phrase(caption: str) -> str | None:
     """The relation phrase a pair prompt says it with (the grammar's or a paraphrase's), e.g. "beneath"."""
-    for phrase in (*PARAPHRASES, *PARAPHRASES.values()):
+    for phrase in (*PARAPHRASES, *PARAPHRASES.values(), *UNSEEN_PARAPHRASES.values()):
         if phrase in caption:
             return phrase.strip()
     return None
@@ -105,21 +110,25 @@ def count_word(caption: str) -> str | None:
     return first if first in COUNT_WORDS.values() else None
 
 
-def paraphrase(caption: str) -> str:
-    """``caption`` with its relation phrase replaced by a held-out synonym (unchanged when it has none)."""
-    for phrase, synonym in PARAPHRASES.items():
+def paraphrase(caption: str, which: str = "synonyms") -> str:
+    """``caption`` with its relation phrase replaced by a held-out synonym of the set ``which`` (PARAPHRASE_SETS;
+    unchanged when it has none)."""
+    if which not in PARAPHRASE_SETS:
+        raise ValueError(f"the paraphrase set must be one of {', '.join(PARAPHRASE_SETS)}, not {which!r}")
+    for phrase, synonym in PARAPHRASE_SETS[which].items():
         if phrase in caption:
             return caption.replace(phrase, synonym, 1)
     return caption
 
 
 def make_prompts(n: int = 500, seed: int = PROMPT_SEED, mix: dict[str, float] | None = None, *,
-                 paraphrased: bool = False) -> list[EvalPrompt]:
+                 paraphrased: bool | str = False) -> list[EvalPrompt]:
     """``n`` distinct held-out prompts with the given kind mix (deterministic in ``seed``).
 
     Specs are those of ``ShapesWorld("heldout", seed)`` scenes — each names a reserved colour×shape combination —
     one kind at a time until every kind's quota is filled; duplicates are skipped. The canonical caption
-    (``caption_for(spec)``) is the prompt text, or its :func:`paraphrase` with ``paraphrased``.
+    (``caption_for(spec)``) is the prompt text, or its :func:`paraphrase` with ``paraphrased`` (True: the
+    "synonyms" set; or a set's name).
     """
     mix = dict(DEFAULT_MIX if mix is None else mix)
     if n < 1:
@@ -153,7 +162,10 @@ def make_prompts(n: int = 500, seed: int = PROMPT_SEED, mix: dict[str, float] | 
                 del iters[k]
             else:
                 ordered.append(spec)
-    say = paraphrase if paraphrased else (lambda c: c)
+    which = "synonyms" if paraphrased is True else paraphrased
+    if which and which not in PARAPHRASE_SETS:
+        raise ValueError(f"the paraphrase set must be one of {', '.join(PARAPHRASE_SETS)}, not {which!r}")
+    say = (lambda c: paraphrase(c, which)) if which else (lambda c: c)
     return [EvalPrompt(spec, say(caption_for(spec)), i) for i, spec in enumerate(ordered)]
 
 
