@@ -5,7 +5,8 @@
 25 steps of DPM++ 2M Karras (``--steps``, ``--sampler``) at each model's recommended guidance scale (5 when it
 records none; ``--cfg-start 0,0.2``: a row per guidance interval), 256², CPU fp32 by default. No seed is picked: the
 row is seeds 1..8 as they come. Prints, per row, the seeds whose image the shipped judge reads with the relation
-right and with the whole prompt right.
+right and with the whole prompt right. ``--paraphrase synonyms`` draws the prompt said in the paraphrase test's words
+("on top of" for "above", ...), judged as the prompt.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 
 from PIL import Image
 
-from estable.evaluation.compositional import score_image
+from estable.evaluation.compositional import PARAPHRASE_SETS, paraphrase, score_image
 from estable.evaluation.judge import load_default_judge
 from estable.params import GenerationParams
 from estable.pipeline import load_pipeline
@@ -34,10 +35,13 @@ def main() -> None:
     ap.add_argument("--cell", type=int, default=128)
     ap.add_argument("--cfg-start", default="0", metavar="LIST",
                     help="comma-separated guidance intervals (GenerationParams.cfg_start), a row each (default 0)")
+    ap.add_argument("--paraphrase", choices=tuple(PARAPHRASE_SETS),
+                    help="draw the prompt said with this paraphrase set's words (judged as the prompt)")
     ap.add_argument("--out")
     args = ap.parse_args()
     judge = load_default_judge(args.device)
     spec = parse_caption(args.prompt)
+    said = paraphrase(args.prompt, args.paraphrase) if args.paraphrase else args.prompt
     rows = []
     for src in args.models:
         pipe = load_pipeline(src, device=args.device)
@@ -45,7 +49,7 @@ def main() -> None:
         for start in (float(v) for v in args.cfg_start.split(",")):
             images = []
             for seed in range(1, args.seeds + 1):
-                params = GenerationParams(prompt=args.prompt, steps=args.steps, cfg_scale=cfg, cfg_start=start,
+                params = GenerationParams(prompt=said, steps=args.steps, cfg_scale=cfg, cfg_start=start,
                                           seed=seed, sampler=args.sampler)
                 images.append(pipe.txt2img(params).images[0])
             verdicts = [score_image(spec, d) for d in judge.detect(images)]

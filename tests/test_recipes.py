@@ -52,9 +52,10 @@ def test_relations_ablation_trains_in_segments_and_scores_each_scale(tmp_path):
 
 DRY_RUN = ["max_steps=2", "batch_size=2", "device=cpu", "precision=fp32", "data.num_workers=0", "data.size=64",
            "data.shapes_length=8", "data.val_size=2", "tensorboard=false"]
-# reproduce.py's last stage (estable train preference) takes its own options
+# reproduce.py's last two stages (estable train preference, estable train synonyms) take their own options
 CHAIN_DRY_RUN = [*DRY_RUN, "preference.prompts=2", "preference.seeds=2", "preference.steps=2", "preference.gen_batch=4",
-                 "preference.device=cpu"]
+                 "preference.device=cpu", "synonyms.scenes=4", "synonyms.val_scenes=4", "synonyms.steps=2",
+                 "synonyms.batch=2", "synonyms.device=cpu"]
 
 
 def _reproduce(folder, *args):
@@ -84,16 +85,25 @@ def test_reproduce_chain_runs_every_stage_in_order(tmp_path):
     stages = ["vae", "clip", "part1", "part2", "part3", "part4", "part5", "decoder", "part6", "fifth", "part7", "sixth",
               "part8", "seventh", "part9", "eighth", "part10", "ninth", "part11", "tenth", "part12", "eleventh",
               "decoder2", "twelfth", "decoder3", "thirteenth", "contact", "fourteenth", "contact2", "contact2_model",
-              "contact3", "fifteenth", "model"]
+              "contact3", "fifteenth", "sixteenth", "model"]
     training = {c[c.index("--run-dir") + 1].split("/")[-1]: c for c in commands if "--run-dir" in c}
     conversions = ("fifth", "sixth", "seventh", "eighth", "ninth", "tenth", "eleventh", "twelfth", "thirteenth",
-                   "fourteenth", "contact2_model", "fifteenth", "model")
+                   "fourteenth", "contact2_model", "fifteenth", "sixteenth", "model")
     assert list(training) == [s for s in stages if s not in conversions]
-    # the last stage: the fifteenth's U-Net by preference, the dry run's options passed on, none of the trainers'
+    # the last two stages: the fifteenth's U-Net by preference, then the sixteenth's text encoder taught synonyms,
+    # each with the dry run's options for it, none of the trainers'
     preference = next(c for c in commands if c[1:3] == ["train", "preference"])
-    assert preference[3:5] == [str(tmp_path / "fifteenth.safetensors"), str(tmp_path / "model.safetensors")]
+    assert preference[3:5] == [str(tmp_path / "fifteenth.safetensors"), str(tmp_path / "sixteenth.safetensors")]
     assert preference[preference.index("--prompts") + 1] == "2" and "--gen-batch" in preference
-    assert not any(a.startswith("preference.") for c in training.values() for a in c)
+    assert "--scenes" not in preference
+    synonyms = next(c for c in commands if c[1:3] == ["train", "synonyms"])
+    assert synonyms[3:5] == [str(tmp_path / "sixteenth.safetensors"), str(tmp_path / "model.safetensors")]
+    assert synonyms[synonyms.index("--scenes") + 1] == "4" and "--prompts" not in synonyms
+    assert not any(a.startswith(("preference.", "synonyms.")) for c in training.values() for a in c)
+    ours = read_safetensors(tmp_path / "model.safetensors")[0]
+    theirs = read_safetensors(tmp_path / "sixteenth.safetensors")[0]
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours if not k.startswith("text_encoder."))
+    assert any(not torch.equal(ours[k], theirs[k]) for k in ours if k.startswith("text_encoder."))
     part3, part7 = training["part3"], training["part7"]
     assert f"init_from={tmp_path / 'part2.safetensors'}" in part3 and "text.train=true" in part3
     assert f"init_from={tmp_path / 'fifth.safetensors'}" in part7
@@ -156,16 +166,16 @@ def test_reproduce_chain_runs_every_stage_in_order(tmp_path):
 
 @pytest.mark.heavy
 def test_reproduce_wide_stages_run_only_by_name_from_the_shipped_text_encoder(tmp_path):
-    """The wide U-Net's stages (not shipped) start after the chain's model: wide1 from nothing on that file's text
-    encoder and VAE, each later one from the one before; named, they run alone, and the last file carries the
-    shipped settings and the chain's text encoder."""
+    """The wide U-Net's stages (not shipped) start after the chain's sixteenth model: wide1 from nothing on that
+    file's text encoder and VAE, each later one from the one before; named, they run alone, and the last file
+    carries the shipped settings and the sixteenth's text encoder."""
     import shutil
 
     from estable.checkpoints.io import read_safetensors
     from estable.checkpoints.store import load_model
     from estable.pipeline import default_model_path
 
-    chain_model = tmp_path / "model.safetensors"  # stands for the chain's last stage
+    chain_model = tmp_path / "sixteenth.safetensors"  # stands for the chain's stage
     shutil.copy(default_model_path(), chain_model)
     out = _reproduce(tmp_path, "wide1", "wide2", "wide3", "wide", *DRY_RUN, "model.sample_size=8", "compile=false")
     commands = [line[2:].split() for line in out.splitlines() if line.startswith("$ ")]

@@ -88,13 +88,14 @@ def test_train_synonyms_command(tmp_path, run):
     model = tiny_model_file(tmp_path / "m")
     out = tmp_path / "o.safetensors"
     code, text, _ = run("train", "synonyms", str(model), str(out), "--synonym", "beneath=below", "--scenes", "8",
-                        "--steps", "2", "--batch", "4", "--device", "cpu")
+                        "--val-scenes", "4", "--steps", "2", "--batch", "4", "--device", "cpu")
     assert code == 0 and out.is_file() and "held-out synonym loss" in text
     assert (tmp_path / "o.safetensors.work" / "summary.json").is_file()
     code, _, err = run("train", "synonyms", str(model), str(out), "--steps", "1")
     assert code != 0 and "exists" in err
     for bad, says in ((["--synonym", "beneath"], "NEW=KNOWN"), (["--lr", "0"], "--lr must be positive"),
-                      (["--scenes", "0"], "--scenes and --batch"), (["--keep-weight", "-1"], "--keep-weight")):
+                      (["--scenes", "0"], "--scenes, --val-scenes and --batch"),
+                      (["--keep-weight", "-1"], "--keep-weight")):
         code, _, err = run("train", "synonyms", str(model), str(tmp_path / "x.safetensors"), *bad)
         assert code != 0 and says in err, (bad, err)
     code, _, err = run("train", "synonyms", str(model), str(tmp_path / "y.safetensors"), "--synonym", "atop=astride")

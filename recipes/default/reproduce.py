@@ -1,4 +1,4 @@
-"""The shipped built-in model from nothing, on one GPU: its thirty-three stages in order, one `estable` command each.
+"""The shipped built-in model from nothing, on one GPU: its thirty-four stages in order, one `estable` command each.
 
     python3 recipes/default/reproduce.py [STAGE ...] [--dir runs/repro] [--minutes M] [KEY=VALUE ...]
 
@@ -9,10 +9,11 @@ on (the sixth) and, after part 8, the prompt completion the shipped file names (
 eighth to the eleventh, with the same settings); last, the eleventh's decoder fine-tuned again against stray pixels
 (``decoder2``, the twelfth), once more from there (``decoder3``, the thirteenth), then three times on a world whose
 two-colour scenes touch half the time (``contact``, the fourteenth; ``contact2``, not shipped; ``contact3``, the
-fifteenth); last, the fifteenth's U-Net fine-tuned on pairs of its own right and wrong images as the judge grades them
-(``model``: ``estable train preference``, the sixteenth, the shipped file). Runs that
-stopped by their time budget on the machines they ran on stop at the same step here (``--until``), on the schedule
-they were planned with; runs made on two GPUs train their global batch on one.
+fifteenth); then the fifteenth's U-Net fine-tuned on pairs of its own right and wrong images as the judge grades them
+(``sixteenth``: ``estable train preference``); last, the sixteenth's text encoder taught the paraphrase test's four
+phrasings as synonyms of the grammar's (``model``: ``estable train synonyms``, the seventeenth, the shipped file).
+Runs that stopped by their time budget on the machines they ran on stop at the same step here (``--until``), on the
+schedule they were planned with; runs made on two GPUs train their global batch on one.
 
 Each command is printed as it starts, and its log goes to ``DIR/<stage>.log``. A stage whose output is in ``DIR``
 is skipped, so calling the script again continues the chain; ``--minutes`` is a budget for this call (for
@@ -20,9 +21,10 @@ time-limited jobs): a training stage gets what is left as its ``max_minutes`` an
 next call resumes it, and no stage starts with less than ``--min-start`` minutes left (without ``--minutes`` the
 configs' own ``max_minutes``, the shipped runs' budgets, are lifted). Every command's wall time is appended to
 ``DIR/times.jsonl``. ``KEY=VALUE`` overrides go to every training command after the stage's own, and
-``preference.KEY=VALUE`` to the preference stage as ``--KEY VALUE`` (a CPU dry run: ``max_steps=2 batch_size=2
-device=cpu precision=fp32 data.num_workers=0 data.size=64 data.shapes_length=8 preference.prompts=2
-preference.seeds=2 preference.steps=2 preference.device=cpu``). The model ends as ``DIR/model.safetensors``.
+``preference.KEY=VALUE`` (``synonyms.KEY=VALUE``) to the preference (synonyms) stage as ``--KEY VALUE`` (a CPU dry
+run: ``max_steps=2 batch_size=2 device=cpu precision=fp32 data.num_workers=0 data.size=64 data.shapes_length=8
+preference.prompts=2 preference.seeds=2 preference.steps=2 preference.device=cpu synonyms.scenes=4
+synonyms.steps=2 synonyms.device=cpu``). The model ends as ``DIR/model.safetensors``.
 
 After the chain come the stages of a model not shipped yet, run only when named: the wide U-Net from nothing on the
 shipped model's text encoder and VAE (``wide1``, ``wide2``, ``wide3``, as run so far), put into ``DIR/wide.safetensors``
@@ -49,7 +51,7 @@ HERE = Path(__file__).resolve().parent
 @dataclass(frozen=True)
 class Stage:
     name: str
-    kind: str  # a trainer (vae, clip, unet), "convert" or "preference" (estable train preference)
+    kind: str  # a trainer (vae, clip, unet), "convert", "preference" or "synonyms" (estable train preference/synonyms)
     config: str = ""  # the recipe's config file
     start: str = ""  # the stage whose model this one starts from (its weights, text encoder and VAE)
     overrides: tuple[str, ...] = ()
@@ -120,10 +122,13 @@ STAGES = (
     # the fifteenth's U-Net taught from its own images, graded by the judge: pairs of right and wrong images of 2,000
     # count and 2,000 pair prompts of the train split, 8 seeds each; 150 DPO steps; half of the way from the fifteenth's
     # weights to the fine-tuned ones (the command's defaults; estable.training.preference)
-    Stage("model", "preference", start="fifteenth"),
+    Stage("sixteenth", "preference", start="fifteenth"),
+    # the sixteenth's text encoder taught the paraphrase test's four phrasings as synonyms of the grammar's (the
+    # command's defaults, on the 2-core CPU; estable.training.synonyms)
+    Stage("model", "synonyms", start="sixteenth"),
     # Not shipped (yet): the wide U-Net (56, 112, 168) from nothing on the shipped text encoder and VAE, as run so far
     # (RESULTS.md, "the wide U-Net from nothing" and "the wide U-Net trained on"); run by name, after the chain above
-    Stage("wide1", "unet", "unet_wide.json", text_from="model", shipped=False),
+    Stage("wide1", "unet", "unet_wide.json", text_from="sixteenth", shipped=False),
     Stage("wide2", "unet", "unet_wide.json", start="wide1", shipped=False,
           overrides=("max_steps=4000", "optim.lr=2e-4", "optim.warmup_steps=100")),
     Stage("wide3", "unet", "unet_wide_more.json", start="wide2", shipped=False, overrides=("max_steps=11000",),
@@ -138,13 +143,17 @@ DECODERS = ("decoder", "decoder2", "decoder3", "contact", "contact2", "contact3"
 class Chain:
     def __init__(self, folder: Path, extra: list[str], minutes: float | None) -> None:
         self.dir = folder
-        # "preference.KEY=VALUE" goes to the preference stage as --KEY VALUE, the rest to every training command
-        self.extra = [e for e in extra if not e.startswith("preference.")]
-        self.preference_options: list[str] = []
+        # "preference.KEY=VALUE" goes to the preference stage as --KEY VALUE (and "synonyms." to the synonyms
+        # stage), the rest to every training command
+        self.options: dict[str, list[str]] = {"preference": [], "synonyms": []}
+        self.extra = []
         for e in extra:
-            if e.startswith("preference."):
-                key, value = e[len("preference."):].split("=", 1)
-                self.preference_options += [f"--{key.replace('_', '-')}", value]
+            command, dot, rest = e.partition(".")
+            if dot and command in self.options:
+                key, value = rest.split("=", 1)
+                self.options[command] += [f"--{key.replace('_', '-')}", value]
+            else:
+                self.extra.append(e)
         self.deadline = None if minutes is None else time.monotonic() + 60 * minutes
 
     def left(self) -> float | None:
@@ -183,7 +192,7 @@ class Chain:
         return 0 if found is None else int(found.name.split("_")[-1])
 
     def finished(self, stage: Stage) -> bool:
-        if stage.kind in ("convert", "unet", "preference"):
+        if stage.kind in ("convert", "unet", "preference", "synonyms"):
             return self.output(stage).is_file()
         return self.trained_to(stage) >= self.target(stage)
 
@@ -209,9 +218,9 @@ class Chain:
             options = [o.format(**decoders) for o in stage.convert]
             self.run(stage, ["convert", str(source), str(self.output(stage)), "--to", "estable", *options])
             return True
-        if stage.kind == "preference":
-            self.run(stage, ["train", "preference", str(self.output(BY_NAME[stage.start])), str(self.output(stage)),
-                             "--work", str(self.dir / f"{stage.name}-pairs"), "--overwrite", *self.preference_options])
+        if stage.kind in ("preference", "synonyms"):
+            self.run(stage, ["train", stage.kind, str(self.output(BY_NAME[stage.start])), str(self.output(stage)),
+                             "--work", str(self.dir / f"{stage.name}-work"), "--overwrite", *self.options[stage.kind]])
             return True
         run_dir = self.dir / stage.name
         target = self.target(stage)
@@ -261,7 +270,8 @@ def main() -> int:
                   flush=True)
             return 0
         print(f"{stage.name}: done", flush=True)
-    made = [chain.output(s) for s in chosen if s.kind == "convert"]  # the last model file this call asked for
+    # the last model file this call asked for
+    made = [chain.output(s) for s in chosen if s.kind in ("convert", "preference", "synonyms")]
     if made and made[-1].is_file():
         print(f"{made[-1]}: sha256 {hashlib.sha256(made[-1].read_bytes()).hexdigest()}")
     return 0

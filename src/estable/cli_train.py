@@ -162,6 +162,8 @@ def _add_synonyms_command(sub: argparse._SubParsersAction) -> None:
                    "right of=to the right of)")
     q.add_argument("--scenes", type=int, default=512, help="train-split pair scenes rendered (default 512)")
     q.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    q.add_argument("--val-scenes", type=int, default=256,
+                   help="held-out pair scenes the synonym term is reported on, before and after (default 256)")
     q.add_argument("--batch", type=int, default=32, help="noised scenes per step (default 32)")
     q.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     q.add_argument("--keep-weight", type=float, default=1.0,
@@ -178,8 +180,8 @@ def _cmd_synonyms(args: argparse.Namespace) -> int:
     from .training import synonyms as syn
 
     pairs = syn.parse_synonyms(args.synonym) if args.synonym else dict(syn.PARAPHRASE_SYNONYMS)
-    if min(args.scenes, args.batch) < 1 or args.steps < 0:
-        raise EstableError("--scenes and --batch must be at least 1 and --steps not negative")
+    if min(args.scenes, args.val_scenes, args.batch) < 1 or args.steps < 0:
+        raise EstableError("--scenes, --val-scenes and --batch must be at least 1 and --steps not negative")
     if not (args.lr > 0 and args.keep_weight >= 0):
         raise EstableError("--lr must be positive and --keep-weight not negative")
     source = default_model_path() if args.model == DEFAULT_MODEL else Path(args.model)
@@ -196,7 +198,8 @@ def _cmd_synonyms(args: argparse.Namespace) -> int:
     def log(msg: str) -> None:
         print(f"[{time.monotonic() - t0:7.1f}s] {msg}", flush=True)
 
-    summary = syn.teach_synonyms(source, out, pairs, scenes=args.scenes, steps=args.steps, batch=args.batch,
+    summary = syn.teach_synonyms(source, out, pairs, scenes=args.scenes, val_scenes=args.val_scenes,
+                                 steps=args.steps, batch=args.batch,
                                  lr=args.lr, keep_weight=args.keep_weight, world_seed=args.world_seed,
                                  device=resolve_device(args.device), work=work, overwrite=args.overwrite, log=log)
     log(f"held-out synonym loss {summary['val_before']:.5f} → {summary['val_after']:.5f}; wrote {out}")
