@@ -112,8 +112,35 @@ def _add_preference_command(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_cmd_preference)
 
 
+def _model_out_work(args: argparse.Namespace, keeps: str) -> tuple[Path, Path, Path]:
+    """(MODEL's file, OUT, the work folder) of a fine-tuning command, checked: MODEL exists, OUT only with
+    --overwrite, --work (default OUT's name + '.work') a folder if it exists."""
+    from .pipeline import DEFAULT_MODEL, default_model_path
+
+    source = default_model_path() if args.model == DEFAULT_MODEL else Path(args.model)
+    if not source.exists():
+        raise EstableError(f"no model at {source}")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise EstableError(f"{out} exists; pass --overwrite to replace it")
+    work = Path(args.work) if args.work else out.with_name(out.name + ".work")
+    if work.exists() and not work.is_dir():
+        raise EstableError(f"--work {work} is a file; give a folder for {keeps}")
+    return source, out, work
+
+
+def _timed_log():
+    """print with the seconds since this call in front."""
+    t0 = time.monotonic()
+
+    def log(msg: str) -> None:
+        print(f"[{time.monotonic() - t0:7.1f}s] {msg}", flush=True)
+
+    return log
+
+
 def _cmd_preference(args: argparse.Namespace) -> int:
-    from .pipeline import DEFAULT_MODEL, default_model_path, resolve_device
+    from .pipeline import resolve_device
     from .training import preference as pref
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
@@ -124,21 +151,9 @@ def _cmd_preference(args: argparse.Namespace) -> int:
                            "pair needs two images of a prompt) and --steps not negative")
     if not (args.lr > 0 and args.beta > 0 and 0 <= args.mix <= 1 and args.stray_margin >= 1):
         raise EstableError("--lr and --beta must be positive, --mix between 0 and 1 and --stray-margin at least 1")
-    source = default_model_path() if args.model == DEFAULT_MODEL else Path(args.model)
-    if not source.exists():
-        raise EstableError(f"no model at {source}")
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise EstableError(f"{out} exists; pass --overwrite to replace it")
-    work = Path(args.work) if args.work else out.with_name(out.name + ".work")
-    if work.exists() and not work.is_dir():
-        raise EstableError(f"--work {work} is a file; give a folder for the judged images")
+    source, out, work = _model_out_work(args, "the judged images")
     device = resolve_device(args.device)
-    t0 = time.monotonic()
-
-    def log(msg: str) -> None:
-        print(f"[{time.monotonic() - t0:7.1f}s] {msg}", flush=True)
-
+    log = _timed_log()
     written = pref.preference_fine_tune(
         source, out, kinds=kinds, prompts=args.prompts, seeds=args.seeds, gen_batch=args.gen_batch,
         world_seed=args.world_seed, steps=args.steps, pairs_per_step=args.pairs_per_step, lr=args.lr, beta=args.beta,
@@ -176,7 +191,7 @@ def _add_synonyms_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_synonyms(args: argparse.Namespace) -> int:
-    from .pipeline import DEFAULT_MODEL, default_model_path, resolve_device
+    from .pipeline import resolve_device
     from .training import synonyms as syn
 
     pairs = syn.parse_synonyms(args.synonym) if args.synonym else dict(syn.PARAPHRASE_SYNONYMS)
@@ -184,20 +199,8 @@ def _cmd_synonyms(args: argparse.Namespace) -> int:
         raise EstableError("--scenes, --val-scenes and --batch must be at least 1 and --steps not negative")
     if not (args.lr > 0 and args.keep_weight >= 0):
         raise EstableError("--lr must be positive and --keep-weight not negative")
-    source = default_model_path() if args.model == DEFAULT_MODEL else Path(args.model)
-    if not source.exists():
-        raise EstableError(f"no model at {source}")
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise EstableError(f"{out} exists; pass --overwrite to replace it")
-    work = Path(args.work) if args.work else out.with_name(out.name + ".work")
-    if work.exists() and not work.is_dir():
-        raise EstableError(f"--work {work} is a file; give a folder for the log")
-    t0 = time.monotonic()
-
-    def log(msg: str) -> None:
-        print(f"[{time.monotonic() - t0:7.1f}s] {msg}", flush=True)
-
+    source, out, work = _model_out_work(args, "the log")
+    log = _timed_log()
     summary = syn.teach_synonyms(source, out, pairs, scenes=args.scenes, val_scenes=args.val_scenes,
                                  steps=args.steps, batch=args.batch,
                                  lr=args.lr, keep_weight=args.keep_weight, world_seed=args.world_seed,
