@@ -58,7 +58,7 @@ def parse_synonyms(items: Sequence[str]) -> dict[str, str]:
 def say_with(caption: str, synonyms: Mapping[str, str]) -> str:
     """``caption`` with each known phrase (a whole-word match) said with its new synonym."""
     for new, known in synonyms.items():
-        caption = re.sub(rf"(?<![\w]){re.escape(known)}(?![\w])", new, caption)
+        caption = re.sub(rf"(?<!\w){re.escape(known)}(?!\w)", new, caption)
     return caption
 
 
@@ -110,9 +110,9 @@ def keep_loss(student, teacher, ids, clip_skip: int) -> torch.Tensor:
 
 def teach_synonyms(source: Path, out: Path, synonyms: Mapping[str, str], *, scenes: int = 512, steps: int = 200,
                    batch: int = 32, keep_batch: int = 64, val_scenes: int = 256, lr: float = 1e-4,
-                   keep_weight: float = 1.0,
-                   world_seed: int = 103, device: torch.device | str = "cpu", work: Path | None = None,
-                   overwrite: bool = False, seed: int = 0, log: Callable[[str], None] = print) -> dict:
+                   keep_weight: float = 1.0, world_seed: int = 103, device: torch.device | str = "cpu",
+                   work: Path | None = None, overwrite: bool = False, seed: int = 0,
+                   log: Callable[[str], None] = print) -> dict:
     """The model file ``source`` with its text encoder taught ``synonyms`` ({new: known}), written to ``out`` (fp16,
     with the file's settings). Returns (and writes to ``work/summary.json`` when given, with the loss per step in
     ``work/log.jsonl``) the settings and the synonym term on ``val_scenes`` held-out scenes before and after, at fixed
