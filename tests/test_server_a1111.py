@@ -222,6 +222,23 @@ def _in_background(fn):
     return t, box
 
 
+def test_progress_of_a_finished_job_is_idle(server):
+    """A job's caller gets its answer before the worker lets the job go: /progress then reports idle, not the
+    finished job at 100 % (the next request's client would see a job that is over)."""
+    from estable.params import GenerationParams
+    from estable.server.worker import Job
+
+    finished = Job(mode="txt2img", params=GenerationParams(prompt="a red circle"), state="done", step=2, steps=2)
+    finished.done.set()
+    assert server.state.worker.current is None
+    server.state.worker.current = finished
+    try:
+        p = server.client.get("/sdapi/v1/progress").json()
+    finally:
+        server.state.worker.current = None
+    assert p["progress"] == 0 and p["state"]["job"] == "" and p["current_image"] is None
+
+
 def test_progress_with_preview_then_interrupt(server):
     idle = server.client.get("/sdapi/v1/progress").json()
     assert idle["progress"] == 0 and idle["current_image"] is None and idle["state"]["job_count"] == 0
