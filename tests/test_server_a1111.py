@@ -222,21 +222,20 @@ def _in_background(fn):
     return t, box
 
 
-def test_progress_of_a_finished_job_is_idle(server):
-    """A job's caller gets its answer before the worker lets the job go: /progress then reports idle, not the
-    finished job at 100 % (the next request's client would see a job that is over)."""
+def test_a_finished_job_is_no_longer_current_when_its_caller_wakes(server):
+    """The worker lets a job go before it wakes whoever waits on it, so the caller's next /progress reads idle, not
+    the finished job at 100 % (a race that once failed test_progress_with_preview_then_interrupt)."""
     from estable.params import GenerationParams
     from estable.server.worker import Job
 
-    finished = Job(mode="txt2img", params=GenerationParams(prompt="a red circle"), state="done", step=2, steps=2)
-    finished.done.set()
-    assert server.state.worker.current is None
-    server.state.worker.current = finished
-    try:
-        p = server.client.get("/sdapi/v1/progress").json()
-    finally:
-        server.state.worker.current = None
-    assert p["progress"] == 0 and p["state"]["job"] == "" and p["current_image"] is None
+    worker = server.state.worker
+    job = Job(mode="txt2img", params=GenerationParams(prompt="a red circle", steps=2, seed=7, width=TINY, height=TINY))
+    seen = []
+    job.on_done(lambda: seen.append(worker.current))
+    worker.submit(job)
+    assert job.done.wait(30) and job.state == "done"
+    assert seen == [None]
+    assert server.client.get("/sdapi/v1/progress").json()["progress"] == 0
 
 
 def test_progress_with_preview_then_interrupt(server):

@@ -339,8 +339,6 @@ async def progress(request: Request, skip_current_image: bool = False) -> dict[s
     state = get_state(request)
     job = state.worker.current
     queued = state.worker.queue_depth
-    if job is not None and job.done.is_set():  # finished: its caller may have its answer before the worker moves on
-        job = None
     if job is None:
         return {"progress": 0.0, "eta_relative": 0.0,
                 "state": {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",

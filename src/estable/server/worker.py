@@ -336,6 +336,7 @@ class Worker:
                     job.state, job.error = "failed", "internal error while finishing the job"
                     with self._cond:
                         self.jobs.pop(job.id, None)
+                        self.current = None
                     job._set_done()
             finally:
                 with self._cond:
@@ -528,5 +529,7 @@ class Worker:
         finally:
             with self._cond:
                 self.jobs.pop(job.id, None)
+                if self.current is job:  # over before anyone waiting on it wakes: /progress then reads idle
+                    self.current = None
                 self._cond.notify_all()
             job._set_done()
