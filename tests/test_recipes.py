@@ -210,6 +210,35 @@ def stage_folder(tmp_path: Path, **env: str) -> dict:
             "COMP": "--prompts 2 --images-per-prompt 1 --steps 2 --device cpu", **env}
 
 
+def test_reproduce_stand_in_times_stages_whose_start_is_missing(tmp_path):
+    """--stand-in: a stage whose start is not in the folder starts from the given model (a conversion takes its VAE
+    for a missing decoder), a stage whose start was made here starts from that, and times.jsonl says which stages
+    the model stood in for; a stand-in that is not a file is refused before anything runs."""
+    import json
+
+    from estable.checkpoints.io import read_safetensors
+    from estable.pipeline import default_model_path
+
+    shipped = default_model_path()
+    out = _reproduce(tmp_path, "fifth", "part7", "--stand-in", str(shipped), *DRY_RUN)
+    commands = [line.split()[2:] for line in out.splitlines() if line.startswith("$ estable ")]
+    assert commands[0][:3] == ["convert", str(shipped), str(tmp_path / "fifth.safetensors")]
+    assert commands[0][commands[0].index("--vae") + 1] == str(shipped)
+    part7 = next(c for c in commands if "--run-dir" in c)
+    assert f"init_from={tmp_path / 'fifth.safetensors'}" in part7  # made by this call: no stand-in
+    ours, theirs = read_safetensors(tmp_path / "fifth.safetensors")[0], read_safetensors(shipped)[0]
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    times = [json.loads(line) for line in (tmp_path / "times.jsonl").read_text().splitlines()]
+    assert [(t["stage"], t.get("stand_in")) for t in times] == [("fifth", ["part6", "decoder"]), ("part7", None),
+                                                               ("part7", None)]
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(RECIPES / "reproduce.py"), "--dir", str(tmp_path / "b"), "part2",
+                           "--stand-in", str(tmp_path / "nothing.safetensors")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "no such model file" in proc.stderr and not (tmp_path / "b").exists()
+
+
 def test_reproduce_budget_stops_a_stage_and_the_next_call_resumes_it(tmp_path):
     over = [*DRY_RUN, "max_steps=3", "log_every=1"]
     # 0.4 minutes, half a minute kept for the export: the stage starts with none and stops at its first check

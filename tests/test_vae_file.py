@@ -13,6 +13,7 @@ import torch
 from estable import load_pipeline
 from estable.checkpoints.io import write_safetensors
 from estable.checkpoints.ldm import vae_key_map
+from estable.checkpoints.vae_file import load_vae_into
 from estable.cli import main
 from estable.errors import CheckpointError
 from estable.provenance.infotext import parse_infotext, read_png_metadata
@@ -166,3 +167,18 @@ def test_a_vae_folder_made_for_another_scaling_factor_is_warned_about(folder, ou
     assert "scaling_factor 0.13025" in err and f"{ours_factor:g}" in err
     assert main([*args, "--vae", str(same), "--out", str(tmp_path / "b.png")]) == 0
     assert "scaling_factor" not in capsys.readouterr().err
+
+
+def test_another_estable_model_file_gives_its_vae(folder, vae_files, tmp_path):
+    """`--vae` with a whole Estable model file takes its autoencoder (and nothing of its U-Net or text encoder)."""
+    from estable.checkpoints.store import load_model, save_model
+
+    donor = load_model(folder, dtype="fp32")
+    load_vae_into(donor.vae, vae_files["ldm"])
+    save_model(donor, tmp_path / "donor.safetensors", to="estable", dtype="fp32")
+    pipe = load_pipeline(folder, device="cpu", dtype="fp32")
+    unet = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    pipe.swap_vae(tmp_path / "donor.safetensors")
+    want, got = vae_files["module"].state_dict(), pipe.vae.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k].float()) for k in want)
+    assert all(torch.equal(unet[k], v) for k, v in pipe.unet.state_dict().items())

@@ -1,6 +1,6 @@
 """The shipped built-in model from nothing, on one GPU: its thirty-four stages in order, one `estable` command each.
 
-    python3 recipes/default/reproduce.py [STAGE ...] [--dir runs/repro] [--minutes M] [KEY=VALUE ...]
+    python3 recipes/default/reproduce.py [STAGE ...] [--dir runs/repro] [--minutes M] [--stand-in MODEL] [KEY=VALUE ...]
 
 The stages are the chain that made ``src/estable/assets/default_model.safetensors`` (recipes/default/README.md, "How
 the shipped model was made"): the VAE and the CLIP pair, twelve U-Net parts each starting from the one before, the
@@ -29,6 +29,12 @@ synonyms.steps=2 synonyms.device=cpu``). The model ends as ``DIR/model.safetenso
 After the chain come the stages of a model not shipped yet, run only when named: the wide U-Net from nothing on the
 shipped model's text encoder and VAE (``wide1``, ``wide2``, ``wide3``, as run so far), put into ``DIR/wide.safetensors``
 with the shipped settings (``wide``): ``reproduce.py wide1 wide2 wide3 wide`` after the chain.
+
+``--stand-in MODEL`` times stages on a machine that lacks what they start from (a lent machine starts bare, and
+what a stage makes is too large to carry to the next one): a stage whose start is not in ``DIR`` starts from MODEL
+instead (its U-Net, text encoder and VAE). Such a stage makes a model that is not the recipe's, in the recipe's
+time: the data, the steps and the batch are the stage's own, and a step takes as long whatever weights it starts
+from. Its lines in ``times.jsonl`` say ``"stand_in"``: the stages it stood in for.
 """
 
 from __future__ import annotations
@@ -141,8 +147,10 @@ DECODERS = ("decoder", "decoder2", "decoder3", "contact", "contact2", "contact3"
 
 
 class Chain:
-    def __init__(self, folder: Path, extra: list[str], minutes: float | None) -> None:
+    def __init__(self, folder: Path, extra: list[str], minutes: float | None, stand_in: Path | None = None) -> None:
         self.dir = folder
+        self.stand_in = stand_in
+        self.stood_in: list[str] = []  # the stages the stand-in model stood in for in the stage being run
         # "preference.KEY=VALUE" goes to the preference stage as --KEY VALUE (and "synonyms." to the synonyms
         # stage), the rest to every training command
         self.options: dict[str, list[str]] = {"preference": [], "synonyms": []}
@@ -169,22 +177,31 @@ class Chain:
             return (found if found is not None else self.dir / stage.name / "missing") / "ema.safetensors"
         return self.dir / f"{stage.name}.safetensors"
 
+    def source(self, name: str) -> Path:
+        """What stage ``name`` made, for a later stage to read; the stand-in model when it is not there."""
+        stage = BY_NAME[name]
+        if self.stand_in is None or self.finished(stage):
+            return self.output(stage)
+        if name not in self.stood_in:
+            self.stood_in.append(name)
+        return self.stand_in
+
     def training_overrides(self, stage: Stage) -> list[str]:
         own = list(stage.overrides)
         if stage.name == "part1":
-            own += [f"text.source={self.dir / 'clip'}", f"vae.source={self.dir / 'vae'}"]
+            own += [f"text.source={self.source('clip')}", f"vae.source={self.source('vae')}"]
         elif stage.text_from:
-            model = self.output(BY_NAME[stage.text_from])
+            model = self.source(stage.text_from)
             own += [f"text.source={model}", f"vae.source={model}"]
         elif stage.start and stage.kind == "unet":
-            model = self.output(BY_NAME[stage.start])
+            model = self.source(stage.start)
             own += [f"init_from={model}", f"text.source={model}", f"vae.source={model}"]
         elif stage.start:
-            own.append(f"init_from={self.output(BY_NAME[stage.start])}")
+            own.append(f"init_from={self.source(stage.start)}")
         return own + self.extra
 
     def target(self, stage: Stage) -> int:
-        steps = load_config(stage.kind, HERE / stage.config, self.training_overrides(stage)).max_steps
+        steps = load_config(stage.kind, HERE / stage.config, [*stage.overrides, *self.extra]).max_steps
         return steps if stage.until is None else min(stage.until, steps)
 
     def trained_to(self, stage: Stage) -> int:
@@ -204,22 +221,25 @@ class Chain:
         with open(self.dir / f"{stage.name}.log", "a") as log:
             status = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
         seconds = time.monotonic() - t
+        line = {"stage": stage.name, "command": argv[0:2], "seconds": round(seconds, 1), "status": status}
+        if self.stood_in:
+            line["stand_in"] = list(self.stood_in)
         with open(self.dir / "times.jsonl", "a") as f:
-            f.write(json.dumps({"stage": stage.name, "command": argv[0:2], "seconds": round(seconds, 1),
-                                "status": status}) + "\n")
+            f.write(json.dumps(line) + "\n")
         if status != 0:
             raise SystemExit(f"{stage.name}: the command failed (status {status}); see {self.dir / stage.name}.log")
 
     def stage(self, stage: Stage) -> bool:
         """Run ``stage`` (or what is left of it); False when this call's budget stopped it."""
+        self.stood_in = []
         if stage.kind == "convert":
-            source = self.output(BY_NAME[stage.start])
-            decoders = {name: self.output(BY_NAME[name]) for name in DECODERS}
-            options = [o.format(**decoders) for o in stage.convert]
+            source = self.source(stage.start)
+            options = [o.format(**{name: self.source(name) for name in DECODERS if "{" + name + "}" in o})
+                       for o in stage.convert]
             self.run(stage, ["convert", str(source), str(self.output(stage)), "--to", "estable", *options])
             return True
         if stage.kind in ("preference", "synonyms"):
-            self.run(stage, ["train", stage.kind, str(self.output(BY_NAME[stage.start])), str(self.output(stage)),
+            self.run(stage, ["train", stage.kind, str(self.source(stage.start)), str(self.output(stage)),
                              "--work", str(self.dir / f"{stage.name}-work"), "--overwrite", *self.options[stage.kind]])
             return True
         run_dir = self.dir / stage.name
@@ -246,6 +266,9 @@ def main() -> int:
                          f"{', '.join(BY_NAME)}; then overrides")
     ap.add_argument("--dir", type=Path, default=Path("runs/repro"), help="the chain's folder (default runs/repro)")
     ap.add_argument("--minutes", type=float, help="this call's time budget (default: none)")
+    ap.add_argument("--stand-in", type=Path, metavar="MODEL",
+                    help="to time stages without what they start from: a stage whose start is not in DIR starts from "
+                    "this model file instead (not the recipe's model; times.jsonl marks it)")
     ap.add_argument("--min-start", type=float, default=5.0,
                     help="start no stage with fewer minutes than this left in the budget (default 5)")
     args = ap.parse_intermixed_args()
@@ -254,8 +277,10 @@ def main() -> int:
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
         ap.error(f"unknown stage {unknown[0]!r}; the stages are {', '.join(BY_NAME)}")
+    if args.stand_in is not None and not args.stand_in.is_file():
+        ap.error(f"--stand-in {args.stand_in}: no such model file")
     args.dir.mkdir(parents=True, exist_ok=True)
-    chain = Chain(args.dir, extra, args.minutes)
+    chain = Chain(args.dir, extra, args.minutes, args.stand_in)
     chosen = [s for s in STAGES if s.name in names or (not names and s.shipped)]
     for stage in chosen:
         if chain.finished(stage):

@@ -73,9 +73,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                    help="record the prompt completion the pipeline applies to this model's txt2img prompts, e.g. "
                    "shapes-grey-background (estable.prompt_completion), or none to remove one (--to estable)")
     p.add_argument("--vae", metavar="FILE",
-                   help="bake in another VAE of the same shape (an A1111 VAE file, a diffusers vae/ folder, or the "
-                   "model.safetensors of an `estable train vae` checkpoint, e.g. a decoder fine-tune); the model's "
-                   "latent scaling factor is kept")
+                   help="bake in another VAE of the same shape (an A1111 VAE file, a diffusers vae/ folder, the "
+                   "model.safetensors of an `estable train vae` checkpoint, e.g. a decoder fine-tune, or another "
+                   "Estable model file, whose VAE it takes); the model's latent scaling factor is kept")
     p.add_argument("--quantize", choices=("int8",),
                    help="int8: store every Linear/Conv weight as int8 with one scale per output channel "
                    "(about 0.26x the fp32 size; --to estable only)")

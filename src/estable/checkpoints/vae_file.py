@@ -10,6 +10,8 @@ Files people share hold the KL-f8 autoencoder alone, in one of two namings:
   (``encoder.down_blocks.0.resnets.0.…``, ``…mid_block.attentions.0.to_q``); files from before diffusers 0.14
   call the attention projections ``query`` / ``key`` / ``value`` / ``proj_attn``.
 
+An Estable model file (``vae.…``, ``unet.…``, ``text_encoder.…``) gives its autoencoder too.
+
 Every key of the model must be filled with a tensor of the right shape and no key may be left over, otherwise
 :func:`read_vae_file` raises a CheckpointError that says what does not fit (an SD VAE given to a model with
 another autoencoder, a U-Net file given as a VAE, …). The infotext records A1111's ``VAE hash`` (first 10 hex
@@ -38,6 +40,7 @@ __all__ = ["load_vae_into", "read_vae_file", "scaling_note", "vae_identity"]
 _IGNORED = ("model_ema.decay", "model_ema.num_updates")
 _OLD_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _DIFFUSERS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+ESTABLE_PARTS = ("vae", "unet", "text_encoder")  # the top-level names of an Estable model file's tensors
 
 
 def _file(path: Path) -> Path:
@@ -55,8 +58,9 @@ def _strip(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     sd = {k: v for k, v in sd.items() if not k.startswith("loss") and k not in _IGNORED}
     if any(k.startswith(VAE_PREFIX) for k in sd):  # a full LDM checkpoint, or a VAE saved with its prefix
         sd = {k[len(VAE_PREFIX):]: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
-    elif any(k.startswith("vae.") for k in sd) and all(k.startswith("vae.") for k in sd):
-        sd = {k[4:]: v for k, v in sd.items()}
+    elif any(k.startswith("vae.") for k in sd) and all(k.split(".")[0] in ESTABLE_PARTS for k in sd):
+        # a VAE saved with its prefix, or a whole Estable model file: its autoencoder
+        sd = {k[4:]: v for k, v in sd.items() if k.startswith("vae.")}
     return sd
 
 
