@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/stray_pixels.py default OTHER.safetensors [--grid] [--renders 32]
     PYTHONPATH=src python benchmarks/stray_pixels.py default --grid --seeds 0 --prompt-renders 8   # the VAE's floor
+    PYTHONPATH=src python benchmarks/stray_pixels.py runs/vae3 runs/vae4 --grid --seeds 0 --prompt-renders 8 --mirror
 
 A pixel further than ``--threshold`` levels (Euclidean RGB) from every colour a render of the prompt could hold is
 stray (``estable.evaluation.stray`` says which colours those are): the spots the decoder draws at shape rims are
@@ -17,6 +18,13 @@ Prints stray pixels per image (median, mean, the share of images with ``--min-sp
 of each kind, where they lie: where two of the objects' colours are near (``contact``: two
 objects meet), where one is (``rim``: an object's edge) or where none is; writes the figures as JSON (``--out``).
 ``--show DIR`` saves each generated image beside a copy with its stray pixels painted magenta.
+
+A model may also be an autoencoder alone: an ``estable train vae`` run folder or checkpoint folder (its EMA weights
+when there are any); it generates nothing, its reconstructions are counted. ``--mirror`` also reconstructs each
+render mirrored left-right and, apart, flipped up-down (each mirrored back after the VAE) and says where the stray
+pixels lie against the centre of the objects, on average, in each of the three ways: an autoencoder that treats both
+sides alike puts them on the same side whichever way the image came in (LDM's downsamplings do not: RESULTS.md, "the
+spot follows the autoencoder's orientation").
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import torch
 from PIL import Image
 from sample_grid import PROMPTS as GRID  # benchmarks/sample_grid.py, beside this script
 
+from estable.checkpoints.io import read_safetensors_header
 from estable.evaluation.stray import object_colours, prompt_colours, stray_mask
 from estable.images import to_pil, to_tensor
 from estable.params import GenerationParams
@@ -114,10 +123,64 @@ def prompt_scenes(prompts: list[str], n: int) -> list:
 
 
 @torch.no_grad()
-def reconstruct(pipe, images) -> list:
-    """``images`` encoded and decoded by ``pipe``'s VAE (the posterior mean), as PIL images."""
-    x = torch.cat([to_tensor(r) for r in images]).to(pipe.device, next(pipe.vae.parameters()).dtype)
-    return to_pil(pipe.vae.decode(pipe.vae.encode(x).mean).float().cpu())
+def reconstruct(vae, images, flip: int | None = None) -> list:
+    """``images`` encoded and decoded by ``vae`` (the posterior mean), as PIL images; with ``flip`` (3: left-right,
+    2: up-down) each image is flipped before the VAE and its reconstruction flipped back."""
+    weight = next(vae.parameters())
+    out = []
+    for i in range(0, len(images), 16):  # in batches: a few hundred renders at once would hold gigabytes
+        x = torch.cat([to_tensor(r) for r in images[i:i + 16]]).to(weight.device, weight.dtype)
+        if flip is not None:
+            x = x.flip(dims=[flip])
+        y = vae.decode(vae.encode(x).mean).float()
+        out += to_pil((y.flip(dims=[flip]) if flip is not None else y).cpu())
+    return out
+
+
+def offset(images, renders, scenes, threshold: float) -> dict:
+    """How many stray pixels the reconstructions ``images`` hold, and where they lie on average against the centre
+    of their scene's objects as rendered (pixels; x to the right, y down)."""
+    n, dx, dy = 0, 0.0, 0.0
+    for im, r, s in zip(images, renders, scenes):
+        mask = stray_mask(np.asarray(im), scene_colours(s), threshold)
+        drawn = np.asarray(r).astype(np.float64)
+        objects = np.zeros(mask.shape, bool)
+        for colour in scene_objects(s):
+            objects |= np.linalg.norm(drawn - np.array(colour, np.float64), axis=-1) < 60
+        if mask.any() and objects.any():
+            ys, xs = np.nonzero(mask)
+            oy, ox = np.nonzero(objects)
+            dx += float((xs - ox.mean()).sum())
+            dy += float((ys - oy.mean()).sum())
+            n += len(xs)
+    return {"stray": n, "dx": round(dx / max(n, 1), 2), "dy": round(dy / max(n, 1), 2)}
+
+
+def mirror_test(vae, renders, scenes, threshold: float) -> dict:
+    """:func:`offset` of the plain reconstructions, of the ones mirrored left-right and of the ones flipped
+    up-down (each flipped back)."""
+    return {way: offset(reconstruct(vae, renders, flip), renders, scenes, threshold)
+            for way, flip in (("plain", None), ("mirrored", 3), ("flipped", 2))}
+
+
+def is_vae_run(src: str) -> bool:
+    """Whether ``src`` is an ``estable train vae`` run or checkpoint folder (not a whole model)."""
+    path = Path(src)
+    if (path / "checkpoints").is_dir():
+        return True
+    file = path / "model.safetensors"
+    return file.is_file() and read_safetensors_header(file)[1].get("kind") == "vae"
+
+
+def load_vae(src: str, device: str):
+    """The autoencoder of a VAE run or checkpoint folder (EMA weights when present), in fp32 on ``device``."""
+    from estable.models.vae import AutoencoderKL
+    from estable.training.builders import load_network
+
+    cfg, weights = load_network("vae", src)
+    vae = AutoencoderKL(cfg)
+    vae.load_state_dict(weights, strict=True)
+    return vae.to(device).eval()
 
 
 def summary(counts: list[int], min_spot: int) -> dict:
@@ -136,6 +199,8 @@ def main() -> None:
                     help="the renders: only scenes where two objects of different colours overlap")
     ap.add_argument("--prompt-renders", type=int, default=0,
                     help="also N renders of each prompt's layouts through each model's VAE, counted per prompt")
+    ap.add_argument("--mirror", action="store_true",
+                    help="also where the reconstructions' stray pixels lie, plain, mirrored and flipped (see above)")
     ap.add_argument("--threshold", type=float, default=40.0)
     ap.add_argument("--min-spot", type=int, default=4)
     ap.add_argument("--sampler")
@@ -158,9 +223,11 @@ def main() -> None:
         print(f"renders themselves: stray pixels per image median {result['renders']['median']}, "
               f"mean {result['renders']['mean']}")
     for m, src in enumerate(args.models):
-        pipe = load_pipeline(src, device=args.device)
+        vae_only = is_vae_run(src)
+        pipe = None if vae_only else load_pipeline(src, device=args.device)
+        vae = load_vae(src, args.device) if vae_only else pipe.vae
         counts, kinds = [], {"contact": 0, "rim": 0, "elsewhere": 0}
-        for p, prompt in enumerate(prompts):
+        for p, prompt in enumerate(prompts if pipe is not None else []):
             colours, objects = prompt_colours(prompt), object_colours(prompt)
             for seed in seeds:
                 chosen = {k: v for k, v in (("sampler", args.sampler), ("cfg_scale", args.cfg)) if v is not None}
@@ -172,17 +239,24 @@ def main() -> None:
                     marked(image, mask).save(args.show / f"model{m}_prompt{p}_seed{seed}_{counts[-1]}.png")
         row = {"generated": {**summary(counts, args.min_spot), "where": kinds}} if counts else {}
         if renders:
-            row["reconstructed"] = count_renders(reconstruct(pipe, renders), scenes, args.threshold, args.min_spot)
+            row["reconstructed"] = count_renders(reconstruct(vae, renders), scenes, args.threshold, args.min_spot)
         if own_renders:
-            row["prompts_reconstructed"] = count_renders(reconstruct(pipe, own_renders), own_scenes, args.threshold,
+            row["prompts_reconstructed"] = count_renders(reconstruct(vae, own_renders), own_scenes, args.threshold,
                                                          args.min_spot)
             n = args.prompt_renders
             row["prompts_reconstructed"]["per_prompt"] = {
                 p: row["prompts_reconstructed"]["per_image"][i * n:(i + 1) * n] for i, p in enumerate(prompts)}
+        if args.mirror:
+            row["mirror"] = mirror_test(vae, renders + own_renders, scenes + own_scenes, args.threshold)
+            print(f"{src}: mirror test — " + "; ".join(
+                f"{way} {v['stray']} stray pixels, {v['dx']:+.1f} px right, {v['dy']:+.1f} px down"
+                for way, v in row["mirror"].items()), flush=True)
         result["models"][src] = row
+        counted = {k: v for k, v in row.items() if k != "mirror"}
         line = ", ".join(f"{k}: median {v['median']}, mean {v['mean']}, {args.min_spot}+ in "
-                         f"{100 * v[f'share_with_{args.min_spot}_or_more']:.0f} %" for k, v in row.items())
-        where_line = "; ".join(f"{k}: " + ", ".join(f"{w} {n}" for w, n in v["where"].items()) for k, v in row.items())
+                         f"{100 * v[f'share_with_{args.min_spot}_or_more']:.0f} %" for k, v in counted.items())
+        where_line = "; ".join(f"{k}: " + ", ".join(f"{w} {n}" for w, n in v["where"].items())
+                               for k, v in counted.items())
         print(f"{src}: stray pixels per image — {line}; where (all images) — {where_line}", flush=True)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")

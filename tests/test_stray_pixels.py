@@ -110,3 +110,43 @@ def test_marked_paints_the_stray_pixels_beside_the_image():
     pair = np.asarray(marked(image, mask, scale=1))
     assert pair.shape == (8, 20, 3) and (pair[:, :8] == 140).all()  # the image untouched on the left
     assert tuple(pair[2, 12 + 3]) == (255, 0, 255) and (pair[:, 12:] == 140).all(axis=-1).sum() == 63
+
+
+def test_offset_says_where_the_stray_pixels_lie_against_the_objects():
+    from stray_pixels import offset
+
+    from estable.training.shapes import parse_caption, scene_from_prompt
+
+    scene = scene_from_prompt(parse_caption("a red square"), 0)
+    drawn = np.asarray(render(scene, 64)).copy()
+    red = np.linalg.norm(drawn.astype(float) - np.array(COLOURS["red"], float), axis=-1) < 60
+    ys, xs = np.nonzero(red)
+    image = drawn.copy()
+    y, x = int(ys.mean()) - 2, int(xs.max()) + 3  # a 2 × 2 yellow spot right of the square, level with its centre
+    image[y:y + 2, x:x + 2] = COLOURS["yellow"]
+    got = offset([Image.fromarray(image)], [Image.fromarray(drawn)], [scene], 40)
+    assert got["stray"] == 4
+    assert abs(got["dx"] - (x + 0.5 - xs.mean())) < 0.01 and abs(got["dy"] - (y + 0.5 - ys.mean())) < 0.01
+    assert offset([Image.fromarray(drawn)], [Image.fromarray(drawn)], [scene], 40) == {"stray": 0, "dx": 0, "dy": 0}
+
+
+def test_a_vae_run_is_a_model_of_reconstructions_only_and_the_mirror_test_reports_three_ways(tmp_path, monkeypatch):
+    import torch
+
+    from estable.config import VAEConfig
+    from estable.models.vae import AutoencoderKL
+    from estable.training.runs import save_checkpoint
+
+    cfg = VAEConfig(block_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_groups=4, sample_size=32)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(cfg)
+    save_checkpoint(tmp_path / "vae-run" / "checkpoints", 2, {"model": vae.state_dict()}, {},
+                    {"kind": "vae", "config": cfg.to_json()})
+    out = tmp_path / "stray.json"
+    monkeypatch.setattr(sys, "argv", ["stray_pixels.py", str(tmp_path / "vae-run"), "--renders", "2", "--mirror",
+                                      "--out", str(out)])
+    main()
+    row = json.loads(out.read_text())["models"][str(tmp_path / "vae-run")]
+    assert list(row) == ["reconstructed", "mirror"]  # nothing generated: an autoencoder alone
+    assert list(row["mirror"]) == ["plain", "mirrored", "flipped"]
+    assert row["mirror"]["plain"]["stray"] == sum(row["reconstructed"]["per_image"])
