@@ -132,8 +132,10 @@ def test_reproduce_chain_runs_every_stage_in_order(tmp_path):
     assert "data.shapes_seed=67" in part12 and "data.shapes_relation_axis_ratio=2.5" in part12
     kinds = [json.loads(a.strip("'").split("=", 1)[1]) for a in part12 if "data.shapes_kinds=" in a]
     assert kinds == [{"single": 0.1, "count": 0.5, "pair": 0.3, "colour_binding": 0.1}]
-    times = [json.loads(line) for line in (tmp_path / "times.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "times.jsonl").read_text().splitlines()]
+    times = [t for t in lines if "seconds" in t]
     assert len(times) == len(commands) and all(t["status"] == 0 and t["seconds"] > 0 for t in times)
+    assert [t["stage"] for t in lines if t.get("finished")] == stages
     model = load_model(tmp_path / "model.safetensors")
     assert model.config.default_cfg == 3.5 and model.config.default_sampler == "dpmpp_2m"
     assert model.config.prompt_completion == "shapes-grey-background"
@@ -229,8 +231,18 @@ def test_reproduce_stand_in_times_stages_whose_start_is_missing(tmp_path):
     ours, theirs = read_safetensors(tmp_path / "fifth.safetensors")[0], read_safetensors(shipped)[0]
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     times = [json.loads(line) for line in (tmp_path / "times.jsonl").read_text().splitlines()]
-    assert [(t["stage"], t.get("stand_in")) for t in times] == [("fifth", ["part6", "decoder"]), ("part7", None),
-                                                               ("part7", None)]
+    assert [(t["stage"], t.get("stand_in"), t.get("finished")) for t in times] == [
+        ("fifth", ["part6", "decoder"], None), ("fifth", None, True), ("part7", None, None), ("part7", None, None),
+        ("part7", None, True)]
+    # --report adds them up: part7's two commands, the stand-in named, the stages not timed listed
+    out = _reproduce(tmp_path, "fifth", "part7", "part8", "--report", str(tmp_path / "times.jsonl"))
+    part7 = sum(t["seconds"] for t in times if t["stage"] == "part7" and "seconds" in t)
+    row = next(line.split() for line in out.splitlines() if line.startswith("part7 "))
+    assert float(row[1]) == pytest.approx(part7, abs=0.051)
+    assert "(from a stand-in for decoder, part6)" in out and "2 of 3 stages timed" in out
+    assert "not timed yet: part8" in out and "the chain on one GPU" not in out
+    out = _reproduce(tmp_path, "fifth", "part7", "--report", str(tmp_path / "times.jsonl"))
+    assert "2 of 2 stages timed" in out and "the chain on one GPU:" in out
     import subprocess
     import sys
 

@@ -34,7 +34,10 @@ with the shipped settings (``wide``): ``reproduce.py wide1 wide2 wide3 wide`` af
 what a stage makes is too large to carry to the next one): a stage whose start is not in ``DIR`` starts from MODEL
 instead (its U-Net, text encoder and VAE). Such a stage makes a model that is not the recipe's, in the recipe's
 time: the data, the steps and the batch are the stage's own, and a step takes as long whatever weights it starts
-from. Its lines in ``times.jsonl`` say ``"stand_in"``: the stages it stood in for.
+from. Its lines in ``times.jsonl`` say ``"stand_in"``: the stages it stood in for, and a stage that ends adds a line
+``{"stage": NAME, "finished": true}``. ``--report FILE ...`` adds up such files (one per session, in order): each
+stage's time is the sum of its lines in the last file where it finished; it prints the stages not timed yet, and the
+chain's one-GPU time once none is left.
 """
 
 from __future__ import annotations
@@ -259,6 +262,32 @@ class Chain:
         return True
 
 
+def report(files: list[Path], stages: list[Stage]) -> None:
+    """Print each stage's wall time from ``times.jsonl`` files (the last file where it finished counts), the stages
+    no file has timed, and the sum."""
+    timed: dict[str, tuple[float, list[str], str]] = {}
+    for file in files:
+        rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        for name in {r["stage"] for r in rows if r.get("finished")}:
+            own = [r for r in rows if r["stage"] == name and "seconds" in r]
+            stood = sorted({s for r in own for s in r.get("stand_in", [])})
+            timed[name] = (sum(r["seconds"] for r in own), stood, file.name)
+    total = 0.0
+    for stage in stages:
+        if stage.name in timed:
+            seconds, stood, where = timed[stage.name]
+            total += seconds
+            note = f" (from a stand-in for {', '.join(stood)})" if stood else ""
+            print(f"{stage.name:16s} {seconds:8.1f} s  {where}{note}")
+    missing = [s.name for s in stages if s.name not in timed]
+    done = len(stages) - len(missing)
+    print(f"{done} of {len(stages)} stages timed: {total:.1f} s ({total / 60:.1f} minutes)")
+    if missing:
+        print(f"not timed yet: {', '.join(missing)}")
+    else:
+        print(f"the chain on one GPU: {total / 60:.1f} minutes")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("stages", nargs="*", metavar="STAGE|KEY=VALUE",
@@ -269,6 +298,8 @@ def main() -> int:
     ap.add_argument("--stand-in", type=Path, metavar="MODEL",
                     help="to time stages without what they start from: a stage whose start is not in DIR starts from "
                     "this model file instead (not the recipe's model; times.jsonl marks it)")
+    ap.add_argument("--report", type=Path, nargs="+", metavar="FILE",
+                    help="add up times.jsonl files (one per session, in order) instead of running anything")
     ap.add_argument("--min-start", type=float, default=5.0,
                     help="start no stage with fewer minutes than this left in the budget (default 5)")
     args = ap.parse_intermixed_args()
@@ -277,11 +308,17 @@ def main() -> int:
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
         ap.error(f"unknown stage {unknown[0]!r}; the stages are {', '.join(BY_NAME)}")
+    chosen = [s for s in STAGES if s.name in names or (not names and s.shipped)]
+    if args.report:
+        for file in args.report:
+            if not file.is_file():
+                ap.error(f"--report {file}: no such file")
+        report(args.report, chosen)
+        return 0
     if args.stand_in is not None and not args.stand_in.is_file():
         ap.error(f"--stand-in {args.stand_in}: no such model file")
     args.dir.mkdir(parents=True, exist_ok=True)
     chain = Chain(args.dir, extra, args.minutes, args.stand_in)
-    chosen = [s for s in STAGES if s.name in names or (not names and s.shipped)]
     for stage in chosen:
         if chain.finished(stage):
             print(f"{stage.name}: done already", flush=True)
@@ -294,6 +331,8 @@ def main() -> int:
             print(f"{stage.name}: stopped by the budget at step {chain.trained_to(stage)}; call again to continue",
                   flush=True)
             return 0
+        with open(args.dir / "times.jsonl", "a") as f:
+            f.write(json.dumps({"stage": stage.name, "finished": True}) + "\n")
         print(f"{stage.name}: done", flush=True)
     # the last model file this call asked for
     made = [chain.output(s) for s in chosen if s.kind in ("convert", "preference", "synonyms")]
