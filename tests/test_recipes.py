@@ -99,6 +99,7 @@ def test_reproduce_chain_runs_every_stage_in_order(tmp_path):
     synonyms = next(c for c in commands if c[1:3] == ["train", "synonyms"])
     assert synonyms[3:5] == [str(tmp_path / "sixteenth.safetensors"), str(tmp_path / "model.safetensors")]
     assert synonyms[synonyms.index("--scenes") + 1] == "4" and "--prompts" not in synonyms
+    assert synonyms.count("--device") == 2  # the stage's own (cpu, as the shipped file was made), then the caller's
     assert not any(a.startswith(("preference.", "synonyms.")) for c in training.values() for a in c)
     ours = read_safetensors(tmp_path / "model.safetensors")[0]
     theirs = read_safetensors(tmp_path / "sixteenth.safetensors")[0]

@@ -67,6 +67,7 @@ class Stage:
     until: int | None = None  # the step the shipped run stopped at by its time budget (None: its max_steps)
     convert: tuple[str, ...] = ()  # for "convert": the options after --to estable
     text_from: str = ""  # a U-Net from nothing whose text encoder and VAE are this stage's file's
+    options: tuple[str, ...] = ()  # for "preference" / "synonyms": the command's options (before the caller's)
     shipped: bool = True  # False: a stage of a model not shipped yet, run only when named
 
 
@@ -133,8 +134,8 @@ STAGES = (
     # weights to the fine-tuned ones (the command's defaults; estable.training.preference)
     Stage("sixteenth", "preference", start="fifteenth"),
     # the sixteenth's text encoder taught the paraphrase test's four phrasings as synonyms of the grammar's (the
-    # command's defaults, on the 2-core CPU; estable.training.synonyms)
-    Stage("model", "synonyms", start="sixteenth"),
+    # command's defaults, on the CPU as the shipped file was; estable.training.synonyms)
+    Stage("model", "synonyms", start="sixteenth", options=("--device", "cpu")),
     # Not shipped (yet): the wide U-Net (56, 112, 168) from nothing on the shipped text encoder and VAE, as run so far
     # (RESULTS.md, "the wide U-Net from nothing" and "the wide U-Net trained on"); run by name, after the chain above
     Stage("wide1", "unet", "unet_wide.json", text_from="sixteenth", shipped=False),
@@ -243,7 +244,8 @@ class Chain:
             return True
         if stage.kind in ("preference", "synonyms"):
             self.run(stage, ["train", stage.kind, str(self.source(stage.start)), str(self.output(stage)),
-                             "--work", str(self.dir / f"{stage.name}-work"), "--overwrite", *self.options[stage.kind]])
+                             "--work", str(self.dir / f"{stage.name}-work"), "--overwrite", *stage.options,
+                             *self.options[stage.kind]])
             return True
         run_dir = self.dir / stage.name
         target = self.target(stage)
