@@ -156,11 +156,12 @@ def offset(images, renders, scenes, threshold: float) -> dict:
     return {"stray": n, "dx": round(dx / max(n, 1), 2), "dy": round(dy / max(n, 1), 2)}
 
 
-def mirror_test(vae, renders, scenes, threshold: float) -> dict:
-    """:func:`offset` of the plain reconstructions, of the ones mirrored left-right and of the ones flipped
+def mirror_test(vae, renders, scenes, threshold: float, plain: list) -> dict:
+    """:func:`offset` of the plain reconstructions ``plain``, of the ones mirrored left-right and of the ones flipped
     up-down (each flipped back)."""
-    return {way: offset(reconstruct(vae, renders, flip), renders, scenes, threshold)
-            for way, flip in (("plain", None), ("mirrored", 3), ("flipped", 2))}
+    return {"plain": offset(plain, renders, scenes, threshold),
+            **{way: offset(reconstruct(vae, renders, flip), renders, scenes, threshold)
+               for way, flip in (("mirrored", 3), ("flipped", 2))}}
 
 
 def is_vae_run(src: str) -> bool:
@@ -238,16 +239,17 @@ def main() -> None:
                 if args.show:
                     marked(image, mask).save(args.show / f"model{m}_prompt{p}_seed{seed}_{counts[-1]}.png")
         row = {"generated": {**summary(counts, args.min_spot), "where": kinds}} if counts else {}
+        recon, own_recon = reconstruct(vae, renders), reconstruct(vae, own_renders)
         if renders:
-            row["reconstructed"] = count_renders(reconstruct(vae, renders), scenes, args.threshold, args.min_spot)
+            row["reconstructed"] = count_renders(recon, scenes, args.threshold, args.min_spot)
         if own_renders:
-            row["prompts_reconstructed"] = count_renders(reconstruct(vae, own_renders), own_scenes, args.threshold,
-                                                         args.min_spot)
+            row["prompts_reconstructed"] = count_renders(own_recon, own_scenes, args.threshold, args.min_spot)
             n = args.prompt_renders
             row["prompts_reconstructed"]["per_prompt"] = {
                 p: row["prompts_reconstructed"]["per_image"][i * n:(i + 1) * n] for i, p in enumerate(prompts)}
         if args.mirror:
-            row["mirror"] = mirror_test(vae, renders + own_renders, scenes + own_scenes, args.threshold)
+            row["mirror"] = mirror_test(vae, renders + own_renders, scenes + own_scenes, args.threshold,
+                                        recon + own_recon)
             print(f"{src}: mirror test — " + "; ".join(
                 f"{way} {v['stray']} stray pixels, {v['dx']:+.1f} px right, {v['dy']:+.1f} px down"
                 for way, v in row["mirror"].items()), flush=True)

@@ -228,10 +228,14 @@ class Chain:
         line = {"stage": stage.name, "command": argv[0:2], "seconds": round(seconds, 1), "status": status}
         if self.stood_in:
             line["stand_in"] = list(self.stood_in)
-        with open(self.dir / "times.jsonl", "a") as f:
-            f.write(json.dumps(line) + "\n")
+        self.record(line)
         if status != 0:
             raise SystemExit(f"{stage.name}: the command failed (status {status}); see {self.dir / stage.name}.log")
+
+    def record(self, line: dict) -> None:
+        """One line of ``times.jsonl``."""
+        with open(self.dir / "times.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
 
     def stage(self, stage: Stage) -> bool:
         """Run ``stage`` (or what is left of it); False when this call's budget stopped it."""
@@ -333,8 +337,7 @@ def main() -> int:
             print(f"{stage.name}: stopped by the budget at step {chain.trained_to(stage)}; call again to continue",
                   flush=True)
             return 0
-        with open(args.dir / "times.jsonl", "a") as f:
-            f.write(json.dumps({"stage": stage.name, "finished": True}) + "\n")
+        chain.record({"stage": stage.name, "finished": True})
         print(f"{stage.name}: done", flush=True)
     # the last model file this call asked for
     made = [chain.output(s) for s in chosen if s.kind in ("convert", "preference", "synonyms")]
