@@ -1,14 +1,20 @@
 """Shared fixtures."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
 import torch
 
-# Large checkpoints' hashes are remembered in ~/.cache/estable; the suite keeps its own (estable.checkpoints.io).
-os.environ.setdefault("ESTABLE_HASH_CACHE", os.path.join(tempfile.mkdtemp(prefix="estable-test-hashes-"),
-                                                         "sha256.json"))
+# Large checkpoints' hashes are remembered in ~/.cache/estable; the suite keeps its own (estable.checkpoints.io),
+# made by the first process that imports this file (xdist's workers and the tests' subprocesses inherit it) and
+# removed when that process ends.
+if "ESTABLE_HASH_CACHE" not in os.environ:
+    _hashes = tempfile.mkdtemp(prefix="estable-test-hashes-")
+    atexit.register(shutil.rmtree, _hashes, ignore_errors=True)
+    os.environ["ESTABLE_HASH_CACHE"] = os.path.join(_hashes, "sha256.json")
 
 
 @pytest.fixture(scope="module")
