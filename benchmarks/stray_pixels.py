@@ -138,8 +138,8 @@ def reconstruct(vae, images, flip: int | None = None) -> list:
 
 
 def offset(images, renders, scenes, threshold: float) -> dict:
-    """How many stray pixels the reconstructions ``images`` hold, and where they lie on average against the centre
-    of their scene's objects as rendered (pixels; x to the right, y down)."""
+    """How many stray pixels the reconstructions ``images`` hold (of scenes with an object in view), and where they
+    lie on average against the centre of their scene's objects as rendered (pixels; x to the right, y down)."""
     n, dx, dy = 0, 0.0, 0.0
     for im, r, s in zip(images, renders, scenes):
         mask = stray_mask(np.asarray(im), scene_colours(s), threshold)

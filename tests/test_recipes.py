@@ -218,6 +218,8 @@ def test_reproduce_stand_in_times_stages_whose_start_is_missing(tmp_path):
     for a missing decoder), a stage whose start was made here starts from that, and times.jsonl says which stages
     the model stood in for; a stand-in that is not a file is refused before anything runs."""
     import json
+    import subprocess
+    import sys
 
     from estable.checkpoints.io import read_safetensors
     from estable.pipeline import default_model_path
@@ -244,9 +246,6 @@ def test_reproduce_stand_in_times_stages_whose_start_is_missing(tmp_path):
     assert "not timed yet: part8" in out and "the chain on one GPU" not in out
     out = _reproduce(tmp_path, "fifth", "part7", "--report", str(tmp_path / "times.jsonl"))
     assert "2 of 2 stages timed" in out and "the chain on one GPU:" in out
-    import subprocess
-    import sys
-
     proc = subprocess.run([sys.executable, str(RECIPES / "reproduce.py"), "--dir", str(tmp_path / "b"), "part2",
                            "--stand-in", str(tmp_path / "nothing.safetensors")], capture_output=True, text=True)
     assert proc.returncode == 2 and "no such model file" in proc.stderr and not (tmp_path / "b").exists()
