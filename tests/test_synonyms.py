@@ -82,6 +82,41 @@ def test_teach_synonyms_lowers_the_synonym_loss_and_keeps_the_rest(tmp_path):
     assert summary["synonyms"] == {"beneath": "below"} and summary["keep_weight"] == 30.0
 
 
+def test_the_own_keeping_term_holds_the_known_captions_predictions(tmp_path):
+    """keep_own_weight: the U-Net's predictions from the trained pair captions as written stay closer to the
+    untaught encoder's than without the term (same steps and draws); its loss is logged."""
+    from estable.sampling.schedules import alphas_cumprod
+    from tiny_model import tiny_model_file
+
+    model = tiny_model_file(tmp_path / "m")
+    common = dict(scenes=24, val_scenes=8, steps=12, batch=8, keep_batch=16, lr=3e-3, keep_weight=0.0,
+                  device="cpu", log=lambda m: None)
+    own = syn.teach_synonyms(model, tmp_path / "own.safetensors", {"beneath": "below"}, keep_own_weight=30.0,
+                             work=tmp_path / "w", **common)
+    syn.teach_synonyms(model, tmp_path / "free.safetensors", {"beneath": "below"}, **common)
+    assert own["keep_own_weight"] == 30.0
+    log = [json.loads(line) for line in (tmp_path / "w" / "log.jsonl").read_text().splitlines()]
+    assert all("keep_own" in r for r in log)
+    base_model, _ = _networks(model)
+    own_model, _ = _networks(tmp_path / "own.safetensors")
+    free_model, _ = _networks(tmp_path / "free.safetensors")
+    captions = ["a blue star below a green heart", "a red square above a black cross"]
+    torch.manual_seed(0)
+    z = torch.randn(2, 4, base_model.config.unet.sample_size, base_model.config.unet.sample_size)
+    t = torch.tensor([100, 700])
+    ac = alphas_cumprod(base_model.config.schedule)
+    z_t = (z * ac[t].sqrt()[:, None, None, None]).float()
+
+    def drawn(m):
+        with torch.no_grad():
+            return base_model.unet(z_t, t, _context(m, captions))
+
+    before = drawn(base_model)
+    drift_own = (drawn(own_model) - before).pow(2).mean()
+    drift_free = (drawn(free_model) - before).pow(2).mean()
+    assert drift_own < drift_free / 2, (drift_own, drift_free)
+
+
 def test_train_synonyms_command(tmp_path, run):
     from tiny_model import tiny_model_file
 
@@ -95,7 +130,7 @@ def test_train_synonyms_command(tmp_path, run):
     assert code != 0 and "exists" in err
     for bad, says in ((["--synonym", "beneath"], "NEW=KNOWN"), (["--lr", "0"], "--lr must be positive"),
                       (["--scenes", "0"], "--scenes, --val-scenes and --batch"),
-                      (["--keep-weight", "-1"], "--keep-weight")):
+                      (["--keep-weight", "-1"], "--keep-weight"), (["--keep-own-weight", "-1"], "--keep-own-weight")):
         code, _, err = run("train", "synonyms", str(model), str(tmp_path / "x.safetensors"), *bad)
         assert code != 0 and says in err, (bad, err)
     code, _, err = run("train", "synonyms", str(model), str(tmp_path / "y.safetensors"), "--synonym", "atop=astride")

@@ -183,6 +183,9 @@ def _add_synonyms_command(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     q.add_argument("--keep-weight", type=float, default=1.0,
                    help="weight of keeping the known captions' contexts (default 1)")
+    q.add_argument("--keep-own-weight", type=float, default=0.0,
+                   help="weight of keeping what the U-Net draws from each step's pair captions as written (their "
+                   "predictions held to the untaught encoder's; default 0: off)")
     q.add_argument("--world-seed", type=int, default=103, help="the world of the scenes (default 103)")
     q.add_argument("--work", metavar="DIR", help="loss log and summary (default: OUT's name + '.work')")
     q.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
@@ -197,13 +200,14 @@ def _cmd_synonyms(args: argparse.Namespace) -> int:
     pairs = syn.parse_synonyms(args.synonym) if args.synonym else dict(syn.PARAPHRASE_SYNONYMS)
     if min(args.scenes, args.val_scenes, args.batch) < 1 or args.steps < 0:
         raise EstableError("--scenes, --val-scenes and --batch must be at least 1 and --steps not negative")
-    if not (args.lr > 0 and args.keep_weight >= 0):
-        raise EstableError("--lr must be positive and --keep-weight not negative")
+    if not (args.lr > 0 and args.keep_weight >= 0 and args.keep_own_weight >= 0):
+        raise EstableError("--lr must be positive and --keep-weight and --keep-own-weight not negative")
     source, out, work = _model_out_work(args, "the log")
     log = _timed_log()
     summary = syn.teach_synonyms(source, out, pairs, scenes=args.scenes, val_scenes=args.val_scenes,
                                  steps=args.steps, batch=args.batch,
-                                 lr=args.lr, keep_weight=args.keep_weight, world_seed=args.world_seed,
+                                 lr=args.lr, keep_weight=args.keep_weight, keep_own_weight=args.keep_own_weight,
+                                 world_seed=args.world_seed,
                                  device=resolve_device(args.device), work=work, overwrite=args.overwrite, log=log)
     log(f"held-out synonym loss {summary['val_before']:.5f} → {summary['val_after']:.5f}; wrote {out}")
     return 0

@@ -11,6 +11,10 @@ is distilled into the text encoder, the U-Net and VAE frozen.
   outputs, not the contexts, lets the phrases tokenize to different lengths.
 - **Keeping term**: captions of every kind in the model's own words keep their per-token context: the mean squared
   difference from the frozen copy's, weighted by ``keep_weight``. The empty prompt is among them.
+- **Own keeping term** (``keep_own_weight``, off by default): the same step's pair captions as written keep what
+  the U-Net draws from them — its prediction from the trained encoder's context pulled to its prediction from the
+  frozen copy's, at the same noised latents: the relation words the synonyms share their meaning with are the ones
+  the synonym term moves.
 
 Captions are completed as the file's generation completes them (``estable.prompt_completion``), so the contexts are
 those generation uses. Only train-split scenes are used: the compositional benchmark's prompts (held-out colour ×
@@ -110,7 +114,8 @@ def keep_loss(student, teacher, ids, clip_skip: int) -> torch.Tensor:
 
 def teach_synonyms(source: Path, out: Path, synonyms: Mapping[str, str], *, scenes: int = 512, steps: int = 200,
                    batch: int = 32, keep_batch: int = 64, val_scenes: int = 256, lr: float = 1e-4,
-                   keep_weight: float = 1.0, world_seed: int = 103, device: torch.device | str = "cpu",
+                   keep_weight: float = 1.0, keep_own_weight: float = 0.0, world_seed: int = 103,
+                   device: torch.device | str = "cpu",
                    work: Path | None = None, overwrite: bool = False, seed: int = 0,
                    log: Callable[[str], None] = print) -> dict:
     """The model file ``source`` with its text encoder taught ``synonyms`` ({new: known}), written to ``out`` (fp16,
@@ -175,22 +180,30 @@ def teach_synonyms(source: Path, out: Path, synonyms: Mapping[str, str], *, scen
         pick = torch.randint(0, len(train), (batch,), generator=gen)
         t = torch.randint(0, len(ac), (batch,), generator=gen)
         noise = torch.randn((batch, *z_train.shape[1:]), generator=gen)
-        syn = synonym_loss(unet, student, teacher, z_train[pick.to(device)], ids_new[pick.to(device)],
-                           ids_known[pick.to(device)], t.to(device), noise.to(device), ac, objective, clip_skip)
+        z, known = z_train[pick.to(device)], ids_known[pick.to(device)]
+        t, noise = t.to(device), noise.to(device)
+        syn = synonym_loss(unet, student, teacher, z, ids_new[pick.to(device)], known, t, noise, ac, objective,
+                           clip_skip)
         kept = torch.randint(0, len(keep), (keep_batch,), generator=gen).to(device)
         kl = keep_loss(student, teacher, ids_keep[kept], clip_skip)
         loss = syn + keep_weight * kl
+        record = {"step": step, "synonym": syn.item(), "keep": kl.item()}
+        if keep_own_weight:  # the known phrasing's own prediction, held where the frozen copy puts it
+            own = synonym_loss(unet, student, teacher, z, known, known, t, noise, ac, objective, clip_skip)
+            loss = loss + keep_own_weight * own
+            record["keep_own"] = own.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        records.append({"step": step, "synonym": syn.item(), "keep": kl.item()})
+        records.append(record)
         if step % 50 == 0 or step == steps:
             log(f"step {step}/{steps}: synonym {syn.item():.5f}, keep {kl.item():.2e}")
     student.eval().requires_grad_(False)
     after = validate()
     log(f"held-out synonym loss after: {after:.5f}")
     summary = {"model": str(source), "synonyms": dict(synonyms), "scenes": scenes, "steps": steps, "batch": batch,
-               "keep_batch": keep_batch, "lr": lr, "keep_weight": keep_weight, "world_seed": world_seed,
+               "keep_batch": keep_batch, "lr": lr, "keep_weight": keep_weight, "keep_own_weight": keep_own_weight,
+               "world_seed": world_seed,
                "seed": seed, "val_before": before, "val_after": after}
     if work is not None:
         work.mkdir(parents=True, exist_ok=True)
