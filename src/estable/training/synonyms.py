@@ -96,14 +96,21 @@ def _scene_latents(model, world: ShapesWorld, indices: Sequence[int], device, ba
     return torch.cat(out)
 
 
+def prediction_losses(unet, student, teacher, z, ids_known, ids_students: Sequence[torch.Tensor], t, noise, ac,
+                      objective: str, clip_skip: int) -> list[torch.Tensor]:
+    """For each of ``ids_students``, the mean squared difference of the U-Net's prediction from it (``student``) and
+    from the known phrasing (``teacher``; computed once) at noised latents ``z`` (timesteps ``t``, noise ``noise``)."""
+    z_t, _ = noisy_latents_and_target(z, noise, ac[t.cpu()].to(z.device), objective)
+    with torch.no_grad():
+        target = unet(z_t, t, teacher.encode(ids_known, clip_skip)).float()
+    return [F.mse_loss(unet(z_t, t, student.encode(ids, clip_skip)).float(), target) for ids in ids_students]
+
+
 def synonym_loss(unet, student, teacher, z, ids_new, ids_known, t, noise, ac, objective: str,
                  clip_skip: int) -> torch.Tensor:
     """Mean squared difference of the U-Net's predictions from the new phrasing (``student``) and the known one
     (``teacher``) at noised latents ``z`` (timesteps ``t``, noise ``noise``)."""
-    z_t, _ = noisy_latents_and_target(z, noise, ac[t.cpu()].to(z.device), objective)
-    with torch.no_grad():
-        target = unet(z_t, t, teacher.encode(ids_known, clip_skip)).float()
-    return F.mse_loss(unet(z_t, t, student.encode(ids_new, clip_skip)).float(), target)
+    return prediction_losses(unet, student, teacher, z, ids_known, [ids_new], t, noise, ac, objective, clip_skip)[0]
 
 
 def keep_loss(student, teacher, ids, clip_skip: int) -> torch.Tensor:
@@ -182,16 +189,16 @@ def teach_synonyms(source: Path, out: Path, synonyms: Mapping[str, str], *, scen
         noise = torch.randn((batch, *z_train.shape[1:]), generator=gen)
         z, known = z_train[pick.to(device)], ids_known[pick.to(device)]
         t, noise = t.to(device), noise.to(device)
-        syn = synonym_loss(unet, student, teacher, z, ids_new[pick.to(device)], known, t, noise, ac, objective,
-                           clip_skip)
+        # with the own term, the known phrasing's own prediction too, held where the frozen copy puts it
+        students = [ids_new[pick.to(device)]] + ([known] if keep_own_weight else [])
+        syn, *own = prediction_losses(unet, student, teacher, z, known, students, t, noise, ac, objective, clip_skip)
         kept = torch.randint(0, len(keep), (keep_batch,), generator=gen).to(device)
         kl = keep_loss(student, teacher, ids_keep[kept], clip_skip)
         loss = syn + keep_weight * kl
         record = {"step": step, "synonym": syn.item(), "keep": kl.item()}
-        if keep_own_weight:  # the known phrasing's own prediction, held where the frozen copy puts it
-            own = synonym_loss(unet, student, teacher, z, known, known, t, noise, ac, objective, clip_skip)
-            loss = loss + keep_own_weight * own
-            record["keep_own"] = own.item()
+        if own:
+            loss = loss + keep_own_weight * own[0]
+            record["keep_own"] = own[0].item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
