@@ -22,9 +22,10 @@ objects meet), where one is (``rim``: an object's edge) or where none is; writes
 A model may also be an autoencoder alone: an ``estable train vae`` run folder or checkpoint folder (its EMA weights
 when there are any); it generates nothing, its reconstructions are counted. ``--mirror`` also reconstructs each
 render mirrored left-right and, apart, flipped up-down (each mirrored back after the VAE) and says where the stray
-pixels lie against the centre of the objects, on average, in each of the three ways: an autoencoder that treats both
-sides alike puts them on the same side whichever way the image came in (LDM's downsamplings do not: RESULTS.md, "the
-spot follows the autoencoder's orientation").
+pixels lie against the centre of the objects, on average, in each of the three ways, all of them and those within 4
+px of an object (at its rim: the spots, apart from an untuned decoder's errors on the background): an autoencoder
+whose spots come from its own orientation puts them on its own side, whichever way the image came in (RESULTS.md,
+"the spot follows the autoencoder's orientation").
 """
 
 from __future__ import annotations
@@ -69,6 +70,12 @@ def tally(image: np.ndarray, colours, objects, threshold: float, counts: list[in
     return mask
 
 
+def grow(mask: np.ndarray, radius: int) -> np.ndarray:
+    """``mask`` with every pixel within ``radius`` pixels (a square) of one of its pixels added."""
+    grown = torch.nn.functional.max_pool2d(torch.from_numpy(mask).float()[None, None], 2 * radius + 1, 1, radius)
+    return grown[0, 0].numpy() > 0
+
+
 def where(image: np.ndarray, mask: np.ndarray, objects: list[tuple[int, int, int]], radius: int = 4,
           tolerance: float = 60.0) -> dict[str, int]:
     """The ``mask``'s stray pixels by what lies within ``radius`` pixels: ``contact`` where pixels of two or more of
@@ -76,9 +83,7 @@ def where(image: np.ndarray, mask: np.ndarray, objects: list[tuple[int, int, int
     object's edge on the background), ``elsewhere`` where none is."""
     near, pixels = [], image.astype(np.float64)
     for colour in dict.fromkeys(objects):
-        hit = np.linalg.norm(pixels - np.array(colour, dtype=np.float64), axis=-1) < tolerance
-        grown = torch.nn.functional.max_pool2d(torch.from_numpy(hit).float()[None, None], 2 * radius + 1, 1, radius)
-        near.append(grown[0, 0].numpy() > 0)
+        near.append(grow(np.linalg.norm(pixels - np.array(colour, dtype=np.float64), axis=-1) < tolerance, radius))
     objects_near = np.sum(near, axis=0) if near else np.zeros(mask.shape, int)
     return {"contact": int((mask & (objects_near >= 2)).sum()), "rim": int((mask & (objects_near == 1)).sum()),
             "elsewhere": int((mask & (objects_near == 0)).sum())}
@@ -137,23 +142,29 @@ def reconstruct(vae, images, flip: int | None = None) -> list:
     return out
 
 
-def offset(images, renders, scenes, threshold: float) -> dict:
+def offset(images, renders, scenes, threshold: float, radius: int = 4) -> dict:
     """How many stray pixels the reconstructions ``images`` hold (of scenes with an object in view), and where they
-    lie on average against the centre of their scene's objects as rendered (pixels; x to the right, y down)."""
-    n, dx, dy = 0, 0.0, 0.0
+    lie on average against the centre of their scene's objects as rendered (pixels; x to the right, y down); under
+    ``"near"`` the same for those within ``radius`` pixels of an object as rendered (its rim: the spots, not a
+    decoder's errors on the background)."""
+    sums = {"all": [0, 0.0, 0.0], "near": [0, 0.0, 0.0]}
     for im, r, s in zip(images, renders, scenes):
         mask = stray_mask(np.asarray(im), scene_colours(s), threshold)
         drawn = np.asarray(r).astype(np.float64)
         objects = np.zeros(mask.shape, bool)
         for colour in scene_objects(s):
             objects |= np.linalg.norm(drawn - np.array(colour, np.float64), axis=-1) < 60
-        if mask.any() and objects.any():
-            ys, xs = np.nonzero(mask)
-            oy, ox = np.nonzero(objects)
-            dx += float((xs - ox.mean()).sum())
-            dy += float((ys - oy.mean()).sum())
-            n += len(xs)
-    return {"stray": n, "dx": round(dx / max(n, 1), 2), "dy": round(dy / max(n, 1), 2)}
+        if not (mask.any() and objects.any()):
+            continue
+        oy, ox = np.nonzero(objects)
+        for key, kept in (("all", mask), ("near", mask & grow(objects, radius))):
+            ys, xs = np.nonzero(kept)
+            sums[key][0] += len(xs)
+            sums[key][1] += float((xs - ox.mean()).sum())
+            sums[key][2] += float((ys - oy.mean()).sum())
+    (n, dx, dy), (m, mx, my) = sums["all"], sums["near"]
+    return {"stray": n, "dx": round(dx / max(n, 1), 2), "dy": round(dy / max(n, 1), 2),
+            "near": {"stray": m, "dx": round(mx / max(m, 1), 2), "dy": round(my / max(m, 1), 2)}}
 
 
 def mirror_test(vae, renders, scenes, threshold: float, plain: list) -> dict:
@@ -251,7 +262,8 @@ def main() -> None:
             row["mirror"] = mirror_test(vae, renders + own_renders, scenes + own_scenes, args.threshold,
                                         recon + own_recon)
             print(f"{src}: mirror test — " + "; ".join(
-                f"{way} {v['stray']} stray pixels, {v['dx']:+.1f} px right, {v['dy']:+.1f} px down"
+                f"{way} {v['stray']} stray pixels, {v['dx']:+.1f} px right, {v['dy']:+.1f} px down (at the rims "
+                f"{v['near']['stray']}: {v['near']['dx']:+.1f}, {v['near']['dy']:+.1f})"
                 for way, v in row["mirror"].items()), flush=True)
         result["models"][src] = row
         counted = {k: v for k, v in row.items() if k != "mirror"}

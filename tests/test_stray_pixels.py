@@ -122,12 +122,21 @@ def test_offset_says_where_the_stray_pixels_lie_against_the_objects():
     red = np.linalg.norm(drawn.astype(float) - np.array(COLOURS["red"], float), axis=-1) < 60
     ys, xs = np.nonzero(red)
     image = drawn.copy()
-    y, x = int(ys.mean()) - 2, int(xs.max()) + 3  # a 2 × 2 yellow spot right of the square, level with its centre
+    y, x = int(ys.mean()) - 2, int(xs.max()) + 2  # a 2 × 2 yellow spot right of the square, level with its centre
     image[y:y + 2, x:x + 2] = COLOURS["yellow"]
     got = offset([Image.fromarray(image)], [Image.fromarray(drawn)], [scene], 40)
-    assert got["stray"] == 4
+    assert got["stray"] == 4 and got["near"]["stray"] == 4  # 2-3 px from the square: at its rim
     assert abs(got["dx"] - (x + 0.5 - xs.mean())) < 0.01 and abs(got["dy"] - (y + 0.5 - ys.mean())) < 0.01
-    assert offset([Image.fromarray(drawn)], [Image.fromarray(drawn)], [scene], 40) == {"stray": 0, "dx": 0, "dy": 0}
+    assert got["near"]["dx"] == got["dx"] and got["near"]["dy"] == got["dy"]
+    # a second spot in the corner furthest from the square counts in all, not at the rims
+    cy, cx = max(((0, 0), (0, 62), (62, 0), (62, 62)), key=lambda c: abs(c[0] - ys.mean()) + abs(c[1] - xs.mean()))
+    assert np.hypot(ys - cy, xs - cx).min() > 8
+    image[cy:cy + 2, cx:cx + 2] = COLOURS["yellow"]
+    both = offset([Image.fromarray(image)], [Image.fromarray(drawn)], [scene], 40)
+    assert both["stray"] == 8 and both["near"] == got["near"]
+    assert abs(both["dx"] - (got["dx"] + cx + 0.5 - xs.mean()) / 2) < 0.01
+    none = offset([Image.fromarray(drawn)], [Image.fromarray(drawn)], [scene], 40)
+    assert none == {"stray": 0, "dx": 0, "dy": 0, "near": {"stray": 0, "dx": 0, "dy": 0}}
 
 
 def test_a_vae_run_is_a_model_of_reconstructions_only_and_the_mirror_test_reports_three_ways(tmp_path, monkeypatch):
