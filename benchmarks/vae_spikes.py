@@ -9,7 +9,8 @@ object's lower-right edge; the largest |render − reconstruction| within 20 px 
 much the decoded image changes when only that pixel's latent is scaled by 0.65 (the decoder's dependence on it).
 ``--out`` saves 40-px crops around the spike: renders on top, reconstructions below, 3× enlarged. ``--prompt`` also
 reports the same norms for the U-Net's latents (the last step's denoised latents) of that prompt at seeds 1–8.
-Always: the PSNR of the first ``--psnr-images`` renders' reconstructions.
+Always: the PSNR of the first ``--psnr-images`` renders' reconstructions. MODEL and ``--reference`` may also be an
+``estable train vae`` run or checkpoint folder (an autoencoder alone; no ``--prompt``).
 
 ``--reference`` (another model, e.g. ``default``: the shipped one) compares a fine-tuned VAE with it: the "near"
 region and the crops are then around the reference's largest latent (where its spot is; the crops get a middle row,
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from stray_pixels import is_vae_run, load_vae  # benchmarks/stray_pixels.py, beside this script
 
 from estable.images import to_pil, to_tensor
 from estable.pipeline import load_pipeline
@@ -67,14 +69,17 @@ def main() -> None:
     ap.add_argument("--clamp", type=float, action="append", metavar="K",
                     help="also decode the latents with each pixel's norm capped at K × the image's median")
     args = ap.parse_args()
-    pipe = load_pipeline(args.model, device="cpu")
-    ref = load_pipeline(args.reference, device="cpu").vae if args.reference else None
+    if args.prompt and is_vae_run(args.model):
+        ap.error(f"--prompt needs a whole model; {args.model} is an autoencoder alone")
+    pipe = load_pipeline(args.model, device="cpu") if args.prompt else None
+    vae = pipe.vae if pipe is not None else autoencoder(args.model)
+    ref = autoencoder(args.reference) if args.reference else None
     world = ShapesWorld("heldout", 3)
     renders = [render(world.scene(i), 256) for i in range(max(args.images, args.psnr_images))]
     x = torch.cat([to_tensor(im) for im in renders])
     with torch.no_grad():
-        z = pipe.vae.encode(x).mean  # (N, 4, 32, 32)
-        decoded = pipe.vae.decode(z)
+        z = vae.encode(x).mean  # (N, 4, 32, 32)
+        decoded = vae.decode(z)
         norms = z.norm(dim=1)  # (N, 32, 32)
         z_ref = ref.encode(x).mean if ref is not None else z
         at = z_ref.norm(dim=1)  # the spike of the reference (the model's own without one)
@@ -83,7 +88,7 @@ def main() -> None:
         weaker = z[: args.images].clone()
         for k, (r, c) in enumerate(own):
             weaker[k, :, r, c] *= 0.65
-        changed = ((pipe.vae.decode(weaker) - decoded[: args.images]).abs().flatten(1).amax(1) * 127.5).tolist()
+        changed = ((vae.decode(weaker) - decoded[: args.images]).abs().flatten(1).amax(1) * 127.5).tolist()
         decoded_ref = ref.decode(z_ref) if ref is not None else None
     recon = to_pil(decoded[: args.images])
     recon_ref = to_pil(decoded_ref[: args.images]) if decoded_ref is not None else None
@@ -115,13 +120,18 @@ def main() -> None:
     if ref is not None:
         compare(x[:n], z[:n], decoded[:n], z_ref[:n], decoded_ref[:n])
     for k in args.clamp or []:
-        decoders = ([("reference", ref)] if ref is not None else []) + [("model", pipe.vae)]
+        decoders = ([("reference", ref)] if ref is not None else []) + [("model", vae)]
         capped(x[:n], z_ref[:n], k, decoders)
     if args.out:
         grid.save(args.out)
         print(f"wrote {args.out}")
     if args.prompt:
         generated_norms(pipe, args.prompt)
+
+
+def autoencoder(src: str):
+    """The VAE of a model, or of an ``estable train vae`` run or checkpoint folder, in fp32 on the CPU."""
+    return load_vae(src, "cpu") if is_vae_run(src) else load_pipeline(src, device="cpu").vae
 
 
 def compare(x: torch.Tensor, z: torch.Tensor, decoded: torch.Tensor, z_ref: torch.Tensor,

@@ -125,6 +125,33 @@ def test_vae_spikes_reports_the_shipped_autoencoder_spike(tmp_path, capsys, monk
     assert out.is_file()
 
 
+def test_vae_spikes_takes_an_autoencoder_run_alone(tmp_path, capsys, monkeypatch):
+    """A VAE run folder (``estable train vae``) is a model of reconstructions only, as model and as reference; it has
+    no U-Net for --prompt, which says so."""
+    import torch
+    import vae_spikes
+
+    from estable.config import VAEConfig
+    from estable.models.vae import AutoencoderKL
+    from estable.training.runs import save_checkpoint
+
+    cfg = VAEConfig(block_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_groups=4, sample_size=32,
+                    downsample_kernel=4)
+    torch.manual_seed(0)
+    run = tmp_path / "vae-run"
+    save_checkpoint(run / "checkpoints", 2, {"model": AutoencoderKL(cfg).state_dict()}, {},
+                    {"kind": "vae", "config": cfg.to_json()})
+    monkeypatch.setattr(sys, "argv", ["vae_spikes.py", str(run), "--reference", str(run), "--images", "2",
+                                      "--psnr-images", "2", "--crops", "2"])
+    vae_spikes.main()
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line[:2] in ("0 ", "1 ")]
+    assert len(rows) == 2 and all(float(r[1].split(" / ")[0]) > 0 for r in rows)
+    monkeypatch.setattr(sys, "argv", ["vae_spikes.py", str(run), "--prompt", "a red circle"])
+    with pytest.raises(SystemExit):
+        vae_spikes.main()
+    assert "autoencoder alone" in capsys.readouterr().err
+
+
 def test_spike_masks_mark_outliers_and_their_neighbourhood():
     import torch
     from vae_spikes import near, spikes
